@@ -1,0 +1,32 @@
+"""fastvit: fused Triton and CUDA C++ kernels for Vision Transformers, behind drop-in ViT and MAE modules.
+
+Public surface:
+    fastvit.ops                     functional ops (patch_embed, attention, layer_norm, linear_gelu, ...)
+    fastvit.use_backend(name)       force a backend ("eager", "triton", "cuda") in a ``with`` block
+    fastvit.available_backends()    which backends run here, and why the others do not
+    fastvit.nn                      PatchEmbed, Attention, Mlp, Block, VisionTransformer, MaskedAutoencoderViT
+    fastvit.create_model(name)      timm / MAE configurations
+    fastvit.from_timm / patch_timm_ / from_hf   weights in from timm and Hugging Face transformers
+"""
+
+from fastvit import ops
+from fastvit.backends import BackendNotSupportedError, available_backends, current_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendNotSupportedError",
+    "__version__",
+    "available_backends",
+    "current_backend",
+    "ops",
+    "use_backend",
+]
+
+try:  # the modules land with fastvit.nn; keep `import fastvit` working while they are built
+    from fastvit.nn import *  # noqa: F401,F403
+    from fastvit.nn import __all__ as _nn_all
+
+    __all__ += list(_nn_all)
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,505 @@
+"""fastvit's public functional ops: one checked signature each, dispatched to a backend.
+
+Every op validates its inputs here -- shapes, dtypes, devices, with a :class:`ValueError` or :class:`TypeError`
+that names the argument and what was expected -- then hands them to the backend picked by
+:func:`fastvit.backends.select` (``backend=`` argument, :func:`fastvit.use_backend`, ``FASTVIT_BACKEND``, or
+automatic). Kernels therefore never see malformed input.
+
+Vocabulary: B batch, N tokens (prefix tokens included), H heads, D head dim, C = H·D embed dim, P patch size,
+E embed dim of the patch projection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastvit import _eager  # noqa: F401  (registers the eager backend)
+from fastvit import reference
+from fastvit.backends import select
+
+__all__ = [
+    "attention",
+    "layer_norm",
+    "linear_gelu",
+    "linear_residual",
+    "mae_loss",
+    "mae_unshuffle",
+    "patch_embed",
+    "random_masking",
+    "scaled_dot_product_attention",
+]
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _tensor(name: str, t: object, ndim: int | None = None, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in _FLOAT:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def _like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, shape: tuple | None = None) -> None:
+    """Check that optional tensor ``t`` matches ``ref``'s device and dtype (and ``shape`` when given)."""
+    if t is None:
+        return
+    _tensor(name, t)
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _index(name: str, t: object, ndim: int, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 indices, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device")
+    return t
+
+
+def _check_range(name: str, t: torch.Tensor, upper: int) -> None:
+    # One host sync; an out-of-range index would otherwise be a crash inside a kernel.
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"{name} values must lie in [0, {upper}), got [{int(t.min())}, {int(t.max())}]")
+
+
+def _call(t: torch.Tensor, **extra: object) -> dict:
+    return {"device": t.device, "dtype": t.dtype, **extra}
+
+
+# ----------------------------------------------------------------------------------------------- ops
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Patch embedding + position embedding + prefix tokens, optionally keeping only some patches (MAE).
+
+    Equal to timm's ``PatchEmbed`` (a stride-P convolution, flattened) followed by ``VisionTransformer._pos_embed``,
+    and to MAE's encoder embedding (``patch_embed``, ``+ pos_embed[:, 1:]``, masking, ``cls_token + pos_embed[:, :1]``
+    prepended).
+
+    Args:
+        images: (B, C, Hi, Wi) float; Hi and Wi divisible by the patch size.
+        weight: (E, C, Ph, Pw) projection, same dtype and device as ``images``.
+        bias: (E,) or ``None``.
+        pos_embed: (1, L, E) or ``None``. With L = Np + R (Np = (Hi/Ph)·(Wi/Pw) patches, R prefix tokens) the
+            prefix tokens get ``pos_embed[:, :R]`` (timm's default, MAE); with L = Np only the patches get a position
+            (timm's ``no_embed_class=True``).
+        cls_token: (1, 1, E) or ``None``.
+        reg_tokens: (1, R_reg, E) register tokens (Darcet et al., 2024) or ``None``; placed after the cls token.
+        ids_keep: (B, N_keep) int64 patch indices to keep (after the position add), or ``None`` for all.
+        backend: force a backend (see :mod:`fastvit.backends`).
+
+    Returns:
+        (B, R + N_keep, E) tokens in ``images``' dtype (N_keep = Np without ``ids_keep``).
+
+    Raises:
+        TypeError: a non-tensor, non-float or dtype-mismatched argument.
+        ValueError: wrong ranks or shapes, image size not divisible by the patch size, channel mismatch,
+            ``ids_keep`` out of range, tensors on different devices.
+
+    Equivalent PyTorch code::
+
+        x = F.conv2d(images, weight, bias, stride=(Ph, Pw)).flatten(2).transpose(1, 2)
+        x = torch.cat([cls_token, reg_tokens, x], 1) + pos_embed          # L = Np + R
+        # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
+    """
+    _tensor("images", images, 4)
+    _tensor("weight", weight, 4)
+    _like("weight", weight, "images", images)
+    B, C, Hi, Wi = images.shape
+    E, Cw, Ph, Pw = weight.shape
+    if Cw != C:
+        raise ValueError(f"images has {C} channels but weight expects {Cw} (weight shape {tuple(weight.shape)})")
+    if Hi % Ph or Wi % Pw:
+        raise ValueError(
+            f"images spatial size {Hi}x{Wi} is not divisible by the patch size {Ph}x{Pw} (weight shape "
+            f"{tuple(weight.shape)})"
+        )
+    _like("bias", bias, "images", images, (E,))
+    _like("cls_token", cls_token, "images", images, (1, 1, E))
+    if reg_tokens is not None:
+        _like("reg_tokens", reg_tokens, "images", images)
+        if reg_tokens.dim() != 3 or reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != E:
+            raise ValueError(f"reg_tokens must have shape (1, R, {E}), got {tuple(reg_tokens.shape)}")
+    num_patches = (Hi // Ph) * (Wi // Pw)
+    num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
+    if pos_embed is not None:
+        _like("pos_embed", pos_embed, "images", images)
+        allowed = {num_patches, num_patches + num_prefix}
+        if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != E or pos_embed.shape[1] not in allowed:
+            raise ValueError(
+                f"pos_embed must have shape (1, L, {E}) with L in {sorted(allowed)} ({num_patches} patches for "
+                f"{Hi}x{Wi} images, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
+            )
+    if ids_keep is not None:
+        _index("ids_keep", ids_keep, 2, "images", images)
+        if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
+            raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
+        _check_range("ids_keep", ids_keep, num_patches)
+        ids_keep = ids_keep.long()
+    _, fn = select("patch_embed", _call(images), backend)
+    return fn(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
+
+
+def attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-head self-attention read straight from the packed output of a ``qkv`` Linear.
+
+    ``qkv`` is laid out as timm's / MAE's ``Attention.qkv`` output: the last dim is ``[q | k | v]``, each
+    head-major (head h owns columns ``h·D : (h+1)·D`` of its third). Computes softmax(q kᵀ · scale) v per head
+    (Vaswani et al., 2017) and returns the heads concatenated, ready for ``proj``.
+
+    Args:
+        qkv: (B, N, 3·C) float, C = num_heads · D.
+        num_heads: H >= 1.
+        scale: softmax scale; default D ** -0.5.
+        dropout_p: attention-probability dropout (timm's ``attn_drop``), applied only when > 0.
+        backend: force a backend.
+
+    Returns:
+        (B, N, C) in ``qkv``'s dtype.
+
+    Raises:
+        TypeError: ``qkv`` not a float tensor, ``num_heads`` not an int.
+        ValueError: ``qkv`` not 3-D, its last dim not divisible by 3·num_heads, ``num_heads`` < 1,
+            ``dropout_p`` outside [0, 1).
+
+    Equivalent PyTorch code::
+
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
+    """
+    _tensor("qkv", qkv, 3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
+        raise ValueError(
+            f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
+        )
+    _check_dropout(dropout_p)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    _, fn = select("attention", _call(qkv, head_dim=head_dim, dropout_p=dropout_p), backend)
+    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for per-head tensors with any strides whose last dimension is contiguous.
+
+    Args:
+        q: (B, H, Nq, D) float.
+        k: (B, H, Nk, D), same dtype and device.
+        v: (B, H, Nk, D), same dtype and device.
+        scale: default D ** -0.5.
+        dropout_p: attention-probability dropout, in [0, 1).
+        backend: force a backend.
+
+    Returns:
+        (B, H, Nq, D) in ``q``'s dtype.
+
+    Raises:
+        TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1.
+
+    Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)``.
+    """
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    _like("k", k, "q", q)
+    _like("v", v, "q", q, k.shape)
+    B, H, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+    _check_dropout(dropout_p)
+    _, fn = select("scaled_dot_product_attention", _call(q, head_dim=D, dropout_p=dropout_p), backend)
+    return fn(q, k, v, scale=scale, dropout_p=dropout_p)
+
+
+def _check_dropout(dropout_p: float) -> None:
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim (Ba et al., 2016) with fp32 statistics, optionally fused with a residual add.
+
+    Args:
+        x: (..., C) float.
+        weight: (C,) or ``None``; bias: (C,) or ``None``; same dtype and device as ``x``.
+        eps: added to the (biased) variance; timm's ViT uses 1e-6, Hugging Face's 1e-12.
+        residual: tensor of ``x``'s shape or ``None``.
+        backend: force a backend.
+
+    Returns:
+        ``y`` (x's shape and dtype), or ``(y, h)`` with ``h = x + residual`` and ``y = LayerNorm(h)`` when
+        ``residual`` is given (the fused add of a pre-norm block).
+
+    Raises:
+        TypeError / ValueError: non-float input, mismatched shapes, dtypes or devices, eps < 0.
+
+    Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
+    """
+    _tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    _like("weight", weight, "x", x, (C,))
+    _like("bias", bias, "x", x, (C,))
+    _like("residual", residual, "x", x, x.shape)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _, fn = select("layer_norm", _call(x), backend)
+    return fn(x, weight, bias, eps, residual=residual)
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    _tensor("x", x)
+    _tensor("weight", weight, 2)
+    _like("weight", weight, "x", x)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dim ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features "
+            f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
+        )
+    _like("bias", bias, "x", x, (weight.shape[0],))
+
+
+def linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """GELU(x Wᵀ + b): an MLP's fc1 with its activation (Hendrycks & Gimpel, 2016).
+
+    Args:
+        x: (..., K) float.
+        weight: (M, K) as ``nn.Linear.weight``; bias: (M,) or ``None``.
+        approximate: ``"none"`` (exact erf, timm / MAE / HF default) or ``"tanh"``.
+        backend: force a backend.
+
+    Returns:
+        (..., M) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices; unknown ``approximate``.
+
+    Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
+    """
+    _check_linear(x, weight, bias)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    _, fn = select("linear_gelu", _call(x), backend)
+    return fn(x, weight, bias, approximate=approximate)
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    gamma: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """residual + gamma · (x Wᵀ + b): a block's ``proj`` / ``fc2`` with LayerScale and the residual add.
+
+    Args:
+        x: (..., K) float.
+        weight: (M, K); bias: (M,) or ``None``.
+        residual: (..., M), x's leading shape.
+        gamma: (M,) LayerScale (Touvron et al., 2021, "Going deeper with image transformers") or ``None``.
+        backend: force a backend.
+
+    Returns:
+        (..., M) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices.
+
+    Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
+    """
+    _check_linear(x, weight, bias)
+    M = weight.shape[0]
+    _like("residual", residual, "x", x, (*x.shape[:-1], M))
+    _like("gamma", gamma, "x", x, (M,))
+    _, fn = select("linear_residual", _call(x), backend)
+    return fn(x, weight, bias, residual, gamma=gamma)
+
+
+def random_masking(
+    batch_size: int,
+    seq_len: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-sample random masking (He et al., 2022, sec. 3; ``models_mae.random_masking``).
+
+    Keeps ``int(seq_len * (1 - mask_ratio))`` patches per sample: the ones with the smallest ``noise``.
+
+    Args:
+        batch_size: B >= 1.
+        seq_len: number of patches N >= 1 (no cls token).
+        mask_ratio: fraction to drop, in [0, 1).
+        noise: (B, N) float, or ``None`` to draw uniform noise (with ``generator`` on ``device``).
+
+    Returns:
+        ``ids_keep`` (B, N_keep) int64, ``ids_restore`` (B, N) int64 (argsort of the shuffle), and ``mask``
+        (B, N) float32 with 0 = kept, 1 = removed, in the original patch order.
+
+    Raises:
+        ValueError: ``mask_ratio`` outside [0, 1), non-positive sizes, ``noise`` of the wrong shape.
+        TypeError: ``noise`` not a float tensor.
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    if noise is not None:
+        _tensor("noise", noise, 2)
+        if tuple(noise.shape) != (batch_size, seq_len):
+            raise ValueError(f"noise must have shape ({batch_size}, {seq_len}), got {tuple(noise.shape)}")
+    return reference.random_masking(batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device)
+
+
+def mae_unshuffle(
+    x: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE decoder input: fill the removed positions with ``mask_token``, undo the shuffle, add position.
+
+    Args:
+        x: (B, 1 + N_keep, C) decoder-embedded encoder output, cls token first.
+        mask_token: (1, 1, C).
+        ids_restore: (B, N) int64 from :func:`random_masking`.
+        pos_embed: (1, 1 + N, C) decoder position embedding, or ``None``.
+        backend: force a backend.
+
+    Returns:
+        (B, 1 + N, C) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices, N_keep > N, indices out of range.
+
+    Equivalent PyTorch code (models_mae.forward_decoder)::
+
+        x_ = torch.cat([x[:, 1:], mask_token.repeat(B, N + 1 - x.shape[1], 1)], 1)
+        x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
+        out = torch.cat([x[:, :1], x_], 1) + pos_embed
+    """
+    _tensor("x", x, 3)
+    B, T, C = x.shape
+    _like("mask_token", mask_token, "x", x, (1, 1, C))
+    _index("ids_restore", ids_restore, 2, "x", x)
+    N = ids_restore.shape[1]
+    if ids_restore.shape[0] != B:
+        raise ValueError(f"ids_restore must have shape ({B}, N), got {tuple(ids_restore.shape)}")
+    if not 1 <= T <= N + 1:
+        raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
+    _check_range("ids_restore", ids_restore, N)
+    _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
+    _, fn = select("mae_unshuffle", _call(x), backend)
+    return fn(x, mask_token, ids_restore.long(), pos_embed=pos_embed)
+
+
+def mae_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix_loss: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE's reconstruction loss: mean squared error on the removed patches only (He et al., 2022, sec. 3).
+
+    Args:
+        pred: (B, N, P·P·C) decoder output, MAE's (p, q, c) order within a patch.
+        images: (B, C, Hi, Wi), Hi and Wi divisible by P; same device as ``pred``.
+        mask: (B, N), 1 for removed patches, 0 for kept ones.
+        patch_size: P.
+        norm_pix_loss: normalise each target patch by its mean and unbiased std (+1e-6 on the variance).
+        backend: force a backend.
+
+    Returns:
+        0-D tensor in ``pred``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes or devices, image size not divisible by ``patch_size``.
+
+    Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
+    """
+    _tensor("pred", pred, 3)
+    _tensor("images", images, 4)
+    _tensor("mask", mask, 2)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    B, C, Hi, Wi = images.shape
+    if Hi % patch_size or Wi % patch_size:
+        raise ValueError(f"images spatial size {Hi}x{Wi} is not divisible by patch_size {patch_size}")
+    N = (Hi // patch_size) * (Wi // patch_size)
+    expected = (B, N, patch_size * patch_size * C)
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"pred must have shape {expected} for images {tuple(images.shape)}, got {tuple(pred.shape)}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"mask must have shape {(B, N)}, got {tuple(mask.shape)}")
+    for name, t in (("images", images), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
+    _, fn = select("mae_loss", _call(pred), backend)
+    return fn(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)

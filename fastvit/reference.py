@@ -1,0 +1,241 @@
+"""Eager PyTorch implementations of every fastvit op: the numerical ground truth.
+
+Plain math, written to be read: fp16 / bf16 inputs are computed in fp32 and the result is cast back to the
+input dtype (fp32 accumulation everywhere, as the kernels do); fp32 and fp64 inputs are computed in their own
+precision. Everything is differentiable with PyTorch autograd. The functions assume validated inputs; the
+public, checked entry points are in :mod:`fastvit.ops`.
+
+Sources: ViT (Dosovitskiy et al., 2021, arXiv:2010.11929) and timm's ``VisionTransformer``; MAE (He et al.,
+2022, arXiv:2111.06377) and facebookresearch/mae ``models_mae.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Upcast half precision to fp32 for accumulation."""
+    if t is None:
+        return None
+    return t.float() if t.dtype in _HALF else t
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Patchify ``images`` (B, C, Hi, Wi) with ``weight`` (E, C, Ph, Pw), add ``pos_embed``, keep ``ids_keep``,
+    prepend the prefix tokens. See :func:`fastvit.ops.patch_embed` for the full contract."""
+    dtype = images.dtype
+    B, C, Hi, Wi = images.shape
+    E, _, Ph, Pw = weight.shape
+    gh, gw = Hi // Ph, Wi // Pw
+    # im2col: (B, C, gh, Ph, gw, Pw) -> (B, gh, gw, C, Ph, Pw) -> (B, gh*gw, C*Ph*Pw)
+    cols = _acc(images).reshape(B, C, gh, Ph, gw, Pw).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * Ph * Pw)
+    x = cols @ _acc(weight).reshape(E, C * Ph * Pw).t()
+    if bias is not None:
+        x = x + _acc(bias)
+    prefix = [t for t in (cls_token, reg_tokens) if t is not None]
+    num_prefix = sum(t.shape[1] for t in prefix)
+    prefix = [_acc(t).expand(B, -1, -1) for t in prefix]
+    if pos_embed is not None:
+        pos = _acc(pos_embed)
+        if pos.shape[1] == gh * gw + num_prefix:  # timm default / MAE: prefix tokens have position entries
+            prefix = [t + pos[:, i : i + t.shape[1]] for i, t in zip(_offsets(prefix), prefix)]
+            x = x + pos[:, num_prefix:]
+        else:  # no_embed_class: only the patches get a position
+            x = x + pos
+    if ids_keep is not None:
+        x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, E))
+    if prefix:
+        x = torch.cat([*prefix, x], dim=1)
+    return x.to(dtype)
+
+
+def _offsets(tokens: list[torch.Tensor]) -> list[int]:
+    out, at = [], 0
+    for t in tokens:
+        out.append(at)
+        at += t.shape[1]
+    return out
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017)."""
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (_acc(q) @ _acc(k).transpose(-2, -1)) * scale
+    p = torch.softmax(s, dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return (p @ _acc(v)).to(dtype)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views q, k, v (each (B, H, N, D)) into packed ``qkv`` (B, N, 3·H·D) laid out as timm's qkv Linear."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    return qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def attention(
+    qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C); see :func:`fastvit.ops.attention`."""
+    B, N, C3 = qkv.shape
+    q, k, v = split_qkv(qkv, num_heads)
+    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    return o.transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim (Ba et al., 2016), biased variance, fp32 statistics; optional residual add."""
+    dtype = x.dtype
+    if residual is not None:
+        x = x + residual
+    h = _acc(x)
+    mean = h.mean(dim=-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (h - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * _acc(weight)
+    if bias is not None:
+        y = y + _acc(bias)
+    y = y.to(dtype)
+    return y if residual is None else (y, x)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU (Hendrycks & Gimpel, 2016): exact x·Φ(x) with erf, or the tanh approximation."""
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, approximate: str = "none"
+) -> torch.Tensor:
+    """GELU(x Wᵀ + b) with fp32 accumulation."""
+    h = _acc(x) @ _acc(weight).t()
+    if bias is not None:
+        h = h + _acc(bias)
+    return gelu(h, approximate).to(x.dtype)
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    gamma: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + gamma · (x Wᵀ + b) with fp32 accumulation (gamma: LayerScale, Touvron et al., 2021)."""
+    h = _acc(x) @ _acc(weight).t()
+    if bias is not None:
+        h = h + _acc(bias)
+    if gamma is not None:
+        h = h * _acc(gamma)
+    return (_acc(residual) + h).to(x.dtype)
+
+
+def random_masking(
+    batch_size: int,
+    seq_len: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-sample random masking by argsort of uniform noise; see :func:`fastvit.ops.random_masking`."""
+    len_keep = int(seq_len * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch_size, seq_len, generator=generator, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch_size, seq_len, device=noise.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def mae_unshuffle(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, *, pos_embed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MAE decoder input: append mask tokens, undo the shuffle with ``ids_restore``, keep cls first, add pos."""
+    B, T, C = x.shape
+    N = ids_restore.shape[1]
+    mask_tokens = mask_token.to(x.dtype).expand(B, N + 1 - T, C)
+    x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, C))
+    out = torch.cat([x[:, :1], x_], dim=1)
+    if pos_embed is not None:
+        out = (_acc(out) + _acc(pos_embed)).to(x.dtype)
+    return out
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, Hi, Wi) -> (B, N, P·P·C) in MAE's (p, q, c) order within each patch, patches row-major."""
+    B, C, Hi, Wi = images.shape
+    P = patch_size
+    h, w = Hi // P, Wi // P
+    x = images.reshape(B, C, h, P, w, P)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(B, h * w, P * P * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, N, P·P·C) -> (B, C, h·P, w·P)."""
+    B = x.shape[0]
+    P = patch_size
+    h, w = grid_size
+    x = x.reshape(B, h, w, P, P, in_chans)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(B, in_chans, h * P, w * P)
+
+
+def mae_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix_loss: bool = False,
+) -> torch.Tensor:
+    """MAE's masked MSE on patchified pixels (optionally per-patch normalised, unbiased variance)."""
+    target = _acc(patchify(images, patch_size))
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((_acc(pred) - target) ** 2).mean(dim=-1)
+    mask = _acc(mask)
+    return ((loss * mask).sum() / mask.sum()).to(pred.dtype)
