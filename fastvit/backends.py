@@ -113,11 +113,14 @@ class Backend:
         name: ``"eager"``, ``"triton"`` or ``"cuda"``.
         description: one line for ``python -m fastvit.info``.
         availability: returns the reasons the backend cannot run at all here (empty when it can).
+        automatic: returns whether automatic selection may pick this backend; ``False`` keeps it to explicit
+            requests (Triton under ``TRITON_INTERPRET=1`` runs on the CPU, but far too slowly to be a default).
     """
 
     name: str
     description: str
     availability: Callable[[], list[str]] = lambda: []
+    automatic: Callable[[], bool] = lambda: True
     kernels: dict[str, _Kernel] = field(default_factory=dict)
 
     def unavailable_reasons(self) -> list[str]:
@@ -161,7 +164,12 @@ def _cuda_availability() -> list[str]:
 
 _BACKENDS: dict[str, Backend] = {
     "eager": Backend("eager", "PyTorch eager (reference math; SDPA for attention)"),
-    "triton": Backend("triton", "Triton kernels (fastvit.kernels)", _triton_availability),
+    "triton": Backend(
+        "triton",
+        "Triton kernels (fastvit.kernels)",
+        _triton_availability,
+        automatic=lambda: os.environ.get("TRITON_INTERPRET") != "1",
+    ),
     "cuda": Backend("cuda", "CUDA C++ kernels (fastvit._C)", _cuda_availability),
 }
 
@@ -258,7 +266,7 @@ def select(op: str, call: dict[str, Any], backend: str | None = None) -> tuple[s
         return explicit, chosen.kernels[op].fn
     for name in PRIORITY:
         candidate = _BACKENDS[name]
-        if not candidate.not_supported_reasons(op, call):
+        if candidate.automatic() and not candidate.not_supported_reasons(op, call):
             return name, candidate.kernels[op].fn
     raise RuntimeError(f"no backend can run fastvit.ops.{op}; the eager backend should always be registered")
 
