@@ -1,0 +1,16 @@
+"""Drop-in ViT modules on :mod:`fastvit.ops`, with timm's parameter names (see :mod:`fastvit.nn.layers`)."""
+
+from fastvit.nn.layers import Attention, Block, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
+from fastvit.nn.pos_embed import get_2d_sincos_pos_embed, resample_abs_pos_embed
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "Mlp",
+    "PatchDropout",
+    "PatchEmbed",
+    "get_2d_sincos_pos_embed",
+    "resample_abs_pos_embed",
+]
