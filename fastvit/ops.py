@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastvit import _eager  # noqa: F401  (registers the eager backend)
+from fastvit import _triton  # noqa: F401  (registers the triton backend when triton imports)
 from fastvit import reference
 from fastvit.backends import select
 

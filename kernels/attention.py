@@ -1,0 +1,334 @@
+"""FlashAttention-2 in Triton on strided q / k / v: forward, and a deterministic two-kernel backward.
+
+Every tensor is addressed by (batch, head, token) strides with a contiguous head dim, so one set of kernels
+serves both layouts fastvit has:
+
+* packed ``qkv`` (B, N, 3·C) from a ``qkv`` Linear: q, k, v are the column slices ``[0:C]``, ``[C:2C]``,
+  ``[2C:3C]`` with strides (N·3C, D, 3C); the output (B, N, C) has strides (N·C, D, C) -- no permute, no copy;
+* per-head (B, H, N, D) tensors with any strides (``scaled_dot_product_attention``).
+
+Grid: (blocks along the token axis the program owns, H, B) -- B and H on the y/z axes (each up to 65535).
+
+Forward (Dao 2023, FlashAttention-2, Algorithm 1 / section 3.1): one program per (query block, head, batch);
+keys and values stream through in BLOCK_N tiles while an online softmax keeps the running row max ``m`` and
+row sum ``l`` in fp32; the 1/l rescale happens once at the end (section 3.1.1, "tweak 1"). The softmax scale is
+multiplied by log2(e) once so the inner loop uses ``exp2``. The kernel stores O and the natural-log
+log-sum-exp ``lse = m + log(l)`` of the *scaled* scores, (B, H, Nq) fp32.
+
+Backward (Dao 2023, Algorithm 2 / section 3.2): a preprocess kernel computes ``delta = rowsum(dO ∘ O)``; then
+``_attn_bwd_dkdv`` (one program per key block, looping over query blocks) recomputes ``P = exp(S - lse)`` and
+accumulates dK and dV in registers, and ``_attn_bwd_dq`` (one program per query block, looping over key blocks)
+recomputes P again and accumulates dQ. Every output element has exactly one writer: no atomics, so results are
+bit-reproducible (FlashAttention-2 itself uses atomic adds for dQ; we trade one extra QKᵀ recompute for
+determinism, as the Triton fused-attention tutorial does).
+
+Head dims that are not powers of two (72, 80, 88, 104) are handled with a BLOCK_D = next_power_of_2(D) register
+tile whose extra columns are masked on load and store -- never padded in memory. Token tails (N = 197) are
+masked the same way: out-of-range keys get a score of -inf, out-of-range queries are never stored.
+
+fp32 inputs: ``tl.dot`` uses ``INPUT_PRECISION`` ("tf32" or "ieee"), chosen by the caller from
+``torch.backends.cuda.matmul.allow_tf32`` / ``torch.get_float32_matmul_precision()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: Head dims the kernels accept (tl.dot needs K >= 16; beyond 128 the tiles stop fitting in registers).
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 128
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+#: Forward: BLOCK_M query rows per program, BLOCK_N keys per inner step.
+FWD_CONFIGS = [
+    _cfg(128, 64, 8, 3),
+    _cfg(128, 64, 4, 3),
+    _cfg(128, 32, 4, 3),
+    _cfg(64, 64, 4, 3),
+    _cfg(64, 32, 4, 2),
+    _cfg(32, 32, 4, 2),
+]
+#: dK/dV: BLOCK_N key rows per program (held in registers with their dK, dV), BLOCK_M queries per step.
+BWD_DKDV_CONFIGS = [
+    _cfg(32, 128, 8, 2),
+    _cfg(64, 64, 8, 2),
+    _cfg(32, 64, 4, 2),
+    _cfg(16, 32, 4, 2),
+]
+#: dQ: BLOCK_M query rows per program, BLOCK_N keys per step.
+BWD_DQ_CONFIGS = [
+    _cfg(128, 32, 8, 2),
+    _cfg(64, 64, 8, 2),
+    _cfg(64, 32, 4, 2),
+    _cfg(32, 16, 4, 2),
+]
+#: Under the interpreter one small config keeps CPU tests fast (there is nothing to tune).
+INTERPRET_CONFIG = _cfg(16, 16, 4, 1)
+
+PREPROCESS_BLOCK_M = 64
+
+
+def _elem_size(nargs: dict) -> int:
+    t = nargs.get("Q")
+    return t.element_size() if t is not None and hasattr(t, "element_size") else 2
+
+
+def _prune(configs, nargs, rows_key: str, cols_key: str, **kwargs):
+    """Drop tiles far larger than the sequence (N = 50 needs no 128-row blocks) and, for fp32 with D > 64,
+    tiles whose fp32 operands would not fit in registers / shared memory. Always keeps at least one config."""
+    rows = nargs[rows_key]
+    cols = nargs[cols_key]
+    head_dim = nargs["HEAD_DIM"]
+    wide = _elem_size(nargs) == 4 and head_dim > 64
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bm > max(16, triton.next_power_of_2(rows)) or bn > max(16, triton.next_power_of_2(cols)):
+            continue
+        if wide and bm * bn > 64 * 64:
+            continue
+        kept.append(c)
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
+
+
+def prune_fwd(configs, nargs, **kwargs):
+    """Autotune pruner for the forward and dQ kernels (rows = queries, columns = keys)."""
+    return _prune(configs, nargs, "N_Q", "N_KV")
+
+
+def prune_dkdv(configs, nargs, **kwargs):
+    """Autotune pruner for the dK/dV kernel: its BLOCK_N rows are keys and BLOCK_M steps are queries."""
+    return _prune(configs, nargs, "N_Q", "N_KV")
+
+
+def _autotune(configs, prune):
+    if _INTERPRET:
+        return triton.autotune(configs=[INTERPRET_CONFIG], key=["N_Q", "N_KV", "HEAD_DIM"])
+    return triton.autotune(
+        configs=configs,
+        key=["N_Q", "N_KV", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": prune},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _attn_fwd_body(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N_Q
+    d_mask = offs_d < HEAD_DIM
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, N_KV, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < N_KV
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_mask)
+
+
+attn_fwd_kernel = _attn_fwd_body
+attn_fwd = _autotune(FWD_CONFIGS, prune_fwd)(_attn_fwd_body)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * N_Q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N_Q)
+
+
+attn_bwd_preprocess = _attn_bwd_preprocess
+
+
+@triton.jit
+def _attn_bwd_dkdv_body(
+    Q, K, V, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h
+    qk_scale = sm_scale * 1.4426950408889634
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < N_KV
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    row_base = pid_bh * N_Q
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        m_mask = rows < N_Q
+        q_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2 = tl.load(LSE + row_base + rows, mask=m_mask, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row_base + rows, mask=m_mask, other=0.0)
+        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
+        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t = tl.where(m_mask[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+attn_bwd_dkdv_kernel = _attn_bwd_dkdv_body
+attn_bwd_dkdv = _autotune(BWD_DKDV_CONFIGS, prune_dkdv)(_attn_bwd_dkdv_body)
+
+
+@triton.jit
+def _attn_bwd_dq_body(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    pid_bh = off_b * H + off_h
+    qk_scale = sm_scale * 1.4426950408889634
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < N_Q
+    d_mask = offs_d < HEAD_DIM
+    q_mask = m_mask[:, None] & d_mask[None, :]
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    row_base = pid_bh * N_Q
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    for start_n in range(0, N_KV, BLOCK_N):
+        cols = start_n + offs_n
+        n_mask = cols < N_KV
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+attn_bwd_dq_kernel = _attn_bwd_dq_body
+attn_bwd_dq = _autotune(BWD_DQ_CONFIGS, prune_fwd)(_attn_bwd_dq_body)
+
+
+def block_d(head_dim: int) -> int:
+    """The register tile for head dim ``D``: next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
