@@ -46,8 +46,8 @@ def resample_abs_pos_embed(
     viewed as a (Gh, Gw) image with C channels and resized with ``F.interpolate`` in fp32, then cast back.
 
     ``antialias=True`` is timm's ``resample_abs_pos_embed`` (its default); ``antialias=False`` is MAE's
-    ``interpolate_pos_embed`` and Hugging Face's ``interpolate_pos_encoding`` (bicubic, no antialias). The two agree
-    when upsampling and differ when shrinking the grid.
+    ``interpolate_pos_embed`` and Hugging Face's ``interpolate_pos_encoding`` (bicubic, no antialias). The two differ
+    even when upsampling: PyTorch's antialiased bicubic uses PIL's kernel (a = -0.5), the plain one a = -0.75.
 
     Args:
         pos_embed: (1, R + Gh·Gw, C) float (any float dtype; computed in fp32).

@@ -143,7 +143,7 @@ class VisionTransformer(nn.Module):
             PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens) if patch_drop_rate > 0 else nn.Identity()
         )
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
-        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)] if depth else []
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.blocks = nn.Sequential(
             *[
                 Block(
