@@ -1,0 +1,523 @@
+"""``fastvit-bench`` / ``python -m fastvit.bench``: attention, model and scaling benchmarks.
+
+Subcommands::
+
+    fastvit-bench attention [--seq-lens N ...] [--head-dims D ...] [--heads H] [--batch B|auto] [--mode MODE]
+    fastvit-bench model NAME [--batch B] [--img-size S] [--compile]
+    fastvit-bench scaling NAME [--img-sizes S ...] [--batch B] [--mode fwd|fwd_bwd]
+
+Common options: ``--device``, ``--dtype``, ``--json PATH``, ``--plot PATH``, ``--warmup-ms``, ``--rep-ms``,
+``--no-progress``. Defaults are the real ViT shapes on a GPU and small shapes on the CPU. The exit status is 0 when
+every provider that could run was correct and did not raise (skipped and out-of-memory providers are reported, not
+failures), 1 when any was ``FAILED`` (wrong answer) or ``error``, and 2 for bad arguments.
+
+torch is imported only after the arguments are parsed, so argument errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main"]
+
+# Defaults: (GPU, CPU).
+_ATTN_SEQ_LENS = ([50, 65, 145, 197, 257, 577, 785, 1025, 1370, 4097], [65, 197])
+_ATTN_HEAD_DIMS = ([64, 80], [64])
+_ATTN_HEADS = (12, 6)
+_ATTN_TOKENS = (256 * 197, 2 * 197)
+_MODEL_BATCH = (128, 2)
+_SCALING_IMG_SIZES = ([224, 384, 512, 768, 1024], [32, 64, 96])
+_SCALING_BATCH = (16, 1)
+_MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _batch(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fastvit-bench`` (three subcommands sharing the common options)."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("common options")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
+    g.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot to PATH")
+    g.add_argument("--warmup-ms", type=_positive_float, default=None,
+                   help="warm-up budget per measurement, ms (default 25 on CUDA, 10 on the CPU)")
+    g.add_argument("--rep-ms", type=_positive_float, default=None,
+                   help="timed budget per measurement, ms (default 100 on CUDA, 40 on the CPU)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's own choice)")
+    g.add_argument("--no-roofline", action="store_true", help="skip measuring the copy-bandwidth / GEMM ceilings")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.add_argument("--providers", type=_csv, default=None, metavar="A,B,...",
+                   help="only these providers (names as printed in the table)")
+
+    parser = argparse.ArgumentParser(
+        prog="fastvit-bench",
+        description="Benchmarks for fastvit: attention providers, whole models, and cost scaling with image size.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling}")
+    sub.required = True
+
+    a = sub.add_parser("attention", parents=[common], help="attention providers side by side over N and D",
+                       description="Time every attention provider from packed qkv (B, N, 3·H·D) to (B, N, H·D).")
+    a.add_argument("--seq-lens", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help=f"tokens N (default GPU: {_ATTN_SEQ_LENS[0]}; CPU: {_ATTN_SEQ_LENS[1]})")
+    a.add_argument("--head-dims", type=_positive_int, nargs="+", default=None, metavar="D",
+                   help=f"head dims D (default GPU: {_ATTN_HEAD_DIMS[0]}; CPU: {_ATTN_HEAD_DIMS[1]})")
+    a.add_argument("--heads", type=_positive_int, default=None, help="heads H (default 12 on GPU, 6 on CPU)")
+    a.add_argument("--batch", type=_batch, default="auto",
+                   help="batch B, or 'auto' (default): B = max(1, round(tokens / N))")
+    a.add_argument("--tokens", type=_positive_int, default=None,
+                   help=f"B·N target for --batch auto (default GPU {_ATTN_TOKENS[0]}, CPU {_ATTN_TOKENS[1]})")
+    a.add_argument("--mode", choices=[*_MODES, "all"], default="fwd", help="fwd, bwd, fwd_bwd or all (default fwd)")
+
+    m = sub.add_parser("model", parents=[common], help="train-step and inference throughput of one model",
+                       description="Images/s and peak memory of a train step (fwd+bwd+AdamW) and of inference.")
+    m.add_argument("name", help="model name (fastvit.list_models()), e.g. vit_base_patch16_224")
+    m.add_argument("--batch", type=_positive_int, default=None, help="batch (default 128 on GPU, 2 on CPU)")
+    m.add_argument("--img-size", type=_positive_int, default=None, help="image side (default: the model's)")
+    m.add_argument("--num-classes", type=_positive_int, default=None, help="classifier width (default: the model's)")
+    m.add_argument("--compile", action="store_true", help="add torch.compile providers (timm, fastvit); GPU only")
+    m.add_argument("--force-compile", action="store_true", help="allow the torch.compile providers on the CPU")
+
+    s = sub.add_parser("scaling", parents=[common], help="per-component time and memory against N",
+                       description="Sweep the image size (so N) and time each component of a model with fastvit.ops.")
+    s.add_argument("name", help="model name whose shapes to use, e.g. vit_base_patch16_224, mae_vit_base_patch16")
+    s.add_argument("--img-sizes", type=_positive_int, nargs="+", default=None, metavar="S",
+                   help=f"image sides (default GPU: {_SCALING_IMG_SIZES[0]}; CPU: {_SCALING_IMG_SIZES[1]})")
+    s.add_argument("--batch", type=_positive_int, default=None, help="batch (default 16 on GPU, 1 on CPU)")
+    s.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd", help="fwd or fwd_bwd (default fwd)")
+    s.add_argument("--backend", choices=["eager", "triton", "cuda"], default=None,
+                   help="force a fastvit backend (default: automatic selection per op)")
+    s.add_argument("--components", type=_csv, default=None, metavar="A,B,...",
+                   help="only these components (patch_embed, attention, layer_norm, mlp, mae_gather, mae_unshuffle)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _progress(iterable: Any, total: int, desc: str, disable: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=disable, leave=False)
+
+
+def _sanitize(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _skipped_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    seen: dict[tuple[str, str], None] = {}
+    for r in rows:
+        if r["status"] in ("skipped", "oom", "error", "FAILED"):
+            seen.setdefault((r["provider"], f"[{r['status']}] {r['reason']}"), None)
+    return [{"provider": p, "reason": reason} for p, reason in seen]
+
+
+def _fmt(v: Any, kind: str = "") -> str:
+    if v is None:
+        return "-"
+    if kind == "mem":
+        return f"{v / 2**20:.1f}"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.3g}"
+        if abs(v) >= 1e-3:
+            return f"{v:.3f}"
+        return f"{v:.1e}"
+    return str(v)
+
+
+def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> None:
+    """Print ``rows`` (only the ok / FAILED ones) with ``columns`` = (header, key, format) via rich or plain text."""
+    body = [[_fmt(r.get(key), kind) for _, key, kind in columns] for r in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, show_lines=False)
+        for head, _, kind in columns:
+            table.add_column(head, justify="left" if kind == "text" else "right")
+        for line in body:
+            table.add_row(*line)
+        Console(width=max(120, min(220, 14 * len(columns))), file=sys.stdout).print(table)
+    except ImportError:  # pragma: no cover
+        print(title)
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (h, _, _) in enumerate(columns)]
+        print("  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)))
+        for line in body:
+            print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+
+
+def _print_skipped(skipped: list[dict[str, str]]) -> None:
+    if not skipped:
+        return
+    print("\nNot timed here (provider: reason):")
+    for s in skipped:
+        print(f"  {s['provider']}: {s['reason']}")
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_sanitize(payload), f, indent=2, allow_nan=False)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _log_axes(ax: Any, xs: list[float], ys: list[float]) -> None:
+    if xs and min(xs) > 0:
+        ax.set_xscale("log")
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+
+
+# ----------------------------------------------------------------------------------------------- context
+class _Run:
+    """Resolved common options: device, dtype, timing budgets, roofline, environment."""
+
+    def __init__(self, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+        import torch
+
+        from fastvit.bench import harness
+
+        if args.device is None:
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(args.device)
+        except RuntimeError as exc:
+            parser.error(f"argument --device: {exc}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("argument --device: CUDA requested but torch.cuda.is_available() is False")
+        if self.device.type not in ("cpu", "cuda"):
+            parser.error(f"argument --device: only cpu and cuda are supported, got {args.device!r}")
+        self.gpu = self.device.type == "cuda"
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.idx = 0 if self.gpu else 1
+        self.dtype = harness.parse_dtype(args.dtype or ("bf16" if self.gpu else "fp32"))
+        self.bench = {"warmup_ms": args.warmup_ms or (25.0 if self.gpu else 10.0),
+                      "rep_ms": args.rep_ms or (100.0 if self.gpu else 40.0)}
+        self.args = args
+        self.started = time.time()
+        self.roofline = None
+        if not args.no_roofline:
+            gemm_dtype = self.dtype if self.gpu else torch.float32
+            self.roofline = harness.measure_roofline(self.device, gemm_dtype)
+
+    def payload(self, command: str, argv: Sequence[str], rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        """The JSON document (see benchmarks/README.md)."""
+        from fastvit.bench import harness
+
+        return {
+            "schema": "fastvit-bench/1",
+            "command": command,
+            "argv": list(argv),
+            "args": {k: v for k, v in vars(self.args).items()},
+            "environment": harness.environment(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "timing": dict(self.bench),
+            "roofline": self.roofline.as_dict() if self.roofline else None,
+            "results": rows,
+            "skipped": _skipped_summary(rows),
+            "wall_s": time.time() - self.started,
+            **extra,
+        }
+
+
+def _exit_status(rows: list[dict[str, Any]]) -> int:
+    bad = [r for r in rows if r["status"] in ("FAILED", "error")]
+    if bad:
+        print(f"\n{len(bad)} provider run(s) FAILED or raised (see above / the JSON)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _filter_providers(names: list[str], wanted: list[str] | None, parser: argparse.ArgumentParser) -> list[str]:
+    if not wanted:
+        return names
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        parser.error(f"argument --providers: unknown provider(s) {unknown}; choose from {names}")
+    return [n for n in names if n in wanted]
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    run = _Run(args, parser)
+    from fastvit.bench.providers import AttentionSpec, attention_providers, run_attention_case
+
+    seq_lens = args.seq_lens or _ATTN_SEQ_LENS[run.idx]
+    head_dims = args.head_dims or _ATTN_HEAD_DIMS[run.idx]
+    heads = args.heads or _ATTN_HEADS[run.idx]
+    tokens = args.tokens or _ATTN_TOKENS[run.idx]
+    modes = list(_MODES) if args.mode == "all" else [args.mode]
+    providers = attention_providers()
+    keep = _filter_providers([p.name for p in providers], args.providers, parser)
+    providers = [p for p in providers if p.name in keep]
+
+    cases = [(n, d, mode) for mode in modes for d in head_dims for n in seq_lens]
+    rows: list[dict[str, Any]] = []
+    for n, d, mode in _progress(cases, len(cases), "attention", args.no_progress):
+        B = args.batch if args.batch != "auto" else max(1, round(tokens / n))
+        spec = AttentionSpec(B, n, heads, d, run.dtype, run.device)
+        for rec in run_attention_case(spec, mode, providers, run.roofline, bench=run.bench):
+            rows.append(rec.as_dict())
+
+    ok_rows = [r for r in rows if r["status"] in ("ok", "FAILED")]
+    _print_table(
+        f"attention ({run.device.type}, {str(run.dtype)[6:]}, H={heads}) -- ms is the median; mem = MiB the call adds",
+        [("mode", "mode", "text"), ("provider", "provider", "text"), ("B", "B", ""), ("N", "N", ""), ("D", "D", ""),
+         ("ms", "ms", ""), ("TFLOP/s", "tflops", ""), ("GB/s", "gbps", ""), ("roofline", "roofline_fraction", "pct"),
+         ("mem MiB", "peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        ok_rows,
+    )
+    skipped = _skipped_summary(rows)
+    _print_skipped(skipped)
+    if args.json:
+        _write_json(args.json, run.payload("attention", argv, rows, heads=heads, tokens_target=tokens))
+    if args.plot:
+        _plot_sweep(args.plot, rows, x_key="N", series_key="provider", panel_keys=("mode", "D"),
+                    title=f"attention, H={heads}, {str(run.dtype)[6:]}, {run.device.type}")
+    return _exit_status(rows)
+
+
+def _plot_sweep(path: str, rows: list[dict[str, Any]], *, x_key: str, series_key: str,
+                panel_keys: tuple[str, ...], title: str) -> None:
+    """One row of panels per combination of ``panel_keys``: time (ms) and memory (MiB) against ``x_key``, log axes."""
+    plt = _plt()
+    timed = [r for r in rows if r["status"] == "ok" and r.get("ms")]
+    panels = list(dict.fromkeys(tuple(r.get(k) for k in panel_keys) for r in timed)) or [tuple()]
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4 * len(panels)), squeeze=False)
+    for (ax_t, ax_m), panel in zip(axes, panels):
+        sub = [r for r in timed if tuple(r.get(k) for k in panel_keys) == panel]
+        label = ", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel))
+        all_x, all_t, all_m = [], [], []
+        for name in dict.fromkeys(r[series_key] for r in sub):
+            pts = sorted((r[x_key], r["ms"], r.get("peak_mem_bytes")) for r in sub if r[series_key] == name)
+            xs = [p[0] for p in pts]
+            ax_t.plot(xs, [p[1] for p in pts], marker="o", label=name)
+            all_x += xs
+            all_t += [p[1] for p in pts]
+            mem = [(p[0], p[2] / 2**20) for p in pts if p[2] is not None and p[2] > 0]
+            if mem:
+                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=name)
+                all_m += [m[1] for m in mem]
+        ax_t.set_title(f"{title}: time ({label})" if label else f"{title}: time")
+        ax_t.set_xlabel(x_key)
+        ax_t.set_ylabel("median time (ms)")
+        _log_axes(ax_t, all_x, all_t)
+        ax_m.set_title(f"peak memory ({label})" if label else "peak memory")
+        ax_m.set_xlabel(x_key)
+        ax_m.set_ylabel("memory the call adds (MiB)")
+        if all_m:
+            _log_axes(ax_m, all_x, all_m)
+        else:
+            ax_m.text(0.5, 0.5, "memory is measured on CUDA only", ha="center", va="center", transform=ax_m.transAxes)
+            if all_x and min(all_x) > 0:
+                ax_m.set_xscale("log")
+                ax_m.set_xlim(ax_t.get_xlim())
+        for ax in (ax_t, ax_m):
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- model
+def _check_model_name(name: str, parser: argparse.ArgumentParser) -> None:
+    try:
+        from fastvit import list_models
+    except ImportError:
+        try:
+            from fastvit.nn import list_models
+        except ImportError as exc:
+            parser.error(f"argument name: fastvit.list_models() is not available ({exc})")
+    names = list(list_models())
+    if name not in names:
+        parser.error(f"argument name: unknown model {name!r}; fastvit.list_models() has {names}")
+
+
+def _cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    _check_model_name(args.name, parser)
+    run = _Run(args, parser)
+    from fastvit.bench.providers import ModelSpec, model_provider_names, run_model
+
+    spec = ModelSpec(args.name, args.batch or _MODEL_BATCH[run.idx], args.img_size, run.dtype, run.device,
+                     compile=args.compile, force_compile=args.force_compile, num_classes=args.num_classes)
+    names = _filter_providers(model_provider_names(spec), args.providers, parser)
+    bar = _progress(None, len(names), f"model {args.name}", args.no_progress)
+    records, info = run_model(spec, run.roofline, providers=names, bench=run.bench,
+                              progress=(lambda name: bar.update(1)) if hasattr(bar, "update") else None)
+    if hasattr(bar, "close"):
+        bar.close()
+    rows = [r.as_dict() for r in records]
+    _print_table(
+        f"model {args.name} ({run.device.type}, {str(run.dtype)[6:]}{' autocast' if str(run.dtype) != 'torch.float32' else ''}"
+        f", B={spec.batch}, img {info['img_size']}, {info['params'] / 1e6:.1f}M params)",
+        [("provider", "provider", "text"), ("train ms", "train_ms", ""), ("train img/s", "train_images_per_s", ""),
+         ("train TFLOP/s", "train_tflops", ""), ("MFU", "train_mfu", "pct"), ("train MiB", "train_peak_mem_bytes", "mem"),
+         ("infer ms", "infer_ms", ""), ("infer img/s", "infer_images_per_s", ""),
+         ("infer MiB", "infer_peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        [r for r in rows if r["status"] in ("ok", "FAILED")],
+    )
+    _print_skipped(_skipped_summary(rows))
+    if args.json:
+        _write_json(args.json, run.payload("model", argv, rows, model=info))
+    if args.plot:
+        _plot_model(args.plot, rows, f"{args.name} B={spec.batch} img {info['img_size']} {run.device.type}")
+    return _exit_status(rows)
+
+
+def _plot_model(path: str, rows: list[dict[str, Any]], title: str) -> None:
+    plt = _plt()
+    timed = [r for r in rows if r["status"] == "ok" and r.get("train_images_per_s")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r["provider"] for r in timed]
+    for ax, key, label in ((axes[0], "train_images_per_s", "train step (images/s)"),
+                           (axes[1], "infer_images_per_s", "inference (images/s)")):
+        ax.barh(names, [r.get(key) or 0 for r in timed])
+        ax.set_xlabel(label)
+        ax.set_title(f"{title}: {label}")
+        ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- scaling
+def _model_config_meta(name: str) -> dict[str, Any]:
+    import torch
+
+    import fastvit
+    from fastvit.bench.providers import model_config
+
+    try:
+        with torch.device("meta"):
+            model = fastvit.create_model(name)
+    except Exception:  # noqa: BLE001 -- some init code cannot run on meta tensors; build it for real
+        model = fastvit.create_model(name)
+    return model_config(model)
+
+
+def _cmd_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    _check_model_name(args.name, parser)
+    run = _Run(args, parser)
+    from fastvit.bench.providers import run_scaling_point, scaling_components
+
+    cfg = _model_config_meta(args.name)
+    comps = scaling_components(cfg)
+    names = [c.name for c in comps]
+    if args.components:
+        unknown = [c for c in args.components if c not in names]
+        if unknown:
+            parser.error(f"argument --components: unknown component(s) {unknown} for {args.name}; choose from {names}")
+        comps = [c for c in comps if c.name in args.components]
+    if args.providers:
+        parser.error("argument --providers: scaling times fastvit ops only; use --backend and --components")
+    P = cfg["patch_size"]
+    sizes = args.img_sizes or _SCALING_IMG_SIZES[run.idx]
+    bad = [s for s in sizes if s % P]
+    if bad:
+        parser.error(f"argument --img-sizes: {bad} not divisible by the patch size {P} of {args.name}")
+    B = args.batch or _SCALING_BATCH[run.idx]
+    cases = [(c, s) for s in sizes for c in comps]
+    rows = []
+    for comp, size in _progress(cases, len(cases), f"scaling {args.name}", args.no_progress):
+        rec = run_scaling_point(comp, B, size, run.dtype, run.device, args.mode, args.backend, run.roofline,
+                                bench=run.bench)
+        rows.append(rec.as_dict())
+    _print_table(
+        f"scaling {args.name} ({run.device.type}, {str(run.dtype)[6:]}, B={B}, {args.mode})",
+        [("component", "provider", "text"), ("backend", "backend", "text"), ("img", "img_size", ""), ("N", "N", ""),
+         ("ms", "ms", ""), ("TFLOP/s", "tflops", ""), ("GB/s", "gbps", ""), ("roofline", "roofline_fraction", "pct"),
+         ("mem MiB", "peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        [r for r in rows if r["status"] in ("ok", "FAILED")],
+    )
+    _print_skipped(_skipped_summary(rows))
+    if args.json:
+        _write_json(args.json, run.payload("scaling", argv, rows, model={"name": args.name, "config": cfg}, batch=B))
+    if args.plot:
+        _plot_sweep(args.plot, rows, x_key="N", series_key="provider", panel_keys=(),
+                    title=f"{args.name} components, B={B}, {args.mode}, {run.device.type}")
+    return _exit_status(rows)
+
+
+# ----------------------------------------------------------------------------------------------- main
+_COMMANDS = {"attention": _cmd_attention, "model": _cmd_model, "scaling": _cmd_scaling}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fastvit-bench``; returns the exit status (0 ok, 1 a provider FAILED or raised, 2 usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _COMMANDS[args.command](args, parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

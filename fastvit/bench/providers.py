@@ -1,0 +1,1084 @@
+"""Benchmark providers: the implementations ``fastvit-bench`` puts side by side, and the runners that time them.
+
+Attention providers all start from the packed ``qkv`` (B, N, 3·C) a ViT's ``qkv`` Linear produces and end at the
+(B, N, C) input of ``proj``, so layout copies (timm's reshape/permute, the transpose of the output) are part of what
+is timed. Model providers build the same ViT configuration in fastvit (per backend), timm and Hugging Face
+transformers. Scaling components time single fastvit ops with a model's shapes as the image size grows.
+
+Every runner checks accuracy before timing: a provider whose output (and gradients, when the mode has a backward)
+is not within tolerance of a high-precision reference is reported ``FAILED`` and not timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fastvit.bench import harness
+from fastvit.bench.harness import Record, Roofline
+
+__all__ = [
+    "AttentionProvider",
+    "AttentionSpec",
+    "ModelSpec",
+    "attention_providers",
+    "model_config",
+    "run_attention_case",
+    "run_model",
+    "run_scaling_point",
+    "scaling_components",
+    "vit_flops",
+]
+
+FASTVIT_BACKENDS: tuple[str, ...] = ("eager", "triton", "cuda")
+
+
+def _first_line(exc: BaseException | str, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    if isinstance(exc, BaseException):
+        msg = f"{type(exc).__name__}: {msg}"
+    return msg[:limit]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _fastvit_reasons(backend: str, op: str, call: dict[str, Any]) -> list[str]:
+    from fastvit.backends import get_backend
+
+    b = get_backend(backend)
+    reasons = list(b.not_supported_reasons(op, call))
+    return reasons
+
+
+# =============================================================================================== attention
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention configuration: B batch, N tokens, H heads, D head dim, dtype, device."""
+
+    B: int
+    N: int
+    H: int
+    D: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def C(self) -> int:
+        """Embed dim H·D."""
+        return self.H * self.D
+
+    def config(self) -> dict[str, Any]:
+        """JSON-friendly description (B, N, H, D, C, dtype)."""
+        return {"B": self.B, "N": self.N, "H": self.H, "D": self.D, "C": self.C,
+                "dtype": str(self.dtype).replace("torch.", "")}
+
+
+class AttentionProvider:
+    """One attention implementation taking packed qkv (B, N, 3·C) to (B, N, C).
+
+    Subclasses set ``name`` and implement :meth:`reasons` (why it cannot run a spec; empty when it can) and
+    :meth:`build` (the callable to time). :meth:`context` wraps both the accuracy check and the timing loop (SDPA
+    backend selection lives there, outside the timed call).
+    """
+
+    name = "?"
+    description = ""
+
+    def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        """Why this provider cannot run ``spec`` in ``mode`` here (empty list: it can)."""
+        return []
+
+    def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A callable ``qkv (B, N, 3·C) -> out (B, N, C)``."""
+        raise NotImplementedError
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """Context entered around the accuracy check and the timing loop."""
+        return contextlib.nullcontext()
+
+
+class FastvitAttention(AttentionProvider):
+    """``fastvit.ops.attention(qkv, H, backend=...)`` on one fastvit backend (eager, triton or cuda)."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.name = f"fastvit-{backend}"
+        self.description = f"fastvit.ops.attention(qkv, H, backend={backend!r})"
+
+    def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        return _fastvit_reasons(self.backend, "attention",
+                                {"device": spec.device, "dtype": spec.dtype, "head_dim": spec.D, "dropout_p": 0.0})
+
+    def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        from fastvit import ops
+
+        H, backend = spec.H, self.backend
+        return lambda qkv: ops.attention(qkv, H, backend=backend)
+
+
+_SDPA_NAMES = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+class SdpaAttention(AttentionProvider):
+    """timm's attention path: reshape/permute packed qkv, ``F.scaled_dot_product_attention`` restricted to one
+    SDPA backend with ``torch.nn.attention.sdpa_kernel``, transpose + reshape the output (the copies timm pays)."""
+
+    def __init__(self, short: str) -> None:
+        self.short = short
+        self.name = f"sdpa-{short}"
+        self.description = f"timm path, SDPBackend.{_SDPA_NAMES[short]}"
+
+    def _backend(self) -> Any:
+        from torch.nn.attention import SDPBackend
+
+        return getattr(SDPBackend, _SDPA_NAMES[self.short], None)
+
+    def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        try:
+            from torch.nn.attention import sdpa_kernel  # noqa: F401
+        except ImportError as exc:
+            return [f"torch.nn.attention.sdpa_kernel unavailable: {exc}"]
+        if self._backend() is None:
+            return [f"this torch has no SDPBackend.{_SDPA_NAMES[self.short]}"]
+        if spec.device.type == "cpu" and self.short in ("efficient", "cudnn"):
+            return [f"SDPA {_SDPA_NAMES[self.short]} has no CPU kernel"]
+        return []
+
+    def context(self) -> contextlib.AbstractContextManager:
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(self._backend())
+
+    def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        H, D, C = spec.H, spec.D, spec.C
+
+        def fn(qkv: torch.Tensor) -> torch.Tensor:
+            B, N, _ = qkv.shape
+            q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v)
+            return o.transpose(1, 2).reshape(B, N, C)
+
+        return fn
+
+
+class FlashAttnProvider(AttentionProvider):
+    """FlashAttention's ``flash_attn_qkvpacked_func`` on a (B, N, 3, H, D) view of the packed qkv (no copy)."""
+
+    name = "flash-attn"
+    description = "flash_attn.flash_attn_qkvpacked_func"
+
+    def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken build raising at import
+            return [f"flash_attn is not importable ({_first_line(exc)})"]
+        out = []
+        if spec.device.type != "cuda":
+            out.append("flash_attn needs a CUDA device")
+        if spec.dtype not in (torch.float16, torch.bfloat16):
+            out.append(f"flash_attn supports fp16/bf16 only, got {spec.dtype}")
+        if spec.D > 256:
+            out.append(f"flash_attn supports head_dim <= 256, got {spec.D}")
+        return out
+
+    def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        from flash_attn import flash_attn_qkvpacked_func
+
+        H, D, C = spec.H, spec.D, spec.C
+
+        def fn(qkv: torch.Tensor) -> torch.Tensor:
+            B, N, _ = qkv.shape
+            return flash_attn_qkvpacked_func(qkv.view(B, N, 3, H, D)).reshape(B, N, C)
+
+        return fn
+
+
+class XformersProvider(AttentionProvider):
+    """xformers' ``memory_efficient_attention`` on strided (B, N, H, D) views of the packed qkv."""
+
+    name = "xformers"
+    description = "xformers.ops.memory_efficient_attention"
+
+    def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as exc:
+            return [f"xformers is not importable ({_first_line(exc)})"]
+        if spec.device.type != "cuda":
+            return ["xformers memory_efficient_attention is benchmarked on CUDA only"]
+        return []
+
+    def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+        import xformers.ops as xops
+
+        H, D, C = spec.H, spec.D, spec.C
+
+        def fn(qkv: torch.Tensor) -> torch.Tensor:
+            B, N, _ = qkv.shape
+            q, k, v = qkv.view(B, N, 3, H, D).unbind(2)
+            return xops.memory_efficient_attention(q, k, v).reshape(B, N, C)
+
+        return fn
+
+
+def attention_providers() -> list[AttentionProvider]:
+    """Every attention provider, in report order: fastvit backends, SDPA backends, FlashAttention, xformers."""
+    return ([FastvitAttention(b) for b in FASTVIT_BACKENDS] + [SdpaAttention(s) for s in _SDPA_NAMES]
+            + [FlashAttnProvider(), XformersProvider()])
+
+
+def _naive_attention(qkv: torch.Tensor, H: int) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v in ``qkv``'s own precision, no upcasting (the ``pt`` of FlashAttention's tests)."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * H)
+    q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    p = ((q * D**-0.5) @ k.transpose(-1, -2)).softmax(-1)
+    return (p @ v).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _attention_reference(qkv: torch.Tensor, dout: torch.Tensor | None, H: int) -> dict[str, torch.Tensor]:
+    """Reference output (and dqkv) in high precision, plus the same math in the input precision."""
+    out: dict[str, torch.Tensor] = {}
+    for key, dt in (("ref", _ref_dtype(qkv.dtype)), ("pt", qkv.dtype)):
+        x = qkv.detach().to(dt).requires_grad_(dout is not None)
+        o = _naive_attention(x, H)
+        out[key] = o.detach()
+        if dout is not None:
+            (g,) = torch.autograd.grad(o, x, dout.to(dt))
+            out[key + "_grad"] = g
+    return out
+
+
+def _check_batch(spec: AttentionSpec, budget_bytes: int) -> int:
+    """Largest batch whose fp32/fp64 reference N×N matrices fit ``budget_bytes`` (accuracy is checked on it)."""
+    per_sample = spec.H * spec.N * spec.N * harness.element_size(_ref_dtype(spec.dtype)) * 4
+    return max(1, min(spec.B, budget_bytes // max(per_sample, 1)))
+
+
+def run_attention_case(
+    spec: AttentionSpec,
+    mode: str,
+    providers: list[AttentionProvider],
+    roofline: Roofline | None,
+    *,
+    bench: dict[str, Any] | None = None,
+    check_budget_bytes: int = 2 << 30,
+    input_budget_bytes: int = 1 << 30,
+    seed: int = 0,
+) -> list[Record]:
+    """Check, then time, every provider on one attention configuration and mode.
+
+    Args:
+        spec: the shape, dtype and device.
+        mode: ``"fwd"``, ``"bwd"`` (backward only; the forward graph is built outside the timed region and
+            ``backward(retain_graph=True)`` is timed) or ``"fwd_bwd"``.
+        providers: from :func:`attention_providers`.
+        roofline: the measured ceilings (for ``roofline_fraction``), or ``None``.
+        bench: extra keyword arguments for :func:`fastvit.bench.harness.do_bench` (``warmup_ms``, ``rep_ms``).
+        check_budget_bytes: memory allowed for the reference of the accuracy check; larger batches are checked on
+            their first ``check_batch`` samples (reported).
+        input_budget_bytes: memory allowed for the rotated input copies (1 to 4 sets).
+
+    Returns:
+        One :class:`Record` per provider. Metrics of a timed one: ``ms`` (median), ``ms_q20``, ``ms_q80``,
+        ``tflops``, ``gbps``, ``roofline_fraction``, ``peak_mem_bytes`` (CUDA; memory the call adds above its
+        inputs), ``flops``, ``bytes``, ``max_abs_diff``, ``tolerance``, ``max_abs_diff_grad``, timing details.
+    """
+    bench = dict(bench or {})
+    dev, dt = spec.device, spec.dtype
+    cfg = {**spec.config(), "mode": mode}
+    cost = harness.AttentionCost(spec.B, spec.N, spec.H, spec.D, harness.element_size(dt))
+    n_flops, n_bytes = cost.flops(mode), cost.bytes(mode)
+    need_grad = mode != "fwd"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=dev, dtype=dt)
+
+    records: list[Record] = []
+    runnable = []
+    for p in providers:
+        reasons = p.reasons(spec, mode)
+        if reasons:
+            records.append(Record(p.name, "skipped", cfg, "; ".join(reasons)))
+        else:
+            runnable.append(p)
+    if not runnable:
+        return records
+
+    # Accuracy inputs and reference (on a batch slice when the reference would not fit).
+    bc = _check_batch(spec, check_budget_bytes)
+    qkv_c = randn(bc, spec.N, 3 * spec.C)
+    dout_c = randn(bc, spec.N, spec.C) if need_grad else None
+    try:
+        ref = _attention_reference(qkv_c, dout_c, spec.H)
+    except Exception as exc:  # noqa: BLE001 -- report, do not abort the sweep
+        status = "oom" if _is_oom(exc) else "error"
+        for p in runnable:
+            records.append(Record(p.name, status, cfg, f"reference failed: {_first_line(exc)}"))
+        harness.free_memory(dev)
+        return records
+
+    per_set = spec.B * spec.N * 3 * spec.C * harness.element_size(dt) * (2 if need_grad else 1)
+    n_sets = max(1, min(4, input_budget_bytes // max(per_set, 1)))
+
+    for p in runnable:
+        rec = Record(p.name, "ok", dict(cfg), None, {"flops": n_flops, "bytes": n_bytes, "check_batch": bc})
+        records.append(rec)
+        try:
+            with p.context(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn = p.build(spec)
+                # ---- accuracy
+                x = qkv_c.clone().requires_grad_(need_grad)
+                o = fn(x)
+                acc = harness.accuracy(o.detach(), ref["ref"], ref["pt"], dt)
+                rec.metrics.update(max_abs_diff=acc["max_abs_diff"], tolerance=acc["tolerance"])
+                ok = acc["ok"]
+                if need_grad:
+                    o.backward(dout_c)
+                    acc_g = harness.accuracy(x.grad, ref["ref_grad"], ref["pt_grad"], dt)
+                    rec.metrics.update(max_abs_diff_grad=acc_g["max_abs_diff"], tolerance_grad=acc_g["tolerance"])
+                    ok = ok and acc_g["ok"]
+                del x, o
+                if not ok:
+                    rec.status = "FAILED"
+                    rec.reason = "output or gradient differs from the reference beyond tolerance"
+                    continue
+                # ---- timing
+                sets = [randn(spec.B, spec.N, 3 * spec.C).requires_grad_(need_grad) for _ in range(n_sets)]
+                outs = douts = None
+                if mode == "fwd":
+                    do_inputs = sets
+
+                    def step(qkv: torch.Tensor) -> torch.Tensor:
+                        return fn(qkv)
+
+                    def one() -> Any:
+                        return fn(sets[0])
+                elif mode == "bwd":
+                    douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
+                    outs = [fn(s) for s in sets]
+                    do_inputs = list(range(n_sets))
+
+                    def step(i: int) -> None:
+                        outs[i].backward(douts[i], retain_graph=True)
+
+                    def one() -> Any:
+                        sets[0].grad = None
+                        outs[0].backward(douts[0], retain_graph=True)
+                        return sets[0].grad
+                else:
+                    douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
+                    do_inputs = list(range(n_sets))
+
+                    def step(i: int) -> None:
+                        fn(sets[i]).backward(douts[i])
+
+                    def one() -> Any:
+                        sets[0].grad = None
+                        fn(sets[0]).backward(douts[0])
+                        return sets[0].grad
+                t = harness.do_bench(step, device=dev, inputs=do_inputs, grad_to_none=sets, **bench)
+                rec.metrics["peak_mem_bytes"] = harness.measure_peak_memory(one, dev)
+                rec.metrics.update(_timing_metrics(t, n_flops, n_bytes, roofline))
+                if caught:
+                    rec.metrics["warnings"] = sorted({_first_line(str(w.message)) for w in caught})[:5]
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                rec.status, rec.reason = "oom", _first_line(exc)
+            elif _unsupported_message(exc):
+                rec.status, rec.reason = "skipped", _first_line(exc)
+            else:
+                rec.status, rec.reason = "error", _first_line(exc)
+        finally:
+            sets = outs = douts = fn = None  # noqa: F841
+            harness.free_memory(dev)
+    return records
+
+
+def _unsupported_message(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in ("no available kernel", "no viable backend", "not supported", "cannot run",
+                                  "backendnotsupported")) or type(exc).__name__ == "BackendNotSupportedError"
+
+
+def _timing_metrics(t: harness.Timing, n_flops: int | None, n_bytes: int | None,
+                    roofline: Roofline | None) -> dict[str, Any]:
+    r = harness.rates(t.median_ms, n_flops, n_bytes, roofline)
+    return {
+        "ms": t.median_ms, "ms_q20": t.q20_ms, "ms_q80": t.q80_ms, "ms_min": t.min_ms,
+        "tflops": r["tflops"], "gbps": r["gbps"], "roofline_ms": r["roofline_ms"],
+        "roofline_fraction": r["roofline_fraction"],
+        "reps": t.reps, "timer": t.timer, "l2_flushed": t.l2_flushed, "input_sets": t.input_sets,
+    }
+
+
+# =============================================================================================== models
+def _get(obj: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        cur = obj
+        ok = True
+        for part in name.split("."):
+            if cur is None or not hasattr(cur, part):
+                ok = False
+                break
+            cur = getattr(cur, part)
+        if ok and cur is not None:
+            return cur
+    return default
+
+
+def _pair_first(v: Any) -> int:
+    return int(v[0]) if isinstance(v, (tuple, list)) else int(v)
+
+
+def model_config(model: torch.nn.Module) -> dict[str, Any]:
+    """Shapes of a timm-style ViT or MAE model (fastvit's and timm's modules share these attribute names).
+
+    Returns:
+        ``embed_dim`` (C), ``depth``, ``num_heads`` (H), ``head_dim`` (D), ``mlp_hidden`` (F), ``patch_size`` (P),
+        ``in_chans``, ``img_size``, ``num_prefix_tokens``, ``num_classes``, ``is_mae``, and for MAE models
+        ``decoder_embed_dim``, ``decoder_depth``, ``decoder_num_heads``, ``decoder_mlp_hidden``, ``mask_ratio``,
+        ``norm_pix_loss``.
+
+    Raises:
+        ValueError: the model does not look like a ViT (no ``blocks`` / ``patch_embed``).
+    """
+    blocks = _get(model, "blocks")
+    pe = _get(model, "patch_embed")
+    if blocks is None or pe is None or len(blocks) == 0:
+        raise ValueError(f"{type(model).__name__} does not look like a ViT (needs .blocks and .patch_embed)")
+    b0 = blocks[0]
+    H = int(_get(b0, "attn.num_heads"))
+    qkv = _get(b0, "attn.qkv")
+    C = int(_get(model, "embed_dim", default=qkv.in_features))
+    attn_dim = qkv.out_features // 3
+    proj = _get(pe, "proj")
+    P = _pair_first(_get(pe, "patch_size", default=proj.kernel_size if proj is not None else 16))
+    cfg: dict[str, Any] = {
+        "embed_dim": C,
+        "depth": len(blocks),
+        "num_heads": H,
+        "head_dim": attn_dim // H,
+        "mlp_hidden": int(_get(b0, "mlp.fc1.out_features", default=4 * C)),
+        "patch_size": P,
+        "in_chans": int(proj.in_channels if proj is not None and hasattr(proj, "in_channels")
+                        else _get(pe, "in_chans", default=3)),
+        "img_size": _pair_first(_get(pe, "img_size", default=224)),
+        "num_prefix_tokens": int(_get(model, "num_prefix_tokens",
+                                      default=1 if _get(model, "cls_token") is not None else 0)),
+        "num_classes": int(_get(model, "num_classes", default=0) or 0),
+        "is_mae": _get(model, "decoder_blocks") is not None,
+    }
+    if cfg["is_mae"]:
+        dblocks = _get(model, "decoder_blocks")
+        d0 = dblocks[0]
+        cfg.update(
+            decoder_embed_dim=int(_get(model, "decoder_embed.out_features", "decoder_embed_dim",
+                                       default=d0.attn.qkv.in_features)),
+            decoder_depth=len(dblocks),
+            decoder_num_heads=int(_get(d0, "attn.num_heads")),
+            decoder_mlp_hidden=int(_get(d0, "mlp.fc1.out_features")),
+            mask_ratio=float(_get(model, "mask_ratio", default=0.75)),
+            norm_pix_loss=bool(_get(model, "norm_pix_loss", default=False)),
+        )
+    return cfg
+
+
+def vit_flops(cfg: dict[str, Any], img_size: int, batch: int, mode: str = "fwd") -> int:
+    """Matmul FLOPs of one ViT / MAE forward (or train step) on ``batch`` images of ``img_size``².
+
+    Counts the patch-embedding GEMM, per block the qkv, attention (4·N²·C), proj and the two MLP GEMMs, the
+    classifier head, and for MAE the encoder on the kept tokens plus decoder embed, decoder blocks on all tokens
+    and the pixel predictor. ``mode="fwd_bwd"`` (a train step) counts 3× the forward (backward = 2× forward).
+    """
+    P, C, F_, depth = cfg["patch_size"], cfg["embed_dim"], cfg["mlp_hidden"], cfg["depth"]
+    cin = cfg["in_chans"]
+    Np = (img_size // P) ** 2
+    pre = cfg["num_prefix_tokens"]
+
+    def blocks(n: int, c: int, f: int, d: int, attn_dim: int) -> int:
+        per = 2 * n * c * 3 * attn_dim + 4 * n * n * attn_dim + 2 * n * attn_dim * c + 2 * 2 * n * c * f
+        return d * per
+
+    attn_dim = cfg["num_heads"] * cfg["head_dim"]
+    if cfg.get("is_mae"):
+        nk = int(Np * (1 - cfg["mask_ratio"]))
+        fl = 2 * nk * C * cin * P * P + blocks(nk + pre, C, F_, depth, attn_dim)
+        Cd = cfg["decoder_embed_dim"]
+        fl += 2 * (nk + pre) * C * Cd
+        fl += blocks(Np + pre, Cd, cfg["decoder_mlp_hidden"], cfg["decoder_depth"], Cd)
+        fl += 2 * (Np + pre) * Cd * cin * P * P
+    else:
+        fl = 2 * Np * C * cin * P * P + blocks(Np + pre, C, F_, depth, attn_dim) + 2 * C * cfg["num_classes"]
+    fl *= batch
+    return {"fwd": fl, "fwd_bwd": 3 * fl}[mode]
+
+
+@dataclass
+class ModelSpec:
+    """A model benchmark: model name, batch size, image size (``None``: the model's default), dtype (autocast when
+    not fp32), device, and whether to include ``torch.compile`` providers."""
+
+    name: str
+    batch: int
+    img_size: int | None
+    dtype: torch.dtype
+    device: torch.device
+    compile: bool = False
+    force_compile: bool = False
+    num_classes: int | None = None
+
+
+def _autocast(spec: ModelSpec) -> contextlib.AbstractContextManager:
+    if spec.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=spec.device.type, dtype=spec.dtype)
+
+
+def _loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """A scalar training loss from whatever a model returns (MAE's ``(loss, pred, mask)``, HF outputs, logits)."""
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(out, (tuple, list)):
+        for t in out:
+            if isinstance(t, torch.Tensor) and t.dim() == 0:
+                return t
+        out = _primary(out)
+    if isinstance(out, torch.Tensor):
+        if out.dim() == 0:
+            return out
+        if out.dim() == 2 and out.shape[0] == labels.shape[0]:
+            return F.cross_entropy(out.float(), labels % out.shape[1])
+        return out.float().pow(2).mean()
+    raise TypeError(f"cannot derive a loss from a model output of type {type(out).__name__}")
+
+
+def _primary(out: Any) -> torch.Tensor:
+    """The tensor to compare across providers: logits, or the largest tensor of a tuple / HF output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, torch.Tensor)]
+        if tensors:
+            return max(tensors, key=lambda t: t.numel())
+    raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
+class _Built:
+    def __init__(self, model: torch.nn.Module, call: Callable[[torch.nn.Module, torch.Tensor], Any],
+                 note: str | None = None, compare: bool = True) -> None:
+        self.model, self.call, self.note, self.compare = model, call, note, compare
+
+
+def _fastvit_model(spec: ModelSpec) -> torch.nn.Module:
+    import fastvit
+
+    kwargs: dict[str, Any] = {}
+    if spec.img_size is not None:
+        kwargs["img_size"] = spec.img_size
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    return fastvit.create_model(spec.name, **kwargs)
+
+
+def _timm_model(spec: ModelSpec) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(spec.name):
+        raise LookupError(f"timm has no model named {spec.name!r}")
+    kwargs: dict[str, Any] = {"pretrained": False}
+    if spec.img_size is not None:
+        kwargs["img_size"] = spec.img_size
+    if spec.num_classes is not None:
+        kwargs["num_classes"] = spec.num_classes
+    return timm.create_model(spec.name, **kwargs)
+
+
+def _hf_model(cfg: dict[str, Any], img_size: int) -> tuple[torch.nn.Module, str]:
+    if cfg.get("is_mae"):
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        hc = ViTMAEConfig(
+            hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
+            intermediate_size=cfg["mlp_hidden"], image_size=img_size, patch_size=cfg["patch_size"],
+            num_channels=cfg["in_chans"], decoder_hidden_size=cfg["decoder_embed_dim"],
+            decoder_num_hidden_layers=cfg["decoder_depth"], decoder_num_attention_heads=cfg["decoder_num_heads"],
+            decoder_intermediate_size=cfg["decoder_mlp_hidden"], mask_ratio=cfg["mask_ratio"],
+            norm_pix_loss=cfg["norm_pix_loss"], layer_norm_eps=1e-6, qkv_bias=True,
+        )
+        return ViTMAEForPreTraining(hc), "transformers.ViTMAEForPreTraining"
+    from transformers import ViTConfig, ViTForImageClassification
+
+    hc = ViTConfig(
+        hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
+        intermediate_size=cfg["mlp_hidden"], image_size=img_size, patch_size=cfg["patch_size"],
+        num_channels=cfg["in_chans"], num_labels=max(cfg["num_classes"], 1), layer_norm_eps=1e-6, qkv_bias=True,
+    )
+    return ViTForImageClassification(hc), "transformers.ViTForImageClassification"
+
+
+def _plain_call(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    return model(x)
+
+
+def _hf_call(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    return model(pixel_values=x)
+
+
+def model_provider_names(spec: ModelSpec) -> list[str]:
+    """Provider names in report order for ``spec``."""
+    names = [f"fastvit-{b}" for b in FASTVIT_BACKENDS] + ["fastvit-auto"]
+    names += ["fastvit-compile", "timm-eager", "timm-compile", "hf-eager"]
+    return names
+
+
+_MODEL_OPS = ("patch_embed", "attention", "layer_norm", "linear_gelu", "linear_residual")
+
+
+def _backend_model_reasons(backend: str, cfg: dict[str, Any], spec: ModelSpec) -> list[str]:
+    ops = list(_MODEL_OPS) + (["mae_unshuffle", "mae_loss"] if cfg.get("is_mae") else [])
+    reasons: list[str] = []
+    for op in ops:
+        call = {"device": spec.device, "dtype": spec.dtype, "dropout_p": 0.0}
+        if op == "attention":
+            call["head_dim"] = cfg["head_dim"]
+        r = _fastvit_reasons(backend, op, call)
+        if r:
+            reasons.append(f"{op}: {'; '.join(r)}")
+    # collapse "backend unavailable" repeated per op into one line
+    uniq = sorted({r.split(": ", 1)[1] for r in reasons})
+    if reasons and len(uniq) == 1:
+        return uniq
+    return reasons
+
+
+def _auto_choices(cfg: dict[str, Any], spec: ModelSpec) -> dict[str, str]:
+    from fastvit.backends import select
+
+    out = {}
+    for op in _MODEL_OPS:
+        call = {"device": spec.device, "dtype": spec.dtype, "dropout_p": 0.0}
+        if op == "attention":
+            call["head_dim"] = cfg["head_dim"]
+        out[op] = select(op, call)[0]
+    return out
+
+
+def run_model(
+    spec: ModelSpec,
+    roofline: Roofline | None,
+    *,
+    providers: list[str] | None = None,
+    bench: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Record], dict[str, Any]]:
+    """Train-step and inference throughput of one model configuration across providers.
+
+    A train step is forward + loss + backward + ``AdamW.step()`` + ``zero_grad``; inference is a forward under
+    ``torch.inference_mode``. Both under ``torch.autocast(dtype)`` when ``dtype`` is not fp32. Before timing, each
+    fastvit backend's (and timm's, when it can load the same weights) inference output is compared with
+    fastvit-eager's on the same weights and inputs.
+
+    Returns:
+        ``(records, model_info)``: per provider a :class:`Record` with ``train_ms``, ``train_images_per_s``,
+        ``train_tflops``, ``train_mfu`` (fraction of the measured GEMM rate), ``train_peak_mem_bytes`` (CUDA:
+        absolute peak during a step, weights and optimizer state included), ``infer_*`` likewise, and accuracy
+        fields; ``model_info`` holds the model's shapes (:func:`model_config`), parameter count and FLOPs per step.
+    """
+    bench = {"flush_l2": False, "min_reps": 3, "max_reps": 50, **(bench or {})}
+    dev = spec.device
+    base = _fastvit_model(spec)
+    cfg = model_config(base)
+    img = spec.img_size or cfg["img_size"]
+    info = {"config": cfg, "img_size": img, "params": sum(p.numel() for p in base.parameters()),
+            "fwd_flops": vit_flops(cfg, img, spec.batch, "fwd"),
+            "train_flops": vit_flops(cfg, img, spec.batch, "fwd_bwd")}
+    common = {"model": spec.name, "B": spec.batch, "img_size": img, "dtype": str(spec.dtype).replace("torch.", "")}
+    wanted = providers or model_provider_names(spec)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(spec.batch, cfg["in_chans"], img, img, generator=gen).to(dev)
+    labels = torch.randint(0, max(cfg["num_classes"], 1), (spec.batch,), generator=gen).to(dev)
+
+    timm_model = None
+    weights_shared = False
+    timm_reason = None
+    if "timm-eager" in wanted or "timm-compile" in wanted:
+        try:
+            timm_model = _timm_model(spec)
+            try:
+                base.load_state_dict(timm_model.state_dict(), strict=True)
+                weights_shared = True
+            except Exception:  # noqa: BLE001 -- different parameter sets: compare nothing, time anyway
+                weights_shared = False
+        except Exception as exc:  # noqa: BLE001
+            timm_reason = _first_line(exc)
+
+    compile_reason = None
+    if dev.type != "cuda" and not spec.force_compile:
+        compile_reason = "torch.compile providers run on CUDA only by default (pass --force-compile on the CPU)"
+    if not spec.compile:
+        compile_reason = "torch.compile providers are opt-in (pass --compile)"
+
+    def build(name: str) -> _Built | str:
+        """The model for ``name``, or the reason it is skipped."""
+        if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS:
+            backend = name[8:]
+            reasons = _backend_model_reasons(backend, cfg, spec)
+            if reasons:
+                return "; ".join(reasons)
+            return _Built(copy.deepcopy(base), _plain_call, note=f"fastvit.use_backend({backend!r})")
+        if name == "fastvit-auto":
+            choices = _auto_choices(cfg, spec)
+            if set(choices.values()) == {"eager"}:
+                return "automatic selection picks eager for every op here (same as fastvit-eager)"
+            return _Built(copy.deepcopy(base), _plain_call, note=f"automatic selection {choices}")
+        if name == "fastvit-compile":
+            if compile_reason:
+                return compile_reason
+            return _Built(torch.compile(copy.deepcopy(base)), _plain_call, note="torch.compile(fastvit, auto backend)")
+        if name in ("timm-eager", "timm-compile"):
+            if timm_reason:
+                return timm_reason
+            if name == "timm-compile":
+                if compile_reason:
+                    return compile_reason
+                return _Built(torch.compile(copy.deepcopy(timm_model)), _plain_call, "torch.compile(timm)",
+                              compare=weights_shared)
+            return _Built(copy.deepcopy(timm_model), _plain_call,
+                          note="same weights as fastvit" if weights_shared else "own random weights",
+                          compare=weights_shared)
+        if name == "hf-eager":
+            try:
+                m, what = _hf_model(cfg, img)
+            except Exception as exc:  # noqa: BLE001
+                return f"transformers model unavailable ({_first_line(exc)})"
+            impl = getattr(m.config, "_attn_implementation", None)
+            return _Built(m, _hf_call, note=f"{what}, attn_implementation={impl}, own random weights", compare=False)
+        return f"unknown provider {name!r}"
+
+    # Reference output for accuracy: fastvit-eager on the shared weights.
+    ref_out = None
+    records: list[Record] = []
+
+    def forward_eval(b: _Built, backend: str | None) -> torch.Tensor:
+        import fastvit
+
+        b.model.eval()
+        torch.manual_seed(0)
+        with torch.inference_mode(), _autocast(spec), fastvit.use_backend(backend):
+            return _primary(b.call(b.model, images)).float().clone()
+
+    for name in wanted:
+        if progress:
+            progress(name)
+        cfg_rec = dict(common)
+        built = build(name)
+        if isinstance(built, str):
+            records.append(Record(name, "skipped", cfg_rec, built))
+            continue
+        rec = Record(name, "ok", cfg_rec, None, {"note": built.note})
+        records.append(rec)
+        backend = name[8:] if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS else None
+        try:
+            import fastvit
+
+            built.model.to(dev)
+            out = forward_eval(built, backend)
+            if name == "fastvit-eager":
+                ref_out = out
+            if built.compare and ref_out is not None and name != "fastvit-eager":
+                err = float((out - ref_out).abs().max()) if out.shape == ref_out.shape else math.inf
+                scale = float(ref_out.abs().max())
+                rtol = 1e-3 if spec.dtype == torch.float32 else 5e-2
+                tol = rtol * max(scale, 1.0)
+                rec.metrics.update(max_abs_diff=err, tolerance=tol, compared_with="fastvit-eager")
+                if not (err <= tol and math.isfinite(err)):
+                    rec.status, rec.reason = "FAILED", "output differs from fastvit-eager beyond tolerance"
+                    continue
+            elif not built.compare:
+                rec.metrics["compared_with"] = None
+            del out
+
+            # ---- inference
+            def infer() -> Any:
+                with torch.inference_mode(), _autocast(spec), fastvit.use_backend(backend):
+                    return built.call(built.model, images)
+
+            built.model.eval()
+            t_inf = harness.do_bench(infer, device=dev, **bench)
+            mem_inf = _absolute_peak(infer, dev)
+
+            # ---- train step
+            built.model.train()
+            opt = torch.optim.AdamW(built.model.parameters(), lr=1e-4)
+
+            def train_step() -> None:
+                with _autocast(spec), fastvit.use_backend(backend):
+                    loss = _loss(built.call(built.model, images), labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            t_tr = harness.do_bench(train_step, device=dev, **bench)
+            mem_tr = _absolute_peak(train_step, dev)
+            for prefix, t, mem, fl in (("infer", t_inf, mem_inf, info["fwd_flops"]),
+                                       ("train", t_tr, mem_tr, info["train_flops"])):
+                r = harness.rates(t.median_ms, fl, None, roofline)
+                rec.metrics.update({
+                    f"{prefix}_ms": t.median_ms, f"{prefix}_ms_q20": t.q20_ms, f"{prefix}_ms_q80": t.q80_ms,
+                    f"{prefix}_images_per_s": spec.batch / (t.median_ms * 1e-3),
+                    f"{prefix}_tflops": r["tflops"], f"{prefix}_mfu": r["roofline_fraction"],
+                    f"{prefix}_peak_mem_bytes": mem, f"{prefix}_reps": t.reps,
+                })
+            del opt
+        except Exception as exc:  # noqa: BLE001
+            rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
+            rec.reason = _first_line(exc)
+        finally:
+            built.model = None
+            harness.free_memory(dev)
+    return records, info
+
+
+def _absolute_peak(fn: Callable[[], Any], dev: torch.device) -> int | None:
+    return harness.measure_peak_memory(fn, dev, relative=False)
+
+
+# =============================================================================================== scaling
+@dataclass(frozen=True)
+class Component:
+    """One op of a model timed by ``scaling``: ``make(B, S, gen)`` builds its inputs, ``run(inputs, backend)``
+    calls :mod:`fastvit.ops`, ``cost(B, S, elem)`` gives its cost model, ``op`` names the dispatched op."""
+
+    name: str
+    op: str
+    make: Callable[..., dict[str, torch.Tensor]]
+    run: Callable[[dict[str, torch.Tensor], str | None], torch.Tensor]
+    cost: Callable[[int, int, int], Any]
+    tokens: Callable[[int], int]
+    head_dim: int | None = None
+
+
+def scaling_components(cfg: dict[str, Any]) -> list[Component]:
+    """The components of a model (from :func:`model_config`) whose cost ``scaling`` sweeps against N.
+
+    patch_embed (with cls token and position embedding), attention (packed qkv), layer_norm (with the fused
+    residual add), mlp (fc1 + GELU, fc2 + residual) and, for MAE models, mae_gather (patch embedding of the kept
+    patches via ``ids_keep``) and mae_unshuffle (decoder input: mask tokens, ``ids_restore`` scatter, pos-embed).
+    """
+    from fastvit import ops
+
+    C, H, D, P, Fh = cfg["embed_dim"], cfg["num_heads"], cfg["head_dim"], cfg["patch_size"], cfg["mlp_hidden"]
+    cin = cfg["in_chans"]
+    pre = max(cfg["num_prefix_tokens"], 1)
+    attn_dim = H * D
+
+    def np_(S: int) -> int:
+        return (S // P) ** 2
+
+    def n_(S: int) -> int:
+        return np_(S) + pre
+
+    def rnd(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    comps = [
+        Component(
+            "patch_embed", "patch_embed",
+            lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
+                             "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, n_(S) - pre + 1, C, scale=0.02),
+                             "cls_token": rnd(g, 1, 1, C, scale=0.02)},
+            lambda t, be: ops.patch_embed(t["images"], t["weight"], t["bias"], pos_embed=t["pos_embed"],
+                                          cls_token=t["cls_token"], backend=be),
+            lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, None, e),
+            n_,
+        ),
+        Component(
+            "attention", "attention",
+            lambda B, S, g: {"qkv": rnd(g, B, n_(S), 3 * attn_dim)},
+            lambda t, be: ops.attention(t["qkv"], H, backend=be),
+            lambda B, S, e: harness.AttentionCost(B, n_(S), H, D, e),
+            n_,
+            D,
+        ),
+        Component(
+            "layer_norm", "layer_norm",
+            lambda B, S, g: {"x": rnd(g, B, n_(S), C), "residual": rnd(g, B, n_(S), C),
+                             "weight": 1 + rnd(g, C, scale=0.1), "bias": rnd(g, C, scale=0.1)},
+            lambda t, be: ops.layer_norm(t["x"], t["weight"], t["bias"], 1e-6, residual=t["residual"],
+                                         backend=be)[0],
+            lambda B, S, e: harness.LayerNormCost(B * n_(S), C, e, True),
+            n_,
+        ),
+        Component(
+            "mlp", "linear_gelu",
+            lambda B, S, g: {"x": rnd(g, B, n_(S), C), "w1": rnd(g, Fh, C, scale=C**-0.5), "b1": rnd(g, Fh, scale=0.02),
+                             "w2": rnd(g, C, Fh, scale=Fh**-0.5), "b2": rnd(g, C, scale=0.02)},
+            lambda t, be: ops.linear_residual(ops.linear_gelu(t["x"], t["w1"], t["b1"], backend=be), t["w2"], t["b2"],
+                                              t["x"], backend=be),
+            lambda B, S, e: harness.MlpCost(B * n_(S), C, Fh, e),
+            n_,
+        ),
+    ]
+    if cfg.get("is_mae"):
+        ratio = cfg["mask_ratio"]
+        Cd = cfg["decoder_embed_dim"]
+
+        def nk(S: int) -> int:
+            return max(1, int(np_(S) * (1 - ratio)))
+
+        def keep_ids(B: int, S: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            noise = torch.rand(B, np_(S), generator=g)
+            shuffle = noise.argsort(1)
+            return shuffle[:, : nk(S)].contiguous(), shuffle.argsort(1)
+
+        comps += [
+            Component(
+                "mae_gather", "patch_embed",
+                lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
+                                 "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, np_(S) + 1, C, scale=0.02),
+                                 "cls_token": rnd(g, 1, 1, C, scale=0.02), "ids_keep": keep_ids(B, S, g)[0]},
+                lambda t, be: ops.patch_embed(t["images"], t["weight"], t["bias"], pos_embed=t["pos_embed"],
+                                              cls_token=t["cls_token"], ids_keep=t["ids_keep"], backend=be),
+                lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, nk(S), e),
+                lambda S: nk(S) + 1,
+            ),
+            Component(
+                "mae_unshuffle", "mae_unshuffle",
+                lambda B, S, g: {"x": rnd(g, B, 1 + nk(S), Cd), "mask_token": rnd(g, 1, 1, Cd, scale=0.02),
+                                 "ids_restore": keep_ids(B, S, g)[1], "pos_embed": rnd(g, 1, 1 + np_(S), Cd, scale=0.02)},
+                lambda t, be: ops.mae_unshuffle(t["x"], t["mask_token"], t["ids_restore"], pos_embed=t["pos_embed"],
+                                                backend=be),
+                lambda B, S, e: harness.MaeUnshuffleCost(B, np_(S), nk(S), Cd, e),
+                lambda S: 1 + np_(S),
+            ),
+        ]
+    return comps
+
+
+def _cast(t: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, grad: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in t.items():
+        if v.is_floating_point():
+            v = v.to(device=device, dtype=dtype)
+            if grad and k not in ("images",):
+                v.requires_grad_(True)
+        else:
+            v = v.to(device)
+        out[k] = v
+    return out
+
+
+def run_scaling_point(
+    comp: Component,
+    B: int,
+    S: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    backend: str | None,
+    roofline: Roofline | None,
+    *,
+    bench: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Record:
+    """Check, then time one component at image size ``S`` (N tokens follow from the model's patch size).
+
+    The backend is ``backend`` when given, else the one automatic selection picks (recorded as ``backend``).
+    Accuracy: the output (and, for ``fwd_bwd``, every input gradient) against the eager backend run on inputs
+    upcast to fp64 (fp32 inputs) or fp32 (half inputs), with the eager backend in the input precision setting the
+    tolerance. Metrics as in :func:`run_attention_case`.
+    """
+    from fastvit.backends import select
+
+    bench = dict(bench or {})
+    gen = torch.Generator().manual_seed(seed)
+    raw = comp.make(B, S, gen)
+    cost = comp.cost(B, S, harness.element_size(dtype))
+    need_grad = mode != "fwd"
+    n_flops, n_bytes = cost.flops(mode), cost.bytes(mode)
+    cfg = {"component": comp.name, "img_size": S, "N": comp.tokens(S), "B": B,
+           "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+    call = {"device": device, "dtype": dtype, "dropout_p": 0.0}
+    if comp.head_dim is not None:
+        call["head_dim"] = comp.head_dim
+    try:
+        chosen = select(comp.op, call, backend)[0]
+    except Exception as exc:  # noqa: BLE001
+        return Record(comp.name, "skipped", cfg, _first_line(exc))
+    cfg["backend"] = chosen
+    rec = Record(comp.name, "ok", cfg, None, {"flops": n_flops, "bytes": n_bytes})
+    try:
+        def outputs(t: dict[str, torch.Tensor], be: str) -> list[torch.Tensor]:
+            o = comp.run(t, be)
+            if not need_grad:
+                return [o.detach()]
+            go = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(o)
+            leaves = [v for v in t.values() if v.requires_grad]
+            grads = torch.autograd.grad(o, leaves, go, allow_unused=True)
+            return [o.detach()] + [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, leaves)]
+
+        ref = outputs(_cast(raw, _ref_dtype(dtype), device, need_grad), "eager")
+        pt = outputs(_cast(raw, dtype, device, need_grad), "eager")
+        got = outputs(_cast(raw, dtype, device, need_grad), chosen)
+        worst, worst_tol, ok = 0.0, 0.0, True
+        for a, r, p in zip(got, ref, pt):
+            acc = harness.accuracy(a, r, p, dtype)
+            ok = ok and acc["ok"]
+            if acc["max_abs_diff"] is not None and acc["max_abs_diff"] >= worst:
+                worst, worst_tol = acc["max_abs_diff"], acc["tolerance"]
+        rec.metrics.update(max_abs_diff=worst, tolerance=worst_tol)
+        del ref, pt, got
+        if not ok:
+            rec.status, rec.reason = "FAILED", "output or gradient differs from the reference beyond tolerance"
+            return rec
+        t = _cast(raw, dtype, device, need_grad)
+        leaves = [v for v in t.values() if v.requires_grad]
+        if need_grad:
+            probe = comp.run(t, chosen)
+            go = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed + 1)).to(probe)
+            del probe
+
+            def step() -> None:
+                comp.run(t, chosen).backward(go)
+        else:
+            def step() -> torch.Tensor:
+                return comp.run(t, chosen)
+
+        timing = harness.do_bench(step, device=device, grad_to_none=leaves, **bench)
+        for v in leaves:
+            v.grad = None
+        rec.metrics["peak_mem_bytes"] = harness.measure_peak_memory(step, device)
+        rec.metrics.update(_timing_metrics(timing, n_flops, n_bytes, roofline))
+    except Exception as exc:  # noqa: BLE001
+        rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
+        rec.reason = _first_line(exc)
+    finally:
+        harness.free_memory(device)
+    return rec
