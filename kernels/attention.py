@@ -46,6 +46,21 @@ MAX_HEAD_DIM = 128
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Triton 3.9's interpreter multiplies bfloat16 tiles wrongly in tl.dot (garbage of order 1e10; fp16 and fp32 are
+# fine), so under the interpreter both operands are upcast to fp32 first -- exact, since a product of two
+# bf16 / fp16 numbers is representable in fp32, i.e. the same numbers the tensor cores produce. Compiled kernels
+# never take this branch (it is folded away at compile time).
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, INPUT_PRECISION: tl.constexpr):
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=INPUT_PRECISION)
+    return out
+
 
 # ------------------------------------------------------------------------------------------------ configs
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
@@ -161,14 +176,14 @@ def _attn_fwd_body(
         n_mask = cols < N_KV
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # log2 domain
+        s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale  # log2 domain
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION)
         m_i = m_new
 
     acc = acc / l_i[:, None]
@@ -253,13 +268,13 @@ def _attn_bwd_dkdv_body(
         lse2 = tl.load(LSE + row_base + rows, mask=m_mask, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + rows, mask=m_mask, other=0.0)
         # transposed scores: (BLOCK_N keys, BLOCK_M queries)
-        s_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
+        s_t = _dot(k, tl.trans(q), INPUT_PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse2[None, :])
         p_t = tl.where(m_mask[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dv += _dot(p_t.to(do.dtype), do, INPUT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+        dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
@@ -313,12 +328,12 @@ def _attn_bwd_dq_body(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        dp = _dot(do, tl.trans(v), INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+        dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],

@@ -1,0 +1,190 @@
+"""Triton FlashAttention-2 (fastvit.kernels.attention via fastvit._triton) against the oracle.
+
+``attention`` (packed qkv) and ``scaled_dot_product_attention`` (strided (B, H, N, D)), forward and every
+gradient, fp32 / fp16 / bf16, token tails and non-power-of-two head dims. Runs in the Triton interpreter on the
+CPU (keep B·H and N small: the interpreter is slow) or on CUDA.
+
+The oracle's ``pt`` is the *same math in the input precision* (FlashAttention's rule): :func:`_naive_sdpa` does
+scores, softmax and PV in the dtype it is given -- no upcast -- so ``ref`` (float64) is exact and ``pt`` shows
+the error the input precision forces. (``fastvit.reference`` upcasts half inputs to fp32, which would make ``pt``
+tighter than any kernel that, like FlashAttention, feeds P and dS to the tensor cores in half precision.)
+
+Outputs are poisoned: under PyTorch's deterministic mode with ``fill_uninitialized_memory`` every
+``torch.empty`` the op allocates is NaN-filled, so an element the kernels never write fails the oracle.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+import fastvit.ops
+from fastvit import reference
+from fastvit.backends import BackendNotSupportedError
+from oracle import check_op, make_inputs, randn
+
+pytest.importorskip("triton")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty():
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def _naive_sdpa(q, k, v, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _naive_attention(qkv, num_heads, scale=None):
+    B, N, C3 = qkv.shape
+    q, k, v = reference.split_qkv(qkv, num_heads)
+    return _naive_sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def _triton_attention(qkv, num_heads, scale=None):
+    return fastvit.ops.attention(qkv, num_heads, scale=scale, backend="triton")
+
+
+def _triton_sdpa(q, k, v, scale=None):
+    return fastvit.ops.scaled_dot_product_attention(q, k, v, scale=scale, backend="triton")
+
+
+# (B, N, H, D): token tails (1, 50, 61), non-power-of-two head dims (80, 72), batch 3 with H = 1
+ATTN_SHAPES = [(1, 1, 2, 32), (1, 50, 1, 64), (1, 61, 2, 80), (3, 17, 1, 72)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}N{}H{}D{}".format(*s))
+def test_attention_oracle(dtype, shape, generator, device):
+    B, N, H, D = shape
+    inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H}, dtype=dtype, device=device, generator=generator)
+    check_op({"triton": _triton_attention}, _naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator,
+             name=f"attention {shape}")
+
+
+def test_attention_oracle_n197(generator, device):
+    """ViT-B/16's 197 tokens: tails in every block size, in half precision."""
+    dtype = torch.float16
+    inputs = make_inputs({"qkv": (1, 197, 3 * 64), "num_heads": 1, "scale": 0.1}, dtype=dtype, device=device,
+                         generator=generator)
+    check_op({"triton": _triton_attention}, _naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator,
+             name="attention N=197")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80)])
+def test_sdpa_oracle(dtype, nq, nk, D, generator, device):
+    """Cross attention (Nq != Nk) on contiguous (B, H, N, D) tensors, dq / dk / dv."""
+    inputs = make_inputs({"q": (1, 2, nq, D), "k": (1, 2, nk, D), "v": (1, 2, nk, D)}, dtype=dtype, device=device,
+                         generator=generator)
+    check_op({"triton": _triton_sdpa}, _naive_sdpa, inputs, ["q", "k", "v"], dtype=dtype, generator=generator,
+             name=f"sdpa Nq={nq} Nk={nk} D={D}")
+
+
+def test_sdpa_strided_views(generator, device):
+    """q / k / v as permuted views of one packed tensor (token stride 3·C, head stride D): no copies needed."""
+    B, N, H, D = 2, 23, 2, 16
+    qkv = randn((B, N, 3 * H * D), generator=generator, device=device).requires_grad_()
+    q, k, v = reference.split_qkv(qkv, H)
+    assert not q.is_contiguous()
+    out = _triton_sdpa(q, k, v)
+    do = randn(out.shape, generator=generator, device=device)
+    (g,) = torch.autograd.grad(out, qkv, do)
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref = _naive_sdpa(*reference.split_qkv(qkv64, H))
+    (g_ref,) = torch.autograd.grad(ref, qkv64, do.double())
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (g.double() - g_ref).abs().max() < 1e-5
+
+
+def test_attention_backward_deterministic(generator, device):
+    qkv = randn((1, 40, 3 * 2 * 32), generator=generator, device=device, dtype=torch.float16).requires_grad_()
+    do = randn((1, 40, 64), generator=generator, device=device, dtype=torch.float16)
+    grads = []
+    for _ in range(2):
+        out = _triton_attention(qkv, 2)
+        (g,) = torch.autograd.grad(out, qkv, do)
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_attention_lse(generator, device):
+    """The saved log-sum-exp is the natural log of Σ exp(scaled scores), (B, H, N) fp32."""
+    B, N, H, D = 1, 19, 2, 16
+    qkv = randn((B, N, 3 * H * D), generator=generator, device=device)
+    _, lse = torch.ops.fastvit.attention_fwd(qkv, H, 0.3)
+    q, k, _ = reference.split_qkv(qkv.double(), H)
+    ref = torch.logsumexp((q @ k.transpose(-2, -1)) * 0.3, dim=-1)
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32
+    assert (lse.double() - ref).abs().max() < 1e-5
+
+
+def test_dropout_rejected_with_reasons(device):
+    qkv = torch.randn(1, 5, 3 * 32, device=device)
+    with pytest.raises(BackendNotSupportedError, match="dropout_p > 0 is not supported"):
+        fastvit.ops.attention(qkv, 1, dropout_p=0.1, backend="triton")
+    with pytest.raises(BackendNotSupportedError, match="dropout"):
+        with fastvit.use_backend("triton"):
+            fastvit.ops.scaled_dot_product_attention(qkv[..., :32][:, None], qkv[..., :32][:, None],
+                                                     qkv[..., :32][:, None], dropout_p=0.5)
+    # automatic selection falls back quietly
+    assert fastvit.ops.attention(qkv, 1, dropout_p=0.1).shape == (1, 5, 32)
+
+
+def test_head_dim_256_rejected_with_reasons(device):
+    qkv = torch.randn(1, 3, 3 * 256, device=device)
+    with pytest.raises(BackendNotSupportedError, match="head_dim 256"):
+        fastvit.ops.attention(qkv, 1, backend="triton")
+    out = fastvit.ops.attention(qkv, 1)  # automatic: eager
+    assert out.shape == (1, 3, 256)
+
+
+def test_fp64_rejected_with_reasons(device):
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64, device=device)
+    with pytest.raises(BackendNotSupportedError, match="dtype"):
+        _triton_sdpa(q, q, q)
+
+
+def test_attention_op_fake_shapes(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        qkv = torch.empty(2, 197, 3 * 768, dtype=torch.bfloat16, device=device)
+        o, lse = torch.ops.fastvit.attention_fwd(qkv, 12, 0.125)
+        assert o.shape == (2, 197, 768) and o.dtype == torch.bfloat16
+        assert lse.shape == (2, 12, 197) and lse.dtype == torch.float32
+        dqkv = torch.ops.fastvit.attention_bwd(o, qkv, o, lse, 12, 0.125)
+        assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
+        q = torch.empty(2, 3, 50, 80, dtype=torch.float16, device=device)
+        k = torch.empty(2, 3, 7, 80, dtype=torch.float16, device=device)
+        o, lse = torch.ops.fastvit.sdpa_fwd(q, k, k, 0.1)
+        assert o.shape == q.shape and lse.shape == (2, 3, 50)
+        dq, dk, dv = torch.ops.fastvit.sdpa_bwd(o, q, k, k, o, lse, 0.1)
+        assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+
+
+OPCHECK_UTILS = (
+    ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if torch.cuda.is_available()
+    else ("test_schema", "test_autograd_registration", "test_faketensor")
+)
+
+
+def test_attention_opcheck(generator, device):
+    qkv = randn((1, 5, 3 * 16), generator=generator, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.fastvit.attention_fwd, (qkv, 1, 0.25), test_utils=OPCHECK_UTILS)
+    q = randn((1, 1, 5, 16), generator=generator, device=device).requires_grad_()
+    k = randn((1, 1, 3, 16), generator=generator, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.fastvit.sdpa_fwd, (q, k, k, 0.25), test_utils=OPCHECK_UTILS)
