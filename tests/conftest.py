@@ -1,0 +1,86 @@
+"""Shared pytest setup for fastvit's tests.
+
+* Runs Triton kernels in the interpreter (``TRITON_INTERPRET=1``) when there is no CUDA device.
+* ``seed`` / ``generator`` fixtures: a fresh, reproducible seed per test (derived from the test id, so two
+  tests never share inputs and a failure replays with the same numbers; ``FASTVIT_TEST_SEED=<int>`` shifts all
+  seeds to draw a different sample).
+* ``device`` fixture: ``cuda`` when available, else ``cpu``.
+* ``@pytest.mark.gpu`` tests are skipped, with the reason, when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+# --- Order matters here --------------------------------------------------------------------------------
+# Triton decides between compiling a kernel for a GPU and interpreting it on the CPU from TRITON_INTERPRET,
+# read when a function is decorated with @triton.jit -- i.e. when a module of fastvit.kernels is imported.
+# A kernel decorated before the variable is set stays a GPU kernel and fails on this machine, so the variable
+# must be in the environment before anything imports triton (every kernel module imports triton first, so
+# "triton not yet imported" guarantees "no kernel decorated yet"). We need torch first to ask whether CUDA is
+# present; importing torch does not import triton (torch imports it lazily, for inductor and triton_op),
+# which the check below verifies: should a future torch or a pytest plugin import triton eagerly, we still
+# catch the case that matters -- a kernel module already loaded -- and fail loudly instead of silently.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        loaded = sorted(m for m in sys.modules if m.startswith("fastvit.kernels."))
+        if loaded:
+            raise RuntimeError(
+                f"{loaded} were imported before tests/conftest.py could set TRITON_INTERPRET=1, so their kernels "
+                "were not built for the interpreter; export TRITON_INTERPRET=1 before running pytest"
+            )
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so the marker is known whatever config file pytest picks up.
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason when there is none)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+_SEED_KEY = pytest.StashKey[int]()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A per-test seed: stable for one test id, different between tests; also seeds torch's global RNG."""
+    base = int(os.environ.get("FASTVIT_TEST_SEED", "0"))
+    value = (zlib.crc32(request.node.nodeid.encode()) + base) % (2**31 - 1)
+    request.node.stash[_SEED_KEY] = value
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture
+def generator(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`seed`: draw on the CPU, then move (same numbers on any device)."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _SEED_KEY in item.stash:
+        report.sections.append(("fastvit seed", f"seed={item.stash[_SEED_KEY]} (FASTVIT_TEST_SEED shifts it)"))
