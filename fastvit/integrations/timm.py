@@ -161,9 +161,10 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     )
     if int(cfg["mlp_ratio"] * embed_dim) != blk0.mlp.fc1.out_features:
         raise ValueError(f"from_timm: MLP hidden width {blk0.mlp.fc1.out_features} is not int(embed_dim * mlp_ratio)")
-    ref = pe.proj.weight
-    out = VisionTransformer(**cfg, device=ref.device, dtype=ref.dtype)
-    out.load_state_dict(model.state_dict(), strict=True)
+    # Build on the meta device (no random init to throw away), then take copies of timm's tensors.
+    out = VisionTransformer(**cfg, device="meta")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out.load_state_dict(state, strict=True, assign=True)
     out.train(model.training)
     return out
 
