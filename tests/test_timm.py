@@ -217,3 +217,12 @@ def test_patch_timm_leaves_unknown_modules_alone(seed):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(t(x), ref(x), atol=ATOL, rtol=0)
+
+
+def test_integrations_exports():
+    import fastvit.integrations as integ
+    from fastvit.integrations.hf import from_hf
+
+    assert set(integ.__all__) == {"from_hf", "from_timm", "patch_timm_"}
+    assert integ.from_hf is from_hf and integ.from_timm is from_timm
+    assert from_timm.__doc__ and patch_timm_.__doc__

@@ -440,3 +440,17 @@ def test_init_is_timm_like():
     assert m.cls_token.abs().max().item() < 1e-4
     assert 0.015 < m.blocks[0].mlp.fc1.weight.std().item() < 0.025
     assert torch.all(m.blocks[0].attn.qkv.bias == 0) and torch.all(m.blocks[0].norm1.weight == 1)
+
+
+def test_public_surface_exported_and_documented():
+    import fastvit.nn as fnn
+    import fastvit.nn.layers as layers
+    import fastvit.nn.pos_embed as pos
+    import fastvit.nn.vit as vit
+    from fastvit.nn.mae import MaskedAutoencoderViT
+
+    assert fnn.MaskedAutoencoderViT is MaskedAutoencoderViT
+    for mod in (fnn, layers, pos, vit):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            assert obj.__doc__ and len(obj.__doc__.strip()) > 40, f"{mod.__name__}.{name} lacks a docstring"

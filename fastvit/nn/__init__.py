@@ -2,6 +2,7 @@
 
 from fastvit.nn.factory import create_model, list_models
 from fastvit.nn.layers import Attention, Block, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
+from fastvit.nn.mae import MaskedAutoencoderViT
 from fastvit.nn.pos_embed import get_2d_sincos_pos_embed, resample_abs_pos_embed
 from fastvit.nn.vit import VisionTransformer
 
@@ -10,6 +11,7 @@ __all__ = [
     "Block",
     "DropPath",
     "LayerScale",
+    "MaskedAutoencoderViT",
     "Mlp",
     "PatchDropout",
     "PatchEmbed",
