@@ -459,3 +459,29 @@ def test_docstrings():
     ):
         assert obj.__doc__ and len(obj.__doc__.strip()) > 40, obj
     assert "2111.06377" in mae_mod.__doc__ + MaskedAutoencoderViT.__doc__
+
+
+def test_rectangular_images():
+    """Beyond the reference (square only): a (32, 48) image gives a 4 x 6 grid; patchify round-trips and the
+    sin-cos table is the 2-D one for that grid (row r, column c -> [enc(c) | enc(r)])."""
+    torch.manual_seed(0)
+    ours = MaskedAutoencoderViT(**{**TINY, "img_size": (32, 48)})
+    imgs = torch.randn(2, 3, 32, 48)
+    assert torch.equal(ours.unpatchify(ours.patchify(imgs)), imgs)
+    square = oracle_2d_sincos(48, 6, cls_token=False).reshape(6, 6, 48)  # rows x cols on a 6 x 6 grid
+    close(ours.pos_embed[0, 1:].reshape(4, 6, 48), torch.from_numpy(square[:4]).float(), atol=1e-6, rtol=0)
+    loss, pred, mask = ours(imgs, 0.75, torch.rand(2, 24))
+    assert pred.shape == (2, 24, 8 * 8 * 3) and mask.sum().item() == 2 * 18 and torch.isfinite(loss)
+
+
+def test_bfloat16_close_to_float32():
+    _, ours = make_pair(seed=9)
+    imgs, noise = inputs(seed=10)
+    with torch.no_grad():
+        loss32, pred32, mask32 = ours(imgs, 0.75, noise)
+        half = ours.to(torch.bfloat16)
+        loss16, pred16, mask16 = half(imgs.bfloat16(), 0.75, noise)
+    assert pred16.dtype == torch.bfloat16 and loss16.dtype == torch.bfloat16
+    assert torch.equal(mask16, mask32)
+    torch.testing.assert_close(pred16.float(), pred32, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(loss16.float(), loss32, atol=0.02, rtol=0.02)
