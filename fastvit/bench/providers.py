@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -565,6 +566,7 @@ def _loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
         for t in out:
             if isinstance(t, torch.Tensor) and t.dim() == 0:
                 return t
+    if not isinstance(out, torch.Tensor):
         out = _primary(out)
     if isinstance(out, torch.Tensor):
         if out.dim() == 0:
@@ -874,7 +876,9 @@ def _absolute_peak(fn: Callable[[], Any], dev: torch.device) -> int | None:
 @dataclass(frozen=True)
 class Component:
     """One op of a model timed by ``scaling``: ``make(B, S, gen)`` builds its inputs, ``run(inputs, backend)``
-    calls :mod:`fastvit.ops`, ``cost(B, S, elem)`` gives its cost model, ``op`` names the dispatched op."""
+    calls :mod:`fastvit.ops`, ``cost(B, S, elem)`` gives its cost model, ``op`` names the dispatched op,
+    ``tokens(S)`` the tokens it processes at image side S (fewer than N for MAE's kept tokens), ``head_dim`` the
+    attention head dim (for backend selection), ``patch_size`` / ``prefix`` give N = (S/P)² + prefix."""
 
     name: str
     op: str
@@ -883,6 +887,8 @@ class Component:
     cost: Callable[[int, int, int], Any]
     tokens: Callable[[int], int]
     head_dim: int | None = None
+    patch_size: int = 0
+    prefix: int = 1
 
 
 def scaling_components(cfg: dict[str, Any]) -> list[Component]:
@@ -979,7 +985,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
                 lambda S: 1 + np_(S),
             ),
         ]
-    return comps
+    return [dataclasses.replace(c, patch_size=P, prefix=pre) for c in comps]
 
 
 def _cast(t: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, grad: bool) -> dict[str, torch.Tensor]:
@@ -1023,7 +1029,8 @@ def run_scaling_point(
     cost = comp.cost(B, S, harness.element_size(dtype))
     need_grad = mode != "fwd"
     n_flops, n_bytes = cost.flops(mode), cost.bytes(mode)
-    cfg = {"component": comp.name, "img_size": S, "N": comp.tokens(S), "B": B,
+    full = (S // comp.patch_size) ** 2 + comp.prefix if comp.patch_size else comp.tokens(S)
+    cfg = {"component": comp.name, "img_size": S, "N": full, "tokens": comp.tokens(S), "B": B,
            "dtype": str(dtype).replace("torch.", ""), "mode": mode}
     call = {"device": device, "dtype": dtype, "dropout_p": 0.0}
     if comp.head_dim is not None:
