@@ -23,10 +23,8 @@ __all__ = [
     "use_backend",
 ]
 
-try:  # the modules land with fastvit.nn; keep `import fastvit` working while they are built
-    from fastvit.nn import *  # noqa: F401,F403
-    from fastvit.nn import __all__ as _nn_all
+from fastvit import nn
+from fastvit.integrations import from_hf, from_timm, patch_timm_
+from fastvit.nn import *  # noqa: F401,F403
 
-    __all__ += list(_nn_all)
-except ImportError:  # pragma: no cover
-    pass
+__all__ += ["from_hf", "from_timm", "nn", "patch_timm_", *nn.__all__]
