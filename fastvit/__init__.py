@@ -9,8 +9,10 @@ Public surface:
     fastvit.from_timm / patch_timm_ / from_hf   weights in from timm and Hugging Face transformers
 """
 
-from fastvit import ops
+from fastvit import nn, ops
 from fastvit.backends import BackendNotSupportedError, available_backends, current_backend, use_backend
+from fastvit.integrations import from_hf, from_timm, patch_timm_
+from fastvit.nn import *  # noqa: F401,F403  (PatchEmbed, ..., VisionTransformer, MaskedAutoencoderViT, create_model)
 
 __version__ = "0.1.0"
 
@@ -19,12 +21,11 @@ __all__ = [
     "__version__",
     "available_backends",
     "current_backend",
+    "from_hf",
+    "from_timm",
+    "nn",
     "ops",
+    "patch_timm_",
     "use_backend",
+    *nn.__all__,
 ]
-
-from fastvit import nn
-from fastvit.integrations import from_hf, from_timm, patch_timm_
-from fastvit.nn import *  # noqa: F401,F403
-
-__all__ += ["from_hf", "from_timm", "nn", "patch_timm_", *nn.__all__]

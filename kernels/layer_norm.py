@@ -31,7 +31,7 @@ MAX_C = 8192
 
 @triton.jit
 def _ln_fwd_kernel(
-    X, R, W, B, Y, H, Mean, Rstd,
+    X, R, W, B, Y, HOut, Mean, Rstd,
     stride_x, stride_r, stride_y, stride_h,
     C, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -44,8 +44,8 @@ def _ln_fwd_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=cmask, other=0.0).to(tl.float32)
         # round the sum to the storage dtype first: the stored h and the normalised h must be the same numbers
-        h = (h + r).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=cmask)
+        h = (h + r).to(HOut.dtype.element_ty)
+        tl.store(HOut + row * stride_h + cols, h, mask=cmask)
         h = h.to(tl.float32)
     mean = tl.sum(h, axis=0) / C
     hc = tl.where(cmask, h - mean, 0.0)
@@ -63,7 +63,7 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    H, W, Mean, Rstd, DY, DHin, DH, DWp, DBp,
+    HIn, W, Mean, Rstd, DY, DHin, DH, DWp, DBp,
     stride_h, stride_dy, stride_dhin, stride_dh,
     M, C, ROWS_PER_PROGRAM,
     HAS_DH_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -81,7 +81,7 @@ def _ln_bwd_kernel(
         row = row_start + i
         rows = tl.full([BLOCK_C], 0, tl.int64) + row
         rmask = cmask & (rows < M)  # the last program's chunk may run past M
-        h = tl.load(H + row * stride_h + cols, mask=rmask, other=0.0).to(tl.float32)
+        h = tl.load(HIn + row * stride_h + cols, mask=rmask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=rmask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + row, mask=row < M, other=0.0)
         rstd = tl.load(Rstd + row, mask=row < M, other=0.0)

@@ -206,6 +206,10 @@ def test_patch_timm_idempotent_and_fallbacks(seed):
         t(torch.randn(1, 3, 40, 40))
     with pytest.raises(TypeError, match="model"):
         patch_timm_("not a model")
+    # a patched timm model still converts
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(from_timm(t)(x), ref(x), atol=ATOL, rtol=0)
 
 
 def test_patch_timm_leaves_unknown_modules_alone(seed):

@@ -727,10 +727,16 @@ def run_model(
     images = torch.randn(spec.batch, cfg["in_chans"], img, img, generator=gen).to(dev)
     labels = torch.randint(0, max(cfg["num_classes"], 1), (spec.batch,), generator=gen).to(dev)
 
+    compile_reason = None
+    if dev.type != "cuda" and not spec.force_compile:
+        compile_reason = "torch.compile providers run on CUDA only by default (pass --force-compile on the CPU)"
+    if not spec.compile:
+        compile_reason = "torch.compile providers are opt-in (pass --compile)"
+
     timm_model = None
     weights_shared = False
     timm_reason = None
-    if "timm-eager" in wanted or "timm-compile" in wanted:
+    if "timm-eager" in wanted or ("timm-compile" in wanted and not compile_reason):
         try:
             timm_model = _timm_model(spec)
             try:
@@ -740,12 +746,6 @@ def run_model(
                 weights_shared = False
         except Exception as exc:  # noqa: BLE001
             timm_reason = _first_line(exc)
-
-    compile_reason = None
-    if dev.type != "cuda" and not spec.force_compile:
-        compile_reason = "torch.compile providers run on CUDA only by default (pass --force-compile on the CPU)"
-    if not spec.compile:
-        compile_reason = "torch.compile providers are opt-in (pass --compile)"
 
     def build(name: str) -> _Built | str:
         """The model for ``name``, or the reason it is skipped."""
@@ -765,11 +765,11 @@ def run_model(
                 return compile_reason
             return _Built(torch.compile(copy.deepcopy(base)), _plain_call, note="torch.compile(fastvit, auto backend)")
         if name in ("timm-eager", "timm-compile"):
+            if name == "timm-compile" and compile_reason:
+                return compile_reason
             if timm_reason:
                 return timm_reason
             if name == "timm-compile":
-                if compile_reason:
-                    return compile_reason
                 return _Built(torch.compile(copy.deepcopy(timm_model)), _plain_call, "torch.compile(timm)",
                               compare=weights_shared)
             return _Built(copy.deepcopy(timm_model), _plain_call,

@@ -33,6 +33,11 @@ def _is_identity(m: Optional[nn.Module]) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+def _orig_type(m: nn.Module) -> type:
+    # the timm class behind a module patch_timm_ has swapped to a Fastvit* subclass
+    return getattr(m, "_fastvit_orig_cls", type(m))
+
+
 def _p(m: Optional[nn.Module], attr: str = "p") -> float:
     return 0.0 if _is_identity(m) else float(getattr(m, attr))
 
@@ -71,7 +76,7 @@ def from_timm(model: nn.Module) -> VisionTransformer:
             f"from_timm supports timm.models.vision_transformer.VisionTransformer only, got {type(model).__name__}"
         )
     pe = model.patch_embed
-    if type(pe) is not TPatchEmbed:
+    if _orig_type(pe) is not TPatchEmbed:
         raise ValueError(f"from_timm: unsupported patch embedding {type(pe).__name__} (hybrid / conv stems are not supported)")
     if not _is_identity(pe.norm):
         raise ValueError("from_timm: patch_embed.norm (embed_norm_layer) is not supported")
@@ -92,11 +97,11 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     norms = [m for m in (model.norm_pre, model.norm, model.fc_norm) if not _is_identity(m)]
     blk0 = model.blocks[0]
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not TBlock:
+        if _orig_type(blk) is not TBlock:
             raise ValueError(f"from_timm: blocks.{i} is a {type(blk).__name__}; only timm's Block is supported")
-        if type(blk.attn) is not TAttention:
+        if _orig_type(blk.attn) is not TAttention:
             raise ValueError(f"from_timm: blocks.{i}.attn is a {type(blk.attn).__name__}; only timm's Attention is supported")
-        if type(blk.mlp) is not TMlp or not isinstance(blk.mlp.fc1, nn.Linear):
+        if _orig_type(blk.mlp) is not TMlp or not isinstance(blk.mlp.fc1, nn.Linear):
             raise ValueError(f"from_timm: blocks.{i}.mlp is a {type(blk.mlp).__name__}; only timm's Mlp (Linear) is supported")
         if getattr(blk.attn, "gate", None) is not None or not _is_identity(getattr(blk.attn, "norm", None)):
             raise ValueError(f"from_timm: blocks.{i}.attn uses gating or scale_norm, which is not supported")
