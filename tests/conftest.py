@@ -39,6 +39,12 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Without a GPU the tests run on a small, shared CPU: intra-op threads on test-sized tensors only add
+# synchronisation (measured on the 2-core dev box: tests/test_ops.py 31 s wall / 22 s CPU with torch's default
+# threads, 16 s / 9 s with one). FASTVIT_TEST_THREADS=<n> overrides; with a GPU, torch's default stands.
+if not HAS_CUDA or "FASTVIT_TEST_THREADS" in os.environ:
+    torch.set_num_threads(max(1, int(os.environ.get("FASTVIT_TEST_THREADS", "1"))))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so the marker is known whatever config file pytest picks up.
