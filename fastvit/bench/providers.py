@@ -345,6 +345,7 @@ def run_attention_case(
     for p in runnable:
         rec = Record(p.name, "ok", dict(cfg), None, {"flops": n_flops, "bytes": n_bytes, "check_batch": bc})
         records.append(rec)
+        caught: list = []
         try:
             with p.context(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -405,12 +406,15 @@ def run_attention_case(
                 if caught:
                     rec.metrics["warnings"] = sorted({_first_line(str(w.message)) for w in caught})[:5]
         except Exception as exc:  # noqa: BLE001
+            # SDPA explains why a backend cannot run a call in warnings, then raises "No available kernel".
+            why = "; ".join(dict.fromkeys(_first_line(str(w.message), 200) for w in caught or []))
+            reason = _first_line(exc) + (f" ({why})" if why else "")
             if _is_oom(exc):
-                rec.status, rec.reason = "oom", _first_line(exc)
+                rec.status, rec.reason = "oom", reason
             elif _unsupported_message(exc):
-                rec.status, rec.reason = "skipped", _first_line(exc)
+                rec.status, rec.reason = "skipped", reason
             else:
-                rec.status, rec.reason = "error", _first_line(exc)
+                rec.status, rec.reason = "error", reason
         finally:
             sets = outs = douts = fn = None  # noqa: F841
             harness.free_memory(dev)
