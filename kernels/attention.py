@@ -70,9 +70,9 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 #: Forward: BLOCK_M query rows per program, BLOCK_N keys per inner step.
 FWD_CONFIGS = [
     _cfg(128, 64, 8, 3),
-    _cfg(128, 64, 4, 3),
-    _cfg(128, 32, 4, 3),
+    _cfg(128, 32, 8, 3),
     _cfg(64, 64, 4, 3),
+    _cfg(64, 64, 4, 2),
     _cfg(64, 32, 4, 2),
     _cfg(32, 32, 4, 2),
 ]
@@ -101,19 +101,56 @@ def _elem_size(nargs: dict) -> int:
     return t.element_size() if t is not None and hasattr(t, "element_size") else 2
 
 
-def _prune(configs, nargs, rows_key: str, cols_key: str, **kwargs):
-    """Drop tiles far larger than the sequence (N = 50 needs no 128-row blocks) and, for fp32 with D > 64,
-    tiles whose fp32 operands would not fit in registers / shared memory. Always keeps at least one config."""
-    rows = nargs[rows_key]
-    cols = nargs[cols_key]
-    head_dim = nargs["HEAD_DIM"]
-    wide = _elem_size(nargs) == 4 and head_dim > 64
+#: Shared-memory budgets of the estimates below: 160 KiB under sm_80's 163 KiB per block, 224 KiB under sm_90's
+#: 227 KiB. A config must fit both (the pruner does not know the GPU); ``python -m fastvit.kernels.check``, which
+#: compiles every config for both, is the authority.
+SMEM_BUDGET_SM80 = 160 * 1024
+SMEM_BUDGET_SM90 = 224 * 1024
+#: 32-bit registers per thread that a config's register-resident tiles may take (beyond it ptxas spills).
+WORDS_PER_THREAD = 128
+
+
+def _smem_estimate(kind: str, bm: int, bn: int, bd: int, stages: int, esize: int, sm90: bool) -> int:
+    """Shared memory Triton 3.x allocates (fitted to the sm_80 / sm_90 compiles of the check): the streamed
+    tiles in ``stages - 1`` (sm_80) or ``stages`` (sm_90) buffers, the resident tiles once, plus on sm_80 an
+    fp32 BM x BN layout-conversion scratch (twice in the backward)."""
+    bufs = stages if sm90 else max(stages - 1, 1)
+    scratch = 0 if sm90 else bm * bn * 4
+    if kind == "fwd":  # Q resident; K, V streamed
+        return (bm + 2 * bufs * bn) * bd * esize + scratch
+    if kind == "dkdv":  # K, V resident; Q, dO streamed
+        return (2 * bn + 2 * bufs * bm) * bd * esize + 2 * scratch
+    return (2 * bm + 2 * bufs * bn) * bd * esize + 2 * scratch  # dQ: Q, dO resident; K, V streamed
+
+
+def _words_per_thread(kind: str, bm: int, bn: int, bd: int, esize: int, warps: int) -> float:
+    """Registers the resident tiles and fp32 accumulators need per thread."""
+    if kind == "fwd":
+        tiles = bm * bd * esize / 4 + bm * bd
+    elif kind == "dkdv":
+        tiles = 2 * bn * bd * esize / 4 + 2 * bn * bd
+    else:
+        tiles = 2 * bm * bd * esize / 4 + bm * bd
+    return tiles / (32 * warps)
+
+
+def _prune(kind: str, configs, nargs):
+    """Drop tiles far larger than the sequence (N = 50 needs no 128-row blocks), tiles whose estimated shared
+    memory exceeds the budgets (fp32 with D = 128), and tiles that need more than :data:`WORDS_PER_THREAD`
+    registers per thread for their resident tiles (they spill). Always keeps at least one config."""
+    n_q, n_kv = nargs["N_Q"], nargs["N_KV"]
+    bd = max(16, triton.next_power_of_2(nargs["HEAD_DIM"]))
+    esize = _elem_size(nargs)
     kept = []
     for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > max(16, triton.next_power_of_2(rows)) or bn > max(16, triton.next_power_of_2(cols)):
+        bm, bn, st, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
+        if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_kv)):
             continue
-        if wide and bm * bn > 64 * 64:
+        if _smem_estimate(kind, bm, bn, bd, st, esize, False) > SMEM_BUDGET_SM80:
+            continue
+        if _smem_estimate(kind, bm, bn, bd, st, esize, True) > SMEM_BUDGET_SM90:
+            continue
+        if _words_per_thread(kind, bm, bn, bd, esize, w) > WORDS_PER_THREAD:
             continue
         kept.append(c)
     if not kept:
@@ -122,13 +159,18 @@ def _prune(configs, nargs, rows_key: str, cols_key: str, **kwargs):
 
 
 def prune_fwd(configs, nargs, **kwargs):
-    """Autotune pruner for the forward and dQ kernels (rows = queries, columns = keys)."""
-    return _prune(configs, nargs, "N_Q", "N_KV")
+    """Autotune pruner of the forward kernel (see :func:`_prune`)."""
+    return _prune("fwd", configs, nargs)
 
 
 def prune_dkdv(configs, nargs, **kwargs):
-    """Autotune pruner for the dK/dV kernel: its BLOCK_N rows are keys and BLOCK_M steps are queries."""
-    return _prune(configs, nargs, "N_Q", "N_KV")
+    """Autotune pruner of the dK/dV kernel (its BLOCK_N rows are keys, BLOCK_M steps are queries)."""
+    return _prune("dkdv", configs, nargs)
+
+
+def prune_dq(configs, nargs, **kwargs):
+    """Autotune pruner of the dQ kernel."""
+    return _prune("dq", configs, nargs)
 
 
 def _autotune(configs, prune):
@@ -341,7 +383,7 @@ def _attn_bwd_dq_body(
 
 
 attn_bwd_dq_kernel = _attn_bwd_dq_body
-attn_bwd_dq = _autotune(BWD_DQ_CONFIGS, prune_fwd)(_attn_bwd_dq_body)
+attn_bwd_dq = _autotune(BWD_DQ_CONFIGS, prune_dq)(_attn_bwd_dq_body)
 
 
 def block_d(head_dim: int) -> int:

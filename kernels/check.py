@@ -1,0 +1,293 @@
+"""Compile every fastvit Triton kernel for real GPUs without a GPU, and report resources.
+
+Usage::
+
+    python -m fastvit.kernels.check [--arch 80 90] [--json PATH] [--jobs N]
+
+For each target architecture (sm_80 = A100, sm_90 = H100) this builds PTX and cubin with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reports, per compiled variant, the
+shared memory Triton allocates (``metadata.shared``) and the registers / spill bytes that Triton's bundled
+``ptxas -v`` reports for the PTX. It exits non-zero when a variant fails to compile, when its shared memory
+exceeds the per-block limit of the target (sm_80: 166912 B, sm_90: 232448 B), or when a kernel never compiled.
+
+Coverage (one compile per line below and per architecture; the full dtype × head-dim × config product would
+take far too long on a CI runner with two cores):
+
+* attention forward, dK/dV and dQ: **every autotune config once**, at the widest operands the kernel's pruner
+  lets that config see -- the first of fp32 / D = 128 (tf32), fp16 / D = 128, fp32 / D = 64, fp16 / D = 64,
+  fp16 / D = 32 that the pruner keeps it for (bf16 has fp16's footprint). Shared memory and register pressure
+  grow with element size and BLOCK_D, so this is the worst case each config can meet at run time.
+* one more dtype / head dim per attention kernel, on the first config its pruner keeps for N = 197: forward bf16 D = 80, dK/dV fp16 D = 72,
+  dQ fp32 D = 104 with IEEE dots -- the non-power-of-two masks and the other dtypes' code paths.
+* attention preprocess (delta): fp32 D = 128 and bf16 D = 80.
+* LayerNorm forward and backward: BLOCK_C = 256, 1024, 2048 and 8192 (C = 192/200, 768, 1536/1664, MAX_C) in
+  fp32 with every optional input present, plus fp16 and bf16 at BLOCK_C = 1024.
+
+TRITON_INTERPRET=1 must not be set while compiling (kernels decorated under it are interpreted functions), so
+when it is set, or when the kernel modules were already imported under it, the check re-runs itself in a
+subprocess without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+#: Shared memory per block (opt-in maximum) by compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+_DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def _needs_subprocess() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return any(m in sys.modules for m in ("fastvit.kernels.attention", "fastvit.kernels.layer_norm")) and (
+        "triton.runtime.interpreter" in sys.modules
+    )
+
+
+# --------------------------------------------------------------------------------------------- variants
+def _variants() -> list[dict]:
+    """The list of compiles: dicts with kernel, config label, dtype, head dim / C, constexprs, warps, stages."""
+    from fastvit.kernels import attention as A
+    from fastvit.kernels import layer_norm as L
+
+    out: list[dict] = []
+
+    def attn(kernel, cfg, dtype, D, prec, label):
+        out.append(dict(
+            family="attention", kernel=kernel, config=label, dtype=dtype, dim=D,
+            constexprs=dict(HEAD_DIM=D, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"],
+                            BLOCK_D=A.block_d(D), INPUT_PRECISION=prec),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ))
+
+    class _Fake:  # what the pruners look at: element_size() of Q
+        def __init__(self, size):
+            self.size = size
+
+        def element_size(self):
+            return self.size
+
+    sweep = {"attn_fwd": ("bf16", 80, "ieee"), "attn_bwd_dkdv": ("fp16", 72, "ieee"),
+             "attn_bwd_dq": ("fp32", 104, "ieee")}
+    for kernel, configs, prune in (
+        ("attn_fwd", A.FWD_CONFIGS, A.prune_fwd),
+        ("attn_bwd_dkdv", A.BWD_DKDV_CONFIGS, A.prune_dkdv),
+        ("attn_bwd_dq", A.BWD_DQ_CONFIGS, A.prune_dq),
+    ):
+        for cfg in configs:
+            # the widest operands the pruner lets this config see (element size x head dim)
+            for dtype, D in (("fp32", 128), ("fp16", 128), ("fp32", 64), ("fp16", 64), ("fp16", 32)):
+                nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=4097, N_KV=4097, HEAD_DIM=D)
+                if any(c is cfg for c in prune(configs, nargs)):
+                    attn(kernel, cfg, dtype, D, "tf32" if dtype == "fp32" else "ieee", _label(cfg))
+                    break
+            else:
+                raise AssertionError(f"{kernel} config {_label(cfg)} is never selected by its pruner")
+        dtype, D, prec = sweep[kernel]  # on the first config the pruner keeps for it at N = 197
+        cfg = prune(configs, dict(Q=_Fake(_ESIZE[dtype]), N_Q=197, N_KV=197, HEAD_DIM=D))[0]
+        attn(kernel, cfg, dtype, D, prec, _label(cfg))
+    for dtype, D in (("fp32", 128), ("bf16", 80)):
+        out.append(dict(
+            family="attention", kernel="attn_bwd_preprocess", config=f"BM{A.PREPROCESS_BLOCK_M}/w4/s3",
+            dtype=dtype, dim=D,
+            constexprs=dict(HEAD_DIM=D, BLOCK_M=A.PREPROCESS_BLOCK_M, BLOCK_D=A.block_d(D)),
+            num_warps=4, num_stages=3,
+        ))
+    ln_sizes = [("fp32", 192), ("fp32", 768), ("fp32", 1664), ("fp32", L.MAX_C), ("fp16", 768), ("bf16", 768)]
+    for kernel in ("ln_fwd", "ln_bwd"):
+        for dtype, C in ln_sizes:
+            flags = (dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True) if kernel == "ln_fwd"
+                     else dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True))
+            out.append(dict(
+                family="layer_norm", kernel=kernel, config=f"BC{L.block_c(C)}/w{L.num_warps_for(C)}",
+                dtype=dtype, dim=C, constexprs=dict(flags, BLOCK_C=L.block_c(C)),
+                num_warps=L.num_warps_for(C), num_stages=1,
+            ))
+    return out
+
+
+def _label(cfg) -> str:
+    return f"BM{cfg.kwargs['BLOCK_M']}/BN{cfg.kwargs['BLOCK_N']}/w{cfg.num_warps}/s{cfg.num_stages}"
+
+
+def _kernel_fn(name: str):
+    from fastvit.kernels import attention as A
+    from fastvit.kernels import layer_norm as L
+
+    return {
+        "attn_fwd": A.attn_fwd_kernel,
+        "attn_bwd_dkdv": A.attn_bwd_dkdv_kernel,
+        "attn_bwd_dq": A.attn_bwd_dq_kernel,
+        "attn_bwd_preprocess": A.attn_bwd_preprocess,
+        "ln_fwd": L._ln_fwd_kernel,
+        "ln_bwd": L._ln_bwd_kernel,
+    }[name]
+
+
+#: Pointer arguments that are always fp32 (statistics, partial sums).
+_FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DWp", "DBp"}
+_FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
+
+
+def _signature(fn, variant: dict) -> tuple[dict, dict]:
+    """Triton signature and divisibility attributes as a launch on well-aligned ViT tensors would specialise:
+    pointers and row / token strides divisible by 16 (C = 768, 3C = 2304), sizes unconstrained."""
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name[0].isupper() and name not in ("H", "M", "C", "N_Q", "N_KV", "ROWS_PER_PROGRAM"):
+            sig[name] = "*fp32" if name in _FP32_POINTERS else _DT[variant["dtype"]]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+# --------------------------------------------------------------------------------------------- compile
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch`` (3.9 uses a newer one, "ptxas-blackwell", for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except Exception:
+        pass
+    try:
+        import triton
+
+        return triton.knobs.nvidia.ptxas.path  # Triton >= 3.4
+    except Exception:
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _ptxas_resources(ptx: str, cc: int) -> tuple[int | None, int | None]:
+    m = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    arch = m.group(1) if m else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_ptxas(cc), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    return _parse_ptxas(res.stdout + res.stderr)
+
+
+def _parse_ptxas(text: str) -> tuple[int | None, int | None]:
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    n_spill = sum(int(a) + int(b) for a, b in spills) if spills else None
+    return (int(regs.group(1)) if regs else None), n_spill
+
+
+def _compile_one(job: tuple[dict, int]) -> dict:
+    variant, arch = job
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel_fn(variant["kernel"])
+    row = {k: variant[k] for k in ("family", "kernel", "config", "dtype", "dim")}
+    row.update(arch=arch, shared=None, registers=None, spills=None, error=None)
+    t0 = time.perf_counter()
+    try:
+        sig, attrs = _signature(fn, variant)
+        src = ASTSource(fn, sig, constexprs=variant["constexprs"], attrs=attrs)
+        log = io.StringIO()
+        try:  # Triton runs `ptxas -v` itself; have it print the log (Triton >= 3.4) instead of running it twice
+            triton.knobs.nvidia.dump_ptxas_log = True
+        except Exception:
+            pass
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]})
+        row["shared"] = int(compiled.metadata.shared)
+        row["registers"], row["spills"] = _parse_ptxas(log.getvalue())
+        if row["registers"] is None:  # cached compile or older Triton: no log, run ptxas on the PTX
+            row["registers"], row["spills"] = _ptxas_resources(compiled.asm["ptx"], arch)
+    except Exception as exc:  # report every failure, keep going
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300]
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    limit = SHARED_LIMIT.get(arch)
+    row["ok"] = row["error"] is None and (limit is None or row["shared"] <= limit)
+    return row
+
+
+def run(archs: list[int], jobs: int = 2) -> list[dict]:
+    """Compile every variant for every arch; returns one row per compile (see the module docstring)."""
+    work = [(v, a) for a in archs for v in _variants()]
+    if jobs <= 1:
+        return [_compile_one(w) for w in work]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_one, work))
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'kernel':<20} {'config':<18} {'dtype':<5} {'D/C':>5} {'arch':>5} {'shared B':>9} {'regs':>5} " \
+           f"{'spills':>6}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        status = "ok" if r["ok"] else (r["error"] or f"shared > {SHARED_LIMIT.get(r['arch'])}")
+        lines.append(
+            f"{r['kernel']:<20} {r['config']:<18} {r['dtype']:<5} {r['dim']:>5} sm{r['arch']:<3} "
+            f"{r['shared'] if r['shared'] is not None else '-':>9} {r['registers'] if r['registers'] is not None else '-':>5} "
+            f"{r['spills'] if r['spills'] is not None else '-':>6}  {status}"
+        )
+    return "\n".join(lines)
+
+
+ALL_KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "ln_fwd", "ln_bwd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvit.kernels.check", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
+    parser.add_argument("--json", help="also write the rows as JSON to this path")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    args = parser.parse_args(argv)
+
+    if _needs_subprocess():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "fastvit.kernels.check", *(argv if argv is not None else sys.argv[1:])]
+        return subprocess.run(cmd, env=env).returncode
+
+    t0 = time.perf_counter()
+    rows = run(args.arch, args.jobs)
+    print(_table(rows))
+    failed = [r for r in rows if not r["ok"]]
+    missing = [(k, a) for a in args.arch for k in ALL_KERNELS
+               if not any(r["kernel"] == k and r["arch"] == a and r["ok"] for r in rows)]
+    spilled = sum(1 for r in rows if r["spills"])
+    print(f"\n{len(rows)} compiles for {', '.join(f'sm_{a}' for a in args.arch)} in {time.perf_counter() - t0:.0f} s: "
+          f"{len(rows) - len(failed)} ok, {len(failed)} failed, {spilled} with register spills; "
+          f"max shared {max((r['shared'] or 0) for r in rows)} B")
+    for k, a in missing:
+        print(f"MISSING: no successful compile of {k} for sm_{a}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"archs": args.arch, "shared_limit": SHARED_LIMIT, "rows": rows}, f, indent=1)
+    return 1 if failed or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
