@@ -811,6 +811,7 @@ def run_model(
         rec = Record(name, "ok", cfg_rec, None, {"note": built.note})
         records.append(rec)
         backend = name[8:] if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS else None
+        opt = None
         try:
             import fastvit
 
@@ -853,6 +854,7 @@ def run_model(
 
             t_tr = harness.do_bench(train_step, device=dev, **bench)
             mem_tr = _absolute_peak(train_step, dev)
+            opt.zero_grad(set_to_none=True)
             for prefix, t, mem, fl in (("infer", t_inf, mem_inf, info["fwd_flops"]),
                                        ("train", t_tr, mem_tr, info["train_flops"])):
                 r = harness.rates(t.median_ms, fl, None, roofline)
@@ -862,12 +864,11 @@ def run_model(
                     f"{prefix}_tflops": r["tflops"], f"{prefix}_mfu": r["roofline_fraction"],
                     f"{prefix}_peak_mem_bytes": mem, f"{prefix}_reps": t.reps,
                 })
-            del opt
         except Exception as exc:  # noqa: BLE001
             rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
             rec.reason = _first_line(exc)
         finally:
-            built.model = None
+            built.model = opt = None  # noqa: F841 -- nothing of this provider may count in the next one's peak
             harness.free_memory(dev)
     return records, info
 
