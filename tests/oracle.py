@@ -126,7 +126,8 @@ def assert_close_oracle(
             f"{name} ({dtype}, shape {tuple(ref.shape)}): max|out - ref| = {err_out:.4g} > bound {bound:.4g} = "
             f"{factor:g} * max|pt - ref| ({err_pt:.4g}) + atol ({atol:.1g}) * max(1, max|ref| = {ref_max:.4g}); "
             f"worst at index {where}: "
-            f"out {float(out.detach().double().cpu()[where]):.6g} vs ref {float(ref.detach().double().cpu()[where]):.6g}"
+            f"out {float(out.detach().double().cpu()[where]):.6g} vs "
+            f"ref {float(ref.detach().double().cpu()[where]):.6g}"
         )
 
 
@@ -140,7 +141,9 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(torch.iinfo(t.dtype).max)
 
 
-def poison_like(t: torch.Tensor, *, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def poison_like(
+    t: torch.Tensor, *, shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """A new tensor like ``t`` (optionally another shape / dtype), poisoned with :func:`poison_`."""
     shape = t.shape if shape is None else shape
     return poison_(torch.empty(shape, dtype=dtype or t.dtype, device=t.device))

@@ -238,7 +238,7 @@ PATCH_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("case", PATCH_CASES, ids=[c[0] for c in PATCH_CASES])
-def test_patch_embed(case, dtype, generator):
+def test_patch_embed(case, dtype, generator, device):
     _, img, (Ph, Pw), E, has_bias, has_cls, n_reg, pos, n_keep = case
     B, C, Hi, Wi = img
     Np = (Hi // Ph) * (Wi // Pw)
@@ -252,7 +252,7 @@ def test_patch_embed(case, dtype, generator):
         "reg_tokens": (1, n_reg, E) if n_reg else None,
         "ids_keep": torch.argsort(torch.rand(B, Np, generator=generator), dim=1)[:, :n_keep] if n_keep else None,
     }
-    inputs = make_inputs(specs, dtype=dtype, generator=generator)
+    inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     grads = [n for n in ("images", "weight", "bias", "pos_embed", "cls_token", "reg_tokens") if inputs[n] is not None]
     runs = check_op(impls("patch_embed"), naive_patch_embed, inputs, grads, dtype=dtype, generator=generator,
                     name="patch_embed")
@@ -266,8 +266,9 @@ ATTN_CASES = [(3, 1, 2, 32, None), (3, 50, 2, 64, None), (3, 61, 3, 80, None), (
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,N,H,D,scale", ATTN_CASES, ids=[f"B{c[0]}-N{c[1]}-H{c[2]}-D{c[3]}" for c in ATTN_CASES])
-def test_attention(B, N, H, D, scale, dtype, generator):
-    inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H, "scale": scale}, dtype=dtype, generator=generator)
+def test_attention(B, N, H, D, scale, dtype, generator, device):
+    inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H, "scale": scale}, dtype=dtype, device=device,
+                         generator=generator)
     check_op(impls("attention"), naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator, name="attention")
 
 
@@ -301,10 +302,10 @@ SDPA_PACKED_CASES = [(3, 2, 61, 61, 80, None), (3, 2, 1, 197, 32, None), (2, 3, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,H,Nq,Nk,D,scale", SDPA_PACKED_CASES,
                          ids=[f"B{c[0]}-H{c[1]}-Nq{c[2]}-Nk{c[3]}-D{c[4]}" for c in SDPA_PACKED_CASES])
-def test_sdpa_strided_views(B, H, Nq, Nk, D, scale, dtype, generator):
+def test_sdpa_strided_views(B, H, Nq, Nk, D, scale, dtype, generator, device):
     q_shape = (B, Nq, 3, H, D) if Nq == Nk else (B, Nq, H, D)
     inputs = make_inputs({"q_src": q_shape, "kv_src": (B, Nk, 2, H, D), "scale": scale}, dtype=dtype,
-                         generator=generator)
+                         device=device, generator=generator)
     k = inputs["kv_src"][:, :, 0].transpose(1, 2)
     assert not k.is_contiguous() and k.stride(-1) == 1  # the point of the test
     if Nq > 1:
@@ -316,9 +317,10 @@ def test_sdpa_strided_views(B, H, Nq, Nk, D, scale, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_sdpa_contiguous(dtype, generator):
+def test_sdpa_contiguous(dtype, generator, device):
     B, H, N, D = 3, 2, 50, 64
-    inputs = make_inputs({"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D)}, dtype=dtype, generator=generator)
+    inputs = make_inputs({"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D)}, dtype=dtype, device=device,
+                         generator=generator)
     check_op(impls("scaled_dot_product_attention"), naive_sdpa, inputs, ["q", "k", "v"], dtype=dtype,
              generator=generator, name="sdpa")
 
@@ -360,12 +362,12 @@ def _ln_params():
                 yield pytest.param(shape, affine, residual, eps, dtype, impl, marks=marks, id=case_id)
 
 
-def _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator, offset=0.5):
+def _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator, device, offset=0.5):
     C = shape[-1]
     inputs = make_inputs(
         {"x": shape, "weight": (C,) if affine else None, "bias": (C,) if affine else None,
          "eps": eps, "residual": shape if residual else None},
-        dtype=dtype, generator=generator,
+        dtype=dtype, device=device, generator=generator,
     )
     inputs["x"] = inputs["x"] + offset  # a non-zero mean to subtract
     grads = [n for n in ("x", "weight", "bias", "residual") if inputs[n] is not None]
@@ -375,16 +377,16 @@ def _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator, offs
 
 
 @pytest.mark.parametrize("shape,affine,residual,eps,dtype,impl", list(_ln_params()))
-def test_layer_norm(shape, affine, residual, eps, dtype, impl, generator):
-    _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator)
+def test_layer_norm(shape, affine, residual, eps, dtype, impl, generator, device):
+    _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator, device)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the bug is in PyTorch's CPU LayerNorm kernel")
 @pytest.mark.xfail(strict=True, reason=LN_HALF_CPU_BUG)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_layer_norm_half_weight_grad_many_rows_eager_cpu(dtype, generator):
+def test_layer_norm_half_weight_grad_many_rows_eager_cpu(dtype, generator, device):
     """8·197 rows (a batch of 8 ViT-B sequences): eager's dweight/dbias are far outside the oracle."""
-    _check_layer_norm((8, 197, 96), True, True, 1e-6, dtype, "ops.eager", generator)
+    _check_layer_norm((8, 197, 96), True, True, 1e-6, dtype, "ops.eager", generator, device)
 
 
 # =============================================================================================== linear_gelu
@@ -396,10 +398,10 @@ LIN_CASES = [((3, 1, 40), 100, True), ((3, 50, 24), 96, True), ((2, 197, 40), 72
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("shape,M,has_bias", LIN_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}" for c in LIN_CASES])
-def test_linear_gelu(shape, M, has_bias, approximate, dtype, generator):
+def test_linear_gelu(shape, M, has_bias, approximate, dtype, generator, device):
     K = shape[-1]
     inputs = make_inputs({"x": (shape, 1.5), "weight": ((M, K), K**-0.5), "bias": (M,) if has_bias else None,
-                          "approximate": approximate}, dtype=dtype, generator=generator)
+                          "approximate": approximate}, dtype=dtype, device=device, generator=generator)
     grads = ["x", "weight"] + (["bias"] if has_bias else [])
     check_op(impls("linear_gelu"), naive_linear_gelu, inputs, grads, dtype=dtype, generator=generator,
              name=f"linear_gelu[{approximate}]")
@@ -424,11 +426,11 @@ LINRES_CASES = [((3, 1, 40), 24, True, True), ((3, 50, 96), 24, False, True), ((
 @pytest.mark.parametrize("shape,M,has_bias,has_gamma", LINRES_CASES,
                          ids=[f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}{'-gamma' if c[3] else ''}"
                               for c in LINRES_CASES])
-def test_linear_residual(shape, M, has_bias, has_gamma, dtype, generator):
+def test_linear_residual(shape, M, has_bias, has_gamma, dtype, generator, device):
     K = shape[-1]
     inputs = make_inputs({"x": shape, "weight": ((M, K), K**-0.5), "bias": (M,) if has_bias else None,
                           "residual": (*shape[:-1], M), "gamma": (M,) if has_gamma else None},
-                         dtype=dtype, generator=generator)
+                         dtype=dtype, device=device, generator=generator)
     grads = [n for n in ("x", "weight", "bias", "residual", "gamma") if inputs[n] is not None]
     check_op(impls("linear_residual"), naive_linear_residual, inputs, grads, dtype=dtype, generator=generator,
              name="linear_residual")
@@ -485,10 +487,10 @@ UNSHUFFLE_CASES = [(3, 1, 1, 24, True), (3, 1, 0, 24, False), (3, 49, 12, 40, Tr
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,N,n_keep,C,pos", UNSHUFFLE_CASES,
                          ids=[f"B{c[0]}-N{c[1]}-keep{c[2]}-C{c[3]}{'-pos' if c[4] else ''}" for c in UNSHUFFLE_CASES])
-def test_mae_unshuffle(B, N, n_keep, C, pos, dtype, generator):
+def test_mae_unshuffle(B, N, n_keep, C, pos, dtype, generator, device):
     _, ids_restore, _ = noise_masking(B, N, 1 - n_keep / N, generator)
     inputs = make_inputs({"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "ids_restore": ids_restore,
-                          "pos_embed": (1, N + 1, C) if pos else None}, dtype=dtype, generator=generator)
+                          "pos_embed": (1, N + 1, C) if pos else None}, dtype=dtype, device=device, generator=generator)
     grads = ["x", "mask_token"] + (["pos_embed"] if pos else [])
     runs = check_op(impls("mae_unshuffle"), naive_mae_unshuffle, inputs, grads, dtype=dtype, generator=generator,
                     name="mae_unshuffle")
@@ -503,8 +505,9 @@ LOSS_CASES = [((3, 3, 8, 8), 2, 0.75), ((3, 3, 14, 14), 2, 0.5), ((2, 3, 12, 16)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("norm_pix_loss", [False, True], ids=["pix", "normpix"])
-@pytest.mark.parametrize("img,P,ratio", LOSS_CASES, ids=[f"{'x'.join(map(str, c[0]))}-P{c[1]}-r{c[2]}" for c in LOSS_CASES])
-def test_mae_loss(img, P, ratio, norm_pix_loss, dtype, generator):
+@pytest.mark.parametrize("img,P,ratio", LOSS_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-P{c[1]}-r{c[2]}" for c in LOSS_CASES])
+def test_mae_loss(img, P, ratio, norm_pix_loss, dtype, generator, device):
     B, C, Hi, Wi = img
     N = (Hi // P) * (Wi // P)
     if ratio == 0.0:  # nothing removed would divide by zero: use a hand-made mask with one removed patch
@@ -513,8 +516,8 @@ def test_mae_loss(img, P, ratio, norm_pix_loss, dtype, generator):
     else:
         mask = noise_masking(B, N, ratio, generator)[2]
     inputs = make_inputs({"pred": (B, N, P * P * C), "images": img, "patch_size": P, "norm_pix_loss": norm_pix_loss},
-                         dtype=dtype, generator=generator)
-    inputs["mask"] = mask  # float32, as MAE makes it, whatever the model's dtype
+                         dtype=dtype, device=device, generator=generator)
+    inputs["mask"] = mask.to(device)  # float32, as MAE makes it, whatever the model's dtype
     check_op(impls("mae_loss"), naive_mae_loss, inputs, ["pred"], dtype=dtype, generator=generator, name="mae_loss")
 
 
@@ -607,7 +610,8 @@ BAD_INPUTS = [
     ("pe-images-not-tensor", _pe(images=[[1.0]]), TypeError, r"images must be a torch\.Tensor"),
     ("pe-images-int", _pe(images=_t(2, 3, 8, 8, dtype=torch.int32)), TypeError, r"images must be float.*int32"),
     ("pe-weight-rank", _pe(weight=_t(16, 48)), ValueError, r"weight must be 4-D"),
-    ("pe-weight-dtype", _pe(weight=_t(16, 3, 4, 4, dtype=torch.float16)), TypeError, r"weight has dtype torch\.float16"),
+    ("pe-weight-dtype", _pe(weight=_t(16, 3, 4, 4, dtype=torch.float16)), TypeError,
+     r"weight has dtype torch\.float16"),
     ("pe-weight-device", _pe(weight=_t(16, 3, 4, 4, device=META)), ValueError, r"weight is on meta"),
     ("pe-channels", _pe(weight=_t(16, 4, 4, 4)), ValueError, r"images has 3 channels but weight expects 4"),
     ("pe-not-divisible", _pe(images=_t(2, 3, 8, 10)), ValueError, r"images spatial size 8x10 is not divisible"),
@@ -615,7 +619,8 @@ BAD_INPUTS = [
     ("pe-bias-dtype", _pe(bias=_t(16, dtype=torch.float64)), TypeError, r"bias has dtype"),
     ("pe-cls-shape", _pe(cls_token=_t(1, 2, 16)), ValueError, r"cls_token must have shape \(1, 1, 16\)"),
     ("pe-reg-shape", _pe(reg_tokens=_t(2, 4, 16)), ValueError, r"reg_tokens must have shape"),
-    ("pe-pos-length", _pe(pos_embed=_t(1, 6, 16), cls_token=_t(1, 1, 16)), ValueError, r"pos_embed must have shape.*\[4, 5\].*\(1, 6, 16\)"),
+    ("pe-pos-length", _pe(pos_embed=_t(1, 6, 16), cls_token=_t(1, 1, 16)), ValueError,
+     r"pos_embed must have shape.*\[4, 5\].*\(1, 6, 16\)"),
     ("pe-pos-width", _pe(pos_embed=_t(1, 4, 15)), ValueError, r"pos_embed must have shape"),
     ("pe-pos-rank", _pe(pos_embed=_t(4, 16)), ValueError, r"pos_embed must have shape"),
     ("pe-ids-high", _pe(ids_keep=torch.tensor([[0, 4], [1, 2]])), ValueError, r"ids_keep values must lie in \[0, 4\)"),
@@ -641,7 +646,8 @@ BAD_INPUTS = [
     ("sdpa-k-headdim", _sdpa(k=_t(2, 2, 7, 16), v=_t(2, 2, 7, 16)), ValueError, r"k must have shape \(2, 2, Nk, 32\)"),
     ("sdpa-k-heads", _sdpa(k=_t(2, 3, 7, 32), v=_t(2, 3, 7, 32)), ValueError, r"k must have shape"),
     ("sdpa-q-int", _sdpa(q=_t(2, 2, 5, 32, dtype=torch.int32)), TypeError, r"q must be float"),
-    ("sdpa-q-strided-last", _sdpa(q=_t(2, 2, 32, 5).transpose(-1, -2)), ValueError, r"q must have a contiguous last dimension"),
+    ("sdpa-q-strided-last", _sdpa(q=_t(2, 2, 32, 5).transpose(-1, -2)), ValueError,
+     r"q must have a contiguous last dimension"),
     ("sdpa-k-strided-last", _sdpa(k=_t(2, 2, 7, 64)[..., ::2]), ValueError, r"k must have a contiguous last dimension"),
     ("sdpa-dropout", _sdpa(dropout_p=-0.1), ValueError, r"dropout_p must lie in"),
     # layer_norm
@@ -692,7 +698,8 @@ BAD_INPUTS = [
     ("loss-pred-rank", _loss(pred=_t(32, 12)), ValueError, r"pred must be 3-D"),
     ("loss-pred-int", _loss(pred=_t(2, 16, 12, dtype=torch.int64)), TypeError, r"pred must be float"),
     ("loss-images-rank", _loss(images=_t(3, 8, 8)), ValueError, r"images must be 4-D"),
-    ("loss-not-divisible", _loss(images=_t(2, 3, 8, 9)), ValueError, r"images spatial size 8x9 is not divisible by patch_size 2"),
+    ("loss-not-divisible", _loss(images=_t(2, 3, 8, 9)), ValueError,
+     r"images spatial size 8x9 is not divisible by patch_size 2"),
     ("loss-channels", _loss(images=_t(2, 4, 8, 8)), ValueError, r"pred must have shape \(2, 16, 16\)"),
     ("loss-mask-shape", _loss(mask=torch.ones(2, 15)), ValueError, r"mask must have shape \(2, 16\)"),
     ("loss-mask-bool", _loss(mask=torch.ones(2, 16, dtype=torch.bool)), TypeError, r"mask must be float"),
