@@ -30,7 +30,15 @@ import torch
 
 __all__ = [
     "ATOL",
+    "COST_MODELS",
     "MODES",
+    "AttentionCost",
+    "LayerNormCost",
+    "LinearCost",
+    "MaeUnshuffleCost",
+    "MlpCost",
+    "PatchEmbedCost",
+    "Record",
     "Roofline",
     "Timing",
     "accuracy",
@@ -45,6 +53,7 @@ __all__ = [
     "measure_roofline",
     "parse_dtype",
     "rates",
+    "release_flush_buffer",
 ]
 
 #: Benchmark modes: forward only, backward only (graph built outside the timed region), forward + backward.
