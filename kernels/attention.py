@@ -134,13 +134,18 @@ def _words_per_thread(kind: str, bm: int, bn: int, bd: int, esize: int, warps: i
     return tiles / (32 * warps)
 
 
-def _prune(kind: str, configs, nargs):
+def _prune(kind: str, configs, nargs, precision=None):
     """Drop tiles far larger than the sequence (N = 50 needs no 128-row blocks), tiles whose estimated shared
     memory exceeds the budgets (fp32 with D = 128), and tiles that need more than :data:`WORDS_PER_THREAD`
-    registers per thread for their resident tiles (they spill). Always keeps at least one config."""
+    registers per thread for their resident tiles (they spill). fp32 with IEEE dots (no tensor cores: the FMA
+    path keeps far more live values) gets only the smallest config -- larger ones spill tens of KB (checked with
+    ``ptxas -v``). Always keeps at least one config."""
     n_q, n_kv = nargs["N_Q"], nargs["N_KV"]
     bd = max(16, triton.next_power_of_2(nargs["HEAD_DIM"]))
     esize = _elem_size(nargs)
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    if esize == 4 and precision == "ieee":
+        return [smallest]
     kept = []
     for c in configs:
         bm, bn, st, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, c.num_warps
@@ -153,24 +158,22 @@ def _prune(kind: str, configs, nargs):
         if _words_per_thread(kind, bm, bn, bd, esize, w) > WORDS_PER_THREAD:
             continue
         kept.append(c)
-    if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+    return kept or [smallest]
 
 
 def prune_fwd(configs, nargs, **kwargs):
     """Autotune pruner of the forward kernel (see :func:`_prune`)."""
-    return _prune("fwd", configs, nargs)
+    return _prune("fwd", configs, nargs, kwargs.get("INPUT_PRECISION"))
 
 
 def prune_dkdv(configs, nargs, **kwargs):
     """Autotune pruner of the dK/dV kernel (its BLOCK_N rows are keys, BLOCK_M steps are queries)."""
-    return _prune("dkdv", configs, nargs)
+    return _prune("dkdv", configs, nargs, kwargs.get("INPUT_PRECISION"))
 
 
 def prune_dq(configs, nargs, **kwargs):
     """Autotune pruner of the dQ kernel."""
-    return _prune("dq", configs, nargs)
+    return _prune("dq", configs, nargs, kwargs.get("INPUT_PRECISION"))
 
 
 def _autotune(configs, prune):

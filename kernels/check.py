@@ -17,8 +17,9 @@ take far too long on a CI runner with two cores):
   lets that config see -- the first of fp32 / D = 128 (tf32), fp16 / D = 128, fp32 / D = 64, fp16 / D = 64,
   fp16 / D = 32 that the pruner keeps it for (bf16 has fp16's footprint). Shared memory and register pressure
   grow with element size and BLOCK_D, so this is the worst case each config can meet at run time.
-* one more dtype / head dim per attention kernel, on the first config its pruner keeps for N = 197: forward bf16 D = 80, dK/dV fp16 D = 72,
-  dQ fp32 D = 104 with IEEE dots -- the non-power-of-two masks and the other dtypes' code paths.
+* other dtypes / head dims, on the first config the pruner keeps for N = 197: forward bf16 D = 80 and fp32
+  D = 128 with IEEE dots, dK/dV fp16 D = 72 and fp32 D = 128 IEEE, dQ fp32 D = 104 IEEE -- the non-power-of-two
+  masks, bf16, and fp32 without TF32 (PyTorch's default precision, which only the smallest tiles serve).
 * attention preprocess (delta): fp32 D = 128 and bf16 D = 80.
 * LayerNorm forward and backward: BLOCK_C = 256, 1024, 2048 and 8192 (C = 192/200, 768, 1536/1664, MAX_C) in
   fp32 with every optional input present, plus fp16 and bf16 at BLOCK_C = 1024.
@@ -80,8 +81,9 @@ def _variants() -> list[dict]:
         def element_size(self):
             return self.size
 
-    sweep = {"attn_fwd": ("bf16", 80, "ieee"), "attn_bwd_dkdv": ("fp16", 72, "ieee"),
-             "attn_bwd_dq": ("fp32", 104, "ieee")}
+    sweep = {"attn_fwd": [("bf16", 80, "ieee"), ("fp32", 128, "ieee")],
+             "attn_bwd_dkdv": [("fp16", 72, "ieee"), ("fp32", 128, "ieee")],
+             "attn_bwd_dq": [("fp32", 104, "ieee")]}
     for kernel, configs, prune in (
         ("attn_fwd", A.FWD_CONFIGS, A.prune_fwd),
         ("attn_bwd_dkdv", A.BWD_DKDV_CONFIGS, A.prune_dkdv),
@@ -91,14 +93,15 @@ def _variants() -> list[dict]:
             # the widest operands the pruner lets this config see (element size x head dim)
             for dtype, D in (("fp32", 128), ("fp16", 128), ("fp32", 64), ("fp16", 64), ("fp16", 32)):
                 nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=4097, N_KV=4097, HEAD_DIM=D)
-                if any(c is cfg for c in prune(configs, nargs)):
+                if any(c is cfg for c in prune(configs, nargs, INPUT_PRECISION="tf32")):
                     attn(kernel, cfg, dtype, D, "tf32" if dtype == "fp32" else "ieee", _label(cfg))
                     break
             else:
                 raise AssertionError(f"{kernel} config {_label(cfg)} is never selected by its pruner")
-        dtype, D, prec = sweep[kernel]  # on the first config the pruner keeps for it at N = 197
-        cfg = prune(configs, dict(Q=_Fake(_ESIZE[dtype]), N_Q=197, N_KV=197, HEAD_DIM=D))[0]
-        attn(kernel, cfg, dtype, D, prec, _label(cfg))
+        for dtype, D, prec in sweep[kernel]:  # on the first config the pruner keeps for it at N = 197
+            nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=197, N_KV=197, HEAD_DIM=D)
+            cfg = prune(configs, nargs, INPUT_PRECISION=prec)[0]
+            attn(kernel, cfg, dtype, D, prec, _label(cfg))
     for dtype, D in (("fp32", 128), ("bf16", 80)):
         out.append(dict(
             family="attention", kernel="attn_bwd_preprocess", config=f"BM{A.PREPROCESS_BLOCK_M}/w4/s3",
