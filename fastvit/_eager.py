@@ -28,8 +28,14 @@ def attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
 def layer_norm(x, weight, bias, eps=1e-6, *, residual=None):
     if residual is not None:
         x = x + residual
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps), x
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's CPU LayerNorm backward sums dweight / dbias in the input precision; go through fp32 instead.
+        w = None if weight is None else weight.float()
+        b = None if bias is None else bias.float()
+        y = F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+    else:
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y if residual is None else (y, x)
 
 
 def linear_gelu(x, weight, bias, *, approximate="none"):

@@ -174,6 +174,7 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 _state = threading.local()
+_UNSET = object()  # no use_backend context is active (None inside one means "automatic")
 
 
 def get_backend(name: str) -> Backend:
@@ -209,8 +210,8 @@ def register_kernel(
 
 def current_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``FASTVIT_BACKEND`` (``None``: automatic)."""
-    forced = getattr(_state, "forced", None)
-    if forced is not None:
+    forced = getattr(_state, "forced", _UNSET)
+    if forced is not _UNSET:
         return forced
     env = os.environ.get("FASTVIT_BACKEND", "").strip()
     return env or None
@@ -218,7 +219,9 @@ def current_backend() -> str | None:
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Context manager forcing every fastvit op in its body onto backend ``name`` (``None``: automatic).
+    """Context manager forcing every fastvit op in its body onto backend ``name``.
+
+    ``None`` means automatic selection, overriding ``FASTVIT_BACKEND`` inside the block.
 
     Example::
 
@@ -230,12 +233,15 @@ def use_backend(name: str | None) -> Iterator[None]:
     """
     if name is not None:
         get_backend(name)
-    previous = getattr(_state, "forced", None)
+    previous = getattr(_state, "forced", _UNSET)
     _state.forced = name
     try:
         yield
     finally:
-        _state.forced = previous
+        if previous is _UNSET:
+            del _state.forced
+        else:
+            _state.forced = previous
 
 
 def select(op: str, call: dict[str, Any], backend: str | None = None) -> tuple[str, Callable[..., Any]]:

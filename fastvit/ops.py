@@ -75,6 +75,12 @@ def _check_range(name: str, t: torch.Tensor, upper: int) -> None:
         raise ValueError(f"{name} values must lie in [0, {upper}), got [{int(t.min())}, {int(t.max())}]")
 
 
+def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
+    # Backward kernels scatter through these indices without atomics, which is only right when no index repeats.
+    if t.shape[1] > 1 and bool((t.sort(dim=1).values.diff(dim=1) == 0).any()):
+        raise ValueError(f"{name} must not repeat an index within a row ({what})")
+
+
 def _call(t: torch.Tensor, **extra: object) -> dict:
     return {"device": t.device, "dtype": t.dtype, **extra}
 
@@ -106,7 +112,8 @@ def patch_embed(
             (timm's ``no_embed_class=True``).
         cls_token: (1, 1, E) or ``None``.
         reg_tokens: (1, R_reg, E) register tokens (Darcet et al., 2024) or ``None``; placed after the cls token.
-        ids_keep: (B, N_keep) int64 patch indices to keep (after the position add), or ``None`` for all.
+        ids_keep: (B, N_keep) int64 patch indices to keep (after the position add), no repeats within a row, or
+            ``None`` for all.
         backend: force a backend (see :mod:`fastvit.backends`).
 
     Returns:
@@ -115,7 +122,7 @@ def patch_embed(
     Raises:
         TypeError: a non-tensor, non-float or dtype-mismatched argument.
         ValueError: wrong ranks or shapes, image size not divisible by the patch size, channel mismatch,
-            ``ids_keep`` out of range, tensors on different devices.
+            ``ids_keep`` out of range or repeating an index, tensors on different devices.
 
     Equivalent PyTorch code::
 
@@ -156,6 +163,7 @@ def patch_embed(
         if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
             raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
         _check_range("ids_keep", ids_keep, num_patches)
+        _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
         ids_keep = ids_keep.long()
     _, fn = select("patch_embed", _call(images), backend)
     return fn(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
@@ -206,7 +214,8 @@ def attention(
         )
     _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    _, fn = select("attention", _call(qkv, head_dim=head_dim, dropout_p=dropout_p), backend)
+    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1])
+    _, fn = select("attention", call, backend)
     return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
 
 
@@ -249,7 +258,8 @@ def scaled_dot_product_attention(
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
     _check_dropout(dropout_p)
-    _, fn = select("scaled_dot_product_attention", _call(q, head_dim=D, dropout_p=dropout_p), backend)
+    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2])
+    _, fn = select("scaled_dot_product_attention", call, backend)
     return fn(q, k, v, scale=scale, dropout_p=dropout_p)
 
 
@@ -294,7 +304,7 @@ def layer_norm(
     _like("residual", residual, "x", x, x.shape)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    _, fn = select("layer_norm", _call(x), backend)
+    _, fn = select("layer_norm", _call(x, features=C), backend)
     return fn(x, weight, bias, eps, residual=residual)
 
 
@@ -427,7 +437,7 @@ def mae_unshuffle(
     Args:
         x: (B, 1 + N_keep, C) decoder-embedded encoder output, cls token first.
         mask_token: (1, 1, C).
-        ids_restore: (B, N) int64 from :func:`random_masking`.
+        ids_restore: (B, N) int64 from :func:`random_masking`: each row a permutation of 0..N-1.
         pos_embed: (1, 1 + N, C) decoder position embedding, or ``None``.
         backend: force a backend.
 
@@ -435,7 +445,7 @@ def mae_unshuffle(
         (B, 1 + N, C) in ``x``'s dtype.
 
     Raises:
-        TypeError / ValueError: mismatched shapes, dtypes or devices, N_keep > N, indices out of range.
+        TypeError / ValueError: mismatched shapes, dtypes or devices, N_keep > N, ``ids_restore`` not a permutation.
 
     Equivalent PyTorch code (models_mae.forward_decoder)::
 
@@ -453,6 +463,7 @@ def mae_unshuffle(
     if not 1 <= T <= N + 1:
         raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
     _check_range("ids_restore", ids_restore, N)
+    _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
     _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
     _, fn = select("mae_unshuffle", _call(x), backend)
     return fn(x, mask_token, ids_restore.long(), pos_embed=pos_embed)

@@ -208,8 +208,6 @@ def test_precedence_with_a_backend_that_cannot_run(monkeypatch, generator):
             fastvit.ops.layer_norm(x, w, b, backend="cuda")
 
 
-@pytest.mark.xfail(strict=True, reason="fastvit/backends.py: use_backend(None) cannot override FASTVIT_BACKEND "
-                   "(None doubles as 'no context'); see the report for the fix")
 def test_use_backend_none_means_automatic_even_with_environment(monkeypatch):
     """use_backend(None) is documented as 'automatic', and a context beats the environment."""
     monkeypatch.setenv("FASTVIT_BACKEND", "cuda")
