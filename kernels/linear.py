@@ -1,0 +1,282 @@
+"""Tiled GEMM with fused prologues and epilogues in Triton: the fc1 + GELU and fc2/proj + residual kernels.
+
+One kernel body, :func:`_gemm_body`, computes ``Out[M, N] = prologue(A)[M, K] @ B[K, N]`` with an fp32
+accumulator and a fused epilogue. A and B are addressed through two strides each, so transposed operands are
+read in place (no ``.t().contiguous()`` copies); ``Out``, ``R`` (residual) and ``Pre`` have unit column stride.
+It is launched three ways (three autotuners over the same body, so each keeps its own tuned configs):
+
+==================  ================================  =====================================================
+launch              A (M×K) · B (K×N)                 fused
+==================  ================================  =====================================================
+:data:`linear_fwd`   x (tokens, in) · Wᵀ (in, out)    bias; then GELU (erf or tanh) storing the pre-activation
+                                                      ``h``, or LayerScale ``gamma`` + residual add storing
+                                                      ``z = x Wᵀ + b`` (needed for dgamma)
+:data:`linear_dgrad` dy (tokens, out) · W (out, in)   prologue on the load of dy: ``dy ⊙ GELU'(h)`` or
+                                                      ``dy ⊙ gamma``
+:data:`linear_wgrad` dyᵀ (out, tokens) · x (tokens,   the same prologue on dyᵀ; optional fp32 row sums of the
+                     in)                              prologued dyᵀ = the bias gradient
+==================  ================================  =====================================================
+
+The weight gradient reduces over all tokens inside one program per (out, in) tile: no split-K, no atomics, so
+every backward is bit-reproducible run to run. (A deterministic split-K -- partial tiles plus a second-stage sum,
+as the LayerNorm backward does for dγ -- is the obvious next step when out × in has too few tiles to fill the GPU.)
+
+Tile order: programs are numbered along a 1-D grid and mapped to (tile row, tile column) in groups of
+``GROUP_M`` tile rows, column-major inside a group, so programs running at the same time share A rows and
+B columns in L2 (the "grouped ordering" of the Triton matrix-multiplication tutorial).
+
+Tails: M, N and K need not be multiples of the blocks (K = 40, 72, N = 200, M = 197·B): loads are masked with
+zero fill (zeros add nothing to the dot products), stores are masked.
+
+GELU (Hendrycks & Gimpel 2016): exact ``0.5·h·(1 + erf(h/√2))`` or the tanh form
+``0.5·h·(1 + tanh(√(2/π)·(h + 0.044715·h³)))``; derivatives
+
+* erf:  ``GELU'(h) = Φ(h) + h·φ(h) = 0.5·(1 + erf(h/√2)) + h·exp(-h²/2)/√(2π)``
+* tanh: ``0.5·(1 + t) + 0.5·h·(1 - t²)·√(2/π)·(1 + 3·0.044715·h²)``, ``t = tanh(√(2/π)·(h + 0.044715·h³))``
+
+all evaluated in fp32. ``tanh`` is written as ``1 - 2 / (1 + exp(2u))`` (exact limits ±1 for large |u|) because
+``tl.math`` has no tanh in every Triton version we support (3.4+).
+
+Operand precision: fp16 / bf16 tiles go to the tensor cores as they are; after a prologue the fp32 product is
+rounded back to the input dtype first (that is the dtype the MMA takes). fp32 dots use ``INPUT_PRECISION``
+("tf32" or "ieee", picked by the caller from PyTorch's matmul precision settings).
+
+Source: the tiling, pointer arithmetic and grouped ordering follow the structure of the Triton tutorial
+"Matrix Multiplication" (03-matrix-multiplication.py); epilogue fusion as in cuBLASLt's / CUTLASS's
+bias + GELU and bias + residual epilogues.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Triton 3.9's interpreter returns garbage for tl.dot on bfloat16 tiles (see fastvit.kernels.attention): under the
+# interpreter both operands are upcast to fp32 first, which is exact (a product of two 16-bit floats fits in fp32).
+# Compiled kernels never take this branch (folded at compile time).
+_UPCAST_DOT = tl.constexpr(_INTERPRET)
+
+# Prologue modes (applied to each A tile in fp32 before the dot).
+PRO_NONE = 0
+PRO_SCALE = 1  # A ⊙ P (P: gamma broadcast along one axis through zero strides)
+PRO_GELU_ERF = 2  # A ⊙ GELU'(P), P = the saved pre-activation h
+PRO_GELU_TANH = 3
+
+# Epilogue modes.
+EPI_NONE = 0  # Out = acc (+ bias)
+EPI_GELU_ERF = 1  # Pre = acc + bias; Out = GELU(Pre)
+EPI_GELU_TANH = 2
+EPI_RESIDUAL = 3  # Pre = acc + bias; Out = R + gamma ⊙ Pre (gamma optional)
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_TANH_C = 0.044715
+
+
+# ------------------------------------------------------------------------------------------------ math
+@triton.jit
+def _tanh(u):
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
+def _gelu(h, TANH: tl.constexpr):
+    if TANH:
+        out = 0.5 * h * (1.0 + _tanh(_SQRT_2_OVER_PI * (h + _TANH_C * h * h * h)))
+    else:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
+    return out
+
+
+@triton.jit
+def _gelu_grad(h, TANH: tl.constexpr):
+    if TANH:
+        t = _tanh(_SQRT_2_OVER_PI * (h + _TANH_C * h * h * h))
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * h * h)
+    else:
+        out = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    return out
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _gemm_body(
+    A, B, P, Bias, R, G, Out, Pre, RowSum,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_pk,
+    stride_rm, stride_om, stride_prem,
+    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Out (M, N) = prologue(A) (M, K) @ B (K, N), fp32 accumulation, fused epilogue (see the module docstring).
+
+    P: prologue operand addressed like A (``stride_pm``, ``stride_pk``; zero strides broadcast a vector).
+    Bias, G: (N,) vectors along Out's columns. R, Out, Pre: row-major with unit column stride.
+    RowSum: (M,) fp32, the row sums of prologue(A) over all K (written by the programs of tile column 0).
+    Unused pointers may alias any tensor; they are never dereferenced.
+    """
+    # ---- grouped tile order: GROUP_M tile rows walk the tile columns together
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    row0 = group * GROUP_M
+    rows_here = tl.minimum(tiles_m - row0, GROUP_M)
+    local = pid % per_group
+    pid_m = row0 + local % rows_here
+    pid_n = local // rows_here
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    p_ptrs = P + offs_m[:, None] * stride_pm + offs_k[None, :] * stride_pk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if PROLOGUE != 0:
+            p = tl.load(p_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            if PROLOGUE == 1:
+                af = a.to(tl.float32) * p
+            elif PROLOGUE == 2:
+                af = a.to(tl.float32) * _gelu_grad(p, False)
+            else:
+                af = a.to(tl.float32) * _gelu_grad(p, True)
+            if ROW_SUM:
+                row_sum += tl.sum(af, axis=1)
+            a = af.to(B.dtype.element_ty)
+            p_ptrs += BLOCK_K * stride_pk
+        elif ROW_SUM:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        acc = _mma(a, b, acc, INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if ROW_SUM:
+        if pid_n == 0:  # one writer per row: the programs of tile column 0
+            tl.store(RowSum + offs_m, row_sum, mask=m_mask)
+
+    # ---- epilogue
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if STORE_PRE:
+        tl.store(Pre + offs_m[:, None] * stride_prem + offs_n[None, :], acc.to(Pre.dtype.element_ty), mask=c_mask)
+    if EPILOGUE == 1:
+        out = _gelu(acc, False)
+    elif EPILOGUE == 2:
+        out = _gelu(acc, True)
+    elif EPILOGUE == 3:
+        if HAS_GAMMA:
+            acc = acc * tl.load(G + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = acc + tl.load(R + offs_m[:, None] * stride_rm + offs_n[None, :], mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        out = acc
+    tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out.to(Out.dtype.element_ty), mask=c_mask)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+#: GPU autotune space (A100 / H100 classics for 16-bit GEMMs, plus narrow tiles for few tokens or fp32).
+CONFIGS = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(64, 64, 32, 4, 2),
+    _cfg(32, 64, 32, 4, 2),
+    _cfg(16, 64, 64, 4, 2),
+]
+#: Under the interpreter one config (nothing to tune); 32 is not a divisor of the test shapes, so tails are hit.
+INTERPRET_CONFIG = _cfg(32, 32, 32, 4, 1, group=4)
+
+#: Shared-memory budgets (sm_80: 163 KiB per block, sm_90: 227 KiB, minus headroom). A config must fit both.
+SMEM_BUDGET_SM80 = 160 * 1024
+SMEM_BUDGET_SM90 = 224 * 1024
+
+
+def _esize(nargs: dict) -> int:
+    t = nargs.get("B")
+    return t.element_size() if t is not None and hasattr(t, "element_size") else 2
+
+
+def smem_estimate(bm: int, bn: int, bk: int, stages: int, esize: int, sm90: bool) -> int:
+    """Bytes of shared memory for the pipelined A and B tiles: ``stages - 1`` buffers on sm_80, ``stages`` on
+    sm_90 (Triton 3.x), plus on sm_80 an fp32 epilogue layout-conversion scratch of BM × BN."""
+    bufs = stages if sm90 else max(stages - 1, 1)
+    return bufs * (bm + bn) * bk * esize + (0 if sm90 else bm * bn * 4)
+
+
+def prune(configs, nargs, **kwargs):
+    """Autotune pruner: drop tiles much larger than the problem (few tokens need no 128-row blocks), tiles whose
+    shared memory exceeds either budget, and -- for fp32 with IEEE dots (FMA path, no tensor cores, many more live
+    registers) -- everything but tiles of at most 64 × 64. Always keeps at least one config."""
+    M, N, K = nargs["M"], nargs["N"], nargs["K"]
+    esize = _esize(nargs)
+    ieee32 = esize == 4 and kwargs.get("INPUT_PRECISION", "ieee") == "ieee"
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
+    kept = []
+    for c in configs:
+        bm, bn, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
+        if bm > max(16, triton.next_power_of_2(M)) or bn > max(16, triton.next_power_of_2(N)):
+            continue
+        if bk > max(16, triton.next_power_of_2(K)):
+            continue
+        if ieee32 and bm * bn > 64 * 64:
+            continue
+        if smem_estimate(bm, bn, bk, st, esize, False) > SMEM_BUDGET_SM80:
+            continue
+        if smem_estimate(bm, bn, bk, st, esize, True) > SMEM_BUDGET_SM90:
+            continue
+        kept.append(c)
+    return kept or [smallest]
+
+
+#: Autotune key: the shape plus the fusion mode and dot precision (one tuned config per kind of launch).
+KEY = ["M", "N", "K", "PROLOGUE", "EPILOGUE", "INPUT_PRECISION"]
+
+
+def _autotune():
+    if _INTERPRET:
+        return triton.autotune(configs=[INTERPRET_CONFIG], key=KEY)
+    return triton.autotune(configs=CONFIGS, key=KEY, prune_configs_by={"early_config_prune": prune})
+
+
+#: The plain @triton.jit body (what ``python -m fastvit.kernels.check`` compiles).
+gemm_kernel = _gemm_body
+#: Forward (x Wᵀ + epilogue), input-gradient and weight-gradient launches: separate autotuners, separate caches.
+linear_fwd = _autotune()(_gemm_body)
+linear_dgrad = _autotune()(_gemm_body)
+linear_wgrad = _autotune()(_gemm_body)
