@@ -171,7 +171,148 @@ def _register_mae_ops() -> None:
     mae_loss_fwd.register_autograd(loss_backward, setup_context=loss_setup)
 
 
+def _pe_geometry(images, weight, pos_embed, cls_token, reg_tokens):
+    """(B, C, E, Ph, Pw, K, grid_w, Np, R, pos_off, prefix_has_pos)."""
+    B, C, Hi, Wi = images.shape
+    E, _, Ph, Pw = weight.shape
+    Np = (Hi // Ph) * (Wi // Pw)
+    R = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
+    prefix_pos = pos_embed is not None and pos_embed.shape[1] == Np + R
+    return B, C, E, Ph, Pw, C * Ph * Pw, Wi // Pw, Np, R, (R if prefix_pos else 0), prefix_pos
+
+
+def _register_patch_embed_ops() -> None:
+    triton_op = torch.library.triton_op
+
+    @triton_op("fastvit::patch_embed_fwd", mutates_args=())
+    def patch_embed_fwd(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
+                        cls_token: Optional[Tensor], reg_tokens: Optional[Tensor], ids_keep: Optional[Tensor]
+                        ) -> Tensor:
+        B, C, E, Ph, Pw, K, grid_w, Np, R, pos_off, prefix_pos = _pe_geometry(images, weight, pos_embed, cls_token,
+                                                                              reg_tokens)
+        w2 = weight.reshape(E, K).contiguous()
+        ids = _last_contiguous(ids_keep) if ids_keep is not None else None
+        Nk = ids.shape[1] if ids is not None else Np
+        out = torch.empty((B, R + Nk, E), device=images.device, dtype=images.dtype)
+        pos = _last_contiguous(pos_embed[0]) if pos_embed is not None else out[0]
+        if B and Nk and E:
+            _wrap(_pe_k.pe_fwd)[lambda meta: (triton.cdiv(Nk, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"]), B)](
+                images, w2, bias if bias is not None else w2, ids if ids is not None else out, pos, out,
+                *images.stride(), w2.stride(0), ids.stride(0) if ids is not None else 0, pos.stride(0),
+                out.stride(0), out.stride(1),
+                Nk, E, K, grid_w, Ph, Pw, R, pos_off,
+                HAS_BIAS=bias is not None, HAS_IDS=ids is not None, HAS_POS=pos_embed is not None,
+                INPUT_PRECISION=_base.input_precision(images.dtype),
+            )
+        if B and R and E:
+            prefix = torch.cat([t.reshape(-1, E) for t in (cls_token, reg_tokens) if t is not None]).contiguous()
+            _wrap(_pe_k._prefix_rows)[(R, B)](
+                prefix, pos, out, pos.stride(0), out.stride(0), out.stride(1), E,
+                HAS_POS=prefix_pos, BLOCK_E=_pe_k.block_e(E),
+            )
+        return out
+
+    @triton_op("fastvit::patch_embed_bwd", mutates_args=())
+    def patch_embed_bwd(dout: Tensor, images: Tensor, weight: Tensor, ids_keep: Optional[Tensor], pos_len: int,
+                        n_cls: int, n_reg: int, compute_dimages: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """-> (dimages (empty unless computed), dweight, dbias (E,), dpos (1, pos_len, E) or empty, dcls, dreg)."""
+        dout = _last_contiguous(dout)
+        B, C, Hi, Wi = images.shape
+        E, _, Ph, Pw = weight.shape
+        K, grid_w, Np, R = C * Ph * Pw, Wi // Pw, (Hi // Ph) * (Wi // Pw), n_cls + n_reg
+        dev, dt = images.device, images.dtype
+        w2 = weight.reshape(E, K).contiguous()
+        ids = _last_contiguous(ids_keep) if ids_keep is not None else None
+        Nk = ids.shape[1] if ids is not None else Np
+        prec = _base.input_precision(dt)
+        # d weight
+        dw = torch.empty((E, K), device=dev, dtype=weight.dtype)
+        if E and K:
+            _wrap(_pe_k.pe_dw)[lambda meta: (triton.cdiv(E, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]))](
+                images, dout, ids if ids is not None else dout, dw,
+                *images.stride(), ids.stride(0) if ids is not None else 0, dout.stride(0), dout.stride(1),
+                dw.stride(0),
+                E, K, B, Nk, grid_w, Ph, Pw, R,
+                HAS_IDS=ids is not None, INPUT_PRECISION=prec,
+            )
+        # d images (pixels of dropped patches stay zero)
+        if compute_dimages:
+            dimg = torch.zeros(images.shape, device=dev, dtype=dt)
+            if B and Nk and K:
+                _wrap(_pe_k.pe_dimg)[lambda meta: (triton.cdiv(Nk, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_N"]),
+                                                   B)](
+                    dout, w2, ids if ids is not None else dout, dimg,
+                    dout.stride(0), dout.stride(1), w2.stride(0), ids.stride(0) if ids is not None else 0,
+                    *dimg.stride(),
+                    Nk, K, E, grid_w, Ph, Pw, R,
+                    HAS_IDS=ids is not None, INPUT_PRECISION=prec,
+                )
+        else:
+            dimg = torch.empty((0,), device=dev, dtype=dt)
+        # batch sums: per patch (through the inverse of ids_keep) and per prefix row
+        s_patch = torch.empty((Np, E), device=dev, dtype=torch.float32)
+        s_prefix = torch.empty((R, E), device=dev, dtype=torch.float32)
+        be, bt = _pe_k.block_e(E), _pe_k.SUM_BLOCK_T
+        if ids is not None:
+            inv = torch.full((B, Np), -1, device=dev, dtype=torch.int64)
+            inv.scatter_(1, ids, torch.arange(Nk, device=dev, dtype=torch.int64).expand(B, Nk).contiguous())
+        else:
+            inv = s_patch
+        dpatch = dout[:, R:]
+        if Np and E:
+            _wrap(_pe_k._batch_sum)[(triton.cdiv(Np, bt), triton.cdiv(E, be))](
+                dpatch, inv, s_patch, dpatch.stride(0), dpatch.stride(1), inv.stride(0), s_patch.stride(0),
+                B, Np, E, HAS_INV=ids is not None, BLOCK_E=be, BLOCK_T=bt,
+            )
+        if R and E:
+            _wrap(_pe_k._batch_sum)[(triton.cdiv(R, bt), triton.cdiv(E, be))](
+                dout, s_prefix, s_prefix, dout.stride(0), dout.stride(1), 0, s_prefix.stride(0),
+                B, R, E, HAS_INV=False, BLOCK_E=be, BLOCK_T=bt,
+            )
+        db = s_patch.sum(0).to(dt)
+        if pos_len == 0:
+            dpos = torch.empty((0,), device=dev, dtype=dt)
+        elif pos_len == Np:
+            dpos = s_patch.to(dt).reshape(1, Np, E)
+        else:
+            dpos = torch.cat([s_prefix, s_patch]).to(dt).reshape(1, R + Np, E)
+        dcls = s_prefix[:n_cls].to(dt).reshape(1, n_cls, E).clone()  # clones: returns must not alias
+        dreg = s_prefix[n_cls:].to(dt).reshape(1, n_reg, E).clone()
+        return dimg, dw.reshape(weight.shape), db, dpos, dcls, dreg
+
+    def pe_setup(ctx, inputs, output):
+        images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = inputs
+        ctx.save_for_backward(images, weight, ids_keep)
+        ctx.has_bias = bias is not None
+        ctx.pos_len = pos_embed.shape[1] if pos_embed is not None else 0
+        ctx.n_cls = 1 if cls_token is not None else 0
+        ctx.n_reg = reg_tokens.shape[1] if reg_tokens is not None else 0
+        ctx.has_reg = reg_tokens is not None
+
+    def pe_backward(ctx, dout):
+        images, weight, ids_keep = ctx.saved_tensors
+        dimg, dw, db, dpos, dcls, dreg = torch.ops.fastvit.patch_embed_bwd(
+            dout, images, weight, ids_keep, ctx.pos_len, ctx.n_cls, ctx.n_reg, bool(ctx.needs_input_grad[0]))
+        return (
+            dimg if ctx.needs_input_grad[0] else None,
+            dw,
+            db if ctx.has_bias else None,
+            dpos if ctx.pos_len else None,
+            dcls if ctx.n_cls else None,
+            dreg if ctx.has_reg else None,
+            None,
+        )
+
+    patch_embed_fwd.register_autograd(pe_backward, setup_context=pe_setup)
+
+
 # ------------------------------------------------------------------------------------------- dispatch entries
+def patch_embed(images, weight, bias, *, pos_embed=None, cls_token=None, reg_tokens=None, ids_keep=None):
+    """Triton backend of :func:`fastvit.ops.patch_embed` (inputs already validated there)."""
+    return torch.ops.fastvit.patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep)
+
+
 def mae_unshuffle(x, mask_token, ids_restore, *, pos_embed=None):
     """Triton backend of :func:`fastvit.ops.mae_unshuffle` (inputs already validated there)."""
     return torch.ops.fastvit.mae_unshuffle_fwd(x, mask_token, ids_restore, pos_embed)
@@ -204,10 +345,17 @@ def _register() -> None:
             torch.ops.fastvit.mae_unshuffle_fwd  # already registered (module reloaded)
         except (AttributeError, RuntimeError):
             _register_mae_ops()
+        if _pe_k is not None:
+            try:
+                torch.ops.fastvit.patch_embed_fwd
+            except (AttributeError, RuntimeError):
+                _register_patch_embed_ops()
         REGISTERED = True
     caps = Capabilities(devices=_base._devices(), dtypes=_base._DTYPES, deterministic=True)
     register_kernel("triton", "mae_unshuffle", mae_unshuffle, caps, _check)
     register_kernel("triton", "mae_loss", mae_loss, caps, _check)
+    if _pe_k is not None:
+        register_kernel("triton", "patch_embed", patch_embed, caps, _check)
 
 
 if _IMPORT_ERROR is None:
