@@ -44,10 +44,29 @@ def test_train_digits_reaches_high_accuracy(tmp_path):
     assert out["test_accuracy"] > 0.85, out
     assert out["backend"] == "eager" and out["world_size"] == 1 and out["epochs"] == 12, out
     assert out["seconds"] > 0
+
+    # --save: a fresh model loads the weights strictly and scores the reported accuracy on the test split
+    import importlib.util
+
     import torch
 
+    from fastvit.nn import VisionTransformer
+
+    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLES / "train_digits.py")
+    td = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(td)
     saved = torch.load(ckpt, weights_only=False)
-    assert "head.weight" in saved["state_dict"] or any(k.endswith("weight") for k in saved["state_dict"])
+    a = saved["args"]
+    model = VisionTransformer(
+        img_size=8, patch_size=a["patch_size"], in_chans=1, num_classes=10, global_pool="avg",
+        embed_dim=a["embed_dim"], depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"],
+    )
+    model.load_state_dict(saved["state_dict"], strict=True)
+    _, _, x_test, y_test = td.load_data()
+    with torch.no_grad():
+        model.eval()
+        acc = (model((x_test - saved["mean"]) / saved["std"]).argmax(-1) == y_test).float().mean().item()
+    assert abs(acc - out["test_accuracy"]) <= 1 / len(y_test), (acc, out)
 
 
 def test_train_digits_is_deterministic(tmp_path):
