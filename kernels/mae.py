@@ -44,7 +44,7 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: Largest P*P*C a loss row may have (one row lives in registers).
-MAX_ROW = 16384
+MAX_ROW = 8192
 #: Feature chunk of the un-shuffle kernels.
 MAX_BLOCK_C = 256
 #: Output rows per program of the un-shuffle backward (fixed: it sizes the d mask_token partial buffer).
@@ -177,18 +177,18 @@ def _sum_over_batch(
 
 # ------------------------------------------------------------------------------------------------ loss
 @triton.jit
-def _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, P, C, row_len,
+def _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
                   BLOCK_K: tl.constexpr):
     """Offsets (into ``Img``), mask and fp32 values of patch ``n`` of image ``b`` in (p, q, c) order."""
     k = tl.arange(0, BLOCK_K)
     km = k < row_len
-    p = k // (P * C)
-    q = (k // C) % P
+    p = k // (patch * C)
+    q = (k // C) % patch
     c = k % C
     hp = n // grid_w
     wp = n % grid_w
-    offs = (b * stride_ib + c.to(tl.int64) * stride_ic + (hp * P + p).to(tl.int64) * stride_ih
-            + (wp * P + q).to(tl.int64) * stride_iw)
+    offs = (b * stride_ib + c.to(tl.int64) * stride_ic + (hp * patch + p).to(tl.int64) * stride_ih
+            + (wp * patch + q).to(tl.int64) * stride_iw)
     t = tl.load(Img + offs, mask=km, other=0.0).to(tl.float32)
     return offs, km, t
 
@@ -207,12 +207,12 @@ def _normalise(t, km, row_len):
 def _mae_loss_fwd(
     Pred, Img, Loss,
     stride_pb, stride_pn, stride_ib, stride_ic, stride_ih, stride_iw,
-    n_patch, grid_w, P, C, row_len,
+    n_patch, grid_w, patch, C, row_len,
     NORM_PIX: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, P, C, row_len,
+    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
                                 BLOCK_K)
     if NORM_PIX:
         t, rsig = _normalise(t, km, row_len)
@@ -227,12 +227,12 @@ def _mae_loss_bwd(
     Pred, Img, DRow, DPred, DImg,
     stride_pb, stride_pn, stride_ib, stride_ic, stride_ih, stride_iw,
     stride_dpb, stride_dpn, stride_dib, stride_dic, stride_dih, stride_diw,
-    n_patch, grid_w, P, C, row_len,
+    n_patch, grid_w, patch, C, row_len,
     NORM_PIX: tl.constexpr, COMPUTE_DIMG: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, P, C, row_len,
+    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
                                 BLOCK_K)
     if NORM_PIX:
         t, rsig = _normalise(t, km, row_len)
@@ -249,9 +249,9 @@ def _mae_loss_bwd(
             gt = tl.where(km, (gt - gmean - t * gdot) * rsig, 0.0)
         hp = n // grid_w
         wp = n % grid_w
-        p = k // (P * C)
-        q = (k // C) % P
+        p = k // (patch * C)
+        q = (k // C) % patch
         c = k % C
-        doffs = (b * stride_dib + c.to(tl.int64) * stride_dic + (hp * P + p).to(tl.int64) * stride_dih
-                 + (wp * P + q).to(tl.int64) * stride_diw)
+        doffs = (b * stride_dib + c.to(tl.int64) * stride_dic + (hp * patch + p).to(tl.int64) * stride_dih
+                 + (wp * patch + q).to(tl.int64) * stride_diw)
         tl.store(DImg + doffs, gt.to(DImg.dtype.element_ty), mask=km)

@@ -80,21 +80,28 @@ def block_e(E: int) -> int:
 
 
 def _prune(configs, nargs, **kwargs):
-    """Drop tiles far larger than the problem (``m_rows`` x ``n_cols``), and for fp32 IEEE dots keep only
-    the smallest tile (the FMA path holds far more live registers). Always keeps at least one config."""
+    """Drop tiles far larger than the problem (``m_rows`` x ``n_cols``); fp32 with IEEE dots keeps only the
+    smallest tile (the FMA path holds far more live registers), fp32 with TF32 only tiles up to 64 x 64 (larger
+    ones spill on sm_80 / sm_90 per ``ptxas -v``). Always keeps at least one config."""
     smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    if kwargs.get("INPUT_PRECISION") == "ieee" and _esize(nargs) == 4:
+    esize = _esize(nargs)
+    if kwargs.get("INPUT_PRECISION") == "ieee" and esize == 4:
         return [smallest]
     m, n = nargs["m_rows"], nargs["n_cols"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
+            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))
+            and (esize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
     return kept or [smallest]
 
 
 def _esize(nargs) -> int:
-    t = nargs.get("Img")
-    return t.element_size() if t is not None and hasattr(t, "element_size") else 2
+    """Element size of the kernel's activations (fp32: 4), from whichever of its tensors the launch passed."""
+    for name in ("Img", "DImg", "DOut"):
+        t = nargs.get(name)
+        if t is not None and hasattr(t, "element_size"):
+            return t.element_size()
+    return 2
 
 
 def _autotune(key):
@@ -104,15 +111,16 @@ def _autotune(key):
 
 
 @triton.jit
-def _im2col_offsets(b, patch, k, grid_w, Ph, Pw, stride_ib, stride_ic, stride_ih, stride_iw):
-    """Image offsets of A[patch (rows), k (cols)]: k = (c, i, jj) with c slowest."""
-    c = k // (Ph * Pw)
-    i = (k // Pw) % Ph
-    jj = k % Pw
-    h = (patch // grid_w) * Ph
-    w = (patch % grid_w) * Pw
-    return (b * stride_ib + c[None, :].to(tl.int64) * stride_ic + (h[:, None] + i[None, :]).to(tl.int64) * stride_ih
-            + (w[:, None] + jj[None, :]).to(tl.int64) * stride_iw)
+def _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih, stride_iw):
+    """Offsets of A[patch (rows), k (cols)] within image ``b`` (int32: one image holds < 2^31 elements; the caller
+    adds the int64 batch offset to the base pointer): k = (c, i, jj) with c slowest."""
+    c = k // (ph * pw)
+    i = (k // pw) % ph
+    jj = k % pw
+    patch = patch.to(tl.int32)
+    h = (patch // grid_w) * ph
+    w = (patch % grid_w) * pw
+    return c[None, :] * stride_ic + (h[:, None] + i[None, :]) * stride_ih + (w[:, None] + jj[None, :]) * stride_iw
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -120,7 +128,7 @@ def _im2col_offsets(b, patch, k, grid_w, Ph, Pw, stride_ib, stride_ic, stride_ih
 def _pe_fwd_body(
     Img, W, Bias, Ids, Pos, Out,
     stride_ib, stride_ic, stride_ih, stride_iw, stride_we, stride_idb, stride_pt, stride_ob, stride_ot,
-    m_rows, n_cols, k_len, grid_w, Ph, Pw, row_off, pos_off,
+    m_rows, n_cols, k_len, grid_w, ph, pw, row_off, pos_off,
     HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -130,18 +138,19 @@ def _pe_fwd_body(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # kept-row index j (m_rows = Nk)
     rmask = rows < m_rows
     if HAS_IDS:
-        patch = tl.load(Ids + b * stride_idb + rows, mask=rmask, other=0)
+        patch = tl.load(Ids + b * stride_idb + rows, mask=rmask, other=0).to(tl.int32)
     else:
-        patch = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # features e (n_cols = E)
+        patch = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # features e (n_cols = n_embed)
     cmask = cols < n_cols
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_len
-        a = tl.load(Img + _im2col_offsets(b, patch, k, grid_w, Ph, Pw, stride_ib, stride_ic, stride_ih, stride_iw),
+        a = tl.load(Img + b * stride_ib + _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih,
+                                                          stride_iw),
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(W + cols[None, :].to(tl.int64) * stride_we + k[:, None], mask=kmask[:, None] & cmask[None, :],
+        wt = tl.load(W + cols[None, :] * stride_we + k[:, None], mask=kmask[:, None] & cmask[None, :],
                      other=0.0)
         acc = _dot(a, wt, acc, INPUT_PRECISION)
     if HAS_BIAS:
@@ -149,7 +158,7 @@ def _pe_fwd_body(
     m2 = rmask[:, None] & cmask[None, :]
     if HAS_POS:
         acc += tl.load(Pos + (pos_off + patch)[:, None] * stride_pt + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    out_rows = (row_off + rows).to(tl.int64)
+    out_rows = row_off + rows
     tl.store(Out + b * stride_ob + out_rows[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty),
              mask=m2)
 
@@ -163,16 +172,16 @@ pe_fwd_kernel = _pe_fwd_body
 def _prefix_rows(
     Prefix, Pos, Out,
     stride_pt, stride_ob, stride_ot,
-    E,
+    n_embed,
     HAS_POS: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """``Out[b, r] = Prefix[r] (+ Pos[r])`` for the R prefix rows; grid (R, B). Prefix is (R, E) contiguous."""
+    """``Out[b, r] = Prefix[r] (+ Pos[r])`` for the R prefix rows; grid (R, B). Prefix is (R, n_embed) contiguous."""
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    for e0 in range(0, E, BLOCK_E):
+    for e0 in range(0, n_embed, BLOCK_E):
         cols = e0 + tl.arange(0, BLOCK_E)
-        cm = cols < E
-        v = tl.load(Prefix + r * E + cols, mask=cm, other=0.0).to(tl.float32)
+        cm = cols < n_embed
+        v = tl.load(Prefix + r * n_embed + cols, mask=cm, other=0.0).to(tl.float32)
         if HAS_POS:
             v += tl.load(Pos + r * stride_pt + cols, mask=cm, other=0.0).to(tl.float32)
         tl.store(Out + b * stride_ob + r * stride_ot + cols, v.to(Out.dtype.element_ty), mask=cm)
@@ -183,12 +192,12 @@ def _prefix_rows(
 def _pe_dw_body(
     Img, DOut, Ids, DW,
     stride_ib, stride_ic, stride_ih, stride_iw, stride_idb, stride_db, stride_dt, stride_dwe,
-    m_rows, n_cols, n_batch, n_keep, grid_w, Ph, Pw, row_off,
+    m_rows, n_cols, n_batch, n_keep, grid_w, ph, pw, row_off,
     HAS_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW[e, k] = sum_r dOut[r, e] A[r, k] over the B·Nk patch rows; grid (E blocks, K blocks).
-    Here m_rows = E and n_cols = K; BLOCK_K steps through the rows of each batch."""
+    """dW[e, k] = sum_r dOut[r, e] A[r, k] over the B·Nk patch rows; grid (n_embed blocks, K blocks).
+    Here m_rows = n_embed and n_cols = K; BLOCK_K steps through the rows of each batch."""
     e = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     emask = e < m_rows
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,16 +209,16 @@ def _pe_dw_body(
             j = j0 + tl.arange(0, BLOCK_K)
             jmask = j < n_keep
             if HAS_IDS:
-                patch = tl.load(Ids + b64 * stride_idb + j, mask=jmask, other=0)
+                patch = tl.load(Ids + b64 * stride_idb + j, mask=jmask, other=0).to(tl.int32)
             else:
-                patch = j.to(tl.int64)
-            g = tl.load(DOut + b64 * stride_db + (row_off + j).to(tl.int64)[None, :] * stride_dt + e[:, None],
+                patch = j
+            g = tl.load(DOut + b64 * stride_db + (row_off + j)[None, :] * stride_dt + e[:, None],
                         mask=emask[:, None] & jmask[None, :], other=0.0)  # (BLOCK_M e, BLOCK_K rows)
-            a = tl.load(Img + _im2col_offsets(b64, patch, k, grid_w, Ph, Pw, stride_ib, stride_ic, stride_ih,
+            a = tl.load(Img + b64 * stride_ib + _im2col_offsets(b64, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih,
                                               stride_iw),
                         mask=jmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_K rows, BLOCK_N k)
             acc = _dot(g.to(a.dtype), a, acc, INPUT_PRECISION)
-    tl.store(DW + e[:, None].to(tl.int64) * stride_dwe + k[None, :], acc.to(DW.dtype.element_ty),
+    tl.store(DW + e[:, None] * stride_dwe + k[None, :], acc.to(DW.dtype.element_ty),
              mask=emask[:, None] & kmask[None, :])
 
 
@@ -221,51 +230,51 @@ pe_dw_kernel = _pe_dw_body
 def _pe_dimg_body(
     DOut, W, Ids, DImg,
     stride_db, stride_dt, stride_we, stride_idb, stride_ib, stride_ic, stride_ih, stride_iw,
-    m_rows, n_cols, E, grid_w, Ph, Pw, row_off,
+    m_rows, n_cols, n_embed, grid_w, ph, pw, row_off,
     HAS_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dA = dOut_patches @ W scattered to the image (col2im, unique writers); grid (Nk blocks, K blocks, B).
-    Here m_rows = Nk, n_cols = K and BLOCK_K steps through E."""
+    Here m_rows = Nk, n_cols = K and BLOCK_K steps through n_embed."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < m_rows
     k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     kmask = k < n_cols
     b = tl.program_id(2).to(tl.int64)
     if HAS_IDS:
-        patch = tl.load(Ids + b * stride_idb + rows, mask=rmask, other=0)
+        patch = tl.load(Ids + b * stride_idb + rows, mask=rmask, other=0).to(tl.int32)
     else:
-        patch = rows.to(tl.int64)
+        patch = rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for e0 in range(0, E, BLOCK_K):
+    for e0 in range(0, n_embed, BLOCK_K):
         e = e0 + tl.arange(0, BLOCK_K)
-        emask = e < E
-        g = tl.load(DOut + b * stride_db + (row_off + rows).to(tl.int64)[:, None] * stride_dt + e[None, :],
+        emask = e < n_embed
+        g = tl.load(DOut + b * stride_db + (row_off + rows)[:, None] * stride_dt + e[None, :],
                     mask=rmask[:, None] & emask[None, :], other=0.0)
-        wt = tl.load(W + e[:, None].to(tl.int64) * stride_we + k[None, :], mask=emask[:, None] & kmask[None, :],
+        wt = tl.load(W + e[:, None] * stride_we + k[None, :], mask=emask[:, None] & kmask[None, :],
                      other=0.0)
         acc = _dot(g.to(wt.dtype), wt, acc, INPUT_PRECISION)
-    offs = _im2col_offsets(b, patch, k, grid_w, Ph, Pw, stride_ib, stride_ic, stride_ih, stride_iw)
-    tl.store(DImg + offs, acc.to(DImg.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
+    offs = _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih, stride_iw)
+    tl.store(DImg + b * stride_ib + offs, acc.to(DImg.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
 
 
-pe_dimg = _autotune(["m_rows", "n_cols", "E"])(_pe_dimg_body)
+pe_dimg = _autotune(["m_rows", "n_cols", "n_embed"])(_pe_dimg_body)
 pe_dimg_kernel = _pe_dimg_body
 
 
 @triton.jit
 def _batch_sum(
-    G, Inv, Out,
+    G, Inv, Sum,
     stride_gb, stride_gt, stride_invb, stride_ot,
-    n_batch, n_rows, E,
+    n_batch, n_rows, n_embed,
     HAS_INV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """``Out[t] = sum_b G[b, src]`` in fp32 with ``src = Inv[b, t]`` (skipped when < 0) or ``t``; grid (row blocks,
-    E blocks). Each output element has one writer, the batch is summed in order: deterministic."""
+    """``Sum[t] = sum_b G[b, src]`` in fp32 with ``src = Inv[b, t]`` (skipped when < 0) or ``t``; grid (row blocks,
+    n_embed blocks). Each output element has one writer, the batch is summed in order: deterministic."""
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     tmask = t < n_rows
     cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    cm = cols < E
+    cm = cols < n_embed
     acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     for b in range(0, n_batch):
         b64 = tl.full([], b, tl.int64)
@@ -277,4 +286,4 @@ def _batch_sum(
             valid = tmask
         acc += tl.load(G + b64 * stride_gb + src[:, None] * stride_gt + cols[None, :],
                        mask=valid[:, None] & cm[None, :], other=0.0).to(tl.float32)
-    tl.store(Out + t[:, None] * stride_ot + cols[None, :], acc, mask=tmask[:, None] & cm[None, :])
+    tl.store(Sum + t[:, None] * stride_ot + cols[None, :], acc, mask=tmask[:, None] & cm[None, :])
