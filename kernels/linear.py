@@ -72,10 +72,12 @@ EPI_GELU_ERF = 1  # Pre = acc + bias; Out = GELU(Pre)
 EPI_GELU_TANH = 2
 EPI_RESIDUAL = 3  # Pre = acc + bias; Out = R + gamma ⊙ Pre (gamma optional)
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_TANH_C = 0.044715
+# Globals read inside @triton.jit functions must be constexpr (the interpreter accepts plain floats, the compiler
+# does not); the interpreter in turn wants them on the right of a tensor product (``h * C``, not ``C * h``).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_C = tl.constexpr(0.044715)
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -87,7 +89,7 @@ def _tanh(u):
 @triton.jit
 def _gelu(h, TANH: tl.constexpr):
     if TANH:
-        out = 0.5 * h * (1.0 + _tanh(_SQRT_2_OVER_PI * (h + _TANH_C * h * h * h)))
+        out = 0.5 * h * (1.0 + _tanh((h + h * h * h * _TANH_C) * _SQRT_2_OVER_PI))
     else:
         out = 0.5 * h * (1.0 + tl.math.erf(h * _SQRT1_2))
     return out
@@ -96,8 +98,8 @@ def _gelu(h, TANH: tl.constexpr):
 @triton.jit
 def _gelu_grad(h, TANH: tl.constexpr):
     if TANH:
-        t = _tanh(_SQRT_2_OVER_PI * (h + _TANH_C * h * h * h))
-        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * h * h)
+        t = _tanh((h + h * h * h * _TANH_C) * _SQRT_2_OVER_PI)
+        out = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + h * h * (3.0 * _TANH_C))
     else:
         out = 0.5 * (1.0 + tl.math.erf(h * _SQRT1_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
     return out
@@ -207,12 +209,15 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> 
                          num_warps=warps, num_stages=stages)
 
 
-#: GPU autotune space (A100 / H100 classics for 16-bit GEMMs, plus narrow tiles for few tokens or fp32).
+#: GPU autotune space (A100 / H100 classics for 16-bit GEMMs, BLOCK_K = 32 tiles for the prologue launches, whose
+#: fp32 A and P tiles take registers, and narrow tiles for few tokens or fp32). 128 x 256 tiles were dropped: they
+#: spill with every epilogue, and 128 x 64 x 64 with 4 warps spilled 1 KB (``python -m fastvit.kernels.check``).
 CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
     _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 128, 32, 4, 3),
     _cfg(128, 128, 32, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
     _cfg(64, 64, 32, 4, 2),
@@ -232,20 +237,36 @@ def _esize(nargs: dict) -> int:
     return t.element_size() if t is not None and hasattr(t, "element_size") else 2
 
 
-def smem_estimate(bm: int, bn: int, bk: int, stages: int, esize: int, sm90: bool) -> int:
+def smem_estimate(bm: int, bn: int, bk: int, stages: int, esize: int, sm90: bool, prologue: bool = False) -> int:
     """Bytes of shared memory for the pipelined A and B tiles: ``stages - 1`` buffers on sm_80, ``stages`` on
-    sm_90 (Triton 3.x), plus on sm_80 an fp32 epilogue layout-conversion scratch of BM × BN."""
+    sm_90 (Triton 3.x); on sm_80 the fp32 epilogue layout-conversion scratch of BM × BN reuses the same memory
+    after the loop (the allocator overlaps buffers whose lifetimes do not), hence the max. A prologue operand P is
+    pipelined like A (one more BM x BK tile per buffer). Matches the sm_80 / sm_90 compiles of the check."""
     bufs = stages if sm90 else max(stages - 1, 1)
-    return bufs * (bm + bn) * bk * esize + (0 if sm90 else bm * bn * 4)
+    pipeline = bufs * (bm * (2 if prologue else 1) + bn) * bk * esize
+    return pipeline if sm90 else max(pipeline, bm * bn * 4)
+
+
+#: 32-bit registers per thread that a config's tiles may take (fitted to ``ptxas -v``: beyond it, spills).
+WORDS_PER_THREAD = 120
+
+
+def words_per_thread(bm: int, bn: int, bk: int, esize: int, warps: int, prologue: bool) -> float:
+    """Registers per thread for the fp32 accumulator, one A and one B tile, and with a prologue the fp32 A and P
+    tiles it computes on."""
+    words = bm * bn + (bm + bn) * bk * esize / 4 + (2 * bm * bk if prologue else 0)
+    return words / (32 * warps)
 
 
 def prune(configs, nargs, **kwargs):
     """Autotune pruner: drop tiles much larger than the problem (few tokens need no 128-row blocks), tiles whose
-    shared memory exceeds either budget, and -- for fp32 with IEEE dots (FMA path, no tensor cores, many more live
-    registers) -- everything but tiles of at most 64 × 64. Always keeps at least one config."""
+    shared memory exceeds either budget, tiles needing more than :data:`WORDS_PER_THREAD` registers per thread, and
+    -- for fp32 with IEEE dots (FMA path, no tensor cores; larger tiles spill kilobytes) -- everything but the
+    32 x 64 x 32 tile. Always keeps at least one config."""
     M, N, K = nargs["M"], nargs["N"], nargs["K"]
     esize = _esize(nargs)
     ieee32 = esize == 4 and kwargs.get("INPUT_PRECISION", "ieee") == "ieee"
+    pro = bool(kwargs.get("PROLOGUE", 0))
     smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
     kept = []
     for c in configs:
@@ -254,11 +275,13 @@ def prune(configs, nargs, **kwargs):
             continue
         if bk > max(16, triton.next_power_of_2(K)):
             continue
-        if ieee32 and bm * bn > 64 * 64:
+        if ieee32 and (bm * bn > 32 * 64 or bk > 32):
             continue
-        if smem_estimate(bm, bn, bk, st, esize, False) > SMEM_BUDGET_SM80:
+        if smem_estimate(bm, bn, bk, st, esize, False, pro) > SMEM_BUDGET_SM80:
             continue
-        if smem_estimate(bm, bn, bk, st, esize, True) > SMEM_BUDGET_SM90:
+        if smem_estimate(bm, bn, bk, st, esize, True, pro) > SMEM_BUDGET_SM90:
+            continue
+        if words_per_thread(bm, bn, bk, esize, c.num_warps, pro) > WORDS_PER_THREAD:
             continue
         kept.append(c)
     return kept or [smallest]
@@ -280,3 +303,72 @@ gemm_kernel = _gemm_body
 linear_fwd = _autotune()(_gemm_body)
 linear_dgrad = _autotune()(_gemm_body)
 linear_wgrad = _autotune()(_gemm_body)
+
+
+# ------------------------------------------------------------------------------------------------ compile check
+class _FakeOperand:
+    """What :func:`prune` looks at: ``element_size()`` of B."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def element_size(self) -> int:
+        return self.size
+
+
+def _label(cfg) -> str:
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}/w{cfg.num_warps}/s{cfg.num_stages}"
+
+
+#: Fusion constexprs of each launch as the backend uses it (the heaviest variant of each).
+_MODES = {
+    "linear_fwd": dict(PROLOGUE=PRO_NONE, EPILOGUE=EPI_GELU_ERF, HAS_BIAS=True, HAS_GAMMA=False, STORE_PRE=True,
+                       ROW_SUM=False),
+    "linear_dgrad": dict(PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False,
+                         STORE_PRE=False, ROW_SUM=False),
+    "linear_wgrad": dict(PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False,
+                         STORE_PRE=False, ROW_SUM=True),
+}
+
+
+def check_variants() -> list[dict]:
+    """The compiles ``python -m fastvit.kernels.check`` runs for this family, in its variant format.
+
+    * every autotune config of each launch (forward with the erf-GELU + stored-h epilogue, dgrad and wgrad with the
+      erf-GELU' prologue, wgrad with the fused bias row sums) once, at the widest operands the pruner lets it see
+      on a 4096³ problem: fp32 with TF32 dots if kept, else fp16 (bf16 has fp16's footprint);
+    * the other fusions on the first config kept for a ViT-B fc1 shape (T = 197·64, C = 768 -> 3072): forward tanh
+      GELU (bf16) and bias + gamma + residual (fp16); dgrad / wgrad with the gamma and tanh-GELU' prologues (bf16);
+    * fp32 with IEEE dots (PyTorch's default precision) for each launch, on the config the pruner keeps.
+    """
+    out: list[dict] = []
+
+    def add(kernel, cfg, dtype, prec, modes, dim):
+        out.append(dict(
+            family="linear", kernel=kernel, config=_label(cfg), dtype=dtype, dim=dim,
+            constexprs=dict(modes, INPUT_PRECISION=prec, **cfg.kwargs),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ))
+
+    def kept(M, N, K, esize, prec, prologue=PRO_NONE):
+        return prune(CONFIGS, dict(B=_FakeOperand(esize), M=M, N=N, K=K), INPUT_PRECISION=prec, PROLOGUE=prologue)
+
+    for kernel, modes in _MODES.items():
+        for cfg in CONFIGS:
+            for dtype, esize, prec in (("fp32", 4, "tf32"), ("fp16", 2, "ieee")):
+                if any(c is cfg for c in kept(4096, 4096, 4096, esize, prec, modes["PROLOGUE"])):
+                    add(kernel, cfg, dtype, prec, modes, 4096)
+                    break
+            # a config this launch's pruner never keeps is simply not compiled for it
+        cfg = kept(4096, 4096, 4096, 4, "ieee", modes["PROLOGUE"])[0]
+        add(kernel, cfg, "fp32", "ieee", modes, 4096)
+    T, C, H = 197 * 64, 768, 3072
+    fwd = kept(T, H, C, 2, "ieee")[0]
+    add("linear_fwd", fwd, "bf16", "ieee", dict(_MODES["linear_fwd"], EPILOGUE=EPI_GELU_TANH), C)
+    add("linear_fwd", fwd, "fp16", "ieee", dict(_MODES["linear_fwd"], EPILOGUE=EPI_RESIDUAL, HAS_GAMMA=True), C)
+    for kernel, (M, N, K) in (("linear_dgrad", (T, C, H)), ("linear_wgrad", (H, C, T))):
+        cfg = kept(M, N, K, 2, "ieee", PRO_GELU_ERF)[0]
+        for prologue in (PRO_SCALE, PRO_GELU_TANH):
+            add(kernel, cfg, "bf16", "ieee", dict(_MODES[kernel], PROLOGUE=prologue), C)
+    return out
