@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ddp_model = model
     if world_size > 1:
+        # Same initialisation everywhere (DDP also broadcasts rank 0's weights); from here on each rank draws its
+        # own stochastic-depth masks instead of repeating rank 0's on different samples.
+        torch.manual_seed(args.seed + 7919 * rank)
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
