@@ -172,3 +172,22 @@ def test_mae_opcheck(generator, device):
     pred = randn((2, 4, 12), generator=generator, device=device).requires_grad_()
     img = randn((2, 3, 4, 4), generator=generator, device=device).requires_grad_()
     torch.library.opcheck(torch.ops.fastvit.mae_loss_fwd, (pred, img, 2, True), test_utils=OPCHECK_UTILS)
+
+
+def test_mae_loss_mixed_dtypes_channels_last(generator, device):
+    """bf16 pred against fp32 channels_last images (the ops contract does not tie their dtypes)."""
+    B, C, Hi, Wi, P = 2, 3, 8, 8, 4
+    pred = randn((B, 4, P * P * C), generator=generator, device=device, dtype=torch.bfloat16).requires_grad_()
+    images = randn((B, C, Hi, Wi), generator=generator, device=device).to(memory_format=torch.channels_last)
+    images.requires_grad_()
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]], device=device)
+    for norm_pix in (False, True):
+        got = _triton_loss(pred, images, mask, P, norm_pix)
+        want = _naive_loss(pred.double(), images.double(), mask.double(), P, norm_pix)
+        assert got.dtype == torch.bfloat16
+        assert abs(float(got.detach()) - float(want.detach())) <= 1e-2 * max(1.0, abs(float(want.detach())))
+        gp, gi = torch.autograd.grad(got, [pred, images])
+        wp, wi = torch.autograd.grad(want, [pred, images])
+        assert gi.dtype == torch.float32 and gp.dtype == torch.bfloat16
+        assert (gp.double() - wp).abs().max() <= 1e-2 * max(1.0, float(wp.abs().max()))
+        assert (gi.double() - wi).abs().max() <= 1e-2 * max(1.0, float(wi.abs().max()))

@@ -138,3 +138,19 @@ def test_patch_embed_opcheck(generator, device):
     ids = _ids_keep(2, 4, 3, generator).to(device)
     torch.library.opcheck(torch.ops.fastvit.patch_embed_fwd, (img, w, b, pos, cls, None, ids),
                           test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("n_keep", [0, 2])
+def test_patch_embed_channels_last_and_empty_keep(n_keep, generator, device):
+    """channels_last images are read through their strides; N_keep = 0 leaves only the prefix rows."""
+    B, C, Hi, Wi, P, E = 2, 3, 8, 8, 4, 16
+    inputs = {
+        "images": randn((B, C, Hi, Wi), generator=generator, device=device).to(memory_format=torch.channels_last),
+        "weight": randn((E, C, P, P), generator=generator, device=device, scale=0.2),
+        "bias": None,
+        "pos_embed": randn((1, 5, E), generator=generator, device=device),
+        "cls_token": randn((1, 1, E), generator=generator, device=device),
+        "ids_keep": _ids_keep(B, 4, n_keep, generator).to(device),
+    }
+    check_op({"triton": _triton_pe}, _naive_pe, inputs, ["images", "weight", "pos_embed", "cls_token"],
+             dtype=torch.float32, generator=generator, name=f"patch_embed channels_last keep={n_keep}")
