@@ -15,6 +15,8 @@ import torch
 
 from fastvit import _eager  # noqa: F401  (registers the eager backend)
 from fastvit import _triton  # noqa: F401  (registers the triton backend when triton imports)
+from fastvit import _triton_linear  # noqa: F401  (triton linear_gelu / linear_residual)
+from fastvit import _triton_mae  # noqa: F401  (triton patch_embed / mae_unshuffle / mae_loss)
 from fastvit import reference
 from fastvit.backends import select
 

@@ -53,12 +53,24 @@ _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 def _needs_subprocess() -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return any(m in sys.modules for m in ("fastvit.kernels.attention", "fastvit.kernels.layer_norm")) and (
+    return any(m in sys.modules for m in ("fastvit.kernels.attention", "fastvit.kernels.layer_norm",
+                                          "fastvit.kernels.linear", "fastvit.kernels.mae",
+                                          "fastvit.kernels.patch_embed")) and (
         "triton.runtime.interpreter" in sys.modules
     )
 
 
 # --------------------------------------------------------------------------------------------- variants
+class _Fake:
+    """Stands in for a tensor argument where the autotune pruners only look at ``element_size()``."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def element_size(self) -> int:
+        return self.size
+
+
 def _variants() -> list[dict]:
     """The list of compiles: dicts with kernel, config label, dtype, head dim / C, constexprs, warps, stages."""
     from fastvit.kernels import attention as A
@@ -73,13 +85,6 @@ def _variants() -> list[dict]:
                             BLOCK_D=A.block_d(D), INPUT_PRECISION=prec),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ))
-
-    class _Fake:  # what the pruners look at: element_size() of Q
-        def __init__(self, size):
-            self.size = size
-
-        def element_size(self):
-            return self.size
 
     sweep = {"attn_fwd": [("bf16", 80, "ieee"), ("fp32", 128, "ieee")],
              "attn_bwd_dkdv": [("fp16", 72, "ieee"), ("fp32", 128, "ieee")],
@@ -119,6 +124,65 @@ def _variants() -> list[dict]:
                 dtype=dtype, dim=C, constexprs=dict(flags, BLOCK_C=L.block_c(C)),
                 num_warps=L.num_warps_for(C), num_stages=1,
             ))
+    from fastvit.kernels import linear as LIN
+
+    out.extend(LIN.check_variants())
+    out.extend(_mae_variants())
+    out.extend(_patch_embed_variants())
+    return out
+
+
+def _mae_variants() -> list[dict]:
+    from fastvit.kernels import mae as MAE
+
+    out = []
+    for cfg in MAE.UNSHUFFLE_CONFIGS:
+        for dtype, C in (("bf16", 512), ("fp32", 200)):
+            out.append(dict(
+                family="mae", kernel="mae_unshuffle_fwd", config=f"BT{cfg.kwargs['BLOCK_T']}/w{cfg.num_warps}",
+                dtype=dtype, dim=C,
+                constexprs=dict(HAS_POS=True, BLOCK_C=MAE.block_c(C), BLOCK_T=cfg.kwargs["BLOCK_T"]),
+                num_warps=cfg.num_warps, num_stages=1,
+            ))
+    for kernel, bt in (("mae_unshuffle_bwd", MAE.BWD_BLOCK_T), ("mae_sum_over_batch", MAE.SUM_BLOCK_T)):
+        for dtype in ("bf16", "fp32"):
+            out.append(dict(family="mae", kernel=kernel, config=f"BT{bt}/w4", dtype=dtype, dim=512,
+                            constexprs=dict(BLOCK_C=MAE.block_c(512), BLOCK_T=bt), num_warps=4, num_stages=1))
+    for kernel in ("mae_loss_fwd", "mae_loss_bwd"):
+        flags = dict(NORM_PIX=True) if kernel == "mae_loss_fwd" else dict(NORM_PIX=True, COMPUTE_DIMG=True)
+        for dtype, K in (("fp32", 768), ("bf16", 768), ("fp16", 588), ("fp32", MAE.MAX_ROW)):
+            out.append(dict(family="mae", kernel=kernel, config=f"BK{MAE.block_row(K)}/w{MAE.loss_num_warps(K)}",
+                            dtype=dtype, dim=K, constexprs=dict(flags, BLOCK_K=MAE.block_row(K)),
+                            num_warps=MAE.loss_num_warps(K), num_stages=1))
+    return out
+
+
+def _patch_embed_variants() -> list[dict]:
+    from fastvit.kernels import patch_embed as PE
+
+    out = []
+    flags_of = {"pe_fwd": dict(HAS_BIAS=True, HAS_IDS=True, HAS_POS=True), "pe_dw": dict(HAS_IDS=True),
+                "pe_dimg": dict(HAS_IDS=True)}
+    smallest = min(PE.GEMM_CONFIGS, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    fp32_tf32 = PE._prune(PE.GEMM_CONFIGS, dict(Img=_Fake(4), DImg=_Fake(4), DOut=_Fake(4), m_rows=4096,
+                                                n_cols=768), INPUT_PRECISION="tf32")
+    variants = [(cfg, dtype, "ieee") for cfg in PE.GEMM_CONFIGS for dtype in ("fp16", "bf16")]
+    variants += [(cfg, "fp32", "tf32") for cfg in fp32_tf32] + [(smallest, "fp32", "ieee")]
+    for kernel, flags in flags_of.items():
+        for cfg, dtype, prec in variants:
+            k = cfg.kwargs
+            out.append(dict(
+                family="patch_embed", kernel=kernel,
+                config=f"BM{k['BLOCK_M']}/BN{k['BLOCK_N']}/BK{k['BLOCK_K']}/w{cfg.num_warps}/s{cfg.num_stages}",
+                dtype=dtype, dim=768, constexprs=dict(flags, INPUT_PRECISION=prec, **k),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ))
+    out.append(dict(family="patch_embed", kernel="pe_prefix_rows", config=f"BE{PE.block_e(768)}/w4", dtype="bf16",
+                    dim=768, constexprs=dict(HAS_POS=True, BLOCK_E=PE.block_e(768)), num_warps=4, num_stages=1))
+    out.append(dict(family="patch_embed", kernel="pe_batch_sum", config=f"BE{PE.block_e(768)}/BT{PE.SUM_BLOCK_T}/w4",
+                    dtype="bf16", dim=768,
+                    constexprs=dict(HAS_INV=True, BLOCK_E=PE.block_e(768), BLOCK_T=PE.SUM_BLOCK_T),
+                    num_warps=4, num_stages=1))
     return out
 
 
@@ -129,8 +193,24 @@ def _label(cfg) -> str:
 def _kernel_fn(name: str):
     from fastvit.kernels import attention as A
     from fastvit.kernels import layer_norm as L
+    from fastvit.kernels import linear as LIN
+    from fastvit.kernels import mae as MAE
+    from fastvit.kernels import patch_embed as PE
 
     return {
+        "mae_unshuffle_fwd": MAE.unshuffle_fwd_kernel,
+        "mae_unshuffle_bwd": MAE._unshuffle_bwd,
+        "mae_sum_over_batch": MAE._sum_over_batch,
+        "mae_loss_fwd": MAE._mae_loss_fwd,
+        "mae_loss_bwd": MAE._mae_loss_bwd,
+        "pe_fwd": PE.pe_fwd_kernel,
+        "pe_dw": PE.pe_dw_kernel,
+        "pe_dimg": PE.pe_dimg_kernel,
+        "pe_prefix_rows": PE._prefix_rows,
+        "pe_batch_sum": PE._batch_sum,
+        "linear_fwd": LIN.gemm_kernel,
+        "linear_dgrad": LIN.gemm_kernel,
+        "linear_wgrad": LIN.gemm_kernel,
         "attn_fwd": A.attn_fwd_kernel,
         "attn_bwd_dkdv": A.attn_bwd_dkdv_kernel,
         "attn_bwd_dq": A.attn_bwd_dq_kernel,
@@ -141,8 +221,18 @@ def _kernel_fn(name: str):
 
 
 #: Pointer arguments that are always fp32 (statistics, partial sums).
-_FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DWp", "DBp"}
+_FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DWp", "DBp", "RowSum", "DMaskP", "Loss", "DRow", "Sum"}
+_I64_POINTERS = {"Ids", "Inv"}
 _FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
+
+
+#: Upper-case kernel arguments that are sizes, not pointers. In the GEMM kernels M, N, K are the problem sizes;
+#: in the attention kernels K is the key pointer.
+_INT_ARGS = ("H", "M", "C", "N_Q", "N_KV", "ROWS_PER_PROGRAM")
+
+
+def _int_args(variant: dict) -> tuple[str, ...]:
+    return _INT_ARGS + (("N", "K") if variant["family"] == "linear" else ())
 
 
 def _signature(fn, variant: dict) -> tuple[dict, dict]:
@@ -153,8 +243,9 @@ def _signature(fn, variant: dict) -> tuple[dict, dict]:
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
-        elif name[0].isupper() and name not in ("H", "M", "C", "N_Q", "N_KV", "ROWS_PER_PROGRAM"):
-            sig[name] = "*fp32" if name in _FP32_POINTERS else _DT[variant["dtype"]]
+        elif name[0].isupper() and name not in _int_args(variant):
+            sig[name] = ("*fp32" if name in _FP32_POINTERS else "*i64" if name in _I64_POINTERS
+                         else _DT[variant["dtype"]])
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
@@ -259,7 +350,10 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-ALL_KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "ln_fwd", "ln_bwd")
+ALL_KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "ln_fwd", "ln_bwd",
+               "linear_fwd", "linear_dgrad", "linear_wgrad",
+               "mae_unshuffle_fwd", "mae_unshuffle_bwd", "mae_sum_over_batch", "mae_loss_fwd", "mae_loss_bwd",
+               "pe_fwd", "pe_dw", "pe_dimg", "pe_prefix_rows", "pe_batch_sum")
 
 
 def main(argv: list[str] | None = None) -> int:
