@@ -1,0 +1,68 @@
+"""Whole models on the ``triton`` backend against ``eager``: a tiny VisionTransformer and MaskedAutoencoderViT,
+forward and every parameter gradient, under DESIGN.md's oracle (``ref``: the model in float64 on eager; ``pt``:
+the model in float32 on eager; ``out``: float32 on triton). On a machine without a GPU the kernels run in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+
+import copy
+
+import pytest
+import torch
+
+import fastvit
+from fastvit.backends import get_backend
+from oracle import assert_close_oracle
+
+pytestmark = pytest.mark.skipif(
+    bool(get_backend("triton").unavailable_reasons()),
+    reason=f"triton backend unavailable: {get_backend('triton').unavailable_reasons()}",
+)
+
+
+def _run(model, args, backend, loss_fn):
+    model.zero_grad(set_to_none=True)
+    with fastvit.use_backend(backend):
+        out = model(*args)
+        loss_fn(out).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _compare(model, args, loss_fn, first):
+    device = args[0].device
+    model = model.to(device)
+    ref_model = copy.deepcopy(model).double()
+    ref_args = [a.double() if torch.is_floating_point(a) else a for a in args]
+    out, grads = _run(model, args, "triton", loss_fn)
+    pt, pt_grads = _run(model, args, "eager", loss_fn)
+    ref, ref_grads = _run(ref_model, ref_args, "eager", loss_fn)
+    assert_close_oracle(first(out), first(ref), first(pt), torch.float32, "output")
+    assert set(grads) == set(pt_grads) == set(ref_grads) and grads
+    for name in grads:
+        assert_close_oracle(grads[name], ref_grads[name], pt_grads[name], torch.float32, f"grad {name}")
+
+
+def test_vision_transformer_on_triton_matches_eager(generator, device):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    model = fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                                      num_classes=5, init_values=1e-1, reg_tokens=1).eval()
+    images = torch.randn(3, 3, 16, 16, generator=generator).to(device)
+    _compare(model, [images], lambda y: (y * torch.linspace(-1, 1, y.numel()).view_as(y).to(y)).sum(), lambda y: y)
+
+
+def test_masked_autoencoder_on_triton_matches_eager(generator, device):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    model = fastvit.MaskedAutoencoderViT(img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=2, num_heads=3,
+                                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                                         norm_pix_loss=True)
+    images = torch.randn(3, 3, 16, 16, generator=generator).to(device)
+    noise = torch.rand(3, 16, generator=generator).to(device)
+
+    class _Fixed(torch.nn.Module):  # fixed mask ratio and noise so every run masks the same patches
+        def __init__(self, mae):
+            super().__init__()
+            self.mae = mae
+
+        def forward(self, imgs, noise):
+            return self.mae(imgs, 0.75, noise)
+
+    _compare(_Fixed(model), [images, noise], lambda out: out[0], lambda out: out[1])
