@@ -90,3 +90,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     if report.failed and _SEED_KEY in item.stash:
         report.sections.append(("fastvit seed", f"seed={item.stash[_SEED_KEY]} (FASTVIT_TEST_SEED shifts it)"))
+
+
+@pytest.fixture
+def poisoned_empty():
+    """``torch.empty`` returns NaN-filled memory for the duration of the test, so a kernel that leaves an output
+    element unwritten fails the oracle (which rejects NaN). Kernel test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("poisoned_empty")``."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill

@@ -29,16 +29,7 @@ pytest.importorskip("triton")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty():
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see tests/conftest.py
 
 
 def _naive_sdpa(q, k, v, scale=None):

@@ -24,17 +24,7 @@ pytest.importorskip("triton")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty():
-    """``torch.empty`` returns NaN-filled memory for the duration of the test."""
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see tests/conftest.py
 
 
 def _triton_ln(x, weight, bias, residual=None, eps=1e-6):
