@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from fastvit import ops
+from fastvit.nn.pos_embed import _size2
 
 __all__ = [
     "Attention",
@@ -36,23 +37,6 @@ __all__ = [
 
 #: timm's ViT LayerNorm: ``nn.LayerNorm`` with eps 1e-6 (timm.layers.LayerNorm has the same parameters).
 DEFAULT_NORM_LAYER = partial(nn.LayerNorm, eps=1e-6)
-
-
-def _pair(v: Union[int, Tuple[int, int]], name: str) -> Tuple[int, int]:
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        out = (v, v)
-    else:
-        try:
-            out = tuple(int(a) for a in v)
-        except TypeError:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-        if len(out) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if out[0] < 1 or out[1] < 1:
-        raise ValueError(f"{name} must be positive, got {v!r}")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -299,7 +283,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"PatchEmbed supports only flattened (B, Np, E) output; got flatten={flatten}, output_fmt={output_fmt!r}")
         if dynamic_img_pad:
             raise ValueError("PatchEmbed(dynamic_img_pad=True) is not supported by fastvit")
-        self.patch_size = _pair(patch_size, "patch_size")
+        self.patch_size = _size2(patch_size, "patch_size")
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.flatten = True
@@ -318,7 +302,7 @@ class PatchEmbed(nn.Module):
         if img_size is None:
             self.img_size = self.grid_size = self.num_patches = None
             return
-        size = _pair(img_size, "img_size")
+        size = _size2(img_size, "img_size")
         if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
             raise ValueError(f"img_size {size} must be divisible by patch_size {self.patch_size}")
         self.img_size = size

@@ -18,6 +18,7 @@ __all__ = ["get_2d_sincos_pos_embed", "resample_abs_pos_embed"]
 
 
 def _size2(v: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
+    """``v`` as a pair of positive ints (an int means a square); TypeError / ValueError naming ``name`` otherwise."""
     if isinstance(v, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
     if isinstance(v, int):
