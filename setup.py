@@ -9,9 +9,13 @@ Environment variables:
   FASTVIT_SKIP_CUDA_BUILD=1   never build the extension
   FASTVIT_FORCE_CUDA_BUILD=1  build it even when the checks above fail (errors surface from the compiler)
   FASTVIT_CUDA_ARCHS          ';'-separated compute capabilities, default "8.0;9.0a"
+  FASTVIT_MINIMAL_BUILD=1     one instantiation per kernel template (bf16, head-dim bucket 64): minutes, not an hour
+  MAX_JOBS                    parallel nvcc jobs (default: CPU count capped by available memory, 4 GiB each)
+
+Sources, flags and the CUTLASS include path live in fastvit/_cuda_build.py, shared with the JIT build and the
+compile check (python -m fastvit.cuda_check).
 """
 
-import glob
 import os
 import shutil
 
@@ -24,10 +28,21 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _load_build_config():
+    # fastvit/_cuda_build.py is stdlib-only; load it by path because fastvit itself is not importable yet.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_fastvit_cuda_build", os.path.join(ROOT, "fastvit", "_cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load_build_config()
+
+
 def _cuda_sources() -> list[str]:
-    return sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) + sorted(
-        glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
-    )
+    return [os.path.relpath(p, ROOT) for p in build.sources(os.path.join(ROOT, "csrc"))]
 
 
 def _want_cuda_build() -> tuple[bool, str]:
@@ -57,23 +72,16 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    archs = os.environ.get("FASTVIT_CUDA_ARCHS", "8.0;9.0a")
-    gencode = []
-    for arch in filter(None, (a.strip() for a in archs.split(";"))):
-        num = arch.replace(".", "")
-        gencode += [f"-gencode=arch=compute_{num},code=sm_{num}"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    try:  # CUTLASS / CuTe headers from the nvidia-cutlass package
-        import cutlass_library
-
-        include_dirs.append(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))
-    except ImportError:
-        pass
+    # MAX_JOBS bounds ninja's parallel nvcc processes; CuTe translation units need several GiB each.
+    os.environ.setdefault("MAX_JOBS", str(build.max_jobs()))
     ext = CUDAExtension(
         name="fastvit._C",
         sources=_cuda_sources(),
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+        include_dirs=build.include_dirs(os.path.join(ROOT, "csrc")),
+        extra_compile_args={
+            "cxx": [*build.CXX_FLAGS, *build.defines()],
+            "nvcc": [*build.NVCC_FLAGS, *build.defines(), *build.gencode_flags()],
+        },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -17,7 +17,8 @@ Layers (see DESIGN.md, "Four layers per op"):
    ``fastvit::layer_norm_bwd``     (dy, dh?, h, weight?, mean, rstd, has_bias) -> (dx, dweight, dbias)
    ==============================  =====================================================================
 
-3. autograd -- ``register_autograd`` on the forward ops. Chosen over a ``torch.autograd.Function`` because the
+3. autograd -- ``register_autograd`` on the forward ops, through :func:`fastvit._autograd.attach` (shared with the
+   CUDA C++ backend, whose ops have the same schemas). Chosen over a ``torch.autograd.Function`` because the
    op itself becomes differentiable: ``torch.ops.fastvit.*`` works with autograd directly, ``opcheck`` tests the
    registration, and ``torch.compile`` / AOTAutograd see one custom op whose backward is another registered op,
    with no Python-level Function to trace. Per-call overhead on the GPU still has to be measured (DESIGN.md);
@@ -37,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastvit import _autograd
 from fastvit.backends import Capabilities, register_kernel
 
 try:
@@ -184,19 +186,7 @@ def _register_ops() -> None:
             _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, num_heads, N, N, D, scale)
         return dqkv
 
-    def attention_setup(ctx, inputs, output):
-        qkv, num_heads, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
-
-    def attention_backward(ctx, do, dlse):
-        qkv, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        return torch.ops.fastvit.attention_bwd(do, qkv, o, lse, ctx.num_heads, ctx.scale), None, None
-
-    attention_fwd.register_autograd(attention_backward, setup_context=attention_setup)
+    _autograd.attach("attention")
 
     # ---------------------------------------------------------------- attention on (B, H, N, D)
     @triton_op("fastvit::sdpa_fwd", mutates_args=())
@@ -224,20 +214,7 @@ def _register_ops() -> None:
             _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale)
         return dq, dk, dv
 
-    def sdpa_setup(ctx, inputs, output):
-        q, k, v, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-
-    def sdpa_backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = torch.ops.fastvit.sdpa_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    sdpa_fwd.register_autograd(sdpa_backward, setup_context=sdpa_setup)
+    _autograd.attach("sdpa")
 
     # ---------------------------------------------------------------- layer norm
     @triton_op("fastvit::layer_norm_fwd", mutates_args=())
@@ -298,29 +275,7 @@ def _register_ops() -> None:
         db = dbp.sum(0).to(h.dtype) if compute_db else torch.empty((0,), device=h.device, dtype=h.dtype)
         return dx, dw, db
 
-    def ln_setup(ctx, inputs, output):
-        x, weight, bias, residual, eps = inputs
-        y, h, mean, rstd = output
-        ctx.has_residual = residual is not None
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
-
-    def ln_backward(ctx, dy, dh, dmean, drstd):
-        hx, weight, mean, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(hx)
-        if not ctx.has_residual:
-            dh = None
-        dx, dw, db = torch.ops.fastvit.layer_norm_bwd(dy, dh, hx, weight, mean, rstd, ctx.has_bias)
-        return (
-            dx,
-            dw if weight is not None else None,
-            db if ctx.has_bias else None,
-            dx if ctx.has_residual else None,
-            None,
-        )
-
-    layer_norm_fwd.register_autograd(ln_backward, setup_context=ln_setup)
+    _autograd.attach("layer_norm")
 
 
 # ------------------------------------------------------------------------------------------- dispatch entries

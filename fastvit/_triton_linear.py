@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastvit import _autograd
 from fastvit import _triton as _base
 from fastvit.backends import Capabilities, register_kernel
 
@@ -141,24 +142,7 @@ def _register_ops() -> None:
         dx, dw, db = _backward_gemms(dy2, x2, w, prologue, h2, (h2.stride(0), 1), (1, h2.stride(0)), has_bias)
         return dx.view(x.shape), dw, db.to(x.dtype)
 
-    def gelu_setup(ctx, inputs, output):
-        x, weight, bias, approximate, save_h = inputs
-        y, h = output
-        ctx.mark_non_differentiable(h)
-        ctx.approximate, ctx.has_bias, ctx.save_h = approximate, bias is not None, save_h
-        ctx.save_for_backward(x, weight, h)
-
-    def gelu_backward(ctx, dy, dh):
-        x, weight, h = ctx.saved_tensors
-        if not ctx.save_h:
-            raise RuntimeError("fastvit::linear_gelu_fwd was called with save_h=False, so its pre-activation was "
-                               "not stored and it cannot be differentiated; call it with save_h=True")
-        if dy is None:
-            dy = torch.zeros_like(h)
-        dx, dw, db = torch.ops.fastvit.linear_gelu_bwd(dy, x, weight, h, ctx.approximate, ctx.has_bias)
-        return dx, dw, (db if ctx.has_bias else None), None, None
-
-    linear_gelu_fwd.register_autograd(gelu_backward, setup_context=gelu_setup)
+    _autograd.attach("linear_gelu")
 
     # ---------------------------------------------------------------- fc2 / proj + LayerScale + residual
     @triton_op("fastvit::linear_residual_fwd", mutates_args=())
@@ -197,26 +181,7 @@ def _register_ops() -> None:
             dgamma = torch.empty((0,), device=x.device, dtype=x.dtype)
         return dx.view(x.shape), dw, db.to(x.dtype), dgamma
 
-    def res_setup(ctx, inputs, output):
-        x, weight, bias, residual, gamma, save_z = inputs
-        y, z = output
-        ctx.mark_non_differentiable(z)
-        ctx.has_bias, ctx.has_gamma, ctx.save_z = bias is not None, gamma is not None, save_z
-        ctx.save_for_backward(x, weight, gamma, z)
-
-    def res_backward(ctx, dy, dz):
-        x, weight, gamma, z = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
-        if ctx.has_gamma and not ctx.save_z and ctx.needs_input_grad[4]:
-            raise RuntimeError("fastvit::linear_residual_fwd was called with save_z=False, so dgamma cannot be "
-                               "computed; call it with save_z=True")
-        dx, dw, db, dgamma = torch.ops.fastvit.linear_residual_bwd(
-            dy, x, weight, gamma, z if ctx.save_z else None, ctx.has_bias)
-        return (dx, dw, db if ctx.has_bias else None, dy,
-                dgamma if (ctx.has_gamma and ctx.save_z) else None, None)
-
-    linear_residual_fwd.register_autograd(res_backward, setup_context=res_setup)
+    _autograd.attach("linear_residual")
 
 
 # ------------------------------------------------------------------------------------------- dispatch entries

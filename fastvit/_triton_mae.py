@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastvit import _autograd
 from fastvit import _triton as _base
 from fastvit.backends import Capabilities, register_kernel
 
@@ -104,18 +105,7 @@ def _register_mae_ops() -> None:
         dmask = partial.sum(0).to(dout.dtype).reshape(1, 1, C)
         return dx, dmask, dpos
 
-    def unshuffle_setup(ctx, inputs, output):
-        x, mask_token, ids_restore, pos_embed = inputs
-        ctx.save_for_backward(ids_restore)
-        ctx.n_keep = x.shape[1] - 1
-        ctx.has_pos = pos_embed is not None
-
-    def unshuffle_backward(ctx, dout):
-        (ids_restore,) = ctx.saved_tensors
-        dx, dmask, dpos = torch.ops.fastvit.mae_unshuffle_bwd(dout, ids_restore, ctx.n_keep, ctx.has_pos)
-        return dx, dmask, None, (dpos if ctx.has_pos else None)
-
-    mae_unshuffle_fwd.register_autograd(unshuffle_backward, setup_context=unshuffle_setup)
+    _autograd.attach("mae_unshuffle")
 
     # ---------------------------------------------------------------- loss
     def _loss_geometry(pred, images, patch_size):
@@ -157,18 +147,7 @@ def _register_mae_ops() -> None:
             )
         return dpred, dimg
 
-    def loss_setup(ctx, inputs, output):
-        pred, images, patch_size, norm_pix = inputs
-        ctx.save_for_backward(pred, images)
-        ctx.patch_size, ctx.norm_pix = patch_size, norm_pix
-
-    def loss_backward(ctx, drow):
-        pred, images = ctx.saved_tensors
-        want_img = bool(ctx.needs_input_grad[1])
-        dpred, dimg = torch.ops.fastvit.mae_loss_bwd(drow, pred, images, ctx.patch_size, ctx.norm_pix, want_img)
-        return dpred, (dimg if want_img else None), None, None
-
-    mae_loss_fwd.register_autograd(loss_backward, setup_context=loss_setup)
+    _autograd.attach("mae_loss")
 
 
 def _pe_geometry(images, weight, pos_embed, cls_token, reg_tokens):
@@ -281,30 +260,7 @@ def _register_patch_embed_ops() -> None:
         dreg = s_prefix[n_cls:].to(dt).reshape(1, n_reg, E).clone()
         return dimg, dw.reshape(weight.shape), db, dpos, dcls, dreg
 
-    def pe_setup(ctx, inputs, output):
-        images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = inputs
-        ctx.save_for_backward(images, weight, ids_keep)
-        ctx.has_bias = bias is not None
-        ctx.pos_len = pos_embed.shape[1] if pos_embed is not None else 0
-        ctx.n_cls = 1 if cls_token is not None else 0
-        ctx.n_reg = reg_tokens.shape[1] if reg_tokens is not None else 0
-        ctx.has_reg = reg_tokens is not None
-
-    def pe_backward(ctx, dout):
-        images, weight, ids_keep = ctx.saved_tensors
-        dimg, dw, db, dpos, dcls, dreg = torch.ops.fastvit.patch_embed_bwd(
-            dout, images, weight, ids_keep, ctx.pos_len, ctx.n_cls, ctx.n_reg, bool(ctx.needs_input_grad[0]))
-        return (
-            dimg if ctx.needs_input_grad[0] else None,
-            dw,
-            db if ctx.has_bias else None,
-            dpos if ctx.pos_len else None,
-            dcls if ctx.n_cls else None,
-            dreg if ctx.has_reg else None,
-            None,
-        )
-
-    patch_embed_fwd.register_autograd(pe_backward, setup_context=pe_setup)
+    _autograd.attach("patch_embed")
 
 
 # ------------------------------------------------------------------------------------------- dispatch entries
