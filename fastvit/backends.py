@@ -153,10 +153,11 @@ def _triton_availability() -> list[str]:
 
 
 def _cuda_availability() -> list[str]:
-    try:
-        from fastvit import _C  # noqa: F401
-    except ImportError as exc:
-        return [f"the extension fastvit._C is not built ({exc})"]
+    from fastvit import _cuda  # the loader; imports this module, hence the late import
+
+    error = _cuda.load_error()
+    if error is not None:
+        return [error]
     if not torch.cuda.is_available():
         return ["no CUDA device"]
     return []

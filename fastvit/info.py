@@ -25,12 +25,10 @@ def collect() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        from fastvit import _C
+    from fastvit import _cuda
 
-        extension = dict(_C.build_info()) if hasattr(_C, "build_info") else {"built": True}
-    except ImportError as exc:
-        extension = {"built": False, "error": str(exc)}
+    extension = {"built": True, **_cuda.build_info()} if _cuda.load_error() is None else {
+        "built": False, "error": _cuda.load_error()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backends = {}
     for name in PRIORITY:

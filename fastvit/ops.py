@@ -17,6 +17,7 @@ from fastvit import _eager  # noqa: F401  (registers the eager backend)
 from fastvit import _triton  # noqa: F401  (registers the triton backend when triton imports)
 from fastvit import _triton_linear  # noqa: F401  (triton linear_gelu / linear_residual)
 from fastvit import _triton_mae  # noqa: F401  (triton patch_embed / mae_unshuffle / mae_loss)
+from fastvit import _cuda  # noqa: F401  (the cuda backend, when fastvit._C is built or FASTVIT_CUDA_JIT=1)
 from fastvit import reference
 from fastvit.backends import select
 
@@ -167,7 +168,7 @@ def patch_embed(
         _check_range("ids_keep", ids_keep, num_patches)
         _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
         ids_keep = ids_keep.long()
-    _, fn = select("patch_embed", _call(images), backend)
+    _, fn = select("patch_embed", _call(images, embed_dim=E), backend)
     return fn(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
 
 
@@ -349,7 +350,7 @@ def linear_gelu(
     _check_linear(x, weight, bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    _, fn = select("linear_gelu", _call(x), backend)
+    _, fn = select("linear_gelu", _call(x, in_features=weight.shape[1], out_features=weight.shape[0]), backend)
     return fn(x, weight, bias, approximate=approximate)
 
 
@@ -383,7 +384,7 @@ def linear_residual(
     M = weight.shape[0]
     _like("residual", residual, "x", x, (*x.shape[:-1], M))
     _like("gamma", gamma, "x", x, (M,))
-    _, fn = select("linear_residual", _call(x), backend)
+    _, fn = select("linear_residual", _call(x, in_features=weight.shape[1], out_features=M), backend)
     return fn(x, weight, bias, residual, gamma=gamma)
 
 

@@ -1,0 +1,105 @@
+"""The CUDA C++ backend without a GPU: sources, the nvcc compile check, the JIT build, schemas and fakes.
+
+What needs a GPU (numerics, speed, the sanitizer) is in tests/test_cuda_ops.py (marked ``gpu``) and
+benchmarks/gpu_suite.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from fastvit import _cuda_build as build
+from fastvit import cuda_check
+
+NVCC = build.find_nvcc()
+needs_toolchain = pytest.mark.skipif(
+    NVCC is None or build.cutlass_include() is None or not os.path.isdir(build.CSRC),
+    reason="needs nvcc, the nvidia-cutlass headers and a source checkout (csrc/)",
+)
+FAMILIES = ("attention", "layer_norm", "linear", "patch_embed", "mae")
+
+
+# ------------------------------------------------------------------------------------------- sources
+def test_minimal_build_keeps_one_instantiation_per_template():
+    full = [os.path.basename(p) for p in build.sources(minimal=False)]
+    minimal = [os.path.basename(p) for p in build.sources(minimal=True)]
+    assert "fastvit_api.cpp" in minimal and "fastvit_api.cpp" in full
+    assert "attention_fwd_hdim64_bf16.cu" in minimal and "attention_bwd_hdim64_bf16.cu" in minimal
+    for name in ("attention_fwd_hdim80_bf16.cu", "attention_fwd_hdim64_fp16.cu", "attention_bwd_hdim128_bf16.cu"):
+        assert name in full and name not in minimal
+    assert not [n for n in minimal if "_fp16" in n or re.search(r"_hdim(?!64)\d+", n)]
+    for family in FAMILIES:
+        assert any(p.split(os.sep)[-2] == family for p in build.sources(minimal=True, kernels_only=True)), family
+    assert not [p for p in build.sources(kernels_only=True) if p.endswith(".cpp")]
+
+
+def test_kernel_files_are_torch_free():
+    pattern = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|pybind11)/', re.M)
+    offenders = []
+    for dirpath, _, files in os.walk(build.CSRC):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if name != "fastvit_api.cpp" and name.endswith((".cu", ".cuh", ".h")):
+                with open(path) as f:
+                    if pattern.search(f.read()):
+                        offenders.append(path)
+    assert offenders == []
+
+
+def test_gencode_flags():
+    assert build.gencode_flags("8.0;9.0a") == ["-gencode=arch=compute_80,code=sm_80",
+                                                "-gencode=arch=compute_90a,code=sm_90a"]
+    with pytest.raises(ValueError, match="FASTVIT_CUDA_ARCHS"):
+        build.gencode_flags(" ; ")
+
+
+# ------------------------------------------------------------------------------------------- ptxas parsing
+_LOG = """\
+ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_80'
+ptxas info    : Function properties for _Z6kernelPf
+    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 368 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90a'
+ptxas info    : Function properties for _Z5otherv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 356 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_reads_registers_spills_and_smem():
+    a, b = cuda_check.parse_ptxas(_LOG, "csrc/attention/x.cu")
+    assert (a.arch, a.registers, a.spill_stores, a.spill_loads, a.stack, a.smem) == ("sm_80", 255, 8, 12, 16, 4096)
+    assert (b.arch, b.registers, b.spills, b.smem) == ("sm_90a", 40, 0, 0)
+    assert a.kernel.startswith("kernel") or a.kernel == "_Z6kernelPf"
+
+
+def test_spills_fail_only_in_attention_and_layer_norm():
+    spilled = cuda_check.parse_ptxas(_LOG, "csrc/attention/x.cu")[0]
+    assert cuda_check._must_not_spill(spilled)
+    assert cuda_check._must_not_spill(cuda_check.KernelInfo("csrc/layer_norm/y.cu", "sm_80", "k"))
+    assert not cuda_check._must_not_spill(cuda_check.KernelInfo("csrc/linear/z.cu", "sm_80", "k"))
+
+
+@needs_toolchain
+def test_compile_check_flags_a_torch_include(tmp_path):
+    bad = tmp_path / "bad.cu"
+    bad.write_text("#include <torch/extension.h>\n__global__ void k() {}\n")
+    result = cuda_check.compile_file(str(bad), "8.0", True, NVCC)
+    assert not result.ok and "torch-free" in result.log
+
+
+# ------------------------------------------------------------------------------------------- nvcc
+@needs_toolchain
+def test_every_kernel_file_compiles_for_sm80_and_sm90a_without_attention_or_layer_norm_spills():
+    """DESIGN.md's CUDA compile check, one instantiation per kernel template (the minimal build)."""
+    results, failures = cuda_check.run("8.0;9.0a", minimal=True)
+    assert failures == []
+    assert results and all(r.ok for r in results)
+    for family in FAMILIES:
+        kernels = [k for r in results for k in r.kernels if f"/{family}/" in "/" + r.file.replace(os.sep, "/")]
+        assert {k.arch for k in kernels} == {"sm_80", "sm_90a"}, family
+        assert all(0 < k.registers <= 255 for k in kernels), family

@@ -1,0 +1,223 @@
+"""The CUDA extension built just in time (``torch.utils.cpp_extension.load``) and loaded without a GPU.
+
+A minimal build (one instantiation per kernel template, bf16, head-dim bucket 64, sm_90a only) is compiled once per
+session -- minutes on two cores, cached by torch across runs -- and then checked for what needs no GPU:
+
+* ``build_info()`` reports what was compiled;
+* every ``fastvit::*_cuda`` schema equals the Triton op's (same arguments, same returns), so one autograd glue
+  (:mod:`fastvit._autograd`) serves both backends;
+* the fake (meta) implementations give the real ops' output shapes and dtypes under ``FakeTensorMode`` on a fake
+  CUDA device, forward and backward through the registered autograd;
+* a whole ``VisionTransformer`` and ``MaskedAutoencoderViT`` dispatch every op to the ``cuda`` backend and
+  differentiate through it (traced with fake tensors, the device made to look like an H100);
+* ``torch.library.opcheck`` on meta tensors (schema, fake, autograd registration).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastvit
+from fastvit import _cuda
+from fastvit import _cuda_build as build
+from fastvit import backends
+
+pytestmark = pytest.mark.skipif(
+    build.find_nvcc() is None or build.cutlass_include() is None or not os.path.isdir(build.CSRC)
+    or torch.version.cuda is None,
+    reason="needs nvcc, nvidia-cutlass, a source checkout and a CUDA build of torch",
+)
+
+FWD_OPS = ("attention", "sdpa", "layer_norm", "linear_gelu", "linear_residual", "patch_embed", "mae_unshuffle",
+           "mae_loss")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if _cuda._EXT is None:
+        _cuda.load(jit=True, minimal=True, archs="9.0a")
+    assert _cuda.load_error() is None
+    return _cuda._EXT
+
+
+@pytest.fixture
+def as_h100(monkeypatch):
+    """Make dispatch believe an sm_90 device is present (the kernels themselves never run: tensors are fake)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_build_info_reports_the_minimal_build(ext):
+    info = _cuda.build_info()
+    assert info["minimal"] is True
+    assert info["archs"] == "900"
+    assert info["half_dtypes"] == "bfloat16"
+    assert info["attention_head_dim_buckets"] == "64"
+    assert info["cuda_runtime_version"] >= 11080
+    assert info["cutlass_version"].count(".") == 2
+
+
+def _signature(schema) -> tuple:
+    def norm(t: str) -> str:
+        return t.replace("SymInt", "int")
+
+    return (tuple((a.name, norm(str(a.type))) for a in schema.arguments),
+            tuple(norm(str(r.type)) for r in schema.returns))
+
+
+@pytest.mark.parametrize("family", FWD_OPS)
+def test_cuda_schemas_equal_the_triton_schemas(ext, family):
+    pytest.importorskip("triton")
+    for kind in ("fwd", "bwd"):
+        cuda = getattr(torch.ops.fastvit, f"{family}_{kind}_cuda").default._schema
+        triton = getattr(torch.ops.fastvit, f"{family}_{kind}").default._schema
+        assert _signature(cuda) == _signature(triton), (family, kind)
+
+
+def _fake(mode, shape, dtype=torch.bfloat16, requires_grad=False):
+    with mode:
+        t = torch.empty(shape, device="cuda", dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def test_fake_attention_forward_and_backward(ext):
+    with FakeTensorMode() as mode:
+        qkv = torch.empty(3, 197, 3 * 2 * 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        o, lse = torch.ops.fastvit.attention_fwd_cuda(qkv, 2, 0.125)
+        assert o.shape == (3, 197, 128) and o.dtype == torch.bfloat16 and o.device.type == "cuda"
+        assert lse.shape == (3, 2, 197) and lse.dtype == torch.float32
+        o.sum().backward()
+        assert qkv.grad.shape == qkv.shape and qkv.grad.dtype == torch.bfloat16
+
+
+def test_fake_layer_norm_and_linear_backward(ext):
+    with FakeTensorMode():
+        x = torch.empty(2, 50, 96, device="cuda", dtype=torch.float32, requires_grad=True)
+        r = torch.empty(2, 50, 96, device="cuda", dtype=torch.float32, requires_grad=True)
+        w = torch.empty(96, device="cuda", dtype=torch.float32, requires_grad=True)
+        y, h, mean, rstd = torch.ops.fastvit.layer_norm_fwd_cuda(x, w, None, r, 1e-6)
+        assert y.shape == h.shape == x.shape and mean.shape == rstd.shape == (100,)
+        (y.sum() + h.sum()).backward()
+        assert x.grad.shape == r.grad.shape == x.shape and w.grad.shape == (96,)
+
+        a = torch.empty(2, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        fc1 = torch.empty(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        b1 = torch.empty(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        fc2 = torch.empty(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gamma = torch.empty(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        hid, pre = torch.ops.fastvit.linear_gelu_fwd_cuda(a, fc1, b1, "none", True)
+        assert hid.shape == pre.shape == (2, 50, 256)
+        out, z = torch.ops.fastvit.linear_residual_fwd_cuda(hid, fc2, None, a, gamma, True)
+        assert out.shape == z.shape == (2, 50, 64)
+        out.sum().backward()
+        assert (a.grad.shape, fc1.grad.shape, b1.grad.shape, fc2.grad.shape, gamma.grad.shape) == (
+            a.shape, fc1.shape, b1.shape, fc2.shape, gamma.shape)
+
+
+def test_fake_patch_embed_and_mae_backward(ext):
+    with FakeTensorMode():
+        images = torch.empty(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.empty(64, 3, 8, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.empty(1, 17, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cls = torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ids = torch.empty(2, 4, device="cuda", dtype=torch.int64)
+        out = torch.ops.fastvit.patch_embed_fwd_cuda(images, weight, None, pos, cls, None, ids)
+        assert out.shape == (2, 5, 64)
+        out.sum().backward()
+        assert images.grad.shape == images.shape and pos.grad.shape == pos.shape and cls.grad.shape == cls.shape
+
+        x = torch.empty(2, 5, 32, device="cuda", dtype=torch.float32, requires_grad=True)
+        mask_token = torch.empty(1, 1, 32, device="cuda", dtype=torch.float32, requires_grad=True)
+        ids_restore = torch.empty(2, 16, device="cuda", dtype=torch.int64)
+        dec = torch.ops.fastvit.mae_unshuffle_fwd_cuda(x, mask_token, ids_restore, None)
+        assert dec.shape == (2, 17, 32)
+        dec.sum().backward()
+        assert x.grad.shape == x.shape and mask_token.grad.shape == (1, 1, 32)
+
+        pred = torch.empty(2, 16, 8 * 8 * 3, device="cuda", dtype=torch.float32, requires_grad=True)
+        imgs = torch.empty(2, 3, 32, 32, device="cuda", dtype=torch.float32)
+        row = torch.ops.fastvit.mae_loss_fwd_cuda(pred, imgs, 8, True)
+        assert row.shape == (2, 16) and row.dtype == torch.float32
+        row.sum().backward()
+        assert pred.grad.shape == pred.shape
+
+
+def _record_backends(monkeypatch) -> list:
+    chosen = []
+    original = backends.select
+
+    def select(op, call, backend=None):
+        name, fn = original(op, call, backend)
+        chosen.append((op, name))
+        return name, fn
+
+    monkeypatch.setattr(backends, "select", select)
+    monkeypatch.setattr(fastvit.ops, "select", select)
+    return chosen
+
+
+def test_vision_transformer_runs_wholly_on_cuda_backend_with_fakes(ext, as_h100, monkeypatch):
+    chosen = _record_backends(monkeypatch)
+    model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2,
+                                      num_classes=10, init_values=1e-5).to(torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        model = model.to("cuda")
+        images = torch.empty(4, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+        with fastvit.use_backend("cuda"):
+            logits = model(images)
+            logits.float().sum().backward()
+    assert logits.shape == (4, 10)
+    assert {name for _, name in chosen} == {"cuda"}
+    assert {op for op, _ in chosen} >= {"patch_embed", "attention", "layer_norm", "linear_gelu", "linear_residual"}
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+def test_masked_autoencoder_runs_wholly_on_cuda_backend_with_fakes(ext, as_h100, monkeypatch):
+    chosen = _record_backends(monkeypatch)
+    model = fastvit.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2,
+                                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1,
+                                         norm_pix_loss=True).to(torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        images = torch.empty(2, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+        with fastvit.use_backend("cuda"):
+            loss, pred, mask = model(images, mask_ratio=0.75)
+            loss.backward()
+    assert loss.shape == () and pred.shape == (2, 16, 8 * 8 * 3)
+    assert {name for _, name in chosen} == {"cuda"}
+    assert {op for op, _ in chosen} >= {"patch_embed", "attention", "mae_unshuffle", "mae_loss"}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unbuilt_head_dim_is_refused_with_reasons(ext, as_h100):
+    with FakeTensorMode():
+        qkv = torch.empty(1, 10, 3 * 80, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(backends.BackendNotSupportedError, match="head_dim 80"):
+            fastvit.ops.attention(qkv, 1, backend="cuda")
+        x = torch.empty(1, 10, 3 * 64, device="cuda", dtype=torch.float16)
+        with pytest.raises(backends.BackendNotSupportedError, match="float16"):
+            fastvit.ops.attention(x, 1, backend="cuda")
+
+
+@pytest.mark.parametrize("case", ["attention", "layer_norm", "linear_residual", "mae_unshuffle"])
+def test_opcheck_on_meta_tensors(ext, case):
+    meta = {"device": "meta"}
+    if case == "attention":
+        op, args = torch.ops.fastvit.attention_fwd_cuda.default, (
+            torch.randn(2, 9, 3 * 64, dtype=torch.bfloat16, **meta).requires_grad_(), 1, 0.125)
+    elif case == "layer_norm":
+        op, args = torch.ops.fastvit.layer_norm_fwd_cuda.default, (
+            torch.randn(4, 96, **meta).requires_grad_(), torch.randn(96, **meta).requires_grad_(), None, None, 1e-6)
+    elif case == "linear_residual":
+        op, args = torch.ops.fastvit.linear_residual_fwd_cuda.default, (
+            torch.randn(5, 64, dtype=torch.bfloat16, **meta), torch.randn(32, 64, dtype=torch.bfloat16, **meta),
+            None, torch.randn(5, 32, dtype=torch.bfloat16, **meta), None, False)
+    else:
+        op, args = torch.ops.fastvit.mae_unshuffle_fwd_cuda.default, (
+            torch.randn(2, 3, 16, **meta), torch.randn(1, 1, 16, **meta),
+            torch.empty(2, 6, dtype=torch.int64, **meta), None)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -1,0 +1,207 @@
+"""The ``cuda`` backend (fastvit._C) on a GPU, against DESIGN.md's oracle: every op, forward and every gradient,
+fp16 / bf16 (and fp32 for the memory-bound ops), awkward shapes, poisoned outputs, deterministic backward, and whole
+models against eager. Marked ``gpu``: skipped (with the reason) on machines without a CUDA device; run by
+benchmarks/gpu_suite.sh.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+import fastvit
+import fastvit.ops
+from fastvit import reference
+from fastvit.backends import get_backend
+from oracle import assert_close_oracle, check_op, make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.usefixtures("poisoned_empty"),
+    pytest.mark.skipif(bool(get_backend("cuda").unavailable_reasons()),
+                       reason=f"cuda backend unavailable: {get_backend('cuda').unavailable_reasons()}"),
+]
+
+HALF = [torch.float16, torch.bfloat16]
+ALL = [torch.float32, torch.float16, torch.bfloat16]
+DEV = "cuda"
+
+
+def _naive_sdpa(q, k, v, scale=None):  # the math in the input precision (FlashAttention's pt)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+
+
+def _naive_attention(qkv, num_heads, scale=None):
+    B, N, C3 = qkv.shape
+    q, k, v = reference.split_qkv(qkv, num_heads)
+    return _naive_sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+# (B, N, H, D): tails (1, 50, 61, 197), head dims in every bucket, masked head dims (72, 88, 104), batch 3
+ATTN_SHAPES = [(1, 1, 2, 32), (3, 50, 2, 64), (2, 61, 3, 80), (3, 197, 2, 64), (1, 197, 2, 72), (2, 257, 1, 88),
+               (1, 130, 2, 96), (1, 77, 1, 104), (2, 129, 2, 128), (1, 1025, 1, 64)]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}N{}H{}D{}".format(*s))
+def test_attention(dtype, shape, generator):
+    B, N, H, D = shape
+    inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H}, dtype=dtype, device=DEV, generator=generator)
+    check_op({"cuda": partial(fastvit.ops.attention, backend="cuda")}, _naive_attention, inputs, ["qkv"], dtype=dtype,
+             generator=generator, name=f"attention {shape}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80), (197, 197, 64)])
+def test_sdpa(dtype, nq, nk, D, generator):
+    inputs = make_inputs({"q": (2, 3, nq, D), "k": (2, 3, nk, D), "v": (2, 3, nk, D)}, dtype=dtype, device=DEV,
+                         generator=generator)
+    check_op({"cuda": partial(fastvit.ops.scaled_dot_product_attention, backend="cuda")}, _naive_sdpa, inputs,
+             ["q", "k", "v"], dtype=dtype, generator=generator, name=f"sdpa {nq}x{nk}x{D}")
+
+
+def test_attention_backward_is_deterministic(generator):
+    qkv = torch.randn(2, 197, 3 * 4 * 64, device=DEV, dtype=torch.bfloat16, generator=None).requires_grad_()
+    dout = torch.randn(2, 197, 4 * 64, device=DEV, dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        qkv.grad = None
+        fastvit.ops.attention(qkv, 4, backend="cuda").backward(dout)
+        grads.append(qkv.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("rows,C", [(1, 192), (3 * 61, 200), (2 * 197, 768), (5, 1664), (7, 4096)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm(dtype, rows, C, residual, generator):
+    spec = {"x": (rows, C), "weight": (C,), "bias": (C,)}
+    if residual:
+        spec["residual"] = (rows, C)
+    inputs = make_inputs(spec, dtype=dtype, device=DEV, generator=generator)
+
+    def impl(x, weight, bias, residual=None):
+        return fastvit.ops.layer_norm(x, weight, bias, 1e-6, residual=residual, backend="cuda")
+
+    def naive(x, weight, bias, residual=None):
+        return reference.layer_norm(x, weight, bias, 1e-6, residual=residual)
+
+    check_op({"cuda": impl}, naive, inputs, list(spec), dtype=dtype, generator=generator, name=f"layer_norm {C}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 256), (3 * 197, 192, 768), (61, 200, 96)])
+def test_linear_gelu(dtype, approximate, M, K, N, generator):
+    inputs = make_inputs({"x": (M, K), "weight": (N, K), "bias": (N,)}, dtype=dtype, device=DEV, generator=generator)
+    check_op({"cuda": partial(fastvit.ops.linear_gelu, approximate=approximate, backend="cuda")},
+             partial(reference.linear_gelu, approximate=approximate), inputs, ["x", "weight", "bias"], dtype=dtype,
+             generator=generator, name=f"linear_gelu {approximate}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("gamma", [False, True])
+@pytest.mark.parametrize("M,K,N", [(1, 256, 64), (3 * 197, 768, 192), (61, 96, 200)])
+def test_linear_residual(dtype, gamma, M, K, N, generator):
+    spec = {"x": (M, K), "weight": (N, K), "bias": (N,), "residual": (M, N)}
+    if gamma:
+        spec["gamma"] = (N,)
+    inputs = make_inputs(spec, dtype=dtype, device=DEV, generator=generator)
+
+    def impl(x, weight, bias, residual, gamma=None):
+        return fastvit.ops.linear_residual(x, weight, bias, residual, gamma=gamma, backend="cuda")
+
+    check_op({"cuda": impl}, reference.linear_residual, inputs, list(spec), dtype=dtype, generator=generator,
+             name="linear_residual")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("P,E,prefix_pos", [(16, 192, True), (14, 64, False), (8, 96, True)])
+def test_patch_embed(dtype, keep, P, E, prefix_pos, generator):
+    B, C, S = 3, 3, {16: 64, 14: 56, 8: 64}[P]
+    Np = (S // P) ** 2
+    spec = {"images": (B, C, S, S), "weight": (E, C, P, P), "bias": (E,), "cls_token": (1, 1, E),
+            "reg_tokens": (1, 2, E), "pos_embed": (1, Np + (3 if prefix_pos else 0), E)}
+    inputs = make_inputs(spec, dtype=dtype, device=DEV, generator=generator)
+    if keep:
+        inputs["ids_keep"] = torch.rand(B, Np, generator=generator).argsort(1)[:, : max(1, Np // 4)].to(DEV)
+
+    check_op({"cuda": partial(fastvit.ops.patch_embed, backend="cuda")}, reference.patch_embed, inputs, list(spec),
+             dtype=dtype, generator=generator, name=f"patch_embed P{P} keep={keep}")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("B,N,n_keep,C", [(1, 1, 0, 32), (3, 49, 12, 64), (2, 196, 49, 200)])
+def test_mae_unshuffle(dtype, B, N, n_keep, C, generator):
+    inputs = make_inputs({"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "pos_embed": (1, 1 + N, C)},
+                         dtype=dtype, device=DEV, generator=generator)
+    inputs["ids_restore"] = torch.rand(B, N, generator=generator).argsort(1).to(DEV)
+    check_op({"cuda": partial(fastvit.ops.mae_unshuffle, backend="cuda")}, reference.mae_unshuffle, inputs,
+             ["x", "mask_token", "pos_embed"], dtype=dtype, generator=generator, name="mae_unshuffle")
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("P,S", [(4, 16), (16, 64)])
+def test_mae_loss(dtype, norm_pix, P, S, generator):
+    B, C = 3, 3
+    N = (S // P) ** 2
+    inputs = make_inputs({"pred": (B, N, P * P * C), "images": (B, C, S, S)}, dtype=dtype, device=DEV,
+                         generator=generator)
+    inputs["mask"] = (torch.rand(B, N, generator=generator) < 0.75).float().to(DEV)
+    inputs["patch_size"] = P
+    check_op({"cuda": partial(fastvit.ops.mae_loss, norm_pix_loss=norm_pix, backend="cuda")},
+             partial(reference.mae_loss, norm_pix_loss=norm_pix), inputs, ["pred", "images"], dtype=dtype,
+             generator=generator, name=f"mae_loss norm_pix={norm_pix}")
+
+
+# ------------------------------------------------------------------------------------------- whole models
+def _run(model, args, backend, loss_fn):
+    model.zero_grad(set_to_none=True)
+    with fastvit.use_backend(backend):
+        out = model(*args)
+        loss_fn(out).float().backward()
+    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_with_eager(model, args, loss_fn, first):
+    ref_model = copy.deepcopy(model).float()
+    ref_args = [a.float() if torch.is_floating_point(a) else a for a in args]
+    out, grads = _run(model, args, "cuda", loss_fn)
+    pt, pt_grads = _run(model, args, "eager", loss_fn)
+    ref, ref_grads = _run(ref_model, ref_args, "eager", loss_fn)
+    assert_close_oracle(first(out), first(ref), first(pt), torch.bfloat16, "output")
+    assert set(grads) == set(pt_grads) and grads
+    for name in grads:
+        assert_close_oracle(grads[name], ref_grads[name], pt_grads[name], torch.bfloat16, f"grad {name}")
+
+
+def test_vision_transformer_on_cuda_matches_eager(generator):
+    model = fastvit.VisionTransformer(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                                      num_classes=10, init_values=1e-1, reg_tokens=1).to(DEV, torch.bfloat16)
+    images = torch.randn(3, 3, 64, 64, generator=generator).to(DEV, torch.bfloat16)
+    weights = torch.linspace(-1, 1, 30, device=DEV).view(3, 10)
+    _compare_with_eager(model, [images], lambda y: (y.float() * weights).sum(), lambda y: y)
+
+
+def test_masked_autoencoder_on_cuda_matches_eager(generator):
+    model = fastvit.MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1,
+                                         norm_pix_loss=True).to(DEV, torch.bfloat16)
+    images = torch.randn(3, 3, 64, 64, generator=generator).to(DEV, torch.bfloat16)
+    noise = torch.rand(3, 16, generator=generator).to(DEV)
+
+    class _Fixed(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x, mask_ratio=0.75, noise=noise)
+
+    _compare_with_eager(_Fixed(model), [images], lambda out: out[0], lambda out: out[1])
