@@ -17,7 +17,6 @@ compile check (python -m fastvit.cuda_check).
 """
 
 import os
-import shutil
 
 from setuptools import setup
 
@@ -58,9 +57,7 @@ def _want_cuda_build() -> tuple[bool, str]:
         return False, "torch is not importable at build time (use --no-build-isolation)"
     if torch.version.cuda is None:
         return False, "torch is a CPU-only build"
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None and shutil.which("nvcc") is None:
+    if build.find_nvcc() is None:
         return False, "no CUDA toolchain (nvcc) found"
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}"
 
@@ -70,6 +67,9 @@ def _extensions():
     print(f"fastvit: CUDA extension {'enabled' if want else 'disabled'} ({why})")
     if not want:
         return [], {}
+    home = build.cuda_home()
+    if home is not None:  # before torch.utils.cpp_extension guesses it from a possibly wrapped nvcc
+        os.environ.setdefault("CUDA_HOME", home)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     # MAX_JOBS bounds ninja's parallel nvcc processes; CuTe translation units need several GiB each.

@@ -84,6 +84,22 @@ if [[ "${SKIP_TESTS:-0}" != "1" ]]; then
     step pytest "$PYTEST" -x -q "$REPO/tests" --junitxml="$OUT_DIR/pytest_junit.xml" -p no:cacheprovider
 fi
 
+# ---------------------------------------------------------------------------------------------- CUDA checks
+if [[ ${#CSRC[@]} -gt 0 ]]; then
+    # Registers / spills / smem of every instantiation, for the record (CI compiles one per template).
+    step cuda_check "$PY" -m fastvit.cuda_check --all --json "$OUT_DIR/cuda_check.json"
+fi
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    for backend in cuda triton; do
+        for tool in memcheck racecheck; do
+            step "sanitizer_${tool}_${backend}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                "$PY" "$REPO/benchmarks/sanitize.py" --backend "$backend"
+        done
+    done
+else
+    log "compute-sanitizer not found: skipping the memcheck / racecheck steps"
+fi
+
 # ---------------------------------------------------------------------------------------------- benchmarks
 BENCH=("$PY" -m fastvit.bench)
 if [[ "${QUICK:-0}" == "1" ]]; then

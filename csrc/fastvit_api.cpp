@@ -855,9 +855,9 @@ pybind11::dict build_info() {
 TORCH_LIBRARY(fastvit, m) {
   m.set_python_module("fastvit._cuda");
   m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd_cuda(Tensor dout, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
+  m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
   m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("sdpa_bwd_cuda(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
+  m.def("sdpa_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

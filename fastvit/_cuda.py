@@ -73,7 +73,7 @@ def jit_build(*, minimal: bool | None = None, archs: str | None = None, verbose:
         FileNotFoundError: no ``csrc/`` next to the package (installed without sources) or no CUTLASS headers.
         RuntimeError: the build failed (torch raises it with the compiler's output).
     """
-    from torch.utils.cpp_extension import load as _load
+    from torch.utils import cpp_extension
 
     if not os.path.isdir(build.CSRC):
         raise FileNotFoundError(f"no csrc/ at {build.CSRC}: the JIT build needs a source checkout")
@@ -83,7 +83,10 @@ def jit_build(*, minimal: bool | None = None, archs: str | None = None, verbose:
     gencode = build.gencode_flags(archs)
     os.environ.setdefault("MAX_JOBS", str(build.max_jobs()))
     name = "fastvit_C_minimal" if minimal else "fastvit_C"
-    return _load(
+    home = build.cuda_home()
+    if home is not None:  # torch guesses the toolkit from nvcc's location, which may be a wrapper's
+        cpp_extension.CUDA_HOME = home
+    return cpp_extension.load(
         name=name,
         sources=build.sources(minimal=minimal),
         extra_include_paths=build.include_dirs(),
@@ -301,13 +304,14 @@ def _capabilities() -> dict[str, Capabilities]:
     head_dims = frozenset(d for d in range(8, 129, 8) if _head_dim_bucket(d) in buckets)
     sm80 = (8, 0)
     every = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    gemm = Capabilities(devices=frozenset({"cuda"}), dtypes=half, min_compute_capability=sm80, dropout=False)
+    # "meta": shape propagation through the fake implementations (a model on the meta device, FLOP counting).
+    devices = frozenset({"cuda", "meta"})
     return {
-        "attention": Capabilities(devices=frozenset({"cuda"}), dtypes=half, head_dims=head_dims,
-                                  min_compute_capability=sm80, dropout=False),
-        "layer_norm": Capabilities(devices=frozenset({"cuda"}), dtypes=every, min_compute_capability=sm80),
-        "gemm": gemm,
-        "mae": Capabilities(devices=frozenset({"cuda"}), dtypes=every, min_compute_capability=sm80),
+        "attention": Capabilities(devices=devices, dtypes=half, head_dims=head_dims, min_compute_capability=sm80,
+                                  dropout=False),
+        "layer_norm": Capabilities(devices=devices, dtypes=every, min_compute_capability=sm80),
+        "gemm": Capabilities(devices=devices, dtypes=half, min_compute_capability=sm80, dropout=False),
+        "mae": Capabilities(devices=devices, dtypes=every, min_compute_capability=sm80),
     }
 
 

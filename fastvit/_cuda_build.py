@@ -7,6 +7,7 @@ compile check ``python -m fastvit.cuda_check``.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -94,11 +95,26 @@ def defines(minimal: bool | None = None) -> list[str]:
     return ["-DFASTVIT_MINIMAL_BUILD"] if minimal else []
 
 
+def cuda_home() -> str | None:
+    """The CUDA toolkit root whose ``include/`` has the runtime headers: ``$CUDA_HOME`` / ``$CUDA_PATH``, the
+    directory above a real ``nvcc`` binary, or ``/usr/local/cuda``. (``nvcc`` on PATH may be a wrapper script in
+    ``/usr/local/bin``, from which torch would guess ``/usr/local``.)"""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
 def find_nvcc() -> str | None:
     """``$CUDA_HOME/bin/nvcc`` or the first ``nvcc`` on PATH."""
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
+    home = cuda_home()
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
     return shutil.which("nvcc")
 
 
