@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FAMILIES", "attach"]
+__all__ = ["FAMILIES", "attach", "masked_mean"]
 
 
 def _op(name: str):
@@ -225,3 +225,12 @@ def attach(family: str, suffix: str = "") -> None:
     """
     setup, backward = FAMILIES[family](f"{family}_bwd{suffix}")
     torch.library.register_autograd(f"fastvit::{family}_fwd{suffix}", backward, setup_context=setup)
+
+
+def masked_mean(row: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MAE's reduction of per-patch losses: ``(row * mask).sum() / mask.sum()`` in fp32, returned in ``dtype``.
+
+    Both kernel backends compute ``row`` (B, N) fp32 in a kernel (``mae_loss_fwd``) and finish with this.
+    """
+    m = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
+    return ((row * m).sum() / m.sum()).to(dtype)

@@ -285,8 +285,7 @@ def mae_unshuffle(x, mask_token, ids_restore, *, pos_embed=None):
 def mae_loss(pred, images, mask, patch_size, *, norm_pix_loss=False):
     """CUDA backend of :func:`fastvit.ops.mae_loss`: per-patch losses in a kernel, the masked mean in torch."""
     row = torch.ops.fastvit.mae_loss_fwd_cuda(pred, images, int(patch_size), bool(norm_pix_loss))
-    m = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
-    return ((row * m).sum() / m.sum()).to(pred.dtype)
+    return _autograd.masked_mean(row, mask, pred.dtype)
 
 
 # ------------------------------------------------------------------------------------------- capabilities

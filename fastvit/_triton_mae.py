@@ -286,8 +286,7 @@ def mae_loss(pred, images, mask, patch_size, *, norm_pix_loss=False):
         raise ValueError(f"the triton mae_loss kernel takes patch rows of at most {_mae_k.MAX_ROW} elements, got "
                          f"pred of shape {tuple(pred.shape)}")
     row = torch.ops.fastvit.mae_loss_fwd(pred, images, int(patch_size), bool(norm_pix_loss))
-    m = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
-    return ((row * m).sum() / m.sum()).to(pred.dtype)
+    return _autograd.masked_mean(row, mask, pred.dtype)
 
 
 def _check(call: dict) -> list[str]:
