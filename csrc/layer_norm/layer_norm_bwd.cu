@@ -4,7 +4,8 @@
 //   1. ln_bwd_kernel (or ln_bwd_fallback_kernel for C > kMaxRegisterC) writes dx and, per CTA, one row of
 //      dweight / dbias partial sums into the fp32 workspace: [dw_part (grid, C) | db_part (grid, C)]
 //      (each present only when computed, in that order);
-//   2. ln_colsum_kernel sums the partial rows per column in a fixed order and rounds to the dtype.
+//   2. column_sum_kernel (common/column_sum.cuh) sums the partial rows per column in a fixed order and rounds
+//      to the dtype.
 // The grid is "persistent-ish": min(row blocks, SMs * CTAs-per-SM) CTAs looping over rows, so the partial
 // buffer has at most SMs * kBwdMaxCtasPerSm rows whatever M is.
 #include "layer_norm/layer_norm_kernels.cuh"
@@ -67,20 +68,10 @@ cudaError_t launch_bwd(const LayerNormBwdParams& p, const ln::Plan& pl, int64_t 
 template <typename T>
 cudaError_t launch_colsum(const LayerNormBwdParams& p, const float* dw_part, const float* db_part, int64_t P,
                           cudaStream_t stream) {
-  const float* part[2];
-  T* out[2];
-  int n = 0;
-  if (p.compute_dw) { part[n] = dw_part; out[n] = static_cast<T*>(p.dweight); ++n; }
-  if (p.compute_db) { part[n] = db_part; out[n] = static_cast<T*>(p.dbias); ++n; }
-  if (n == 0) return cudaSuccess;
-  if (n == 1) { part[1] = part[0]; out[1] = out[0]; }
-  const int64_t bx = (p.C + ln::kColsumX - 1) / ln::kColsumX;
-  if (bx > 0x7fffffffLL) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(n));
-  const dim3 block(ln::kColsumX, ln::kColsumY);
-  ln::ln_colsum_kernel<T><<<grid, block, 0, stream>>>(part[0], part[1], out[0], out[1], P, p.C);
-  FASTVIT_RETURN_LAUNCH_ERROR();
-  return cudaSuccess;
+  cudaError_t err = cudaSuccess;
+  if (p.compute_dw) err = launch_column_sum<T>(dw_part, P, p.C, static_cast<T*>(p.dweight), stream);
+  if (err == cudaSuccess && p.compute_db) err = launch_column_sum<T>(db_part, P, p.C, static_cast<T*>(p.dbias), stream);
+  return err;
 }
 
 }  // namespace

@@ -27,6 +27,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/column_sum.cuh"
 #include "common/dispatch.cuh"
 #include "layer_norm/layer_norm.h"
 #include "layer_norm/vec_io.cuh"
@@ -44,8 +45,6 @@ constexpr int kBwdMaxGroup = 512;  // threads per row, backward (launch bound 51
 constexpr int kMaxRegisterC = 8192;
 constexpr int kFallbackThreads = 256;
 // Column-reduction CTA: 32 columns x 32 row lanes.
-constexpr int kColsumX = 32;
-constexpr int kColsumY = 32;
 // Upper bound of backward CTAs per SM (CTAs have >= 128 threads; we aim at ~1024 resident threads per SM).
 constexpr int kBwdMaxCtasPerSm = 8;
 
@@ -426,33 +425,6 @@ ln_bwd_fallback_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, 
       if (dwp) dwp[c] += dyc * xhat;
       if (dbp) dbp[c] += dyc;
     }
-  }
-}
-
-// out_y[c] = sum_{p < P} part_y[p * C + c] for y = blockIdx.y (0: dweight, 1: dbias), fp32, deterministic:
-// thread (tx, ty) of CTA bx sums rows p = ty, ty + kColsumY, ... of column bx * kColsumX + tx in increasing order
-// (unrolled so the loads are independent; the additions stay in order), then thread ty = 0 adds the kColsumY
-// lane totals in order. P = 0 writes zeros.
-template <typename T>
-__global__ void __launch_bounds__(kColsumX * kColsumY)
-ln_colsum_kernel(const float* __restrict__ part0, const float* __restrict__ part1, T* __restrict__ out0,
-                 T* __restrict__ out1, int64_t P, int64_t C) {
-  __shared__ float s[kColsumY][kColsumX + 1];
-  const float* part = blockIdx.y == 0 ? part0 : part1;
-  T* out = blockIdx.y == 0 ? out0 : out1;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColsumX + threadIdx.x;
-  float acc = 0.f;
-  if (col < C) {
-#pragma unroll 4
-    for (int64_t r = threadIdx.y; r < P; r += kColsumY) acc += part[r * C + col];
-  }
-  s[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < C) {
-    float t = s[0][threadIdx.x];
-#pragma unroll
-    for (int k = 1; k < kColsumY; ++k) t += s[k][threadIdx.x];
-    out[col] = static_cast<T>(t);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cutlass/array.h>
 #include <cutlass/numeric_types.h>
 
+#include "common/column_sum.cuh"
 #include "common/common.h"
 
 namespace fastvit {
@@ -120,17 +121,6 @@ bwd_prologue_kernel(int64_t M, int64_t N, const T* __restrict__ dy, int64_t lddy
   }
 }
 
-// out[c] = T(Σ_{r < rb} part[r·N + c]), summed in r order (fp32). One thread per column.
-template <typename T>
-__global__ void __launch_bounds__(256) column_sum_kernel(const float* __restrict__ part, int64_t rb, int64_t N,
-                                                         T* __restrict__ out) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= N) return;
-  float s = 0.0f;
-  for (int64_t r = 0; r < rb; ++r) s += part[r * N + c];
-  out[c] = T(s);
-}
-
 // dst[r·ldd + c] = T(src[r·lds + c]) for r < rows, c < cols (src == nullptr: zeros). Grid-stride, int64 indices.
 template <typename T>
 __global__ void __launch_bounds__(256) convert_f32_kernel(const float* __restrict__ src, int64_t lds,
@@ -159,13 +149,7 @@ cudaError_t launch_convert_f32(const float* src, int64_t lds, T* dst, int64_t ld
   return cudaSuccess;
 }
 
-template <typename T>
-cudaError_t launch_column_sum(const float* part, int64_t rb, int64_t N, T* out, cudaStream_t stream) {
-  if (N <= 0) return cudaSuccess;
-  column_sum_kernel<T><<<unsigned((N + 255) / 256), 256, 0, stream>>>(part, rb, N, out);
-  FASTVIT_RETURN_LAUNCH_ERROR();
-  return cudaSuccess;
-}
+using ::fastvit::launch_column_sum;  // common/column_sum.cuh
 
 }  // namespace linear_detail
 }  // namespace fastvit

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/column_sum.cuh"
 #include "common/dispatch.cuh"
 #include "layer_norm/vec_io.cuh"
 #include "mae/mae.h"
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kUnshuffleThreads) mae_unshuffle_fwd_kernel(co
 //   * adds dout[b, t] to acc_pos (-> dpos[t], exact fixed-order fp32 sum over b) and, for masked tokens, to
 //     acc_mask.
 // The CTA then sums acc_mask over its TY tokens in fixed order (shared memory) into row tb of the
-// (n_tblocks, C) fp32 partial buffer that mae_colsum_kernel reduces to dmask_token.
+// (n_tblocks, C) fp32 partial buffer that column_sum_kernel (common/column_sum.cuh) reduces to dmask_token.
 template <typename T, int VEC, int TX>
 __global__ void __launch_bounds__(kUnshuffleThreads)
 mae_unshuffle_bwd_kernel(const MaeUnshuffleBwdParams p, float* __restrict__ mask_part, int64_t n_cblocks) {
@@ -141,30 +142,6 @@ mae_unshuffle_bwd_kernel(const MaeUnshuffleBwdParams p, float* __restrict__ mask
       for (int k = 1; k < TY; ++k) s += s_mask[k][threadIdx.x * VEC + j];
       mask_part[tb * p.C + c + j] = s;
     }
-  }
-}
-
-// out[c] = sum_{r < R} part[r * C + c] in fp32 (fixed order, see ln_colsum_kernel), rounded to T; R = 0 gives 0.
-constexpr int kColsumX = 32;
-constexpr int kColsumY = 32;
-template <typename T>
-__global__ void __launch_bounds__(kColsumX * kColsumY)
-mae_colsum_kernel(const float* __restrict__ part, T* __restrict__ out, int64_t R, int64_t C) {
-  __shared__ float s[kColsumY][kColsumX + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColsumX + threadIdx.x;
-  float acc = 0.f;
-  if (col < C) {
-#pragma unroll 4
-    for (int64_t r = threadIdx.y; r < R; r += kColsumY) acc += part[r * C + col];
-  }
-  s[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < C) {
-    float total = s[0][threadIdx.x];
-#pragma unroll
-    for (int k = 1; k < kColsumY; ++k) total += s[k][threadIdx.x];
-    float v[1] = {total};
-    store_vec<T, 1>(out + col, v);
   }
 }
 

@@ -64,11 +64,7 @@ cudaError_t launch_unshuffle_bwd(const MaeUnshuffleBwdParams& p, cudaStream_t st
     mae::mae_unshuffle_bwd_kernel<T, VEC, TX>
         <<<static_cast<unsigned>(blocks), dim3(TX, TY), 0, stream>>>(p, part, n_cblocks);
     FASTVIT_RETURN_LAUNCH_ERROR();
-    const int64_t cx = (p.C + mae::kColsumX - 1) / mae::kColsumX;
-    mae::mae_colsum_kernel<T><<<static_cast<unsigned>(cx), dim3(mae::kColsumX, mae::kColsumY), 0, stream>>>(
-        part, static_cast<T*>(p.dmask_token), n_tblocks, p.C);
-    FASTVIT_RETURN_LAUNCH_ERROR();
-    return cudaSuccess;
+    return launch_column_sum<T>(part, n_tblocks, p.C, static_cast<T*>(p.dmask_token), stream);
   });
 }
 
