@@ -1,0 +1,128 @@
+// fastvit fused-QKV flash attention (CUDA C++): the only interface the binding sees.
+//
+// FlashAttention-2 (Dao, 2023): forward (Algorithm 1) and a deterministic backward (Algorithm 2, with the dQ
+// accumulation moved into its own kernel so that every output element has exactly one writer: no atomics).
+// Semantics are those of the Triton kernels in kernels/attention.py, element for element:
+//
+//   S   = (Q Kᵀ) · scale                         fp32, per (batch, head)
+//   lse = log(sum_j exp(S_ij))                   natural log, fp32, (B, H, seqlen_q)
+//   O   = softmax(S) V                            stored in the input dtype
+//   backward: delta = rowsum(dO ∘ O), P = exp(S − lse), dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − delta),
+//             dQ = dS K · scale, dK = dSᵀ Q · scale
+//
+// Every tensor is addressed by (batch, head, row) strides in ELEMENTS with a contiguous head dim (last stride 1),
+// which serves both layouts of the binding:
+//   * packed qkv (B, N, 3C), C = H·D: q = qkv + 0, k = qkv + C, v = qkv + 2C; strides (N·3C, D, 3C);
+//     o (B, N, C): strides (N·C, D, C); dqkv packed like qkv;
+//   * per-head (B, H, N, D) tensors with any strides (sdpa); seqlen_q may differ from seqlen_k there.
+// Head dims that are not a bucket size (72, 88, 104, 16, 24) run in the next bucket {32, 64, 80, 96, 128}; the
+// extra columns are zero-filled on every load and skipped on every store (memory is never padded, so the
+// neighbouring heads of a packed qkv are neither read into the dot products nor overwritten).
+//
+// Requirements the binding must check (the kernels do not): head_dim supported (attention_head_dim_supported),
+// every base pointer 16-byte aligned and every batch / head / row stride a multiple of kAttentionAlignment
+// elements (the kernels use 16-byte cp.async), dtype fp16 or bf16, all sizes >= 0, scale finite.
+// Launchers return cudaSuccess without launching anything for empty problems (forward: batch, heads, seqlen_q
+// or seqlen_k == 0; backward: batch, heads or both seqlens == 0 -- with only seqlen_k == 0 the backward writes
+// dq = 0, with only seqlen_q == 0 it writes dk = dv = 0, as the Triton kernels do), cudaErrorNotSupported for a
+// dtype / head dim this build did not compile, cudaErrorMisalignedAddress when a pointer or stride breaks
+// kAttentionAlignment, cudaErrorInvalidValue for a missing lse / workspace or a seqlen >= 2^31 - 256,
+// cudaErrorInvalidConfiguration when B·H > 65535², and otherwise the first CUDA error of their launches.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/common.h"
+
+namespace fastvit {
+
+// Elements: every base pointer and every stride except the last (which must be 1) must be a multiple of this.
+constexpr int kAttentionAlignment = 8;
+// Largest head dim any bucket serves.
+constexpr int kAttentionMaxHeadDim = 128;
+
+struct AttentionFwdParams {
+  // Inputs, element type `dtype` (fp16 or bf16), logical shapes (batch, heads, seqlen, head_dim), head dim
+  // contiguous. q: (B, H, seqlen_q, D); k, v: (B, H, seqlen_k, D).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  // Output, element type `dtype`, (B, H, seqlen_q, D) addressed with the o strides. Rows >= seqlen_q and
+  // columns >= head_dim are never touched.
+  void* o = nullptr;
+  // Output: (B, H, seqlen_q) contiguous fp32 (index (b·H + h)·seqlen_q + i), natural-log log-sum-exp of the
+  // SCALED scores of query row i.
+  float* lse = nullptr;
+
+  // Strides in elements (batch, head, row); the head-dim stride is 1.
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
+  int64_t o_batch_stride = 0, o_head_stride = 0, o_row_stride = 0;
+
+  int64_t batch = 0;     // B
+  int64_t heads = 0;     // H
+  int64_t seqlen_q = 0;  // query tokens (rows of q, o, lse)
+  int64_t seqlen_k = 0;  // key / value tokens (rows of k, v); >= 1 for a non-empty problem
+  int head_dim = 0;      // D, % 8 == 0, 8 <= D <= 128
+  float scale = 0.f;     // softmax scale applied to Q Kᵀ in fp32 (usually D^-0.5)
+  DType dtype = DType::kBFloat16;  // kFloat16 or kBFloat16
+};
+
+struct AttentionBwdParams {
+  // Forward inputs / outputs (same shapes, dtypes and strides as in AttentionFwdParams).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;    // forward output O, (B, H, seqlen_q, D)
+  const float* lse = nullptr; // forward LSE, (B, H, seqlen_q) contiguous fp32, natural log
+  // Incoming gradient dO, element type `dtype`, (B, H, seqlen_q, D).
+  const void* dout = nullptr;
+  // Outputs, element type `dtype`: dq (B, H, seqlen_q, D), dk and dv (B, H, seqlen_k, D). Every element
+  // (row < seqlen, column < head_dim) is written exactly once; nothing else is touched. dq / dk / dv may be
+  // the column slices of one packed dqkv; they must not overlap q, k, v, o, dout.
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  // Workspace of attention_bwd_workspace_bytes(params) bytes (16-byte aligned), allocated by the caller, no
+  // initialisation needed. The launcher stores delta = rowsum(dO ∘ O) there: (B, H, seqlen_q) contiguous fp32.
+  void* workspace = nullptr;
+
+  // Strides in elements (batch, head, row); the head-dim stride is 1.
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_row_stride = 0;
+  int64_t k_batch_stride = 0, k_head_stride = 0, k_row_stride = 0;
+  int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
+  int64_t o_batch_stride = 0, o_head_stride = 0, o_row_stride = 0;
+  int64_t do_batch_stride = 0, do_head_stride = 0, do_row_stride = 0;
+  int64_t dq_batch_stride = 0, dq_head_stride = 0, dq_row_stride = 0;
+  int64_t dk_batch_stride = 0, dk_head_stride = 0, dk_row_stride = 0;
+  int64_t dv_batch_stride = 0, dv_head_stride = 0, dv_row_stride = 0;
+
+  int64_t batch = 0;
+  int64_t heads = 0;
+  int64_t seqlen_q = 0;
+  int64_t seqlen_k = 0;
+  int head_dim = 0;
+  float scale = 0.f;  // the forward's softmax scale
+  DType dtype = DType::kBFloat16;
+};
+
+// Bytes of workspace run_attention_bwd needs (B·H·seqlen_q fp32 for delta, rounded up to 256 bytes; 0 for an
+// empty problem).
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
+
+// Head-dim bucket {32, 64, 80, 96, 128} a head dim runs in, or 0 when unsupported.
+int attention_head_dim_bucket(int head_dim);
+
+// head_dim % 8 == 0, 8 <= head_dim <= 128, and its bucket compiled into this build (a minimal build has only
+// bucket 64, i.e. head dims 40..64).
+bool attention_head_dim_supported(int head_dim);
+
+// Whether this build compiled `dtype` for attention (a minimal build: bf16 only).
+bool attention_dtype_supported(DType dtype);
+
+cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
+cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+
+}  // namespace fastvit

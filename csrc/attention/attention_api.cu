@@ -1,0 +1,148 @@
+// fastvit attention: run-time dispatch from AttentionFwdParams / AttentionBwdParams to the compiled
+// (dtype, head-dim bucket) launchers. No kernel code here: the launchers are explicitly instantiated in
+// attention_{fwd,bwd}_hdim<D>_{fp16,bf16}.cu (attention_launch.cuh declares them).
+#include <cstdint>
+
+#include "attention/attention.h"
+#include "attention/attention_launch.cuh"
+#include "common/dispatch.cuh"
+
+// FASTVIT_ATTN_HEADDIM_SWITCH(head_dim, kHeadDim, ...): kHeadDim = the bucket (smallest of 32, 64, 80, 96, 128
+// that is >= head_dim); head dims whose bucket this build did not compile return cudaErrorNotSupported from the
+// enclosing function. A minimal build (FASTVIT_MINIMAL_BUILD) compiles bucket 64 only (head dims 40..64), so
+// it references no other instantiation and links with the minimal set of files.
+#ifdef FASTVIT_MINIMAL_BUILD
+#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)              \
+  [&]() -> cudaError_t {                                                   \
+    if (::fastvit::attention_head_dim_bucket(HEADDIM) == 64) {             \
+      constexpr int CONST_NAME = 64;                                       \
+      return __VA_ARGS__();                                                \
+    }                                                                      \
+    return cudaErrorNotSupported;                                          \
+  }()
+#else
+#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)              \
+  [&]() -> cudaError_t {                                                   \
+    switch (::fastvit::attention_head_dim_bucket(HEADDIM)) {              \
+      case 32: {                                                           \
+        constexpr int CONST_NAME = 32;                                     \
+        return __VA_ARGS__();                                              \
+      }                                                                    \
+      case 64: {                                                           \
+        constexpr int CONST_NAME = 64;                                     \
+        return __VA_ARGS__();                                              \
+      }                                                                    \
+      case 80: {                                                           \
+        constexpr int CONST_NAME = 80;                                     \
+        return __VA_ARGS__();                                              \
+      }                                                                    \
+      case 96: {                                                           \
+        constexpr int CONST_NAME = 96;                                     \
+        return __VA_ARGS__();                                              \
+      }                                                                    \
+      case 128: {                                                          \
+        constexpr int CONST_NAME = 128;                                    \
+        return __VA_ARGS__();                                              \
+      }                                                                    \
+      default:                                                             \
+        return cudaErrorNotSupported;                                      \
+    }                                                                      \
+  }()
+#endif
+
+namespace fastvit {
+
+int attention_head_dim_bucket(int head_dim) {
+  if (head_dim < 8 || head_dim > kAttentionMaxHeadDim || head_dim % 8 != 0) return 0;
+  if (head_dim <= 32) return 32;
+  if (head_dim <= 64) return 64;
+  if (head_dim <= 80) return 80;
+  if (head_dim <= 96) return 96;
+  return 128;
+}
+
+bool attention_head_dim_supported(int head_dim) {
+  const int bucket = attention_head_dim_bucket(head_dim);
+#ifdef FASTVIT_MINIMAL_BUILD
+  return bucket == 64;
+#else
+  return bucket != 0;
+#endif
+}
+
+bool attention_dtype_supported(DType dtype) {
+#ifdef FASTVIT_MINIMAL_BUILD
+  return dtype == DType::kBFloat16;
+#else
+  return dtype == DType::kFloat16 || dtype == DType::kBFloat16;
+#endif
+}
+
+namespace {
+
+constexpr uintptr_t kAlignBytes = kAttentionAlignment * 2;  // 16-byte vectors of 16-bit elements
+
+bool aligned_ptr(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlignBytes == 0; }
+
+bool aligned_strides(int64_t batch_stride, int64_t head_stride, int64_t row_stride) {
+  return batch_stride % kAttentionAlignment == 0 && head_stride % kAttentionAlignment == 0 &&
+         row_stride % kAttentionAlignment == 0;
+}
+
+// The kernels index tokens with 32-bit ints.
+constexpr int64_t kMaxSeqlen = (int64_t{1} << 31) - 256;
+
+}  // namespace
+
+size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params) {
+  if (params.batch <= 0 || params.heads <= 0 || params.seqlen_q <= 0) return 0;
+  const size_t bytes = static_cast<size_t>(params.batch) * static_cast<size_t>(params.heads) *
+                       static_cast<size_t>(params.seqlen_q) * sizeof(float);
+  return (bytes + 255) / 256 * 256;
+}
+
+cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
+  if (params.batch <= 0 || params.heads <= 0 || params.seqlen_q <= 0 || params.seqlen_k <= 0) return cudaSuccess;
+  if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
+    return cudaErrorNotSupported;
+  if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
+  if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
+      params.lse == nullptr ||
+      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride) ||
+      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride) ||
+      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride) ||
+      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride))
+    return cudaErrorMisalignedAddress;
+  return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return run_attention_fwd_bucket<Element, kHeadDim>(params, stream);
+    });
+  });
+}
+
+cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
+  if (params.batch <= 0 || params.heads <= 0 || (params.seqlen_q <= 0 && params.seqlen_k <= 0)) return cudaSuccess;
+  if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
+    return cudaErrorNotSupported;
+  if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
+  if (params.seqlen_q > 0 && (params.workspace == nullptr || params.lse == nullptr)) return cudaErrorInvalidValue;
+  if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
+      !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) || !aligned_ptr(params.dv) ||
+      !aligned_ptr(params.workspace) ||
+      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride) ||
+      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride) ||
+      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride) ||
+      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride) ||
+      !aligned_strides(params.do_batch_stride, params.do_head_stride, params.do_row_stride) ||
+      !aligned_strides(params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride) ||
+      !aligned_strides(params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride) ||
+      !aligned_strides(params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride))
+    return cudaErrorMisalignedAddress;
+  return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return run_attention_bwd_bucket<Element, kHeadDim>(params, stream);
+    });
+  });
+}
+
+}  // namespace fastvit

@@ -1,0 +1,7 @@
+// Instantiation of the attention fwd launcher for head-dim bucket 128, bf16 (one TU per instantiation to
+// keep compile times parallel and bounded; see attention_launch.cuh).
+#include "attention/attention_fwd.cuh"
+
+namespace fastvit {
+template cudaError_t run_attention_fwd_bucket<cutlass::bfloat16_t, 128>(const AttentionFwdParams&, cudaStream_t);
+}  // namespace fastvit
