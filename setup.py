@@ -31,7 +31,8 @@ def _load_build_config():
     # fastvit/_cuda_build.py is stdlib-only; load it by path because fastvit itself is not importable yet.
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_fastvit_cuda_build", os.path.join(ROOT, "fastvit", "_cuda_build.py"))
+    path = os.path.join(ROOT, "fastvit", "_cuda_build.py")
+    spec = importlib.util.spec_from_file_location("_fastvit_cuda_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

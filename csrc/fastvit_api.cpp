@@ -65,8 +65,8 @@ fastvit::DType dtype_of(const Tensor& t, const char* op, const char* name, bool 
       break;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, op, ": ", name, " must be ", allow_fp32 ? "float16, bfloat16 or float32" : "float16 or bfloat16",
-                   ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(false, op, ": ", name, " must be ",
+                   allow_fp32 ? "float16, bfloat16 or float32" : "float16 or bfloat16", ", got ", t.scalar_type());
   return fastvit::DType::kFloat32;  // unreachable
 }
 

@@ -114,8 +114,8 @@ def compile_file(path: str, archs: str, minimal: bool, nvcc: str) -> FileResult:
             return FileResult(rel, False, 0.0, [], f"{rel} includes a torch / ATen / c10 header; kernel files must be "
                                                     "torch-free (the binding fills a params struct)")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", build.CHECK_STD, *build.NVCC_FLAGS, *build.defines(minimal), *build.gencode_flags(archs), "-Xptxas", "-v",
-               *[f"-I{d}" for d in build.include_dirs()], path, "-o", os.path.join(tmp, "out.o")]
+        cmd = [nvcc, "-c", build.CHECK_STD, *build.NVCC_FLAGS, *build.defines(minimal), *build.gencode_flags(archs),
+               "-Xptxas", "-v", *[f"-I{d}" for d in build.include_dirs()], path, "-o", os.path.join(tmp, "out.o")]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - start
