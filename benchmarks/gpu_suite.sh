@@ -67,6 +67,18 @@ nvidia-smi -q > "$OUT_DIR/nvidia_smi_q.txt" 2>&1 || true
 shopt -s globstar nullglob
 CSRC=("$REPO"/csrc/**/*.cu "$REPO"/csrc/**/*.cpp)
 shopt -u globstar nullglob
+# The CUTLASS / CuTe headers come from the nvidia-cutlass wheel; a machine without network gets it carried in
+# (WHEELS=dir, default shared/wheels) and installed without dependencies.
+if ! "$PY" -c "import cutlass_library" >/dev/null 2>&1; then
+    shopt -s nullglob
+    CUTLASS_WHEELS=("${WHEELS:-$REPO/shared/wheels}"/nvidia_cutlass-*.whl)
+    shopt -u nullglob
+    if [[ ${#CUTLASS_WHEELS[@]} -gt 0 ]]; then
+        step install_cutlass "$PY" -m pip install --no-deps "${CUTLASS_WHEELS[-1]}"
+    else
+        log "nvidia-cutlass is not installed and no wheel was found under ${WHEELS:-$REPO/shared/wheels}"
+    fi
+fi
 if [[ "${SKIP_BUILD:-0}" != "1" && ${#CSRC[@]} -gt 0 ]]; then
     step build_extension env FASTVIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e "$REPO" -v
 else
