@@ -74,7 +74,8 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK_NOT_IMPLEMENTED(err != cudaErrorNotSupported, op,
                               ": this fastvit._C build did not compile the requested dtype / head dim "
                               "(fastvit._C.build_info() lists what it has)");
-  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue, op, ": the kernel rejected its arguments (", cudaGetErrorString(err),
+  TORCH_CHECK_VALUE(err != cudaErrorInvalidValue && err != cudaErrorMisalignedAddress, op,
+                    ": the kernel rejected its arguments (", cudaGetErrorString(err),
                     "); this is a bug in the binding's checks, please report it");
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(err));
 }
