@@ -179,6 +179,32 @@ struct PatchIndex {
   }
 };
 
+// MAE's norm_pix statistics of one patch, block-wide (every thread of the CTA calls it): mean and 1/σ of its K
+// pixels, σ² the unbiased variance + 1e-6 (K = 1 gives 0 / 0 = NaN, as torch.var and the Triton kernel). With
+// kCache each thread also stores the pixels it visits in s_t[e], read back by that same thread later.
+template <bool kCache, class Pixel>
+__device__ __forceinline__ void patch_stats(const PatchIndex& ix, int K, Pixel pixel, float* s_t,
+                                            float (&red)[2][kLossThreads / 32], float& mean, float& rsig) {
+  float s = 0.f;
+  for (int e = threadIdx.x; e < K; e += kLossThreads) {
+    int c, pp, q, k;
+    ix.decode(e, c, pp, q, k);
+    const float t = pixel(c, pp, q);
+    if constexpr (kCache) s_t[e] = t;
+    s += t;
+  }
+  mean = block_sum(s, red[0]) / static_cast<float>(K);
+  float ss = 0.f;
+  for (int e = threadIdx.x; e < K; e += kLossThreads) {
+    int c, pp, q, k;
+    ix.decode(e, c, pp, q, k);
+    const float d = (kCache ? s_t[e] : pixel(c, pp, q)) - mean;  // s_t[e] was written by this thread
+    ss += d * d;
+  }
+  const float var = block_sum(ss, red[1]) / static_cast<float>(K - 1);
+  rsig = 1.f / sqrtf(var + 1e-6f);
+}
+
 // Loss row (b, n) per CTA (blockIdx.x = b * N + n). kCache: the (normalised) target lives in dynamic shared
 // memory (K floats); otherwise it is re-read from the image for every pass.
 template <typename T, bool kCache>
@@ -202,27 +228,7 @@ __global__ void __launch_bounds__(kLossThreads) mae_loss_fwd_kernel(const MaeLos
   };
 
   float mean = 0.f, rsig = 1.f;
-  if (p.norm_pix) {
-    float s = 0.f;
-    for (int e = threadIdx.x; e < K; e += kLossThreads) {
-      int c, pp, q, k;
-      ix.decode(e, c, pp, q, k);
-      const float t = pixel(c, pp, q);
-      if constexpr (kCache) s_t[e] = t;
-      s += t;
-    }
-    mean = block_sum(s, red[0]) / static_cast<float>(K);
-    float ss = 0.f;
-    for (int e = threadIdx.x; e < K; e += kLossThreads) {
-      int c, pp, q, k;
-      ix.decode(e, c, pp, q, k);
-      const float d = (kCache ? s_t[e] : pixel(c, pp, q)) - mean;  // s_t[e] written by this thread
-      ss += d * d;
-    }
-    // unbiased variance; K = 1 gives 0 / 0 = NaN, as torch.var and the Triton kernel
-    const float var = block_sum(ss, red[1]) / static_cast<float>(K - 1);
-    rsig = 1.f / sqrtf(var + 1e-6f);
-  }
+  if (p.norm_pix) patch_stats<kCache>(ix, K, pixel, s_t, red, mean, rsig);
   float acc = 0.f;
   for (int e = threadIdx.x; e < K; e += kLossThreads) {
     int c, pp, q, k;
@@ -270,26 +276,7 @@ __global__ void __launch_bounds__(kLossThreads) mae_loss_bwd_kernel(const MaeLos
                       static_cast<float>(K);
 
   float mean = 0.f, rsig = 1.f;
-  if (p.norm_pix) {
-    float s = 0.f;
-    for (int e = threadIdx.x; e < K; e += kLossThreads) {
-      int c, pp, q, k;
-      ix.decode(e, c, pp, q, k);
-      const float t = pixel(c, pp, q);
-      if constexpr (kCache) s_t[e] = t;
-      s += t;
-    }
-    mean = block_sum(s, red[0]) / static_cast<float>(K);
-    float ss = 0.f;
-    for (int e = threadIdx.x; e < K; e += kLossThreads) {
-      int c, pp, q, k;
-      ix.decode(e, c, pp, q, k);
-      const float d = (kCache ? s_t[e] : pixel(c, pp, q)) - mean;
-      ss += d * d;
-    }
-    const float var = block_sum(ss, red[1]) / static_cast<float>(K - 1);
-    rsig = 1.f / sqrtf(var + 1e-6f);
-  }
+  if (p.norm_pix) patch_stats<kCache>(ix, K, pixel, s_t, red, mean, rsig);
   // that(e): the (normalised) target of element e
   auto target = [&](int e, int c, int pp, int q) -> float {
     if (p.norm_pix) return ((kCache ? s_t[e] : pixel(c, pp, q)) - mean) * rsig;
