@@ -103,3 +103,26 @@ def test_every_kernel_file_compiles_for_sm80_and_sm90a_without_attention_or_laye
         kernels = [k for r in results for k in r.kernels if f"/{family}/" in "/" + r.file.replace(os.sep, "/")]
         assert {k.arch for k in kernels} == {"sm_80", "sm_90a"}, family
         assert all(0 < k.registers <= 255 for k in kernels), family
+
+
+# ------------------------------------------------------------------------------------------- CuTe layouts
+@needs_toolchain
+def test_attention_layout_algebra_on_the_host(tmp_path):
+    """tests/cuda/attention_layouts.cu enumerates every thread's CuTe partitions of the attention kernels' tiles on
+    the CPU (fragment re-layouts, row/column views, quad ownership, transposed shared-memory views)."""
+    import subprocess
+
+    src = os.path.join(os.path.dirname(__file__), "cuda", "attention_layouts.cu")
+    exe = str(tmp_path / "attention_layouts")
+    cmd = [NVCC, build.CHECK_STD, "-O1", "--expt-relaxed-constexpr", "-x", "cu",
+           *[f"-I{d}" for d in build.include_dirs()], src, "-o", exe]
+    compiled = subprocess.run(cmd, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True)
+    assert run.returncode == 0 and "ALL OK" in run.stdout and "FAIL" not in run.stdout, run.stdout
+    # shared memory per CTA within the targets' limits: forward <= 99 KB (two CTAs per SM), backward <= sm_80's 163 KB
+    sizes = {line.split(":")[0]: [int(x.split(":")[1]) for x in line.split()[2:]]
+             for line in run.stdout.splitlines() if line.startswith(("fwd smem", "dkdv smem", "dq smem"))}
+    assert set(sizes) == {"fwd smem", "dkdv smem", "dq smem"} and all(len(v) == 5 for v in sizes.values())
+    assert max(sizes["fwd smem"]) <= 99 * 1024
+    assert max(sizes["dkdv smem"] + sizes["dq smem"]) <= 163 * 1024
