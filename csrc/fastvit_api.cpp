@@ -721,7 +721,7 @@ Tensor mae_unshuffle_fwd(const Tensor& x_in, const Tensor& mask_token, const Ten
     check_shape(*pos_in, {1, N + 1, C}, kUnFwd, "pos_embed");
   }
   Launch launch(x_in);
-  Tensor x = rows(x_in.reshape({-1, C}), C).view({B, T, C});
+  Tensor x = (C <= 1 || x_in.stride(2) == 1) ? x_in : x_in.contiguous();  // the kernel takes (b, t) strides
   Tensor mt = mask_token.reshape({C}).contiguous();
   Tensor ids = ids_in.contiguous();
   OptTensor pos = pos_in.has_value() ? OptTensor(pos_in->reshape({N + 1, C}).contiguous()) : std::nullopt;
@@ -790,7 +790,7 @@ Tensor mae_loss_fwd(const Tensor& pred_in, const Tensor& images, int64_t patch_s
   auto [B, N] = check_loss(pred_in, images, patch_size, kLossFwd);
   const auto dtype = dtype_of(pred_in, kLossFwd, "pred", true);
   Launch launch(pred_in);
-  Tensor pred = rows(pred_in.reshape({-1, pred_in.size(2)}), pred_in.size(2)).view(pred_in.sizes());
+  Tensor pred = (pred_in.size(2) <= 1 || pred_in.stride(2) == 1) ? pred_in : pred_in.contiguous();
   Tensor row = at::empty({B, N}, pred.options().dtype(at::kFloat));
   if (row.numel() == 0) return row;
   fastvit::MaeLossFwdParams p;

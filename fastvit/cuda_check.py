@@ -159,6 +159,7 @@ def run(archs: str = build.DEFAULT_ARCHS, minimal: bool = True, jobs: int | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: compile, print the table, return 0 (all good), 1 (a failure) or 2 (no toolchain)."""
     parser = argparse.ArgumentParser(prog="python -m fastvit.cuda_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default=build.DEFAULT_ARCHS, help="';'-separated, default %(default)s")
     parser.add_argument("--all", action="store_true", help="every instantiation, not one per kernel template")
