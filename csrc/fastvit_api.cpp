@@ -126,6 +126,9 @@ fastvit::DType attention_dtype(const Tensor& t, const char* op, const char* name
   return dtype;
 }
 
+// The kernels index rows with int32 and round sequence lengths up to a tile.
+constexpr int64_t kMaxSeqlen = (1LL << 31) - 256;
+
 // Strides (batch, head, row) of the q / k / v column blocks of a packed qkv (B, N, 3C), or of a (B, N, C) tensor.
 struct BhnStrides { int64_t b, h, n; };
 BhnStrides packed_strides(const Tensor& t, int64_t D) { return {t.stride(0), D, t.stride(1)}; }
@@ -176,6 +179,8 @@ std::tuple<int64_t, int64_t, int64_t> packed_geometry(const Tensor& qkv, int64_t
   TORCH_CHECK_VALUE(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
   TORCH_CHECK_VALUE(qkv.size(2) > 0 && qkv.size(2) % (3 * num_heads) == 0, op, ": qkv's last dim (", qkv.size(2),
                     ") must be a positive multiple of 3 * num_heads = ", 3 * num_heads);
+  TORCH_CHECK_VALUE(qkv.size(1) < kMaxSeqlen, op, ": at most ", kMaxSeqlen - 1, " tokens, got qkv of shape ",
+                    qkv.sizes());
   const int64_t C = qkv.size(2) / 3;
   return {C, C / num_heads, qkv.size(1)};
 }
@@ -236,6 +241,8 @@ void check_bhnd(const Tensor& q, const Tensor& k, const Tensor& v, const char* o
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
                     ": k must have shape (", q.size(0), ", ", q.size(1), ", Nk, ", q.size(3), "), got ", k.sizes());
   check_shape(v, k.sizes(), op, "v");
+  TORCH_CHECK_VALUE(q.size(2) < kMaxSeqlen && k.size(2) < kMaxSeqlen, op, ": at most ", kMaxSeqlen - 1,
+                    " tokens, got q of shape ", q.sizes(), " and k of shape ", k.sizes());
 }
 
 std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale) {
@@ -407,6 +414,9 @@ fastvit::DType check_linear(const Tensor& x, const Tensor& weight, const char* o
   TORCH_CHECK_VALUE(K % fastvit::kLinearAlignment == 0 && N % fastvit::kLinearAlignment == 0, op,
                     ": in_features (", K, ") and out_features (", N, ") must be multiples of ",
                     fastvit::kLinearAlignment, " for the CUDA GEMMs (weight shape ", weight.sizes(), ")");
+  const int64_t M = K ? x.numel() / K : 0;
+  TORCH_CHECK_VALUE(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, op, ": the CUTLASS GEMMs take at most 2^31 - 1 "
+                    "rows (x has ", M, " rows of ", K, " features; weight has shape ", weight.sizes(), ")");
   return dtype;
 }
 
