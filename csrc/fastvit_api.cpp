@@ -98,6 +98,14 @@ Tensor rows(const Tensor& t, int64_t C) {
   return (C > 1 && r.stride(1) != 1) ? r.contiguous() : r;
 }
 
+// A row-major (M, C) GEMM operand from `t` (..., C): leading dimension >= C (an expanded, stride-0 gradient is
+// materialised: CUTLASS wants a real matrix), unit column stride, 16-byte aligned.
+Tensor gemm_rows(const Tensor& t, int64_t C) {
+  Tensor r = rows(t, C);
+  if (r.size(0) > 1 && r.stride(0) < C) r = r.contiguous();
+  return vector_aligned(r);
+}
+
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 
 const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -439,7 +447,7 @@ std::tuple<Tensor, Tensor> linear_gelu_fwd(const Tensor& x, const Tensor& weight
   const int64_t N = weight_in.size(0), K = weight_in.size(1);
   check_vector(bias_in, x, N, kGeluFwd, "bias", "x");
   Launch launch(x);
-  Tensor x2 = vector_aligned(rows(x, K)), w = vector_aligned(weight_in);
+  Tensor x2 = gemm_rows(x, K), w = gemm_rows(weight_in, K);
   OptTensor bias = bias_in.has_value() ? OptTensor(vector_aligned(bias_in->contiguous())) : std::nullopt;
   const int64_t M = x2.size(0);
   Tensor y = at::empty(out_shape(x, N), x.options());
@@ -468,8 +476,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_gelu_bwd(const Tensor& dy, const Tenso
   check_same(h, x, kGeluBwd, "h", "x");
   check_shape(h, shape, kGeluBwd, "h");
   Launch launch(x);
-  Tensor x2 = vector_aligned(rows(x, K)), w = vector_aligned(weight_in);
-  Tensor dy2 = vector_aligned(rows(dy, N)), h2 = vector_aligned(rows(h, N));
+  Tensor x2 = gemm_rows(x, K), w = gemm_rows(weight_in, K);
+  Tensor dy2 = gemm_rows(dy, N), h2 = gemm_rows(h, N);
   const int64_t M = x2.size(0);
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw = at::empty({N, K}, x.options());
@@ -501,7 +509,7 @@ std::tuple<Tensor, Tensor> linear_residual_fwd(const Tensor& x, const Tensor& we
   check_same(residual, x, kResFwd, "residual", "x");
   check_shape(residual, shape, kResFwd, "residual");
   Launch launch(x);
-  Tensor x2 = vector_aligned(rows(x, K)), w = vector_aligned(weight_in), r2 = vector_aligned(rows(residual, N));
+  Tensor x2 = gemm_rows(x, K), w = gemm_rows(weight_in, K), r2 = gemm_rows(residual, N);
   OptTensor bias = bias_in.has_value() ? OptTensor(vector_aligned(bias_in->contiguous())) : std::nullopt;
   OptTensor gamma = gamma_in.has_value() ? OptTensor(vector_aligned(gamma_in->contiguous())) : std::nullopt;
   const int64_t M = x2.size(0);
@@ -534,9 +542,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_residual_bwd(const Tensor& dy,
     check_shape(*z_in, shape, kResBwd, "z");
   }
   Launch launch(x);
-  Tensor x2 = vector_aligned(rows(x, K)), w = vector_aligned(weight_in), dy2 = vector_aligned(rows(dy, N));
+  Tensor x2 = gemm_rows(x, K), w = gemm_rows(weight_in, K), dy2 = gemm_rows(dy, N);
   OptTensor gamma = gamma_in.has_value() ? OptTensor(vector_aligned(gamma_in->contiguous())) : std::nullopt;
-  OptTensor z2 = z_in.has_value() ? OptTensor(vector_aligned(rows(*z_in, N))) : std::nullopt;
+  OptTensor z2 = z_in.has_value() ? OptTensor(gemm_rows(*z_in, N)) : std::nullopt;
   const bool want_dgamma = gamma.has_value() && z2.has_value();
   const int64_t M = x2.size(0);
   Tensor dx = at::empty(x.sizes(), x.options());
