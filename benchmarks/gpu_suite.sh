@@ -95,6 +95,10 @@ else
     log "no CUDA sources under csrc/ (or SKIP_BUILD=1): not building fastvit._C"
 fi
 
+# The build above is the one build: no process of this suite retries it just in time (fastvit/_cuda.py would,
+# on a GPU machine without fastvit._C, in every pytest worker and benchmark process).
+export FASTVIT_CUDA_JIT=0
+
 # Recorded after the build, so it says whether fastvit._C imports.
 step fastvit_info bash -c "'$PY' -m fastvit.info --json > '$OUT_DIR/fastvit_info.json' && '$PY' -m fastvit.info"
 

@@ -10,10 +10,11 @@ Layers (DESIGN.md, "Four layers per op"):
 4. dispatch -- :func:`fastvit.backends.register_kernel` with capabilities read from the build (``build_info()``).
 
 Where the extension comes from, in order: ``fastvit._C`` (built by ``pip install --no-build-isolation -e .`` on a
-machine with nvcc and a CUDA build of torch), else a JIT build of ``csrc/`` with
-``torch.utils.cpp_extension.load`` (cached under ``$TORCH_EXTENSIONS_DIR``) when ``FASTVIT_CUDA_JIT=1`` is set or
-:func:`load` is called with ``jit=True``. A full build compiles every (dtype, head-dim bucket) instantiation and
-takes a while; ``FASTVIT_MINIMAL_BUILD=1`` compiles one per kernel template (bf16, head-dim bucket 64).
+machine with nvcc and a CUDA build of torch), else a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load``
+(cached under ``$TORCH_EXTENSIONS_DIR``): automatically on import when a GPU, nvcc, CUTLASS and the sources are
+all present (for that GPU's arch; ``FASTVIT_CUDA_JIT=0`` turns it off), or on request (``FASTVIT_CUDA_JIT=1``,
+:func:`load` with ``jit=True``). A full build compiles every (dtype, head-dim bucket) instantiation and takes a
+while; ``FASTVIT_MINIMAL_BUILD=1`` compiles one per kernel template (bf16, head-dim bucket 64).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import types
 from typing import Optional
 
@@ -97,16 +99,38 @@ def jit_build(*, minimal: bool | None = None, archs: str | None = None, verbose:
     )
 
 
+def _jit_default() -> bool:
+    """``FASTVIT_CUDA_JIT`` when set; otherwise build just in time exactly when it can work and matters: a CUDA
+    device is present, torch is a CUDA build, and nvcc, CUTLASS and ``csrc/`` are here."""
+    env = os.environ.get("FASTVIT_CUDA_JIT", "").strip().lower()
+    if env:
+        return env in {"1", "true", "yes", "on"}
+    return (torch.version.cuda is not None and torch.cuda.is_available() and build.find_nvcc() is not None
+            and build.cutlass_include() is not None and os.path.isdir(build.CSRC))
+
+
+def _local_arch() -> str:
+    """The current GPU's compute capability as a build arch (``"9.0a"`` on Hopper, whose kernels use the "a"
+    features), unless ``FASTVIT_CUDA_ARCHS`` says otherwise."""
+    if os.environ.get("FASTVIT_CUDA_ARCHS"):
+        return os.environ["FASTVIT_CUDA_ARCHS"]
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
 def load(*, jit: bool | None = None, **jit_kwargs) -> types.ModuleType | None:
     """Load the extension (``fastvit._C``, else a JIT build when asked), register its ops' fakes and autograd and
     the ``cuda`` backend's kernels; return the module or ``None`` (then :func:`load_error` says why).
 
     Args:
-        jit: build ``csrc/`` just in time when ``fastvit._C`` is missing (default: ``FASTVIT_CUDA_JIT=1``).
+        jit: build ``csrc/`` just in time when ``fastvit._C`` is missing. Default: ``FASTVIT_CUDA_JIT`` when set,
+            else automatically when a GPU, nvcc, CUTLASS and ``csrc/`` are all present (for this GPU's arch only;
+            a failure then only makes the backend unavailable, with the compiler's message in :func:`load_error`).
         **jit_kwargs: passed to :func:`jit_build`.
 
     Raises:
-        RuntimeError / FileNotFoundError: only from an explicitly requested JIT build that fails.
+        RuntimeError / FileNotFoundError: only from an explicitly requested JIT build (``jit=True`` or
+            ``FASTVIT_CUDA_JIT=1``) that fails.
     """
     global _EXT, _LOAD_ERROR
     if _EXT is not None:
@@ -121,11 +145,21 @@ def load(*, jit: bool | None = None, **jit_kwargs) -> types.ModuleType | None:
         except ImportError as exc:
             _LOAD_ERROR = f"the extension fastvit._C does not load: {exc}"
     if ext is None:
+        explicit = jit is not None or os.environ.get("FASTVIT_CUDA_JIT", "").strip() != ""
         if jit is None:
-            jit = os.environ.get("FASTVIT_CUDA_JIT", "").strip().lower() in {"1", "true", "yes", "on"}
+            jit = _jit_default()
         if not jit:
             return None
-        ext = jit_build(**jit_kwargs)
+        if explicit:
+            ext = jit_build(**jit_kwargs)
+        else:  # automatic: a failed build leaves the backend unavailable (with the reason), never breaks the import
+            print("fastvit: fastvit._C is not built; building csrc/ just in time for this GPU (cached; "
+                  "FASTVIT_CUDA_JIT=0 skips this)", file=sys.stderr)
+            try:
+                ext = jit_build(**{"archs": _local_arch(), **jit_kwargs})
+            except Exception as exc:  # noqa: BLE001 -- reported through load_error()
+                _LOAD_ERROR = f"the just-in-time build of csrc/ failed: {str(exc)[-2000:]}"
+                return None
     _EXT, _LOAD_ERROR = ext, None
     _register_fakes()
     for family in _FAMILIES:

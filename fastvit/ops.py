@@ -17,7 +17,7 @@ from fastvit import _eager  # noqa: F401  (registers the eager backend)
 from fastvit import _triton  # noqa: F401  (registers the triton backend when triton imports)
 from fastvit import _triton_linear  # noqa: F401  (triton linear_gelu / linear_residual)
 from fastvit import _triton_mae  # noqa: F401  (triton patch_embed / mae_unshuffle / mae_loss)
-from fastvit import _cuda  # noqa: F401  (the cuda backend, when fastvit._C is built or FASTVIT_CUDA_JIT=1)
+from fastvit import _cuda  # noqa: F401  (the cuda backend: fastvit._C, or csrc/ built just in time)
 from fastvit import reference
 from fastvit.backends import select
 

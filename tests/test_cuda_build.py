@@ -126,3 +126,47 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
     assert set(sizes) == {"fwd smem", "dkdv smem", "dq smem"} and all(len(v) == 5 for v in sizes.values())
     assert max(sizes["fwd smem"]) <= 99 * 1024
     assert max(sizes["dkdv smem"] + sizes["dq smem"]) <= 163 * 1024
+
+
+# ------------------------------------------------------------------------------------------- JIT policy
+def test_jit_policy_follows_the_environment_and_the_machine(monkeypatch):
+    from fastvit import _cuda
+
+    monkeypatch.setenv("FASTVIT_CUDA_JIT", "0")
+    assert _cuda._jit_default() is False
+    monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")
+    assert _cuda._jit_default() is True
+    monkeypatch.delenv("FASTVIT_CUDA_JIT")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cuda._jit_default() is False  # no GPU: never compile behind the user's back
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    expected = (torch.version.cuda is not None and NVCC is not None and build.cutlass_include() is not None
+                and os.path.isdir(build.CSRC))
+    assert _cuda._jit_default() is expected
+
+
+def test_failed_automatic_jit_build_leaves_the_backend_unavailable_with_the_reason(monkeypatch):
+    from fastvit import _cuda
+
+    monkeypatch.setattr(_cuda, "_EXT", None)
+    monkeypatch.setattr(_cuda, "_LOAD_ERROR", "not loaded yet")
+    monkeypatch.delenv("FASTVIT_CUDA_JIT", raising=False)
+    monkeypatch.setattr(_cuda, "_jit_default", lambda: True)
+    monkeypatch.setattr(_cuda, "_local_arch", lambda: "9.0a")
+
+    calls = []
+
+    def broken_build(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("nvcc: error: something went wrong")
+
+    monkeypatch.setattr(_cuda, "jit_build", broken_build)
+    if _cuda.importlib.util.find_spec("fastvit._C") is not None:
+        pytest.skip("fastvit._C is built here, so no JIT build is attempted")
+    assert _cuda.load() is None
+    assert calls == [{"archs": "9.0a"}]  # automatic builds are for this GPU only
+    assert "just-in-time build of csrc/ failed" in _cuda.load_error()
+    assert "something went wrong" in _cuda.load_error()
+    monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")  # an explicit request surfaces the error instead
+    with pytest.raises(RuntimeError, match="something went wrong"):
+        _cuda.load()
