@@ -6,7 +6,6 @@ benchmarks/gpu_suite.sh.
 
 from __future__ import annotations
 
-import copy
 from functools import partial
 
 import pytest
@@ -16,7 +15,7 @@ import fastvit
 import fastvit.ops
 from fastvit import reference
 from fastvit.backends import get_backend
-from oracle import assert_close_oracle, check_op, make_inputs
+from oracle import check_op, compare_model_with_eager, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -161,24 +160,8 @@ def test_mae_loss(dtype, norm_pix, P, S, generator):
 
 
 # ------------------------------------------------------------------------------------------- whole models
-def _run(model, args, backend, loss_fn):
-    model.zero_grad(set_to_none=True)
-    with fastvit.use_backend(backend):
-        out = model(*args)
-        loss_fn(out).float().backward()
-    return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _compare_with_eager(model, args, loss_fn, first):
-    ref_model = copy.deepcopy(model).float()
-    ref_args = [a.float() if torch.is_floating_point(a) else a for a in args]
-    out, grads = _run(model, args, "cuda", loss_fn)
-    pt, pt_grads = _run(model, args, "eager", loss_fn)
-    ref, ref_grads = _run(ref_model, ref_args, "eager", loss_fn)
-    assert_close_oracle(first(out), first(ref), first(pt), torch.bfloat16, "output")
-    assert set(grads) == set(pt_grads) and grads
-    for name in grads:
-        assert_close_oracle(grads[name], ref_grads[name], pt_grads[name], torch.bfloat16, f"grad {name}")
+    compare_model_with_eager(model, args, loss_fn, first, backend="cuda", ref_dtype=torch.float32)
 
 
 def test_vision_transformer_on_cuda_matches_eager(generator):

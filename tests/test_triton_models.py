@@ -3,14 +3,12 @@ forward and every parameter gradient, under DESIGN.md's oracle (``ref``: the mod
 the model in float32 on eager; ``out``: float32 on triton). On a machine without a GPU the kernels run in
 Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
 
-import copy
-
 import pytest
 import torch
 
 import fastvit
 from fastvit.backends import get_backend
-from oracle import assert_close_oracle
+from oracle import compare_model_with_eager
 
 pytestmark = pytest.mark.skipif(
     bool(get_backend("triton").unavailable_reasons()),
@@ -18,27 +16,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(model, args, backend, loss_fn):
-    model.zero_grad(set_to_none=True)
-    with fastvit.use_backend(backend):
-        out = model(*args)
-        loss_fn(out).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
-
-
 def _compare(model, args, loss_fn, first):
-    device = args[0].device
-    model = model.to(device)
-    ref_model = copy.deepcopy(model).double()
-    ref_args = [a.double() if torch.is_floating_point(a) else a for a in args]
-    out, grads = _run(model, args, "triton", loss_fn)
-    pt, pt_grads = _run(model, args, "eager", loss_fn)
-    ref, ref_grads = _run(ref_model, ref_args, "eager", loss_fn)
-    assert_close_oracle(first(out), first(ref), first(pt), torch.float32, "output")
-    assert set(grads) == set(pt_grads) == set(ref_grads) and grads
-    for name in grads:
-        assert_close_oracle(grads[name], ref_grads[name], pt_grads[name], torch.float32, f"grad {name}")
+    compare_model_with_eager(model.to(args[0].device), args, loss_fn, first, backend="triton", ref_dtype=torch.float64)
 
 
 def test_vision_transformer_on_triton_matches_eager(generator, device):
