@@ -106,6 +106,14 @@ Tensor gemm_rows(const Tensor& t, int64_t C) {
   return vector_aligned(r);
 }
 
+// Scratch of `bytes` bytes on `options`' device for a launcher; *ptr gets its address (null when empty). Kept alive
+// by the caller until the launch is queued (the caching allocator orders its reuse on the same stream).
+Tensor alloc_workspace(size_t bytes, const at::TensorOptions& options, void** ptr) {
+  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, options.dtype(at::kByte));
+  *ptr = bytes ? workspace.data_ptr() : nullptr;
+  return workspace;
+}
+
 Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
 
 const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -176,9 +184,7 @@ void set_params_attention_bwd(fastvit::AttentionBwdParams& p, const fastvit::Att
 
 void run_attention_bwd_with_workspace(fastvit::AttentionBwdParams& p, const Tensor& like, const Launch& launch,
                                       const char* op) {
-  const size_t bytes = fastvit::attention_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::attention_bwd_workspace_bytes(p), like.options(), &p.workspace);
   check_launch(fastvit::run_attention_bwd(p, launch.stream), op);
 }
 
@@ -397,9 +403,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const OptTen
   p.dbias = has_bias ? db.data_ptr() : nullptr;
   p.M = M; p.C = C;
   p.has_weight = compute_dw; p.compute_dw = compute_dw; p.compute_db = has_bias; p.dtype = dtype;
-  const size_t bytes = fastvit::layer_norm_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, h.options().dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::layer_norm_bwd_workspace_bytes(p), h.options(), &p.workspace);
   check_launch(fastvit::run_layer_norm_bwd(p, launch.stream), kLnBwd);
   return {dx, dw, db};
 }
@@ -492,9 +496,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_gelu_bwd(const Tensor& dy, const Tenso
   p.dx = dx.data_ptr(); p.lddx = K;
   p.dweight = dw.data_ptr(); p.lddw = K;
   p.dbias = has_bias ? db.data_ptr() : nullptr;
-  const size_t bytes = fastvit::linear_gelu_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::linear_gelu_bwd_workspace_bytes(p), x.options(), &p.workspace);
   check_launch(fastvit::run_linear_gelu_bwd(p, launch.stream), kGeluBwd);
   return {dx, dw, db};
 }
@@ -563,9 +565,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_residual_bwd(const Tensor& dy,
   p.dweight = dw.data_ptr(); p.lddw = K;
   p.dbias = has_bias ? db.data_ptr() : nullptr;
   p.dgamma = want_dgamma ? dgamma.data_ptr() : nullptr;
-  const size_t bytes = fastvit::linear_residual_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::linear_residual_bwd_workspace_bytes(p), x.options(), &p.workspace);
   check_launch(fastvit::run_linear_residual_bwd(p, launch.stream), kResBwd);
   return {dx, dw, db, dgamma};
 }
@@ -590,6 +590,15 @@ PatchGeometry check_patch(const Tensor& images, const Tensor& weight, const char
   TORCH_CHECK_VALUE(g.E % 8 == 0, op, ": the embed dim E (weight.shape[0] = ", g.E, ") must be a multiple of 8");
   g.Np = (g.Hi / g.Ph) * (g.Wi / g.Pw);
   return g;
+}
+
+// N_keep: ids_keep's (B, N_keep <= Np) second dim, or Np without ids_keep.
+int64_t check_ids_keep(const OptTensor& ids_keep, const Tensor& images, const PatchGeometry& g, const char* op) {
+  if (!ids_keep.has_value()) return g.Np;
+  check_index(*ids_keep, images, op, "ids_keep");
+  TORCH_CHECK_VALUE(ids_keep->size(0) == g.B && ids_keep->size(1) <= g.Np, op, ": ids_keep must have shape (", g.B,
+                    ", N_keep <= ", g.Np, "), got ", ids_keep->sizes());
+  return ids_keep->size(1);
 }
 
 Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptTensor& bias_in,
@@ -620,13 +629,7 @@ Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptT
                       kPeFwd, ": pos_embed must have shape (1, L, ", g.E, ") with L = ", g.Np, " or ", g.Np + R,
                       ", got ", pos_in->sizes());
   }
-  int64_t n_keep = g.Np;
-  if (ids_in.has_value()) {
-    check_index(*ids_in, images, kPeFwd, "ids_keep");
-    TORCH_CHECK_VALUE(ids_in->size(0) == g.B && ids_in->size(1) <= g.Np, kPeFwd, ": ids_keep must have shape (",
-                      g.B, ", N_keep <= ", g.Np, "), got ", ids_in->sizes());
-    n_keep = ids_in->size(1);
-  }
+  const int64_t n_keep = check_ids_keep(ids_in, images, g, kPeFwd);
   Launch launch(images);
   Tensor weight = weight_in.contiguous();
   OptTensor bias = bias_in.has_value() ? OptTensor(vector_aligned(bias_in->contiguous())) : std::nullopt;
@@ -651,9 +654,7 @@ Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptT
   p.ids_stride_b = ids.has_value() ? ids->stride(0) : 0;
   p.n_keep = n_keep;
   p.out = out.data_ptr(); p.out_stride_b = out.stride(0); p.out_stride_t = out.stride(1);
-  const size_t bytes = fastvit::patch_embed_fwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, images.options().dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::patch_embed_fwd_workspace_bytes(p), images.options(), &p.workspace);
   check_launch(fastvit::run_patch_embed_fwd(p, launch.stream), kPeFwd);
   return out;
 }
@@ -668,13 +669,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
   const int64_t R = n_cls + n_reg;
   TORCH_CHECK_VALUE(pos_len == 0 || pos_len == g.Np || pos_len == g.Np + R, kPeBwd, ": pos_len must be 0, ", g.Np,
                     " or ", g.Np + R, ", got ", pos_len);
-  int64_t n_keep = g.Np;
-  if (ids_in.has_value()) {
-    check_index(*ids_in, images, kPeBwd, "ids_keep");
-    TORCH_CHECK_VALUE(ids_in->size(0) == g.B && ids_in->size(1) <= g.Np, kPeBwd, ": ids_keep must have shape (",
-                      g.B, ", N_keep <= ", g.Np, "), got ", ids_in->sizes());
-    n_keep = ids_in->size(1);
-  }
+  const int64_t n_keep = check_ids_keep(ids_in, images, g, kPeBwd);
   check_same(dout_in, images, kPeBwd, "dout", "images");
   check_shape(dout_in, {g.B, R + n_keep, g.E}, kPeBwd, "dout");
   Launch launch(images);
@@ -709,9 +704,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
   p.dpos = pos_len ? dpos.data_ptr() : nullptr;
   p.dcls = n_cls ? dcls.data_ptr() : nullptr;
   p.dreg = n_reg ? dreg.data_ptr() : nullptr;
-  const size_t bytes = fastvit::patch_embed_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::patch_embed_bwd_workspace_bytes(p), opts, &p.workspace);
   check_launch(fastvit::run_patch_embed_bwd(p, launch.stream), kPeBwd);
   return {dimg, dw, db, dpos, dcls, dreg};
 }
@@ -784,9 +777,7 @@ std::tuple<Tensor, Tensor, Tensor> mae_unshuffle_bwd(const Tensor& dout_in, cons
   p.dmask_token = dmask.data_ptr();
   p.dpos = has_pos ? dpos.data_ptr() : nullptr; p.dpos_stride_t = C;
   p.B = B; p.N = N; p.N_keep = n_keep; p.C = C; p.has_pos = has_pos; p.dtype = dtype;
-  const size_t bytes = fastvit::mae_unshuffle_bwd_workspace_bytes(p);
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
-  p.workspace = bytes ? workspace.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::mae_unshuffle_bwd_workspace_bytes(p), opts, &p.workspace);
   check_launch(fastvit::run_mae_unshuffle_bwd(p, launch.stream), kUnBwd);
   return {dx, dmask, dpos};
 }

@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FAMILIES", "attach", "masked_mean"]
+__all__ = ["FAMILIES", "attach", "masked_mean", "needs_grad"]
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a gradient through any of ``tensors`` (``None`` entries ignored): the forward ops
+    store what their backward needs (a pre-activation, ``z``) only then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _op(name: str):

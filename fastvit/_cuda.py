@@ -24,7 +24,6 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -265,10 +264,6 @@ def _register_fakes() -> None:
 
 
 # ------------------------------------------------------------------------------------------- dispatch entries
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _no_dropout(dropout_p: float) -> None:
     if dropout_p > 0.0:
         raise ValueError("the cuda attention kernels do not implement dropout (dropout_p must be 0)")
@@ -297,12 +292,13 @@ def layer_norm(x, weight, bias, eps=1e-6, *, residual=None):
 
 def linear_gelu(x, weight, bias, *, approximate="none"):
     """CUDA backend of :func:`fastvit.ops.linear_gelu` (CUTLASS GEMM, bias + GELU epilogue; fp16 / bf16)."""
-    return torch.ops.fastvit.linear_gelu_fwd_cuda(x, weight, bias, approximate, _needs_grad(x, weight, bias))[0]
+    save_h = _autograd.needs_grad(x, weight, bias)
+    return torch.ops.fastvit.linear_gelu_fwd_cuda(x, weight, bias, approximate, save_h)[0]
 
 
 def linear_residual(x, weight, bias, residual, *, gamma=None):
     """CUDA backend of :func:`fastvit.ops.linear_residual` (CUTLASS GEMM, bias + LayerScale + residual epilogue)."""
-    save_z = gamma is not None and _needs_grad(gamma)
+    save_z = gamma is not None and _autograd.needs_grad(gamma)
     return torch.ops.fastvit.linear_residual_fwd_cuda(x, weight, bias, residual, gamma, save_z)[0]
 
 

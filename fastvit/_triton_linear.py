@@ -185,17 +185,14 @@ def _register_ops() -> None:
 
 
 # ------------------------------------------------------------------------------------------- dispatch entries
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def linear_gelu(x, weight, bias, *, approximate="none"):
     """Triton backend of :func:`fastvit.ops.linear_gelu`: ``GELU(x Wᵀ + b)``.
 
     Args: x (..., K) fp16 / bf16 / fp32; weight (N, K); bias (N,) or None; approximate "none" | "tanh".
     Returns: (..., N) in x's dtype. The pre-activation is stored (input dtype) only when autograd needs it.
     """
-    y, _ = torch.ops.fastvit.linear_gelu_fwd(x, weight, bias, approximate, _needs_grad(x, weight, bias))
+    save_h = _autograd.needs_grad(x, weight, bias)
+    y, _ = torch.ops.fastvit.linear_gelu_fwd(x, weight, bias, approximate, save_h)
     return y
 
 
@@ -205,7 +202,7 @@ def linear_residual(x, weight, bias, residual, *, gamma=None):
     Args: x (..., K); weight (N, K); bias, gamma (N,) or None; residual (..., N); all of x's dtype.
     Returns: (..., N) in x's dtype. ``z = x Wᵀ + b`` is stored only when gamma needs a gradient.
     """
-    save_z = gamma is not None and _needs_grad(gamma)
+    save_z = gamma is not None and _autograd.needs_grad(gamma)
     y, _ = torch.ops.fastvit.linear_residual_fwd(x, weight, bias, residual, gamma, save_z)
     return y
 
