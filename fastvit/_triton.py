@@ -338,19 +338,37 @@ def _layer_norm_check(call: dict) -> list[str]:
     return reasons
 
 
+#: Whether this process can run Triton kernels at all: on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1.
+#: Without either the ``fastvit::`` Triton ops are not registered: ``triton_op`` imports ``torch._inductor``, which
+#: cost 1.4 s of a 3.4 s ``import fastvit`` on a CPU-only machine (``python -X importtime``), for a backend that
+#: reports "no CUDA device" there anyway.
+_CAN_RUN = _INTERPRET or torch.cuda.is_available()
+
+
 def _unregistered_reason() -> str:
-    return (f"torch {torch.__version__} lacks torch.library.triton_op / wrap_triton (needs torch >= 2.6), so the "
-            "fastvit:: Triton ops are not registered")
+    if not _HAS_TRITON_OP:
+        return (f"torch {torch.__version__} lacks torch.library.triton_op / wrap_triton (needs torch >= 2.6), so "
+                "the fastvit:: Triton ops are not registered")
+    return ("the fastvit:: Triton ops were not registered: no CUDA device was present when fastvit was imported "
+            "(and TRITON_INTERPRET was not 1)")
+
+
+def _register_ops_once(probe: str, register_ops) -> bool:
+    """Call ``register_ops`` (which defines ``fastvit::`` Triton ops) unless ``torch.ops.fastvit.<probe>`` already
+    exists (the module was reloaded); returns whether the ops are registered. Registers nothing, and returns
+    ``False``, when torch lacks ``triton_op`` or this process cannot run Triton kernels (see ``_CAN_RUN``)."""
+    if not (_HAS_TRITON_OP and _CAN_RUN):
+        return False
+    try:
+        getattr(torch.ops.fastvit, probe)
+    except (AttributeError, RuntimeError):
+        register_ops()
+    return True
 
 
 def _register() -> None:
     global REGISTERED
-    if _HAS_TRITON_OP:
-        try:
-            torch.ops.fastvit.attention_fwd  # already registered (module reloaded)
-        except (AttributeError, RuntimeError):
-            _register_ops()
-        REGISTERED = True
+    REGISTERED = _register_ops_once("attention_fwd", _register_ops)
     attn_caps = Capabilities(
         devices=_devices(),
         dtypes=_DTYPES,

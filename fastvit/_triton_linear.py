@@ -213,12 +213,7 @@ def _check(call: dict) -> list[str]:
 
 def _register() -> None:
     global REGISTERED
-    if _base._HAS_TRITON_OP:
-        try:
-            torch.ops.fastvit.linear_gelu_fwd  # already registered (module reloaded)
-        except (AttributeError, RuntimeError):
-            _register_ops()
-        REGISTERED = True
+    REGISTERED = _base._register_ops_once("linear_gelu_fwd", _register_ops)
     caps = Capabilities(devices=_base._devices(), dtypes=_base._DTYPES, dropout=False, deterministic=True)
     register_kernel("triton", "linear_gelu", linear_gelu, caps, _check)
     register_kernel("triton", "linear_residual", linear_residual, caps, _check)

@@ -295,17 +295,9 @@ def _check(call: dict) -> list[str]:
 
 def _register() -> None:
     global REGISTERED
-    if _base._HAS_TRITON_OP:
-        try:
-            torch.ops.fastvit.mae_unshuffle_fwd  # already registered (module reloaded)
-        except (AttributeError, RuntimeError):
-            _register_mae_ops()
-        if _pe_k is not None:
-            try:
-                torch.ops.fastvit.patch_embed_fwd
-            except (AttributeError, RuntimeError):
-                _register_patch_embed_ops()
-        REGISTERED = True
+    REGISTERED = _base._register_ops_once("mae_unshuffle_fwd", _register_mae_ops)
+    if _pe_k is not None:
+        _base._register_ops_once("patch_embed_fwd", _register_patch_embed_ops)
     caps = Capabilities(devices=_base._devices(), dtypes=_base._DTYPES, deterministic=True)
     register_kernel("triton", "mae_unshuffle", mae_unshuffle, caps, _check)
     register_kernel("triton", "mae_loss", mae_loss, caps, _check)

@@ -92,10 +92,20 @@ class Capabilities:
             out.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
         head_dim = call.get("head_dim")
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
-            out.append(f"head_dim {head_dim} not in {sorted(self.head_dims)}")
+            out.append(f"head_dim {head_dim} not in {_describe_ints(self.head_dims)}")
         if call.get("dropout_p", 0.0) > 0.0 and not self.dropout:
             out.append("dropout_p > 0 is not supported")
         return out
+
+
+def _describe_ints(values: frozenset[int]) -> str:
+    """``{16, 17, ..., 128}`` as "16..128", ``{8, 16, ..., 128}`` as "8..128 in steps of 8", else the sorted list."""
+    v = sorted(values)
+    if len(v) > 2:
+        step = v[1] - v[0]
+        if all(b - a == step for a, b in zip(v, v[1:])):
+            return f"{v[0]}..{v[-1]}" + (f" in steps of {step}" if step != 1 else "")
+    return str(v)
 
 
 @dataclass

@@ -72,15 +72,27 @@ def _index(name: str, t: object, ndim: int, ref_name: str, ref: torch.Tensor) ->
     return t
 
 
+# The two value checks below read index values. Eagerly that is one host sync and a ValueError. Under torch.compile
+# a host read would be a data-dependent guard (an error with fullgraph=True), so the check stays in the graph as
+# torch._assert_async instead: a RuntimeError on the CPU, a device-side assert on a GPU -- still never a silent wrong
+# answer or an out-of-bounds read inside a kernel. Meta and fake tensors hold no values.
 def _check_range(name: str, t: torch.Tensor, upper: int) -> None:
-    # One host sync; an out-of-range index would otherwise be a crash inside a kernel. Meta tensors hold no values.
-    if t.numel() and t.device.type != "meta" and (int(t.min()) < 0 or int(t.max()) >= upper):
+    if not t.numel() or t.device.type == "meta":
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(((t >= 0) & (t < upper)).all(), f"{name} values must lie in [0, {upper})")
+    elif int(t.min()) < 0 or int(t.max()) >= upper:
         raise ValueError(f"{name} values must lie in [0, {upper}), got [{int(t.min())}, {int(t.max())}]")
 
 
 def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
     # Backward kernels scatter through these indices without atomics, which is only right when no index repeats.
-    if t.shape[1] > 1 and t.device.type != "meta" and bool((t.sort(dim=1).values.diff(dim=1) == 0).any()):
+    if t.shape[1] <= 1 or t.device.type == "meta":
+        return
+    unique = (t.sort(dim=1).values.diff(dim=1) != 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(unique, f"{name} must not repeat an index within a row ({what})")
+    elif not bool(unique):
         raise ValueError(f"{name} must not repeat an index within a row ({what})")
 
 

@@ -294,12 +294,14 @@ def check_op(
     return runs
 
 
-def _model_run(model, args, backend: str, loss_fn) -> tuple[Any, dict[str, torch.Tensor]]:
+def _model_run(model, args, backend: str, loss_fn, compile_backend: str | None = None
+               ) -> tuple[Any, dict[str, torch.Tensor]]:
     import fastvit  # tests/oracle.py is imported before fastvit in some modules; keep the dependency local
 
     model.zero_grad(set_to_none=True)
+    run = model if compile_backend is None else torch.compile(model, fullgraph=True, backend=compile_backend)
     with fastvit.use_backend(backend):
-        out = model(*args)
+        out = run(*args)
         loss_fn(out).float().backward()
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -312,19 +314,22 @@ def compare_model_with_eager(
     *,
     backend: str,
     ref_dtype: torch.dtype,
+    compile_backend: str | None = None,
 ) -> None:
     """A whole model on ``backend`` against eager under the oracle, output and every parameter gradient.
 
-    ``out``: the model as given on ``backend``; ``pt``: the same model and inputs on ``eager``; ``ref``: a copy of the
-    model and the floating inputs in ``ref_dtype`` on ``eager``. ``loss_fn(out)`` is backpropagated; ``first(out)``
-    picks the tensor whose forward values are compared. Tolerances follow the model's parameter dtype.
+    ``out``: the model as given on ``backend`` (wrapped in ``torch.compile(model, fullgraph=True,
+    backend=compile_backend)`` when ``compile_backend`` is given); ``pt``: the same model and inputs on ``eager``,
+    uncompiled; ``ref``: a copy of the model and the floating inputs in ``ref_dtype`` on ``eager``. ``loss_fn(out)`` is
+    backpropagated; ``first(out)`` picks the tensor whose forward values are compared. Tolerances follow the model's
+    parameter dtype.
     """
     import copy
 
     dtype = next(model.parameters()).dtype
     ref_model = copy.deepcopy(model).to(ref_dtype)
     ref_args = [a.to(ref_dtype) if torch.is_floating_point(a) else a for a in args]
-    out, grads = _model_run(model, args, backend, loss_fn)
+    out, grads = _model_run(model, args, backend, loss_fn, compile_backend)
     pt, pt_grads = _model_run(model, args, "eager", loss_fn)
     ref, ref_grads = _model_run(ref_model, ref_args, "eager", loss_fn)
     assert_close_oracle(first(out), first(ref), first(pt), dtype, "output")

@@ -288,11 +288,14 @@ def test_available_backends_explains_cuda():
     "caps,call,reason",
     [
         (Capabilities(head_dims=frozenset({64, 128})), {**CPU32, "head_dim": 80}, r"head_dim 80 not in \[64, 128\]"),
+        (Capabilities(head_dims=frozenset(range(16, 129))), {**CPU32, "head_dim": 8}, r"head_dim 8 not in 16\.\.128$"),
+        (Capabilities(head_dims=frozenset(range(8, 129, 8))), {**CPU32, "head_dim": 72 + 1},
+         r"head_dim 73 not in 8\.\.128 in steps of 8$"),
         (Capabilities(dtypes=frozenset({torch.float16})), CPU32, r"dtype torch\.float32 not in \['torch\.float16'\]"),
         (Capabilities(devices=frozenset({"cuda"})), CPU32, r"device 'cpu' not in \['cuda'\]"),
         (Capabilities(dropout=False), {**CPU32, "dropout_p": 0.1}, r"dropout_p > 0 is not supported"),
     ],
-    ids=["head_dims", "dtypes", "devices", "dropout"],
+    ids=["head_dims", "head_dim_range", "head_dim_steps", "dtypes", "devices", "dropout"],
 )
 def test_capabilities_reasons(caps, call, reason):
     reasons = caps.reasons(call)
@@ -387,3 +390,23 @@ def test_info_json_subprocess(tmp_path):
     assert info["torch"] == torch.__version__ and info["fastvit"] == fastvit.__version__
     if not torch.cuda.is_available():
         assert info["backends"]["cuda"]["available"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the import of a machine without a CUDA device")
+def test_cpu_only_import_skips_the_triton_op_registration(tmp_path):
+    """Without a GPU (and without TRITON_INTERPRET=1) the triton backend cannot run, so ``import fastvit`` must not pay
+    for registering its ops (``triton_op`` imports torch._inductor, about 1.4 s) -- and must still say why."""
+    script = (
+        "import sys, json, torch; base = 'torch._inductor' in sys.modules; import fastvit; "
+        "print(json.dumps({'base': base, 'inductor': 'torch._inductor' in sys.modules, "
+        "'registered': hasattr(torch.ops.fastvit, 'attention_fwd'), "
+        "'reasons': fastvit.available_backends()['triton']}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["registered"] is False
+    assert out["inductor"] is out["base"]  # fastvit itself imported no inductor
+    assert any("no CUDA device" in r or "not installed" in r for r in out["reasons"]), out["reasons"]

@@ -160,19 +160,27 @@ def test_mae_loss(dtype, norm_pix, P, S, generator):
 
 
 # ------------------------------------------------------------------------------------------- whole models
-def _compare_with_eager(model, args, loss_fn, first):
-    compare_model_with_eager(model, args, loss_fn, first, backend="cuda", ref_dtype=torch.float32)
+def _compare_with_eager(model, args, loss_fn, first, compiled):
+    compare_model_with_eager(model, args, loss_fn, first, backend="cuda", ref_dtype=torch.float32,
+                             compile_backend="inductor" if compiled else None)
 
 
-def test_vision_transformer_on_cuda_matches_eager(generator):
+# compiled=True: the same model under torch.compile(fullgraph=True) (inductor), which must trace through dispatch,
+# the registered ops and their autograd without a graph break and give the same numbers.
+COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager_mode", "compiled"])
+
+
+@COMPILED
+def test_vision_transformer_on_cuda_matches_eager(generator, compiled):
     model = fastvit.VisionTransformer(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
                                       num_classes=10, init_values=1e-1, reg_tokens=1).to(DEV, torch.bfloat16)
     images = torch.randn(3, 3, 64, 64, generator=generator).to(DEV, torch.bfloat16)
     weights = torch.linspace(-1, 1, 30, device=DEV).view(3, 10)
-    _compare_with_eager(model, [images], lambda y: (y.float() * weights).sum(), lambda y: y)
+    _compare_with_eager(model, [images], lambda y: (y.float() * weights).sum(), lambda y: y, compiled)
 
 
-def test_masked_autoencoder_on_cuda_matches_eager(generator):
+@COMPILED
+def test_masked_autoencoder_on_cuda_matches_eager(generator, compiled):
     model = fastvit.MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
                                          decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1,
                                          norm_pix_loss=True).to(DEV, torch.bfloat16)
@@ -187,4 +195,4 @@ def test_masked_autoencoder_on_cuda_matches_eager(generator):
         def forward(self, x):
             return self.m(x, mask_ratio=0.75, noise=noise)
 
-    _compare_with_eager(_Fixed(model), [images], lambda out: out[0], lambda out: out[1])
+    _compare_with_eager(_Fixed(model), [images], lambda out: out[0], lambda out: out[1], compiled)
