@@ -20,8 +20,9 @@
 // neighbouring heads of a packed qkv are neither read into the dot products nor overwritten).
 //
 // Requirements the binding must check (the kernels do not): head_dim supported (attention_head_dim_supported),
-// every base pointer 16-byte aligned and every batch / head / row stride a multiple of kAttentionAlignment
-// elements (the kernels use 16-byte cp.async), dtype fp16 or bf16, all sizes >= 0, scale finite.
+// every base pointer 16-byte aligned and every batch / head / row stride of a dim longer than 1 a multiple of
+// kAttentionAlignment elements (the kernels use 16-byte cp.async; the stride of a size-1 dim is never used), dtype
+// fp16 or bf16, all sizes >= 0, scale finite.
 // Launchers return cudaSuccess without launching anything for empty problems (forward: batch, heads, seqlen_q
 // or seqlen_k == 0; backward: batch, heads or both seqlens == 0 -- with only seqlen_k == 0 the backward writes
 // dq = 0, with only seqlen_q == 0 it writes dk = dv = 0, as the Triton kernels do), cudaErrorNotSupported for a
@@ -37,7 +38,8 @@
 
 namespace fastvit {
 
-// Elements: every base pointer and every stride except the last (which must be 1) must be a multiple of this.
+// Elements: every base pointer and every stride except the last (which must be 1) must be a multiple of this
+// (strides of dims of size 1 excepted).
 constexpr int kAttentionAlignment = 8;
 // Largest head dim any bucket serves.
 constexpr int kAttentionMaxHeadDim = 128;

@@ -84,9 +84,13 @@ constexpr uintptr_t kAlignBytes = kAttentionAlignment * 2;  // 16-byte vectors o
 
 bool aligned_ptr(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kAlignBytes == 0; }
 
-bool aligned_strides(int64_t batch_stride, int64_t head_stride, int64_t row_stride) {
-  return batch_stride % kAttentionAlignment == 0 && head_stride % kAttentionAlignment == 0 &&
-         row_stride % kAttentionAlignment == 0;
+// The stride of a dim of size 1 is only ever multiplied by index 0, so it may be anything (the binding's
+// vector_aligned() accepts such tensors as they are, e.g. a channels-last (B, 1, N, D) whose head stride is 1).
+bool aligned_strides(int64_t batch_stride, int64_t head_stride, int64_t row_stride, int64_t batch, int64_t heads,
+                     int64_t seqlen) {
+  return (batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
+         (heads <= 1 || head_stride % kAttentionAlignment == 0) &&
+         (seqlen <= 1 || row_stride % kAttentionAlignment == 0);
 }
 
 // The kernels index tokens with 32-bit ints.
@@ -108,10 +112,14 @@ cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t str
   if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
   if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
       params.lse == nullptr ||
-      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride) ||
-      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride) ||
-      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride) ||
-      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride))
+      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride,
+                       params.batch, params.heads, params.seqlen_q) ||
+      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride,
+                       params.batch, params.heads, params.seqlen_k) ||
+      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride,
+                       params.batch, params.heads, params.seqlen_k) ||
+      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride,
+                       params.batch, params.heads, params.seqlen_q))
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
@@ -129,14 +137,22 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
   if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
       !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) || !aligned_ptr(params.dv) ||
       !aligned_ptr(params.workspace) ||
-      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride) ||
-      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride) ||
-      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride) ||
-      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride) ||
-      !aligned_strides(params.do_batch_stride, params.do_head_stride, params.do_row_stride) ||
-      !aligned_strides(params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride) ||
-      !aligned_strides(params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride) ||
-      !aligned_strides(params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride))
+      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride,
+                       params.batch, params.heads, params.seqlen_q) ||
+      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride,
+                       params.batch, params.heads, params.seqlen_k) ||
+      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride,
+                       params.batch, params.heads, params.seqlen_k) ||
+      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride,
+                       params.batch, params.heads, params.seqlen_q) ||
+      !aligned_strides(params.do_batch_stride, params.do_head_stride, params.do_row_stride,
+                       params.batch, params.heads, params.seqlen_q) ||
+      !aligned_strides(params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride,
+                       params.batch, params.heads, params.seqlen_q) ||
+      !aligned_strides(params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride,
+                       params.batch, params.heads, params.seqlen_k) ||
+      !aligned_strides(params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride,
+                       params.batch, params.heads, params.seqlen_k))
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
