@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -92,6 +93,13 @@ Tensor vector_aligned(const Tensor& t, int64_t align = 8) {
   return (c.data_ptr() == t.data_ptr()) ? t.clone(at::MemoryFormat::Contiguous) : c;
 }
 
+// `t` contiguous with a 16-byte aligned start, for kernels that read it as one flat (rows, K) matrix (the patch
+// embedding weight, K = C * Ph * Pw may be odd). vector_aligned() would copy it on every call when Pw % 8 != 0.
+Tensor aligned_flat(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return ptr_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
 // (M, C) view of `t` (..., C) with a unit last stride (a copy only when no such view exists).
 Tensor rows(const Tensor& t, int64_t C) {
   Tensor r = t.reshape({-1, C});
@@ -103,6 +111,9 @@ Tensor rows(const Tensor& t, int64_t C) {
 Tensor gemm_rows(const Tensor& t, int64_t C) {
   Tensor r = rows(t, C);
   if (r.size(0) > 1 && r.stride(0) < C) r = r.contiguous();
+  // One row: its stride is never read, but the launchers check it as a leading dimension (>= C, a multiple of 8),
+  // and .contiguous() keeps whatever stride a size-1 dim has (e.g. a (1, K) transpose with stride 1).
+  if (r.size(0) <= 1 && (r.stride(0) < C || r.stride(0) % 8 != 0)) r = r.as_strided(r.sizes(), {C, 1});
   return vector_aligned(r);
 }
 
@@ -267,7 +278,12 @@ std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, cons
   Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   Tensor o = at::empty({B, H, n_q, D}, q.options());
   Tensor lse = at::empty({B, H, n_q}, q.options().dtype(at::kFloat));
-  if (o.numel() == 0 || n_kv == 0) return {o, lse};
+  if (o.numel() == 0) return {o, lse};
+  if (n_kv == 0) {  // softmax over no keys: eager attention gives zeros; the log-sum-exp of nothing is -inf
+    o.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {o, lse};
+  }
   fastvit::AttentionFwdParams p;
   set_params_attention_fwd(p, q.data_ptr(), bhnd_strides(q), k.data_ptr(), bhnd_strides(k), v.data_ptr(),
                            bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
@@ -588,6 +604,8 @@ PatchGeometry check_patch(const Tensor& images, const Tensor& weight, const char
   TORCH_CHECK_VALUE(g.Ph > 0 && g.Pw > 0 && g.Hi % g.Ph == 0 && g.Wi % g.Pw == 0, op, ": images spatial size ", g.Hi,
                     "x", g.Wi, " is not divisible by the patch size ", g.Ph, "x", g.Pw);
   TORCH_CHECK_VALUE(g.E % 8 == 0, op, ": the embed dim E (weight.shape[0] = ", g.E, ") must be a multiple of 8");
+  TORCH_CHECK_VALUE(g.B <= 65535, op, ": at most 65535 images per call (the batched GEMM puts the batch on the CUDA ",
+                    "grid's z dimension), got a batch of ", g.B);
   g.Np = (g.Hi / g.Ph) * (g.Wi / g.Pw);
   return g;
 }
@@ -631,7 +649,7 @@ Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptT
   }
   const int64_t n_keep = check_ids_keep(ids_in, images, g, kPeFwd);
   Launch launch(images);
-  Tensor weight = weight_in.contiguous();
+  Tensor weight = aligned_flat(weight_in);
   OptTensor bias = bias_in.has_value() ? OptTensor(vector_aligned(bias_in->contiguous())) : std::nullopt;
   OptTensor pos = pos_in.has_value() ? OptTensor(vector_aligned(pos_in->contiguous())) : std::nullopt;
   OptTensor cls = cls_in.has_value() ? OptTensor(cls_in->contiguous()) : std::nullopt;
@@ -674,7 +692,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
   check_shape(dout_in, {g.B, R + n_keep, g.E}, kPeBwd, "dout");
   Launch launch(images);
   Tensor dout = vector_aligned(dout_in.contiguous());
-  Tensor weight = weight_in.contiguous();
+  Tensor weight = aligned_flat(weight_in);
   OptTensor ids = ids_in.has_value() ? OptTensor(ids_in->contiguous()) : std::nullopt;
   const auto opts = images.options();
   Tensor dimg = compute_dimages ? at::empty(images.sizes(), opts) : empty0(images);

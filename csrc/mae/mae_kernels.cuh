@@ -147,8 +147,11 @@ mae_unshuffle_bwd_kernel(const MaeUnshuffleBwdParams p, float* __restrict__ mask
 
 // ------------------------------------------------------------------------------------------ loss
 constexpr int kLossThreads = 128;
-// Largest K whose (normalised) target row is cached in shared memory (K fp32 = 48 KiB, no opt-in needed).
-constexpr int kLossSmemMaxK = 12288;
+// Largest K whose (normalised) target row is cached in shared memory without the > 48 KiB opt-in: the 48 KiB
+// default limit covers static + dynamic shared memory, and the loss kernels also hold red[2][kLossThreads / 32]
+// statically, so K fp32 may use 48 KiB - 32 B (K = 12288, e.g. P = 64, C = 3, would fail to launch).
+constexpr int kLossSmemMaxK =
+    static_cast<int>((48 * 1024 - 2 * (kLossThreads / 32) * sizeof(float)) / sizeof(float));  // 12280
 
 // Deterministic CTA-wide sum (kLossThreads threads): warp butterflies, then every thread adds the warp totals
 // in order. `slot` alternates between calls (see ln::group_sum) so one barrier per call suffices.

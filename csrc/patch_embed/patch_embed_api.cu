@@ -17,7 +17,8 @@ bool geom_ok(const patch_detail::Geom& g, int64_t Hi, int64_t Wi, int64_t pos_le
   if (pos_len != 0 && pos_len != g.Np && pos_len != g.Np + g.R) return false;
   // 32-bit GEMM extents (CUTLASS GemmCoord) and int32 inverse indices.
   const int64_t lim = INT32_MAX;
-  return g.Kp <= lim && g.E <= lim && g.Nk <= lim && g.B <= lim && g.B * (g.R + g.Nk) <= lim && g.Np <= lim;
+  // The batched GEMMs put the batch on grid z (at most 65535).
+  return g.Kp <= lim && g.E <= lim && g.Nk <= lim && g.B <= 65535 && g.B * (g.R + g.Nk) <= lim && g.Np <= lim;
 }
 
 }  // namespace
