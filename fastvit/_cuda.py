@@ -358,9 +358,26 @@ def _patch_embed_check(call: dict) -> list[str]:
     return [f"embed_dim = {e} is not a multiple of 8"] if e is not None and e % 8 else []
 
 
+#: Dynamic shared memory per block of the largest attention backward kernel (dK/dV) of the head-dim buckets 96 and
+#: 128: 107,520 B (bucket 96; 104,960 B for 128), from ``Cfg::kSmemBytes`` in csrc/attention/attention_bwd.cuh as
+#: ``python -m fastvit.cuda_check --all`` prints it. Buckets 32-80 need at most 80 KB. sm_80 / sm_90 allow
+#: 163 / 227 KB per block; sm_86 / sm_89 (RTX 30xx / 40xx) only 99 KB.
+_ATTENTION_BWD_SMEM_BYTES_D96_128 = 107_520
+
+
 def _attention_check(call: dict) -> list[str]:
-    return [f"{key} = {n}: the kernels need at least one token" for key in ("num_tokens", "num_kv_tokens")
-            if (n := call.get(key)) is not None and n < 1]
+    reasons = []
+    for key in ("num_tokens", "num_kv_tokens"):  # a plain loop: Dynamo cannot trace a walrus in a comprehension
+        n = call.get(key)
+        if n is not None and n < 1:
+            reasons.append(f"{key} = {n}: the kernels need at least one token")
+    device, head_dim = call.get("device"), call.get("head_dim")
+    if device is not None and device.type == "cuda" and head_dim is not None and _head_dim_bucket(head_dim) >= 96:
+        limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        if limit < _ATTENTION_BWD_SMEM_BYTES_D96_128:
+            reasons.append(f"head_dim {head_dim}: the backward needs {_ATTENTION_BWD_SMEM_BYTES_D96_128} B of shared "
+                           f"memory per block and this GPU allows {limit} B")
+    return reasons
 
 
 def _register_backend() -> None:

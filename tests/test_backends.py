@@ -381,9 +381,15 @@ def test_info_json_subprocess(tmp_path):
     assert list(info["backends"]) == list(PRIORITY)
     assert set(info["backends"]) == set(ALL)
     here = fastvit.available_backends()
+    from fastvit import _cuda
+
+    # A test run in this process may have JIT-built the extension (tests/test_cuda_extension.py), which the fresh
+    # subprocess does not load: compare the cuda backend only when this process has not loaded one either.
+    jit_loaded_here = _cuda._EXT is not None and _cuda._EXT.__name__ != "fastvit._C"
     for name, b in info["backends"].items():
         assert b["available"] is (not b["reasons"])
-        assert b["reasons"] == here[name], name
+        if not (name == "cuda" and jit_loaded_here):
+            assert b["reasons"] == here[name], name
         assert set(b["ops"]) == set(OPS)
     assert info["backends"]["eager"]["available"] is True
     assert all(r == [] for r in info["backends"]["eager"]["ops"].values())

@@ -170,3 +170,21 @@ def test_failed_automatic_jit_build_leaves_the_backend_unavailable_with_the_reas
     monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")  # an explicit request surfaces the error instead
     with pytest.raises(RuntimeError, match="something went wrong"):
         _cuda.load()
+
+
+def test_attention_backward_shared_memory_gates_head_dims_above_80(monkeypatch):
+    """sm_86 / sm_89 allow 99 KB of shared memory per block, less than the dK/dV kernel of the 96 / 128 buckets needs:
+    the backend must decline those head dims there (dispatch then falls back) instead of failing at launch."""
+    from fastvit import _cuda
+
+    class Props:
+        shared_memory_per_block_optin = 101_376  # an RTX 4090 (sm_89)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    call = {"device": torch.device("cuda", 0), "num_tokens": 197, "num_kv_tokens": 197}
+    assert _cuda._attention_check({**call, "head_dim": 80}) == []
+    for d in (88, 96, 128):
+        (reason,) = _cuda._attention_check({**call, "head_dim": d})
+        assert f"head_dim {d}" in reason and "101376 B" in reason
+    Props.shared_memory_per_block_optin = 232_448  # an H100 (sm_90)
+    assert _cuda._attention_check({**call, "head_dim": 128}) == []

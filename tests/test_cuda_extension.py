@@ -164,14 +164,22 @@ def _record_backends(monkeypatch) -> list:
     return chosen
 
 
-def test_vision_transformer_runs_wholly_on_cuda_backend_with_fakes(ext, as_h100, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_mode", "compiled"])
+def test_vision_transformer_runs_wholly_on_cuda_backend_with_fakes(ext, monkeypatch, compiled):
+    """compiled: under torch.compile(fullgraph=True) with AOTAutograd (``aot_eager``), which traces the dispatch,
+    the ``*_cuda`` ops' fakes and their registered autograd into forward and backward graphs.
+
+    Only the backend's "no CUDA device" check is lifted (meta tensors skip the compute-capability check): with
+    ``as_h100``'s global ``torch.cuda.is_available() == True``, Dynamo itself would try to initialise CUDA."""
+    monkeypatch.setattr(backends.get_backend("cuda"), "availability", lambda: [])
     chosen = _record_backends(monkeypatch)
     model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2,
                                       num_classes=10, init_values=1e-5).to(torch.bfloat16)
     model = model.to("meta")
     images = torch.empty(4, 3, 32, 32, device="meta", dtype=torch.bfloat16)
+    run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
     with fastvit.use_backend("cuda"):
-        logits = model(images)
+        logits = run(images)
         logits.float().sum().backward()
     assert logits.shape == (4, 10)
     assert {name for _, name in chosen} == {"cuda"}
