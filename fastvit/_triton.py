@@ -85,6 +85,21 @@ def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+#: The attention kernels compute per-token offsets (token index x token stride) in int32; batch and head offsets
+#: are int64.
+_INT32_MAX = 2**31 - 1
+
+
+def _bhnd_operand(t: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, D) attention operand the kernels can index: unit last stride, and token offsets within int32 --
+    a sequence-first view such as ``x.view(N, B, H, D).permute(1, 2, 0, 3)`` has token stride B·H·D, which
+    overflows for long sequences and large batches; such a view is copied to contiguous (token stride D)."""
+    t = _last_contiguous(t)
+    if (t.shape[2] + 128) * t.stride(2) > _INT32_MAX:  # + 128: the kernels' padded query / key blocks
+        t = t.contiguous()
+    return t
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -191,20 +206,23 @@ def _register_ops() -> None:
     # ---------------------------------------------------------------- attention on (B, H, N, D)
     @triton_op("fastvit::sdpa_fwd", mutates_args=())
     def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        q, k, v = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v)
         B, H, n_q, D = q.shape
         n_kv = k.shape[2]
         o = torch.empty((B, H, n_q, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
         if o.numel() and n_kv:
             _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale)
+        elif o.numel():  # softmax over no keys: eager attention gives zeros; the log-sum-exp of nothing is -inf
+            o.zero_()
+            lse.fill_(float("-inf"))
         return o, lse
 
     @triton_op("fastvit::sdpa_bwd", mutates_args=())
     def sdpa_bwd(
         do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, do = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), _last_contiguous(do)
+        q, k, v, do = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v), _bhnd_operand(do)
         B, H, n_q, D = q.shape
         n_kv = k.shape[2]
         dq = torch.empty((B, H, n_q, D), device=q.device, dtype=q.dtype)
@@ -212,6 +230,10 @@ def _register_ops() -> None:
         dv = torch.empty((B, H, n_kv, D), device=q.device, dtype=q.dtype)
         if dq.numel() and n_kv:
             _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale)
+        else:  # no queries or no keys: every gradient is zero
+            dq.zero_()
+            dk.zero_()
+            dv.zero_()
         return dq, dk, dv
 
     _autograd.attach("sdpa")
@@ -317,10 +339,17 @@ def _devices() -> frozenset[str]:
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
+#: CUDA's limit on a grid's y and z dimensions; the attention grids are (query blocks, H, B).
+_MAX_GRID_YZ = 65535
+
+
 def _attention_check(call: dict) -> list[str]:
     reasons = []
     if not REGISTERED:
         reasons.append(_unregistered_reason())
+    batch = call.get("batch")
+    if batch is not None and batch > _MAX_GRID_YZ:
+        reasons.append(f"batch = {batch} > {_MAX_GRID_YZ} (the kernels put the batch on the CUDA grid's z dimension)")
     for key in ("num_tokens", "num_kv_tokens"):  # consulted when the caller provides them
         n = call.get(key)
         if n is not None and n < 1:

@@ -229,7 +229,8 @@ def attention(
         )
     _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1])
+    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1],
+                 batch=qkv.shape[0])
     _, fn = select("attention", call, backend)
     return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
 
@@ -273,7 +274,7 @@ def scaled_dot_product_attention(
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
     _check_dropout(dropout_p)
-    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2])
+    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
     _, fn = select("scaled_dot_product_attention", call, backend)
     return fn(q, k, v, scale=scale, dropout_p=dropout_p)
 

@@ -176,12 +176,18 @@ def prune_dq(configs, nargs, **kwargs):
     return _prune("dq", configs, nargs, kwargs.get("INPUT_PRECISION"))
 
 
+#: Autotune key: everything the pruners read. INPUT_PRECISION must be in it (the tensors' dtypes are added by
+#: Triton itself): fp32 with IEEE dots is pruned to the smallest tile, fp32 with TF32 is not, and without it a
+#: config tuned for one precision would be reused for the other (spilling FMA tiles, or slow tiny TF32 tiles).
+KEY = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+
+
 def _autotune(configs, prune):
     if _INTERPRET:
-        return triton.autotune(configs=[INTERPRET_CONFIG], key=["N_Q", "N_KV", "HEAD_DIM"])
+        return triton.autotune(configs=[INTERPRET_CONFIG], key=KEY)
     return triton.autotune(
         configs=configs,
-        key=["N_Q", "N_KV", "HEAD_DIM"],
+        key=KEY,
         prune_configs_by={"early_config_prune": prune},
     )
 

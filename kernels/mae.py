@@ -170,7 +170,8 @@ def _sum_over_batch(
         m = rmask[:, None] & (cols < C)[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for b in range(0, n_batch):
-            acc += tl.load(G + b * stride_gb + rows[:, None] * stride_gt + cols[None, :], mask=m,
+            b64 = tl.full([], b, tl.int64)  # the loop index is int32: b * stride_gb must not wrap
+            acc += tl.load(G + b64 * stride_gb + rows[:, None] * stride_gt + cols[None, :], mask=m,
                            other=0.0).to(tl.float32)
         tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty), mask=m)
 

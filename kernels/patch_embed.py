@@ -105,6 +105,8 @@ def _esize(nargs) -> int:
 
 
 def _autotune(key):
+    """``key`` must hold INPUT_PRECISION: :func:`_prune` keeps a different set for fp32 IEEE and fp32 TF32 (the
+    tensors' dtypes Triton adds to the key itself)."""
     if _INTERPRET:
         return triton.autotune(configs=[INTERPRET_CONFIG], key=key)
     return triton.autotune(configs=GEMM_CONFIGS, key=key, prune_configs_by={"early_config_prune": _prune})
@@ -163,7 +165,7 @@ def _pe_fwd_body(
              mask=m2)
 
 
-pe_fwd = _autotune(["m_rows", "n_cols", "k_len"])(_pe_fwd_body)
+pe_fwd = _autotune(["m_rows", "n_cols", "k_len", "INPUT_PRECISION"])(_pe_fwd_body)
 #: The plain jitted forward (the compile check passes the tile sizes itself).
 pe_fwd_kernel = _pe_fwd_body
 
@@ -222,7 +224,7 @@ def _pe_dw_body(
              mask=emask[:, None] & kmask[None, :])
 
 
-pe_dw = _autotune(["m_rows", "n_cols", "n_keep"])(_pe_dw_body)
+pe_dw = _autotune(["m_rows", "n_cols", "n_keep", "INPUT_PRECISION"])(_pe_dw_body)
 pe_dw_kernel = _pe_dw_body
 
 
@@ -258,7 +260,7 @@ def _pe_dimg_body(
     tl.store(DImg + b * stride_ib + offs, acc.to(DImg.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
 
 
-pe_dimg = _autotune(["m_rows", "n_cols", "n_embed"])(_pe_dimg_body)
+pe_dimg = _autotune(["m_rows", "n_cols", "n_embed", "INPUT_PRECISION"])(_pe_dimg_body)
 pe_dimg_kernel = _pe_dimg_body
 
 

@@ -336,3 +336,16 @@ def compare_model_with_eager(
     assert set(grads) == set(pt_grads) == set(ref_grads) and grads
     for name in grads:
         assert_close_oracle(grads[name], ref_grads[name], pt_grads[name], dtype, f"grad {name}")
+
+
+class FixedMaskMAE(torch.nn.Module):
+    """``mae(imgs, mask_ratio, noise)`` as a module of ``(imgs, noise)``: with the noise an input, every run (each
+    backend, compiled or not, any dtype) masks the same patches, so whole-MAE runs can be compared."""
+
+    def __init__(self, mae: torch.nn.Module, mask_ratio: float = 0.75):
+        super().__init__()
+        self.mae = mae
+        self.mask_ratio = mask_ratio
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor):
+        return self.mae(imgs, self.mask_ratio, noise)

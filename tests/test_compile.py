@@ -13,7 +13,7 @@ import torch
 
 import fastvit
 from fastvit import ops
-from oracle import compare_model_with_eager
+from oracle import FixedMaskMAE, compare_model_with_eager
 
 
 def _tiny_vit(generator):
@@ -38,15 +38,7 @@ def test_masked_autoencoder_compiles_fullgraph_and_matches_eager(generator):
     images = torch.randn(3, 3, 16, 16, generator=generator)
     noise = torch.rand(3, 16, generator=generator)
 
-    class _Fixed(torch.nn.Module):  # fixed mask ratio and noise so every run masks the same patches
-        def __init__(self, mae):
-            super().__init__()
-            self.mae = mae
-
-        def forward(self, imgs, noise):
-            return self.mae(imgs, 0.75, noise)
-
-    compare_model_with_eager(_Fixed(model), [images, noise], lambda out: out[0], lambda out: out[1],
+    compare_model_with_eager(FixedMaskMAE(model), [images, noise], lambda out: out[0], lambda out: out[1],
                              backend="eager", ref_dtype=torch.float64, compile_backend="aot_eager")
 
 

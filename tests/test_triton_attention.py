@@ -179,3 +179,50 @@ def test_attention_opcheck(generator, device):
     q = randn((1, 1, 5, 16), generator=generator, device=device).requires_grad_()
     k = randn((1, 1, 3, 16), generator=generator, device=device).requires_grad_()
     torch.library.opcheck(torch.ops.fastvit.sdpa_fwd, (q, k, k, 0.25), test_utils=OPCHECK_UTILS)
+
+
+def test_sdpa_ops_without_keys_or_queries_match_eager(device):
+    """Called directly (dispatch itself never sends an empty sequence to a kernel), the registered ops give eager's
+    answer for no keys -- zeros, and an lse of -inf -- and zero gradients, never uninitialised memory."""
+    q = torch.randn(1, 2, 3, 32, device=device)
+    none = torch.randn(1, 2, 0, 32, device=device)
+    o, lse = torch.ops.fastvit.sdpa_fwd(q, none, none, 0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, none, none, scale=0.25)
+    torch.testing.assert_close(o, expected, rtol=0, atol=0)
+    assert torch.equal(lse, torch.full((1, 2, 3), float("-inf"), device=device))
+    dq, dk, dv = torch.ops.fastvit.sdpa_bwd(torch.randn_like(o), q, none, none, o, lse, 0.25)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == dv.shape == none.shape
+    dq, dk, dv = torch.ops.fastvit.sdpa_bwd(none, none, q, q, none, lse[:, :, :0], 0.25)  # no queries
+    assert dq.shape == none.shape and torch.equal(dk, torch.zeros_like(q)) and torch.equal(dv, torch.zeros_like(q))
+
+
+def test_autotune_key_holds_what_the_pruners_read():
+    """The pruners keep different configs for fp32 with IEEE and with TF32 dots; Triton's autotune cache adds the
+    tensors' dtypes to the key but not INPUT_PRECISION, so the key must name it, or a config tuned for one
+    precision is reused for the other (only visible on a GPU: the interpreter has one config)."""
+    from fastvit.kernels import attention as A
+
+    for kernel in (A.attn_fwd, A.attn_bwd_dkdv, A.attn_bwd_dq):
+        assert {"N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"} <= set(kernel.keys)
+
+
+def test_sdpa_operands_keep_token_offsets_within_int32():
+    """The kernels multiply token index by token stride in int32: a sequence-first view whose (N + 128) * stride
+    exceeds 2^31 - 1 is copied to contiguous; an ordinary view passes through uncopied."""
+    from fastvit import _triton
+
+    B, H, N, D = 256, 16, 4097, 128  # x.view(N, B, H, D).permute(1, 2, 0, 3): token stride B*H*D = 2^19
+    seq_first = torch.empty(N * B * H * D, device="meta").view(N, B, H, D).permute(1, 2, 0, 3)
+    fixed = _triton._bhnd_operand(seq_first)
+    assert fixed.shape == seq_first.shape and fixed.is_contiguous() and fixed.stride(2) == D
+    ordinary = torch.empty(2, 3, 50, 64, device="meta").transpose(1, 2).contiguous().transpose(1, 2)
+    assert _triton._bhnd_operand(ordinary) is ordinary
+
+
+def test_batch_beyond_the_grid_limit_is_declined():
+    from fastvit import _triton
+
+    call = {"num_tokens": 4, "num_kv_tokens": 4}
+    assert not any("batch" in r for r in _triton._attention_check({**call, "batch": 65535}))
+    (reason,) = [r for r in _triton._attention_check({**call, "batch": 65536}) if "batch" in r]
+    assert "65536 > 65535" in reason

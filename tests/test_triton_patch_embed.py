@@ -144,3 +144,12 @@ def test_patch_embed_channels_last_and_empty_keep(n_keep, generator, device):
     }
     check_op({"triton": _triton_pe}, _naive_pe, inputs, ["images", "weight", "pos_embed", "cls_token"],
              dtype=torch.float32, generator=generator, name=f"patch_embed channels_last keep={n_keep}")
+
+
+def test_autotune_key_holds_input_precision():
+    """The pruner keeps only the smallest tile for fp32 with IEEE dots, not with TF32: INPUT_PRECISION must be in
+    the autotune key (Triton adds the dtypes, not the constexprs), as for the attention and linear kernels."""
+    from fastvit.kernels import patch_embed as PE
+
+    for kernel in (PE.pe_fwd, PE.pe_dw, PE.pe_dimg):
+        assert "INPUT_PRECISION" in kernel.keys
