@@ -86,11 +86,23 @@ bool aligned_ptr(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kA
 
 // The stride of a dim of size 1 is only ever multiplied by index 0, so it may be anything (the binding's
 // vector_aligned() accepts such tensors as they are, e.g. a channels-last (B, 1, N, D) whose head stride is 1).
-bool aligned_strides(int64_t batch_stride, int64_t head_stride, int64_t row_stride, int64_t batch, int64_t heads,
+// `p` gives batch and heads; `seqlen` is the tensor's row count (seqlen_q or seqlen_k).
+template <class Params>
+bool aligned_strides(const Params& p, int64_t batch_stride, int64_t head_stride, int64_t row_stride,
                      int64_t seqlen) {
-  return (batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
-         (heads <= 1 || head_stride % kAttentionAlignment == 0) &&
+  return (p.batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
+         (p.heads <= 1 || head_stride % kAttentionAlignment == 0) &&
          (seqlen <= 1 || row_stride % kAttentionAlignment == 0);
+}
+
+// Pointers and strides of q, k, v, o, which AttentionFwdParams and AttentionBwdParams share.
+template <class Params>
+bool aligned_qkvo(const Params& p) {
+  return aligned_ptr(p.q) && aligned_ptr(p.k) && aligned_ptr(p.v) && aligned_ptr(p.o) &&
+         aligned_strides(p, p.q_batch_stride, p.q_head_stride, p.q_row_stride, p.seqlen_q) &&
+         aligned_strides(p, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.seqlen_k) &&
+         aligned_strides(p, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.seqlen_k) &&
+         aligned_strides(p, p.o_batch_stride, p.o_head_stride, p.o_row_stride, p.seqlen_q);
 }
 
 // The kernels index tokens with 32-bit ints.
@@ -110,17 +122,7 @@ cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t str
   if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
     return cudaErrorNotSupported;
   if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
-  if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
-      params.lse == nullptr ||
-      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride,
-                       params.batch, params.heads, params.seqlen_q) ||
-      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride,
-                       params.batch, params.heads, params.seqlen_k) ||
-      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride,
-                       params.batch, params.heads, params.seqlen_k) ||
-      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride,
-                       params.batch, params.heads, params.seqlen_q))
-    return cudaErrorMisalignedAddress;
+  if (params.lse == nullptr || !aligned_qkvo(params)) return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
       return run_attention_fwd_bucket<Element, kHeadDim>(params, stream);
@@ -134,25 +136,12 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
     return cudaErrorNotSupported;
   if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
   if (params.seqlen_q > 0 && (params.workspace == nullptr || params.lse == nullptr)) return cudaErrorInvalidValue;
-  if (!aligned_ptr(params.q) || !aligned_ptr(params.k) || !aligned_ptr(params.v) || !aligned_ptr(params.o) ||
-      !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) || !aligned_ptr(params.dv) ||
-      !aligned_ptr(params.workspace) ||
-      !aligned_strides(params.q_batch_stride, params.q_head_stride, params.q_row_stride,
-                       params.batch, params.heads, params.seqlen_q) ||
-      !aligned_strides(params.k_batch_stride, params.k_head_stride, params.k_row_stride,
-                       params.batch, params.heads, params.seqlen_k) ||
-      !aligned_strides(params.v_batch_stride, params.v_head_stride, params.v_row_stride,
-                       params.batch, params.heads, params.seqlen_k) ||
-      !aligned_strides(params.o_batch_stride, params.o_head_stride, params.o_row_stride,
-                       params.batch, params.heads, params.seqlen_q) ||
-      !aligned_strides(params.do_batch_stride, params.do_head_stride, params.do_row_stride,
-                       params.batch, params.heads, params.seqlen_q) ||
-      !aligned_strides(params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride,
-                       params.batch, params.heads, params.seqlen_q) ||
-      !aligned_strides(params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride,
-                       params.batch, params.heads, params.seqlen_k) ||
-      !aligned_strides(params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride,
-                       params.batch, params.heads, params.seqlen_k))
+  if (!aligned_qkvo(params) || !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) ||
+      !aligned_ptr(params.dv) || !aligned_ptr(params.workspace) ||
+      !aligned_strides(params, params.do_batch_stride, params.do_head_stride, params.do_row_stride, params.seqlen_q) ||
+      !aligned_strides(params, params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride, params.seqlen_q) ||
+      !aligned_strides(params, params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride, params.seqlen_k) ||
+      !aligned_strides(params, params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride, params.seqlen_k))
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {

@@ -71,23 +71,18 @@ __global__ void __launch_bounds__(kDeltaThreads) attention_bwd_delta_kernel(cons
 
 // ------------------------------------------------------------------------------------------------ dK, dV
 template <typename Element_, int kHeadDim_, int kBlockN_, int kBlockM_, int kNWarps_>
-struct BwdDkdvConfig : MmaTraits<Element_, kHeadDim_, kNWarps_> {
-  static constexpr int kBlockN = kBlockN_;  // key rows per CTA (the M dimension of every MMA of this kernel)
-  static constexpr int kBlockM = kBlockM_;  // query rows per mainloop step
-  static_assert(kBlockN == 16 * kNWarps_, "each warp owns 16 key rows (one MMA atom row)");
-  static_assert(kBlockM % 16 == 0, "");
-  static_assert(32 * kNWarps_ >= kBlockM, "load_rowstats_async: one thread per query row of a block");
-  using SmemLayoutKV = decltype(make_smem_tile_layout<kBlockN, kHeadDim_>());
-  using SmemLayoutQ = decltype(make_smem_tile_layout<kBlockM, kHeadDim_>());
-  static constexpr int kSmemElemsKV = smem_tile_elems<kBlockN, kHeadDim_>();
-  static constexpr int kSmemElemsQ = smem_tile_elems<kBlockM, kHeadDim_>();
+struct BwdDkdvConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
+  using Base = TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_>;
+  // kBlockN: key rows per CTA (the M dimension of every MMA of this kernel); kBlockM: query rows per step.
+  static_assert(kBlockN_ == 16 * kNWarps_, "each warp owns 16 key rows (one MMA atom row)");
+  static_assert(32 * kNWarps_ >= kBlockM_, "load_rowstats_async: one thread per query row of a block");
   // Element offsets: K, V, Q[stage 0], Q[stage 1], dO[stage 0], dO[stage 1]; then fp32 lse[2][kBlockM],
   // delta[2][kBlockM].
-  static constexpr int kOffV = kSmemElemsKV;
-  static constexpr int kOffQ = 2 * kSmemElemsKV;
-  static constexpr int kOffdO = kOffQ + 2 * kSmemElemsQ;
-  static constexpr int kElems = kOffdO + 2 * kSmemElemsQ;
-  static constexpr int kSmemBytes = kElems * int(sizeof(Element_)) + 4 * kBlockM * int(sizeof(float));
+  static constexpr int kOffV = Base::kSmemElemsKV;
+  static constexpr int kOffQ = 2 * Base::kSmemElemsKV;
+  static constexpr int kOffdO = kOffQ + 2 * Base::kSmemElemsQ;
+  static constexpr int kElems = kOffdO + 2 * Base::kSmemElemsQ;
+  static constexpr int kSmemBytes = kElems * int(sizeof(Element_)) + 4 * kBlockM_ * int(sizeof(float));
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
 
@@ -160,14 +155,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
   Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kHeadDim>>{});
 
-  auto copy_a = make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_a = copy_a.get_thread_slice(tid);
-  auto copy_b = make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_b = copy_b.get_thread_slice(tid);
-  auto copy_bt = make_tiled_copy_B(typename Cfg::SmemCopyAtomT{}, tiled_mma);
-  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
-  Tensor tSsK = thr_copy_a.partition_S(sK);
-  Tensor tSsV = thr_copy_a.partition_S(sV);
+  const SmemCopies<Cfg> cp(tid);
+  Tensor tSsK = cp.thr_a.partition_S(sK);
+  Tensor tSsV = cp.thr_a.partition_S(sV);
 
   // (key row, query col) of every element of the (kBlockN x kBlockM) transposed score tile this thread holds.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
@@ -203,7 +193,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
     // Sᵀ = K·Qᵀ, (kBlockN x kBlockM).
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_s);
-    gemm_ss(tiled_mma, acc_s, tSrK, tSrQ, tSsK, thr_copy_b.partition_S(sQ), copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(tiled_mma, acc_s, tSrK, tSrQ, tSsK, cp.thr_b.partition_S(sQ), cp.a, cp.b, cp.thr_a, cp.thr_b);
 
     // Pᵀ = exp(scale·Sᵀ − lse[query]) computed as 2^(Sᵀ·scale·log2e − lse·log2e); queries past the end -> 0.
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
@@ -223,14 +213,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
     {
       Tensor rP = convert_fragment<Element>(acc_s);
       Tensor tPa = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-      gemm_rs(tiled_mma, acc_dv, tPa, tBrT, thr_copy_bt.partition_S(sdOt), copy_bt, thr_copy_bt);
+      gemm_rs(tiled_mma, acc_dv, tPa, tBrT, cp.thr_bt.partition_S(sdOt), cp.bt, cp.thr_bt);
     }
 
     // dPᵀ = V·dOᵀ, (kBlockN x kBlockM).
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_dp);
-    gemm_ss(tiled_mma, acc_dp, tSrV, tSrdO, tSsV, thr_copy_b.partition_S(sdO), copy_a, copy_b, thr_copy_a,
-            thr_copy_b);
+    gemm_ss(tiled_mma, acc_dp, tSrV, tSrdO, tSsV, cp.thr_b.partition_S(sdO), cp.a, cp.b, cp.thr_a, cp.thr_b);
 
     // dSᵀ = Pᵀ ∘ (dPᵀ − delta[query]), in place of Pᵀ. (Past-the-end queries: Pᵀ = 0 -> dSᵀ = 0.)
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
@@ -245,7 +234,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
     {
       Tensor rdS = convert_fragment<Element>(acc_s);
       Tensor tdSa = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
-      gemm_rs(tiled_mma, acc_dk, tdSa, tBrT, thr_copy_bt.partition_S(sQt), copy_bt, thr_copy_bt);
+      gemm_rs(tiled_mma, acc_dk, tdSa, tBrT, cp.thr_bt.partition_S(sQt), cp.bt, cp.thr_bt);
     }
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
@@ -268,20 +257,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
 
 // ------------------------------------------------------------------------------------------------ dQ
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct BwdDqConfig : MmaTraits<Element_, kHeadDim_, kNWarps_> {
-  static constexpr int kBlockM = kBlockM_;  // query rows per CTA
-  static constexpr int kBlockN = kBlockN_;  // key rows per mainloop step
-  static_assert(kBlockM == 16 * kNWarps_, "each warp owns 16 query rows (one MMA atom row)");
-  static_assert(kBlockN % 16 == 0, "");
-  using SmemLayoutQ = decltype(make_smem_tile_layout<kBlockM, kHeadDim_>());
-  using SmemLayoutKV = decltype(make_smem_tile_layout<kBlockN, kHeadDim_>());
-  static constexpr int kSmemElemsQ = smem_tile_elems<kBlockM, kHeadDim_>();
-  static constexpr int kSmemElemsKV = smem_tile_elems<kBlockN, kHeadDim_>();
+struct BwdDqConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
+  using Base = TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_>;
+  // kBlockM: query rows per CTA; kBlockN: key rows per mainloop step.
+  static_assert(kBlockM_ == 16 * kNWarps_, "each warp owns 16 query rows (one MMA atom row)");
   // Element offsets: Q, dO, K[stage 0], K[stage 1], V[stage 0], V[stage 1].
-  static constexpr int kOffdO = kSmemElemsQ;
-  static constexpr int kOffK = 2 * kSmemElemsQ;
-  static constexpr int kOffV = kOffK + 2 * kSmemElemsKV;
-  static constexpr int kElems = kOffV + 2 * kSmemElemsKV;
+  static constexpr int kOffdO = Base::kSmemElemsQ;
+  static constexpr int kOffK = 2 * Base::kSmemElemsQ;
+  static constexpr int kOffV = kOffK + 2 * Base::kSmemElemsKV;
+  static constexpr int kElems = kOffV + 2 * Base::kSmemElemsKV;
   static constexpr int kSmemBytes = kElems * int(sizeof(Element_));
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
@@ -345,14 +329,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
   Tensor tBrKt = thr_mma.partition_fragment_B(sKt_shape);  // B of dQ += dS·K (Kᵀ)
   Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
 
-  auto copy_a = make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_a = copy_a.get_thread_slice(tid);
-  auto copy_b = make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_b = copy_b.get_thread_slice(tid);
-  auto copy_bt = make_tiled_copy_B(typename Cfg::SmemCopyAtomT{}, tiled_mma);
-  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
-  Tensor tSsQ = thr_copy_a.partition_S(sQ);
-  Tensor tSsdO = thr_copy_a.partition_S(sdO);
+  const SmemCopies<Cfg> cp(tid);
+  Tensor tSsQ = cp.thr_a.partition_S(sQ);
+  Tensor tSsdO = cp.thr_a.partition_S(sdO);
 
   // (query row, key col) of every element of the (kBlockM x kBlockN) score tile this thread holds.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -394,7 +373,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
     // S = Q·Kᵀ, (kBlockM x kBlockN).
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, thr_copy_b.partition_S(sK), copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, cp.thr_b.partition_S(sK), cp.a, cp.b, cp.thr_a, cp.thr_b);
 
     // P = 2^(S·scale·log2e − lse·log2e); keys past the end -> 0.
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
@@ -412,8 +391,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
     // dP = dO·Vᵀ, (kBlockM x kBlockN).
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
-    gemm_ss(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, thr_copy_b.partition_S(sV), copy_a, copy_b, thr_copy_a,
-            thr_copy_b);
+    gemm_ss(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, cp.thr_b.partition_S(sV), cp.a, cp.b, cp.thr_a, cp.thr_b);
 
     // dS = P ∘ (dP − delta[query]), in place of P.
     Tensor dp_rc = make_tensor(acc_dp.data(), rowcol(acc_dp.layout()));
@@ -426,7 +404,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
     // dQ += dS·K.
     Tensor rdS = convert_fragment<Element>(acc_s);
     Tensor tdSa = make_tensor(rdS.data(), acc_to_a_layout(rdS.layout()));
-    gemm_rs(tiled_mma, acc_dq, tdSa, tBrKt, thr_copy_bt.partition_S(sKt), copy_bt, thr_copy_bt);
+    gemm_rs(tiled_mma, acc_dq, tdSa, tBrKt, cp.thr_bt.partition_S(sKt), cp.bt, cp.thr_bt);
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 

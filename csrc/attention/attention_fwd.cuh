@@ -22,18 +22,12 @@ namespace fastvit {
 namespace attn {
 
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct FwdConfig : MmaTraits<Element_, kHeadDim_, kNWarps_> {
-  using Base = MmaTraits<Element_, kHeadDim_, kNWarps_>;
-  static constexpr int kBlockM = kBlockM_;  // query rows per CTA
-  static constexpr int kBlockN = kBlockN_;  // key rows per mainloop step
-  static_assert(kBlockM % (16 * kNWarps_) == 0, "each warp owns a whole number of 16-row MMA atoms");
-  static_assert(kBlockN % 16 == 0, "");
-  using SmemLayoutQ = decltype(make_smem_tile_layout<kBlockM, kHeadDim_>());
-  using SmemLayoutKV = decltype(make_smem_tile_layout<kBlockN, kHeadDim_>());
-  static constexpr int kSmemElemsQ = smem_tile_elems<kBlockM, kHeadDim_>();
-  static constexpr int kSmemElemsKV = smem_tile_elems<kBlockN, kHeadDim_>();
+struct FwdConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_> {
+  using Base = TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_>;
+  // kBlockM: query rows per CTA; kBlockN: key rows per mainloop step.
+  static_assert(kBlockM_ % (16 * kNWarps_) == 0, "each warp owns a whole number of 16-row MMA atoms");
   // Q, K, V tiles (O reuses Q's space in the epilogue).
-  static constexpr int kSmemBytes = (kSmemElemsQ + 2 * kSmemElemsKV) * int(sizeof(Element_));
+  static constexpr int kSmemBytes = (Base::kSmemElemsQ + 2 * Base::kSmemElemsKV) * int(sizeof(Element_));
   static_assert(kSmemBytes <= 99 * 1024, "forward must fit two CTAs per SM on sm_80");
 };
 
@@ -82,15 +76,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   Tensor tOrVt = thr_mma.partition_fragment_B(sVt_shape);  // (MMA, MMA_N over D, MMA_K over kBlockN)
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
 
-  auto copy_q = make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_q = copy_q.get_thread_slice(tid);
-  Tensor tSsQ = thr_copy_q.partition_S(sQ);
-  auto copy_k = make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, tiled_mma);
-  auto thr_copy_k = copy_k.get_thread_slice(tid);
-  Tensor tSsK = thr_copy_k.partition_S(sK);
-  auto copy_v = make_tiled_copy_B(typename Cfg::SmemCopyAtomT{}, tiled_mma);
-  auto thr_copy_v = copy_v.get_thread_slice(tid);
-  Tensor tOsVt = thr_copy_v.partition_S(sVt);
+  const SmemCopies<Cfg> cp(tid);  // a: Q, b: K, bt: Vᵀ
+  Tensor tSsQ = cp.thr_a.partition_S(sQ);
+  Tensor tSsK = cp.thr_b.partition_S(sK);
+  Tensor tOsVt = cp.thr_bt.partition_S(sVt);
 
   // (row, col) coordinates within the (kBlockM x kBlockN) score tile of each accumulator element, viewed
   // (thread rows, thread cols) like the scores themselves.
@@ -125,7 +114,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
                                                   p.v_row_stride, seqlen_k - n_block * kBlockN, head_dim, tid);
     cp_async_fence();
 
-    gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, copy_q, copy_k, thr_copy_q, thr_copy_k);
+    gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cp.a, cp.b, cp.thr_a, cp.thr_b);
 
     // Scale into the log2 domain, then mask keys beyond the sequence (only the last block has any).
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
@@ -174,7 +163,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
     // acc_o += P · V[n_block]: P (fp32 accumulator) -> element type, re-viewed as the A operand.
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
-    gemm_rs(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, copy_v, thr_copy_v);
+    gemm_rs(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, cp.bt, cp.thr_bt);
   }
 
   // Epilogue: finish the row sums, normalise, write LSE and O.

@@ -88,6 +88,40 @@ struct MmaTraits {
   using SmemCopyAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
 };
 
+// What every attention kernel's config has on top of MmaTraits: a query block of kBlockM rows and a key block
+// of kBlockN rows, and the padded shared-memory tile layouts / sizes of a (kBlockM x D) Q-like tile (Q, dO, O,
+// dQ) and a (kBlockN x D) K-like tile (K, V, dK, dV). Each kernel's config adds its own warp / tile
+// constraints and its shared-memory plan.
+template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
+struct TileConfig : MmaTraits<Element_, kHeadDim_, kNWarps_> {
+  static constexpr int kBlockM = kBlockM_;  // query rows (per CTA or per mainloop step)
+  static constexpr int kBlockN = kBlockN_;  // key rows (per mainloop step or per CTA)
+  static_assert(kBlockM % 16 == 0 && kBlockN % 16 == 0, "blocks are whole 16-row MMA atoms");
+  using SmemLayoutQ = decltype(make_smem_tile_layout<kBlockM, kHeadDim_>());
+  using SmemLayoutKV = decltype(make_smem_tile_layout<kBlockN, kHeadDim_>());
+  static constexpr int kSmemElemsQ = smem_tile_elems<kBlockM, kHeadDim_>();
+  static constexpr int kSmemElemsKV = smem_tile_elems<kBlockN, kHeadDim_>();
+};
+
+// The three shared -> register copies of a kernel's GEMMs, with this thread's slices: `a` (ldmatrix of an A
+// operand), `b` (ldmatrix of a B operand) and `bt` (transposed ldmatrix of a B operand stored (k x n)).
+template <class Cfg>
+struct SmemCopies {
+  using TiledMma = typename Cfg::TiledMma;
+  using CopyA = decltype(make_tiled_copy_A(typename Cfg::SmemCopyAtom{}, TiledMma{}));
+  using CopyB = decltype(make_tiled_copy_B(typename Cfg::SmemCopyAtom{}, TiledMma{}));
+  using CopyBt = decltype(make_tiled_copy_B(typename Cfg::SmemCopyAtomT{}, TiledMma{}));
+  CopyA a;
+  CopyB b;
+  CopyBt bt;
+  decltype(CopyA{}.get_thread_slice(0)) thr_a;
+  decltype(CopyB{}.get_thread_slice(0)) thr_b;
+  decltype(CopyBt{}.get_thread_slice(0)) thr_bt;
+
+  __device__ __forceinline__ explicit SmemCopies(int tid)
+      : thr_a(a.get_thread_slice(tid)), thr_b(b.get_thread_slice(tid)), thr_bt(bt.get_thread_slice(tid)) {}
+};
+
 // ------------------------------------------------------------------------------------------------ grid
 // Blocks along the sequence on grid.x; the flattened (batch, head) index bh = b·H + h on (y, z) so that
 // neither axis exceeds 65535: bh = blockIdx.z · gridDim.y + blockIdx.y (blocks with bh >= B·H exit at once).
