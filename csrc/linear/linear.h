@@ -27,10 +27,9 @@ namespace fastvit {
 // K, N and all leading dimensions must be multiples of this (128-bit vector accesses of 16-bit elements).
 constexpr int kLinearAlignment = 8;
 
-// ------------------------------------------------------------------------------------------ linear_gelu
-// Forward: h = x · weightᵀ + bias (M, N); y = GELU(h). GELU is exact erf 0.5·h·(1 + erf(h/√2)) unless gelu_tanh,
-// then 0.5·h·(1 + tanh(√(2/π)·(h + 0.044715·h³))); both in fp32 (accurate erff / tanhf, no fast-math).
-struct LinearGeluFwdParams {
+// The leading fields of every params struct below (each struct derives from one of these, so the binding sees
+// the same field names; the derived struct's own fields follow these in memory).
+struct LinearFwdParamsBase {
   DType dtype = DType::kBFloat16;
   int64_t M = 0, N = 0, K = 0;   // tokens, out features, in features
   const void* x = nullptr;       // (M, K), leading dim ldx
@@ -38,6 +37,23 @@ struct LinearGeluFwdParams {
   const void* weight = nullptr;  // (N, K), leading dim ldw
   int64_t ldw = 0;
   const void* bias = nullptr;    // (N,) or nullptr (= 0)
+};
+
+struct LinearBwdParamsBase {
+  DType dtype = DType::kBFloat16;
+  int64_t M = 0, N = 0, K = 0;   // tokens, out features, in features
+  const void* dy = nullptr;      // (M, N), leading dim lddy
+  int64_t lddy = 0;
+  const void* x = nullptr;       // (M, K), leading dim ldx
+  int64_t ldx = 0;
+  const void* weight = nullptr;  // (N, K), leading dim ldw
+  int64_t ldw = 0;
+};
+
+// ------------------------------------------------------------------------------------------ linear_gelu
+// Forward: h = x · weightᵀ + bias (M, N); y = GELU(h). GELU is exact erf 0.5·h·(1 + erf(h/√2)) unless gelu_tanh,
+// then 0.5·h·(1 + tanh(√(2/π)·(h + 0.044715·h³))); both in fp32 (accurate erff / tanhf, no fast-math).
+struct LinearGeluFwdParams : LinearFwdParamsBase {
   void* y = nullptr;             // (M, N) out, leading dim ldy
   int64_t ldy = 0;
   void* h = nullptr;             // (M, N) out, the pre-activation x·Wᵀ + b, or nullptr (not stored)
@@ -48,15 +64,7 @@ cudaError_t run_linear_gelu_fwd(const LinearGeluFwdParams& params, cudaStream_t 
 
 // Backward: dh = dy ⊙ GELU'(h) (fp32 math, rounded to the input dtype: the operand of both GEMMs);
 // dx = dh · weight (M, K); dweight = dhᵀ · x (N, K); dbias = Σ_rows dh (N,) in fp32, rounded once.
-struct LinearGeluBwdParams {
-  DType dtype = DType::kBFloat16;
-  int64_t M = 0, N = 0, K = 0;
-  const void* dy = nullptr;      // (M, N), leading dim lddy
-  int64_t lddy = 0;
-  const void* x = nullptr;       // (M, K), leading dim ldx
-  int64_t ldx = 0;
-  const void* weight = nullptr;  // (N, K), leading dim ldw
-  int64_t ldw = 0;
+struct LinearGeluBwdParams : LinearBwdParamsBase {
   const void* h = nullptr;       // (M, N) saved pre-activation, leading dim ldh
   int64_t ldh = 0;
   bool gelu_tanh = false;
@@ -73,14 +81,7 @@ cudaError_t run_linear_gelu_bwd(const LinearGeluBwdParams& params, cudaStream_t 
 
 // ------------------------------------------------------------------------------------------ linear_residual
 // Forward: z = x · weightᵀ + bias; y = residual + gamma ⊙ z (gamma nullptr = 1), fp32 math.
-struct LinearResidualFwdParams {
-  DType dtype = DType::kBFloat16;
-  int64_t M = 0, N = 0, K = 0;
-  const void* x = nullptr;         // (M, K), leading dim ldx
-  int64_t ldx = 0;
-  const void* weight = nullptr;    // (N, K), leading dim ldw
-  int64_t ldw = 0;
-  const void* bias = nullptr;      // (N,) or nullptr (= 0)
+struct LinearResidualFwdParams : LinearFwdParamsBase {
   const void* gamma = nullptr;     // (N,) or nullptr (= 1)
   const void* residual = nullptr;  // (M, N), leading dim ldr
   int64_t ldr = 0;
@@ -94,15 +95,7 @@ cudaError_t run_linear_residual_fwd(const LinearResidualFwdParams& params, cudaS
 // Backward: dz = gamma ⊙ dy (rounded to the input dtype, as the Triton prologue; dz = dy when gamma is nullptr);
 // dx = dz · weight; dweight = dzᵀ · x; dbias = Σ_rows dz (fp32 sum of the unrounded products);
 // dgamma = Σ_rows dy ⊙ z (only when gamma, z and dgamma are all non-null). dresidual = dy is the caller's.
-struct LinearResidualBwdParams {
-  DType dtype = DType::kBFloat16;
-  int64_t M = 0, N = 0, K = 0;
-  const void* dy = nullptr;      // (M, N), leading dim lddy
-  int64_t lddy = 0;
-  const void* x = nullptr;       // (M, K), leading dim ldx
-  int64_t ldx = 0;
-  const void* weight = nullptr;  // (N, K), leading dim ldw
-  int64_t ldw = 0;
+struct LinearResidualBwdParams : LinearBwdParamsBase {
   const void* gamma = nullptr;   // (N,) or nullptr
   const void* z = nullptr;       // (M, N) saved x·Wᵀ + b, leading dim ldz, or nullptr
   int64_t ldz = 0;

@@ -20,6 +20,15 @@ namespace gemm_detail {
 constexpr int kTileM = 128;
 constexpr int kTileN = 128;
 
+// Extents and the two input operands of the batched GEMMs below (EpiGemmArgs, NNGemmArgs): their leading fields.
+struct BatchedGemmOperands {
+  int M = 0, N = 0, K = 0, batch = 1;
+  const void* A = nullptr;
+  int64_t lda = 0, batch_stride_A = 0;
+  const void* B = nullptr;
+  int64_t ldb = 0, batch_stride_B = 0;
+};
+
 // ------------------------------------------------------------------------------ forward GEMM + fused epilogue
 // acc (M×N, fp32) = A (M×K) · Bᵀ per batch l, where
 //   A: row-major (M×K), lda, batch stride batch_stride_A   (x, or the im2col rows)
@@ -34,12 +43,7 @@ constexpr int kTileN = 128;
 // D, pre, aux: row-major (M×N) per batch with their ld and batch stride.
 enum class Epi : int { kGeluErf = 0, kGeluTanh = 1, kResidual = 2, kBiasAux = 3, kBias = 4 };
 
-struct EpiGemmArgs {
-  int M = 0, N = 0, K = 0, batch = 1;
-  const void* A = nullptr;
-  int64_t lda = 0, batch_stride_A = 0;
-  const void* B = nullptr;
-  int64_t ldb = 0, batch_stride_B = 0;
+struct EpiGemmArgs : BatchedGemmOperands {
   const void* bias = nullptr;
   const void* gamma = nullptr;
   const void* aux = nullptr;
@@ -56,12 +60,7 @@ cudaError_t gemm_epi(const EpiGemmArgs& args, cudaStream_t stream);
 // ------------------------------------------------------------------------------ "NN" GEMM (input gradients)
 // D (M×N, T) = A (M×K) · B (K×N) per batch l; A, B, D all row-major with their ld and batch strides.
 // linear dgrad: dx (T×K_in) = g (T×N_out) · W (N_out×K_in). patch dimages: dA (Nk×Kp) = dout (Nk×E) · Wp (E×Kp).
-struct NNGemmArgs {
-  int M = 0, N = 0, K = 0, batch = 1;
-  const void* A = nullptr;
-  int64_t lda = 0, batch_stride_A = 0;
-  const void* B = nullptr;
-  int64_t ldb = 0, batch_stride_B = 0;
+struct NNGemmArgs : BatchedGemmOperands {
   void* D = nullptr;
   int64_t ldd = 0, batch_stride_D = 0;
 };

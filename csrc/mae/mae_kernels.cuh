@@ -208,27 +208,51 @@ __device__ __forceinline__ void patch_stats(const PatchIndex& ix, int K, Pixel p
   rsig = 1.f / sqrtf(var + 1e-6f);
 }
 
+// The patch row of a loss CTA and its pixels (the prologue shared by the forward and backward kernels):
+// row = blockIdx.x = b * N + n, patch n at grid position (hp, wp) = (n / grid_w, n % grid_w), whose top-left
+// pixel is (h0, w0) = (hp * P, wp * P). Called as pixel(c, pp, q): pixel (c, h0 + pp, w0 + q) in fp32.
+template <typename T, class Params>
+struct LossRow {
+  const Params& p;
+  int P, C, K;
+  int64_t row, b;
+  int n;
+  int64_t h0, w0;
+  const T* img;   // images[b, 0, h0, w0]
+  const T* pred;  // pred[b, n, 0]
+
+  __device__ __forceinline__ LossRow(const Params& params, int grid_w) : p(params) {
+    P = static_cast<int>(p.P);
+    C = static_cast<int>(p.C);
+    K = P * P * C;
+    row = blockIdx.x;
+    b = row / p.N;
+    n = static_cast<int>(row - b * p.N);
+    const int hp = n / grid_w, wp = n % grid_w;
+    h0 = static_cast<int64_t>(hp) * P;
+    w0 = static_cast<int64_t>(wp) * P;
+    img = static_cast<const T*>(p.images) + b * p.img_stride_b + h0 * p.img_stride_h + w0 * p.img_stride_w;
+    pred = static_cast<const T*>(p.pred) + b * p.pred_stride_b + static_cast<int64_t>(n) * p.pred_stride_n;
+  }
+
+  __device__ __forceinline__ float operator()(int c, int pp, int q) const {
+    float v[1];
+    load_ro<T, 1>(img + c * p.img_stride_c + pp * p.img_stride_h + q * p.img_stride_w, v);
+    return v[0];
+  }
+};
+
 // Loss row (b, n) per CTA (blockIdx.x = b * N + n). kCache: the (normalised) target lives in dynamic shared
 // memory (K floats); otherwise it is re-read from the image for every pass.
 template <typename T, bool kCache>
 __global__ void __launch_bounds__(kLossThreads) mae_loss_fwd_kernel(const MaeLossFwdParams p, int grid_w) {
   extern __shared__ float s_t[];
   __shared__ float red[2][kLossThreads / 32];
-  const int P = static_cast<int>(p.P), C = static_cast<int>(p.C);
-  const int K = P * P * C;
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / p.N;
-  const int n = static_cast<int>(row - b * p.N);
-  const int hp = n / grid_w, wp = n % grid_w;
-  const T* img = static_cast<const T*>(p.images) + b * p.img_stride_b +
-                 static_cast<int64_t>(hp) * P * p.img_stride_h + static_cast<int64_t>(wp) * P * p.img_stride_w;
-  const T* pred = static_cast<const T*>(p.pred) + b * p.pred_stride_b + static_cast<int64_t>(n) * p.pred_stride_n;
-  const PatchIndex ix{P, C};
-  auto pixel = [&](int c, int pp, int q) -> float {
-    float v[1];
-    load_ro<T, 1>(img + c * p.img_stride_c + pp * p.img_stride_h + q * p.img_stride_w, v);
-    return v[0];
-  };
+  const LossRow<T, MaeLossFwdParams> pixel(p, grid_w);
+  const int K = pixel.K;
+  const int64_t row = pixel.row;
+  const T* pred = pixel.pred;
+  const PatchIndex ix{pixel.P, pixel.C};
 
   float mean = 0.f, rsig = 1.f;
   if (p.norm_pix) patch_stats<kCache>(ix, K, pixel, s_t, red, mean, rsig);
@@ -256,25 +280,16 @@ template <typename T, bool kCache>
 __global__ void __launch_bounds__(kLossThreads) mae_loss_bwd_kernel(const MaeLossBwdParams p, int grid_w) {
   extern __shared__ float s_t[];
   __shared__ float red[2][kLossThreads / 32];
-  const int P = static_cast<int>(p.P), C = static_cast<int>(p.C);
-  const int K = P * P * C;
-  const int64_t row = blockIdx.x;
-  const int64_t b = row / p.N;
-  const int n = static_cast<int>(row - b * p.N);
-  const int hp = n / grid_w, wp = n % grid_w;
-  const int64_t h0 = static_cast<int64_t>(hp) * P, w0 = static_cast<int64_t>(wp) * P;  // patch origin (pixels)
-  const T* img = static_cast<const T*>(p.images) + b * p.img_stride_b + h0 * p.img_stride_h + w0 * p.img_stride_w;
-  const T* pred = static_cast<const T*>(p.pred) + b * p.pred_stride_b + static_cast<int64_t>(n) * p.pred_stride_n;
+  const LossRow<T, MaeLossBwdParams> pixel(p, grid_w);
+  const int K = pixel.K;
+  const int64_t b = pixel.b, h0 = pixel.h0, w0 = pixel.w0;
+  const int n = pixel.n;
+  const T* pred = pixel.pred;
   T* dpred = static_cast<T*>(p.dpred) + b * p.dpred_stride_b + static_cast<int64_t>(n) * p.dpred_stride_n;
   T* dimg = p.compute_dimages
                 ? static_cast<T*>(p.dimages) + b * p.dimg_stride_b + h0 * p.dimg_stride_h + w0 * p.dimg_stride_w
                 : nullptr;
-  const PatchIndex ix{P, C};
-  auto pixel = [&](int c, int pp, int q) -> float {
-    float v[1];
-    load_ro<T, 1>(img + c * p.img_stride_c + pp * p.img_stride_h + q * p.img_stride_w, v);
-    return v[0];
-  };
+  const PatchIndex ix{pixel.P, pixel.C};
   const float scale = 2.f * p.drow[b * p.drow_stride_b + static_cast<int64_t>(n) * p.drow_stride_n] /
                       static_cast<float>(K);
 

@@ -14,25 +14,38 @@ bool loss_geometry_ok(int64_t B, int64_t N, int64_t C, int64_t Hi, int64_t Wi, i
   return true;
 }
 
-}  // namespace
+// The loss kernel of a params type (kCache: the target row is cached in dynamic shared memory).
+template <typename T, bool kCache>
+auto loss_kernel(const MaeLossFwdParams&) { return mae::mae_loss_fwd_kernel<T, kCache>; }
+template <typename T, bool kCache>
+auto loss_kernel(const MaeLossBwdParams&) { return mae::mae_loss_bwd_kernel<T, kCache>; }
 
-cudaError_t run_mae_loss_fwd(const MaeLossFwdParams& p, cudaStream_t stream) {
-  if (!loss_geometry_ok(p.B, p.N, p.C, p.Hi, p.Wi, p.P)) return cudaErrorInvalidValue;
-  if (p.B == 0 || p.N == 0) return cudaSuccess;
-  if (p.pred == nullptr || p.images == nullptr || p.row_loss == nullptr) return cudaErrorInvalidValue;
+// Launches the loss kernel of p (forward or backward; its sizes and pointers already checked): one CTA per patch
+// row, the target cached when norm_pix reads it twice and it fits (without norm_pix it is read once: no cache).
+template <class Params>
+cudaError_t launch_loss(const Params& p, cudaStream_t stream) {
   const int grid_w = static_cast<int>(p.Wi / p.P);
   const int64_t K = p.P * p.P * p.C;
   const unsigned blocks = static_cast<unsigned>(p.B * p.N);
   return FASTVIT_FLOAT_SWITCH(p.dtype, T, [&]() -> cudaError_t {
     if (p.norm_pix && K <= mae::kLossSmemMaxK) {
       const size_t smem = static_cast<size_t>(K) * sizeof(float);
-      mae::mae_loss_fwd_kernel<T, true><<<blocks, mae::kLossThreads, smem, stream>>>(p, grid_w);
-    } else {  // no norm_pix: the target is read once, nothing to cache
-      mae::mae_loss_fwd_kernel<T, false><<<blocks, mae::kLossThreads, 0, stream>>>(p, grid_w);
+      loss_kernel<T, true>(p)<<<blocks, mae::kLossThreads, smem, stream>>>(p, grid_w);
+    } else {
+      loss_kernel<T, false>(p)<<<blocks, mae::kLossThreads, 0, stream>>>(p, grid_w);
     }
     FASTVIT_RETURN_LAUNCH_ERROR();
     return cudaSuccess;
   });
+}
+
+}  // namespace
+
+cudaError_t run_mae_loss_fwd(const MaeLossFwdParams& p, cudaStream_t stream) {
+  if (!loss_geometry_ok(p.B, p.N, p.C, p.Hi, p.Wi, p.P)) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.N == 0) return cudaSuccess;
+  if (p.pred == nullptr || p.images == nullptr || p.row_loss == nullptr) return cudaErrorInvalidValue;
+  return launch_loss(p, stream);
 }
 
 cudaError_t run_mae_loss_bwd(const MaeLossBwdParams& p, cudaStream_t stream) {
@@ -42,19 +55,7 @@ cudaError_t run_mae_loss_bwd(const MaeLossBwdParams& p, cudaStream_t stream) {
       (p.compute_dimages && p.dimages == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  const int grid_w = static_cast<int>(p.Wi / p.P);
-  const int64_t K = p.P * p.P * p.C;
-  const unsigned blocks = static_cast<unsigned>(p.B * p.N);
-  return FASTVIT_FLOAT_SWITCH(p.dtype, T, [&]() -> cudaError_t {
-    if (p.norm_pix && K <= mae::kLossSmemMaxK) {
-      const size_t smem = static_cast<size_t>(K) * sizeof(float);
-      mae::mae_loss_bwd_kernel<T, true><<<blocks, mae::kLossThreads, smem, stream>>>(p, grid_w);
-    } else {
-      mae::mae_loss_bwd_kernel<T, false><<<blocks, mae::kLossThreads, 0, stream>>>(p, grid_w);
-    }
-    FASTVIT_RETURN_LAUNCH_ERROR();
-    return cudaSuccess;
-  });
+  return launch_loss(p, stream);
 }
 
 }  // namespace fastvit

@@ -6,14 +6,22 @@ namespace {
 
 constexpr int kMinTY = mae::kUnshuffleThreads / 32;  // smallest tokens-per-CTA of any configuration
 
-// Calls f(IC<TX>) for TX = threads per token = next power of two of the vectors per token, clamped to 4 .. 32.
-template <typename F>
-cudaError_t dispatch_tx(int64_t nvec, F&& f) {
-  switch (mae::pow2_clamp(nvec, 4, 32)) {
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    case 16: return f(std::integral_constant<int, 16>{});
-    default: return f(std::integral_constant<int, 32>{});
+// The CTA shape (TX, TY) of the un-shuffle kernels for C features in vectors of VEC elements:
+// TX = threads per token = next power of two of the vectors per token, clamped to 4 .. 32; TY = tokens per CTA.
+template <int kTX>
+struct Tile {
+  static constexpr int TX = kTX;
+  static constexpr int TY = mae::kUnshuffleThreads / kTX;
+};
+
+// Calls f(Tile<TX>{}) for the CTA shape of C features in VEC-element vectors.
+template <int VEC, typename F>
+cudaError_t dispatch_tile(int64_t C, F&& f) {
+  switch (mae::pow2_clamp((C + VEC - 1) / VEC, 4, 32)) {
+    case 4: return f(Tile<4>{});
+    case 8: return f(Tile<8>{});
+    case 16: return f(Tile<16>{});
+    default: return f(Tile<32>{});
   }
 }
 
@@ -39,9 +47,8 @@ bool bwd_vectorizable(const MaeUnshuffleBwdParams& p, int vec) {
 
 template <typename T, int VEC>
 cudaError_t launch_unshuffle_fwd(const MaeUnshuffleFwdParams& p, cudaStream_t stream) {
-  return dispatch_tx((p.C + VEC - 1) / VEC, [&](auto tx_c) -> cudaError_t {
-    constexpr int TX = decltype(tx_c)::value;
-    constexpr int TY = mae::kUnshuffleThreads / TX;
+  return dispatch_tile<VEC>(p.C, [&](auto tile) -> cudaError_t {
+    constexpr int TX = decltype(tile)::TX, TY = decltype(tile)::TY;
     const int64_t rows = p.B * (p.N + 1);
     const int64_t blocks = (rows + TY - 1) / TY;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
@@ -53,9 +60,8 @@ cudaError_t launch_unshuffle_fwd(const MaeUnshuffleFwdParams& p, cudaStream_t st
 
 template <typename T, int VEC>
 cudaError_t launch_unshuffle_bwd(const MaeUnshuffleBwdParams& p, cudaStream_t stream) {
-  return dispatch_tx((p.C + VEC - 1) / VEC, [&](auto tx_c) -> cudaError_t {
-    constexpr int TX = decltype(tx_c)::value;
-    constexpr int TY = mae::kUnshuffleThreads / TX;
+  return dispatch_tile<VEC>(p.C, [&](auto tile) -> cudaError_t {
+    constexpr int TX = decltype(tile)::TX, TY = decltype(tile)::TY;
     const int64_t n_cblocks = (p.C + TX * VEC - 1) / (TX * VEC);
     const int64_t n_tblocks = (p.N + 1 + TY - 1) / TY;  // <= ceil((N + 1) / kMinTY): fits the workspace
     const int64_t blocks = n_cblocks * n_tblocks;

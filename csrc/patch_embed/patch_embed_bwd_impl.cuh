@@ -76,13 +76,9 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
   if (want_dimg && g.B * g.C * p.Hi * p.Wi > 0) {
     const T* dA = nullptr;
     if (g.Nk > 0 && g.K > 0 && g.E > 0) {
-      const T* Wp = static_cast<const T*>(p.weight);
-      if (L.pad_w) {
-        T* wp = reinterpret_cast<T*>(ws + L.Wp);
-        pad_weight_kernel<T><<<blocks_for(g.E * g.Kp), kThreads, 0, stream>>>(Wp, wp, g.E, g.K, g.Kp);
-        FASTVIT_RETURN_LAUNCH_ERROR();
-        Wp = wp;
-      }
+      const T* Wp;
+      if ((err = weight_operand<T>(p.weight, L.pad_w, ws + L.Wp, g.E, g.K, g.Kp, stream, &Wp)) != cudaSuccess)
+        return err;
       NNGemmArgs dg;
       dg.M = int(g.Nk); dg.N = int(g.Kp); dg.K = int(g.E); dg.batch = int(g.B);
       dg.A = dout + g.R * p.dout_stride_t; dg.lda = p.dout_stride_t; dg.batch_stride_A = p.dout_stride_b;

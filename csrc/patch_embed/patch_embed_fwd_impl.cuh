@@ -34,20 +34,15 @@ cudaError_t patch_embed_fwd(const PatchEmbedFwdParams& p, cudaStream_t stream) {
         static_cast<const T*>(p.images), p.img_stride_b, p.img_stride_c, p.img_stride_h, p.img_stride_w, p.ids_keep,
         p.ids_stride_b, A, g.B, /*rows_per_batch=*/g.Nk, /*prefix_rows=*/0, g.K, g.Kp, g.Ph, g.Pw, g.gw, g.Np);
     FASTVIT_RETURN_LAUNCH_ERROR();
-    const T* Wp = static_cast<const T*>(p.weight);
-    if (L.pad_w) {
-      T* wp = reinterpret_cast<T*>(ws + L.Wp);
-      pad_weight_kernel<T><<<blocks_for(g.E * g.Kp), kThreads, 0, stream>>>(Wp, wp, g.E, g.K, g.Kp);
-      FASTVIT_RETURN_LAUNCH_ERROR();
-      Wp = wp;
-    }
+    const T* Wp;
+    cudaError_t err = weight_operand<T>(p.weight, L.pad_w, ws + L.Wp, g.E, g.K, g.Kp, stream, &Wp);
+    if (err != cudaSuccess) return err;
     EpiGemmArgs a;
     a.M = int(g.Nk); a.N = int(g.E); a.K = int(g.Kp); a.batch = int(g.B);
     a.A = A;  a.lda = g.Kp; a.batch_stride_A = g.Nk * g.Kp;
     a.B = Wp; a.ldb = g.Kp; a.batch_stride_B = 0;
     a.bias = p.bias;
     a.D = out + g.R * p.out_stride_t; a.ldd = p.out_stride_t; a.batch_stride_D = p.out_stride_b;
-    cudaError_t err;
     if (g.has_pos) {
       if (L.gather_pos) {
         T* posg = reinterpret_cast<T*>(ws + L.posg);

@@ -20,6 +20,14 @@ inline unsigned blocks_for(int64_t total, int64_t max_blocks = 65535LL * 16) {
   return unsigned(b);
 }
 
+// The grid-stride loop of the 1-D kernels below: f(idx) for every idx < total, idx = blockIdx.x·kThreads +
+// threadIdx.x + i·gridDim.x·kThreads.
+template <class F>
+__device__ __forceinline__ void grid_stride(int64_t total, F&& f) {
+  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * kThreads)
+    f(idx);
+}
+
 // dst[(b·rows_per_batch + t)·Kp + k] for t < rows_per_batch, k < Kp:
 //   0                                   when t < prefix_rows (rows of dout's prefix tokens) or k >= K (padding);
 //   images[b, c, py·Ph + i, px·Pw + jj] otherwise, with j = t - prefix_rows, p = ids ? ids[b, j] : j,
@@ -30,8 +38,7 @@ im2col_kernel(const T* __restrict__ img, int64_t sb, int64_t sc, int64_t sh, int
               int64_t ids_sb, T* __restrict__ dst, int64_t B, int64_t rows_per_batch, int64_t prefix_rows, int64_t K,
               int64_t Kp, int64_t Ph, int64_t Pw, int64_t gw, int64_t Np) {
   const int64_t total = B * rows_per_batch * Kp;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t k = idx % Kp;
     const int64_t row = idx / Kp;
     const int64_t b = row / rows_per_batch;
@@ -50,7 +57,7 @@ im2col_kernel(const T* __restrict__ img, int64_t sb, int64_t sc, int64_t sh, int
       }
     }
     dst[idx] = v;
-  }
+  });
 }
 
 // Wp[e·Kp + k] = k < K ? W[e·K + k] : 0  (weight (E, K) contiguous).
@@ -58,11 +65,26 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 pad_weight_kernel(const T* __restrict__ w, T* __restrict__ wp, int64_t E, int64_t K, int64_t Kp) {
   const int64_t total = E * Kp;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx / Kp, k = idx - e * Kp;
     wp[idx] = k < K ? w[e * K + k] : T(0.0f);
+  });
+}
+
+// The (E × Kp) weight operand of the GEMMs: `weight` itself when pad is false (K == Kp), else `weight` with zero
+// columns K..Kp-1 written to the workspace at wp by pad_weight_kernel. Returns the launch error.
+template <typename T>
+cudaError_t weight_operand(const void* weight, bool pad, void* wp, int64_t E, int64_t K, int64_t Kp,
+                           cudaStream_t stream, const T** operand) {
+  const T* w = static_cast<const T*>(weight);
+  if (pad) {
+    T* padded = static_cast<T*>(wp);
+    pad_weight_kernel<T><<<blocks_for(E * Kp), kThreads, 0, stream>>>(w, padded, E, K, Kp);
+    FASTVIT_RETURN_LAUNCH_ERROR();
+    w = padded;
   }
+  *operand = w;
+  return cudaSuccess;
 }
 
 // posg[(b·Nk + j)·E + e] = pos[(pos_off + ids[b, j])·pst + e]  (an exact copy: no rounding).
@@ -71,14 +93,13 @@ __global__ void __launch_bounds__(kThreads)
 gather_pos_kernel(const T* __restrict__ pos, int64_t pst, int64_t pos_off, const int64_t* __restrict__ ids,
                   int64_t ids_sb, T* __restrict__ posg, int64_t B, int64_t Nk, int64_t E, int64_t Np) {
   const int64_t total = B * Nk * E;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx % E;
     const int64_t row = idx / E;
     const int64_t b = row / Nk, j = row - b * Nk;
     const int64_t p = ids[b * ids_sb + j];
     posg[idx] = (p >= 0 && p < Np) ? pos[(pos_off + p) * pst + e] : T(0.0f);
-  }
+  });
 }
 
 // out[b, r, e] = prefix[r, e] (+ pos[r, e]) for r < R: prefix row 0 is cls when n_cls == 1, then the registers.
@@ -88,8 +109,7 @@ prefix_rows_kernel(const T* __restrict__ cls, const T* __restrict__ reg, int64_t
                    int64_t pst, bool add_pos, T* __restrict__ out, int64_t osb, int64_t ost, int64_t B, int64_t R,
                    int64_t E) {
   const int64_t total = B * R * E;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx % E;
     const int64_t row = idx / E;
     const int64_t b = row / R, r = row - b * R;
@@ -97,27 +117,25 @@ prefix_rows_kernel(const T* __restrict__ cls, const T* __restrict__ reg, int64_t
     T v = src;
     if (add_pos) v = T(float(src) + float(pos[r * pst + e]));
     out[b * osb + r * ost + e] = v;
-  }
+  });
 }
 
 // inv[b·Np + p] = j if ids[b, j] == p, else -1. Two passes: fill, then scatter (unique ids: one writer each).
 // (Templates so that this header can be included by several translation units without duplicate symbols.)
 template <typename IndexT>
 __global__ void __launch_bounds__(kThreads) fill_inv_kernel(IndexT* __restrict__ inv, int64_t total) {
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * kThreads)
-    inv[idx] = -1;
+  grid_stride(total, [&](int64_t idx) { inv[idx] = -1; });
 }
 template <typename IndexT>
 __global__ void __launch_bounds__(kThreads)
 scatter_inv_kernel(const int64_t* __restrict__ ids, int64_t ids_sb, IndexT* __restrict__ inv, int64_t B, int64_t Nk,
                    int64_t Np) {
   const int64_t total = B * Nk;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t b = idx / Nk, j = idx - b * Nk;
     const int64_t p = ids[b * ids_sb + j];
     if (p >= 0 && p < Np) inv[b * Np + p] = IndexT(j);
-  }
+  });
 }
 
 // dimages[b, c, y, x] (any strides) = dA[(b·Nk + j)·Kp + k] for pixels of kept patches (j = the kept row of patch
@@ -130,8 +148,7 @@ col2im_kernel(const T* __restrict__ dA, const int* __restrict__ inv, T* __restri
               int64_t gh, int64_t gw, int64_t Nk, int64_t Kp) {
   const int64_t total = B * C * Hi * Wi;
   const int64_t Np = gh * gw;
-  for (int64_t idx = int64_t(blockIdx.x) * kThreads + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * kThreads) {
+  grid_stride(total, [&](int64_t idx) {
     const int64_t x = idx % Wi;
     int64_t rest = idx / Wi;
     const int64_t y = rest % Hi;
@@ -148,7 +165,7 @@ col2im_kernel(const T* __restrict__ dA, const int* __restrict__ inv, T* __restri
       }
     }
     dimg[b * sb + c * sc + y * sh + x * sw] = v;
-  }
+  });
 }
 
 // Batch sums, one thread per (row t, feature e), the batch summed in order in fp32:
