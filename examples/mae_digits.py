@@ -33,14 +33,13 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import fastvit
 from fastvit.backends import select
 
-BACKENDS = ("auto", "eager", "triton", "cuda")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # digits_data.py lies beside this script
+from digits_data import BACKENDS, load_data, param_groups, random_shift, warmup_cosine  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,42 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only the final JSON")
     return p.parse_args(argv)
-
-
-def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The digits as ``(x_train, y_train, x_test, y_test)``: images (B, 1, 8, 8) float32 in [0, 1], labels int64.
-
-    Fixed stratified 80/20 split (``random_state=0``): 1,437 training and 360 test images.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
-    y = torch.from_numpy(digits.target.astype(np.int64))
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
-    idx_train, idx_test = torch.from_numpy(idx_train), torch.from_numpy(idx_test)
-    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
-
-
-def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Shift each image of ``x`` (B, C, H, W) by a random offset in [-max_shift, max_shift]², filling with 0."""
-    B, C, H, W = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    off = torch.randint(0, 2 * max_shift + 1, (2, B), generator=generator)
-    rows = off[0, :, None] + torch.arange(H)
-    cols = off[1, :, None] + torch.arange(W)
-    b = torch.arange(B)[:, None, None, None]
-    c = torch.arange(C)[None, :, None, None]
-    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -197,13 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         None if args.backend == "auto" else args.backend,
     )[0]
 
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = max(1, int(args.warmup_epochs * steps_per_epoch))

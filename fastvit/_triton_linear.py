@@ -80,6 +80,23 @@ def _gemm(kernel, a, a_strides, b, b_strides, out, M, N, K, *, prologue=0, p=Non
     )
 
 
+def _forward_gemm(x, weight, save_pre, *, epilogue, **operands):
+    """y (..., N) = epilogue(x Wᵀ + b) for x (..., K), weight (N, K); the pre-epilogue ``x Wᵀ + b`` (..., N) is
+    stored too when ``save_pre`` (else an empty (0,) tensor is returned in its place). ``operands``: the bias /
+    residual / gamma keywords of :func:`_gemm`."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = _rows(x)
+    w = _base._last_contiguous(weight)
+    T = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((*x.shape[:-1], N) if save_pre else (0,), device=x.device, dtype=x.dtype)
+    if T and N:
+        _gemm(_lin_k.linear_fwd, x2, (x2.stride(0), 1), w, (1, w.stride(0)), y.view(T, N), T, N, K,
+              epilogue=epilogue, pre=pre.view(T, N) if save_pre else None, **operands)
+    return y, pre
+
+
 def _backward_gemms(dy2, x2, w, prologue, p, p_dx_strides, p_dw_strides, need_db):
     """dx (T, K) = prologue(dy) @ W and dW (N, K) = prologue(dy)ᵀ @ x, plus fp32 Σ_tokens prologue(dy) (N,)."""
     T, N = dy2.shape
@@ -118,18 +135,8 @@ def _register_ops() -> None:
     def linear_gelu_fwd(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str, save_h: bool
     ) -> tuple[Tensor, Tensor]:
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2 = _rows(x)
-        w = _base._last_contiguous(weight)
-        T = x2.shape[0]
-        y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-        h = torch.empty((*x.shape[:-1], N) if save_h else (0,), device=x.device, dtype=x.dtype)
-        if T and N:
-            _gemm(_lin_k.linear_fwd, x2, (x2.stride(0), 1), w, (1, w.stride(0)), y.view(T, N), T, N, K,
-                  epilogue=_lin_k.EPI_GELU_TANH if approximate == "tanh" else _lin_k.EPI_GELU_ERF,
-                  bias=bias, pre=h.view(T, N) if save_h else None)
-        return y, h
+        epilogue = _lin_k.EPI_GELU_TANH if approximate == "tanh" else _lin_k.EPI_GELU_ERF
+        return _forward_gemm(x, weight, save_h, epilogue=epilogue, bias=bias)
 
     @triton_op("fastvit::linear_gelu_bwd", mutates_args=())
     def linear_gelu_bwd(
@@ -149,19 +156,8 @@ def _register_ops() -> None:
     def linear_residual_fwd(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor, gamma: Optional[Tensor], save_z: bool
     ) -> tuple[Tensor, Tensor]:
-        K = x.shape[-1]
-        N = weight.shape[0]
-        x2 = _rows(x)
-        r2 = _rows(residual)
-        w = _base._last_contiguous(weight)
-        T = x2.shape[0]
-        y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
-        z = torch.empty((*x.shape[:-1], N) if save_z else (0,), device=x.device, dtype=x.dtype)
-        if T and N:
-            _gemm(_lin_k.linear_fwd, x2, (x2.stride(0), 1), w, (1, w.stride(0)), y.view(T, N), T, N, K,
-                  epilogue=_lin_k.EPI_RESIDUAL, bias=bias, residual=r2, gamma=gamma,
-                  pre=z.view(T, N) if save_z else None)
-        return y, z
+        return _forward_gemm(x, weight, save_z, epilogue=_lin_k.EPI_RESIDUAL, bias=bias, residual=_rows(residual),
+                             gamma=gamma)
 
     @triton_op("fastvit::linear_residual_bwd", mutates_args=())
     def linear_residual_bwd(

@@ -46,6 +46,16 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
 
+def _report(run: tuple, name: str) -> tuple:
+    """A CLI run (proc, out dir) that exited 0 and wrote the JSON report ``name`` with the environment block:
+    returns (proc, out dir, report)."""
+    proc, d = run
+    _ok(proc)
+    doc = json.loads((d / name).read_text())
+    assert ENV_KEYS <= set(doc["environment"])
+    return proc, d, doc
+
+
 def _png(path: Path) -> None:
     data = path.read_bytes()
     assert len(data) > 1000 and data[:8] == PNG_SIGNATURE
@@ -152,11 +162,8 @@ def scaling_run(runs):
 
 
 def test_attention_cli(attention_run):
-    proc, d = attention_run
-    _ok(proc)
-    doc = json.loads((d / "attn.json").read_text())
+    proc, d, doc = _report(attention_run, "attn.json")
     assert doc["command"] == "attention"
-    assert ENV_KEYS <= set(doc["environment"])
     assert doc["environment"]["device_type"] == "cpu"
     assert doc["roofline"]["copy_gbps"] > 0 and doc["roofline"]["gemm_tflops"] > 0
     eager = [r for r in doc["results"] if r["provider"] == "fastvit-eager"]
@@ -176,10 +183,7 @@ def test_attention_cli(attention_run):
 
 
 def test_model_cli(model_run):
-    proc, d = model_run
-    _ok(proc)
-    doc = json.loads((d / "model.json").read_text())
-    assert ENV_KEYS <= set(doc["environment"])
+    _, d, doc = _report(model_run, "model.json")
     rows = {r["provider"]: r for r in doc["results"]}
     eager = rows["fastvit-eager"]
     assert eager["status"] == "ok"
@@ -197,10 +201,7 @@ def test_model_cli(model_run):
 
 
 def test_scaling_cli(scaling_run):
-    proc, d = scaling_run
-    _ok(proc)
-    doc = json.loads((d / "scaling.json").read_text())
-    assert ENV_KEYS <= set(doc["environment"])
+    _, d, doc = _report(scaling_run, "scaling.json")
     rows = doc["results"]
     assert {r["provider"] for r in rows} == {"patch_embed", "attention", "layer_norm", "mlp"}
     for r in rows:

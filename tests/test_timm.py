@@ -51,6 +51,17 @@ def _img(cfg: dict, b: int = 2) -> torch.Tensor:
     return torch.randn(b, 3, 32, 32)
 
 
+def _assert_same_outputs(model: nn.Module, ref: nn.Module, cfg: dict) -> None:
+    """``model`` and ``ref`` agree (to :data:`ATOL`) on an image of the config's size, and on a 48 x 24 one too
+    when the config has ``dynamic_img_size``."""
+    x = _img(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=ATOL, rtol=0)
+        if cfg.get("dynamic_img_size"):
+            x2 = torch.randn(2, 3, 48, 24)
+            torch.testing.assert_close(model(x2), ref(x2), atol=ATOL, rtol=0)
+
+
 def _spy_ops(monkeypatch) -> dict:
     calls: dict[str, int] = {}
     for name in ["patch_embed", "attention", "scaled_dot_product_attention", "layer_norm", "linear_gelu", "linear_residual"]:
@@ -78,12 +89,7 @@ def test_from_timm_matches_timm(name, seed):
     if name == "drops":
         assert f.blocks[1].drop_path1.drop_prob == pytest.approx(t.blocks[1].drop_path1.drop_prob)
         assert f.blocks[0].attn.attn_drop.p == 0.1 and f.head_drop.p == 0.1 and f.pos_drop.p == 0.1
-    x = _img(cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(f(x), t(x), atol=ATOL, rtol=0)
-        if cfg.get("dynamic_img_size"):
-            x2 = torch.randn(2, 3, 48, 24)
-            torch.testing.assert_close(f(x2), t(x2), atol=ATOL, rtol=0)
+    _assert_same_outputs(f, t, cfg)
 
 
 def test_from_timm_copies_weights_and_mode(seed):
@@ -151,13 +157,8 @@ def test_patch_timm_same_outputs_same_state_dict(name, seed, monkeypatch):
     assert isinstance(t.blocks[0].attn, TAttention) and isinstance(t.blocks[0].mlp, TMlp)
     assert isinstance(t.patch_embed, TPatchEmbed) and type(t.patch_embed).__name__ == "FastvitPatchEmbed"
 
-    x = _img(cfg)
     calls = _spy_ops(monkeypatch)
-    with torch.no_grad():
-        torch.testing.assert_close(t(x), ref(x), atol=ATOL, rtol=0)
-        if cfg.get("dynamic_img_size"):
-            x2 = torch.randn(2, 3, 48, 24)
-            torch.testing.assert_close(t(x2), ref(x2), atol=ATOL, rtol=0)
+    _assert_same_outputs(t, ref, cfg)
     depth = TINY["depth"]
     assert calls["patch_embed"] >= 1 and calls["linear_gelu" if "quick" not in name else "linear_residual"] >= depth
     assert calls["linear_residual"] >= 2 * depth
