@@ -348,7 +348,9 @@ def _linear_check(call: dict) -> list[str]:
     reasons = []
     for key in ("in_features", "out_features"):
         n = call.get(key)
-        if n is not None and n % 8:
+        if n is not None and n < 1:
+            reasons.append(f"{key} = {n}: the CUTLASS GEMMs need at least one feature")
+        elif n is not None and n % 8:
             reasons.append(f"{key} = {n} is not a multiple of 8 (the CUTLASS GEMMs use 128-bit accesses)")
     return reasons
 

@@ -188,3 +188,13 @@ def test_attention_backward_shared_memory_gates_head_dims_above_80(monkeypatch):
         assert f"head_dim {d}" in reason and "101376 B" in reason
     Props.shared_memory_per_block_optin = 232_448  # an H100 (sm_90)
     assert _cuda._attention_check({**call, "head_dim": 128}) == []
+
+
+def test_linear_check_declines_empty_and_unaligned_features():
+    from fastvit import _cuda
+
+    assert _cuda._linear_check({"in_features": 768, "out_features": 3072}) == []
+    (reason,) = _cuda._linear_check({"in_features": 0, "out_features": 64})
+    assert "in_features = 0" in reason
+    (reason,) = _cuda._linear_check({"in_features": 64, "out_features": 100})
+    assert "out_features = 100 is not a multiple of 8" in reason
