@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastvit import _autograd
 from fastvit import _cuda_build as build
-from fastvit.backends import Capabilities, register_kernel
+from fastvit.backends import Capabilities, empty_sequence_reasons, register_kernel
 
 __all__ = ["build_info", "load", "load_error"]
 
@@ -368,13 +368,11 @@ _ATTENTION_BWD_SMEM_BYTES_D96_128 = 107_520
 
 
 def _attention_check(call: dict) -> list[str]:
-    reasons = []
-    for key in ("num_tokens", "num_kv_tokens"):  # a plain loop: Dynamo cannot trace a walrus in a comprehension
-        n = call.get(key)
-        if n is not None and n < 1:
-            reasons.append(f"{key} = {n}: the kernels need at least one token")
+    reasons = empty_sequence_reasons(call)
     device, head_dim = call.get("device"), call.get("head_dim")
     if device is not None and device.type == "cuda" and head_dim is not None and _head_dim_bucket(head_dim) >= 96:
+        # Not cached here: torch caches the properties, and Dynamo constant-folds this call (an lru_cache'd
+        # wrapper would make it warn in every compiled attention call).
         limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         if limit < _ATTENTION_BWD_SMEM_BYTES_D96_128:
             reasons.append(f"head_dim {head_dim}: the backward needs {_ATTENTION_BWD_SMEM_BYTES_D96_128} B of shared "

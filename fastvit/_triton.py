@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from fastvit import _autograd
-from fastvit.backends import Capabilities, register_kernel
+from fastvit.backends import Capabilities, empty_sequence_reasons, register_kernel
 
 try:
     import triton
@@ -350,11 +350,7 @@ def _attention_check(call: dict) -> list[str]:
     batch = call.get("batch")
     if batch is not None and batch > _MAX_GRID_YZ:
         reasons.append(f"batch = {batch} > {_MAX_GRID_YZ} (the kernels put the batch on the CUDA grid's z dimension)")
-    for key in ("num_tokens", "num_kv_tokens"):  # consulted when the caller provides them
-        n = call.get(key)
-        if n is not None and n < 1:
-            reasons.append(f"{key} = {n}: the kernels need at least one token")
-    return reasons
+    return reasons + empty_sequence_reasons(call)
 
 
 def _layer_norm_check(call: dict) -> list[str]:

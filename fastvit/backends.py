@@ -98,6 +98,18 @@ class Capabilities:
         return out
 
 
+def empty_sequence_reasons(call: dict[str, Any]) -> list[str]:
+    """Reasons an attention kernel cannot serve ``call``: a ``num_tokens`` / ``num_kv_tokens`` below 1 (the kernels of
+    both kernel backends need at least one query and one key; eager handles empty sequences). Written as a plain loop
+    so that Dynamo traces it (it runs inside every compiled attention call)."""
+    reasons = []
+    for key in ("num_tokens", "num_kv_tokens"):
+        n = call.get(key)
+        if n is not None and n < 1:
+            reasons.append(f"{key} = {n}: the kernels need at least one token")
+    return reasons
+
+
 def _describe_ints(values: frozenset[int]) -> str:
     """``{16, 17, ..., 128}`` as "16..128", ``{8, 16, ..., 128}`` as "8..128 in steps of 8", else the sorted list."""
     v = sorted(values)
