@@ -93,13 +93,6 @@ Tensor vector_aligned(const Tensor& t, int64_t align = 8) {
   return (c.data_ptr() == t.data_ptr()) ? t.clone(at::MemoryFormat::Contiguous) : c;
 }
 
-// `t` contiguous with a 16-byte aligned start, for kernels that read it as one flat (rows, K) matrix (the patch
-// embedding weight, K = C * Ph * Pw may be odd). vector_aligned() would copy it on every call when Pw % 8 != 0.
-Tensor aligned_flat(const Tensor& t) {
-  Tensor c = t.contiguous();
-  return ptr_aligned(c) ? c : c.clone(at::MemoryFormat::Contiguous);
-}
-
 // (M, C) view of `t` (..., C) with a unit last stride (a copy only when no such view exists).
 Tensor rows(const Tensor& t, int64_t C) {
   Tensor r = t.reshape({-1, C});
@@ -649,7 +642,9 @@ Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptT
   }
   const int64_t n_keep = check_ids_keep(ids_in, images, g, kPeFwd);
   Launch launch(images);
-  Tensor weight = aligned_flat(weight_in);
+  // Read as one flat (E, K) matrix: only its start must be aligned (align 1: K = C * Ph * Pw may be odd, and a
+  // stride check would copy the weight on every call).
+  Tensor weight = vector_aligned(weight_in.contiguous(), /*align=*/1);
   OptTensor bias = bias_in.has_value() ? OptTensor(vector_aligned(bias_in->contiguous())) : std::nullopt;
   OptTensor pos = pos_in.has_value() ? OptTensor(vector_aligned(pos_in->contiguous())) : std::nullopt;
   OptTensor cls = cls_in.has_value() ? OptTensor(cls_in->contiguous()) : std::nullopt;
@@ -692,7 +687,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
   check_shape(dout_in, {g.B, R + n_keep, g.E}, kPeBwd, "dout");
   Launch launch(images);
   Tensor dout = vector_aligned(dout_in.contiguous());
-  Tensor weight = aligned_flat(weight_in);
+  // Read as one flat (E, K) matrix: only its start must be aligned (align 1: K = C * Ph * Pw may be odd, and a
+  // stride check would copy the weight on every call).
+  Tensor weight = vector_aligned(weight_in.contiguous(), /*align=*/1);
   OptTensor ids = ids_in.has_value() ? OptTensor(ids_in->contiguous()) : std::nullopt;
   const auto opts = images.options();
   Tensor dimg = compute_dimages ? at::empty(images.sizes(), opts) : empty0(images);
