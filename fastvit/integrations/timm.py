@@ -192,7 +192,7 @@ def _norm_reason(m: Optional[nn.Module], what: str) -> Optional[str]:
     if _is_identity(m):
         return None
     if not isinstance(m, nn.LayerNorm):
-        return f"{what} is {type(m).__name__}, not covered (LayerNorm only)"
+        return f"{what} is {_orig_type(m).__name__}, not covered (LayerNorm only)"
     if len(m.normalized_shape) != 1:
         return f"{what} normalizes over {len(m.normalized_shape)} dims, not covered (last dim only)"
     return None
@@ -203,7 +203,7 @@ def _patch_embed_reasons(m: nn.Module) -> List[str]:
     if getattr(m, "dynamic_img_pad", False):
         out.append("dynamic_img_pad=True not covered")
     if not _is_identity(m.norm):
-        out.append(f"patch-embed norm ({type(m.norm).__name__}) not covered")
+        out.append(f"patch-embed norm ({_orig_type(m.norm).__name__}) not covered")
     if not m.flatten and getattr(m.output_fmt, "value", str(m.output_fmt)) not in ("NHWC", "NCHW", "NLC"):
         out.append(f"output_fmt {getattr(m.output_fmt, 'value', m.output_fmt)!r} not covered")
     return out
@@ -231,7 +231,7 @@ def _mlp_reasons(m: nn.Module) -> List[str]:
     try:
         _act_mode(m.act)
     except ValueError:
-        out.append(f"activation {type(m.act).__name__} not covered (GELU, tanh GELU, QuickGELU)")
+        out.append(f"activation {_orig_type(m.act).__name__} not covered (GELU, tanh GELU, QuickGELU)")
     r = _norm_reason(m.norm, "MLP norm")
     if r:
         out.append(r)
@@ -249,13 +249,13 @@ def _block_reasons(m: nn.Module) -> List[str]:
     out = [r for r in (_norm_reason(m.norm1, "norm1"), _norm_reason(m.norm2, "norm2")) if r]
     for what, sub, cls, reasons in (("attn", m.attn, TAttention, _attn_reasons), ("mlp", m.mlp, TMlp, _mlp_reasons)):
         if _orig_type(sub) is not cls:
-            out.append(f"{what} is {type(sub).__name__}, not timm's {cls.__name__}")
+            out.append(f"{what} is {_orig_type(sub).__name__}, not timm's {cls.__name__}")
         else:
             out += [f"{what}: {r}" for r in reasons(sub)]
     for name in ("ls1", "ls2"):
         ls = getattr(m, name)
         if not (_is_identity(ls) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
-            out.append(f"{name} is {type(ls).__name__}, not covered (LayerScale with a gamma tensor only)")
+            out.append(f"{name} is {_orig_type(ls).__name__}, not covered (LayerScale with a gamma tensor only)")
     return out
 
 
