@@ -9,7 +9,6 @@ of the same encoder parameter names), never fastvit's own code.
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 
