@@ -8,7 +8,6 @@ Source of the semantics: timm ``models/vision_transformer.py`` and ``layers/{att
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 
 from fastvit import ops
 from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
+from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.vit import VisionTransformer
 
 __all__ = ["PatchRecord", "format_patch_report", "from_timm", "patch_report", "patch_timm_", "timm_pretrained_cfg"]
@@ -503,23 +503,3 @@ def format_patch_report(report: List[PatchRecord]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- pretrained cfgs
-def timm_pretrained_cfg(name: str) -> Optional[Dict[str, Any]]:
-    """The ``pretrained_cfg`` dict ``timm.create_model(name)`` attaches to its model, or ``None`` when timm is not
-    installed or has no configuration registered for ``name`` (e.g. MAE's ``mae_vit_*``).
-
-    As timm's builder: ``timm.models.get_pretrained_cfg(name)`` (the default tag), ``architecture`` filled in,
-    ``.to_dict()``. A fresh dict each call.
-
-    Raises:
-        RuntimeError: ``name`` has a pretrained tag timm does not know (timm's error).
-    """
-    try:
-        from timm.models import get_pretrained_cfg
-    except ImportError:
-        return None
-    cfg = get_pretrained_cfg(name)
-    if cfg is None:
-        return None
-    if not cfg.architecture:
-        cfg = dataclasses.replace(cfg, architecture=name)
-    return cfg.to_dict()
