@@ -78,6 +78,9 @@ class Call(NamedTuple):
         in_features / out_features: a linear op's K and M.
         embed_dim: patch embedding's E.
         patch_row: MAE loss's P·P·C elements per patch.
+        mixed_dtypes: under autocast, operands of different dtypes (half GEMM operands with an fp32 residual,
+            LayerScale, position table or prefix tokens, as autocast leaves them; the output has their promoted
+            dtype).
     """
 
     device: torch.device | None = None
@@ -92,6 +95,7 @@ class Call(NamedTuple):
     out_features: int | None = None
     embed_dim: int | None = None
     patch_row: int | None = None
+    mixed_dtypes: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access (``call.get("head_dim")``): the field's value, or ``default`` when it is ``None`` or no
@@ -133,6 +137,7 @@ class Capabilities:
         min_compute_capability: minimum CUDA compute capability ``(major, minor)``, or ``None``.
         dropout: whether ``dropout_p > 0`` is supported.
         deterministic: whether the backward is bit-reproducible run to run.
+        mixed_dtypes: whether the kernel takes operands of different dtypes (:attr:`Call.mixed_dtypes`).
     """
 
     devices: frozenset[str] | None = frozenset({"cpu", "cuda"})
@@ -141,6 +146,7 @@ class Capabilities:
     min_compute_capability: tuple[int, int] | None = None
     dropout: bool = True
     deterministic: bool = True
+    mixed_dtypes: bool = False
 
     def reasons(self, call: CallLike) -> list[str]:
         """Reasons (empty when supported) these capabilities cannot serve ``call`` (a :class:`Call` or a mapping
@@ -161,6 +167,9 @@ class Capabilities:
             out.append(f"head_dim {call.head_dim} not in {describe_ints(self.head_dims)}")
         if call.dropout_p > 0.0 and not self.dropout:
             out.append("dropout_p > 0 is not supported")
+        if call.mixed_dtypes and not self.mixed_dtypes:
+            out.append("operands of different dtypes under autocast (half GEMM operands with fp32 epilogue "
+                       "operands); the kernel takes one dtype")
         return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvit import families  # noqa: F401  (registers every op family with every backend)
+from fastvit import families  # registers every op family with every backend; holds their autocast rules
 from fastvit import reference
 from fastvit import backends
 from fastvit.backends import Call, select
@@ -46,15 +46,18 @@ def _tensor(name: str, t: object, ndim: int | None = None, *, floating: bool = T
     return t
 
 
-def _like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, shape: tuple | None = None) -> None:
-    """Check that optional tensor ``t`` matches ``ref``'s device and dtype (and ``shape`` when given)."""
+def _like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, shape: tuple | None = None,
+          *, any_float: bool = False) -> None:
+    """Check that optional tensor ``t`` matches ``ref``'s device and dtype (and ``shape`` when given); with
+    ``any_float`` (an operand autocast leaves in its own precision) any floating dtype is accepted."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         _tensor(name, t)
     if t.dtype is not ref.dtype:  # dtypes are singletons
         _tensor(name, t)
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
+        if not any_float:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device")
     if shape is not None and t.shape != shape:  # torch.Size compares equal to a tuple
@@ -101,8 +104,25 @@ def _call(t: torch.Tensor, **extra: object) -> Call:
     return Call(t.device, t.dtype, **extra)
 
 
+def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether any of ``others`` (``None`` ignored) has another dtype than ``ref`` (autocast's mixed operands)."""
+    return any(t is not None and t.dtype is not ref.dtype for t in others)
+
+
+def _amp(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for ``t``'s device type, or ``None`` when autocast is off there (or for a device type
+    autocast does not know, e.g. meta)."""
+    device_type = t.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:  # a device type without autocast
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 # ----------------------------------------------------------------------------------------------- ops
-def _describe_patch_embed(
+def _prepare_patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -111,8 +131,11 @@ def _describe_patch_embed(
     cls_token: torch.Tensor | None = None,
     reg_tokens: torch.Tensor | None = None,
     ids_keep: torch.Tensor | None = None,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("images", images, 4)
+    amp = _amp(images)
+    if amp is not None:
+        images, weight, bias = families.patch_embed.autocast_rule(amp, images, weight, bias)
     _tensor("weight", weight, 4)
     _like("weight", weight, "images", images)
     B, C, Hi, Wi = images.shape
@@ -125,15 +148,16 @@ def _describe_patch_embed(
             f"{tuple(weight.shape)})"
         )
     _like("bias", bias, "images", images, (E,))
-    _like("cls_token", cls_token, "images", images, (1, 1, E))
+    mixed_ok = amp is not None  # under autocast the epilogue operands keep their dtype
+    _like("cls_token", cls_token, "images", images, (1, 1, E), any_float=mixed_ok)
     if reg_tokens is not None:
-        _like("reg_tokens", reg_tokens, "images", images)
+        _like("reg_tokens", reg_tokens, "images", images, any_float=mixed_ok)
         if reg_tokens.dim() != 3 or reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != E:
             raise ValueError(f"reg_tokens must have shape (1, R, {E}), got {tuple(reg_tokens.shape)}")
     num_patches = (Hi // Ph) * (Wi // Pw)
     num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
     if pos_embed is not None:
-        _like("pos_embed", pos_embed, "images", images)
+        _like("pos_embed", pos_embed, "images", images, any_float=mixed_ok)
         allowed = {num_patches, num_patches + num_prefix}
         if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != E or pos_embed.shape[1] not in allowed:
             raise ValueError(
@@ -146,7 +170,10 @@ def _describe_patch_embed(
             raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
         _check_range("ids_keep", ids_keep, num_patches)
         _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
-    return _call(images, embed_dim=E)
+        ids_keep = ids_keep.long()
+    mixed = mixed_ok and _mixed(images, pos_embed, cls_token, reg_tokens)
+    return (_call(images, embed_dim=E, mixed_dtypes=mixed), (images, weight, bias),
+            {"pos_embed": pos_embed, "cls_token": cls_token, "reg_tokens": reg_tokens, "ids_keep": ids_keep})
 
 
 def patch_embed(
@@ -193,22 +220,22 @@ def patch_embed(
         x = torch.cat([cls_token, reg_tokens, x], 1) + pos_embed          # L = Np + R
         # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
     """
-    call = _describe_patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
-                                 reg_tokens=reg_tokens, ids_keep=ids_keep)
-    if ids_keep is not None:
-        ids_keep = ids_keep.long()
-    _, fn = select("patch_embed", call, backend)
-    return fn(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
+    call, args, kwargs = _prepare_patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
+                                              reg_tokens=reg_tokens, ids_keep=ids_keep)
+    return select("patch_embed", call, backend)[1](*args, **kwargs)
 
 
-def _describe_attention(
+def _prepare_attention(
     qkv: torch.Tensor,
     num_heads: int,
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("qkv", qkv, 3)
+    amp = _amp(qkv)
+    if amp is not None:
+        (qkv,) = families.attention.autocast_rule(amp, qkv)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
         raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
     if num_heads < 1:
@@ -221,7 +248,7 @@ def _describe_attention(
     head_dim = qkv.shape[-1] // (3 * num_heads)
     call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1],
                  batch=qkv.shape[0])
-    return call
+    return call, (qkv, num_heads), {"scale": scale, "dropout_p": dropout_p}
 
 
 def attention(
@@ -258,22 +285,24 @@ def attention(
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
     """
-    call = _describe_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
-    _, fn = select("attention", call, backend)
-    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    call, args, kwargs = _prepare_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    return select("attention", call, backend)[1](*args, **kwargs)
 
 
-def _describe_scaled_dot_product_attention(
+def _prepare_scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
+    amp = _amp(q)
+    if amp is not None:
+        q, k, v = families.attention.autocast_rule(amp, q, k, v)
     _like("k", k, "q", q)
     _like("v", v, "q", q, k.shape)
     B, H, _, D = q.shape
@@ -284,7 +313,7 @@ def _describe_scaled_dot_product_attention(
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
     _check_dropout(dropout_p)
     call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
-    return call
+    return call, (q, k, v), {"scale": scale, "dropout_p": dropout_p}
 
 
 def scaled_dot_product_attention(
@@ -314,9 +343,8 @@ def scaled_dot_product_attention(
 
     Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)``.
     """
-    call = _describe_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-    _, fn = select("scaled_dot_product_attention", call, backend)
-    return fn(q, k, v, scale=scale, dropout_p=dropout_p)
+    call, args, kwargs = _prepare_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    return select("scaled_dot_product_attention", call, backend)[1](*args, **kwargs)
 
 
 def _check_dropout(dropout_p: float) -> None:
@@ -324,24 +352,28 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
 
 
-def _describe_layer_norm(
+def _prepare_layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float = 1e-6,
     *,
     residual: torch.Tensor | None = None,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    mixed_ok = _amp(x) is not None
+    if mixed_ok:
+        x, weight, bias, residual = families.layer_norm.autocast_rule(x.device.type, x, weight, bias, residual)
     C = x.shape[-1]
-    _like("weight", weight, "x", x, (C,))
-    _like("bias", bias, "x", x, (C,))
-    _like("residual", residual, "x", x, x.shape)
+    _like("weight", weight, "x", x, (C,), any_float=mixed_ok)
+    _like("bias", bias, "x", x, (C,), any_float=mixed_ok)
+    _like("residual", residual, "x", x, x.shape, any_float=mixed_ok)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return _call(x, features=C)
+    mixed = mixed_ok and _mixed(x, weight, bias, residual)
+    return _call(x, features=C, mixed_dtypes=mixed), (x, weight, bias, eps), {"residual": residual}
 
 
 def layer_norm(
@@ -371,13 +403,17 @@ def layer_norm(
 
     Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
     """
-    call = _describe_layer_norm(x, weight, bias, eps, residual=residual)
-    _, fn = select("layer_norm", call, backend)
-    return fn(x, weight, bias, eps, residual=residual)
+    call, args, kwargs = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
+    return select("layer_norm", call, backend)[1](*args, **kwargs)
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Check a linear op's GEMM operands (after applying the autocast rule when autocast is on); returns
+    ``(x, weight, bias, autocast_on)``."""
     _tensor("x", x)
+    amp = _amp(x)
+    if amp is not None:
+        x, weight, bias = families.linear.autocast_rule(amp, x, weight, bias)
     _tensor("weight", weight, 2)
     _like("weight", weight, "x", x)
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -386,19 +422,21 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
         )
     _like("bias", bias, "x", x, (weight.shape[0],))
+    return x, weight, bias, amp is not None
 
 
-def _describe_linear_gelu(
+def _prepare_linear_gelu(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
     approximate: str = "none",
-) -> Call:
-    _check_linear(x, weight, bias)
+) -> tuple[Call, tuple, dict]:
+    x, weight, bias, _ = _check_linear(x, weight, bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _call(x, in_features=weight.shape[1], out_features=weight.shape[0])
+    return (_call(x, in_features=weight.shape[1], out_features=weight.shape[0]), (x, weight, bias),
+            {"approximate": approximate})
 
 
 def linear_gelu(
@@ -425,24 +463,25 @@ def linear_gelu(
 
     Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
     """
-    call = _describe_linear_gelu(x, weight, bias, approximate=approximate)
-    _, fn = select("linear_gelu", call, backend)
-    return fn(x, weight, bias, approximate=approximate)
+    call, args, kwargs = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
+    return select("linear_gelu", call, backend)[1](*args, **kwargs)
 
 
-def _describe_linear_residual(
+def _prepare_linear_residual(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor,
     *,
     gamma: torch.Tensor | None = None,
-) -> Call:
-    _check_linear(x, weight, bias)
+) -> tuple[Call, tuple, dict]:
+    x, weight, bias, mixed_ok = _check_linear(x, weight, bias)
     M = weight.shape[0]
-    _like("residual", residual, "x", x, (*x.shape[:-1], M))
-    _like("gamma", gamma, "x", x, (M,))
-    return _call(x, in_features=weight.shape[1], out_features=M)
+    _like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
+    _like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
+    mixed = mixed_ok and _mixed(x, residual, gamma)
+    return (_call(x, in_features=weight.shape[1], out_features=M, mixed_dtypes=mixed), (x, weight, bias, residual),
+            {"gamma": gamma})
 
 
 def linear_residual(
@@ -471,9 +510,8 @@ def linear_residual(
 
     Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
     """
-    call = _describe_linear_residual(x, weight, bias, residual, gamma=gamma)
-    _, fn = select("linear_residual", call, backend)
-    return fn(x, weight, bias, residual, gamma=gamma)
+    call, args, kwargs = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
+    return select("linear_residual", call, backend)[1](*args, **kwargs)
 
 
 def random_masking(
@@ -515,14 +553,16 @@ def random_masking(
     return reference.random_masking(batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device)
 
 
-def _describe_mae_unshuffle(
+def _prepare_mae_unshuffle(
     x: torch.Tensor,
     mask_token: torch.Tensor,
     ids_restore: torch.Tensor,
     *,
     pos_embed: torch.Tensor | None = None,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("x", x, 3)
+    if _amp(x) is not None:
+        x, mask_token, pos_embed = families.mae.autocast_unshuffle_rule(x, mask_token, pos_embed)
     B, T, C = x.shape
     _like("mask_token", mask_token, "x", x, (1, 1, C))
     _index("ids_restore", ids_restore, 2, "x", x)
@@ -534,7 +574,7 @@ def _describe_mae_unshuffle(
     _check_range("ids_restore", ids_restore, N)
     _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
     _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
-    return _call(x)
+    return _call(x), (x, mask_token, ids_restore.long()), {"pos_embed": pos_embed}
 
 
 def mae_unshuffle(
@@ -566,21 +606,22 @@ def mae_unshuffle(
         x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
         out = torch.cat([x[:, :1], x_], 1) + pos_embed
     """
-    call = _describe_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
-    _, fn = select("mae_unshuffle", call, backend)
-    return fn(x, mask_token, ids_restore.long(), pos_embed=pos_embed)
+    call, args, kwargs = _prepare_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
+    return select("mae_unshuffle", call, backend)[1](*args, **kwargs)
 
 
-def _describe_mae_loss(
+def _prepare_mae_loss(
     pred: torch.Tensor,
     images: torch.Tensor,
     mask: torch.Tensor,
     patch_size: int,
     *,
     norm_pix_loss: bool = False,
-) -> Call:
+) -> tuple[Call, tuple, dict]:
     _tensor("pred", pred, 3)
     _tensor("images", images, 4)
+    if _amp(pred) is not None:
+        pred, images = families.mae.autocast_loss_rule(pred, images)
     _tensor("mask", mask, 2)
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
@@ -596,7 +637,8 @@ def _describe_mae_loss(
     for name, t in (("images", images), ("mask", mask)):
         if t.device != pred.device:
             raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
-    return _call(pred, patch_row=pred.shape[-1])
+    return (_call(pred, patch_row=pred.shape[-1]), (pred, images, mask, patch_size),
+            {"norm_pix_loss": norm_pix_loss})
 
 
 def mae_loss(
@@ -626,18 +668,17 @@ def mae_loss(
 
     Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
     """
-    call = _describe_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
-    _, fn = select("mae_loss", call, backend)
-    return fn(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    call, args, kwargs = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    return select("mae_loss", call, backend)[1](*args, **kwargs)
 
 
-#: op -> its argument checks, returning the call description (derived from the declared op names).
-_DESCRIBE = {name: globals()[f"_describe_{name}"] for name in backends.OPS}
+#: op -> its autocast rule and argument checks, returning (call description, args, kwargs) (derived from the declared op names).
+_PREPARE = {name: globals()[f"_prepare_{name}"] for name in backends.OPS}
 
 
 def describe_call(op: str, *args, **kwargs) -> Call:
     """The typed call description dispatch decides on for ``fastvit.ops.<op>(*args, **kwargs)``, after the op's own
-    argument checks, without running it (what the benchmark and :func:`fastvit.backends.select` take).
+    autocast rule and argument checks, without running it (what the benchmark and :func:`fastvit.backends.select` take).
 
     Example: ``select("attention", describe_call("attention", qkv, 12))`` names the backend ``attention(qkv, 12)``
     would run on.
@@ -649,7 +690,7 @@ def describe_call(op: str, *args, **kwargs) -> Call:
     if "backend" in kwargs:
         raise ValueError("describe_call takes the op's arguments without backend=; pass it to select()")
     try:
-        describe = _DESCRIBE[op]
+        prepare = _PREPARE[op]
     except KeyError:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_DESCRIBE)}") from None
-    return describe(*args, **kwargs)
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_PREPARE)}") from None
+    return prepare(*args, **kwargs)[0]

@@ -42,3 +42,13 @@ def attach(name: str, builder: AutogradBuilder, suffix: str = "") -> None:
     """
     setup, backward = builder(f"{name}_bwd{suffix}")
     torch.library.register_autograd(f"fastvit::{name}_fwd{suffix}", backward, setup_context=setup)
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """``tensors`` cast to ``dtype`` as autocast casts an op's inputs: floating tensors other than fp64 that are not
+    ``dtype`` already (``None`` and non-tensors pass through; the cast is differentiable, so fp32 parameters get fp32 gradients)."""
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype is not dtype and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
+    )

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastvit import reference
 from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, op
+from fastvit.families._common import attach, autocast_cast, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
@@ -75,6 +75,12 @@ def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0):
 
 register_kernel("eager", "attention", attention_eager, eager_rt.ANY_DEVICE)
 register_kernel("eager", "scaled_dot_product_attention", sdpa_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autocast
+def autocast_rule(amp: torch.dtype, *tensors):
+    """Under autocast, as ``F.scaled_dot_product_attention``: qkv (or q, k, v) in the autocast dtype."""
+    return autocast_cast(amp, *tensors)
 
 
 # ============================================================================================ autograd

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, op
+from fastvit.families._common import attach, autocast_cast, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
@@ -50,6 +50,20 @@ def layer_norm_eager(x, weight, bias, eps=1e-6, *, residual=None):
 
 
 register_kernel("eager", "layer_norm", layer_norm_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autocast
+#: Device types whose autocast runs ``layer_norm`` in fp32 (PyTorch's CUDA "autocast to float32" list). Elsewhere
+#: (CPU) autocast leaves ``F.layer_norm`` alone, which takes a half ``x`` with fp32 weights and returns ``x``'s dtype.
+_FP32_LAYER_NORM_DEVICES = frozenset({"cuda"})
+
+
+def autocast_rule(device_type: str, x, weight, bias, residual):
+    """Under autocast, what ``F.layer_norm`` (after ``x + residual``) does there: on CUDA every operand in fp32 and an
+    fp32 output; on other devices the operands unchanged (statistics are fp32 on every backend regardless)."""
+    if device_type in _FP32_LAYER_NORM_DEVICES:
+        return autocast_cast(torch.float32, x, weight, bias, residual)
+    return x, weight, bias, residual
 
 
 # ============================================================================================ autograd

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, needs_grad, op
+from fastvit.families._common import attach, autocast_cast, needs_grad, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
@@ -65,6 +65,14 @@ def linear_residual_eager(x, weight, bias, residual, *, gamma=None):
 
 register_kernel("eager", "linear_gelu", linear_gelu_eager, eager_rt.ANY_DEVICE)
 register_kernel("eager", "linear_residual", linear_residual_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autocast
+def autocast_rule(amp: torch.dtype, x, weight, bias):
+    """Under autocast, as ``F.linear``: x, weight and bias in the autocast dtype. ``linear_residual``'s epilogue
+    operands (residual, gamma) keep their dtype, and its output has the promoted dtype, as ``residual + gamma * h``
+    gives in eager code (fp32 for timm's fp32 residual stream)."""
+    return autocast_cast(amp, x, weight, bias)
 
 
 # ============================================================================================ autograd

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastvit import reference
 from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, op
+from fastvit.families._common import attach, autocast_cast, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
@@ -50,6 +50,23 @@ def masked_mean(row: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
     """
     m = mask.float() if mask.dtype in (torch.float16, torch.bfloat16) else mask
     return ((row * m).sum() / m.sum()).to(dtype)
+
+
+# ============================================================================================ autocast
+def autocast_unshuffle_rule(x, mask_token, pos_embed):
+    """Under autocast, as MAE's ``cat`` / ``gather`` / ``+ pos_embed`` (no matmul): every operand in their promoted
+    dtype (fp32 when the mask token and position table are fp32 parameters), which is the output's dtype."""
+    dtype = x.dtype
+    for t in (mask_token, pos_embed):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return autocast_cast(dtype, x, mask_token, pos_embed)
+
+
+def autocast_loss_rule(pred, images):
+    """Under autocast the reconstruction loss computes in fp32 (as ``(pred - target) ** 2`` against fp32 images does,
+    and as PyTorch's autocast runs ``mse_loss``): pred and images in fp32, an fp32 loss."""
+    return autocast_cast(torch.float32, pred, images)
 
 
 # ============================================================================================ autograd

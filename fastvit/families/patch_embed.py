@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, op
+from fastvit.families._common import attach, autocast_cast, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
@@ -57,6 +57,14 @@ def patch_embed_eager(images, weight, bias, *, pos_embed=None, cls_token=None, r
 
 
 register_kernel("eager", "patch_embed", patch_embed_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autocast
+def autocast_rule(amp: torch.dtype, images, weight, bias):
+    """Under autocast, as ``F.conv2d``: the GEMM operands (images, weight, bias) in the autocast dtype. The epilogue
+    operands (pos_embed, cls / register tokens) keep their dtype, and the output has the promoted dtype of the two,
+    as timm's ``cat`` + ``+ pos_embed`` on the convolution's output give (fp32 for fp32 parameters)."""
+    return autocast_cast(amp, images, weight, bias)
 
 
 # ============================================================================================ autograd
