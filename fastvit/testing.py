@@ -21,7 +21,7 @@ Public API::
     randn(shape, ...), make_inputs({"x": (B, N, C)}, ...)  fresh random inputs (never zeros), drawn on the CPU
     OpRun, run_forward_backward(fn, inputs, grad_names, grad_outputs)
     check_op(impls, naive, inputs, grad_names, dtype=...)  forward + every gradient of each impl under the oracle
-    model_oracle(model, args, first, backend=..., ref_dtype=...)            a whole model, without raising
+    ModelOracle(model, args, first, ref_dtype=...).judge(model, backend=...)   whole models, without raising
     compare_model_with_eager(model, args, loss_fn, first, backend=..., ref_dtype=...)   the same, asserting
 
 Example (a Triton op against the plain-math reference)::
@@ -46,6 +46,8 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 
+from fastvit.backends import use_backend
+
 __all__ = [
     "ATOL",
     "FACTOR",
@@ -55,9 +57,9 @@ __all__ = [
     "atol_for",
     "check_op",
     "compare_model_with_eager",
+    "ModelOracle",
     "make_inputs",
     "max_abs_err",
-    "model_oracle",
     "oracle_compare",
     "poison_",
     "poison_like",
@@ -457,13 +459,11 @@ def _model_run(
     context: Callable[[], ContextManager] | None = None,
     seed: int | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    import fastvit  # fastvit imports this module's users, not the other way round; keep the dependency local
-
     model.zero_grad(set_to_none=True)
     run = model if compile_backend is None else torch.compile(model, fullgraph=True, backend=compile_backend)
     if seed is not None:
         torch.manual_seed(seed)
-    with fastvit.use_backend(backend), (context() if context is not None else contextlib.nullcontext()):
+    with use_backend(backend), (context() if context is not None else contextlib.nullcontext()):
         if loss_fn is None:
             with torch.no_grad():
                 return run(*args), {}
@@ -472,76 +472,84 @@ def _model_run(
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def model_oracle(
-    model: torch.nn.Module,
-    args: Sequence[Any],
-    first: Callable[[Any], torch.Tensor],
-    *,
-    backend: str | None,
-    ref_dtype: torch.dtype,
-    loss_fn: Callable[[Any], torch.Tensor] | None = None,
-    compile_backend: str | None = None,
-    dtype: torch.dtype | None = None,
-    check_dtype: bool = False,
-    context: Callable[[], ContextManager] | None = None,
-    seed: int | None = None,
-    others: Mapping[str, torch.nn.Module] | None = None,
-) -> dict[str, list[OracleResult]]:
-    """A whole model on ``backend`` against eager under the oracle: the output and, with ``loss_fn``, every parameter
-    gradient. Never raises for a wrong answer.
+class ModelOracle:
+    """``ref`` and ``pt`` of one model on one input, computed once; :meth:`judge` then puts any number of runs (each
+    backend, compiled or not, another module with the same weights) under the oracle against them.
 
-    ``out``: the model as given on ``backend`` (``None``: automatic selection; wrapped in ``torch.compile(model,
-    fullgraph=True, backend=compile_backend)`` when ``compile_backend`` is given); ``pt``: the same model and inputs on
-    ``eager``, uncompiled; ``ref``: a deep copy of the model and the floating inputs in ``ref_dtype`` on ``eager``,
-    outside ``context``. ``out`` and ``pt`` run inside ``context()`` (e.g. ``lambda: torch.autocast("cuda",
-    torch.bfloat16)``); under autocast ``ref`` is then the model in ``ref_dtype=torch.float32`` and the tolerance
-    is the autocast dtype's (``dtype=torch.bfloat16``).
+    ``pt``: the model and inputs as given on ``eager``, inside ``context()``; ``ref``: a deep copy of the model and the
+    floating inputs in ``ref_dtype`` on ``eager``, outside ``context``. With ``loss_fn`` every run is backpropagated
+    and every parameter gradient is compared too; without it the forward runs under ``torch.no_grad``. Under
+    autocast pass ``context=lambda: torch.autocast(device_type, torch.bfloat16)``, ``ref_dtype=torch.float32`` and
+    ``dtype=torch.bfloat16`` (the tolerance of the autocast dtype).
 
     Args:
-        model: any ``nn.Module`` built from fastvit ops (eager is the reference either way).
-        args: the model's positional inputs (tensors are cast to ``ref_dtype`` for ``ref`` when floating).
+        model: any ``nn.Module`` built from fastvit ops (eager is the reference either way); set its train/eval mode
+            first.
+        args: the model's positional inputs (floating tensors are cast to ``ref_dtype`` for ``ref``).
         first: picks the compared tensor from the model's output (e.g. ``lambda out: out[1]`` for MAE's pred).
-        backend: the fastvit backend under test, or ``None`` for automatic selection.
-        ref_dtype: float64 (or float32 for half / autocast runs; see :func:`ref_dtype_for`).
-        loss_fn: maps the output to a scalar to backpropagate; ``None`` compares the forward only, under
-            ``torch.no_grad``.
+        ref_dtype: float64, or float32 for half / autocast runs (see :func:`ref_dtype_for`).
+        loss_fn: maps the output to a scalar to backpropagate, or ``None`` (forward only).
         dtype: the precision that picks the tolerance (default: the model's parameter dtype).
-        check_dtype: require the compared tensors to have ``dtype`` (off by default: under autocast an output may
-            come back in either precision).
+        context: a context manager factory entered around ``pt`` and every judged run.
         seed: ``torch.manual_seed(seed)`` before each run, for models that draw random numbers (MAE's masking).
-        others: further modules judged against the same ``ref`` and ``pt`` and run as ``out`` is (e.g. timm's model
-            with the same weights), by name.
-
-    Returns:
-        ``{"model": [output, gradients ...], **{name: [...] for others}}`` as :class:`OracleResult` lists; a run whose
-        gradients cover other parameters than ``pt``'s (or none) gets a failed result named ``"gradients"``.
 
     Raises:
-        ValueError: the reference or ``pt`` is not finite (bad inputs).
+        ValueError: the reference or ``pt`` is not finite (bad inputs; raised by :meth:`judge`).
     """
-    dtype = next(model.parameters()).dtype if dtype is None else dtype
-    ref_args = [a.to(ref_dtype) if isinstance(a, torch.Tensor) and torch.is_floating_point(a) else a for a in args]
-    ref_model = copy.deepcopy(model).to(ref_dtype)  # copied before any run touches the model
-    # Run order as the tests have always had it: out, pt, ref.
-    runs = {"model": _model_run(model, args, backend, loss_fn, compile_backend, context, seed)}
-    pt, pt_grads = _model_run(model, args, "eager", loss_fn, context=context, seed=seed)
-    ref, ref_grads = _model_run(ref_model, ref_args, "eager", loss_fn, seed=seed)
-    del ref_model
-    for key, m in dict(others or {}).items():
-        runs[key] = _model_run(m, args, backend, loss_fn, compile_backend, context, seed)
-    results: dict[str, list[OracleResult]] = {}
-    for key, (out, grads) in runs.items():
-        rows = [oracle_compare(first(out), first(ref), first(pt), dtype, "output", check_dtype=check_dtype)]
-        if loss_fn is not None:
-            if not (set(grads) == set(pt_grads) == set(ref_grads) and grads):
-                diff = sorted(set(grads) ^ set(pt_grads) | set(pt_grads) ^ set(ref_grads))
-                rows.append(OracleResult("gradients", False, None, 0.0, None, 0.0, atol_for(dtype), dtype, (),
-                                         f"gradients: the runs' parameter gradients differ ({diff or 'none'})"))
-            else:
-                rows += [oracle_compare(grads[n], ref_grads[n], pt_grads[n], dtype, f"grad {n}",
-                                        check_dtype=check_dtype) for n in grads]
-        results[key] = rows
-    return results
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: Sequence[Any],
+        first: Callable[[Any], torch.Tensor],
+        *,
+        ref_dtype: torch.dtype,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        context: Callable[[], ContextManager] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.args, self.first, self.loss_fn, self.context, self.seed = list(args), first, loss_fn, context, seed
+        self.dtype = next(model.parameters()).dtype if dtype is None else dtype
+        ref_model = copy.deepcopy(model).to(ref_dtype)
+        ref_args = [a.to(ref_dtype) if isinstance(a, torch.Tensor) and torch.is_floating_point(a) else a for a in args]
+        pt, self.pt_grads = _model_run(model, self.args, "eager", loss_fn, context=context, seed=seed)
+        self.pt = first(pt).detach()
+        del pt
+        ref, self.ref_grads = _model_run(ref_model, ref_args, "eager", loss_fn, seed=seed)
+        self.ref = first(ref).detach()
+        del ref, ref_model
+
+    def judge(
+        self,
+        model: torch.nn.Module,
+        *,
+        backend: str | None,
+        compile_backend: str | None = None,
+        check_dtype: bool = False,
+    ) -> list[OracleResult]:
+        """Run ``model`` on ``backend`` (``None``: automatic selection; compiled with ``torch.compile(model,
+        fullgraph=True, backend=compile_backend)`` when given) and judge it.
+
+        Args:
+            check_dtype: require the compared tensors to have the tolerance dtype (off by default: under autocast
+                an output may come back in either precision).
+
+        Returns:
+            :class:`OracleResult` of the output, then of every parameter gradient; a run whose gradients cover
+            other parameters than ``pt``'s and ``ref``'s (or none) gets a failed result named ``"gradients"``.
+        """
+        out, grads = _model_run(model, self.args, backend, self.loss_fn, compile_backend, self.context, self.seed)
+        dt = self.dtype
+        rows = [oracle_compare(self.first(out), self.ref, self.pt, dt, "output", check_dtype=check_dtype)]
+        if self.loss_fn is None:
+            return rows
+        if not (set(grads) == set(self.pt_grads) == set(self.ref_grads) and grads):
+            diff = sorted((set(grads) ^ set(self.pt_grads)) | (set(self.pt_grads) ^ set(self.ref_grads)))
+            return rows + [OracleResult("gradients", False, None, 0.0, None, 0.0, atol_for(dt), dt, (),
+                                        f"gradients: the runs' parameter gradients differ ({diff or 'none'})")]
+        return rows + [oracle_compare(grads[n], self.ref_grads[n], self.pt_grads[n], dt, f"grad {n}",
+                                      check_dtype=check_dtype) for n in grads]
 
 
 def compare_model_with_eager(
@@ -555,7 +563,7 @@ def compare_model_with_eager(
     compile_backend: str | None = None,
 ) -> None:
     """A whole model on ``backend`` against eager under the oracle, output and every parameter gradient
-    (:func:`model_oracle` with ``loss_fn``, asserting).
+    (:class:`ModelOracle` with ``loss_fn``, asserting).
 
     ``out``: the model as given on ``backend`` (wrapped in ``torch.compile(model, fullgraph=True,
     backend=compile_backend)`` when ``compile_backend`` is given); ``pt``: the same model and inputs on ``eager``,
@@ -568,8 +576,8 @@ def compare_model_with_eager(
             parameters (or none).
     """
     try:
-        results = model_oracle(model, args, first, backend=backend, ref_dtype=ref_dtype, loss_fn=loss_fn,
-                               compile_backend=compile_backend, check_dtype=True)["model"]
+        oracle = ModelOracle(model, args, first, ref_dtype=ref_dtype, loss_fn=loss_fn)
+        results = oracle.judge(model, backend=backend, compile_backend=compile_backend, check_dtype=True)
     except ValueError as exc:
         raise AssertionError(str(exc)) from None
     for r in results:

@@ -10,7 +10,7 @@ API (import with ``from oracle import ...``; ``tests/`` is on ``sys.path`` under
     max_abs_err(a, b), oracle_compare(...), OracleResult, assert_close_oracle(out, ref, pt, dtype, name)
     poison_like(t), poison_(t), randn(shape, ...), make_inputs({...}, ...)
     OpRun, run_forward_backward(...), check_op(impls, naive, inputs, grad_names, dtype=..., generator=...)
-    model_oracle(...), compare_model_with_eager(model, args, loss_fn, first, backend=..., ref_dtype=...)
+    ModelOracle(...), compare_model_with_eager(model, args, loss_fn, first, backend=..., ref_dtype=...)
     FixedMaskMAE(mae, mask_ratio)               test-only: MAE with the masking noise as an input
 """
 
@@ -21,6 +21,7 @@ import torch
 from fastvit.testing import (  # noqa: F401  (re-exported for the test modules)
     ATOL,
     FACTOR,
+    ModelOracle,
     OpRun,
     OracleResult,
     assert_close_oracle,
@@ -29,7 +30,6 @@ from fastvit.testing import (  # noqa: F401  (re-exported for the test modules)
     compare_model_with_eager,
     make_inputs,
     max_abs_err,
-    model_oracle,
     oracle_compare,
     poison_,
     poison_like,
