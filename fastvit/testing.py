@@ -42,7 +42,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -51,13 +51,13 @@ from fastvit.backends import use_backend
 __all__ = [
     "ATOL",
     "FACTOR",
+    "ModelOracle",
     "OpRun",
     "OracleResult",
     "assert_close_oracle",
     "atol_for",
     "check_op",
     "compare_model_with_eager",
-    "ModelOracle",
     "make_inputs",
     "max_abs_err",
     "oracle_compare",
@@ -456,7 +456,7 @@ def _model_run(
     backend: str | None,
     loss_fn: Callable[[Any], torch.Tensor] | None,
     compile_backend: str | None = None,
-    context: Callable[[], ContextManager] | None = None,
+    context: Callable[[], contextlib.AbstractContextManager] | None = None,
     seed: int | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
@@ -506,7 +506,7 @@ class ModelOracle:
         ref_dtype: torch.dtype,
         loss_fn: Callable[[Any], torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
-        context: Callable[[], ContextManager] | None = None,
+        context: Callable[[], contextlib.AbstractContextManager] | None = None,
         seed: int | None = None,
     ) -> None:
         self.args, self.first, self.loss_fn, self.context, self.seed = list(args), first, loss_fn, context, seed
