@@ -12,7 +12,7 @@ Environment variables:
   FASTVIT_MINIMAL_BUILD=1     one instantiation per kernel template (bf16, head-dim bucket 64): minutes, not an hour
   MAX_JOBS                    parallel nvcc jobs (default: CPU count capped by available memory, 4 GiB each)
 
-Sources, flags and the CUTLASS include path live in fastvit/_cuda_build.py, shared with the JIT build and the
+Sources, flags and the CUTLASS include path live in fastvit/runtime/cuda_build.py, shared with the JIT build and the
 compile check (python -m fastvit.cuda_check).
 """
 
@@ -28,10 +28,10 @@ def _truthy(name: str) -> bool:
 
 
 def _load_build_config():
-    # fastvit/_cuda_build.py is stdlib-only; load it by path because fastvit itself is not importable yet.
+    # fastvit/runtime/cuda_build.py is stdlib-only; load it by path because fastvit itself is not importable yet.
     import importlib.util
 
-    path = os.path.join(ROOT, "fastvit", "_cuda_build.py")
+    path = os.path.join(ROOT, "fastvit", "runtime", "cuda_build.py")
     spec = importlib.util.spec_from_file_location("_fastvit_cuda_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -90,7 +90,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastvit", "fastvit.nn", "fastvit.integrations", "fastvit.bench", "fastvit.kernels"],
+    packages=["fastvit", "fastvit.nn", "fastvit.integrations", "fastvit.bench", "fastvit.families", "fastvit.runtime",
+              "fastvit.kernels"],
     package_dir={"fastvit.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

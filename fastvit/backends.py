@@ -1,13 +1,23 @@
 """Backend registry and dispatch for fastvit's ops (after xformers' fMHA dispatch).
 
-Every op of :mod:`fastvit.ops` has one implementation per backend. A backend declares what it supports
-(:class:`Capabilities`: devices, dtypes, head dims, minimum compute capability, dropout, determinism) and
-answers :meth:`Backend.not_supported_reasons` for one call. Selection walks :data:`PRIORITY` and takes the
-first backend with no reasons; ``eager`` is last and always works.
+This module is the registry only: it imports no backend. Each backend registers itself
+(:func:`register_backend`, from :mod:`fastvit.runtime`), each op family declares its op names
+(:func:`declare_ops`, from :mod:`fastvit.families`) and registers one implementation per backend
+(:func:`register_kernel`).
+
+A kernel declares what it supports (:class:`Capabilities`: devices, dtypes, head dims, minimum compute
+capability, dropout, determinism, plus an optional ``extra_check``) and answers, through
+:meth:`Backend.not_supported_reasons`, for one typed call description (:class:`Call`, built by
+:mod:`fastvit.ops`). Selection walks :data:`PRIORITY` and takes the first backend with no reasons; ``eager`` is
+last and always works, on any device PyTorch runs on.
 
 An explicit choice -- the ``backend=`` argument of an op, the :func:`use_backend` context, or the
 ``FASTVIT_BACKEND`` environment variable, in that order of precedence -- that cannot serve a call raises
 :class:`BackendNotSupportedError` listing every backend's reasons. An automatic choice falls back quietly.
+
+Decisions are cached by what they depend on: the op, the explicit choice and the call description (device type and
+index, dtype, head dim, dropout, the sizes the kernels check). Registering a kernel or backend, or changing a
+backend's attributes, clears the cache; outside torch.compile tracing a repeated call costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -16,18 +26,22 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 
 import torch
 
 __all__ = [
     "Backend",
     "BackendNotSupportedError",
+    "Call",
     "Capabilities",
     "PRIORITY",
     "available_backends",
+    "clear_cache",
     "current_backend",
+    "declare_ops",
     "get_backend",
+    "register_backend",
     "register_kernel",
     "select",
     "use_backend",
@@ -36,21 +50,75 @@ __all__ = [
 #: Backends in the order automatic selection tries them.
 PRIORITY: tuple[str, ...] = ("cuda", "triton", "eager")
 
-#: The op names of :mod:`fastvit.ops` that go through dispatch.
-OPS: tuple[str, ...] = (
-    "patch_embed",
-    "attention",
-    "scaled_dot_product_attention",
-    "layer_norm",
-    "linear_gelu",
-    "linear_residual",
-    "mae_unshuffle",
-    "mae_loss",
-)
+#: The op names of :mod:`fastvit.ops` that go through dispatch, in declaration order. Derived from the op families'
+#: :func:`declare_ops` calls (the one place each name is written down).
+OPS: tuple[str, ...] = ()
+
+#: op name -> the family (module of :mod:`fastvit.families`) that declared it.
+FAMILY_OF: dict[str, str] = {}
 
 
 class BackendNotSupportedError(ValueError):
     """An explicitly requested backend cannot run this call; the message lists every backend's reasons."""
+
+
+class Call(NamedTuple):
+    """The typed description of one op call that dispatch decides on (built by :mod:`fastvit.ops`, reused by the
+    benchmark through :func:`fastvit.ops.describe_call`). Fields an op does not have stay ``None``.
+
+    Attributes:
+        device: the device of the op's main input (``None``: any).
+        dtype: the dtype of the main input.
+        head_dim: attention head dim D.
+        dropout_p: attention-probability dropout.
+        batch: B (the attention kernels put it on a grid dimension).
+        num_tokens: query tokens N (attention).
+        num_kv_tokens: key tokens (attention).
+        features: LayerNorm's normalised width C.
+        in_features / out_features: a linear op's K and M.
+        embed_dim: patch embedding's E.
+        patch_row: MAE loss's P·P·C elements per patch.
+    """
+
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    head_dim: int | None = None
+    dropout_p: float = 0.0
+    batch: int | None = None
+    num_tokens: int | None = None
+    num_kv_tokens: int | None = None
+    features: int | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+    embed_dim: int | None = None
+    patch_row: int | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access (``call.get("head_dim")``): the field's value, or ``default`` when it is ``None`` or no
+        such field exists -- what ``extra_check`` functions written for plain dicts expect."""
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+
+CallLike = Union[Call, Mapping[str, Any], None]
+
+
+def as_call(call: CallLike) -> Call:
+    """``call`` as a :class:`Call` (a mapping's keys are its field names).
+
+    Raises:
+        TypeError: a mapping with a key that is no field of :class:`Call`.
+    """
+    if isinstance(call, Call):
+        return call
+    if call is None:
+        return Call()
+    unknown = set(call) - set(Call._fields)
+    if unknown:
+        raise TypeError(
+            f"call has unknown keys {sorted(unknown)}; expected fields of fastvit.backends.Call: {list(Call._fields)}"
+        )
+    return Call(**call)
 
 
 @dataclass(frozen=True)
@@ -58,7 +126,8 @@ class Capabilities:
     """What one backend's implementation of one op accepts.
 
     Attributes:
-        devices: device types (``"cpu"``, ``"cuda"``) the kernel runs on.
+        devices: device types (``"cpu"``, ``"cuda"``, ``"meta"``, ...) the kernel runs on; ``None``: any device
+            PyTorch runs on (the eager backend).
         dtypes: floating dtypes of the main input.
         head_dims: supported attention head dims ``D`` (``None``: any).
         min_compute_capability: minimum CUDA compute capability ``(major, minor)``, or ``None``.
@@ -66,51 +135,36 @@ class Capabilities:
         deterministic: whether the backward is bit-reproducible run to run.
     """
 
-    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    devices: frozenset[str] | None = frozenset({"cpu", "cuda"})
     dtypes: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
     head_dims: frozenset[int] | None = None
     min_compute_capability: tuple[int, int] | None = None
     dropout: bool = True
     deterministic: bool = True
 
-    def reasons(self, call: dict[str, Any]) -> list[str]:
-        """Reasons (empty when supported) these capabilities cannot serve ``call``.
-
-        ``call`` may hold ``device`` (torch.device), ``dtype``, ``head_dim`` and ``dropout_p``.
-        """
+    def reasons(self, call: CallLike) -> list[str]:
+        """Reasons (empty when supported) these capabilities cannot serve ``call`` (a :class:`Call` or a mapping
+        with some of its fields)."""
+        call = as_call(call)
         out: list[str] = []
-        device = call.get("device")
-        if device is not None:
+        device = call.device
+        if device is not None and self.devices is not None:
             if device.type not in self.devices:
                 out.append(f"device {device.type!r} not in {sorted(self.devices)}")
             elif device.type == "cuda" and self.min_compute_capability is not None:
                 cc = torch.cuda.get_device_capability(device)
                 if cc < self.min_compute_capability:
                     out.append(f"compute capability {cc} < required {self.min_compute_capability}")
-        dtype = call.get("dtype")
-        if dtype is not None and dtype not in self.dtypes:
-            out.append(f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}")
-        head_dim = call.get("head_dim")
-        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
-            out.append(f"head_dim {head_dim} not in {_describe_ints(self.head_dims)}")
-        if call.get("dropout_p", 0.0) > 0.0 and not self.dropout:
+        if call.dtype is not None and call.dtype not in self.dtypes:
+            out.append(f"dtype {call.dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        if call.head_dim is not None and self.head_dims is not None and call.head_dim not in self.head_dims:
+            out.append(f"head_dim {call.head_dim} not in {describe_ints(self.head_dims)}")
+        if call.dropout_p > 0.0 and not self.dropout:
             out.append("dropout_p > 0 is not supported")
         return out
 
 
-def empty_sequence_reasons(call: dict[str, Any]) -> list[str]:
-    """Reasons an attention kernel cannot serve ``call``: a ``num_tokens`` / ``num_kv_tokens`` below 1 (the kernels of
-    both kernel backends need at least one query and one key; eager handles empty sequences). Written as a plain loop
-    so that Dynamo traces it (it runs inside every compiled attention call)."""
-    reasons = []
-    for key in ("num_tokens", "num_kv_tokens"):
-        n = call.get(key)
-        if n is not None and n < 1:
-            reasons.append(f"{key} = {n}: the kernels need at least one token")
-    return reasons
-
-
-def _describe_ints(values: frozenset[int]) -> str:
+def describe_ints(values: frozenset[int]) -> str:
     """``{16, 17, ..., 128}`` as "16..128", ``{8, 16, ..., 128}`` as "8..128 in steps of 8", else the sorted list."""
     v = sorted(values)
     if len(v) > 2:
@@ -124,7 +178,55 @@ def _describe_ints(values: frozenset[int]) -> str:
 class _Kernel:
     fn: Callable[..., Any]
     capabilities: Capabilities
-    extra_check: Callable[[dict[str, Any]], list[str]] | None = None
+    extra_check: Callable[[Call], list[str]] | None = None
+    #: Whether ``extra_check`` depends on the call alone (decisions that consult it may be cached).
+    cacheable: bool = True
+
+
+class _KernelTable(dict):
+    """A backend's ``{op: kernel}`` table; any change clears the dispatch cache."""
+
+    def _changed(self) -> None:
+        clear_cache()
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed()
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._changed()
+        return out
+
+
+def _no_reasons() -> list[str]:
+    return []
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass
@@ -137,19 +239,28 @@ class Backend:
         availability: returns the reasons the backend cannot run at all here (empty when it can).
         automatic: returns whether automatic selection may pick this backend; ``False`` keeps it to explicit
             requests (Triton under ``TRITON_INTERPRET=1`` runs on the CPU, but far too slowly to be a default).
+        kernels: ``{op: kernel}``, filled by :func:`register_kernel`; each entry has ``.fn`` and ``.capabilities``.
+
+    Setting an attribute (or changing ``kernels``) clears the dispatch cache.
     """
 
     name: str
     description: str
-    availability: Callable[[], list[str]] = lambda: []
-    automatic: Callable[[], bool] = lambda: True
-    kernels: dict[str, _Kernel] = field(default_factory=dict)
+    availability: Callable[[], list[str]] = _no_reasons
+    automatic: Callable[[], bool] = _always
+    kernels: dict[str, _Kernel] = field(default_factory=_KernelTable)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "kernels" and not isinstance(value, _KernelTable):
+            value = _KernelTable(value)
+        object.__setattr__(self, key, value)
+        clear_cache()
 
     def unavailable_reasons(self) -> list[str]:
         """Reasons this backend cannot run on this machine at all (not built, package missing, ...)."""
         return list(self.availability())
 
-    def not_supported_reasons(self, op: str, call: dict[str, Any] | None = None) -> list[str]:
+    def not_supported_reasons(self, op: str, call: CallLike = None) -> list[str]:
         """Reasons this backend cannot run ``op`` for ``call`` (see :meth:`Capabilities.reasons`)."""
         reasons = self.unavailable_reasons()
         if reasons:
@@ -157,47 +268,59 @@ class Backend:
         kernel = self.kernels.get(op)
         if kernel is None:
             return [f"no {self.name} kernel for op {op!r}"]
-        call = call or {}
+        call = as_call(call)
         reasons = kernel.capabilities.reasons(call)
         if kernel.extra_check is not None:
             reasons += kernel.extra_check(call)
         return reasons
 
 
-def _triton_availability() -> list[str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return ["the triton package is not installed"]
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return ["no CUDA device (set TRITON_INTERPRET=1 before importing triton to run kernels on the CPU)"]
-    return []
-
-
-def _cuda_availability() -> list[str]:
-    from fastvit import _cuda  # the loader; imports this module, hence the late import
-
-    error = _cuda.load_error()
-    if error is not None:
-        return [error]
-    if not torch.cuda.is_available():
-        return ["no CUDA device"]
-    return []
-
-
-_BACKENDS: dict[str, Backend] = {
-    "eager": Backend("eager", "PyTorch eager (reference math; SDPA for attention)"),
-    "triton": Backend(
-        "triton",
-        "Triton kernels (fastvit.kernels)",
-        _triton_availability,
-        automatic=lambda: os.environ.get("TRITON_INTERPRET") != "1",
-    ),
-    "cuda": Backend("cuda", "CUDA C++ kernels (fastvit._C)", _cuda_availability),
-}
+_BACKENDS: dict[str, Backend] = {}
 
 _state = threading.local()
 _UNSET = object()  # no use_backend context is active (None inside one means "automatic")
+
+#: (op, explicit choice, Call) -> (backend name, fn). Bounded: cleared when it grows past _CACHE_LIMIT entries.
+_CACHE: dict[tuple[str, str | None, Call], tuple[str, Callable[..., Any]]] = {}
+_CACHE_LIMIT = 4096
+
+
+def clear_cache() -> None:
+    """Forget every cached dispatch decision. Registration does this itself; call it after changing what a backend's
+    availability depends on outside fastvit (``CUDA_VISIBLE_DEVICES``, a monkeypatched ``torch.cuda``)."""
+    _CACHE.clear()
+
+
+def declare_ops(family: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Declare the dispatched ops of one op family (called once per family module); returns ``names``.
+
+    Raises:
+        ValueError: a name already declared by another family.
+    """
+    global OPS
+    for name in names:
+        owner = FAMILY_OF.get(name)
+        if owner is not None and owner != family:
+            raise ValueError(f"op {name!r} is declared by family {owner!r} and {family!r}")
+        FAMILY_OF[name] = family
+    OPS = tuple(FAMILY_OF)
+    return names
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) a backend in the registry; its name must be one of :data:`PRIORITY`.
+
+    Raises:
+        ValueError: ``backend.name`` is not in :data:`PRIORITY`.
+    """
+    if backend.name not in PRIORITY:
+        raise ValueError(f"unknown backend {backend.name!r}; expected one of {list(PRIORITY)}")
+    previous = _BACKENDS.get(backend.name)
+    if previous is not None and not backend.kernels:
+        backend.kernels = previous.kernels  # a re-registered runtime keeps the families' kernels
+    _BACKENDS[backend.name] = backend
+    clear_cache()
+    return backend
 
 
 def get_backend(name: str) -> Backend:
@@ -217,18 +340,24 @@ def register_kernel(
     op: str,
     fn: Callable[..., Any],
     capabilities: Capabilities | None = None,
-    extra_check: Callable[[dict[str, Any]], list[str]] | None = None,
+    extra_check: Callable[[Call], list[str]] | None = None,
+    *,
+    check_depends_on_call_only: bool = False,
 ) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``.
 
     ``fn`` takes the op's validated arguments exactly as :mod:`fastvit.ops` documents them (without ``backend``).
+    ``extra_check(call)`` gets the :class:`Call` (which also answers ``call.get(key)``) and returns reasons.
+    Dispatch decisions that consult an ``extra_check`` are cached only when ``check_depends_on_call_only`` says
+    its answer is a function of the call (and of the machine) alone; by default it is asked on every call.
 
     Raises:
         ValueError: unknown backend or op name.
     """
-    if op not in OPS:
+    if op not in FAMILY_OF:
         raise ValueError(f"unknown op {op!r}; expected one of {list(OPS)}")
-    get_backend(backend).kernels[op] = _Kernel(fn, capabilities or Capabilities(), extra_check)
+    cacheable = extra_check is None or check_depends_on_call_only
+    get_backend(backend).kernels[op] = _Kernel(fn, capabilities or Capabilities(), extra_check, cacheable)
 
 
 def current_backend() -> str | None:
@@ -236,8 +365,8 @@ def current_backend() -> str | None:
     forced = getattr(_state, "forced", _UNSET)
     if forced is not _UNSET:
         return forced
-    env = os.environ.get("FASTVIT_BACKEND", "").strip()
-    return env or None
+    env = os.environ.get("FASTVIT_BACKEND")
+    return (env.strip() or None) if env else None
 
 
 @contextlib.contextmanager
@@ -267,12 +396,12 @@ def use_backend(name: str | None) -> Iterator[None]:
             _state.forced = previous
 
 
-def select(op: str, call: dict[str, Any], backend: str | None = None) -> tuple[str, Callable[..., Any]]:
+def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Callable[..., Any]]:
     """Pick the implementation of ``op`` for ``call``.
 
     Args:
         op: an op name from :data:`OPS`.
-        call: facts about the call (``device``, ``dtype``, ``head_dim``, ``dropout_p``).
+        call: the typed call description (:func:`fastvit.ops.describe_call`), or a mapping with some of its fields.
         backend: an explicit choice; falls back to :func:`current_backend`.
 
     Returns:
@@ -282,20 +411,47 @@ def select(op: str, call: dict[str, Any], backend: str | None = None) -> tuple[s
         ValueError: ``backend`` (or ``FASTVIT_BACKEND``) names no backend.
         BackendNotSupportedError: the explicitly chosen backend cannot serve ``call``.
     """
+    if type(call) is not Call:
+        call = as_call(call)
     explicit = backend if backend is not None else current_backend()
+    if torch.compiler.is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on
+        return _decide(op, call, explicit)
+    key = (op, explicit, call)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _decide(op, call, explicit)
+        if _cacheable(op, explicit, hit[0]):
+            if len(_CACHE) >= _CACHE_LIMIT:
+                _CACHE.clear()
+            _CACHE[key] = hit
+    return hit
+
+
+def _cacheable(op: str, explicit: str | None, chosen: str) -> bool:
+    """Whether every kernel consulted to choose ``chosen`` answers from the call alone."""
+    consulted = (explicit,) if explicit is not None else PRIORITY[: PRIORITY.index(chosen) + 1]
+    for name in consulted:
+        kernel = _BACKENDS[name].kernels.get(op) if name in _BACKENDS else None
+        if kernel is not None and not kernel.cacheable:
+            return False
+    return True
+
+
+def _decide(op: str, call: Call, explicit: str | None) -> tuple[str, Callable[..., Any]]:
     if explicit is not None:
         chosen = get_backend(explicit)
         reasons = chosen.not_supported_reasons(op, call)
         if reasons:
             lines = [f"backend {explicit!r} cannot run fastvit.ops.{op} here:"]
             for name in PRIORITY:
-                r = _BACKENDS[name].not_supported_reasons(op, call)
-                lines.append(f"  {name}: {'; '.join(r) if r else 'supported'}")
+                if name in _BACKENDS:
+                    r = _BACKENDS[name].not_supported_reasons(op, call)
+                    lines.append(f"  {name}: {'; '.join(r) if r else 'supported'}")
             raise BackendNotSupportedError("\n".join(lines))
         return explicit, chosen.kernels[op].fn
     for name in PRIORITY:
-        candidate = _BACKENDS[name]
-        if candidate.automatic() and not candidate.not_supported_reasons(op, call):
+        candidate = _BACKENDS.get(name)
+        if candidate is not None and candidate.automatic() and not candidate.not_supported_reasons(op, call):
             return name, candidate.kernels[op].fn
     raise RuntimeError(f"no backend can run fastvit.ops.{op}; the eager backend should always be registered")
 
@@ -305,4 +461,4 @@ def available_backends() -> dict[str, list[str]]:
 
     Example: ``{"cuda": ["no CUDA device"], "triton": [...], "eager": []}``.
     """
-    return {name: _BACKENDS[name].unavailable_reasons() for name in PRIORITY}
+    return {name: _BACKENDS[name].unavailable_reasons() for name in PRIORITY if name in _BACKENDS}

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from fastvit import _cuda_build as build
+from fastvit.runtime import cuda_build as build
 
 #: Families whose kernels must not spill (path components under csrc/).
 NO_SPILL_FAMILIES = ("attention", "layer_norm")

@@ -25,7 +25,7 @@ def collect() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from fastvit import _cuda
+    from fastvit.runtime import cuda as _cuda
 
     extension = {"built": True, **_cuda.build_info()} if _cuda.load_error() is None else {
         "built": False, "error": _cuda.load_error()}

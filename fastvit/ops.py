@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from fastvit import _eager  # noqa: F401  (registers the eager backend)
-from fastvit import _triton  # noqa: F401  (registers the triton backend when triton imports)
-from fastvit import _triton_linear  # noqa: F401  (triton linear_gelu / linear_residual)
-from fastvit import _triton_mae  # noqa: F401  (triton patch_embed / mae_unshuffle / mae_loss)
-from fastvit import _cuda  # noqa: F401  (the cuda backend: fastvit._C, or csrc/ built just in time)
+from fastvit import families  # noqa: F401  (registers every op family with every backend)
 from fastvit import reference
-from fastvit.backends import select
+from fastvit import backends
+from fastvit.backends import Call, select
 
 __all__ = [
     "attention",
+    "describe_call",
     "layer_norm",
     "linear_gelu",
     "linear_residual",
@@ -96,11 +94,58 @@ def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{name} must not repeat an index within a row ({what})")
 
 
-def _call(t: torch.Tensor, **extra: object) -> dict:
-    return {"device": t.device, "dtype": t.dtype, **extra}
+def _call(t: torch.Tensor, **extra: object) -> Call:
+    return Call(t.device, t.dtype, **extra)
 
 
 # ----------------------------------------------------------------------------------------------- ops
+def _describe_patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+) -> Call:
+    _tensor("images", images, 4)
+    _tensor("weight", weight, 4)
+    _like("weight", weight, "images", images)
+    B, C, Hi, Wi = images.shape
+    E, Cw, Ph, Pw = weight.shape
+    if Cw != C:
+        raise ValueError(f"images has {C} channels but weight expects {Cw} (weight shape {tuple(weight.shape)})")
+    if Hi % Ph or Wi % Pw:
+        raise ValueError(
+            f"images spatial size {Hi}x{Wi} is not divisible by the patch size {Ph}x{Pw} (weight shape "
+            f"{tuple(weight.shape)})"
+        )
+    _like("bias", bias, "images", images, (E,))
+    _like("cls_token", cls_token, "images", images, (1, 1, E))
+    if reg_tokens is not None:
+        _like("reg_tokens", reg_tokens, "images", images)
+        if reg_tokens.dim() != 3 or reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != E:
+            raise ValueError(f"reg_tokens must have shape (1, R, {E}), got {tuple(reg_tokens.shape)}")
+    num_patches = (Hi // Ph) * (Wi // Pw)
+    num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
+    if pos_embed is not None:
+        _like("pos_embed", pos_embed, "images", images)
+        allowed = {num_patches, num_patches + num_prefix}
+        if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != E or pos_embed.shape[1] not in allowed:
+            raise ValueError(
+                f"pos_embed must have shape (1, L, {E}) with L in {sorted(allowed)} ({num_patches} patches for "
+                f"{Hi}x{Wi} images, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
+            )
+    if ids_keep is not None:
+        _index("ids_keep", ids_keep, 2, "images", images)
+        if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
+            raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
+        _check_range("ids_keep", ids_keep, num_patches)
+        _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
+    return _call(images, embed_dim=E)
+
+
 def patch_embed(
     images: torch.Tensor,
     weight: torch.Tensor,
@@ -145,43 +190,35 @@ def patch_embed(
         x = torch.cat([cls_token, reg_tokens, x], 1) + pos_embed          # L = Np + R
         # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
     """
-    _tensor("images", images, 4)
-    _tensor("weight", weight, 4)
-    _like("weight", weight, "images", images)
-    B, C, Hi, Wi = images.shape
-    E, Cw, Ph, Pw = weight.shape
-    if Cw != C:
-        raise ValueError(f"images has {C} channels but weight expects {Cw} (weight shape {tuple(weight.shape)})")
-    if Hi % Ph or Wi % Pw:
-        raise ValueError(
-            f"images spatial size {Hi}x{Wi} is not divisible by the patch size {Ph}x{Pw} (weight shape "
-            f"{tuple(weight.shape)})"
-        )
-    _like("bias", bias, "images", images, (E,))
-    _like("cls_token", cls_token, "images", images, (1, 1, E))
-    if reg_tokens is not None:
-        _like("reg_tokens", reg_tokens, "images", images)
-        if reg_tokens.dim() != 3 or reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != E:
-            raise ValueError(f"reg_tokens must have shape (1, R, {E}), got {tuple(reg_tokens.shape)}")
-    num_patches = (Hi // Ph) * (Wi // Pw)
-    num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
-    if pos_embed is not None:
-        _like("pos_embed", pos_embed, "images", images)
-        allowed = {num_patches, num_patches + num_prefix}
-        if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != E or pos_embed.shape[1] not in allowed:
-            raise ValueError(
-                f"pos_embed must have shape (1, L, {E}) with L in {sorted(allowed)} ({num_patches} patches for "
-                f"{Hi}x{Wi} images, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
-            )
+    call = _describe_patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
+                                 reg_tokens=reg_tokens, ids_keep=ids_keep)
     if ids_keep is not None:
-        _index("ids_keep", ids_keep, 2, "images", images)
-        if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
-            raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
-        _check_range("ids_keep", ids_keep, num_patches)
-        _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
         ids_keep = ids_keep.long()
-    _, fn = select("patch_embed", _call(images, embed_dim=E), backend)
+    _, fn = select("patch_embed", call, backend)
     return fn(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
+
+
+def _describe_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Call:
+    _tensor("qkv", qkv, 3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
+        raise ValueError(
+            f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
+        )
+    _check_dropout(dropout_p)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1],
+                 batch=qkv.shape[0])
+    return call
 
 
 def attention(
@@ -218,21 +255,33 @@ def attention(
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
     """
-    _tensor("qkv", qkv, 3)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
-        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
-        raise ValueError(
-            f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
-        )
-    _check_dropout(dropout_p)
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1],
-                 batch=qkv.shape[0])
+    call = _describe_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
     _, fn = select("attention", call, backend)
     return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+
+
+def _describe_scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Call:
+    _tensor("q", q, 4)
+    _tensor("k", k, 4)
+    _tensor("v", v, 4)
+    _like("k", k, "q", q)
+    _like("v", v, "q", q, k.shape)
+    B, H, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+    _check_dropout(dropout_p)
+    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
+    return call
 
 
 def scaled_dot_product_attention(
@@ -262,19 +311,7 @@ def scaled_dot_product_attention(
 
     Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)``.
     """
-    _tensor("q", q, 4)
-    _tensor("k", k, 4)
-    _tensor("v", v, 4)
-    _like("k", k, "q", q)
-    _like("v", v, "q", q, k.shape)
-    B, H, _, D = q.shape
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
-    _check_dropout(dropout_p)
-    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
+    call = _describe_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
     _, fn = select("scaled_dot_product_attention", call, backend)
     return fn(q, k, v, scale=scale, dropout_p=dropout_p)
 
@@ -282,6 +319,26 @@ def scaled_dot_product_attention(
 def _check_dropout(dropout_p: float) -> None:
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+
+
+def _describe_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+) -> Call:
+    _tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    _like("weight", weight, "x", x, (C,))
+    _like("bias", bias, "x", x, (C,))
+    _like("residual", residual, "x", x, x.shape)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return _call(x, features=C)
 
 
 def layer_norm(
@@ -311,16 +368,8 @@ def layer_norm(
 
     Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
     """
-    _tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    C = x.shape[-1]
-    _like("weight", weight, "x", x, (C,))
-    _like("bias", bias, "x", x, (C,))
-    _like("residual", residual, "x", x, x.shape)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    _, fn = select("layer_norm", _call(x, features=C), backend)
+    call = _describe_layer_norm(x, weight, bias, eps, residual=residual)
+    _, fn = select("layer_norm", call, backend)
     return fn(x, weight, bias, eps, residual=residual)
 
 
@@ -334,6 +383,19 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
         )
     _like("bias", bias, "x", x, (weight.shape[0],))
+
+
+def _describe_linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+) -> Call:
+    _check_linear(x, weight, bias)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _call(x, in_features=weight.shape[1], out_features=weight.shape[0])
 
 
 def linear_gelu(
@@ -360,11 +422,24 @@ def linear_gelu(
 
     Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
     """
-    _check_linear(x, weight, bias)
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    _, fn = select("linear_gelu", _call(x, in_features=weight.shape[1], out_features=weight.shape[0]), backend)
+    call = _describe_linear_gelu(x, weight, bias, approximate=approximate)
+    _, fn = select("linear_gelu", call, backend)
     return fn(x, weight, bias, approximate=approximate)
+
+
+def _describe_linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    gamma: torch.Tensor | None = None,
+) -> Call:
+    _check_linear(x, weight, bias)
+    M = weight.shape[0]
+    _like("residual", residual, "x", x, (*x.shape[:-1], M))
+    _like("gamma", gamma, "x", x, (M,))
+    return _call(x, in_features=weight.shape[1], out_features=M)
 
 
 def linear_residual(
@@ -393,11 +468,8 @@ def linear_residual(
 
     Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
     """
-    _check_linear(x, weight, bias)
-    M = weight.shape[0]
-    _like("residual", residual, "x", x, (*x.shape[:-1], M))
-    _like("gamma", gamma, "x", x, (M,))
-    _, fn = select("linear_residual", _call(x, in_features=weight.shape[1], out_features=M), backend)
+    call = _describe_linear_residual(x, weight, bias, residual, gamma=gamma)
+    _, fn = select("linear_residual", call, backend)
     return fn(x, weight, bias, residual, gamma=gamma)
 
 
@@ -440,6 +512,28 @@ def random_masking(
     return reference.random_masking(batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device)
 
 
+def _describe_mae_unshuffle(
+    x: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    *,
+    pos_embed: torch.Tensor | None = None,
+) -> Call:
+    _tensor("x", x, 3)
+    B, T, C = x.shape
+    _like("mask_token", mask_token, "x", x, (1, 1, C))
+    _index("ids_restore", ids_restore, 2, "x", x)
+    N = ids_restore.shape[1]
+    if ids_restore.shape[0] != B:
+        raise ValueError(f"ids_restore must have shape ({B}, N), got {tuple(ids_restore.shape)}")
+    if not 1 <= T <= N + 1:
+        raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
+    _check_range("ids_restore", ids_restore, N)
+    _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
+    _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
+    return _call(x)
+
+
 def mae_unshuffle(
     x: torch.Tensor,
     mask_token: torch.Tensor,
@@ -469,20 +563,37 @@ def mae_unshuffle(
         x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
         out = torch.cat([x[:, :1], x_], 1) + pos_embed
     """
-    _tensor("x", x, 3)
-    B, T, C = x.shape
-    _like("mask_token", mask_token, "x", x, (1, 1, C))
-    _index("ids_restore", ids_restore, 2, "x", x)
-    N = ids_restore.shape[1]
-    if ids_restore.shape[0] != B:
-        raise ValueError(f"ids_restore must have shape ({B}, N), got {tuple(ids_restore.shape)}")
-    if not 1 <= T <= N + 1:
-        raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
-    _check_range("ids_restore", ids_restore, N)
-    _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
-    _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
-    _, fn = select("mae_unshuffle", _call(x), backend)
+    call = _describe_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
+    _, fn = select("mae_unshuffle", call, backend)
     return fn(x, mask_token, ids_restore.long(), pos_embed=pos_embed)
+
+
+def _describe_mae_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix_loss: bool = False,
+) -> Call:
+    _tensor("pred", pred, 3)
+    _tensor("images", images, 4)
+    _tensor("mask", mask, 2)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    B, C, Hi, Wi = images.shape
+    if Hi % patch_size or Wi % patch_size:
+        raise ValueError(f"images spatial size {Hi}x{Wi} is not divisible by patch_size {patch_size}")
+    N = (Hi // patch_size) * (Wi // patch_size)
+    expected = (B, N, patch_size * patch_size * C)
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"pred must have shape {expected} for images {tuple(images.shape)}, got {tuple(pred.shape)}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"mask must have shape {(B, N)}, got {tuple(mask.shape)}")
+    for name, t in (("images", images), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
+    return _call(pred, patch_row=pred.shape[-1])
 
 
 def mae_loss(
@@ -512,22 +623,30 @@ def mae_loss(
 
     Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
     """
-    _tensor("pred", pred, 3)
-    _tensor("images", images, 4)
-    _tensor("mask", mask, 2)
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    B, C, Hi, Wi = images.shape
-    if Hi % patch_size or Wi % patch_size:
-        raise ValueError(f"images spatial size {Hi}x{Wi} is not divisible by patch_size {patch_size}")
-    N = (Hi // patch_size) * (Wi // patch_size)
-    expected = (B, N, patch_size * patch_size * C)
-    if tuple(pred.shape) != expected:
-        raise ValueError(f"pred must have shape {expected} for images {tuple(images.shape)}, got {tuple(pred.shape)}")
-    if tuple(mask.shape) != (B, N):
-        raise ValueError(f"mask must have shape {(B, N)}, got {tuple(mask.shape)}")
-    for name, t in (("images", images), ("mask", mask)):
-        if t.device != pred.device:
-            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
-    _, fn = select("mae_loss", _call(pred), backend)
+    call = _describe_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    _, fn = select("mae_loss", call, backend)
     return fn(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+
+
+#: op -> its argument checks, returning the call description (derived from the declared op names).
+_DESCRIBE = {name: globals()[f"_describe_{name}"] for name in backends.OPS}
+
+
+def describe_call(op: str, *args, **kwargs) -> Call:
+    """The typed call description dispatch decides on for ``fastvit.ops.<op>(*args, **kwargs)``, after the op's own
+    argument checks, without running it (what the benchmark and :func:`fastvit.backends.select` take).
+
+    Example: ``select("attention", describe_call("attention", qkv, 12))`` names the backend ``attention(qkv, 12)``
+    would run on.
+
+    Raises:
+        ValueError: ``op`` is no dispatched op (or ``backend`` was passed: the call description does not include it);
+            otherwise whatever the op itself raises for these arguments.
+    """
+    if "backend" in kwargs:
+        raise ValueError("describe_call takes the op's arguments without backend=; pass it to select()")
+    try:
+        describe = _DESCRIBE[op]
+    except KeyError:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_DESCRIBE)}") from None
+    return describe(*args, **kwargs)

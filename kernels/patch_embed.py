@@ -27,7 +27,7 @@ Backward (every output element has one writer, no atomics, bit-reproducible):
   d pos_patches = S, d bias = S.sum(0), d cls / d reg / d pos_prefix = the prefix rows' S.
 
 fp32 inputs: ``tl.dot`` uses ``INPUT_PRECISION`` ("tf32" or "ieee") chosen by the caller
-(:func:`fastvit._triton.input_precision`). Scalar sizes are lowercase except ``C`` and ``E``; pointers capitalised.
+(:func:`fastvit.runtime.triton.input_precision`). Scalar sizes are lowercase except ``C`` and ``E``; pointers capitalised.
 """
 
 from __future__ import annotations

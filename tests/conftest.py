@@ -105,3 +105,14 @@ def poisoned_empty():
     yield
     torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
     torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_cache():
+    """Tests monkeypatch what backend availability depends on (``torch.cuda.is_available``, device properties), which
+    fastvit's dispatch cache cannot see: start and end every test with an empty cache."""
+    from fastvit.backends import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()

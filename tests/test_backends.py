@@ -381,7 +381,7 @@ def test_info_json_subprocess(tmp_path):
     assert list(info["backends"]) == list(PRIORITY)
     assert set(info["backends"]) == set(ALL)
     here = fastvit.available_backends()
-    from fastvit import _cuda
+    from fastvit.runtime import cuda as _cuda
 
     # A test run in this process may have JIT-built the extension (tests/test_cuda_extension.py), which the fresh
     # subprocess does not load: compare the cuda backend only when this process has not loaded one either.

@@ -12,7 +12,8 @@ import re
 import pytest
 import torch
 
-from fastvit import _cuda_build as build
+from fastvit.runtime import cuda as _cuda
+from fastvit.runtime import cuda_build as build
 from fastvit import cuda_check
 
 NVCC = build.find_nvcc()
@@ -129,30 +130,35 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- JIT policy
-def test_jit_policy_follows_the_environment_and_the_machine(monkeypatch):
-    from fastvit import _cuda
-
+def test_jit_build_only_on_request(monkeypatch):
+    """Importing fastvit never compiles csrc/ behind the user's back: only FASTVIT_CUDA_JIT=1 (or load(jit=True),
+    python -m fastvit.build) asks for a build, whatever the machine has."""
     monkeypatch.setenv("FASTVIT_CUDA_JIT", "0")
-    assert _cuda._jit_default() is False
+    assert _cuda._jit_requested() is False
     monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")
-    assert _cuda._jit_default() is True
+    assert _cuda._jit_requested() is True
     monkeypatch.delenv("FASTVIT_CUDA_JIT")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, nvcc and CUTLASS: still no build
+    assert _cuda._jit_requested() is False
+
+
+def test_not_built_reason_suggests_only_what_can_work_here(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _cuda._jit_default() is False  # no GPU: never compile behind the user's back
+    reason = _cuda._not_built_reason()
+    assert "no CUDA device" in reason and "FASTVIT_CUDA_JIT" not in reason and "fastvit.build" not in reason
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    expected = (torch.version.cuda is not None and NVCC is not None and build.cutlass_include() is not None
-                and os.path.isdir(build.CSRC))
-    assert _cuda._jit_default() is expected
+    monkeypatch.setattr(_cuda, "missing_for_build", lambda: ["nvcc (the CUDA toolkit) is not found"])
+    assert "cannot be built here: nvcc" in _cuda._not_built_reason()
+    monkeypatch.setattr(_cuda, "missing_for_build", lambda: [])
+    assert "python -m fastvit.build" in _cuda._not_built_reason()
 
 
-def test_failed_automatic_jit_build_leaves_the_backend_unavailable_with_the_reason(monkeypatch):
-    from fastvit import _cuda
-
+def test_failed_requested_jit_build_leaves_the_backend_unavailable_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(_cuda, "_EXT", None)
     monkeypatch.setattr(_cuda, "_LOAD_ERROR", "not loaded yet")
-    monkeypatch.delenv("FASTVIT_CUDA_JIT", raising=False)
-    monkeypatch.setattr(_cuda, "_jit_default", lambda: True)
-    monkeypatch.setattr(_cuda, "_local_arch", lambda: "9.0a")
+    monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")
+    monkeypatch.setenv("FASTVIT_BUILD_LOG", str(tmp_path / "build.log"))
+    monkeypatch.setattr(_cuda, "local_arch", lambda: "9.0a")
 
     calls = []
 
@@ -163,38 +169,49 @@ def test_failed_automatic_jit_build_leaves_the_backend_unavailable_with_the_reas
     monkeypatch.setattr(_cuda, "jit_build", broken_build)
     if _cuda.importlib.util.find_spec("fastvit._C") is not None:
         pytest.skip("fastvit._C is built here, so no JIT build is attempted")
-    assert _cuda.load() is None
-    assert calls == [{"archs": "9.0a"}]  # automatic builds are for this GPU only
+    with pytest.warns(RuntimeWarning, match="something went wrong"):
+        assert _cuda.load() is None
+    assert calls == [{"archs": "9.0a", "log_path": str(tmp_path / "build.log")}]  # for this GPU, logged
     assert "just-in-time build of csrc/ failed" in _cuda.load_error()
-    assert "something went wrong" in _cuda.load_error()
-    monkeypatch.setenv("FASTVIT_CUDA_JIT", "1")  # an explicit request surfaces the error instead
-    with pytest.raises(RuntimeError, match="something went wrong"):
-        _cuda.load()
+    assert "something went wrong" in _cuda.load_error() and "build.log" in _cuda.load_error()
+    with pytest.raises(RuntimeError, match="something went wrong"):  # an explicit request surfaces the error
+        _cuda.load(jit=True)
+    monkeypatch.delenv("FASTVIT_CUDA_JIT")
+    assert _cuda.load() is None and len(calls) == 2  # not requested: no build
+
+
+#: The kernel facts a full build reports (build_info()): the dK/dV kernel of buckets 96 / 128 needs 107,520 B.
+FULL_BUILD_FACTS = {"attention_head_dim_bucket_table": "32,64,80,96,128", "attention_head_dim_buckets": "32,64,80,96,128",
+                    "attention_bwd_smem_bytes": "32:40960,64:73728,80:90112,96:107520,128:104960",
+                    "attention_head_dim_multiple": 8, "gemm_alignment": 8}
 
 
 def test_attention_backward_shared_memory_gates_head_dims_above_80(monkeypatch):
     """sm_86 / sm_89 allow 99 KB of shared memory per block, less than the dK/dV kernel of the 96 / 128 buckets needs:
     the backend must decline those head dims there (dispatch then falls back) instead of failing at launch."""
-    from fastvit import _cuda
+    from fastvit.backends import Call
+    from fastvit.families import attention
 
     class Props:
         shared_memory_per_block_optin = 101_376  # an RTX 4090 (sm_89)
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
-    call = {"device": torch.device("cuda", 0), "num_tokens": 197, "num_kv_tokens": 197}
-    assert _cuda._attention_check({**call, "head_dim": 80}) == []
+    check = attention.cuda_check_for(FULL_BUILD_FACTS)
+    call = Call(device=torch.device("cuda", 0), num_tokens=197, num_kv_tokens=197)
+    assert check(call._replace(head_dim=80)) == []
     for d in (88, 96, 128):
-        (reason,) = _cuda._attention_check({**call, "head_dim": d})
+        (reason,) = check(call._replace(head_dim=d))
         assert f"head_dim {d}" in reason and "101376 B" in reason
     Props.shared_memory_per_block_optin = 232_448  # an H100 (sm_90)
-    assert _cuda._attention_check({**call, "head_dim": 128}) == []
+    assert check(call._replace(head_dim=128)) == []
 
 
 def test_linear_check_declines_empty_and_unaligned_features():
-    from fastvit import _cuda
+    from fastvit.families import linear
 
-    assert _cuda._linear_check({"in_features": 768, "out_features": 3072}) == []
-    (reason,) = _cuda._linear_check({"in_features": 0, "out_features": 64})
+    check = linear.cuda_check_for(FULL_BUILD_FACTS)
+    assert check({"in_features": 768, "out_features": 3072}) == []
+    (reason,) = check({"in_features": 0, "out_features": 64})
     assert "in_features = 0" in reason
-    (reason,) = _cuda._linear_check({"in_features": 64, "out_features": 100})
+    (reason,) = check({"in_features": 64, "out_features": 100})
     assert "out_features = 100 is not a multiple of 8" in reason

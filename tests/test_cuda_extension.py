@@ -5,7 +5,7 @@ session -- minutes on two cores, cached by torch across runs -- and then checked
 
 * ``build_info()`` reports what was compiled;
 * every ``fastvit::*_cuda`` schema equals the Triton op's (same arguments, same returns), so one autograd glue
-  (:mod:`fastvit._autograd`) serves both backends;
+  (:mod:`fastvit.families`) serves both backends;
 * the fake (meta) implementations give the real ops' output shapes and dtypes, on a fake CUDA device under
   ``FakeTensorMode`` and on the meta device, forward and backward through the registered autograd (the autograd
   engine wants a CUDA context for fake CUDA tensors, so backward runs on meta tensors);
@@ -23,8 +23,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastvit
-from fastvit import _cuda
-from fastvit import _cuda_build as build
+from fastvit.runtime import cuda as _cuda
+from fastvit.runtime import cuda_build as build
 from fastvit import backends
 
 pytestmark = pytest.mark.skipif(

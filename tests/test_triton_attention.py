@@ -1,4 +1,4 @@
-"""Triton FlashAttention-2 (fastvit.kernels.attention via fastvit._triton) against the oracle.
+"""Triton FlashAttention-2 (fastvit.kernels.attention via fastvit.families.attention) against the oracle.
 
 ``attention`` (packed qkv) and ``scaled_dot_product_attention`` (strided (B, H, N, D)), forward and every
 gradient, fp32 / fp16 / bf16, token tails and non-power-of-two head dims. Runs in the Triton interpreter on the
@@ -209,7 +209,7 @@ def test_autotune_key_holds_what_the_pruners_read():
 def test_sdpa_operands_keep_token_offsets_within_int32():
     """The kernels multiply token index by token stride in int32: a sequence-first view whose (N + 128) * stride
     exceeds 2^31 - 1 is copied to contiguous; an ordinary view passes through uncopied."""
-    from fastvit import _triton
+    from fastvit.families import attention as _triton
 
     B, H, N, D = 256, 16, 4097, 128  # x.view(N, B, H, D).permute(1, 2, 0, 3): token stride B*H*D = 2^19
     seq_first = torch.empty(N * B * H * D, device="meta").view(N, B, H, D).permute(1, 2, 0, 3)
@@ -220,9 +220,9 @@ def test_sdpa_operands_keep_token_offsets_within_int32():
 
 
 def test_batch_beyond_the_grid_limit_is_declined():
-    from fastvit import _triton
+    from fastvit.families import attention as _triton
 
     call = {"num_tokens": 4, "num_kv_tokens": 4}
-    assert not any("batch" in r for r in _triton._attention_check({**call, "batch": 65535}))
-    (reason,) = [r for r in _triton._attention_check({**call, "batch": 65536}) if "batch" in r]
+    assert not any("batch" in r for r in _triton.triton_check({**call, "batch": 65535}))
+    (reason,) = [r for r in _triton.triton_check({**call, "batch": 65536}) if "batch" in r]
     assert "65536 > 65535" in reason

@@ -1,4 +1,4 @@
-"""Triton fused residual-add + LayerNorm (fastvit.kernels.layer_norm via fastvit._triton) against the oracle.
+"""Triton fused residual-add + LayerNorm (fastvit.kernels.layer_norm via fastvit.families.layer_norm) against the oracle.
 
 Runs on the CPU through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on a
 CUDA device otherwise. Every output the kernels allocate is poisoned with NaN (PyTorch's

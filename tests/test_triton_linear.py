@@ -1,4 +1,4 @@
-"""Triton GEMM + epilogue kernels (fastvit.kernels.linear via fastvit._triton_linear) against the oracle.
+"""Triton GEMM + epilogue kernels (fastvit.kernels.linear via fastvit.families.linear) against the oracle.
 
 ``linear_gelu`` (fc1 + bias + GELU, erf or tanh) and ``linear_residual`` (fc2/proj + bias + LayerScale + residual)
 on backend "triton", forward and every gradient (x, weight, bias, residual, gamma), fp32 / fp16 / bf16, against
@@ -8,7 +8,7 @@ config uses 32 × 32 × 32 tiles, so K = 40 / 72, N = 96 / 200 and M = 1 / 50 / 
 
 Every output the kernels allocate is poisoned with NaN (PyTorch's ``fill_uninitialized_memory`` under
 deterministic mode fills ``torch.empty`` with NaN), so an element a kernel forgets to write fails the oracle's
-finiteness check. The module imports fastvit._triton_linear itself, so it runs before fastvit.ops imports it.
+finiteness check. The module imports fastvit.families.linear itself, so it runs before fastvit.ops imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastvit.backends import BackendNotSupportedError
 from oracle import check_op, make_inputs, randn
 
 pytest.importorskip("triton")
-from fastvit import _triton_linear  # noqa: E402  (registers the triton linear_gelu / linear_residual kernels)
+from fastvit.families import linear as _triton_linear  # noqa: E402  (registers the triton linear kernels)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

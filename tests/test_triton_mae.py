@@ -1,4 +1,4 @@
-"""Triton MAE decoder un-shuffle and reconstruction loss (fastvit.kernels.mae via fastvit._triton_mae) vs the oracle.
+"""Triton MAE decoder un-shuffle and reconstruction loss (fastvit.kernels.mae via fastvit.families.mae) vs the oracle.
 
 Runs on the CPU through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on a
 CUDA device otherwise. ``torch.empty`` is NaN-poisoned for every test, so an output element a kernel forgets to
@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("triton")
 
 import fastvit.ops  # noqa: E402
-from fastvit import _triton_mae, reference  # noqa: E402,F401
+from fastvit import reference  # noqa: E402
+from fastvit.families import mae as _family  # noqa: E402,F401
 from fastvit.backends import BackendNotSupportedError  # noqa: E402
 from oracle import check_op, make_inputs, randn  # noqa: E402
 

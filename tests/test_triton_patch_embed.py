@@ -1,4 +1,4 @@
-"""Triton patch embedding (fastvit.kernels.patch_embed via fastvit._triton_mae) against the oracle.
+"""Triton patch embedding (fastvit.kernels.patch_embed via fastvit.families.patch_embed) against the oracle.
 
 Runs on the CPU through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on a
 CUDA device otherwise. ``torch.empty`` is NaN-poisoned for every test, so an unwritten output element fails.
@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 import fastvit.ops  # noqa: E402
-from fastvit import _triton_mae, reference  # noqa: E402,F401
+from fastvit import reference  # noqa: E402
+from fastvit.families import patch_embed as _family  # noqa: E402,F401
 from oracle import check_op, make_inputs, randn  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

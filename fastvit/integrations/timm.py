@@ -7,16 +7,19 @@ Source of the semantics: timm ``models/vision_transformer.py`` and ``layers/{att
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import copy
+import re
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from fastvit import ops
 from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
+from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.vit import VisionTransformer
 
-__all__ = ["from_timm", "patch_timm_"]
+__all__ = ["PatchRecord", "format_patch_report", "from_timm", "patch_report", "patch_timm_", "timm_pretrained_cfg"]
 
 
 def _timm():
@@ -55,7 +58,9 @@ def from_timm(model: nn.Module) -> VisionTransformer:
         model: a ``timm.models.vision_transformer.VisionTransformer`` (e.g. from ``timm.create_model('vit_...')``).
 
     Returns:
-        The fastvit model.
+        The fastvit model, carrying a copy of ``model.pretrained_cfg`` (``{}`` when it has none) as its
+        ``pretrained_cfg`` / ``default_cfg``, so ``timm.data.resolve_data_config(model=...)`` and timm's
+        ``auto_group_layers`` see what they see for the timm model.
 
     Raises:
         ValueError: ``model`` is not a plain timm ``VisionTransformer`` (another architecture, a distilled or
@@ -171,15 +176,100 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out.load_state_dict(state, strict=True, assign=True)
     out.train(model.training)
+    out.pretrained_cfg = copy.deepcopy(getattr(model, "pretrained_cfg", None) or {})
     return out
 
 
 # ----------------------------------------------------------------------------------------------- patch_timm_
 _PATCHED: Dict[type, type] = {}
 
+# What each patched forward needs, as reasons it cannot serve a module. The same functions decide at forward time
+# (a patched module whose list is non-empty runs timm's own forward) and fill patch_report().
+_COVERED = "patch_timm_ covers timm's PatchEmbed, Attention, Mlp, vision_transformer.Block and LayerNorm"
+
+
+def _norm_reason(m: Optional[nn.Module], what: str) -> Optional[str]:
+    if _is_identity(m):
+        return None
+    if not isinstance(m, nn.LayerNorm):
+        return f"{what} is {_orig_type(m).__name__}, not covered (LayerNorm only)"
+    if len(m.normalized_shape) != 1:
+        return f"{what} normalizes over {len(m.normalized_shape)} dims, not covered (last dim only)"
+    return None
+
+
+def _patch_embed_reasons(m: nn.Module) -> List[str]:
+    out = []
+    if getattr(m, "dynamic_img_pad", False):
+        out.append("dynamic_img_pad=True not covered")
+    if not _is_identity(m.norm):
+        out.append(f"patch-embed norm ({_orig_type(m.norm).__name__}) not covered")
+    if not m.flatten and getattr(m.output_fmt, "value", str(m.output_fmt)) not in ("NHWC", "NCHW", "NLC"):
+        out.append(f"output_fmt {getattr(m.output_fmt, 'value', m.output_fmt)!r} not covered")
+    return out
+
+
+def _attn_reasons(m: nn.Module) -> List[str]:
+    out = []
+    if getattr(m, "gate", None) is not None:
+        out.append("gated attention (gated=True) not covered")
+    for n, what in ((m.q_norm, "qk_norm"), (getattr(m, "norm", None), "scale_norm")):
+        r = _norm_reason(n, what)
+        if r:
+            out.append(r)
+    return out
+
+
+def _attn_supported(m: nn.Module) -> bool:
+    return not _attn_reasons(m)
+
+
+def _mlp_reasons(m: nn.Module) -> List[str]:
+    out = []
+    if not (isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
+        out.append("convolutional MLP (use_conv=True) not covered")
+    try:
+        _act_mode(m.act)
+    except ValueError:
+        out.append(f"activation {_orig_type(m.act).__name__} not covered (GELU, tanh GELU, QuickGELU)")
+    r = _norm_reason(m.norm, "MLP norm")
+    if r:
+        out.append(r)
+    return out
+
+
+def _mlp_supported(m: nn.Module) -> bool:
+    return not _mlp_reasons(m)
+
+
+def _block_reasons(m: nn.Module) -> List[str]:
+    from timm.layers import Attention as TAttention
+    from timm.layers import Mlp as TMlp
+
+    out = [r for r in (_norm_reason(m.norm1, "norm1"), _norm_reason(m.norm2, "norm2")) if r]
+    for what, sub, cls, reasons in (("attn", m.attn, TAttention, _attn_reasons), ("mlp", m.mlp, TMlp, _mlp_reasons)):
+        if _orig_type(sub) is not cls:
+            out.append(f"{what} is {_orig_type(sub).__name__}, not timm's {cls.__name__}")
+        else:
+            out += [f"{what}: {r}" for r in reasons(sub)]
+    for name in ("ls1", "ls2"):
+        ls = getattr(m, name)
+        if not (_is_identity(ls) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
+            out.append(f"{name} is {_orig_type(ls).__name__}, not covered (LayerScale with a gamma tensor only)")
+    return out
+
+
+def _block_supported(m: nn.Module) -> bool:
+    return not _block_reasons(m)
+
+
+def _layer_norm_reasons(m: nn.Module) -> List[str]:
+    r = _norm_reason(m, "LayerNorm")
+    return [r] if r else []
+
 
 def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if getattr(self, "dynamic_img_pad", False) or not _is_identity(self.norm) or not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if _patch_embed_reasons(self) or not isinstance(x, torch.Tensor) or x.dim() != 4:
         return self._fastvit_orig_cls.forward(self, x)
     B, C, H, W = x.shape
     if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
@@ -197,14 +287,7 @@ def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return out
     if fmt == "NCHW":
         return out.permute(0, 3, 1, 2)
-    if fmt == "NLC":
-        return out.reshape(B, gh * gw, -1)
-    return self._fastvit_orig_cls.forward(self, x)
-
-
-def _attn_supported(m: nn.Module) -> bool:
-    norms_ok = all(_is_identity(n) or isinstance(n, nn.LayerNorm) for n in (m.q_norm, m.k_norm, getattr(m, "norm", None)))
-    return getattr(m, "gate", None) is None and norms_ok
+    return out.reshape(B, gh * gw, -1)  # NLC (other formats are in _patch_embed_reasons)
 
 
 def _attention_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
@@ -213,31 +296,10 @@ def _attention_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] 
     return self.proj_drop(self.proj(attention_core(self, x)))
 
 
-def _mlp_supported(m: nn.Module) -> bool:
-    try:
-        _act_mode(m.act)
-    except ValueError:
-        return False
-    return isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear) and (_is_identity(m.norm) or isinstance(m.norm, nn.LayerNorm))
-
-
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not _mlp_supported(self):
         return self._fastvit_orig_cls.forward(self, x)
     return self.drop2(self.fc2(mlp_hidden(self, x)))
-
-
-def _block_supported(m: nn.Module) -> bool:
-    from timm.layers import Attention as TAttention
-    from timm.layers import Mlp as TMlp
-
-    if not (isinstance(m.norm1, nn.LayerNorm) and isinstance(m.norm2, nn.LayerNorm)):
-        return False
-    if getattr(m.attn, "_fastvit_orig_cls", type(m.attn)) is not TAttention or not _attn_supported(m.attn):
-        return False
-    if getattr(m.mlp, "_fastvit_orig_cls", type(m.mlp)) is not TMlp or not _mlp_supported(m.mlp):
-        return False
-    return all(_is_identity(ls) or isinstance(getattr(ls, "gamma", None), torch.Tensor) for ls in (m.ls1, m.ls2))
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
@@ -252,6 +314,15 @@ def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+_REASONS = {
+    _patch_embed_forward: _patch_embed_reasons,
+    _attention_forward: _attn_reasons,
+    _mlp_forward: _mlp_reasons,
+    _block_forward: _block_reasons,
+    _layer_norm_forward: _layer_norm_reasons,
+}
+
+
 def _patched_class(cls: type, forward) -> type:
     new = _PATCHED.get(cls)
     if new is None:
@@ -261,43 +332,61 @@ def _patched_class(cls: type, forward) -> type:
     return new
 
 
-def patch_timm_(model: nn.Module) -> nn.Module:
+def _patch_table() -> Dict[type, object]:
+    from timm.layers import Attention as TAttention
+    from timm.layers import Mlp as TMlp
+    from timm.layers import PatchEmbed as TPatchEmbed
+    from timm.models.vision_transformer import Block as TBlock
+
+    return {TPatchEmbed: _patch_embed_forward, TAttention: _attention_forward, TMlp: _mlp_forward, TBlock: _block_forward}
+
+
+def _patchable_forward(m: nn.Module):
+    """The fastvit forward patch_timm_ gives ``m``'s class, or None when the class is not covered."""
+    cls = type(m)
+    fwd = _patch_table().get(cls)
+    if fwd is None and isinstance(m, nn.LayerNorm) and cls.forward in (nn.LayerNorm.forward,) + _timm_layer_norm_forwards():
+        fwd = _layer_norm_forward
+    return fwd
+
+
+def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Run a timm model's ``PatchEmbed``, ``Attention``, ``Mlp``, ViT ``Block`` and ``LayerNorm`` modules on
     :mod:`fastvit.ops`, in place.
 
     Each matching module's class is swapped for a subclass that overrides only ``forward`` (e.g. ``Attention`` ->
     ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors, hooks and ``isinstance`` checks are
-    untouched. Matching is by exact class, so timm variants (``AttentionRope``, ``SwiGLU``, ``ResPostBlock``...) are
-    left alone; a patched module falls back to timm's own forward for calls fastvit does not cover (``attn_mask`` /
-    ``is_causal``, gated attention, conv MLPs, patch-embed norms or padding). Patching twice is a no-op. Outputs and
-    gradients equal the unpatched model's (fp32 eager: bit for bit up to float reassociation).
+    untouched. Matching is by exact class, so timm variants (``AttentionRope``, ``EvaAttention``, ``SwiGLU``,
+    ``RmsNorm``, ``ResPostBlock``...) are left on timm's forward; a patched module falls back to timm's own forward
+    for configurations fastvit does not cover (gated attention, RMSNorm qk-norm, conv MLPs, other activations,
+    patch-embed norms or padding) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a no-op.
+    Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float reassociation).
+
+    To see what was patched and what was left on timm's forward, and why: :func:`patch_report` (``model``'s current
+    state, any time), or ``verbose=True`` here, which prints that report as a table after patching.
 
     Args:
         model: any ``nn.Module`` holding timm layers (typically ``timm.create_model('vit_...')``).
+        verbose: print :func:`format_patch_report` of the patched model (stdout).
 
     Returns:
         ``model`` itself.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        ImportError: timm is not installed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _timm()
-    from timm.layers import Attention as TAttention
-    from timm.layers import Mlp as TMlp
-    from timm.layers import PatchEmbed as TPatchEmbed
-    from timm.models.vision_transformer import Block as TBlock
-
-    table = {TPatchEmbed: _patch_embed_forward, TAttention: _attention_forward, TMlp: _mlp_forward, TBlock: _block_forward}
     for m in model.modules():
-        cls = type(m)
-        if cls in _PATCHED.values():
+        if type(m) in _PATCHED.values():
             continue
-        if cls in table:
-            m.__class__ = _patched_class(cls, table[cls])
-        elif isinstance(m, nn.LayerNorm) and cls.forward in (nn.LayerNorm.forward,) + _timm_layer_norm_forwards():
-            m.__class__ = _patched_class(cls, _layer_norm_forward)
+        fwd = _patchable_forward(m)
+        if fwd is not None:
+            m.__class__ = _patched_class(type(m), fwd)
+    if verbose:
+        print(format_patch_report(patch_report(model)))
     return model
 
 
@@ -305,3 +394,112 @@ def _timm_layer_norm_forwards() -> tuple:
     from timm.layers import LayerNorm as TLayerNorm
 
     return (TLayerNorm.forward,)
+
+
+# ----------------------------------------------------------------------------------------------- patch_report
+class PatchRecord(NamedTuple):
+    """One row of :func:`patch_report`.
+
+    Fields:
+        name: the module's qualified name in the model (``model.get_submodule(name)``).
+        class_name: its timm / torch class (the original class for patched modules, e.g. ``'Attention'``).
+        status: ``'patched'`` (its forward runs on :mod:`fastvit.ops`), ``'fallback'`` (patched, but its
+            configuration sends every call to timm's own forward), ``'unpatched'`` (a class ``patch_timm_`` covers,
+            not patched yet) or ``'not covered'`` (a class ``patch_timm_`` leaves on timm's forward).
+        reason: why it is not ``'patched'`` (``''`` when it is; several reasons joined by ``'; '``).
+    """
+
+    name: str
+    class_name: str
+    status: str
+    reason: str
+
+
+# Classes patch_timm_ leaves alone that users ask about, by name (timm is not imported for this).
+_KNOWN_UNCOVERED = (
+    (("EvaAttention", "AttentionRope"), "rotary embeddings not covered ({cls} applies rope to q and k in its forward)"),
+    (("EvaBlock",), "rotary embeddings not covered ({cls} passes rope to its attention); its submodules are listed separately"),
+    (("SwiGLU", "SwiGLUPacked", "GluMlp"), "gated MLP ({cls}) not covered"),
+    (("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"), "RMSNorm ({cls}) not covered (LayerNorm only)"),
+    (("LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "GroupNorm", "GroupNorm1", "BatchNorm2d"),
+     "channels-first norm ({cls}) not covered"),
+    (("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffBlock"),
+     "{cls} not covered (only timm's pre-norm vision_transformer.Block); its submodules are listed separately"),
+    (("AttentionPoolLatent", "AttentionPool2d", "MultiheadAttention"), "attention pooling / {cls} not covered"),
+)
+_REPORTED_NAMES = re.compile(r"Attention|Attn|Mlp|GLU|Norm|Block|Embed|Rope|Rotary|Pool")
+
+
+def _uncovered_reason(m: nn.Module) -> Optional[str]:
+    cls = type(m).__name__
+    if "Rope" in cls or "Rotary" in cls:
+        return f"rotary embeddings not covered ({cls})"
+    for names, text in _KNOWN_UNCOVERED:
+        if cls in names:
+            return text.format(cls=cls)
+    if isinstance(m, nn.LayerNorm):
+        return f"{cls} overrides LayerNorm.forward; not covered"
+    if _REPORTED_NAMES.search(cls):
+        return f"{cls} not covered ({_COVERED})"
+    return None
+
+
+def patch_report(model: nn.Module) -> List[PatchRecord]:
+    """What of ``model`` runs on :mod:`fastvit.ops` after :func:`patch_timm_`, and what runs timm's own forward
+    and why -- read off the model's current state (call it before patching to see what is left to patch).
+
+    Listed, in ``model.named_modules()`` order: every module of a class ``patch_timm_`` covers (status
+    ``'patched'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block / embedding /
+    pooling module (``'not covered'``, e.g. ``EvaAttention``: "rotary embeddings not covered"). Plain layers
+    (``Linear``, ``Conv2d``, dropout, activations, LayerScale, containers) and ``model`` itself are not listed:
+    they run PyTorch's / timm's own code either way, and inside a patched module their work is fused.
+
+    Reasons are static. At forward time a patched module also falls back for calls fastvit does not cover:
+    ``attn_mask`` / ``is_causal`` given, a patch embedding called on a non-4-D tensor.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        A list of :class:`PatchRecord` ``(name, class_name, status, reason)`` named tuples.
+        :func:`format_patch_report` renders it as a table.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ImportError: timm is not installed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _timm()
+    out: List[PatchRecord] = []
+    for name, m in model.named_modules():
+        if m is model:
+            continue
+        cls = type(m)
+        if cls in _PATCHED.values():
+            reasons = _REASONS[cls.forward](m)
+            out.append(PatchRecord(name, _orig_type(m).__name__, "fallback" if reasons else "patched", "; ".join(reasons)))
+        elif _patchable_forward(m) is not None:
+            out.append(PatchRecord(name, cls.__name__, "unpatched", "patch_timm_ has not been applied to it"))
+        else:
+            reason = _uncovered_reason(m)
+            if reason is not None:
+                out.append(PatchRecord(name, cls.__name__, "not covered", reason))
+    return out
+
+
+def format_patch_report(report: List[PatchRecord]) -> str:
+    """:func:`patch_report`'s rows as a fixed-width text table (module, class, status, reason) followed by a line
+    counting each status. An empty report gives a header and ``'0 modules'``."""
+    rows = [("module", "class", "status", "reason")] + [tuple(r) for r in report]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r[:3], widths)) + "  " + str(r[3]) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    counts: Dict[str, int] = {}
+    for r in report:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) if counts else "0 modules"
+    return "\n".join(lines + [summary])
+
+
+# ----------------------------------------------------------------------------------------------- pretrained cfgs

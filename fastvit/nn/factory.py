@@ -7,6 +7,7 @@ load them with :func:`fastvit.integrations.from_timm`, :func:`fastvit.integratio
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List
 
 import torch.nn as nn
@@ -73,7 +74,31 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
     if name in _VIT_CONFIGS:
         from fastvit.nn.vit import VisionTransformer
 
-        return VisionTransformer(**{**_VIT_CONFIGS[name], **overrides})
+        model = VisionTransformer(**{**_VIT_CONFIGS[name], **overrides})
+        model.pretrained_cfg = timm_pretrained_cfg(name) or {}  # what timm.create_model(name) attaches
+        return model
     from fastvit.nn.mae import MaskedAutoencoderViT  # lazy: fastvit.nn.mae is built on this package's layers
 
     return MaskedAutoencoderViT(**{**_MAE_CONFIGS[name], **overrides})
+
+
+def timm_pretrained_cfg(name: str) -> dict | None:
+    """The ``pretrained_cfg`` dict ``timm.create_model(name)`` attaches to its model, or ``None`` when timm is not
+    installed or has no configuration registered for ``name`` (e.g. MAE's ``mae_vit_*``).
+
+    As timm's builder: ``timm.models.get_pretrained_cfg(name)`` (the default tag), ``architecture`` filled in,
+    ``.to_dict()``. A fresh dict each call.
+
+    Raises:
+        RuntimeError: ``name`` has a pretrained tag timm does not know (timm's error).
+    """
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return None
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if not cfg.architecture:
+        cfg = dataclasses.replace(cfg, architecture=name)
+    return cfg.to_dict()

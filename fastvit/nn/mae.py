@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from functools import partial
 from numbers import Real
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ import torch.nn as nn
 from fastvit import ops
 from fastvit.nn.layers import Block, PatchEmbed, apply_norm
 from fastvit.nn.pos_embed import get_2d_sincos_pos_embed
+from fastvit.nn.vit import run_blocks
 
 __all__ = ["MaskedAutoencoderViT"]
 
@@ -182,6 +183,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, ph * ph * in_chans, bias=True)
 
         self.norm_pix_loss = bool(norm_pix_loss)
+        self.grad_checkpointing = False
+        self.pretrained_cfg: Dict[str, Any] = {}
         self.initialize_weights()
 
     # ------------------------------------------------------------------------------------------- init
@@ -214,9 +217,53 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self) -> set:
-        """Names of parameters usually excluded from weight decay (tokens and position tables), as timm's hook."""
+    # ------------------------------------------------------------------------------------------- training APIs
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Names of parameters excluded from weight decay by timm's optimizer factory (tokens and position tables).
+
+        ``timm.optim.create_optimizer_v2(model, 'adamw', weight_decay=...)`` reads this hook, as for timm's ViT
+        (whose list this extends by MAE's ``mask_token`` / ``decoder_pos_embed``); the position tables are frozen
+        (``requires_grad=False``) and so are in no optimizer group anyway. The MAE reference's pre-training script
+        (``optim_factory.add_weight_decay(model, wd)``) passes no such list and so decays ``cls_token`` /
+        ``mask_token``; use ``timm.optim.param_groups_weight_decay(model, wd)`` to reproduce that.
+        """
         return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Regexes mapping parameter names to layer groups, in timm's ``group_matcher`` format.
+
+        The encoder is grouped exactly as timm's ``VisionTransformer.group_matcher`` (its names are timm's):
+        ``stem`` (``cls_token``, ``pos_embed``, ``patch_embed``) is group 0, ``blocks.{i}`` group i + 1, the
+        encoder ``norm`` joins the last block; every decoder parameter (``decoder_*``, ``mask_token``) is
+        unmatched and so lands in the last group, the place timm gives a classifier head. With
+        ``timm.optim.create_optimizer_v2(model, ..., layer_decay=d)`` the decoder therefore trains at the full
+        learning rate and encoder block i at ``d ** (depth - i)``. ``coarse`` changes nothing, as in timm's ViT.
+        """
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing of the encoder and decoder blocks on or off (timm's method name).
+
+        With it on, each block of :meth:`forward_encoder` / :meth:`forward_decoder` is one non-reentrant
+        ``torch.utils.checkpoint`` segment: only its input is kept for the backward, where its forward runs again.
+        Outputs and gradients are those without checkpointing.
+        """
+        self.grad_checkpointing = bool(enable)
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """Alias of ``pretrained_cfg`` (timm's backward-compatible name); ``{}`` unless set."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     # ------------------------------------------------------------------------------------------- checks
     def _check_imgs(self, imgs: object) -> torch.Tensor:
@@ -337,8 +384,7 @@ class MaskedAutoencoderViT(nn.Module):
             imgs.shape[0], self.num_patches, float(mask_ratio), noise=noise, device=imgs.device
         )
         x = self.patch_embed(imgs, pos_embed=self.pos_embed, cls_token=self.cls_token, ids_keep=ids_keep)
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = apply_norm(self.norm, x)
         return x, mask, ids_restore
 
@@ -376,8 +422,7 @@ class MaskedAutoencoderViT(nn.Module):
             )
         x = self.decoder_embed(latent)
         x = ops.mae_unshuffle(x, self.mask_token, ids_restore, pos_embed=self.decoder_pos_embed)
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = run_blocks(self.decoder_blocks, x, self.grad_checkpointing)
         x = apply_norm(self.decoder_norm, x[:, 1:])
         return self.decoder_pred(x)
 

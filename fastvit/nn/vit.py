@@ -12,17 +12,65 @@ blocks are :class:`fastvit.nn.layers.Block`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from fastvit.nn.layers import Block, PatchDropout, PatchEmbed, apply_norm, resolve_act
 from fastvit.nn.pos_embed import resample_abs_pos_embed
 
-__all__ = ["VisionTransformer", "checkpoint_filter_fn"]
+__all__ = ["VisionTransformer", "checkpoint_filter_fn", "feature_take_indices"]
 
 _POOLS = ("token", "avg", "")
+
+
+def feature_take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]] = None) -> Tuple[List[int], int]:
+    """Absolute block indices to take, as timm's ``timm.models._features.feature_take_indices``.
+
+    Args:
+        num_features: how many blocks there are.
+        indices: ``None`` -> all; an int n -> the last n; a sequence of ints -> those (negative ones count from the
+            end), in the order given.
+
+    Returns:
+        (take_indices, max_index): a list of non-negative ints and its maximum.
+
+    Raises:
+        ValueError: ``n`` outside 1..num_features, or an index outside -num_features..num_features-1 (timm raises
+            AssertionError with the same message).
+    """
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_features + i if i < 0 else i
+            if not 0 <= idx < num_features:
+                raise ValueError(f"feature index {idx} is out of range (0 to {num_features - 1})")
+            take.append(int(idx))
+        if not take:
+            raise ValueError("indices is an empty sequence; pass None (all blocks), an int n (last n) or indices")
+    return take, max(take)
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """Run ``blocks`` in order; with ``checkpointed`` each block is one non-reentrant
+    ``torch.utils.checkpoint.checkpoint`` segment (timm's ``checkpoint_seq(blocks, x)`` with ``every=1``): its
+    activations are dropped after the forward and recomputed in the backward (RNG state preserved, so dropout /
+    drop-path masks are the same both times)."""
+    if checkpointed:
+        for blk in blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return x
+    for blk in blocks:
+        x = blk(x)
+    return x
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> None:
@@ -156,6 +204,8 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = None
+        self.grad_checkpointing = False
+        self.pretrained_cfg: Dict[str, Any] = {}
         self.fc_norm = norm_layer(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
@@ -180,10 +230,46 @@ class VisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    # ------------------------------------------------------------------------------------------- training APIs
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """Parameter names that timm excludes from weight decay."""
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names excluded from weight decay, exactly timm's ``VisionTransformer.no_weight_decay``
+        (``timm.optim.create_optimizer_v2`` reads it; names the model lacks are ignored there)."""
         return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Regexes that map parameter names to layer groups, exactly timm's ``VisionTransformer.group_matcher``.
+
+        ``stem`` (tokens, ``pos_embed``, ``patch_embed``, ``norm_pre``) is group 0, ``blocks.{i}`` is group i + 1,
+        the final ``norm`` follows the last block, and everything unmatched (``fc_norm``, ``head``) is the last
+        group. ``timm.optim.create_optimizer_v2(model, ..., layer_decay=...)`` and
+        ``timm.models.group_parameters`` use it; ``coarse`` is accepted and, as in timm, changes nothing.
+        """
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation (gradient) checkpointing of the blocks on or off, as timm's ``set_grad_checkpointing``.
+
+        With it on, :meth:`forward_features` / :meth:`forward_intermediates` run each block as one non-reentrant
+        ``torch.utils.checkpoint`` segment (timm: ``checkpoint_seq(self.blocks, x)``): a block keeps only its input
+        for the backward and runs its forward again there. Outputs and gradients are those without checkpointing
+        (RNG state is restored for the recomputation, so dropout masks match).
+        """
+        self.grad_checkpointing = bool(enable)
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """Alias of ``pretrained_cfg`` (timm's backward-compatible name)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     def get_classifier(self) -> nn.Module:
         """The classifier head (``nn.Linear`` or ``nn.Identity``)."""
@@ -252,8 +338,124 @@ class VisionTransformer(nn.Module):
         x = self._embed(x)
         x = self.patch_drop(x)
         x = apply_norm(self.norm_pre, x)
-        x = self.blocks(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         return apply_norm(self.norm, x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]], Dict[str, Any]]:
+        """Features plus the outputs of selected blocks, as timm's ``VisionTransformer.forward_intermediates``
+        (same signature, defaults, output structure and values).
+
+        Args:
+            x: (B, in_chans, Hi, Wi) float images.
+            indices: which blocks' outputs to return: ``None`` all, an int n the last n, a list of indices
+                (negative ones count from the end); returned in block order whatever the list's order, as timm.
+            return_prefix_tokens: pair each intermediate with its prefix tokens (B, R, C) (R =
+                ``num_prefix_tokens``; ignored when R = 0, as timm).
+            norm: apply the final ``norm`` to each intermediate (``nn.Identity`` for fc_norm models, as timm).
+            stop_early: do not run the blocks after the last requested one.
+            output_fmt: ``'NCHW'`` -> each intermediate (B, C, Hi/P, Wi/P), contiguous; ``'NLC'`` -> (B, Np, C).
+            intermediates_only: return only the list of intermediates.
+            output_dict: return ``{'image_intermediates': [...], 'image_features': (B, N, C)}`` (features left out
+                with ``intermediates_only``; ``'image_intermediates_prefix'`` added with ``return_prefix_tokens``).
+            attn_mask, is_causal: accepted for timm's signature; fastvit's blocks have no masked attention.
+
+        Returns:
+            ``(features, intermediates)`` with ``features`` = ``norm(x)`` after the blocks run (B, N, C) -- with
+            ``stop_early`` after the last requested block, as timm; or the intermediates list alone, or the dict.
+            Each intermediate is a tensor, or a ``(spatial, prefix)`` tuple with ``return_prefix_tokens``. Dtype of
+            the computation (autocast dtype under autocast).
+
+        Raises:
+            ValueError: ``output_fmt`` not ``'NCHW'`` / ``'NLC'``, ``indices`` out of range, ``attn_mask`` or
+                ``is_causal`` given, or a bad image (see :meth:`forward`).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise ValueError("forward_intermediates: attn_mask / is_causal are not supported by fastvit's blocks")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.patch_embed.check_input(x)
+        B, _, height, width = x.shape
+        x = self._embed(x)
+        x = self.patch_drop(x)
+        x = apply_norm(self.norm_pre, x)
+
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = run_blocks((blk,), x, self.grad_checkpointing)
+            if i in take_indices:
+                intermediates.append(apply_norm(self.norm, x) if norm else x)
+        R = self.num_prefix_tokens
+        prefix_tokens = [y[:, :R] for y in intermediates] if R else None
+        if R:
+            intermediates = [y[:, R:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+        if output_dict:
+            out: Dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = apply_norm(self.norm, x)
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return apply_norm(self.norm, x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop what :meth:`forward_intermediates` with these ``indices`` does not need, as timm's
+        ``VisionTransformer.prune_intermediate_layers``: the blocks after the last index, the final ``norm``
+        (``prune_norm``) and ``fc_norm`` plus the classifier (``prune_head``: ``reset_classifier(0, '')``).
+
+        Returns:
+            The absolute indices kept (list of int), as :func:`feature_take_indices`.
+
+        Raises:
+            ValueError: ``indices`` out of range.
+        """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: Union[int, List[int], Tuple[int, ...]] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> List[Any]:
+        """DINO-style interface, as timm's ``get_intermediate_layers``: :meth:`forward_intermediates` with
+        ``intermediates_only=True`` and ``output_fmt='NCHW' if reshape else 'NLC'``."""
+        return self.forward_intermediates(
+            x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+            output_fmt="NCHW" if reshape else "NLC", intermediates_only=True, attn_mask=attn_mask,
+        )
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """(B, N, C) -> (B, C) (``'token'`` / ``'avg'``) or (B, N, C) (``''``)."""

@@ -1,7 +1,7 @@
 """How ``fastvit._C`` is compiled: sources, nvcc flags, CUTLASS headers (stdlib only).
 
 One definition serves the three places that compile ``csrc/``: ``setup.py`` (loads this file by path, before
-fastvit is importable), the JIT build in :mod:`fastvit._cuda` (``torch.utils.cpp_extension.load``) and the
+fastvit is importable), the JIT build in :mod:`fastvit.runtime.cuda` (``torch.utils.cpp_extension.load``) and the
 compile check ``python -m fastvit.cuda_check``.
 """
 
@@ -13,7 +13,7 @@ import re
 import shutil
 
 #: csrc/ of a source checkout (the JIT path and the compile check need the sources, a wheel does not).
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
 #: Default archs: Ampere (mma.sync, cp.async) and Hopper with its arch-specific features ("a").
 DEFAULT_ARCHS = "8.0;9.0a"

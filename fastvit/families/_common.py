@@ -1,0 +1,44 @@
+"""What every op family shares: registering autograd on a ``fastvit::`` forward op, and whether autograd will
+want a backward at all.
+
+Both kernel backends register the same op *schemas* (the CUDA ones carry a ``_cuda`` suffix:
+``fastvit::attention_fwd`` is Triton's, ``fastvit::attention_fwd_cuda`` the extension's), so each family writes one
+``setup_context`` / ``backward`` pair per op, parameterised by the backward op's name, and :func:`attach` registers
+it with ``torch.library.register_autograd`` on each backend's forward op. Registering on the op (rather than
+wrapping it in a ``torch.autograd.Function``) keeps ``torch.compile(fullgraph=True)`` tracing through it and lets
+``torch.library.opcheck`` test the registration.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["attach", "needs_grad", "op"]
+
+#: ``builder(bwd_op_name) -> (setup_context, backward)``.
+AutogradBuilder = Callable[[str], tuple[Callable, Callable]]
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want a gradient through any of ``tensors`` (``None`` entries ignored): the forward ops
+    store what their backward needs (a pre-activation, ``z``) only then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def op(name: str):
+    """``torch.ops.fastvit.<name>``."""
+    return getattr(torch.ops.fastvit, name)
+
+
+def attach(name: str, builder: AutogradBuilder, suffix: str = "") -> None:
+    """Register autograd on ``fastvit::{name}_fwd{suffix}``, differentiated by ``fastvit::{name}_bwd{suffix}``.
+
+    Args:
+        name: the op pair's stem (``"attention"``, ``"sdpa"``, ``"layer_norm"``, ...).
+        builder: the family's ``(setup_context, backward)`` builder, given the backward op's name.
+        suffix: ``""`` for the Triton ops, ``"_cuda"`` for the CUDA C++ ones.
+    """
+    setup, backward = builder(f"{name}_bwd{suffix}")
+    torch.library.register_autograd(f"fastvit::{name}_fwd{suffix}", backward, setup_context=setup)

@@ -1,0 +1,412 @@
+"""The attention family: ``fastvit.ops.attention`` (fused-QKV self-attention on the packed ``qkv`` Linear output)
+and ``fastvit.ops.scaled_dot_product_attention`` (per-head ``(B, H, N, D)`` tensors), on every backend.
+
+One place for everything of the family but the public checked signatures (:mod:`fastvit.ops`) and the kernels
+themselves (``kernels/attention.py``, ``csrc/attention/``):
+
+* eager -- ``F.scaled_dot_product_attention`` on views of ``qkv`` (as timm does);
+* autograd -- one ``setup_context`` / ``backward`` pair per op, shared by the Triton and the CUDA ops;
+* Triton -- the registered ops, ``triton_op`` + ``wrap_triton`` launches of the FlashAttention-2 kernels (forward,
+  preprocess, dK/dV, dQ), so fake implementations come from tracing the host code:
+
+  ==============================  =====================================================================
+  ``fastvit::attention_fwd``      (qkv (B,N,3C), num_heads, scale) -> (o (B,N,C), lse (B,H,N) fp32)
+  ``fastvit::attention_bwd``      (do, qkv, o, lse, num_heads, scale) -> dqkv (B,N,3C)
+  ``fastvit::sdpa_fwd``           (q, k, v (B,H,N*,D), scale) -> (o (B,H,Nq,D), lse (B,H,Nq) fp32)
+  ``fastvit::sdpa_bwd``           (do, q, k, v, o, lse, scale) -> (dq, dk, dv)
+  ==============================  =====================================================================
+
+* CUDA -- fakes of the same schemas with a ``_cuda`` suffix (defined in ``csrc/``), dispatch entries, and the
+  capability checks read from the build (head-dim buckets, the backward's shared memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit import reference
+from fastvit.backends import Capabilities, declare_ops, register_kernel
+from fastvit.families._common import attach, op
+from fastvit.runtime import cuda as cuda_rt
+from fastvit.runtime import eager as eager_rt
+from fastvit.runtime import triton as triton_rt
+
+OPS = declare_ops("attention", ("attention", "scaled_dot_product_attention"))
+
+_k = triton_rt.kernel_module("attention")
+
+
+def empty_sequence_reasons(call) -> list[str]:
+    """Reasons an attention kernel cannot serve ``call``: a ``num_tokens`` / ``num_kv_tokens`` below 1 (the kernels of
+    both kernel backends need at least one query and one key; eager handles empty sequences). A plain loop, so that
+    Dynamo traces it (it runs inside every compiled attention call)."""
+    reasons = []
+    for key in ("num_tokens", "num_kv_tokens"):
+        n = call.get(key)
+        if n is not None and n < 1:
+            reasons.append(f"{key} = {n}: the kernels need at least one token")
+    return reasons
+
+
+def _no_dropout(backend: str, dropout_p: float) -> None:
+    if dropout_p > 0.0:
+        raise ValueError(f"the {backend} attention kernels do not implement dropout (dropout_p must be 0)")
+
+
+def _scale(head_dim: int, scale: float | None) -> float:
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+# ============================================================================================ eager
+def attention_eager(qkv, num_heads, *, scale=None, dropout_p=0.0):
+    """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv``, heads concatenated."""
+    B, N, C3 = qkv.shape
+    q, k, v = reference.split_qkv(qkv, num_heads)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return o.transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0):
+    """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention``."""
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+register_kernel("eager", "attention", attention_eager, eager_rt.ANY_DEVICE)
+register_kernel("eager", "scaled_dot_product_attention", sdpa_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autograd
+def _attention_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        qkv, num_heads, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+
+    def backward(ctx, do, dlse):
+        qkv, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        return op(bwd)(do, qkv, o, lse, ctx.num_heads, ctx.scale), None, None
+
+    return setup, backward
+
+
+def _sdpa_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = op(bwd)(do, q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    return setup, backward
+
+
+# ============================================================================================ triton
+#: The attention kernels compute per-token offsets (token index x token stride) in int32; batch and head offsets
+#: are int64.
+_INT32_MAX = 2**31 - 1
+#: CUDA's limit on a grid's y and z dimensions; the attention grids are (query blocks, H, B).
+_MAX_GRID_YZ = 65535
+
+
+def _bhn(t: Tensor, head_dim: int) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a (B, N, H·D) head-major view or a (B, H, N, D) tensor."""
+    if t.dim() == 3:
+        return t.stride(0), head_dim * t.stride(2), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bhnd_operand(t: Tensor) -> Tensor:
+    """A (B, H, N, D) attention operand the kernels can index: unit last stride, and token offsets within int32 --
+    a sequence-first view such as ``x.view(N, B, H, D).permute(1, 2, 0, 3)`` has token stride B·H·D, which
+    overflows for long sequences and large batches; such a view is copied to contiguous (token stride D)."""
+    t = triton_rt.last_contiguous(t)
+    if (t.shape[2] + 128) * t.stride(2) > _INT32_MAX:  # + 128: the kernels' padded query / key blocks
+        t = t.contiguous()
+    return t
+
+
+def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale):
+    triton_rt.wrap(_k.attn_fwd)[lambda meta: (triton_rt.triton.cdiv(n_q, meta["BLOCK_M"]), H, B)](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        *_bhn(q, D),
+        *_bhn(k, D),
+        *_bhn(v, D),
+        *_bhn(o, D),
+        H,
+        n_q,
+        n_kv,
+        D,
+        scale * _k.LOG2E,
+        BLOCK_D=_k.block_d(D),
+        INPUT_PRECISION=triton_rt.input_precision(q.dtype),
+    )
+
+
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
+    cdiv = triton_rt.triton.cdiv
+    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    bm = _k.PREPROCESS_BLOCK_M
+    triton_rt.wrap(_k.attn_bwd_preprocess)[(cdiv(n_q, bm), H, B)](
+        o,
+        do,
+        delta,
+        *_bhn(o, D),
+        *_bhn(do, D),
+        H,
+        n_q,
+        D,
+        BLOCK_M=bm,
+        BLOCK_D=_k.block_d(D),
+    )
+    prec = triton_rt.input_precision(q.dtype)
+    triton_rt.wrap(_k.attn_bwd_dkdv)[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), H, B)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        *_bhn(q, D),
+        *_bhn(k, D),
+        *_bhn(v, D),
+        *_bhn(do, D),
+        *_bhn(dk, D),
+        *_bhn(dv, D),
+        H,
+        n_q,
+        n_kv,
+        D,
+        scale,
+        BLOCK_D=_k.block_d(D),
+        INPUT_PRECISION=prec,
+    )
+    triton_rt.wrap(_k.attn_bwd_dq)[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), H, B)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        *_bhn(q, D),
+        *_bhn(k, D),
+        *_bhn(v, D),
+        *_bhn(do, D),
+        *_bhn(dq, D),
+        H,
+        n_q,
+        n_kv,
+        D,
+        scale,
+        BLOCK_D=_k.block_d(D),
+        INPUT_PRECISION=prec,
+    )
+
+
+def _define_triton_ops() -> None:
+    triton_op = torch.library.triton_op
+
+    @triton_op("fastvit::attention_fwd", mutates_args=())
+    def attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+        qkv = triton_rt.last_contiguous(qkv)
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        D = C // num_heads
+        o = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
+        if o.numel():
+            _launch_fwd(qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :], o, lse, B, num_heads, N, N, D, scale)
+        return o, lse
+
+    @triton_op("fastvit::attention_bwd", mutates_args=())
+    def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
+        qkv = triton_rt.last_contiguous(qkv)
+        do = triton_rt.last_contiguous(do)
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        D = C // num_heads
+        dqkv = torch.empty((B, N, C3), device=qkv.device, dtype=qkv.dtype)
+        if dqkv.numel():
+            q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+            dq, dk, dv = dqkv[..., :C], dqkv[..., C : 2 * C], dqkv[..., 2 * C :]
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, num_heads, N, N, D, scale)
+        return dqkv
+
+    @triton_op("fastvit::sdpa_fwd", mutates_args=())
+    def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        q, k, v = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v)
+        B, H, n_q, D = q.shape
+        n_kv = k.shape[2]
+        o = torch.empty((B, H, n_q, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+        if o.numel() and n_kv:
+            _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale)
+        elif o.numel():  # softmax over no keys: eager attention gives zeros; the log-sum-exp of nothing is -inf
+            o.zero_()
+            lse.fill_(float("-inf"))
+        return o, lse
+
+    @triton_op("fastvit::sdpa_bwd", mutates_args=())
+    def sdpa_bwd(
+        do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, do = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v), _bhnd_operand(do)
+        B, H, n_q, D = q.shape
+        n_kv = k.shape[2]
+        dq = torch.empty((B, H, n_q, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((B, H, n_kv, D), device=q.device, dtype=q.dtype)
+        dv = torch.empty((B, H, n_kv, D), device=q.device, dtype=q.dtype)
+        if dq.numel() and n_kv:
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale)
+        else:  # no queries or no keys: every gradient is zero
+            dq.zero_()
+            dk.zero_()
+            dv.zero_()
+        return dq, dk, dv
+
+    attach("attention", _attention_autograd)
+    attach("sdpa", _sdpa_autograd)
+
+
+def attention_triton(qkv, num_heads, *, scale=None, dropout_p=0.0):
+    """Triton backend of :func:`fastvit.ops.attention` (no dropout)."""
+    _no_dropout("triton", dropout_p)
+    return torch.ops.fastvit.attention_fwd(qkv, num_heads, _scale(qkv.shape[-1] // (3 * num_heads), scale))[0]
+
+
+def sdpa_triton(q, k, v, *, scale=None, dropout_p=0.0):
+    """Triton backend of :func:`fastvit.ops.scaled_dot_product_attention` (no dropout)."""
+    _no_dropout("triton", dropout_p)
+    return torch.ops.fastvit.sdpa_fwd(q, k, v, _scale(q.shape[-1], scale))[0]
+
+
+TRITON_REGISTERED = triton_rt.register_ops("attention_fwd", _define_triton_ops)
+
+
+def triton_check(call) -> list[str]:
+    """Reasons beyond :class:`~fastvit.backends.Capabilities` the Triton attention kernels cannot serve ``call``."""
+    reasons = [] if TRITON_REGISTERED else [triton_rt.unregistered_reason()]
+    batch = call.get("batch")
+    if batch is not None and batch > _MAX_GRID_YZ:
+        reasons.append(f"batch = {batch} > {_MAX_GRID_YZ} (the kernels put the batch on the CUDA grid's z dimension)")
+    return reasons + empty_sequence_reasons(call)
+
+
+if _k is not None:
+    _triton_caps = Capabilities(
+        devices=triton_rt.DEVICES,
+        dtypes=triton_rt.DTYPES,
+        head_dims=frozenset(range(_k.MIN_HEAD_DIM, _k.MAX_HEAD_DIM + 1)),
+        dropout=False,
+    )
+    register_kernel(
+        "triton", "attention", attention_triton, _triton_caps, triton_check, check_depends_on_call_only=True
+    )
+    register_kernel(
+        "triton",
+        "scaled_dot_product_attention",
+        sdpa_triton,
+        _triton_caps,
+        triton_check,
+        check_depends_on_call_only=True,
+    )
+
+
+# ============================================================================================ cuda
+def _register_cuda_fakes() -> None:
+    fake = torch.library.register_fake
+
+    @fake("fastvit::attention_fwd_cuda")
+    def _(qkv, num_heads, scale):
+        B, N, C3 = qkv.shape
+        return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+    @fake("fastvit::attention_bwd_cuda")
+    def _(dout, qkv, o, lse, num_heads, scale):
+        return qkv.new_empty(qkv.shape)
+
+    @fake("fastvit::sdpa_fwd_cuda")
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @fake("fastvit::sdpa_bwd_cuda")
+    def _(dout, q, k, v, o, lse, scale):
+        return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
+
+
+def attention_cuda(qkv, num_heads, *, scale=None, dropout_p=0.0):
+    """CUDA backend of :func:`fastvit.ops.attention` (FlashAttention-2 on packed qkv, fp16 / bf16, no dropout)."""
+    _no_dropout("cuda", dropout_p)
+    return torch.ops.fastvit.attention_fwd_cuda(qkv, num_heads, _scale(qkv.shape[-1] // (3 * num_heads), scale))[0]
+
+
+def sdpa_cuda(q, k, v, *, scale=None, dropout_p=0.0):
+    """CUDA backend of :func:`fastvit.ops.scaled_dot_product_attention` (fp16 / bf16, no dropout)."""
+    _no_dropout("cuda", dropout_p)
+    return torch.ops.fastvit.sdpa_fwd_cuda(q, k, v, _scale(q.shape[-1], scale))[0]
+
+
+def cuda_check_for(info: dict):
+    """The cuda backend's extra check for this build: empty sequences, and head dims whose backward needs more shared
+    memory per block than the GPU allows (sm_86 / sm_89 allow 99 KB; the build reports each bucket's need)."""
+    smem = cuda_rt.attention_bwd_smem_bytes(info)
+
+    def check(call) -> list[str]:
+        reasons = empty_sequence_reasons(call)
+        device, head_dim = call.get("device"), call.get("head_dim")
+        if device is not None and device.type == "cuda" and head_dim is not None:
+            need = smem.get(cuda_rt.head_dim_bucket(head_dim, info), 0)
+            # Not cached here: torch caches the properties, and Dynamo constant-folds this call (an lru_cache'd
+            # wrapper would make it warn in every compiled attention call).
+            limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+            if limit < need:
+                reasons.append(
+                    f"head_dim {head_dim}: the backward needs {need} B of shared memory per block and "
+                    f"this GPU allows {limit} B"
+                )
+        return reasons
+
+    return check
+
+
+def _register_cuda(info: dict) -> None:
+    _register_cuda_fakes()
+    attach("attention", _attention_autograd, "_cuda")
+    attach("sdpa", _sdpa_autograd, "_cuda")
+    compiled = set(cuda_rt.compiled_head_dim_buckets(info))
+    step = int(info["attention_head_dim_multiple"])
+    head_dims = frozenset(
+        d
+        for d in range(step, max(cuda_rt.head_dim_buckets(info)) + 1, step)
+        if cuda_rt.head_dim_bucket(d, info) in compiled
+    )
+    caps = Capabilities(
+        devices=cuda_rt.DEVICES,
+        dtypes=cuda_rt.half_dtypes(info),
+        head_dims=head_dims,
+        min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
+        dropout=False,
+    )
+    check = cuda_check_for(info)
+    register_kernel("cuda", "attention", attention_cuda, caps, check, check_depends_on_call_only=True)
+    register_kernel("cuda", "scaled_dot_product_attention", sdpa_cuda, caps, check, check_depends_on_call_only=True)
+
+
+cuda_rt.on_load(_register_cuda)

@@ -1,0 +1,258 @@
+"""The LayerNorm family: ``fastvit.ops.layer_norm`` (Ba et al., 2016) with fp32 statistics, optionally fused with
+the residual add of a pre-norm block, on every backend.
+
+* eager -- ``F.layer_norm`` (through fp32 on the CPU for half inputs, whose CPU backward would sum the weight
+  gradient in the input precision);
+* autograd -- shared by the Triton and CUDA ops;
+* Triton -- ``kernels/layer_norm.py``:
+
+  ==============================  =====================================================================
+  ``fastvit::layer_norm_fwd``     (x, weight?, bias?, residual?, eps) -> (y, h, mean, rstd)
+  ``fastvit::layer_norm_bwd``     (dy, dh?, h, weight?, mean, rstd, has_bias) -> (dx, dweight, dbias)
+  ==============================  =====================================================================
+
+  ``h = x + residual`` (empty without ``residual``); ``mean`` / ``rstd`` are (rows,) fp32.
+* CUDA -- fakes of the ``_cuda`` ops (``csrc/layer_norm/``) and their dispatch entries.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit.backends import Capabilities, declare_ops, register_kernel
+from fastvit.families._common import attach, op
+from fastvit.runtime import cuda as cuda_rt
+from fastvit.runtime import eager as eager_rt
+from fastvit.runtime import triton as triton_rt
+
+OPS = declare_ops("layer_norm", ("layer_norm",))
+
+_k = triton_rt.kernel_module("layer_norm")
+
+
+# ============================================================================================ eager
+def layer_norm_eager(x, weight, bias, eps=1e-6, *, residual=None):
+    """Eager :func:`fastvit.ops.layer_norm`."""
+    if residual is not None:
+        x = x + residual
+    if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's CPU LayerNorm backward sums dweight / dbias in the input precision; go through fp32 instead.
+        w = None if weight is None else weight.float()
+        b = None if bias is None else bias.float()
+        y = F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+    else:
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y if residual is None else (y, x)
+
+
+register_kernel("eager", "layer_norm", layer_norm_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autograd
+def _layer_norm_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        x, weight, bias, residual, eps = inputs
+        y, h, mean, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+
+    def backward(ctx, dy, dh, dmean, drstd):
+        hx, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(hx)
+        if not ctx.has_residual:
+            dh = None
+        dx, dw, db = op(bwd)(dy, dh, hx, weight, mean, rstd, ctx.has_bias)
+        return (
+            dx,
+            dw if weight is not None else None,
+            db if ctx.has_bias else None,
+            dx if ctx.has_residual else None,
+            None,
+        )
+
+    return setup, backward
+
+
+# ============================================================================================ triton
+def _define_triton_ops() -> None:
+    triton_op = torch.library.triton_op
+    last_contiguous = triton_rt.last_contiguous
+
+    @triton_op("fastvit::layer_norm_fwd", mutates_args=())
+    def layer_norm_fwd(
+        x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        C = x.shape[-1]
+        x2 = last_contiguous(x.reshape(-1, C))
+        M = x2.shape[0]
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        y2 = y.view(-1, C)
+        mean = torch.empty((M,), device=x.device, dtype=torch.float32)
+        rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
+        if residual is not None:
+            r2 = last_contiguous(residual.reshape(-1, C))
+            h = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            h2 = h.view(-1, C)
+        else:
+            r2, h2 = x2, y2  # unused pointers (HAS_RESIDUAL is False)
+            h = torch.empty((0,), device=x.device, dtype=x.dtype)
+        if M:
+            triton_rt.wrap(_k._ln_fwd_kernel)[(M,)](
+                x2,
+                r2,
+                weight if weight is not None else x2,
+                bias if bias is not None else x2,
+                y2,
+                h2,
+                mean,
+                rstd,
+                x2.stride(0),
+                r2.stride(0),
+                y2.stride(0),
+                h2.stride(0),
+                C,
+                eps,
+                HAS_RESIDUAL=residual is not None,
+                HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                BLOCK_C=_k.block_c(C),
+                num_warps=_k.num_warps_for(C),
+            )
+        return y, h, mean, rstd
+
+    @triton_op("fastvit::layer_norm_bwd", mutates_args=())
+    def layer_norm_bwd(
+        dy: Tensor,
+        dh: Optional[Tensor],
+        h: Tensor,
+        weight: Optional[Tensor],
+        mean: Tensor,
+        rstd: Tensor,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cdiv = triton_rt.triton.cdiv
+        C = h.shape[-1]
+        h2 = last_contiguous(h.reshape(-1, C))
+        dy2 = last_contiguous(dy.reshape(-1, C))
+        M = h2.shape[0]
+        dx = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+        dx2 = dx.view(-1, C)
+        dh2 = last_contiguous(dh.reshape(-1, C)) if dh is not None else dy2
+        rows = cdiv(M, max(1, min(M, 4 * triton_rt.num_sms(h.device)))) if M else 1
+        programs = cdiv(M, rows) if M else 0
+        compute_dw, compute_db = weight is not None, has_bias
+        dwp = torch.empty((programs if compute_dw else 0, C), device=h.device, dtype=torch.float32)
+        dbp = torch.empty((programs if compute_db else 0, C), device=h.device, dtype=torch.float32)
+        if M:
+            triton_rt.wrap(_k._ln_bwd_kernel)[(programs,)](
+                h2,
+                weight if weight is not None else h2,
+                mean,
+                rstd,
+                dy2,
+                dh2,
+                dx2,
+                dwp if compute_dw else mean,
+                dbp if compute_db else mean,
+                h2.stride(0),
+                dy2.stride(0),
+                dh2.stride(0),
+                dx2.stride(0),
+                M,
+                C,
+                rows,
+                HAS_DH_IN=dh is not None,
+                HAS_WEIGHT=weight is not None,
+                COMPUTE_DW=compute_dw,
+                COMPUTE_DB=compute_db,
+                BLOCK_C=_k.block_c(C),
+                num_warps=_k.num_warps_for(C),
+            )
+        dw = dwp.sum(0).to(h.dtype) if compute_dw else torch.empty((0,), device=h.device, dtype=h.dtype)
+        db = dbp.sum(0).to(h.dtype) if compute_db else torch.empty((0,), device=h.device, dtype=h.dtype)
+        return dx, dw, db
+
+    attach("layer_norm", _layer_norm_autograd)
+
+
+def layer_norm_triton(x, weight, bias, eps=1e-6, *, residual=None):
+    """Triton backend of :func:`fastvit.ops.layer_norm`.
+
+    Raises:
+        ValueError: ``x.shape[-1]`` above :data:`fastvit.kernels.layer_norm.MAX_C` (one row must fit in registers).
+    """
+    C = x.shape[-1]
+    if C > _k.MAX_C:
+        raise ValueError(
+            f"the triton layer_norm kernel takes at most {_k.MAX_C} features, got x of shape {tuple(x.shape)}"
+        )
+    y, h, _, _ = torch.ops.fastvit.layer_norm_fwd(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
+TRITON_REGISTERED = triton_rt.register_ops("layer_norm_fwd", _define_triton_ops)
+
+
+def triton_check(call) -> list[str]:
+    """Reasons beyond :class:`~fastvit.backends.Capabilities` the Triton LayerNorm cannot serve ``call``."""
+    reasons = [] if TRITON_REGISTERED else [triton_rt.unregistered_reason()]
+    c = call.get("features")
+    if c is not None and c > _k.MAX_C:
+        reasons.append(f"{c} features > {_k.MAX_C} (one row must fit in registers)")
+    return reasons
+
+
+if _k is not None:
+    register_kernel(
+        "triton",
+        "layer_norm",
+        layer_norm_triton,
+        Capabilities(devices=triton_rt.DEVICES, dtypes=triton_rt.DTYPES),
+        triton_check,
+        check_depends_on_call_only=True,
+    )
+
+
+# ============================================================================================ cuda
+def _register_cuda_fakes() -> None:
+    @torch.library.register_fake("fastvit::layer_norm_fwd_cuda")
+    def _(x, weight, bias, residual, eps):
+        rows = x.numel() // x.shape[-1]
+        h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+        stat = x.new_empty((rows,), dtype=torch.float32)
+        return x.new_empty(x.shape), h, stat, stat.new_empty((rows,))
+
+    @torch.library.register_fake("fastvit::layer_norm_bwd_cuda")
+    def _(dy, dh, h, weight, mean, rstd, has_bias):
+        C = h.shape[-1]
+        return (
+            h.new_empty(h.shape),
+            h.new_empty((C,) if weight is not None else (0,)),
+            h.new_empty((C,) if has_bias else (0,)),
+        )
+
+
+def layer_norm_cuda(x, weight, bias, eps=1e-6, *, residual=None):
+    """CUDA backend of :func:`fastvit.ops.layer_norm` (fp16 / bf16 / fp32, any feature count)."""
+    y, h, _, _ = torch.ops.fastvit.layer_norm_fwd_cuda(x, weight, bias, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
+def _register_cuda(info: dict) -> None:
+    _register_cuda_fakes()
+    attach("layer_norm", _layer_norm_autograd, "_cuda")
+    caps = Capabilities(
+        devices=cuda_rt.DEVICES,
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
+    )
+    register_kernel("cuda", "layer_norm", layer_norm_cuda, caps)
+
+
+cuda_rt.on_load(_register_cuda)

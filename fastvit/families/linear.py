@@ -1,0 +1,430 @@
+"""The linear family: ``fastvit.ops.linear_gelu`` (an MLP's fc1 with its GELU) and ``fastvit.ops.linear_residual``
+(``proj`` / ``fc2`` with bias, LayerScale and the residual add as the GEMM's epilogue), on every backend: the eager
+implementations (``F.linear`` + ``F.gelu``, as timm), the autograd shared by both kernel backends, the Triton ops
+around ``kernels/linear.py``, and the fakes, dispatch entries and checks of the CUDA ops (``csrc/linear/``).
+
+Triton ops (``x`` is (..., K) viewed as (T, K) with T tokens; ``weight`` (N, K) as ``nn.Linear`` stores it):
+
+=====================================  =================================================================================
+``fastvit::linear_gelu_fwd``           (x, weight, bias?, approximate, save_h) -> (y (..., N), h (..., N) or (0,))
+``fastvit::linear_gelu_bwd``           (dy, x, weight, h, approximate, has_bias) -> (dx, dweight, dbias or (0,))
+``fastvit::linear_residual_fwd``       (x, weight, bias?, residual, gamma?, save_z) -> (y, z (..., N) or (0,))
+``fastvit::linear_residual_bwd``       (dy, x, weight, gamma?, z?, has_bias) -> (dx, dweight, dbias, dgamma)
+=====================================  =================================================================================
+
+All outputs have ``x``'s dtype. ``h`` (the GELU input ``x Wᵀ + b``) and ``z`` (``x Wᵀ + b`` before LayerScale) are
+saved activations for the backward, stored in the **input dtype**, not fp32: ``h`` is the widest activation of a
+ViT block (4·C per token), and an fp32 copy would double the memory the fused kernel is meant to save; the
+backward only needs GELU'(h), whose relative error from rounding h to bf16 (≤ 2⁻⁹ in h) is of the order of the
+bf16 rounding of dy ⊙ GELU'(h) itself, which the tensor-core dgrad needs anyway. (That is also what eager PyTorch
+under autocast keeps.) They are written only when ``save_h`` / ``save_z`` say so (autograd needs them), and are
+outputs of the op, not differentiable (marked non-differentiable).
+
+Backward (one registered op each, launched from ``register_autograd``):
+
+* ``linear_gelu``: g = dy ⊙ GELU'(h) is never materialised: ``dx = g @ W`` (GELU' fused into the load of dy),
+  ``dW = gᵀ x`` (the same prologue on dyᵀ, reduction over tokens inside each program: deterministic) and
+  ``db = Σ_tokens g`` (fp32 row sums fused into the weight-gradient kernel).
+* ``linear_residual``: ``dx = (dy ⊙ γ) @ W``, ``dW = (dy ⊙ γ)ᵀ x``, ``db = Σ dy ⊙ γ`` (same kernels, γ as the
+  prologue), ``dγ = Σ_tokens dy ⊙ z`` (one fp32 ``torch.sum``), ``dresidual = dy``.
+
+The CUDA ops (``*_cuda``) have the same schemas; their CUTLASS GEMMs need K and M to be multiples of the build's
+GEMM alignment (``build_info()["gemm_alignment"]``, 128-bit accesses).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastvit.backends import Capabilities, declare_ops, register_kernel
+from fastvit.families._common import attach, needs_grad, op
+from fastvit.runtime import cuda as cuda_rt
+from fastvit.runtime import eager as eager_rt
+from fastvit.runtime import triton as triton_rt
+
+OPS = declare_ops("linear", ("linear_gelu", "linear_residual"))
+
+_k = triton_rt.kernel_module("linear")
+
+
+# ============================================================================================ eager
+def linear_gelu_eager(x, weight, bias, *, approximate="none"):
+    """Eager :func:`fastvit.ops.linear_gelu`: ``F.gelu(F.linear(x, weight, bias))``."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def linear_residual_eager(x, weight, bias, residual, *, gamma=None):
+    """Eager :func:`fastvit.ops.linear_residual`: ``residual + gamma * F.linear(x, weight, bias)``."""
+    h = F.linear(x, weight, bias)
+    return residual + (h * gamma if gamma is not None else h)
+
+
+register_kernel("eager", "linear_gelu", linear_gelu_eager, eager_rt.ANY_DEVICE)
+register_kernel("eager", "linear_residual", linear_residual_eager, eager_rt.ANY_DEVICE)
+
+
+# ============================================================================================ autograd
+def _linear_gelu_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        x, weight, bias, approximate, save_h = inputs
+        y, h = output
+        ctx.mark_non_differentiable(h)
+        ctx.approximate, ctx.has_bias, ctx.save_h = approximate, bias is not None, save_h
+        ctx.save_for_backward(x, weight, h)
+
+    def backward(ctx, dy, dh):
+        x, weight, h = ctx.saved_tensors
+        if not ctx.save_h:
+            raise RuntimeError(
+                f"fastvit::{bwd.replace('_bwd', '_fwd')} was called with save_h=False, so its "
+                "pre-activation was not stored and it cannot be differentiated; call it with "
+                "save_h=True"
+            )
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, db = op(bwd)(dy, x, weight, h, ctx.approximate, ctx.has_bias)
+        return dx, dw, (db if ctx.has_bias else None), None, None
+
+    return setup, backward
+
+
+def _linear_residual_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        x, weight, bias, residual, gamma, save_z = inputs
+        y, z = output
+        ctx.mark_non_differentiable(z)
+        ctx.has_bias, ctx.has_gamma, ctx.save_z = bias is not None, gamma is not None, save_z
+        ctx.save_for_backward(x, weight, gamma, z)
+
+    def backward(ctx, dy, dz):
+        x, weight, gamma, z = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
+        if ctx.has_gamma and not ctx.save_z and ctx.needs_input_grad[4]:
+            raise RuntimeError(
+                f"fastvit::{bwd.replace('_bwd', '_fwd')} was called with save_z=False, so dgamma "
+                "cannot be computed; call it with save_z=True"
+            )
+        dx, dw, db, dgamma = op(bwd)(dy, x, weight, gamma, z if ctx.save_z else None, ctx.has_bias)
+        return (dx, dw, db if ctx.has_bias else None, dy, dgamma if (ctx.has_gamma and ctx.save_z) else None, None)
+
+    return setup, backward
+
+
+# ============================================================================================ triton
+def _rows(t: Tensor) -> Tensor:
+    """(..., F) -> a (T, F) view (copy only if the last dim is strided or the leading dims do not flatten)."""
+    return triton_rt.last_contiguous(t.reshape(-1, t.shape[-1]))
+
+
+def _gemm(
+    kernel,
+    a,
+    a_strides,
+    b,
+    b_strides,
+    out,
+    M,
+    N,
+    K,
+    *,
+    prologue=0,
+    p=None,
+    p_strides=(0, 0),
+    epilogue=0,
+    bias=None,
+    residual=None,
+    gamma=None,
+    pre=None,
+    row_sum=None,
+):
+    """Launch ``kernel`` (one of the autotuned :mod:`fastvit.kernels.linear` launches) for Out (M, N)."""
+    dummy = out
+    triton_rt.wrap(kernel)[
+        lambda meta: (triton_rt.triton.cdiv(M, meta["BLOCK_M"]) * triton_rt.triton.cdiv(N, meta["BLOCK_N"]),)
+    ](
+        a,
+        b,
+        p if p is not None else dummy,
+        bias if bias is not None else dummy,
+        residual if residual is not None else dummy,
+        gamma if gamma is not None else dummy,
+        out,
+        pre if pre is not None else dummy,
+        row_sum if row_sum is not None else dummy,
+        M,
+        N,
+        K,
+        a_strides[0],
+        a_strides[1],
+        b_strides[0],
+        b_strides[1],
+        p_strides[0],
+        p_strides[1],
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        pre.stride(0) if pre is not None else 0,
+        PROLOGUE=prologue,
+        EPILOGUE=epilogue,
+        HAS_BIAS=bias is not None,
+        HAS_GAMMA=gamma is not None,
+        STORE_PRE=pre is not None,
+        ROW_SUM=row_sum is not None,
+        INPUT_PRECISION=triton_rt.input_precision(a.dtype),
+    )
+
+
+def _forward_gemm(x, weight, save_pre, *, epilogue, **operands):
+    """y (..., N) = epilogue(x Wᵀ + b) for x (..., K), weight (N, K); the pre-epilogue ``x Wᵀ + b`` (..., N) is
+    stored too when ``save_pre`` (else an empty (0,) tensor is returned in its place). ``operands``: the bias /
+    residual / gamma keywords of :func:`_gemm`."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    x2 = _rows(x)
+    w = triton_rt.last_contiguous(weight)
+    T = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((*x.shape[:-1], N) if save_pre else (0,), device=x.device, dtype=x.dtype)
+    if T and N:
+        _gemm(
+            _k.linear_fwd,
+            x2,
+            (x2.stride(0), 1),
+            w,
+            (1, w.stride(0)),
+            y.view(T, N),
+            T,
+            N,
+            K,
+            epilogue=epilogue,
+            pre=pre.view(T, N) if save_pre else None,
+            **operands,
+        )
+    return y, pre
+
+
+def _backward_gemms(dy2, x2, w, prologue, p, p_dx_strides, p_dw_strides, need_db):
+    """dx (T, K) = prologue(dy) @ W and dW (N, K) = prologue(dy)ᵀ @ x, plus fp32 Σ_tokens prologue(dy) (N,)."""
+    T, N = dy2.shape
+    K = x2.shape[1]
+    dx = torch.empty((T, K), device=x2.device, dtype=x2.dtype)
+    dw = torch.empty((N, K), device=x2.device, dtype=x2.dtype)
+    db = torch.empty((N,) if need_db else (0,), device=x2.device, dtype=torch.float32)
+    if T and K:
+        _gemm(
+            _k.linear_dgrad,
+            dy2,
+            (dy2.stride(0), 1),
+            w,
+            (w.stride(0), 1),
+            dx,
+            T,
+            K,
+            N,
+            prologue=prologue,
+            p=p,
+            p_strides=p_dx_strides,
+        )
+    if N and K:
+        _gemm(
+            _k.linear_wgrad,
+            dy2,
+            (1, dy2.stride(0)),
+            x2,
+            (x2.stride(0), 1),
+            dw,
+            N,
+            K,
+            T,
+            prologue=prologue,
+            p=p,
+            p_strides=p_dw_strides,
+            row_sum=db if need_db else None,
+        )
+    elif need_db and N:  # K == 0: no weight-gradient tile carries the row sums
+        if prologue == _k.PRO_NONE:
+            db = dy2.float().sum(0)
+        elif prologue == _k.PRO_SCALE:
+            db = dy2.float().sum(0) * p.float()
+        else:
+            db = _gelu_grad_eager(dy2, p, prologue).sum(0)
+    return dx, dw, db
+
+
+def _gelu_grad_eager(dy2, h2, prologue):
+    h = h2.float().requires_grad_()
+    with torch.enable_grad():
+        y = torch.nn.functional.gelu(h, approximate="tanh" if prologue == _k.PRO_GELU_TANH else "none")
+        return torch.autograd.grad(y, h, dy2.float())[0]
+
+
+def _define_triton_ops() -> None:
+    triton_op = torch.library.triton_op
+
+    # ---------------------------------------------------------------- fc1 + GELU
+    @triton_op("fastvit::linear_gelu_fwd", mutates_args=())
+    def linear_gelu_fwd(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str, save_h: bool
+    ) -> tuple[Tensor, Tensor]:
+        epilogue = _k.EPI_GELU_TANH if approximate == "tanh" else _k.EPI_GELU_ERF
+        return _forward_gemm(x, weight, save_h, epilogue=epilogue, bias=bias)
+
+    @triton_op("fastvit::linear_gelu_bwd", mutates_args=())
+    def linear_gelu_bwd(
+        dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, approximate: str, has_bias: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        N = weight.shape[0]
+        x2, dy2, h2 = _rows(x), _rows(dy), _rows(h)
+        w = triton_rt.last_contiguous(weight)
+        prologue = _k.PRO_GELU_TANH if approximate == "tanh" else _k.PRO_GELU_ERF
+        dx, dw, db = _backward_gemms(dy2, x2, w, prologue, h2, (h2.stride(0), 1), (1, h2.stride(0)), has_bias)
+        return dx.view(x.shape), dw, db.to(x.dtype)
+
+    attach("linear_gelu", _linear_gelu_autograd)
+
+    # ---------------------------------------------------------------- fc2 / proj + LayerScale + residual
+    @triton_op("fastvit::linear_residual_fwd", mutates_args=())
+    def linear_residual_fwd(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor, gamma: Optional[Tensor], save_z: bool
+    ) -> tuple[Tensor, Tensor]:
+        return _forward_gemm(
+            x, weight, save_z, epilogue=_k.EPI_RESIDUAL, bias=bias, residual=_rows(residual), gamma=gamma
+        )
+
+    @triton_op("fastvit::linear_residual_bwd", mutates_args=())
+    def linear_residual_bwd(
+        dy: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor], z: Optional[Tensor], has_bias: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        N = weight.shape[0]
+        x2, dy2 = _rows(x), _rows(dy)
+        w = triton_rt.last_contiguous(weight)
+        if gamma is not None:
+            g = triton_rt.last_contiguous(gamma)
+            dx, dw, db = _backward_gemms(dy2, x2, w, _k.PRO_SCALE, g, (0, 1), (1, 0), has_bias)
+        else:
+            dx, dw, db = _backward_gemms(dy2, x2, w, _k.PRO_NONE, None, (0, 0), (0, 0), has_bias)
+        if gamma is not None and z is not None:
+            dgamma = (dy2.float() * _rows(z).float()).sum(0).to(x.dtype)
+        else:
+            dgamma = torch.empty((0,), device=x.device, dtype=x.dtype)
+        return dx.view(x.shape), dw, db.to(x.dtype), dgamma
+
+    attach("linear_residual", _linear_residual_autograd)
+
+
+def linear_gelu_triton(x, weight, bias, *, approximate="none"):
+    """Triton backend of :func:`fastvit.ops.linear_gelu`: ``GELU(x Wᵀ + b)``.
+
+    Args: x (..., K) fp16 / bf16 / fp32; weight (N, K); bias (N,) or None; approximate "none" | "tanh".
+    Returns: (..., N) in x's dtype. The pre-activation is stored (input dtype) only when autograd needs it.
+    """
+    y, _ = torch.ops.fastvit.linear_gelu_fwd(x, weight, bias, approximate, needs_grad(x, weight, bias))
+    return y
+
+
+def linear_residual_triton(x, weight, bias, residual, *, gamma=None):
+    """Triton backend of :func:`fastvit.ops.linear_residual`: ``residual + gamma ⊙ (x Wᵀ + b)``.
+
+    Args: x (..., K); weight (N, K); bias, gamma (N,) or None; residual (..., N); all of x's dtype.
+    Returns: (..., N) in x's dtype. ``z = x Wᵀ + b`` is stored only when gamma needs a gradient.
+    """
+    save_z = gamma is not None and needs_grad(gamma)
+    y, _ = torch.ops.fastvit.linear_residual_fwd(x, weight, bias, residual, gamma, save_z)
+    return y
+
+
+TRITON_REGISTERED = triton_rt.register_ops("linear_gelu_fwd", _define_triton_ops)
+
+
+def triton_check(call) -> list[str]:
+    """Reasons beyond :class:`~fastvit.backends.Capabilities` the Triton GEMMs cannot serve ``call``."""
+    return [] if TRITON_REGISTERED else [triton_rt.unregistered_reason()]
+
+
+if _k is not None:
+    _triton_caps = Capabilities(devices=triton_rt.DEVICES, dtypes=triton_rt.DTYPES, dropout=False)
+    register_kernel(
+        "triton", "linear_gelu", linear_gelu_triton, _triton_caps, triton_check, check_depends_on_call_only=True
+    )
+    register_kernel(
+        "triton", "linear_residual", linear_residual_triton, _triton_caps, triton_check, check_depends_on_call_only=True
+    )
+
+
+# ============================================================================================ cuda
+def _register_cuda_fakes() -> None:
+    fake = torch.library.register_fake
+
+    @fake("fastvit::linear_gelu_fwd_cuda")
+    def _(x, weight, bias, approximate, save_h):
+        shape = (*x.shape[:-1], weight.shape[0])
+        return x.new_empty(shape), x.new_empty(shape if save_h else (0,))
+
+    @fake("fastvit::linear_gelu_bwd_cuda")
+    def _(dy, x, weight, h, approximate, has_bias):
+        return x.new_empty(x.shape), x.new_empty(weight.shape), x.new_empty((weight.shape[0],) if has_bias else (0,))
+
+    @fake("fastvit::linear_residual_fwd_cuda")
+    def _(x, weight, bias, residual, gamma, save_z):
+        shape = (*x.shape[:-1], weight.shape[0])
+        return x.new_empty(shape), x.new_empty(shape if save_z else (0,))
+
+    @fake("fastvit::linear_residual_bwd_cuda")
+    def _(dy, x, weight, gamma, z, has_bias):
+        N = weight.shape[0]
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(weight.shape),
+            x.new_empty((N,) if has_bias else (0,)),
+            x.new_empty((N,) if (gamma is not None and z is not None) else (0,)),
+        )
+
+
+def linear_gelu_cuda(x, weight, bias, *, approximate="none"):
+    """CUDA backend of :func:`fastvit.ops.linear_gelu` (CUTLASS GEMM, bias + GELU epilogue; fp16 / bf16)."""
+    return torch.ops.fastvit.linear_gelu_fwd_cuda(x, weight, bias, approximate, needs_grad(x, weight, bias))[0]
+
+
+def linear_residual_cuda(x, weight, bias, residual, *, gamma=None):
+    """CUDA backend of :func:`fastvit.ops.linear_residual` (CUTLASS GEMM, bias + LayerScale + residual epilogue)."""
+    save_z = gamma is not None and needs_grad(gamma)
+    return torch.ops.fastvit.linear_residual_fwd_cuda(x, weight, bias, residual, gamma, save_z)[0]
+
+
+def cuda_check_for(info: dict):
+    """The cuda backend's extra check for this build: feature counts the CUTLASS GEMMs can take."""
+    align = int(info["gemm_alignment"])
+
+    def check(call) -> list[str]:
+        reasons = []
+        for key in ("in_features", "out_features"):
+            n = call.get(key)
+            if n is not None and n < 1:
+                reasons.append(f"{key} = {n}: the CUTLASS GEMMs need at least one feature")
+            elif n is not None and n % align:
+                reasons.append(f"{key} = {n} is not a multiple of {align} (the CUTLASS GEMMs use 128-bit accesses)")
+        return reasons
+
+    return check
+
+
+def _register_cuda(info: dict) -> None:
+    _register_cuda_fakes()
+    attach("linear_gelu", _linear_gelu_autograd, "_cuda")
+    attach("linear_residual", _linear_residual_autograd, "_cuda")
+    caps = Capabilities(
+        devices=cuda_rt.DEVICES,
+        dtypes=cuda_rt.half_dtypes(info),
+        min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
+        dropout=False,
+    )
+    check = cuda_check_for(info)
+    register_kernel("cuda", "linear_gelu", linear_gelu_cuda, caps, check, check_depends_on_call_only=True)
+    register_kernel("cuda", "linear_residual", linear_residual_cuda, caps, check, check_depends_on_call_only=True)
+
+
+cuda_rt.on_load(_register_cuda)
