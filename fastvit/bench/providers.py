@@ -65,41 +65,13 @@ def _unsupported_message(exc: BaseException) -> bool:
 
 
 # =============================================================================================== dispatch calls
-# The argument of each op that sets the call's device and dtype.
-_MAIN_INPUT = {"patch_embed": "images", "attention": "qkv", "scaled_dot_product_attention": "q", "layer_norm": "x",
-               "linear_gelu": "x", "linear_residual": "x", "mae_unshuffle": "x", "mae_loss": "pred"}
+def _call(op: str, *args: Any, **kwargs: Any) -> Any:
+    """The call description ``fastvit.ops.<op>(*args, **kwargs)`` dispatches on (what ``backends.select`` takes): the
+    one place the benchmark builds one, by :func:`fastvit.ops.describe_call` (the op's own checks and typed
+    :class:`fastvit.backends.Call`)."""
+    from fastvit.ops import describe_call
 
-
-def _call(op: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """The call description ``fastvit.ops.<op>(*args, **kwargs)`` dispatches on (what ``backends.select`` takes).
-
-    The one place the benchmark builds a call: today it mirrors the dict :mod:`fastvit.ops` builds (device and dtype
-    of the op's main input plus the op's shape fields); once ``fastvit.ops.describe_call`` exists this becomes
-    ``return fastvit.ops.describe_call(op, *args, **kwargs)``.
-    """
-    import inspect
-
-    from fastvit import ops
-
-    bound = inspect.signature(getattr(ops, op)).bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    main = a[_MAIN_INPUT[op]]
-    call: dict[str, Any] = {"device": main.device, "dtype": main.dtype}
-    if op == "patch_embed":
-        call["embed_dim"] = a["weight"].shape[0]
-    elif op == "attention":
-        B, N, C3 = main.shape
-        call.update(head_dim=C3 // (3 * a["num_heads"]), dropout_p=a["dropout_p"], num_tokens=N, num_kv_tokens=N,
-                    batch=B)
-    elif op == "scaled_dot_product_attention":
-        call.update(head_dim=main.shape[3], dropout_p=a["dropout_p"], num_tokens=main.shape[2],
-                    num_kv_tokens=a["k"].shape[2], batch=main.shape[0])
-    elif op == "layer_norm":
-        call["features"] = main.shape[-1]
-    elif op in ("linear_gelu", "linear_residual"):
-        call.update(in_features=a["weight"].shape[1], out_features=a["weight"].shape[0])
-    return call
+    return describe_call(op, *args, **kwargs)
 
 
 def _fastvit_reasons(backend: str, op: str, call: Any) -> list[str]:
