@@ -360,13 +360,28 @@ def register_kernel(
     get_backend(backend).kernels[op] = _Kernel(fn, capabilities or Capabilities(), extra_check, cacheable)
 
 
+# ``os.environ.get`` of a missing key costs microseconds (a KeyError raised and caught inside ``os._Environ``), and
+# dispatch reads FASTVIT_BACKEND on every op; the mapping underneath (``os.environ._data``, kept in sync by every
+# ``os.environ`` write, monkeypatch.setenv included) answers in tens of nanoseconds.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTVIT_BACKEND") if _ENV_DATA is not None else None
+
+
+def _env_backend() -> str | None:
+    if _ENV_DATA is None:  # pragma: no cover - a Python without os._Environ._data
+        env = os.environ.get("FASTVIT_BACKEND")
+    else:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        env = None if raw is None else os.environ.decodevalue(raw)
+    return (env.strip() or None) if env else None
+
+
 def current_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``FASTVIT_BACKEND`` (``None``: automatic)."""
     forced = getattr(_state, "forced", _UNSET)
     if forced is not _UNSET:
         return forced
-    env = os.environ.get("FASTVIT_BACKEND")
-    return (env.strip() or None) if env else None
+    return _env_backend()
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_SET = frozenset(_FLOAT)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -40,7 +41,7 @@ def _tensor(name: str, t: object, ndim: int | None = None, *, floating: bool = T
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if floating and t.dtype not in _FLOAT:
+    if floating and t.dtype not in _FLOAT_SET:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
 
@@ -49,12 +50,14 @@ def _like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, s
     """Check that optional tensor ``t`` matches ``ref``'s device and dtype (and ``shape`` when given)."""
     if t is None:
         return
-    _tensor(name, t)
+    if not isinstance(t, torch.Tensor):
+        _tensor(name, t)
+    if t.dtype is not ref.dtype:  # dtypes are singletons
+        _tensor(name, t)
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected the same device")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; expected the same dtype")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and t.shape != shape:  # torch.Size compares equal to a tuple
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
