@@ -6,7 +6,7 @@ Run (not part of ``tests/``; needs ``pytest-benchmark``)::
     pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-json out.json
 
 On the CPU the shapes shrink (batch 1, 64x64 images, fp32). Backends that cannot serve a call are skipped with
-``fastvit.backends.get_backend(b).not_supported_reasons(op, call)``. Each benchmarked call synchronises the device,
+``fastvit.backends.get_backend(b).not_supported_reasons(op, fastvit.ops.describe_call(op, ...))``. Each benchmarked call synchronises the device,
 so the times include the kernel, not just its launch. For medians with CUDA events, L2 flushing, roofline
 fractions and accuracy checks use ``fastvit-bench`` (``benchmarks/README.md``); this suite is for quick,
 pytest-benchmark-style comparisons and regression tracking.
@@ -22,6 +22,7 @@ pytest.importorskip("pytest_benchmark")
 from fastvit.backends import get_backend  # noqa: E402
 from fastvit.bench.harness import device_synchronize  # noqa: E402
 from fastvit.bench.providers import scaling_components  # noqa: E402
+from fastvit.ops import describe_call  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -40,12 +41,6 @@ COMPONENTS = {c.name: c for c in scaling_components(VIT_B)}
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def test_op(benchmark, component, backend, mode):
     comp = COMPONENTS[component]
-    call = {"device": DEVICE, "dtype": DTYPE, "dropout_p": 0.0}
-    if comp.head_dim is not None:
-        call["head_dim"] = comp.head_dim
-    reasons = get_backend(backend).not_supported_reasons(comp.op, call)
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
     gen = torch.Generator().manual_seed(0)
     inputs = {}
     for k, v in comp.make(BATCH, IMG, gen).items():
@@ -53,6 +48,10 @@ def test_op(benchmark, component, backend, mode):
         if mode == "fwd_bwd" and v.is_floating_point() and k != "images":
             v.requires_grad_(True)
         inputs[k] = v
+    args, kwargs = comp.args(inputs)
+    reasons = get_backend(backend).not_supported_reasons(comp.op, describe_call(comp.op, *args, **kwargs))
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
     out = comp.run(inputs, backend)
     grad = torch.randn_like(out)
 

@@ -18,6 +18,7 @@ import torch
 
 from fastvit.bench import harness
 from fastvit.bench.providers import vit_flops
+from fastvit.testing import oracle_compare
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ENV_KEYS = {"fastvit", "torch", "torch_cuda", "triton", "device_name", "device_type", "driver", "git_commit",
@@ -120,12 +121,13 @@ def test_do_bench_cpu_and_accuracy():
     assert t.timer == "perf_counter" and t.reps >= 3 and t.input_sets == 2
     assert 0 < t.min_ms <= t.q20_ms <= t.median_ms <= t.q80_ms <= t.max_ms
     assert harness.measure_peak_memory(lambda: x @ x, "cpu") is None
+    # The benchmark judges accuracy with the test suite's oracle (fastvit.testing), not a rule of its own.
     ref = torch.randn(5, 7, dtype=torch.float64)
-    good = harness.accuracy(ref.float(), ref, ref.float(), torch.float32)
-    assert good["ok"] and good["max_abs_diff"] < 1e-6
-    bad = harness.accuracy(ref.float() + 0.1, ref, ref.float(), torch.float32)
-    assert not bad["ok"] and bad["max_abs_diff"] == pytest.approx(0.1, rel=1e-3)
-    assert not harness.accuracy(torch.full((5, 7), float("nan")), ref, None, torch.float32)["ok"]
+    good = oracle_compare(ref.float(), ref, ref.float(), torch.float32)
+    assert good.ok and good.err < 1e-6
+    bad = oracle_compare(ref.float() + 0.1, ref, ref.float(), torch.float32)
+    assert not bad.ok and bad.err == pytest.approx(0.1, rel=1e-3)
+    assert not oracle_compare(torch.full((5, 7), float("nan")), ref, None, torch.float32).ok
 
 
 # ----------------------------------------------------------------------------------------------- CLI runs
@@ -142,6 +144,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]
                         "model.png", *FAST),
         "scaling": _start(d, "scaling", "vit_tiny_patch16_224", "--device", "cpu", "--img-sizes", "32", "48",
                           "--batch", "1", "--json", "scaling.json", "--plot", "scaling.png", *FAST),
+        "overhead": _start(d, "overhead", "--reps", "2", "--number", "2", "--model-number", "1", "--threads", "1",
+                           "--no-progress", "--json", "overhead.json"),
     }
     return {name: (_finish(p), d) for name, p in procs.items()}
 
@@ -159,6 +163,11 @@ def model_run(runs):
 @pytest.fixture(scope="module")
 def scaling_run(runs):
     return runs["scaling"]
+
+
+@pytest.fixture(scope="module")
+def overhead_run(runs):
+    return runs["overhead"]
 
 
 def test_attention_cli(attention_run):
@@ -210,6 +219,44 @@ def test_scaling_cli(scaling_run):
     for r in (r for r in rows if r["provider"] == "attention"):
         assert r["flops"] == 4 * 1 * 3 * r["N"] ** 2 * 64  # ViT-Ti: H=3, D=64
     _png(d / "scaling.png")
+
+
+def test_overhead_cli(overhead_run):
+    """Structure and sanity of ``fastvit-bench overhead`` (not speed): both variants for every op of
+    fastvit.backends.OPS (layer_norm also with the residual) and both model modes, positive times."""
+    from fastvit.backends import OPS
+
+    proc, _, doc = _report(overhead_run, "overhead.json")
+    assert doc["command"] == "overhead"
+    rows = {r["case"]: r for r in doc["ops"]}
+    assert set(rows) == set(OPS) | {"layer_norm+residual"}
+    for case, r in rows.items():
+        assert r["op"] == case.split("+")[0] and r["backend"] == "eager", r
+        assert set(r["variants"]) == {"fastvit.ops", "direct"}, r
+        for v in r["variants"].values():
+            assert v["n"] == 2 and _finite_positive(v["median_us"]), r
+            assert v["q25_us"] <= v["median_us"] <= v["q75_us"] and v["iqr_us"] >= 0, r
+        assert math.isfinite(r["added_us"]["median"]) and isinstance(r["within_target"], bool), r
+        assert case in proc.stdout
+    model = doc["model"]
+    assert model["config"]["depth"] == 12 and model["config"]["embed_dim"] == 64 and model["batch"] == 2
+    assert {r["mode"] for r in model["rows"]} == {"inference", "train"}
+    for r in model["rows"]:
+        assert set(r["variants"]) == {"timm", "fastvit"}, r
+        assert all(_finite_positive(v["median_ms"]) for v in r["variants"].values()), r
+        assert _finite_positive(r["ratio"]["median"]), r
+    assert set(model["max_abs_diff"]) == {"timm", "fastvit"}
+    assert "fastvit / timm" in proc.stdout
+
+
+def test_model_cli_rejects_an_image_size_the_patch_does_not_divide(capsys):
+    from fastvit.bench.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "vit_tiny_patch16_224", "--device", "cpu", "--img-size", "200"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --img-size" in err and "200" in err and "16" in err
 
 
 # ----------------------------------------------------------------------------------------------- bad arguments

@@ -5,9 +5,12 @@ Subcommands::
     fastvit-bench attention [--seq-lens N ...] [--head-dims D ...] [--heads H] [--batch B|auto] [--mode MODE]
     fastvit-bench model NAME [--batch B] [--img-size S] [--compile]
     fastvit-bench scaling NAME [--img-sizes S ...] [--batch B] [--mode fwd|fwd_bwd]
+    fastvit-bench overhead [--reps R] [--number K] [--model-number K] [--batch B] [--backend NAME] [--json PATH]
 
-Common options: ``--device``, ``--dtype``, ``--json PATH``, ``--plot PATH``, ``--warmup-ms``, ``--rep-ms``,
-``--no-progress``. Defaults are the real ViT shapes on a GPU and small shapes on the CPU. The exit status is 0 when
+Common options (attention, model, scaling): ``--device``, ``--dtype``, ``--json PATH``, ``--plot PATH``,
+``--warmup-ms``, ``--rep-ms``, ``--no-progress``. ``overhead`` (host cost of dispatch per op, and a host-bound model
+against timm) takes ``--device``, ``--threads``, ``--json`` and ``--no-progress`` and always exits 0 after a run: its
+targets are reported, not enforced. Defaults are the real ViT shapes on a GPU and small shapes on the CPU. The exit status is 0 when
 every provider that could run was correct and no fastvit provider raised (skipped and out-of-memory providers, and
 errors of third-party providers, are reported, not failures), 1 when any was ``FAILED`` (wrong answer) or a fastvit
 provider raised (``error``), and 2 for bad arguments.
@@ -88,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="fastvit-bench",
-        description="Benchmarks for fastvit: attention providers, whole models, and cost scaling with image size.",
+        description="Benchmarks for fastvit: attention providers, whole models, cost scaling with image size, and host "
+                    "overhead.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling}")
+    sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling,overhead}")
     sub.required = True
 
     a = sub.add_parser("attention", parents=[common], help="attention providers side by side over N and D",
@@ -126,7 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="force a fastvit backend (default: automatic selection per op)")
     s.add_argument("--components", type=_csv, default=None, metavar="A,B,...",
                    help="only these components (patch_embed, attention, layer_norm, mlp, mae_gather, mae_unshuffle)")
-    for sp in (a, m, s):
+
+    o = sub.add_parser("overhead", help="host overhead of dispatch per op, and a host-bound ViT against timm",
+                       description="A/B interleaved: fastvit.ops.<op> vs the selected implementation called directly "
+                                   "(tiny tensors), and fastvit.from_timm vs timm on a 12-block ViT, dim 64, 32x32 "
+                                   "images (inference and a training step). Medians with IQR.")
+    o.add_argument("--device", default="cpu", help="torch device of the tensors and models (default cpu)")
+    o.add_argument("--reps", type=_positive_int, default=30, help="A/B rounds, i.e. samples per variant (default 30)")
+    o.add_argument("--number", type=_positive_int, default=200, help="op calls per sample (default 200)")
+    o.add_argument("--model-number", type=_positive_int, default=3, help="model steps per sample (default 3)")
+    o.add_argument("--batch", type=_positive_int, default=2, help="images per model step (default 2)")
+    o.add_argument("--backend", choices=["eager", "triton", "cuda"], default=None,
+                   help="force a fastvit backend (default: automatic selection; eager on the CPU)")
+    o.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
+    o.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    for sp in (a, m, s, o):
         sp.set_defaults(_parser=sp)
     return parser
 
@@ -180,8 +199,10 @@ def _fmt(v: Any, kind: str = "") -> str:
     return str(v)
 
 
-def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> None:
-    """Print ``rows`` (only the ok / FAILED ones) with ``columns`` = (header, key, format) via rich or plain text."""
+def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict[str, Any]],
+                 width: int | None = None) -> None:
+    """Print ``rows`` (only the ok / FAILED ones) with ``columns`` = (header, key, format) via rich or plain text,
+    ``width`` characters wide at most (default from the number of columns)."""
     body = [[_fmt(r.get(key), kind) for _, key, kind in columns] for r in rows]
     try:
         from rich.console import Console
@@ -192,7 +213,7 @@ def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dic
             table.add_column(head, justify="left" if kind == "text" else "right")
         for line in body:
             table.add_row(*line)
-        Console(width=max(120, min(220, 14 * len(columns))), file=sys.stdout).print(table)
+        Console(width=width or max(120, min(220, 14 * len(columns))), file=sys.stdout).print(table)
     except ImportError:  # pragma: no cover
         print(title)
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (h, _, _) in enumerate(columns)]
@@ -412,6 +433,10 @@ def _check_model_name(name: str, parser: argparse.ArgumentParser) -> None:
 
 def _cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     _check_model_name(args.name, parser)
+    if args.img_size is not None:
+        P = _model_config_meta(args.name)["patch_size"]
+        if args.img_size % P:
+            parser.error(f"argument --img-size: {args.img_size} is not divisible by the patch size {P} of {args.name}")
     run = _Run(args, parser)
     from fastvit.bench.providers import ModelSpec, model_provider_names, run_model
 
@@ -514,8 +539,75 @@ def _cmd_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
     return _exit_status(rows, ours=tuple(c.name for c in comps))
 
 
+# ----------------------------------------------------------------------------------------------- overhead
+def _iqr(s: dict[str, Any], unit: str, digits: int = 1) -> str:
+    """``median [q25, q75]`` of a :func:`fastvit.bench.overhead.summary`."""
+    return f"{s[f'median_{unit}']:.{digits}f} [{s[f'q25_{unit}']:.{digits}f}, {s[f'q75_{unit}']:.{digits}f}]"
+
+
+def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    import torch
+
+    from fastvit.bench import harness, overhead
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"argument --device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: CUDA requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    cases = overhead.op_cases(device)
+    bar = _progress(None, len(cases) + 2, "overhead", args.no_progress)
+    tick = (lambda _name: bar.update(1)) if hasattr(bar, "update") else None
+    ops_rows = overhead.measure_ops(device=device, reps=args.reps, number=args.number, backend=args.backend,
+                                    progress=tick)
+    model = overhead.measure_model(device=device, batch=args.batch, reps=args.reps, number=args.model_number,
+                                   backend=args.backend, progress=tick)
+    if hasattr(bar, "close"):
+        bar.close()
+
+    rows = [{"op": r["case"], "backend": r["backend"], "ops": _iqr(r["variants"]["fastvit.ops"], "us"),
+             "direct": _iqr(r["variants"]["direct"], "us"),
+             "added": f"{r['added_us']['median']:+.1f} [{r['added_us']['q25']:+.1f}, {r['added_us']['q75']:+.1f}]",
+             "target": "ok" if r["within_target"] else f"> {r['target_us']:g} us"} for r in ops_rows]
+    _print_table(
+        f"dispatch overhead per op ({device.type}; {args.reps} A/B rounds x {args.number} calls; median [IQR])",
+        [("op", "op", "text"), ("backend", "backend", "text"), ("fastvit.ops us", "ops", "text"),
+         ("direct us", "direct", "text"), ("added us", "added", "text"),
+         (f"<= {overhead.OP_ADDED_US_TARGET:g} us", "target", "text")],
+        rows, width=150,
+    )
+    mrows = [{"mode": r["mode"], "timm": _iqr(r["variants"]["timm"], "ms", 2),
+              "fastvit": _iqr(r["variants"]["fastvit"], "ms", 2),
+              "ratio": f"{r['ratio']['median']:.3f} [{r['ratio']['q25']:.3f}, {r['ratio']['q75']:.3f}]",
+              "target": "ok" if r["within_target"] else f"> {r['target_ratio']:g}"} for r in model["rows"]]
+    cfg = model["config"]
+    _print_table(
+        f"host-bound ViT ({device.type}, depth {cfg['depth']}, C={cfg['embed_dim']}, {cfg['img_size']}px/P{cfg['patch_size']}, "
+        f"B={model['batch']}; {args.reps} A/B rounds x {args.model_number} steps; median [IQR])",
+        [("mode", "mode", "text"), ("timm ms", "timm", "text"), ("fastvit ms", "fastvit", "text"),
+         ("fastvit / timm", "ratio", "text"), (f"<= {overhead.MODEL_RATIO_TARGET:g}", "target", "text")],
+        mrows,
+    )
+    if args.json:
+        _write_json(args.json, {
+            "schema": "fastvit-bench/1",
+            "command": "overhead",
+            "argv": list(argv),
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "environment": harness.environment(device),
+            "ops": ops_rows,
+            "model": model,
+            "wall_s": time.time() - started,
+        })
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
-_COMMANDS = {"attention": _cmd_attention, "model": _cmd_model, "scaling": _cmd_scaling}
+_COMMANDS = {"attention": _cmd_attention, "model": _cmd_model, "scaling": _cmd_scaling, "overhead": _cmd_overhead}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

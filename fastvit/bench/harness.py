@@ -1,4 +1,6 @@
-"""Timing, memory, cost models, rooflines and accuracy checks shared by every ``fastvit-bench`` subcommand.
+"""Timing, memory, cost models, rooflines and the environment record shared by every ``fastvit-bench`` subcommand.
+
+Accuracy is judged by the test suite's oracle, :mod:`fastvit.testing` (one rule, one tolerance table).
 
 Timing follows ``triton.testing.do_bench``: on CUDA, one pair of CUDA events per repetition, a warm-up sized from a
 first estimate, the L2 cache flushed before every repetition by writing a 256 MB buffer, inputs rotated across
@@ -29,7 +31,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 __all__ = [
-    "ATOL",
     "COST_MODELS",
     "MODES",
     "AttentionCost",
@@ -41,7 +42,6 @@ __all__ = [
     "Record",
     "Roofline",
     "Timing",
-    "accuracy",
     "bytes_moved",
     "device_synchronize",
     "do_bench",
@@ -58,14 +58,6 @@ __all__ = [
 
 #: Benchmark modes: forward only, backward only (graph built outside the timed region), forward + backward.
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
-
-#: Absolute tolerance added to the FlashAttention-style bound ``2·max|pt − ref| + atol`` (see :func:`accuracy`).
-ATOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.float16: 2e-3,
-    torch.bfloat16: 1.6e-2,
-}
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -597,31 +589,6 @@ def rates(ms: float, n_flops: int | None, n_bytes: int | None, roofline: Rooflin
         out["roofline_ms"] = best * 1e3
         out["roofline_fraction"] = best / s
     return out
-
-
-# ----------------------------------------------------------------------------------------------- accuracy
-def accuracy(out: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor | None, dtype: torch.dtype) -> dict[str, Any]:
-    """Compare a provider's ``out`` with a high-precision ``ref`` by FlashAttention's rule.
-
-    Args:
-        out: the provider's result.
-        ref: the same computation in fp64 (fp32 inputs) or fp32 (half inputs).
-        pt: the plain eager computation in the input precision (its error sets the scale), or ``None``.
-        dtype: the input dtype (selects :data:`ATOL`).
-
-    Returns:
-        ``{"max_abs_diff", "tolerance", "ok"}``: ``ok`` when ``max|out − ref| ≤ 2·max|pt − ref| + atol(dtype)`` and
-        ``out`` is finite with ``ref``'s shape.
-    """
-    if tuple(out.shape) != tuple(ref.shape):
-        return {"max_abs_diff": None, "tolerance": None, "ok": False,
-                "error": f"shape {tuple(out.shape)} != expected {tuple(ref.shape)}"}
-    diff = (out.double() - ref.double()).abs()
-    err = float(diff.max()) if diff.numel() else 0.0
-    base = float((pt.double() - ref.double()).abs().max()) if pt is not None and pt.numel() else 0.0
-    tol = 2 * base + ATOL.get(dtype, 1e-4)
-    finite = bool(torch.isfinite(out).all())
-    return {"max_abs_diff": err, "tolerance": tol, "ok": bool(finite and err <= tol)}
 
 
 # ----------------------------------------------------------------------------------------------- environment

@@ -5,8 +5,10 @@ Attention providers all start from the packed ``qkv`` (B, N, 3·C) a ViT's ``qkv
 is timed. Model providers build the same ViT configuration in fastvit (per backend), timm and Hugging Face
 transformers. Scaling components time single fastvit ops with a model's shapes as the image size grows.
 
-Every runner checks accuracy before timing: a provider whose output (and gradients, when the mode has a backward)
-is not within tolerance of a high-precision reference is reported ``FAILED`` and not timed.
+The three runners share one loop, :func:`run_case` (prepare, check, time, classify what went wrong). It checks accuracy
+before timing: a provider whose output (and gradients, when the mode has a backward) fails the test suite's oracle
+(:mod:`fastvit.testing`: ``max|out − ref| ≤ 2·max|pt − ref| + atol(dtype)·max(1, max|ref|)``) is reported ``FAILED``
+and not timed. Every dispatch call description the benchmark needs comes from one helper, :func:`_call`.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ import torch.nn.functional as F
 
 from fastvit.bench import harness
 from fastvit.bench.harness import Record, Roofline
+from fastvit.testing import ModelOracle, OracleResult, oracle_compare, ref_dtype_for
 
 __all__ = [
     "AttentionProvider",
     "AttentionSpec",
     "ModelSpec",
+    "Skip",
     "attention_providers",
     "model_config",
     "run_attention_case",
+    "run_case",
     "run_model",
     "run_scaling_point",
     "scaling_components",
@@ -53,12 +58,122 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _fastvit_reasons(backend: str, op: str, call: dict[str, Any]) -> list[str]:
+def _unsupported_message(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in ("no available kernel", "no viable backend", "not supported", "cannot run",
+                                  "backendnotsupported")) or type(exc).__name__ == "BackendNotSupportedError"
+
+
+# =============================================================================================== dispatch calls
+def _call(op: str, *args: Any, **kwargs: Any) -> Any:
+    """The call description ``fastvit.ops.<op>(*args, **kwargs)`` dispatches on (what ``backends.select`` takes): the
+    one place the benchmark builds one, by :func:`fastvit.ops.describe_call` (the op's own checks and typed
+    :class:`fastvit.backends.Call`)."""
+    from fastvit.ops import describe_call
+
+    return describe_call(op, *args, **kwargs)
+
+
+def _fastvit_reasons(backend: str, op: str, call: Any) -> list[str]:
     from fastvit.backends import get_backend
 
-    b = get_backend(backend)
-    reasons = list(b.not_supported_reasons(op, call))
-    return reasons
+    return list(get_backend(backend).not_supported_reasons(op, call))
+
+
+# =============================================================================================== the runner
+class Skip(Exception):
+    """Raised by a case's ``prepare`` when the provider cannot run here; the message is the reason."""
+
+
+def _closeness(r: OracleResult) -> float:
+    """How close a result is to failing (err / bound; inf when it failed without numbers)."""
+    if r.err is None or r.bound is None or not math.isfinite(r.err):
+        return math.inf
+    return r.err / r.bound if r.bound > 0 else (math.inf if r.err > 0 else 0.0)
+
+
+def _accuracy_metrics(results: list[OracleResult]) -> dict[str, Any]:
+    """``max_abs_diff`` / ``tolerance`` of the first result (the output) and ``max_abs_diff_grad`` /
+    ``tolerance_grad`` of the gradient closest to failing among the rest."""
+    if not results:
+        return {}
+    out = {"max_abs_diff": results[0].err, "tolerance": results[0].bound}
+    if len(results) > 1:
+        worst = max(results[1:], key=_closeness)
+        out.update(max_abs_diff_grad=worst.err, tolerance_grad=worst.bound)
+    return out
+
+
+def run_case(
+    provider: str,
+    config: dict[str, Any],
+    *,
+    prepare: Callable[[Record], Any],
+    check: Callable[[Any], list[OracleResult]],
+    time: Callable[[Any], dict[str, Any]],
+    device: torch.device,
+    context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Record:
+    """Check, then time, one provider on one configuration: the loop every runner (attention, model, scaling) shares.
+
+    Steps, all inside ``context()`` (e.g. an SDPA backend restriction) with warnings recorded:
+
+    1. ``state = prepare(record)`` builds what is timed (a callable, a model); it may annotate ``record`` (config,
+       metrics) and raises :class:`Skip` (``skipped``, the record's metrics dropped) when the provider cannot run here.
+    2. ``check(state)`` returns the oracle's verdicts (:func:`fastvit.testing.oracle_compare`): output first, then
+       gradients. Any failure: ``FAILED`` (not timed), the reason naming the first failing tensor.
+    3. ``time(state)`` returns the timing metrics.
+
+    An exception anywhere is classified: ``oom`` (CUDA out of memory), ``skipped`` (the provider says it cannot run
+    the call: "No available kernel", :class:`fastvit.BackendNotSupportedError`, ...) or ``error``; the reason is its
+    first line plus the warnings it emitted (SDPA explains there why a backend declined). ``state`` is dropped and
+    memory freed before returning, so nothing of this provider counts in the next one's peak memory.
+
+    Returns:
+        The :class:`Record`: ``config``, ``metrics`` (start value ``metrics``) plus
+        ``max_abs_diff``, ``tolerance`` (and ``max_abs_diff_grad``, ``tolerance_grad`` with gradients), the timing
+        metrics and ``warnings`` (up to 5 distinct first lines) when any were emitted.
+    """
+    rec = Record(provider, "ok", dict(config), None, dict(metrics or {}))
+    caught: list = []
+    state = None
+    try:
+        with context() if context is not None else contextlib.nullcontext(), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = prepare(rec)
+            results = check(state)
+            rec.metrics.update(_accuracy_metrics(results))
+            bad = [r for r in results if not r.ok]
+            if bad:
+                rec.status = "FAILED"
+                rec.reason = f"differs from the reference beyond tolerance: {bad[0].message}"[:500]
+                return rec
+            rec.metrics.update(time(state))
+            if caught:
+                rec.metrics["warnings"] = sorted({_first_line(str(w.message)) for w in caught})[:5]
+    except Skip as exc:
+        rec.status, rec.reason, rec.metrics = "skipped", str(exc), {}
+    except Exception as exc:  # noqa: BLE001 -- report, do not abort the sweep
+        why = "; ".join(dict.fromkeys(_first_line(str(w.message), 200) for w in caught or []))
+        rec.reason = _first_line(exc) + (f" ({why})" if why else "")
+        rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
+    finally:
+        state = None  # drop the provider's model / callable before measuring the next one
+        harness.free_memory(device)
+    return rec
+
+
+def _timing_metrics(t: harness.Timing, n_flops: int | None, n_bytes: int | None,
+                    roofline: Roofline | None) -> dict[str, Any]:
+    r = harness.rates(t.median_ms, n_flops, n_bytes, roofline)
+    return {
+        "ms": t.median_ms, "ms_q20": t.q20_ms, "ms_q80": t.q80_ms, "ms_min": t.min_ms,
+        "tflops": r["tflops"], "gbps": r["gbps"], "roofline_ms": r["roofline_ms"],
+        "roofline_fraction": r["roofline_fraction"],
+        "reps": t.reps, "timer": t.timer, "l2_flushed": t.l2_flushed, "input_sets": t.input_sets,
+    }
 
 
 # =============================================================================================== attention
@@ -117,8 +232,8 @@ class FastvitAttention(AttentionProvider):
         self.description = f"fastvit.ops.attention(qkv, H, backend={backend!r})"
 
     def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
-        return _fastvit_reasons(self.backend, "attention",
-                                {"device": spec.device, "dtype": spec.dtype, "head_dim": spec.D, "dropout_p": 0.0})
+        qkv = torch.empty(spec.B, spec.N, 3 * spec.C, device=spec.device, dtype=spec.dtype)  # what the call sees
+        return _fastvit_reasons(self.backend, "attention", _call("attention", qkv, spec.H))
 
     def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         from fastvit import ops
@@ -252,14 +367,10 @@ def _naive_attention(qkv: torch.Tensor, H: int) -> torch.Tensor:
     return (p @ v).transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _attention_reference(qkv: torch.Tensor, dout: torch.Tensor | None, H: int) -> dict[str, torch.Tensor]:
     """Reference output (and dqkv) in high precision, plus the same math in the input precision."""
     out: dict[str, torch.Tensor] = {}
-    for key, dt in (("ref", _ref_dtype(qkv.dtype)), ("pt", qkv.dtype)):
+    for key, dt in (("ref", ref_dtype_for(qkv.dtype)), ("pt", qkv.dtype)):
         x = qkv.detach().to(dt).requires_grad_(dout is not None)
         o = _naive_attention(x, H)
         out[key] = o.detach()
@@ -271,7 +382,7 @@ def _attention_reference(qkv: torch.Tensor, dout: torch.Tensor | None, H: int) -
 
 def _check_batch(spec: AttentionSpec, budget_bytes: int) -> int:
     """Largest batch whose fp32/fp64 reference N×N matrices fit ``budget_bytes`` (accuracy is checked on it)."""
-    per_sample = spec.H * spec.N * spec.N * harness.element_size(_ref_dtype(spec.dtype)) * 4
+    per_sample = spec.H * spec.N * spec.N * harness.element_size(ref_dtype_for(spec.dtype)) * 4
     return max(1, min(spec.B, budget_bytes // max(per_sample, 1)))
 
 
@@ -286,7 +397,7 @@ def run_attention_case(
     input_budget_bytes: int = 1 << 30,
     seed: int = 0,
 ) -> list[Record]:
-    """Check, then time, every provider on one attention configuration and mode.
+    """Check, then time, every provider on one attention configuration and mode (:func:`run_case` per provider).
 
     Args:
         spec: the shape, dtype and device.
@@ -300,9 +411,9 @@ def run_attention_case(
         input_budget_bytes: memory allowed for the rotated input copies (1 to 4 sets).
 
     Returns:
-        One :class:`Record` per provider. Metrics of a timed one: ``ms`` (median), ``ms_q20``, ``ms_q80``,
-        ``tflops``, ``gbps``, ``roofline_fraction``, ``peak_mem_bytes`` (CUDA; memory the call adds above its
-        inputs), ``flops``, ``bytes``, ``max_abs_diff``, ``tolerance``, ``max_abs_diff_grad``, timing details.
+        One :class:`Record` per provider (skipped ones first). Metrics of a timed one: ``ms`` (median), ``ms_q20``,
+        ``ms_q80``, ``tflops``, ``gbps``, ``roofline_fraction``, ``peak_mem_bytes`` (CUDA; memory the call adds above
+        its inputs), ``flops``, ``bytes``, ``max_abs_diff``, ``tolerance``, ``max_abs_diff_grad``, timing details.
     """
     bench = dict(bench or {})
     dev, dt = spec.device, spec.dtype
@@ -342,100 +453,56 @@ def run_attention_case(
     per_set = spec.B * spec.N * 3 * spec.C * harness.element_size(dt) * (2 if need_grad else 1)
     n_sets = max(1, min(4, input_budget_bytes // max(per_set, 1)))
 
+    def check(fn: Callable[[torch.Tensor], torch.Tensor]) -> list[OracleResult]:
+        x = qkv_c.clone().requires_grad_(need_grad)
+        o = fn(x)
+        results = [oracle_compare(o.detach(), ref["ref"], ref["pt"], dt, "output")]
+        if need_grad:
+            o.backward(dout_c)
+            results.append(oracle_compare(x.grad, ref["ref_grad"], ref["pt_grad"], dt, "grad qkv"))
+        return results
+
+    def time(fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        sets = [randn(spec.B, spec.N, 3 * spec.C).requires_grad_(need_grad) for _ in range(n_sets)]
+        if mode == "fwd":
+            do_inputs: list[Any] = sets
+
+            def step(qkv: torch.Tensor) -> torch.Tensor:
+                return fn(qkv)
+
+            def one() -> Any:
+                return fn(sets[0])
+        elif mode == "bwd":
+            douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
+            outs = [fn(s) for s in sets]
+            do_inputs = list(range(n_sets))
+
+            def step(i: int) -> None:
+                outs[i].backward(douts[i], retain_graph=True)
+
+            def one() -> Any:
+                sets[0].grad = None
+                outs[0].backward(douts[0], retain_graph=True)
+                return sets[0].grad
+        else:
+            douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
+            do_inputs = list(range(n_sets))
+
+            def step(i: int) -> None:
+                fn(sets[i]).backward(douts[i])
+
+            def one() -> Any:
+                sets[0].grad = None
+                fn(sets[0]).backward(douts[0])
+                return sets[0].grad
+        t = harness.do_bench(step, device=dev, inputs=do_inputs, grad_to_none=sets, **bench)
+        return {"peak_mem_bytes": harness.measure_peak_memory(one, dev), **_timing_metrics(t, n_flops, n_bytes, roofline)}
+
     for p in runnable:
-        rec = Record(p.name, "ok", dict(cfg), None, {"flops": n_flops, "bytes": n_bytes, "check_batch": bc})
-        records.append(rec)
-        caught: list = []
-        try:
-            with p.context(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn = p.build(spec)
-                # ---- accuracy
-                x = qkv_c.clone().requires_grad_(need_grad)
-                o = fn(x)
-                acc = harness.accuracy(o.detach(), ref["ref"], ref["pt"], dt)
-                rec.metrics.update(max_abs_diff=acc["max_abs_diff"], tolerance=acc["tolerance"])
-                ok = acc["ok"]
-                if need_grad:
-                    o.backward(dout_c)
-                    acc_g = harness.accuracy(x.grad, ref["ref_grad"], ref["pt_grad"], dt)
-                    rec.metrics.update(max_abs_diff_grad=acc_g["max_abs_diff"], tolerance_grad=acc_g["tolerance"])
-                    ok = ok and acc_g["ok"]
-                del x, o
-                if not ok:
-                    rec.status = "FAILED"
-                    rec.reason = "output or gradient differs from the reference beyond tolerance"
-                    continue
-                # ---- timing
-                sets = [randn(spec.B, spec.N, 3 * spec.C).requires_grad_(need_grad) for _ in range(n_sets)]
-                outs = douts = None
-                if mode == "fwd":
-                    do_inputs = sets
-
-                    def step(qkv: torch.Tensor) -> torch.Tensor:
-                        return fn(qkv)
-
-                    def one() -> Any:
-                        return fn(sets[0])
-                elif mode == "bwd":
-                    douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
-                    outs = [fn(s) for s in sets]
-                    do_inputs = list(range(n_sets))
-
-                    def step(i: int) -> None:
-                        outs[i].backward(douts[i], retain_graph=True)
-
-                    def one() -> Any:
-                        sets[0].grad = None
-                        outs[0].backward(douts[0], retain_graph=True)
-                        return sets[0].grad
-                else:
-                    douts = [randn(spec.B, spec.N, spec.C) for _ in range(n_sets)]
-                    do_inputs = list(range(n_sets))
-
-                    def step(i: int) -> None:
-                        fn(sets[i]).backward(douts[i])
-
-                    def one() -> Any:
-                        sets[0].grad = None
-                        fn(sets[0]).backward(douts[0])
-                        return sets[0].grad
-                t = harness.do_bench(step, device=dev, inputs=do_inputs, grad_to_none=sets, **bench)
-                rec.metrics["peak_mem_bytes"] = harness.measure_peak_memory(one, dev)
-                rec.metrics.update(_timing_metrics(t, n_flops, n_bytes, roofline))
-                if caught:
-                    rec.metrics["warnings"] = sorted({_first_line(str(w.message)) for w in caught})[:5]
-        except Exception as exc:  # noqa: BLE001
-            # SDPA explains why a backend cannot run a call in warnings, then raises "No available kernel".
-            why = "; ".join(dict.fromkeys(_first_line(str(w.message), 200) for w in caught or []))
-            reason = _first_line(exc) + (f" ({why})" if why else "")
-            if _is_oom(exc):
-                rec.status, rec.reason = "oom", reason
-            elif _unsupported_message(exc):
-                rec.status, rec.reason = "skipped", reason
-            else:
-                rec.status, rec.reason = "error", reason
-        finally:
-            sets = outs = douts = fn = None  # noqa: F841
-            harness.free_memory(dev)
+        records.append(run_case(p.name, cfg, prepare=lambda rec, p=p: p.build(spec), check=check, time=time,
+                                context=p.context, device=dev,
+                                metrics={"flops": n_flops, "bytes": n_bytes, "check_batch": bc}))
     return records
-
-
-def _unsupported_message(exc: BaseException) -> bool:
-    msg = str(exc).lower()
-    return any(s in msg for s in ("no available kernel", "no viable backend", "not supported", "cannot run",
-                                  "backendnotsupported")) or type(exc).__name__ == "BackendNotSupportedError"
-
-
-def _timing_metrics(t: harness.Timing, n_flops: int | None, n_bytes: int | None,
-                    roofline: Roofline | None) -> dict[str, Any]:
-    r = harness.rates(t.median_ms, n_flops, n_bytes, roofline)
-    return {
-        "ms": t.median_ms, "ms_q20": t.q20_ms, "ms_q80": t.q80_ms, "ms_min": t.min_ms,
-        "tflops": r["tflops"], "gbps": r["gbps"], "roofline_ms": r["roofline_ms"],
-        "roofline_fraction": r["roofline_fraction"],
-        "reps": t.reps, "timer": t.timer, "l2_flushed": t.l2_flushed, "input_sets": t.input_sets,
-    }
 
 
 # =============================================================================================== models
@@ -663,36 +730,79 @@ def model_provider_names(spec: ModelSpec) -> list[str]:
     return names
 
 
-_MODEL_OPS = ("patch_embed", "attention", "layer_norm", "linear_gelu", "linear_residual")
+def _model_calls(cfg: dict[str, Any], spec: ModelSpec, img: int) -> list[tuple[str, Any]]:
+    """``(op, call)`` for every distinct way the model calls a fastvit op (encoder and, for MAE, decoder shapes), in
+    the run's dtype on the run's device, built by :func:`_call` from inputs of the model's shapes at batch
+    ``spec.batch`` (uninitialised; index inputs valid)."""
+    dev, dt, B = spec.device, spec.dtype, spec.batch
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device=dev, dtype=dt)
+
+    C, P, cin = cfg["embed_dim"], cfg["patch_size"], cfg["in_chans"]
+    Np = (img // P) ** 2
+    pre = cfg["num_prefix_tokens"]
+    images = t(B, cin, img, img)
+    cls = t(1, 1, C) if pre else None
+    calls: list[tuple[str, Any]] = []
+
+    def blocks(n: int, c: int, heads: int, head_dim: int, hidden: int) -> None:
+        a = heads * head_dim
+        x = t(B, n, c)
+        calls.extend([
+            ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6)),
+            ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6, residual=x)),
+            ("attention", _call("attention", t(B, n, 3 * a), heads)),
+            ("linear_residual", _call("linear_residual", t(B, n, a), t(c, a), t(c), x)),
+            ("linear_gelu", _call("linear_gelu", x, t(hidden, c), t(hidden))),
+            ("linear_residual", _call("linear_residual", t(B, n, hidden), t(c, hidden), t(c), x)),
+        ])
+
+    if not cfg.get("is_mae"):
+        calls.append(("patch_embed", _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + (pre > 0), C),
+                                           cls_token=cls)))
+        blocks(Np + pre, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
+        return calls
+    nk = max(1, int(Np * (1 - cfg["mask_ratio"])))
+    ids_keep = torch.arange(nk, device=dev).repeat(B, 1)
+    calls.append(("patch_embed", _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + 1, C),
+                                       cls_token=t(1, 1, C), ids_keep=ids_keep)))
+    blocks(nk + 1, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
+    Cd, Hd = cfg["decoder_embed_dim"], cfg["decoder_num_heads"]
+    calls.append(("mae_unshuffle", _call("mae_unshuffle", t(B, 1 + nk, Cd), t(1, 1, Cd),
+                                         torch.arange(Np, device=dev).repeat(B, 1), pos_embed=t(1, 1 + Np, Cd))))
+    blocks(Np + 1, Cd, Hd, Cd // Hd, cfg["decoder_mlp_hidden"])
+    calls.append(("mae_loss", _call("mae_loss", t(B, Np, P * P * cin), images, t(B, Np), P)))
+    return calls
 
 
-def _backend_model_reasons(backend: str, cfg: dict[str, Any], spec: ModelSpec) -> list[str]:
-    ops = list(_MODEL_OPS) + (["mae_unshuffle", "mae_loss"] if cfg.get("is_mae") else [])
-    reasons: list[str] = []
-    for op in ops:
-        call = {"device": spec.device, "dtype": spec.dtype, "dropout_p": 0.0}
-        if op == "attention":
-            call["head_dim"] = cfg["head_dim"]
+def _backend_model_reasons(backend: str, calls: list[tuple[str, Any]]) -> list[str]:
+    """Why ``backend`` cannot serve every op call of the model (empty: it can)."""
+    reasons: dict[str, None] = {}
+    for op, call in calls:
         r = _fastvit_reasons(backend, op, call)
         if r:
-            reasons.append(f"{op}: {'; '.join(r)}")
+            reasons[f"{op}: {'; '.join(r)}"] = None
     # collapse "backend unavailable" repeated per op into one line
     uniq = sorted({r.split(": ", 1)[1] for r in reasons})
     if reasons and len(uniq) == 1:
         return uniq
-    return reasons
+    return list(reasons)
 
 
-def _auto_choices(cfg: dict[str, Any], spec: ModelSpec) -> dict[str, str]:
+def _auto_choices(calls: list[tuple[str, Any]]) -> dict[str, str]:
+    """The backend automatic selection picks for each op of the model (``"a/b"`` when its calls differ)."""
     from fastvit.backends import select
 
-    out = {}
-    for op in _MODEL_OPS:
-        call = {"device": spec.device, "dtype": spec.dtype, "dropout_p": 0.0}
-        if op == "attention":
-            call["head_dim"] = cfg["head_dim"]
-        out[op] = select(op, call)[0]
-    return out
+    picked: dict[str, dict[str, None]] = {}
+    for op, call in calls:
+        picked.setdefault(op, {})[select(op, call)[0]] = None
+    return {op: "/".join(names) for op, names in picked.items()}
+
+
+#: Images of a model's accuracy check: a slice of the batch (every output row depends on its own image only), so the
+#: float64 reference of a large model at a large batch stays affordable.
+MODEL_CHECK_BATCH = 8
 
 
 def run_model(
@@ -703,12 +813,13 @@ def run_model(
     bench: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Train-step and inference throughput of one model configuration across providers.
+    """Train-step and inference throughput of one model configuration across providers (:func:`run_case` each).
 
     A train step is forward + loss + backward + ``AdamW.step()`` + ``zero_grad``; inference is a forward under
     ``torch.inference_mode``. Both under ``torch.autocast(dtype)`` when ``dtype`` is not fp32. Before timing, each
-    fastvit backend's (and timm's, when it can load the same weights) inference output is compared with
-    fastvit-eager's on the same weights and inputs.
+    fastvit provider's (and timm's, when it can load the same weights) inference output on the first
+    :data:`MODEL_CHECK_BATCH` images is judged by the oracle (:class:`fastvit.testing.ModelOracle`): ``ref`` is the
+    fastvit model on eager in float64 (float32 under autocast), ``pt`` the same on eager in the run's precision.
 
     Returns:
         ``(records, model_info)``: per provider a :class:`Record` with ``train_ms``, ``train_images_per_s``,
@@ -716,6 +827,8 @@ def run_model(
         absolute peak during a step, weights and optimizer state included), ``infer_*`` likewise, and accuracy
         fields; ``model_info`` holds the model's shapes (:func:`model_config`), parameter count and FLOPs per step.
     """
+    import fastvit
+
     bench = {"flush_l2": False, "min_reps": 3, "max_reps": 50, **(bench or {})}
     dev = spec.device
     base = _fastvit_model(spec)
@@ -751,28 +864,31 @@ def run_model(
         except Exception as exc:  # noqa: BLE001
             timm_reason = _first_line(exc)
 
-    def build(name: str) -> _Built | str:
-        """The model for ``name``, or the reason it is skipped."""
+    calls = _model_calls(cfg, spec, img) if any(n.startswith("fastvit-") for n in wanted) else []
+    harness.free_memory(dev)
+
+    def build(name: str) -> _Built:
+        """The model for ``name``; raises :class:`Skip` with the reason it cannot run here."""
         if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS:
             backend = name[8:]
-            reasons = _backend_model_reasons(backend, cfg, spec)
+            reasons = _backend_model_reasons(backend, calls)
             if reasons:
-                return "; ".join(reasons)
+                raise Skip("; ".join(reasons))
             return _Built(copy.deepcopy(base), _plain_call, note=f"fastvit.use_backend({backend!r})")
         if name == "fastvit-auto":
-            choices = _auto_choices(cfg, spec)
+            choices = _auto_choices(calls)
             if set(choices.values()) == {"eager"}:
-                return "automatic selection picks eager for every op here (same as fastvit-eager)"
+                raise Skip("automatic selection picks eager for every op here (same as fastvit-eager)")
             return _Built(copy.deepcopy(base), _plain_call, note=f"automatic selection {choices}")
         if name == "fastvit-compile":
             if compile_reason:
-                return compile_reason
+                raise Skip(compile_reason)
             return _Built(torch.compile(copy.deepcopy(base)), _plain_call, note="torch.compile(fastvit, auto backend)")
         if name in ("timm-eager", "timm-compile"):
             if name == "timm-compile" and compile_reason:
-                return compile_reason
+                raise Skip(compile_reason)
             if timm_reason:
-                return timm_reason
+                raise Skip(timm_reason)
             if name == "timm-compile":
                 return _Built(torch.compile(copy.deepcopy(timm_model)), _plain_call, "torch.compile(timm)",
                               compare=weights_shared)
@@ -783,93 +899,85 @@ def run_model(
             try:
                 m, what = _hf_model(cfg, img)
             except Exception as exc:  # noqa: BLE001
-                return f"transformers model unavailable ({_first_line(exc)})"
+                raise Skip(f"transformers model unavailable ({_first_line(exc)})") from None
             impl = getattr(m.config, "_attn_implementation", None)
             return _Built(m, _hf_call, note=f"{what}, attn_implementation={impl}, own random weights", compare=False)
-        return f"unknown provider {name!r}"
+        raise Skip(f"unknown provider {name!r}")
 
-    # Reference output for accuracy: fastvit-eager on the shared weights.
-    ref_out = None
+    # The oracle's ref and pt, computed once on the shared weights when the first compared provider needs them.
+    bc = min(spec.batch, MODEL_CHECK_BATCH)
+    check_images = images[:bc]
+    oracle: list[ModelOracle] = []
+
+    def model_oracle() -> ModelOracle:
+        if not oracle:
+            base.to(dev).eval()
+            oracle.append(ModelOracle(base, [check_images], _primary, ref_dtype=ref_dtype_for(spec.dtype),
+                                      dtype=spec.dtype, context=lambda: _autocast(spec), seed=0))
+            base.cpu()
+            harness.free_memory(dev)
+        return oracle[0]
+
+    def prepare(rec: Record, name: str) -> _Built:
+        built = build(name)
+        rec.metrics["note"] = built.note
+        rec.metrics["compared_with"] = "fastvit-eager" if built.compare else None
+        if built.compare:
+            rec.metrics.update(check_batch=bc, reference_dtype=str(ref_dtype_for(spec.dtype)).replace("torch.", ""))
+        built.model.to(dev)
+        return built
+
+    def check(built: _Built, backend: str | None) -> list[OracleResult]:
+        if not built.compare:
+            return []
+        built.model.eval()
+        return model_oracle().judge(built.model, backend=backend)
+
+    def time(built: _Built, backend: str | None) -> dict[str, Any]:
+        def infer() -> Any:
+            with torch.inference_mode(), _autocast(spec), fastvit.use_backend(backend):
+                return built.call(built.model, images)
+
+        built.model.eval()
+        t_inf = harness.do_bench(infer, device=dev, **bench)
+        mem_inf = _absolute_peak(infer, dev)
+
+        built.model.train()
+        opt = torch.optim.AdamW(built.model.parameters(), lr=1e-4)
+
+        def train_step() -> None:
+            with _autocast(spec), fastvit.use_backend(backend):
+                loss = _loss(built.call(built.model, images), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t_tr = harness.do_bench(train_step, device=dev, **bench)
+        mem_tr = _absolute_peak(train_step, dev)
+        opt.zero_grad(set_to_none=True)
+        out: dict[str, Any] = {}
+        for prefix, t, mem, fl in (("infer", t_inf, mem_inf, info["fwd_flops"]),
+                                   ("train", t_tr, mem_tr, info["train_flops"])):
+            r = harness.rates(t.median_ms, fl, None, roofline)
+            out.update({
+                f"{prefix}_ms": t.median_ms, f"{prefix}_ms_q20": t.q20_ms, f"{prefix}_ms_q80": t.q80_ms,
+                f"{prefix}_images_per_s": spec.batch / (t.median_ms * 1e-3),
+                f"{prefix}_tflops": r["tflops"], f"{prefix}_mfu": r["roofline_fraction"],
+                f"{prefix}_peak_mem_bytes": mem, f"{prefix}_reps": t.reps,
+            })
+        return out
+
     records: list[Record] = []
-
-    def forward_eval(b: _Built, backend: str | None) -> torch.Tensor:
-        import fastvit
-
-        b.model.eval()
-        torch.manual_seed(0)
-        with torch.inference_mode(), _autocast(spec), fastvit.use_backend(backend):
-            return _primary(b.call(b.model, images)).float().clone()
-
     for name in wanted:
         if progress:
             progress(name)
-        cfg_rec = dict(common)
-        built = build(name)
-        if isinstance(built, str):
-            records.append(Record(name, "skipped", cfg_rec, built))
-            continue
-        rec = Record(name, "ok", cfg_rec, None, {"note": built.note})
-        records.append(rec)
         backend = name[8:] if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS else None
-        opt = None
-        try:
-            import fastvit
-
-            built.model.to(dev)
-            out = forward_eval(built, backend)
-            if name == "fastvit-eager":
-                ref_out = out
-            if built.compare and ref_out is not None and name != "fastvit-eager":
-                err = float((out - ref_out).abs().max()) if out.shape == ref_out.shape else math.inf
-                scale = float(ref_out.abs().max())
-                rtol = 1e-3 if spec.dtype == torch.float32 else 5e-2
-                tol = rtol * max(scale, 1.0)
-                rec.metrics.update(max_abs_diff=err, tolerance=tol, compared_with="fastvit-eager")
-                if not (err <= tol and math.isfinite(err)):
-                    rec.status, rec.reason = "FAILED", "output differs from fastvit-eager beyond tolerance"
-                    continue
-            elif not built.compare:
-                rec.metrics["compared_with"] = None
-            del out
-
-            # ---- inference
-            def infer() -> Any:
-                with torch.inference_mode(), _autocast(spec), fastvit.use_backend(backend):
-                    return built.call(built.model, images)
-
-            built.model.eval()
-            t_inf = harness.do_bench(infer, device=dev, **bench)
-            mem_inf = _absolute_peak(infer, dev)
-
-            # ---- train step
-            built.model.train()
-            opt = torch.optim.AdamW(built.model.parameters(), lr=1e-4)
-
-            def train_step() -> None:
-                with _autocast(spec), fastvit.use_backend(backend):
-                    loss = _loss(built.call(built.model, images), labels)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            t_tr = harness.do_bench(train_step, device=dev, **bench)
-            mem_tr = _absolute_peak(train_step, dev)
-            opt.zero_grad(set_to_none=True)
-            for prefix, t, mem, fl in (("infer", t_inf, mem_inf, info["fwd_flops"]),
-                                       ("train", t_tr, mem_tr, info["train_flops"])):
-                r = harness.rates(t.median_ms, fl, None, roofline)
-                rec.metrics.update({
-                    f"{prefix}_ms": t.median_ms, f"{prefix}_ms_q20": t.q20_ms, f"{prefix}_ms_q80": t.q80_ms,
-                    f"{prefix}_images_per_s": spec.batch / (t.median_ms * 1e-3),
-                    f"{prefix}_tflops": r["tflops"], f"{prefix}_mfu": r["roofline_fraction"],
-                    f"{prefix}_peak_mem_bytes": mem, f"{prefix}_reps": t.reps,
-                })
-        except Exception as exc:  # noqa: BLE001
-            rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
-            rec.reason = _first_line(exc)
-        finally:
-            built.model = opt = None  # noqa: F841 -- nothing of this provider may count in the next one's peak
-            harness.free_memory(dev)
+        records.append(run_case(
+            name, common, device=dev,
+            prepare=lambda rec, name=name: prepare(rec, name),
+            check=lambda built, backend=backend: check(built, backend),
+            time=lambda built, backend=backend: time(built, backend),
+        ))
     return records, info
 
 
@@ -881,17 +989,18 @@ def _absolute_peak(fn: Callable[[], Any], dev: torch.device) -> int | None:
 @dataclass(frozen=True)
 class Component:
     """One op of a model timed by ``scaling``: ``make(B, S, gen)`` builds its inputs, ``run(inputs, backend)``
-    calls :mod:`fastvit.ops`, ``cost(B, S, elem)`` gives its cost model, ``op`` names the dispatched op,
-    ``tokens(S)`` the tokens it processes at image side S (fewer than N for MAE's kept tokens), ``head_dim`` the
-    attention head dim (for backend selection), ``patch_size`` / ``prefix`` give N = (S/P)² + prefix."""
+    calls :mod:`fastvit.ops`, ``args(inputs)`` gives the ``(args, kwargs)`` of the call of ``op`` that ``run`` makes
+    (for backend selection), ``cost(B, S, elem)`` gives its cost model, ``op`` names the dispatched op,
+    ``tokens(S)`` the tokens it processes at image side S (fewer than N for MAE's kept tokens), ``patch_size`` /
+    ``prefix`` give N = (S/P)² + prefix."""
 
     name: str
     op: str
     make: Callable[..., dict[str, torch.Tensor]]
     run: Callable[[dict[str, torch.Tensor], str | None], torch.Tensor]
+    args: Callable[[dict[str, torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]]
     cost: Callable[[int, int, int], Any]
     tokens: Callable[[int], int]
-    head_dim: int | None = None
     patch_size: int = 0
     prefix: int = 1
 
@@ -919,42 +1028,58 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
     def rnd(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * scale
 
+    def one_op(op: str, args: Callable[[dict[str, torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]],
+               pick: Callable[[Any], torch.Tensor] = lambda o: o) -> dict[str, Any]:
+        """``run`` and ``args`` of a component that is a single call of ``fastvit.ops.<op>``."""
+        fn = getattr(ops, op)
+
+        def run(t: dict[str, torch.Tensor], be: str | None) -> torch.Tensor:
+            a, kw = args(t)
+            return pick(fn(*a, **kw, backend=be))
+
+        return {"op": op, "run": run, "args": args}
+
+    def patch_args(t: dict[str, torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kw = {"pos_embed": t["pos_embed"], "cls_token": t["cls_token"]}
+        if "ids_keep" in t:
+            kw["ids_keep"] = t["ids_keep"]
+        return (t["images"], t["weight"], t["bias"]), kw
+
+    def mlp(t: dict[str, torch.Tensor], be: str | None) -> torch.Tensor:
+        return ops.linear_residual(ops.linear_gelu(t["x"], t["w1"], t["b1"], backend=be), t["w2"], t["b2"], t["x"],
+                                   backend=be)
+
     comps = [
         Component(
-            "patch_embed", "patch_embed",
-            lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
-                             "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, n_(S) - pre + 1, C, scale=0.02),
-                             "cls_token": rnd(g, 1, 1, C, scale=0.02)},
-            lambda t, be: ops.patch_embed(t["images"], t["weight"], t["bias"], pos_embed=t["pos_embed"],
-                                          cls_token=t["cls_token"], backend=be),
-            lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, None, e),
-            n_,
+            "patch_embed", **one_op("patch_embed", patch_args),
+            make=lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
+                                  "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, n_(S) - pre + 1, C, scale=0.02),
+                                  "cls_token": rnd(g, 1, 1, C, scale=0.02)},
+            cost=lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, None, e),
+            tokens=n_,
         ),
         Component(
-            "attention", "attention",
-            lambda B, S, g: {"qkv": rnd(g, B, n_(S), 3 * attn_dim)},
-            lambda t, be: ops.attention(t["qkv"], H, backend=be),
-            lambda B, S, e: harness.AttentionCost(B, n_(S), H, D, e),
-            n_,
-            D,
+            "attention", **one_op("attention", lambda t: ((t["qkv"], H), {})),
+            make=lambda B, S, g: {"qkv": rnd(g, B, n_(S), 3 * attn_dim)},
+            cost=lambda B, S, e: harness.AttentionCost(B, n_(S), H, D, e),
+            tokens=n_,
         ),
         Component(
-            "layer_norm", "layer_norm",
-            lambda B, S, g: {"x": rnd(g, B, n_(S), C), "residual": rnd(g, B, n_(S), C),
-                             "weight": 1 + rnd(g, C, scale=0.1), "bias": rnd(g, C, scale=0.1)},
-            lambda t, be: ops.layer_norm(t["x"], t["weight"], t["bias"], 1e-6, residual=t["residual"],
-                                         backend=be)[0],
-            lambda B, S, e: harness.LayerNormCost(B * n_(S), C, e, True),
-            n_,
+            "layer_norm",
+            **one_op("layer_norm", lambda t: ((t["x"], t["weight"], t["bias"], 1e-6), {"residual": t["residual"]}),
+                     pick=lambda o: o[0]),
+            make=lambda B, S, g: {"x": rnd(g, B, n_(S), C), "residual": rnd(g, B, n_(S), C),
+                                  "weight": 1 + rnd(g, C, scale=0.1), "bias": rnd(g, C, scale=0.1)},
+            cost=lambda B, S, e: harness.LayerNormCost(B * n_(S), C, e, True),
+            tokens=n_,
         ),
         Component(
-            "mlp", "linear_gelu",
-            lambda B, S, g: {"x": rnd(g, B, n_(S), C), "w1": rnd(g, Fh, C, scale=C**-0.5), "b1": rnd(g, Fh, scale=0.02),
-                             "w2": rnd(g, C, Fh, scale=Fh**-0.5), "b2": rnd(g, C, scale=0.02)},
-            lambda t, be: ops.linear_residual(ops.linear_gelu(t["x"], t["w1"], t["b1"], backend=be), t["w2"], t["b2"],
-                                              t["x"], backend=be),
-            lambda B, S, e: harness.MlpCost(B * n_(S), C, Fh, e),
-            n_,
+            "mlp", "linear_gelu", run=mlp, args=lambda t: ((t["x"], t["w1"], t["b1"]), {}),
+            make=lambda B, S, g: {"x": rnd(g, B, n_(S), C), "w1": rnd(g, Fh, C, scale=C**-0.5),
+                                  "b1": rnd(g, Fh, scale=0.02), "w2": rnd(g, C, Fh, scale=Fh**-0.5),
+                                  "b2": rnd(g, C, scale=0.02)},
+            cost=lambda B, S, e: harness.MlpCost(B * n_(S), C, Fh, e),
+            tokens=n_,
         ),
     ]
     if cfg.get("is_mae"):
@@ -971,23 +1096,22 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
 
         comps += [
             Component(
-                "mae_gather", "patch_embed",
-                lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
-                                 "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, np_(S) + 1, C, scale=0.02),
-                                 "cls_token": rnd(g, 1, 1, C, scale=0.02), "ids_keep": keep_ids(B, S, g)[0]},
-                lambda t, be: ops.patch_embed(t["images"], t["weight"], t["bias"], pos_embed=t["pos_embed"],
-                                              cls_token=t["cls_token"], ids_keep=t["ids_keep"], backend=be),
-                lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, nk(S), e),
-                lambda S: nk(S) + 1,
+                "mae_gather", **one_op("patch_embed", patch_args),
+                make=lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
+                                      "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, np_(S) + 1, C, scale=0.02),
+                                      "cls_token": rnd(g, 1, 1, C, scale=0.02), "ids_keep": keep_ids(B, S, g)[0]},
+                cost=lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, nk(S), e),
+                tokens=lambda S: nk(S) + 1,
             ),
             Component(
-                "mae_unshuffle", "mae_unshuffle",
-                lambda B, S, g: {"x": rnd(g, B, 1 + nk(S), Cd), "mask_token": rnd(g, 1, 1, Cd, scale=0.02),
-                                 "ids_restore": keep_ids(B, S, g)[1], "pos_embed": rnd(g, 1, 1 + np_(S), Cd, scale=0.02)},
-                lambda t, be: ops.mae_unshuffle(t["x"], t["mask_token"], t["ids_restore"], pos_embed=t["pos_embed"],
-                                                backend=be),
-                lambda B, S, e: harness.MaeUnshuffleCost(B, np_(S), nk(S), Cd, e),
-                lambda S: 1 + np_(S),
+                "mae_unshuffle",
+                **one_op("mae_unshuffle", lambda t: ((t["x"], t["mask_token"], t["ids_restore"]),
+                                                     {"pos_embed": t["pos_embed"]})),
+                make=lambda B, S, g: {"x": rnd(g, B, 1 + nk(S), Cd), "mask_token": rnd(g, 1, 1, Cd, scale=0.02),
+                                      "ids_restore": keep_ids(B, S, g)[1],
+                                      "pos_embed": rnd(g, 1, 1 + np_(S), Cd, scale=0.02)},
+                cost=lambda B, S, e: harness.MaeUnshuffleCost(B, np_(S), nk(S), Cd, e),
+                tokens=lambda S: 1 + np_(S),
             ),
         ]
     return [dataclasses.replace(c, patch_size=P, prefix=pre) for c in comps]
@@ -1019,12 +1143,14 @@ def run_scaling_point(
     bench: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> Record:
-    """Check, then time one component at image size ``S`` (N tokens follow from the model's patch size).
+    """Check, then time one component at image size ``S`` (N tokens follow from the model's patch size), with
+    :func:`run_case`.
 
-    The backend is ``backend`` when given, else the one automatic selection picks (recorded as ``backend``).
-    Accuracy: the output (and, for ``fwd_bwd``, every input gradient) against the eager backend run on inputs
-    upcast to fp64 (fp32 inputs) or fp32 (half inputs), with the eager backend in the input precision setting the
-    tolerance. Metrics as in :func:`run_attention_case`.
+    The backend is ``backend`` when given, else the one automatic selection picks for the component's call
+    (recorded as ``backend``; ``skipped`` when ``backend`` cannot serve it). Accuracy: the output (and, for
+    ``fwd_bwd``, every input gradient) under the oracle, ``ref`` being the eager backend on inputs upcast to fp64
+    (fp32 inputs) or fp32 (half inputs) and ``pt`` the eager backend in the input precision. Metrics as in
+    :func:`run_attention_case`.
     """
     from fastvit.backends import select
 
@@ -1037,39 +1163,35 @@ def run_scaling_point(
     full = (S // comp.patch_size) ** 2 + comp.prefix if comp.patch_size else comp.tokens(S)
     cfg = {"component": comp.name, "img_size": S, "N": full, "tokens": comp.tokens(S), "B": B,
            "dtype": str(dtype).replace("torch.", ""), "mode": mode}
-    call = {"device": device, "dtype": dtype, "dropout_p": 0.0}
-    if comp.head_dim is not None:
-        call["head_dim"] = comp.head_dim
-    try:
-        chosen = select(comp.op, call, backend)[0]
-    except Exception as exc:  # noqa: BLE001
-        return Record(comp.name, "skipped", cfg, _first_line(exc))
-    cfg["backend"] = chosen
-    rec = Record(comp.name, "ok", cfg, None, {"flops": n_flops, "bytes": n_bytes})
-    try:
-        def outputs(t: dict[str, torch.Tensor], be: str) -> list[torch.Tensor]:
-            o = comp.run(t, be)
-            if not need_grad:
-                return [o.detach()]
-            go = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(o)
-            leaves = [v for v in t.values() if v.requires_grad]
-            grads = torch.autograd.grad(o, leaves, go, allow_unused=True)
-            return [o.detach()] + [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, leaves)]
 
-        ref = outputs(_cast(raw, _ref_dtype(dtype), device, need_grad), "eager")
+    def outputs(t: dict[str, torch.Tensor], be: str) -> list[torch.Tensor]:
+        o = comp.run(t, be)
+        if not need_grad:
+            return [o.detach()]
+        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(o)
+        leaves = [v for v in t.values() if v.requires_grad]
+        grads = torch.autograd.grad(o, leaves, go, allow_unused=True)
+        return [o.detach()] + [g if g is not None else torch.zeros_like(v) for g, v in zip(grads, leaves)]
+
+    def prepare(rec: Record) -> str:
+        t = _cast(raw, dtype, device, False)
+        args, kwargs = comp.args(t)
+        try:
+            chosen = select(comp.op, _call(comp.op, *args, **kwargs), backend)[0]
+        except Exception as exc:  # noqa: BLE001 -- the forced backend cannot serve this call
+            raise Skip(_first_line(exc)) from None
+        rec.config["backend"] = chosen
+        return chosen
+
+    def check(chosen: str) -> list[OracleResult]:
+        names = ["output"] + [f"grad {k}" for k, v in raw.items()
+                              if need_grad and v.is_floating_point() and k != "images"]  # _cast's leaves
+        ref = outputs(_cast(raw, ref_dtype_for(dtype), device, need_grad), "eager")
         pt = outputs(_cast(raw, dtype, device, need_grad), "eager")
         got = outputs(_cast(raw, dtype, device, need_grad), chosen)
-        worst, worst_tol, ok = 0.0, 0.0, True
-        for a, r, p in zip(got, ref, pt):
-            acc = harness.accuracy(a, r, p, dtype)
-            ok = ok and acc["ok"]
-            if acc["max_abs_diff"] is not None and acc["max_abs_diff"] >= worst:
-                worst, worst_tol = acc["max_abs_diff"], acc["tolerance"]
-        rec.metrics.update(max_abs_diff=worst, tolerance=worst_tol)
-        del ref, pt, got
-        if not ok:
-            rec.status, rec.reason = "FAILED", "output or gradient differs from the reference beyond tolerance"
-            return rec
+        return [oracle_compare(a, r, p, dtype, n) for n, a, r, p in zip(names, got, ref, pt)]
+
+    def time(chosen: str) -> dict[str, Any]:
         t = _cast(raw, dtype, device, need_grad)
         leaves = [v for v in t.values() if v.requires_grad]
         if need_grad:
@@ -1086,11 +1208,8 @@ def run_scaling_point(
         timing = harness.do_bench(step, device=device, grad_to_none=leaves, **bench)
         for v in leaves:
             v.grad = None
-        rec.metrics["peak_mem_bytes"] = harness.measure_peak_memory(step, device)
-        rec.metrics.update(_timing_metrics(timing, n_flops, n_bytes, roofline))
-    except Exception as exc:  # noqa: BLE001
-        rec.status = "oom" if _is_oom(exc) else ("skipped" if _unsupported_message(exc) else "error")
-        rec.reason = _first_line(exc)
-    finally:
-        harness.free_memory(device)
-    return rec
+        return {"peak_mem_bytes": harness.measure_peak_memory(step, device),
+                **_timing_metrics(timing, n_flops, n_bytes, roofline)}
+
+    return run_case(comp.name, cfg, prepare=prepare, check=check, time=time, device=device,
+                    metrics={"flops": n_flops, "bytes": n_bytes})

@@ -1,0 +1,274 @@
+"""Host overhead of fastvit: what dispatch adds per op, and a host-bound model against timm's (``fastvit-bench
+overhead``).
+
+Two measurements, each a pair of variants timed A/B interleaved -- the variants alternate rep by rep (A B, B A,
+A B, ...), so drift of a shared machine (frequency, other processes) hits both -- and reported as medians with the
+interquartile range over the reps:
+
+* **ops**: for every op of :mod:`fastvit.ops` (the names come from :data:`fastvit.backends.OPS`; ``layer_norm``
+  also with the fused residual) on tiny tensors, ``fastvit.ops.<op>(...)`` (argument checks, call description,
+  backend selection, then the kernel) against the implementation that selection picks called directly
+  (``fastvit.backends.select(op, call)[1](...)`` on the same, already valid, arguments). The difference is the
+  host cost of the public entry; the target of issue 10 is at most 5 µs per op.
+* **model**: a 12-block ViT with embed dim 64 on 32×32 images (timm's ``VisionTransformer(img_size=32,
+  patch_size=8, embed_dim=64, depth=12, num_heads=2)``, 17 tokens) against ``fastvit.from_timm`` of it (same
+  weights), inference under ``torch.no_grad`` and a training step (forward + backward, no optimizer). At this size
+  a step is host-bound, so the ratio fastvit / timm measures host paths; the target is at most 1.10 for both.
+
+Timing: :class:`torch.utils.benchmark.Timer` (``timeit(number)`` per rep, which synchronises CUDA when timing on a
+GPU); each rep's sample is the mean of ``number`` calls. Differences and ratios are computed per rep pair, then
+summarised, so the pairing the interleaving buys is kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "MODEL_RATIO_TARGET",
+    "OP_ADDED_US_TARGET",
+    "OpCase",
+    "interleaved",
+    "measure_model",
+    "measure_ops",
+    "op_cases",
+    "summary",
+]
+
+#: Issue 10's targets: microseconds dispatch may add per op, and the fastvit / timm ratio of the host-bound model.
+OP_ADDED_US_TARGET = 5.0
+MODEL_RATIO_TARGET = 1.10
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _quantile(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summary(values: list[float], scale: float = 1.0, unit: str = "") -> dict[str, Any]:
+    """Median, quartiles and IQR of ``values`` times ``scale`` (keys suffixed with ``_{unit}`` when given), plus the
+    number of samples ``n``."""
+    v = sorted(x * scale for x in values)
+    sfx = f"_{unit}" if unit else ""
+    q25, q75 = _quantile(v, 0.25), _quantile(v, 0.75)
+    return {f"median{sfx}": statistics.median(v), f"q25{sfx}": q25, f"q75{sfx}": q75, f"iqr{sfx}": q75 - q25,
+            "n": len(v)}
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]], *, reps: int, number: int, warmup: int = 3, num_threads: int | None = None
+) -> dict[str, list[float]]:
+    """Time two (or more) callables A/B interleaved: ``reps`` rounds, each timing every variant once over ``number``
+    calls with :class:`torch.utils.benchmark.Timer`, the order reversed every other round.
+
+    Args:
+        variants: name -> zero-argument callable.
+        reps: rounds (samples per variant).
+        number: calls per sample (the sample is their mean).
+        warmup: untimed calls of each variant first.
+        num_threads: torch threads while timing (default: the current ``torch.get_num_threads()``).
+
+    Returns:
+        name -> ``reps`` per-call times in seconds, in round order (so ``times[a][i]`` and ``times[b][i]`` pair up).
+
+    Raises:
+        ValueError: ``reps`` or ``number`` below 1.
+    """
+    from torch.utils.benchmark import Timer
+
+    if reps < 1 or number < 1:
+        raise ValueError(f"reps and number must be >= 1, got reps={reps}, number={number}")
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for name, fn in variants.items()}
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timers[name].timeit(number).median)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- ops
+@dataclass(frozen=True)
+class OpCase:
+    """One op call on tiny tensors: ``fastvit.ops.<op>(*args, **kwargs)``; ``case`` names the row (``op`` plus a
+    variant, e.g. ``layer_norm+residual``)."""
+
+    case: str
+    op: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[OpCase]:
+    """The tiny calls timed for every op of :data:`fastvit.backends.OPS` (B = 2, N = 5 tokens, C = 8, 2 heads of 4;
+    patch 4 on 8×8 images), all valid.
+
+    Raises:
+        RuntimeError: an op of ``fastvit.backends.OPS`` has no case here (add one).
+    """
+    from fastvit.backends import OPS
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    B, N, C, H, P, S, F = 2, 5, 8, 2, 4, 8, 16
+    Np = (S // P) ** 2
+    x = t(B, N, C)
+    ids_restore = torch.stack([torch.randperm(Np, generator=g) for _ in range(B)]).to(device)
+    table = {
+        "patch_embed": [((t(B, 3, S, S), t(C, 3, P, P), t(C)), {"pos_embed": t(1, Np + 1, C), "cls_token": t(1, 1, C)})],
+        "attention": [((t(B, N, 3 * C), H), {})],
+        "scaled_dot_product_attention": [((t(B, H, N, C // H), t(B, H, N, C // H), t(B, H, N, C // H)), {})],
+        "layer_norm": [((x, t(C), t(C), 1e-6), {}), ((x, t(C), t(C), 1e-6), {"residual": t(B, N, C)})],
+        "linear_gelu": [((x, t(F, C), t(F)), {})],
+        "linear_residual": [((t(B, N, F), t(C, F), t(C), x), {})],
+        "mae_unshuffle": [((t(B, 1 + 2, C), t(1, 1, C), ids_restore), {"pos_embed": t(1, 1 + Np, C)})],
+        "mae_loss": [((t(B, Np, P * P * 3), t(B, 3, S, S), (torch.rand(B, Np, generator=g) > 0.5).to(device, dtype),
+                       P), {})],
+    }
+    missing = [op for op in OPS if op not in table]
+    if missing:
+        raise RuntimeError(f"fastvit.bench.overhead has no tiny case for op(s) {missing}")
+    cases = []
+    for op in OPS:
+        for args, kwargs in table[op]:
+            case = op + ("+residual" if "residual" in kwargs else "")
+            cases.append(OpCase(case, op, args, kwargs))
+    return cases
+
+
+def measure_ops(
+    *, device: torch.device | str = "cpu", reps: int = 30, number: int = 200, backend: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Dispatch overhead per op: ``fastvit.ops.<op>(...)`` against the selected implementation called directly.
+
+    Args:
+        device: where the tiny tensors live.
+        reps, number: see :func:`interleaved`.
+        backend: force a backend (``fastvit.use_backend``) for both variants; ``None``: automatic selection (on the
+            CPU that is eager).
+        progress: called with each case name before it is timed.
+
+    Returns:
+        One row per case: ``case``, ``op``, ``backend`` (the one selected), ``variants`` = ``{"fastvit.ops": s,
+        "direct": s}`` with ``s`` = :func:`summary` in µs (``median_us``, ``q25_us``, ``q75_us``, ``iqr_us``, ``n``),
+        ``added_us`` (the same summary of the per-rep differences), ``target_us`` and ``within_target`` (median
+        added ≤ target).
+    """
+    import fastvit
+    from fastvit import ops
+    from fastvit.backends import select
+    from fastvit.bench.providers import _call
+
+    rows = []
+    with fastvit.use_backend(backend):
+        for c in op_cases(device):
+            if progress:
+                progress(c.case)
+            public = getattr(ops, c.op)
+            chosen, impl = select(c.op, _call(c.op, *c.args, **c.kwargs))
+            # The same wrapper around both, so only what is inside the two calls differs.
+            times = interleaved({"fastvit.ops": lambda f=public, a=c.args, kw=c.kwargs: f(*a, **kw),
+                                 "direct": lambda f=impl, a=c.args, kw=c.kwargs: f(*a, **kw)},
+                                reps=reps, number=number)
+            added = [a - b for a, b in zip(times["fastvit.ops"], times["direct"])]
+            row = {"case": c.case, "op": c.op, "backend": chosen,
+                   "variants": {name: summary(v, 1e6, "us") for name, v in times.items()},
+                   "added_us": summary(added, 1e6), "target_us": OP_ADDED_US_TARGET}
+            row["within_target"] = row["added_us"]["median"] <= OP_ADDED_US_TARGET
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- model
+#: The host-bound model: timm ``VisionTransformer`` keyword arguments.
+MODEL_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 12, "num_heads": 2}
+
+
+def measure_model(
+    *, device: torch.device | str = "cpu", batch: int = 2, reps: int = 30, number: int = 3,
+    backend: str | None = None, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """fastvit (``fastvit.from_timm``, same weights) against timm on :data:`MODEL_KWARGS`, inference and training.
+
+    Inference: ``model(images)`` under ``torch.no_grad`` (eval mode). Training step: ``model(images)``, a
+    cross-entropy loss, ``backward()`` and ``zero_grad(set_to_none=True)`` (train mode, no optimizer). Before timing
+    both models' inference outputs are judged by the oracle (:class:`fastvit.testing.ModelOracle`, float64 ``ref``).
+
+    Args:
+        device, reps, number: where and how long (see :func:`interleaved`; ``number`` steps per sample).
+        batch: images per step.
+        backend: force a fastvit backend; ``None``: automatic selection.
+
+    Returns:
+        ``{"config": ..., "batch", "params", "max_abs_diff": {"timm", "fastvit"}, "rows": [...]}`` with one row per mode (``inference``,
+        ``train``): ``variants`` = ``{"timm": s, "fastvit": s}`` (:func:`summary` in ms), ``ratio`` (summary of the
+        per-rep fastvit / timm ratios), ``target_ratio``, ``within_target``.
+
+    Raises:
+        ImportError: timm is not installed. AssertionError: a model fails the oracle.
+    """
+    import timm.models.vision_transformer as tvit
+
+    import fastvit
+    from fastvit.testing import ModelOracle, ref_dtype_for
+
+    torch.manual_seed(0)
+    timm_model = tvit.VisionTransformer(**MODEL_KWARGS).to(device)
+    ours = fastvit.from_timm(timm_model)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, MODEL_KWARGS["img_size"], MODEL_KWARGS["img_size"], generator=g).to(device)
+    labels = torch.randint(0, timm_model.num_classes, (batch,), generator=g).to(device)
+    models = {"timm": timm_model, "fastvit": ours}
+
+    for m in models.values():
+        m.eval()
+    oracle = ModelOracle(ours, [images], lambda out: out, ref_dtype=ref_dtype_for(images.dtype))
+    diff = {}
+    for name, m in models.items():
+        (res,) = oracle.judge(m, backend=backend)
+        assert res.ok, f"{name}: {res.message}"
+        diff[name] = res.err
+
+    with fastvit.use_backend(backend):
+
+        def infer(m: torch.nn.Module) -> Callable[[], Any]:
+            def step() -> Any:
+                with torch.no_grad():
+                    return m(images)
+            return step
+
+        def train(m: torch.nn.Module) -> Callable[[], Any]:
+            def step() -> None:
+                torch.nn.functional.cross_entropy(m(images), labels).backward()
+                m.zero_grad(set_to_none=True)
+            return step
+
+        rows = []
+        for mode, make in (("inference", infer), ("train", train)):
+            if progress:
+                progress(mode)
+            for m in models.values():
+                m.train(mode == "train")
+            times = interleaved({name: make(m) for name, m in models.items()}, reps=reps, number=number)
+            ratios = [f / t for f, t in zip(times["fastvit"], times["timm"])]
+            row = {"mode": mode, "variants": {name: summary(v, 1e3, "ms") for name, v in times.items()},
+                   "ratio": summary(ratios), "target_ratio": MODEL_RATIO_TARGET}
+            row["within_target"] = row["ratio"]["median"] <= MODEL_RATIO_TARGET
+            rows.append(row)
+    return {"config": {"timm": "VisionTransformer", **MODEL_KWARGS}, "batch": batch,
+            "params": sum(p.numel() for p in ours.parameters()), "max_abs_diff": diff, "rows": rows}
