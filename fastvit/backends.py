@@ -376,13 +376,20 @@ _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey("FASTVIT_BACKEND") if _ENV_DATA is not None else None
 
 
+_env_last: list = [None, None]  # (raw value, parsed choice) of the last FASTVIT_BACKEND seen
+
+
 def _env_backend() -> str | None:
     if _ENV_DATA is None:  # pragma: no cover - a Python without os._Environ._data
-        env = os.environ.get("FASTVIT_BACKEND")
+        raw = os.environ.get("FASTVIT_BACKEND")
     else:
         raw = _ENV_DATA.get(_ENV_KEY)
-        env = None if raw is None else os.environ.decodevalue(raw)
-    return (env.strip() or None) if env else None
+    if raw is None:
+        return None
+    if raw != _env_last[0]:
+        env = raw if isinstance(raw, str) else os.environ.decodevalue(raw)
+        _env_last[:] = [raw, env.strip() or None]
+    return _env_last[1]
 
 
 def current_backend() -> str | None:

@@ -100,8 +100,14 @@ def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{name} must not repeat an index within a row ({what})")
 
 
-def _call(t: torch.Tensor, **extra: object) -> Call:
-    return Call(t.device, t.dtype, **extra)
+_new_call = tuple.__new__  # a Call built from a full tuple: a third of the NamedTuple constructor's cost
+
+
+def _call(t: torch.Tensor, *, head_dim=None, dropout_p=0.0, batch=None, num_tokens=None, num_kv_tokens=None,
+          features=None, in_features=None, out_features=None, embed_dim=None, patch_row=None,
+          mixed_dtypes=False) -> Call:
+    return _new_call(Call, (t.device, t.dtype, head_dim, dropout_p, batch, num_tokens, num_kv_tokens, features,
+                            in_features, out_features, embed_dim, patch_row, mixed_dtypes))
 
 
 def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -109,9 +115,14 @@ def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return any(t is not None and t.dtype is not ref.dtype for t in others)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _amp(t: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype for ``t``'s device type, or ``None`` when autocast is off there (or for a device type
     autocast does not know, e.g. meta)."""
+    if _any_autocast is not None and not _any_autocast() and not torch.compiler.is_compiling():
+        return None  # the common case, in one C call (Dynamo reads autocast state through the public API below)
     device_type = t.device.type
     try:
         if not torch.is_autocast_enabled(device_type):
