@@ -359,3 +359,33 @@ def test_import_fastvit_after_transformers_registers(tmp_path):
 def test_import_fastvit_does_not_import_transformers(tmp_path):
     out = _python("import sys, fastvit; print('transformers' in sys.modules)", tmp_path)
     assert out.split() == ["False"]
+
+
+def test_siglip2_naflex_padding_falls_back_and_full_images_run_on_fastvit(monkeypatch, fresh_warnings, generator):
+    """SigLIP-2 (NaFlex) passes ``pixel_attention_mask``: padded patches fall back, a batch without padding runs on
+    fastvit (transformers' mask function turns an all-ones mask into ``None``)."""
+    calls = _count_fastvit_calls(monkeypatch)
+    cfg = transformers.Siglip2VisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, num_patches=16
+    )
+    model = transformers.Siglip2VisionModel._from_config(cfg, attn_implementation="sdpa").eval()
+    pv = torch.randn(2, 16, 3 * 8 * 8, generator=generator)
+    for padded in (True, False):
+        mask = torch.ones(2, 16, dtype=torch.long)
+        shapes = torch.tensor([[4, 4], [4, 4]])
+        if padded:
+            mask[1, 12:] = 0
+            shapes[1] = torch.tensor([3, 4])
+        kw = dict(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes)
+        model.set_attn_implementation("sdpa")
+        expected = model(**kw).last_hidden_state
+        model.set_attn_implementation("fastvit")
+        if padded:
+            with pytest.warns(FastvitAttentionFallbackWarning, match="key-padding"):
+                got = model(**kw).last_hidden_state
+            assert calls == []
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        else:
+            got = model(**kw).last_hidden_state
+            assert len(calls) == 2
+            torch.testing.assert_close(got, expected)
