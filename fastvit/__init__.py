@@ -7,6 +7,8 @@ Public surface:
     fastvit.nn                      PatchEmbed, Attention, Mlp, Block, VisionTransformer, MaskedAutoencoderViT
     fastvit.create_model(name)      timm / MAE configurations
     fastvit.from_timm / patch_timm_ / from_hf   weights in from timm and Hugging Face transformers
+    attn_implementation="fastvit"   Hugging Face models' attention on fastvit: registered here when transformers was
+                                    imported first, else by fastvit.integrations.register_attention()
 """
 
 from fastvit import nn, ops
@@ -15,6 +17,22 @@ from fastvit.integrations import from_hf, from_timm, patch_timm_
 from fastvit.nn import *  # noqa: F401,F403  (PatchEmbed, ..., VisionTransformer, MaskedAutoencoderViT, create_model)
 
 __version__ = "0.1.0"
+
+# attn_implementation="fastvit" for Hugging Face models. Only when the user already imported transformers: importing
+# it here would cost seconds on every `import fastvit`. Never fatal -- a broken or too-old transformers must not break
+# fastvit; the warning says why, and register_attention() raises the real error when called.
+import sys as _sys
+
+if "transformers" in _sys.modules:
+    try:
+        from fastvit.integrations.hf_attention import register_attention as _register_attention
+
+        _register_attention()
+    except Exception as _e:  # noqa: BLE001
+        import warnings as _warnings
+
+        _warnings.warn(f'could not register attn_implementation="fastvit" with transformers: {_e!r}', stacklevel=2)
+del _sys
 
 __all__ = [
     "BackendNotSupportedError",

@@ -11,6 +11,10 @@ copying the weights (q / k / v projections concatenated into timm's packed ``qkv
 (``encoder.layer.{i}.attention.attention.query``, ``intermediate.dense``, ``output.dense`` ...) and the 5.x names
 (``layers.{i}.attention.q_proj``, ``mlp.fc1`` ...) are recognised; see :func:`convert_hf_state_dict`.
 
+For Hugging Face models kept as they are, with only their attention on fastvit (DINOv2, SigLIP, CLIP, ViT-MAE, the
+vision towers of VLMs, ...), :func:`register_attention` adds ``attn_implementation="fastvit"``; it lives in
+:mod:`fastvit.integrations.hf_attention` and is re-exported here.
+
 Sources: Dosovitskiy et al. (2021, arXiv:2010.11929) and transformers' ``models/vit/modeling_vit.py``; He et al.
 (2022, arXiv:2111.06377) and ``models/vit_mae/modeling_vit_mae.py``; timm's ``VisionTransformer`` parameter names.
 """
@@ -25,7 +29,22 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["convert_hf_state_dict", "from_hf", "hf_config_kwargs"]
+from fastvit.integrations.hf_attention import (
+    ATTN_IMPLEMENTATION,
+    FastvitAttentionFallbackWarning,
+    fastvit_attention_forward,
+    register_attention,
+)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "FastvitAttentionFallbackWarning",
+    "convert_hf_state_dict",
+    "fastvit_attention_forward",
+    "from_hf",
+    "hf_config_kwargs",
+    "register_attention",
+]
 
 #: HF ``hidden_act`` names -> fastvit activation. Every entry computes the same function as HF's (erf GELU, the
 #: tanh approximation in its several spellings, or x·sigmoid(1.702x)); anything else is rejected.
