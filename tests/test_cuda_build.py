@@ -21,13 +21,18 @@ needs_toolchain = pytest.mark.skipif(
     reason="needs nvcc, the nvidia-cutlass headers and a source checkout (csrc/)",
 )
 FAMILIES = ("attention", "layer_norm", "linear", "patch_embed", "mae")
+#: The torch side of csrc/: one schema file, the Python module, one binding file per family (next to its kernels) and
+#: the binding helpers they share. Everything else under csrc/ is a kernel file and must stay torch-free.
+BINDING_SOURCES = ("fastvit_schema.cpp", "fastvit_module.cpp", *(f"{family}_binding.cpp" for family in FAMILIES))
+BINDING_HEADERS = (os.path.join("common", "binding.h"),)
 
 
 # ------------------------------------------------------------------------------------------- sources
 def test_minimal_build_keeps_one_instantiation_per_template():
     full = [os.path.basename(p) for p in build.sources(minimal=False)]
     minimal = [os.path.basename(p) for p in build.sources(minimal=True)]
-    assert "fastvit_api.cpp" in minimal and "fastvit_api.cpp" in full
+    for name in BINDING_SOURCES:
+        assert name in minimal and name in full, name
     assert "attention_fwd_hdim64_bf16.cu" in minimal and "attention_bwd_hdim64_bf16.cu" in minimal
     for name in ("attention_fwd_hdim80_bf16.cu", "attention_fwd_hdim64_fp16.cu", "attention_bwd_hdim128_bf16.cu"):
         assert name in full and name not in minimal
@@ -43,11 +48,37 @@ def test_kernel_files_are_torch_free():
     for dirpath, _, files in os.walk(build.CSRC):
         for name in files:
             path = os.path.join(dirpath, name)
-            if name != "fastvit_api.cpp" and name.endswith((".cu", ".cuh", ".h")):
+            if os.path.relpath(path, build.CSRC) not in BINDING_HEADERS and name.endswith((".cu", ".cuh", ".h")):
                 with open(path) as f:
                     if pattern.search(f.read()):
                         offenders.append(path)
     assert offenders == []
+
+
+def test_one_schema_file_and_one_binding_file_per_family():
+    """Every .cpp under csrc/ is a binding file: the schema file and the module at the top, each family's binding next
+    to its kernels; the schemas (TORCH_LIBRARY) are declared in the schema file only, the Python module once."""
+    cpp = sorted(os.path.relpath(p, build.CSRC) for p in build.sources(minimal=False) if p.endswith(".cpp"))
+    assert cpp == sorted(["fastvit_schema.cpp", "fastvit_module.cpp",
+                          *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES)])
+
+    def read(rel):
+        with open(os.path.join(build.CSRC, rel)) as f:
+            return f.read()
+
+    library = re.compile(r"^TORCH_LIBRARY\(fastvit,", re.M)
+    impl = re.compile(r"^TORCH_LIBRARY_IMPL\(fastvit, CUDA,", re.M)
+    assert [rel for rel in cpp if library.search(read(rel))] == ["fastvit_schema.cpp"]
+    assert [rel for rel in cpp if "PYBIND11_MODULE(" in read(rel)] == ["fastvit_module.cpp"]
+    defined = re.findall(r'm\.def\("(\w+)\(', read("fastvit_schema.cpp"))
+    implemented = []
+    for family in FAMILIES:
+        text = read(os.path.join(family, f"{family}_binding.cpp"))
+        assert len(impl.findall(text)) == 1, family
+        ops = re.findall(r'm\.impl\("(\w+)"', text)
+        assert ops, family
+        implemented += ops
+    assert len(defined) == len(set(defined)) and sorted(defined) == sorted(implemented)
 
 
 def test_gencode_flags():

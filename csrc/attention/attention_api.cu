@@ -53,12 +53,12 @@
 namespace fastvit {
 
 int attention_head_dim_bucket(int head_dim) {
-  if (head_dim < 8 || head_dim > kAttentionMaxHeadDim || head_dim % 8 != 0) return 0;
-  if (head_dim <= 32) return 32;
-  if (head_dim <= 64) return 64;
-  if (head_dim <= 80) return 80;
-  if (head_dim <= 96) return 96;
-  return 128;
+  if (head_dim < kAttentionHeadDimMultiple || head_dim > kAttentionMaxHeadDim ||
+      head_dim % kAttentionHeadDimMultiple != 0)
+    return 0;
+  for (int bucket : kAttentionHeadDimBuckets)
+    if (head_dim <= bucket) return bucket;
+  return 0;
 }
 
 bool attention_head_dim_supported(int head_dim) {

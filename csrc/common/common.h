@@ -1,8 +1,8 @@
 // fastvit CUDA C++ kernels: what every torch-free kernel file shares.
 //
 // Rules (DESIGN.md, "Four layers per op"):
-//   * a kernel file (*.cu / *.cuh under csrc/<family>/) never includes a torch header; the binding
-//     (csrc/fastvit_api.cpp) fills one plain params struct per op and calls a plain launcher
+//   * a kernel file (*.cu / *.cuh under csrc/<family>/) never includes a torch header; the family's binding
+//     (csrc/<family>/<family>_binding.cpp) fills one plain params struct per op and calls a plain launcher
 //     `cudaError_t run_<op>(const <Op>Params&, cudaStream_t)` declared in csrc/<family>/<family>.h;
 //   * launchers return the first CUDA error (cudaGetLastError after the launch) instead of throwing;
 //   * strides are in elements, never bytes; sizes are int64_t at the interface.
