@@ -11,8 +11,8 @@
 #include <limits>
 #include <tuple>
 
-#include "common/binding.h"
 #include "attention/attention.h"
+#include "common/binding.h"
 
 namespace {
 
@@ -30,7 +30,8 @@ fastvit::DType attention_dtype(const Tensor& t, const char* op, const char* name
                               fastvit::dtype_name(dtype), " attention kernels (build_info()['half_dtypes'])");
   TORCH_CHECK_VALUE(head_dim <= INT32_MAX && fastvit::attention_head_dim_supported(static_cast<int>(head_dim)), op,
                     ": head_dim ", head_dim, " is not supported: it must be a multiple of 8 in [8, ",
-                    fastvit::kAttentionMaxHeadDim, "] whose bucket this build compiled "
+                    fastvit::kAttentionMaxHeadDim,
+                    "] whose bucket this build compiled "
                     "(build_info()['attention_head_dim_buckets'])");
   return dtype;
 }
@@ -39,7 +40,9 @@ fastvit::DType attention_dtype(const Tensor& t, const char* op, const char* name
 constexpr int64_t kMaxSeqlen = (1LL << 31) - 256;
 
 // Strides (batch, head, row) of the q / k / v column blocks of a packed qkv (B, N, 3C), or of a (B, N, C) tensor.
-struct BhnStrides { int64_t b, h, n; };
+struct BhnStrides {
+  int64_t b, h, n;
+};
 BhnStrides packed_strides(const Tensor& t, int64_t D) { return {t.stride(0), D, t.stride(1)}; }
 BhnStrides bhnd_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -47,12 +50,27 @@ void set_params_attention_fwd(fastvit::AttentionFwdParams& p, const void* q, Bhn
                               BhnStrides sk, const void* v, BhnStrides sv, void* o, BhnStrides so, float* lse,
                               int64_t B, int64_t H, int64_t n_q, int64_t n_kv, int64_t D, double scale,
                               fastvit::DType dtype) {
-  p.q = q; p.k = k; p.v = v; p.o = o; p.lse = lse;
-  p.q_batch_stride = sq.b; p.q_head_stride = sq.h; p.q_row_stride = sq.n;
-  p.k_batch_stride = sk.b; p.k_head_stride = sk.h; p.k_row_stride = sk.n;
-  p.v_batch_stride = sv.b; p.v_head_stride = sv.h; p.v_row_stride = sv.n;
-  p.o_batch_stride = so.b; p.o_head_stride = so.h; p.o_row_stride = so.n;
-  p.batch = B; p.heads = H; p.seqlen_q = n_q; p.seqlen_k = n_kv;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.o = o;
+  p.lse = lse;
+  p.q_batch_stride = sq.b;
+  p.q_head_stride = sq.h;
+  p.q_row_stride = sq.n;
+  p.k_batch_stride = sk.b;
+  p.k_head_stride = sk.h;
+  p.k_row_stride = sk.n;
+  p.v_batch_stride = sv.b;
+  p.v_head_stride = sv.h;
+  p.v_row_stride = sv.n;
+  p.o_batch_stride = so.b;
+  p.o_head_stride = so.h;
+  p.o_row_stride = so.n;
+  p.batch = B;
+  p.heads = H;
+  p.seqlen_q = n_q;
+  p.seqlen_k = n_kv;
   p.head_dim = static_cast<int>(D);
   p.scale = static_cast<float>(scale);
   p.dtype = dtype;
@@ -61,18 +79,46 @@ void set_params_attention_fwd(fastvit::AttentionFwdParams& p, const void* q, Bhn
 void set_params_attention_bwd(fastvit::AttentionBwdParams& p, const fastvit::AttentionFwdParams& f, const void* dout,
                               BhnStrides sdo, void* dq, BhnStrides sdq, void* dk, BhnStrides sdk, void* dv,
                               BhnStrides sdv) {
-  p.q = f.q; p.k = f.k; p.v = f.v; p.o = f.o; p.lse = f.lse; p.dout = dout;
-  p.dq = dq; p.dk = dk; p.dv = dv;
-  p.q_batch_stride = f.q_batch_stride; p.q_head_stride = f.q_head_stride; p.q_row_stride = f.q_row_stride;
-  p.k_batch_stride = f.k_batch_stride; p.k_head_stride = f.k_head_stride; p.k_row_stride = f.k_row_stride;
-  p.v_batch_stride = f.v_batch_stride; p.v_head_stride = f.v_head_stride; p.v_row_stride = f.v_row_stride;
-  p.o_batch_stride = f.o_batch_stride; p.o_head_stride = f.o_head_stride; p.o_row_stride = f.o_row_stride;
-  p.do_batch_stride = sdo.b; p.do_head_stride = sdo.h; p.do_row_stride = sdo.n;
-  p.dq_batch_stride = sdq.b; p.dq_head_stride = sdq.h; p.dq_row_stride = sdq.n;
-  p.dk_batch_stride = sdk.b; p.dk_head_stride = sdk.h; p.dk_row_stride = sdk.n;
-  p.dv_batch_stride = sdv.b; p.dv_head_stride = sdv.h; p.dv_row_stride = sdv.n;
-  p.batch = f.batch; p.heads = f.heads; p.seqlen_q = f.seqlen_q; p.seqlen_k = f.seqlen_k;
-  p.head_dim = f.head_dim; p.scale = f.scale; p.dtype = f.dtype;
+  p.q = f.q;
+  p.k = f.k;
+  p.v = f.v;
+  p.o = f.o;
+  p.lse = f.lse;
+  p.dout = dout;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.q_batch_stride = f.q_batch_stride;
+  p.q_head_stride = f.q_head_stride;
+  p.q_row_stride = f.q_row_stride;
+  p.k_batch_stride = f.k_batch_stride;
+  p.k_head_stride = f.k_head_stride;
+  p.k_row_stride = f.k_row_stride;
+  p.v_batch_stride = f.v_batch_stride;
+  p.v_head_stride = f.v_head_stride;
+  p.v_row_stride = f.v_row_stride;
+  p.o_batch_stride = f.o_batch_stride;
+  p.o_head_stride = f.o_head_stride;
+  p.o_row_stride = f.o_row_stride;
+  p.do_batch_stride = sdo.b;
+  p.do_head_stride = sdo.h;
+  p.do_row_stride = sdo.n;
+  p.dq_batch_stride = sdq.b;
+  p.dq_head_stride = sdq.h;
+  p.dq_row_stride = sdq.n;
+  p.dk_batch_stride = sdk.b;
+  p.dk_head_stride = sdk.h;
+  p.dk_row_stride = sdk.n;
+  p.dv_batch_stride = sdv.b;
+  p.dv_head_stride = sdv.h;
+  p.dv_row_stride = sdv.n;
+  p.batch = f.batch;
+  p.heads = f.heads;
+  p.seqlen_q = f.seqlen_q;
+  p.seqlen_k = f.seqlen_k;
+  p.head_dim = f.head_dim;
+  p.scale = f.scale;
+  p.dtype = f.dtype;
 }
 
 void run_attention_bwd_with_workspace(fastvit::AttentionBwdParams& p, const Tensor& like, const Launch& launch,
@@ -132,8 +178,8 @@ Tensor attention_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& 
   auto* dbase = static_cast<char*>(dqkv.data_ptr());
   const BhnStrides s = packed_strides(qkv, D), ds = packed_strides(dqkv, D);
   fastvit::AttentionFwdParams f;
-  set_params_attention_fwd(f, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(),
-                           packed_strides(o, D), lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
+  set_params_attention_fwd(f, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(), packed_strides(o, D),
+                           lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
   fastvit::AttentionBwdParams p;
   set_params_attention_bwd(p, f, dout.data_ptr(), packed_strides(dout, D), dbase, ds, dbase + C * esize, ds,
                            dbase + 2 * C * esize, ds);
@@ -202,8 +248,8 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor&
                            bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
                            scale, dtype);
   fastvit::AttentionBwdParams p;
-  set_params_attention_bwd(p, f, dout.data_ptr(), bhnd_strides(dout), dq.data_ptr(), bhnd_strides(dq),
-                           dk.data_ptr(), bhnd_strides(dk), dv.data_ptr(), bhnd_strides(dv));
+  set_params_attention_bwd(p, f, dout.data_ptr(), bhnd_strides(dout), dq.data_ptr(), bhnd_strides(dq), dk.data_ptr(),
+                           bhnd_strides(dk), dv.data_ptr(), bhnd_strides(dv));
   run_attention_bwd_with_workspace(p, q, launch, kSdpaBwd);
   return {dq, dk, dv};
 }

@@ -30,8 +30,8 @@ inline void check_cuda(const Tensor& t, const char* op, const char* name) {
 }
 
 inline void check_same(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device(), "; expected the same device");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; expected the same device");
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
                    ref_name, " has ", ref.scalar_type(), "; expected the same dtype");
 }
@@ -110,7 +110,7 @@ struct Launch {  // device guard + current stream for one op
 
 // An optional vector argument: absent, or of shape (C,) on `ref`'s device with `ref`'s dtype.
 inline void check_vector(const OptTensor& t, const Tensor& ref, int64_t C, const char* op, const char* name,
-                  const char* ref_name) {
+                         const char* ref_name) {
   if (!t.has_value()) return;
   check_same(*t, ref, op, name, ref_name);
   check_shape(*t, {C}, op, name);

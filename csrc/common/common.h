@@ -40,8 +40,8 @@ inline const char* dtype_name(DType t) {
 #endif
 
 // Return the CUDA error of the last launch (if any) from a launcher.
-#define FASTVIT_RETURN_LAUNCH_ERROR()            \
-  do {                                           \
-    cudaError_t fastvit_err_ = cudaGetLastError(); \
+#define FASTVIT_RETURN_LAUNCH_ERROR()                     \
+  do {                                                    \
+    cudaError_t fastvit_err_ = cudaGetLastError();        \
     if (fastvit_err_ != cudaSuccess) return fastvit_err_; \
   } while (0)

@@ -46,13 +46,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
   OptTensor bias = bias_in.has_value() ? OptTensor(bias_in->contiguous()) : std::nullopt;
   Tensor r2 = residual.has_value() ? rows(*residual, C) : x2;
   fastvit::LayerNormFwdParams p;
-  p.x = x2.data_ptr(); p.x_row_stride = x2.stride(0);
-  p.residual = residual.has_value() ? r2.data_ptr() : nullptr; p.residual_row_stride = r2.stride(0);
-  p.weight = opt_ptr(weight); p.bias = opt_ptr(bias);
-  p.y = y.data_ptr(); p.y_row_stride = C;
-  p.h_out = residual.has_value() ? h.data_ptr() : nullptr; p.h_row_stride = C;
-  p.mean = mean.data_ptr<float>(); p.rstd = rstd.data_ptr<float>();
-  p.M = M; p.C = C; p.eps = static_cast<float>(eps); p.dtype = dtype;
+  p.x = x2.data_ptr();
+  p.x_row_stride = x2.stride(0);
+  p.residual = residual.has_value() ? r2.data_ptr() : nullptr;
+  p.residual_row_stride = r2.stride(0);
+  p.weight = opt_ptr(weight);
+  p.bias = opt_ptr(bias);
+  p.y = y.data_ptr();
+  p.y_row_stride = C;
+  p.h_out = residual.has_value() ? h.data_ptr() : nullptr;
+  p.h_row_stride = C;
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.M = M;
+  p.C = C;
+  p.eps = static_cast<float>(eps);
+  p.dtype = dtype;
   check_launch(fastvit::run_layer_norm_fwd(p, launch.stream), kLnFwd);
   return {y, h, mean, rstd};
 }
@@ -74,8 +83,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const OptTen
   const int64_t M = h.numel() / C;
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
     TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kLnBwd, ": ", name, " must be float32, got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.numel() == M && t.device() == h.device(), kLnBwd, ": ", name, " must hold ", M,
-                      " values on ", h.device(), ", got shape ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_VALUE(t.numel() == M && t.device() == h.device(), kLnBwd, ": ", name, " must hold ", M, " values on ",
+                      h.device(), ", got shape ", t.sizes(), " on ", t.device());
   }
   Launch launch(h);
   Tensor h2 = rows(h, C), dy2 = rows(dy, C);
@@ -92,16 +101,25 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const OptTen
   OptTensor weight = compute_dw ? OptTensor(weight_in->contiguous()) : std::nullopt;
   Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   fastvit::LayerNormBwdParams p;
-  p.dy = dy2.data_ptr(); p.dy_row_stride = dy2.stride(0);
-  p.dh = dh.has_value() ? dh2.data_ptr() : nullptr; p.dh_row_stride = dh2.stride(0);
-  p.h = h2.data_ptr(); p.h_row_stride = h2.stride(0);
+  p.dy = dy2.data_ptr();
+  p.dy_row_stride = dy2.stride(0);
+  p.dh = dh.has_value() ? dh2.data_ptr() : nullptr;
+  p.dh_row_stride = dh2.stride(0);
+  p.h = h2.data_ptr();
+  p.h_row_stride = h2.stride(0);
   p.weight = opt_ptr(weight);
-  p.mean = mean_c.data_ptr<float>(); p.rstd = rstd_c.data_ptr<float>();
-  p.dx = dx.data_ptr(); p.dx_row_stride = C;
+  p.mean = mean_c.data_ptr<float>();
+  p.rstd = rstd_c.data_ptr<float>();
+  p.dx = dx.data_ptr();
+  p.dx_row_stride = C;
   p.dweight = compute_dw ? dw.data_ptr() : nullptr;
   p.dbias = has_bias ? db.data_ptr() : nullptr;
-  p.M = M; p.C = C;
-  p.has_weight = compute_dw; p.compute_dw = compute_dw; p.compute_db = has_bias; p.dtype = dtype;
+  p.M = M;
+  p.C = C;
+  p.has_weight = compute_dw;
+  p.compute_dw = compute_dw;
+  p.compute_db = has_bias;
+  p.dtype = dtype;
   Tensor workspace = alloc_workspace(fastvit::layer_norm_bwd_workspace_bytes(p), h.options(), &p.workspace);
   check_launch(fastvit::run_layer_norm_bwd(p, launch.stream), kLnBwd);
   return {dx, dw, db};

@@ -41,21 +41,25 @@ fastvit::DType check_linear(const Tensor& x, const Tensor& weight, const char* o
   const auto dtype = dtype_of(x, op, "x", /*allow_fp32=*/false);
   check_same(weight, x, op, "weight", "x");
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.sizes());
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x's last dim must equal weight's "
-                    "in_features ", weight.size(1), ", got x of shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), op,
+                    ": x's last dim must equal weight's "
+                    "in_features ",
+                    weight.size(1), ", got x of shape ", x.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK_VALUE(K % fastvit::kLinearAlignment == 0 && N % fastvit::kLinearAlignment == 0, op,
-                    ": in_features (", K, ") and out_features (", N, ") must be multiples of ",
-                    fastvit::kLinearAlignment, " for the CUDA GEMMs (weight shape ", weight.sizes(), ")");
+  TORCH_CHECK_VALUE(K % fastvit::kLinearAlignment == 0 && N % fastvit::kLinearAlignment == 0, op, ": in_features (", K,
+                    ") and out_features (", N, ") must be multiples of ", fastvit::kLinearAlignment,
+                    " for the CUDA GEMMs (weight shape ", weight.sizes(), ")");
   const int64_t M = K ? x.numel() / K : 0;
-  TORCH_CHECK_VALUE(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, op, ": the CUTLASS GEMMs take at most 2^31 - 1 "
-                    "rows (x has ", M, " rows of ", K, " features; weight has shape ", weight.sizes(), ")");
+  TORCH_CHECK_VALUE(M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX, op,
+                    ": the CUTLASS GEMMs take at most 2^31 - 1 "
+                    "rows (x has ",
+                    M, " rows of ", K, " features; weight has shape ", weight.sizes(), ")");
   return dtype;
 }
 
 bool gelu_tanh(const std::string& approximate, const char* op) {
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", op,
-                    ": approximate must be 'none' or 'tanh', got '", approximate, "'");
+  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", op, ": approximate must be 'none' or 'tanh', got '",
+                    approximate, "'");
   return approximate == "tanh";
 }
 
@@ -79,12 +83,19 @@ std::tuple<Tensor, Tensor> linear_gelu_fwd(const Tensor& x, const Tensor& weight
   Tensor h = save_h ? at::empty(out_shape(x, N), x.options()) : empty0(x);
   if (y.numel() == 0) return {y, h};
   fastvit::LinearGeluFwdParams p;
-  p.dtype = dtype; p.M = M; p.N = N; p.K = K;
-  p.x = x2.data_ptr(); p.ldx = x2.stride(0);
-  p.weight = w.data_ptr(); p.ldw = w.stride(0);
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = w.data_ptr();
+  p.ldw = w.stride(0);
   p.bias = opt_ptr(bias);
-  p.y = y.data_ptr(); p.ldy = N;
-  p.h = save_h ? h.data_ptr() : nullptr; p.ldh = N;
+  p.y = y.data_ptr();
+  p.ldy = N;
+  p.h = save_h ? h.data_ptr() : nullptr;
+  p.ldh = N;
   p.gelu_tanh = tanh;
   check_launch(fastvit::run_linear_gelu_fwd(p, launch.stream), kGeluFwd);
   return {y, h};
@@ -108,14 +119,24 @@ std::tuple<Tensor, Tensor, Tensor> linear_gelu_bwd(const Tensor& dy, const Tenso
   Tensor dw = at::empty({N, K}, x.options());
   Tensor db = has_bias ? at::empty({N}, x.options()) : empty0(x);
   fastvit::LinearGeluBwdParams p;
-  p.dtype = dtype; p.M = M; p.N = N; p.K = K;
-  p.dy = dy2.data_ptr(); p.lddy = dy2.stride(0);
-  p.x = x2.data_ptr(); p.ldx = x2.stride(0);
-  p.weight = w.data_ptr(); p.ldw = w.stride(0);
-  p.h = h2.data_ptr(); p.ldh = h2.stride(0);
-  p.gelu_tanh = tanh; p.has_bias = has_bias;
-  p.dx = dx.data_ptr(); p.lddx = K;
-  p.dweight = dw.data_ptr(); p.lddw = K;
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.dy = dy2.data_ptr();
+  p.lddy = dy2.stride(0);
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = w.data_ptr();
+  p.ldw = w.stride(0);
+  p.h = h2.data_ptr();
+  p.ldh = h2.stride(0);
+  p.gelu_tanh = tanh;
+  p.has_bias = has_bias;
+  p.dx = dx.data_ptr();
+  p.lddx = K;
+  p.dweight = dw.data_ptr();
+  p.lddw = K;
   p.dbias = has_bias ? db.data_ptr() : nullptr;
   Tensor workspace = alloc_workspace(fastvit::linear_gelu_bwd_workspace_bytes(p), x.options(), &p.workspace);
   check_launch(fastvit::run_linear_gelu_bwd(p, launch.stream), kGeluBwd);
@@ -140,13 +161,22 @@ std::tuple<Tensor, Tensor> linear_residual_fwd(const Tensor& x, const Tensor& we
   Tensor z = save_z ? at::empty(shape, x.options()) : empty0(x);
   if (y.numel() == 0) return {y, z};
   fastvit::LinearResidualFwdParams p;
-  p.dtype = dtype; p.M = M; p.N = N; p.K = K;
-  p.x = x2.data_ptr(); p.ldx = x2.stride(0);
-  p.weight = w.data_ptr(); p.ldw = w.stride(0);
-  p.bias = opt_ptr(bias); p.gamma = opt_ptr(gamma);
-  p.residual = r2.data_ptr(); p.ldr = r2.stride(0);
-  p.y = y.data_ptr(); p.ldy = N;
-  p.z = save_z ? z.data_ptr() : nullptr; p.ldz = N;
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = w.data_ptr();
+  p.ldw = w.stride(0);
+  p.bias = opt_ptr(bias);
+  p.gamma = opt_ptr(gamma);
+  p.residual = r2.data_ptr();
+  p.ldr = r2.stride(0);
+  p.y = y.data_ptr();
+  p.ldy = N;
+  p.z = save_z ? z.data_ptr() : nullptr;
+  p.ldz = N;
   check_launch(fastvit::run_linear_residual_fwd(p, launch.stream), kResFwd);
   return {y, z};
 }
@@ -175,15 +205,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_residual_bwd(const Tensor& dy,
   Tensor db = has_bias ? at::empty({N}, x.options()) : empty0(x);
   Tensor dgamma = want_dgamma ? at::empty({N}, x.options()) : empty0(x);
   fastvit::LinearResidualBwdParams p;
-  p.dtype = dtype; p.M = M; p.N = N; p.K = K;
-  p.dy = dy2.data_ptr(); p.lddy = dy2.stride(0);
-  p.x = x2.data_ptr(); p.ldx = x2.stride(0);
-  p.weight = w.data_ptr(); p.ldw = w.stride(0);
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.dy = dy2.data_ptr();
+  p.lddy = dy2.stride(0);
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = w.data_ptr();
+  p.ldw = w.stride(0);
   p.gamma = opt_ptr(gamma);
-  p.z = z2.has_value() ? z2->data_ptr() : nullptr; p.ldz = z2.has_value() ? z2->stride(0) : 0;
+  p.z = z2.has_value() ? z2->data_ptr() : nullptr;
+  p.ldz = z2.has_value() ? z2->stride(0) : 0;
   p.has_bias = has_bias;
-  p.dx = dx.data_ptr(); p.lddx = K;
-  p.dweight = dw.data_ptr(); p.lddw = K;
+  p.dx = dx.data_ptr();
+  p.lddx = K;
+  p.dweight = dw.data_ptr();
+  p.lddw = K;
   p.dbias = has_bias ? db.data_ptr() : nullptr;
   p.dgamma = want_dgamma ? dgamma.data_ptr() : nullptr;
   Tensor workspace = alloc_workspace(fastvit::linear_residual_bwd_workspace_bytes(p), x.options(), &p.workspace);

@@ -21,15 +21,17 @@ using namespace fastvit::binding;
 constexpr const char* kPeFwd = "fastvit::patch_embed_fwd_cuda";
 constexpr const char* kPeBwd = "fastvit::patch_embed_bwd_cuda";
 
-struct PatchGeometry { int64_t B, C, Hi, Wi, E, Ph, Pw, Np; };
+struct PatchGeometry {
+  int64_t B, C, Hi, Wi, E, Ph, Pw, Np;
+};
 
 PatchGeometry check_patch(const Tensor& images, const Tensor& weight, const char* op) {
   check_cuda(images, op, "images");
   dtype_of(images, op, "images", /*allow_fp32=*/false);
   check_same(weight, images, op, "weight", "images");
   TORCH_CHECK_VALUE(images.dim() == 4, op, ": images must have shape (B, C, H, W), got ", images.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == images.size(1), op,
-                    ": weight must have shape (E, ", images.size(1), ", Ph, Pw), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == images.size(1), op, ": weight must have shape (E, ",
+                    images.size(1), ", Ph, Pw), got ", weight.sizes());
   PatchGeometry g{images.size(0), images.size(1), images.size(2), images.size(3),
                   weight.size(0), weight.size(2), weight.size(3), 0};
   TORCH_CHECK_VALUE(g.Ph > 0 && g.Pw > 0 && g.Hi % g.Ph == 0 && g.Wi % g.Pw == 0, op, ": images spatial size ", g.Hi,
@@ -51,9 +53,8 @@ int64_t check_ids_keep(const OptTensor& ids_keep, const Tensor& images, const Pa
   return ids_keep->size(1);
 }
 
-Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptTensor& bias_in,
-                       const OptTensor& pos_in, const OptTensor& cls_in, const OptTensor& reg_in,
-                       const OptTensor& ids_in) {
+Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptTensor& bias_in, const OptTensor& pos_in,
+                       const OptTensor& cls_in, const OptTensor& reg_in, const OptTensor& ids_in) {
   const auto g = check_patch(images, weight_in, kPeFwd);
   const auto dtype = dtype_of(images, kPeFwd, "images", false);
   check_vector(bias_in, images, g.E, kPeFwd, "bias", "images");
@@ -93,27 +94,42 @@ Tensor patch_embed_fwd(const Tensor& images, const Tensor& weight_in, const OptT
   if (out.numel() == 0) return out;
   fastvit::PatchEmbedFwdParams p;
   p.dtype = dtype;
-  p.B = g.B; p.C = g.C; p.Hi = g.Hi; p.Wi = g.Wi; p.E = g.E; p.Ph = g.Ph; p.Pw = g.Pw;
+  p.B = g.B;
+  p.C = g.C;
+  p.Hi = g.Hi;
+  p.Wi = g.Wi;
+  p.E = g.E;
+  p.Ph = g.Ph;
+  p.Pw = g.Pw;
   p.images = images.data_ptr();
-  p.img_stride_b = images.stride(0); p.img_stride_c = images.stride(1);
-  p.img_stride_h = images.stride(2); p.img_stride_w = images.stride(3);
+  p.img_stride_b = images.stride(0);
+  p.img_stride_c = images.stride(1);
+  p.img_stride_h = images.stride(2);
+  p.img_stride_w = images.stride(3);
   p.weight = weight.data_ptr();
   p.bias = opt_ptr(bias);
-  p.pos_embed = opt_ptr(pos); p.pos_len = pos_len; p.pos_stride_t = g.E;
+  p.pos_embed = opt_ptr(pos);
+  p.pos_len = pos_len;
+  p.pos_stride_t = g.E;
   p.cls_token = opt_ptr(cls);
-  p.reg_tokens = opt_ptr(reg); p.n_reg = n_reg;
+  p.reg_tokens = opt_ptr(reg);
+  p.n_reg = n_reg;
   p.ids_keep = ids.has_value() ? ids->data_ptr<int64_t>() : nullptr;
   p.ids_stride_b = ids.has_value() ? ids->stride(0) : 0;
   p.n_keep = n_keep;
-  p.out = out.data_ptr(); p.out_stride_b = out.stride(0); p.out_stride_t = out.stride(1);
+  p.out = out.data_ptr();
+  p.out_stride_b = out.stride(0);
+  p.out_stride_t = out.stride(1);
   Tensor workspace = alloc_workspace(fastvit::patch_embed_fwd_workspace_bytes(p), images.options(), &p.workspace);
   check_launch(fastvit::run_patch_embed_fwd(p, launch.stream), kPeFwd);
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
-    const Tensor& dout_in, const Tensor& images, const Tensor& weight_in, const OptTensor& ids_in, int64_t pos_len,
-    int64_t n_cls, int64_t n_reg, bool compute_dimages) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const Tensor& dout_in, const Tensor& images,
+                                                                           const Tensor& weight_in,
+                                                                           const OptTensor& ids_in, int64_t pos_len,
+                                                                           int64_t n_cls, int64_t n_reg,
+                                                                           bool compute_dimages) {
   const auto g = check_patch(images, weight_in, kPeBwd);
   const auto dtype = dtype_of(images, kPeBwd, "images", false);
   TORCH_CHECK_VALUE(n_cls == 0 || n_cls == 1, kPeBwd, ": n_cls must be 0 or 1, got ", n_cls);
@@ -139,19 +155,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(
   Tensor dreg = at::empty({1, n_reg, g.E}, opts);
   fastvit::PatchEmbedBwdParams p;
   p.dtype = dtype;
-  p.B = g.B; p.C = g.C; p.Hi = g.Hi; p.Wi = g.Wi; p.E = g.E; p.Ph = g.Ph; p.Pw = g.Pw;
-  p.dout = dout.data_ptr(); p.dout_stride_b = dout.stride(0); p.dout_stride_t = dout.stride(1);
+  p.B = g.B;
+  p.C = g.C;
+  p.Hi = g.Hi;
+  p.Wi = g.Wi;
+  p.E = g.E;
+  p.Ph = g.Ph;
+  p.Pw = g.Pw;
+  p.dout = dout.data_ptr();
+  p.dout_stride_b = dout.stride(0);
+  p.dout_stride_t = dout.stride(1);
   p.images = images.data_ptr();
-  p.img_stride_b = images.stride(0); p.img_stride_c = images.stride(1);
-  p.img_stride_h = images.stride(2); p.img_stride_w = images.stride(3);
+  p.img_stride_b = images.stride(0);
+  p.img_stride_c = images.stride(1);
+  p.img_stride_h = images.stride(2);
+  p.img_stride_w = images.stride(3);
   p.weight = weight.data_ptr();
   p.ids_keep = ids.has_value() ? ids->data_ptr<int64_t>() : nullptr;
   p.ids_stride_b = ids.has_value() ? ids->stride(0) : 0;
-  p.n_keep = n_keep; p.n_cls = n_cls; p.n_reg = n_reg; p.pos_len = pos_len;
+  p.n_keep = n_keep;
+  p.n_cls = n_cls;
+  p.n_reg = n_reg;
+  p.pos_len = pos_len;
   if (compute_dimages) {
     p.dimages = dimg.data_ptr();
-    p.dimg_stride_b = dimg.stride(0); p.dimg_stride_c = dimg.stride(1);
-    p.dimg_stride_h = dimg.stride(2); p.dimg_stride_w = dimg.stride(3);
+    p.dimg_stride_b = dimg.stride(0);
+    p.dimg_stride_c = dimg.stride(1);
+    p.dimg_stride_h = dimg.stride(2);
+    p.dimg_stride_w = dimg.stride(3);
   }
   p.dweight = dw.data_ptr();
   p.dbias = db.data_ptr();
