@@ -159,6 +159,37 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
     assert max(sizes["dkdv smem"] + sizes["dq smem"]) <= 163 * 1024
 
 
+@needs_toolchain
+@pytest.mark.parametrize("minimal", [False, True], ids=["full", "minimal"])
+def test_build_info_reports_the_kernel_facts_on_the_host(tmp_path, minimal):
+    """build_info()'s kernel facts (what Python reads instead of copying them), from the torch-free sources alone:
+    the bucket table, the head-dim rule, the backward's shared memory per compiled bucket, the GEMM alignment."""
+    import subprocess
+
+    src = os.path.join(os.path.dirname(__file__), "cuda", "build_info.cu")
+    exe = str(tmp_path / "build_info")
+    files = [src, os.path.join(build.CSRC, "common", "build_info.cu"),
+             os.path.join(build.CSRC, "attention", "attention_smem.cu")]
+    cmd = [NVCC, build.CHECK_STD, "-O1", "--expt-relaxed-constexpr", *build.defines(minimal),
+           *[f"-I{d}" for d in build.include_dirs()], *files, "-o", exe]
+    compiled = subprocess.run(cmd, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    info = dict(line.split("=", 1) for line in run.stdout.splitlines())
+    assert info["minimal"] == str(int(minimal))
+    assert info["attention_head_dim_bucket_bounds"] == "32,64,80,96,128"
+    assert (info["attention_head_dim_multiple"], info["attention_max_head_dim"]) == ("8", "128")
+    assert info["gemm_alignment"] == "8"
+    compiled_buckets = [int(b) for b in info["attention_head_dim_buckets"].split(",")]
+    assert compiled_buckets == ([64] if minimal else [32, 64, 80, 96, 128])
+    smem = {int(b): int(n) for b, n in (pair.split(":") for pair in info["attention_bwd_smem_bytes"].split(","))}
+    assert list(smem) == compiled_buckets
+    assert all(0 < n <= 163 * 1024 for n in smem.values())  # every backward fits sm_80's 163 KB per block
+    if not minimal:  # buckets 96 and 128 need more than sm_86 / sm_89's 99 KB: dispatch declines them there
+        assert [b for b, n in smem.items() if n > 99 * 1024] == [96, 128]
+
+
 # ------------------------------------------------------------------------------------------- JIT policy
 def test_jit_policy_follows_the_environment_and_the_machine(monkeypatch):
     from fastvit import _cuda
