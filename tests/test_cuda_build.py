@@ -22,13 +22,18 @@ needs_toolchain = pytest.mark.skipif(
     reason="needs nvcc, the nvidia-cutlass headers and a source checkout (csrc/)",
 )
 FAMILIES = ("attention", "layer_norm", "linear", "patch_embed", "mae")
+#: The torch side of csrc/: one schema file, the Python module, one binding file per family (next to its kernels) and
+#: the binding helpers they share. Everything else under csrc/ is a kernel file and must stay torch-free.
+BINDING_SOURCES = ("fastvit_schema.cpp", "fastvit_module.cpp", *(f"{family}_binding.cpp" for family in FAMILIES))
+BINDING_HEADERS = (os.path.join("common", "binding.h"),)
 
 
 # ------------------------------------------------------------------------------------------- sources
 def test_minimal_build_keeps_one_instantiation_per_template():
     full = [os.path.basename(p) for p in build.sources(minimal=False)]
     minimal = [os.path.basename(p) for p in build.sources(minimal=True)]
-    assert "fastvit_api.cpp" in minimal and "fastvit_api.cpp" in full
+    for name in BINDING_SOURCES:
+        assert name in minimal and name in full, name
     assert "attention_fwd_hdim64_bf16.cu" in minimal and "attention_bwd_hdim64_bf16.cu" in minimal
     for name in ("attention_fwd_hdim80_bf16.cu", "attention_fwd_hdim64_fp16.cu", "attention_bwd_hdim128_bf16.cu"):
         assert name in full and name not in minimal
@@ -44,11 +49,37 @@ def test_kernel_files_are_torch_free():
     for dirpath, _, files in os.walk(build.CSRC):
         for name in files:
             path = os.path.join(dirpath, name)
-            if name != "fastvit_api.cpp" and name.endswith((".cu", ".cuh", ".h")):
+            if os.path.relpath(path, build.CSRC) not in BINDING_HEADERS and name.endswith((".cu", ".cuh", ".h")):
                 with open(path) as f:
                     if pattern.search(f.read()):
                         offenders.append(path)
     assert offenders == []
+
+
+def test_one_schema_file_and_one_binding_file_per_family():
+    """Every .cpp under csrc/ is a binding file: the schema file and the module at the top, each family's binding next
+    to its kernels; the schemas (TORCH_LIBRARY) are declared in the schema file only, the Python module once."""
+    cpp = sorted(os.path.relpath(p, build.CSRC) for p in build.sources(minimal=False) if p.endswith(".cpp"))
+    assert cpp == sorted(["fastvit_schema.cpp", "fastvit_module.cpp",
+                          *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES)])
+
+    def read(rel):
+        with open(os.path.join(build.CSRC, rel)) as f:
+            return f.read()
+
+    library = re.compile(r"^TORCH_LIBRARY\(fastvit,", re.M)
+    impl = re.compile(r"^TORCH_LIBRARY_IMPL\(fastvit, CUDA,", re.M)
+    assert [rel for rel in cpp if library.search(read(rel))] == ["fastvit_schema.cpp"]
+    assert [rel for rel in cpp if "PYBIND11_MODULE(" in read(rel)] == ["fastvit_module.cpp"]
+    defined = re.findall(r'm\.def\("(\w+)\(', read("fastvit_schema.cpp"))
+    implemented = []
+    for family in FAMILIES:
+        text = read(os.path.join(family, f"{family}_binding.cpp"))
+        assert len(impl.findall(text)) == 1, family
+        ops = re.findall(r'm\.impl\("(\w+)"', text)
+        assert ops, family
+        implemented += ops
+    assert len(defined) == len(set(defined)) and sorted(defined) == sorted(implemented)
 
 
 def test_gencode_flags():
@@ -127,6 +158,37 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
     assert set(sizes) == {"fwd smem", "dkdv smem", "dq smem"} and all(len(v) == 5 for v in sizes.values())
     assert max(sizes["fwd smem"]) <= 99 * 1024
     assert max(sizes["dkdv smem"] + sizes["dq smem"]) <= 163 * 1024
+
+
+@needs_toolchain
+@pytest.mark.parametrize("minimal", [False, True], ids=["full", "minimal"])
+def test_build_info_reports_the_kernel_facts_on_the_host(tmp_path, minimal):
+    """build_info()'s kernel facts (what Python reads instead of copying them), from the torch-free sources alone:
+    the bucket table, the head-dim rule, the backward's shared memory per compiled bucket, the GEMM alignment."""
+    import subprocess
+
+    src = os.path.join(os.path.dirname(__file__), "cuda", "build_info.cu")
+    exe = str(tmp_path / "build_info")
+    files = [src, os.path.join(build.CSRC, "common", "build_info.cu"),
+             os.path.join(build.CSRC, "attention", "attention_smem.cu")]
+    cmd = [NVCC, build.CHECK_STD, "-O1", "--expt-relaxed-constexpr", *build.defines(minimal),
+           *[f"-I{d}" for d in build.include_dirs()], *files, "-o", exe]
+    compiled = subprocess.run(cmd, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    info = dict(line.split("=", 1) for line in run.stdout.splitlines())
+    assert info["minimal"] == str(int(minimal))
+    assert info["attention_head_dim_bucket_bounds"] == "32,64,80,96,128"
+    assert (info["attention_head_dim_multiple"], info["attention_max_head_dim"]) == ("8", "128")
+    assert info["gemm_alignment"] == "8"
+    compiled_buckets = [int(b) for b in info["attention_head_dim_buckets"].split(",")]
+    assert compiled_buckets == ([64] if minimal else [32, 64, 80, 96, 128])
+    smem = {int(b): int(n) for b, n in (pair.split(":") for pair in info["attention_bwd_smem_bytes"].split(","))}
+    assert list(smem) == compiled_buckets
+    assert all(0 < n <= 163 * 1024 for n in smem.values())  # every backward fits sm_80's 163 KB per block
+    if not minimal:  # buckets 96 and 128 need more than sm_86 / sm_89's 99 KB: dispatch declines them there
+        assert [b for b, n in smem.items() if n > 99 * 1024] == [96, 128]
 
 
 # ------------------------------------------------------------------------------------------- JIT policy

@@ -41,8 +41,17 @@ namespace fastvit {
 // Elements: every base pointer and every stride except the last (which must be 1) must be a multiple of this
 // (strides of dims of size 1 excepted).
 constexpr int kAttentionAlignment = 8;
+// Head dims are multiples of this (one 16-byte chunk of 16-bit elements), from 8 to kAttentionMaxHeadDim.
+constexpr int kAttentionHeadDimMultiple = 8;
 // Largest head dim any bucket serves.
 constexpr int kAttentionMaxHeadDim = 128;
+// The head-dim buckets, ascending: a head dim runs in the first bucket >= it (attention_head_dim_bucket). Each
+// bucket has its own kernel instantiations (attention_{fwd,bwd}_hdim<bucket>_<dtype>.cu); which of them a build
+// compiled is FASTVIT_BUILD_ATTENTION_HEADDIMS (common/common.h).
+constexpr int kAttentionHeadDimBuckets[] = {32, 64, 80, 96, 128};
+constexpr int kAttentionNumHeadDimBuckets = sizeof(kAttentionHeadDimBuckets) / sizeof(kAttentionHeadDimBuckets[0]);
+static_assert(kAttentionHeadDimBuckets[kAttentionNumHeadDimBuckets - 1] == kAttentionMaxHeadDim,
+              "the last bucket serves the largest head dim");
 
 struct AttentionFwdParams {
   // Inputs, element type `dtype` (fp16 or bf16), logical shapes (batch, heads, seqlen, head_dim), head dim
@@ -116,6 +125,11 @@ size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
 
 // Head-dim bucket {32, 64, 80, 96, 128} a head dim runs in, or 0 when unsupported.
 int attention_head_dim_bucket(int head_dim);
+
+// Dynamic shared memory per block, in bytes, of the largest backward kernel (dK/dV or dQ) of head-dim bucket
+// `bucket` (the same for fp16 and bf16; whether the bucket is compiled or not), or 0 for a size that is no bucket.
+// GPUs whose shared_memory_per_block_optin is smaller cannot run that bucket's backward.
+int attention_bwd_smem_bytes(int bucket);
 
 // head_dim % 8 == 0, 8 <= head_dim <= 128, and its bucket compiled into this build (a minimal build has only
 // bucket 64, i.e. head dims 40..64).

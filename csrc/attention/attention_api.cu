@@ -12,53 +12,52 @@
 // enclosing function. A minimal build (FASTVIT_MINIMAL_BUILD) compiles bucket 64 only (head dims 40..64), so
 // it references no other instantiation and links with the minimal set of files.
 #ifdef FASTVIT_MINIMAL_BUILD
-#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)              \
-  [&]() -> cudaError_t {                                                   \
-    if (::fastvit::attention_head_dim_bucket(HEADDIM) == 64) {             \
-      constexpr int CONST_NAME = 64;                                       \
-      return __VA_ARGS__();                                                \
-    }                                                                      \
-    return cudaErrorNotSupported;                                          \
+#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)  \
+  [&]() -> cudaError_t {                                       \
+    if (::fastvit::attention_head_dim_bucket(HEADDIM) == 64) { \
+      constexpr int CONST_NAME = 64;                           \
+      return __VA_ARGS__();                                    \
+    }                                                          \
+    return cudaErrorNotSupported;                              \
   }()
 #else
-#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)              \
-  [&]() -> cudaError_t {                                                   \
-    switch (::fastvit::attention_head_dim_bucket(HEADDIM)) {              \
-      case 32: {                                                           \
-        constexpr int CONST_NAME = 32;                                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case 64: {                                                           \
-        constexpr int CONST_NAME = 64;                                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case 80: {                                                           \
-        constexpr int CONST_NAME = 80;                                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case 96: {                                                           \
-        constexpr int CONST_NAME = 96;                                     \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      case 128: {                                                          \
-        constexpr int CONST_NAME = 128;                                    \
-        return __VA_ARGS__();                                              \
-      }                                                                    \
-      default:                                                             \
-        return cudaErrorNotSupported;                                      \
-    }                                                                      \
+#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...) \
+  [&]() -> cudaError_t {                                      \
+    switch (::fastvit::attention_head_dim_bucket(HEADDIM)) {  \
+      case 32: {                                              \
+        constexpr int CONST_NAME = 32;                        \
+        return __VA_ARGS__();                                 \
+      }                                                       \
+      case 64: {                                              \
+        constexpr int CONST_NAME = 64;                        \
+        return __VA_ARGS__();                                 \
+      }                                                       \
+      case 80: {                                              \
+        constexpr int CONST_NAME = 80;                        \
+        return __VA_ARGS__();                                 \
+      }                                                       \
+      case 96: {                                              \
+        constexpr int CONST_NAME = 96;                        \
+        return __VA_ARGS__();                                 \
+      }                                                       \
+      case 128: {                                             \
+        constexpr int CONST_NAME = 128;                       \
+        return __VA_ARGS__();                                 \
+      }                                                       \
+      default: return cudaErrorNotSupported;                  \
+    }                                                         \
   }()
 #endif
 
 namespace fastvit {
 
 int attention_head_dim_bucket(int head_dim) {
-  if (head_dim < 8 || head_dim > kAttentionMaxHeadDim || head_dim % 8 != 0) return 0;
-  if (head_dim <= 32) return 32;
-  if (head_dim <= 64) return 64;
-  if (head_dim <= 80) return 80;
-  if (head_dim <= 96) return 96;
-  return 128;
+  if (head_dim < kAttentionHeadDimMultiple || head_dim > kAttentionMaxHeadDim ||
+      head_dim % kAttentionHeadDimMultiple != 0)
+    return 0;
+  for (int bucket : kAttentionHeadDimBuckets)
+    if (head_dim <= bucket) return bucket;
+  return 0;
 }
 
 bool attention_head_dim_supported(int head_dim) {
@@ -88,8 +87,7 @@ bool aligned_ptr(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kA
 // vector_aligned() accepts such tensors as they are, e.g. a channels-last (B, 1, N, D) whose head stride is 1).
 // `p` gives batch and heads; `seqlen` is the tensor's row count (seqlen_q or seqlen_k).
 template <class Params>
-bool aligned_strides(const Params& p, int64_t batch_stride, int64_t head_stride, int64_t row_stride,
-                     int64_t seqlen) {
+bool aligned_strides(const Params& p, int64_t batch_stride, int64_t head_stride, int64_t row_stride, int64_t seqlen) {
   return (p.batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
          (p.heads <= 1 || head_stride % kAttentionAlignment == 0) &&
          (seqlen <= 1 || row_stride % kAttentionAlignment == 0);
@@ -124,9 +122,8 @@ cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t str
   if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
   if (params.lse == nullptr || !aligned_qkvo(params)) return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
-    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
-      return run_attention_fwd_bucket<Element, kHeadDim>(params, stream);
-    });
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim,
+                                       [&] { return run_attention_fwd_bucket<Element, kHeadDim>(params, stream); });
   });
 }
 
@@ -144,9 +141,8 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
       !aligned_strides(params, params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride, params.seqlen_k))
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
-    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
-      return run_attention_bwd_bucket<Element, kHeadDim>(params, stream);
-    });
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim,
+                                       [&] { return run_attention_bwd_bucket<Element, kHeadDim>(params, stream); });
   });
 }
 

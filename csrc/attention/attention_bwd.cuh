@@ -39,8 +39,8 @@ constexpr int kDeltaRowsPerBlock = kDeltaThreads / kDeltaThreadsPerRow;  // 32
 // Thread (row = threadIdx.x / 8, j = threadIdx.x % 8) reads 16-byte chunks c = 8j, 8j + 64 of the row; the 8
 // partial sums of a row are reduced with xor-shuffles over the 8 consecutive lanes that share the row.
 template <typename Element>
-__global__ void __launch_bounds__(kDeltaThreads) attention_bwd_delta_kernel(const AttentionBwdParams p,
-                                                                             float* __restrict__ delta) {
+__global__ void __launch_bounds__(kDeltaThreads)
+    attention_bwd_delta_kernel(const AttentionBwdParams p, float* __restrict__ delta) {
   const int64_t bh = attention_bh_index();
   if (bh >= p.batch * p.heads) return;  // uniform over the block
   const int64_t b = bh / p.heads;
@@ -49,10 +49,10 @@ __global__ void __launch_bounds__(kDeltaThreads) attention_bwd_delta_kernel(cons
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaRowsPerBlock + threadIdx.x / kDeltaThreadsPerRow;
   float acc = 0.f;
   if (row < p.seqlen_q) {
-    const Element* o = static_cast<const Element*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-                       row * p.o_row_stride;
-    const Element* d = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                       row * p.do_row_stride;
+    const Element* o =
+        static_cast<const Element*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+    const Element* d =
+        static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
     for (int c = 8 * j; c < p.head_dim; c += 8 * kDeltaThreadsPerRow) {
       const cute::uint128_t ov = *reinterpret_cast<const cute::uint128_t*>(o + c);
       const cute::uint128_t dv = *reinterpret_cast<const cute::uint128_t*>(d + c);
@@ -87,8 +87,8 @@ struct BwdDkdvConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWar
 };
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdParams p,
-                                                                                const float* __restrict__ delta) {
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dkdv_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockN = Cfg::kBlockN;
@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   // Views used only for their shapes, to size register fragments.
   Tensor sQ_shape = make_tensor(make_smem_ptr(smem), LayoutQ{});                                   // (kBlockM, D)
-  Tensor sT_shape = make_tensor(make_smem_ptr(smem), make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}));  // (D, kBlockM)
+  Tensor sT_shape =
+      make_tensor(make_smem_ptr(smem), make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}));  // (D, kBlockM)
   Tensor tSrK = thr_mma.partition_fragment_A(sK);         // A of Sᵀ = K·Qᵀ
   Tensor tSrV = thr_mma.partition_fragment_A(sV);         // A of dPᵀ = V·dOᵀ
   Tensor tSrQ = thr_mma.partition_fragment_B(sQ_shape);   // B of Sᵀ (and of dPᵀ with dO)
@@ -185,8 +186,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dkdv_kernel(c
 
     Tensor sQ = make_tensor(make_smem_ptr(q_stage(stage)), LayoutQ{});
     Tensor sdO = make_tensor(make_smem_ptr(do_stage(stage)), LayoutQ{});
-    Tensor sQt = make_tensor(make_smem_ptr(q_stage(stage)), transposed<kBlockM, kHeadDim>(LayoutQ{}));   // (D, kBlockM)
-    Tensor sdOt = make_tensor(make_smem_ptr(do_stage(stage)), transposed<kBlockM, kHeadDim>(LayoutQ{}));  // (D, kBlockM)
+    Tensor sQt = make_tensor(make_smem_ptr(q_stage(stage)), transposed<kBlockM, kHeadDim>(LayoutQ{}));  // (D, kBlockM)
+    Tensor sdOt =
+        make_tensor(make_smem_ptr(do_stage(stage)), transposed<kBlockM, kHeadDim>(LayoutQ{}));  // (D, kBlockM)
     const float* sLse = lse_stage(stage);
     const float* sDelta = delta_stage(stage);
 
@@ -271,8 +273,8 @@ struct BwdDqConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps
 };
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(const AttentionBwdParams p,
-                                                                              const float* __restrict__ delta) {
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dq_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockN = Cfg::kBlockN;
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
   const int seqlen_k = static_cast<int>(p.seqlen_k);
   const int head_dim = p.head_dim;
   const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size
-  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;          // 0 when seqlen_k == 0: dQ = 0
+  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;  // 0 when seqlen_k == 0: dQ = 0
   const float scale_log2 = p.scale * kLog2e;
 
   const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
@@ -303,7 +305,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   using LayoutQ = typename Cfg::SmemLayoutQ;
   using LayoutKV = typename Cfg::SmemLayoutKV;
-  Tensor sQ = make_tensor(make_smem_ptr(smem), LayoutQ{});                 // (kBlockM, D)
+  Tensor sQ = make_tensor(make_smem_ptr(smem), LayoutQ{});  // (kBlockM, D)
   Tensor sdO = make_tensor(make_smem_ptr(smem + Cfg::kOffdO), LayoutQ{});  // (kBlockM, D)
   auto k_stage = [&](int s) { return smem + Cfg::kOffK + s * Cfg::kSmemElemsKV; };
   auto v_stage = [&](int s) { return smem + Cfg::kOffV + s * Cfg::kSmemElemsKV; };
@@ -320,12 +322,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_bwd_dq_kernel(con
 
   typename Cfg::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor sKV_shape = make_tensor(make_smem_ptr(smem), LayoutKV{});                                      // (kBlockN, D)
-  Tensor sKt_shape = make_tensor(make_smem_ptr(smem), make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}));  // (D, kBlockN)
-  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);          // A of S = Q·Kᵀ
-  Tensor tSrdO = thr_mma.partition_fragment_A(sdO);        // A of dP = dO·Vᵀ
-  Tensor tSrK = thr_mma.partition_fragment_B(sKV_shape);   // B of S
-  Tensor tSrV = thr_mma.partition_fragment_B(sKV_shape);   // B of dP
+  Tensor sKV_shape = make_tensor(make_smem_ptr(smem), LayoutKV{});  // (kBlockN, D)
+  Tensor sKt_shape =
+      make_tensor(make_smem_ptr(smem), make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}));  // (D, kBlockN)
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // A of S = Q·Kᵀ
+  Tensor tSrdO = thr_mma.partition_fragment_A(sdO);  // A of dP = dO·Vᵀ
+  Tensor tSrK = thr_mma.partition_fragment_B(sKV_shape);  // B of S
+  Tensor tSrV = thr_mma.partition_fragment_B(sKV_shape);  // B of dP
   Tensor tBrKt = thr_mma.partition_fragment_B(sKt_shape);  // B of dQ += dS·K (Kᵀ)
   Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
 

@@ -181,7 +181,7 @@ __device__ __forceinline__ void load_tile_async(SmemTensor&& s, const Element* _
       const bool pred = r < rows_valid && c < cols_valid;
       const Element* src = pred ? g + static_cast<int64_t>(r) * row_stride + c : g;
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
-                                                            *reinterpret_cast<cute::uint128_t*>(&s(r, c)), pred);
+                                                             *reinterpret_cast<cute::uint128_t*>(&s(r, c)), pred);
     }
   }
 }
@@ -200,8 +200,8 @@ __device__ __forceinline__ void load_rowstats_async(float* s, const float* __res
 // Copy rows [0, rows_valid) x columns [0, cols_valid) of shared tile `s` to global memory with 16-byte stores
 // (same chunk numbering as load_tile_async); nothing outside that range is written.
 template <int kRows, int kCols, int kNThreads, typename Element, typename SmemTensor>
-__device__ __forceinline__ void store_tile(SmemTensor&& s, Element* __restrict__ g, int64_t row_stride,
-                                           int rows_valid, int cols_valid, int tid) {
+__device__ __forceinline__ void store_tile(SmemTensor&& s, Element* __restrict__ g, int64_t row_stride, int rows_valid,
+                                           int cols_valid, int tid) {
   constexpr int kChunksPerRow = kCols / 8;
   constexpr int kChunks = kRows * kChunksPerRow;
   constexpr int kIters = (kChunks + kNThreads - 1) / kNThreads;

@@ -1,4 +1,5 @@
-// What this build of fastvit._C compiled, reported by the binding's build_info() (torch-free).
+// What this build of fastvit._C compiled, and the kernel facts Python reads instead of copying them: reported by
+// fastvit._C.build_info() (csrc/fastvit_module.cpp). Torch-free.
 #pragma once
 
 namespace fastvit {
@@ -9,7 +10,19 @@ struct BuildInfo {
   int cutlass_major, cutlass_minor, cutlass_patch;
   bool minimal;                   // FASTVIT_MINIMAL_BUILD: one instantiation per kernel template
   const char* half_dtypes;        // dtypes of the tensor-core ops (attention, linear, patch_embed), comma-separated
-  const char* attention_head_dim_buckets;  // e.g. "32,64,80,96,128"
+  const char* attention_head_dim_buckets;  // buckets this build compiled, ascending, e.g. "32,64,80,96,128"
+  // Every head-dim bucket the attention kernels define, ascending, compiled or not: a head dim runs in the first
+  // bucket >= it ("32,64,80,96,128"). A head dim is supported when it is a positive multiple of
+  // attention_head_dim_multiple, at most attention_max_head_dim, and its bucket is compiled.
+  const char* attention_head_dim_bucket_bounds;
+  int attention_head_dim_multiple;  // 8
+  int attention_max_head_dim;       // 128
+  // Dynamic shared memory per block of the largest attention backward kernel, per compiled bucket, in bytes, as
+  // "bucket:bytes" pairs, e.g. "32:...,64:...,80:...,96:107520,128:104960"; from the kernels' tile configs.
+  const char* attention_bwd_smem_bytes;
+  // Elements: GEMM (linear) in / out features and the patch embedding's embed dim must be multiples of this (the
+  // kernels' 128-bit accesses of 16-bit elements).
+  int gemm_alignment;
 };
 
 BuildInfo build_info();

@@ -18,8 +18,8 @@ constexpr int kColumnSumY = 32;  // row stripes per CTA
 // (unrolled so the loads are independent; the additions stay in order); thread ty = 0 then adds the kColumnSumY
 // stripe totals in order and rounds once to T. rows = 0 writes zeros.
 template <typename T>
-__global__ void __launch_bounds__(kColumnSumX * kColumnSumY)
-column_sum_kernel(const float* __restrict__ part, int64_t rows, int64_t C, T* __restrict__ out) {
+__global__ void __launch_bounds__(kColumnSumX* kColumnSumY)
+    column_sum_kernel(const float* __restrict__ part, int64_t rows, int64_t C, T* __restrict__ out) {
   __shared__ float stripe[kColumnSumY][kColumnSumX + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumnSumX + threadIdx.x;
   float acc = 0.f;
@@ -43,8 +43,8 @@ cudaError_t launch_column_sum(const float* part, int64_t rows, int64_t C, T* out
   if (C <= 0) return cudaSuccess;
   const int64_t blocks = (C + kColumnSumX - 1) / kColumnSumX;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  column_sum_kernel<T><<<static_cast<unsigned>(blocks), dim3(kColumnSumX, kColumnSumY), 0, stream>>>(part, rows, C,
-                                                                                                      out);
+  column_sum_kernel<T>
+      <<<static_cast<unsigned>(blocks), dim3(kColumnSumX, kColumnSumY), 0, stream>>>(part, rows, C, out);
   FASTVIT_RETURN_LAUNCH_ERROR();
   return cudaSuccess;
 }

@@ -1,8 +1,8 @@
 // fastvit CUDA C++ kernels: what every torch-free kernel file shares.
 //
 // Rules (DESIGN.md, "Four layers per op"):
-//   * a kernel file (*.cu / *.cuh under csrc/<family>/) never includes a torch header; the binding
-//     (csrc/fastvit_api.cpp) fills one plain params struct per op and calls a plain launcher
+//   * a kernel file (*.cu / *.cuh under csrc/<family>/) never includes a torch header; the family's binding
+//     (csrc/<family>/<family>_binding.cpp) fills one plain params struct per op and calls a plain launcher
 //     `cudaError_t run_<op>(const <Op>Params&, cudaStream_t)` declared in csrc/<family>/<family>.h;
 //   * launchers return the first CUDA error (cudaGetLastError after the launch) instead of throwing;
 //   * strides are in elements, never bytes; sizes are int64_t at the interface.
@@ -40,8 +40,8 @@ inline const char* dtype_name(DType t) {
 #endif
 
 // Return the CUDA error of the last launch (if any) from a launcher.
-#define FASTVIT_RETURN_LAUNCH_ERROR()            \
-  do {                                           \
-    cudaError_t fastvit_err_ = cudaGetLastError(); \
+#define FASTVIT_RETURN_LAUNCH_ERROR()                     \
+  do {                                                    \
+    cudaError_t fastvit_err_ = cudaGetLastError();        \
     if (fastvit_err_ != cudaSuccess) return fastvit_err_; \
   } while (0)

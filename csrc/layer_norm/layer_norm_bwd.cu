@@ -49,16 +49,15 @@ int64_t max_partial_rows(int64_t M) {
 }
 
 template <typename T, int VEC>
-cudaError_t launch_bwd(const LayerNormBwdParams& p, const ln::Plan& pl, int64_t grid, float* dw_part,
-                       float* db_part, cudaStream_t stream) {
+cudaError_t launch_bwd(const LayerNormBwdParams& p, const ln::Plan& pl, int64_t grid, float* dw_part, float* db_part,
+                       cudaStream_t stream) {
   auto launch = [&](auto g_c, auto nv_c) -> cudaError_t {
     constexpr int G = decltype(g_c)::value;
     constexpr int NV = decltype(nv_c)::value;
     using Shape = ln::GroupShape<G>;
     const int64_t row_blocks = (p.M + Shape::kRows - 1) / Shape::kRows;
     ln::ln_bwd_kernel<T, VEC, G, NV>
-        <<<static_cast<unsigned>(grid), Shape::kThreads, 0, stream>>>(p, dw_part, db_part, row_blocks,
-                                                                       ln::inv_c(p.C));
+        <<<static_cast<unsigned>(grid), Shape::kThreads, 0, stream>>>(p, dw_part, db_part, row_blocks, ln::inv_c(p.C));
     FASTVIT_RETURN_LAUNCH_ERROR();
     return cudaSuccess;
   };
@@ -80,8 +79,7 @@ size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p) {
   if (p.M <= 0 || p.C <= 0) return 0;
   const int n = (p.compute_dw ? 1 : 0) + (p.compute_db ? 1 : 0);
   if (n == 0) return 0;
-  return static_cast<size_t>(n) * static_cast<size_t>(max_partial_rows(p.M)) * static_cast<size_t>(p.C) *
-         sizeof(float);
+  return static_cast<size_t>(n) * static_cast<size_t>(max_partial_rows(p.M)) * static_cast<size_t>(p.C) * sizeof(float);
 }
 
 cudaError_t run_layer_norm_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
@@ -114,8 +112,8 @@ cudaError_t run_layer_norm_bwd(const LayerNormBwdParams& p, cudaStream_t stream)
     if (!p.compute_db) db_part = nullptr;
 
     if (pl.fallback) {
-      ln::ln_bwd_fallback_kernel<T><<<static_cast<unsigned>(grid), ln::kFallbackThreads, 0, stream>>>(
-          p, dw_part, db_part, ln::inv_c(p.C));
+      ln::ln_bwd_fallback_kernel<T>
+          <<<static_cast<unsigned>(grid), ln::kFallbackThreads, 0, stream>>>(p, dw_part, db_part, ln::inv_c(p.C));
       FASTVIT_RETURN_LAUNCH_ERROR();
     } else if (vec) {
       err = launch_bwd<T, kVec>(p, pl, grid, dw_part, db_part, stream);

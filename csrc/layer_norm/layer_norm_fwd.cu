@@ -26,8 +26,7 @@ cudaError_t launch_fwd(const LayerNormFwdParams& p, const ln::Plan& pl, cudaStre
     using Shape = ln::GroupShape<G>;
     const int64_t blocks = (p.M + Shape::kRows - 1) / Shape::kRows;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-    ln::ln_fwd_kernel<T, VEC, G, NV>
-        <<<static_cast<unsigned>(blocks), Shape::kThreads, 0, stream>>>(p, ln::inv_c(p.C));
+    ln::ln_fwd_kernel<T, VEC, G, NV><<<static_cast<unsigned>(blocks), Shape::kThreads, 0, stream>>>(p, ln::inv_c(p.C));
     FASTVIT_RETURN_LAUNCH_ERROR();
     return cudaSuccess;
   };
@@ -45,8 +44,7 @@ cudaError_t run_layer_norm_fwd(const LayerNormFwdParams& p, cudaStream_t stream)
     constexpr int kVec = 16 / static_cast<int>(sizeof(T));
     if (p.C > ln::kMaxRegisterC) {
       if (p.M > 0x7fffffffLL) return cudaErrorInvalidValue;
-      ln::ln_fwd_fallback_kernel<T>
-          <<<static_cast<unsigned>(p.M), ln::kFallbackThreads, 0, stream>>>(p, ln::inv_c(p.C));
+      ln::ln_fwd_fallback_kernel<T><<<static_cast<unsigned>(p.M), ln::kFallbackThreads, 0, stream>>>(p, ln::inv_c(p.C));
       FASTVIT_RETURN_LAUNCH_ERROR();
       return cudaSuccess;
     }

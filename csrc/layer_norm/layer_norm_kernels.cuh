@@ -106,8 +106,7 @@ __device__ __forceinline__ V group_sum(V v, V* slot) {
 
 // ------------------------------------------------------------------------------------------ forward
 template <typename T, int VEC, int G, int NV>
-__global__ void __launch_bounds__(GroupShape<G>::kThreads)
-ln_fwd_kernel(const LayerNormFwdParams p, float inv_c) {
+__global__ void __launch_bounds__(GroupShape<G>::kThreads) ln_fwd_kernel(const LayerNormFwdParams p, float inv_c) {
   using Shape = GroupShape<G>;
   __shared__ float red[2][Shape::kWarps];
 
@@ -201,8 +200,7 @@ ln_fwd_kernel(const LayerNormFwdParams p, float inv_c) {
 // memory. Thread t owns columns c = t + k * kFallbackThreads; with a residual it re-reads its own stores of h
 // (coherent loads: same thread, program order), otherwise it re-reads x.
 template <typename T>
-__global__ void __launch_bounds__(kFallbackThreads)
-ln_fwd_fallback_kernel(const LayerNormFwdParams p, float inv_c) {
+__global__ void __launch_bounds__(kFallbackThreads) ln_fwd_fallback_kernel(const LayerNormFwdParams p, float inv_c) {
   __shared__ float red[2][kFallbackThreads / 32];
   const int64_t row = blockIdx.x;
   const int64_t C = p.C;
@@ -254,8 +252,8 @@ ln_fwd_fallback_kernel(const LayerNormFwdParams p, float inv_c) {
 // in fixed order through shared memory when kRows > 1.
 template <typename T, int VEC, int G, int NV>
 __global__ void __launch_bounds__(GroupShape<G>::kThreads)
-ln_bwd_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
-              int64_t num_row_blocks, float inv_c) {
+    ln_bwd_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
+                  int64_t num_row_blocks, float inv_c) {
   using Shape = GroupShape<G>;
   constexpr int kPerGroup = G * NV * VEC;  // columns covered by one group (>= C)
   __shared__ float2 red[2][Shape::kWarps];
@@ -386,8 +384,8 @@ ln_bwd_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __
 // in its own entries of the partial rows (read-modify-write by a single thread: no race, fixed order).
 template <typename T>
 __global__ void __launch_bounds__(kFallbackThreads)
-ln_bwd_fallback_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
-                       float inv_c) {
+    ln_bwd_fallback_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
+                           float inv_c) {
   __shared__ float2 red[2][kFallbackThreads / 32];
   const int64_t C = p.C;
   const T* w = p.has_weight ? static_cast<const T*>(p.weight) : nullptr;

@@ -13,18 +13,24 @@ namespace fastvit {
 namespace ln {
 
 // Element <-> bits conversions of the 16-bit types (round-to-nearest-even, as torch's casts and CUTLASS's).
-template <typename T> __device__ __forceinline__ float bits16_to_float(unsigned short b);
-template <> __device__ __forceinline__ float bits16_to_float<cutlass::half_t>(unsigned short b) {
+template <typename T>
+__device__ __forceinline__ float bits16_to_float(unsigned short b);
+template <>
+__device__ __forceinline__ float bits16_to_float<cutlass::half_t>(unsigned short b) {
   return __half2float(__ushort_as_half(b));
 }
-template <> __device__ __forceinline__ float bits16_to_float<cutlass::bfloat16_t>(unsigned short b) {
+template <>
+__device__ __forceinline__ float bits16_to_float<cutlass::bfloat16_t>(unsigned short b) {
   return __uint_as_float(static_cast<unsigned int>(b) << 16);  // bf16 is the top half of an fp32 (exact)
 }
-template <typename T> __device__ __forceinline__ unsigned short float_to_bits16(float f);
-template <> __device__ __forceinline__ unsigned short float_to_bits16<cutlass::half_t>(float f) {
+template <typename T>
+__device__ __forceinline__ unsigned short float_to_bits16(float f);
+template <>
+__device__ __forceinline__ unsigned short float_to_bits16<cutlass::half_t>(float f) {
   return __half_as_ushort(__float2half_rn(f));
 }
-template <> __device__ __forceinline__ unsigned short float_to_bits16<cutlass::bfloat16_t>(float f) {
+template <>
+__device__ __forceinline__ unsigned short float_to_bits16<cutlass::bfloat16_t>(float f) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(f));
 }
 
@@ -50,7 +56,10 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
       out[0] = kReadOnly ? __ldg(p) : *p;
     } else {
       const float4 v = kReadOnly ? __ldg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
-      out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+      out[0] = v.x;
+      out[1] = v.y;
+      out[2] = v.z;
+      out[3] = v.w;
     }
   } else {
     static_assert(sizeof(T) == 2, "fp16 / bf16");
@@ -68,7 +77,9 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
   }
 }
 template <typename T, int N>
-__device__ __forceinline__ void load_ro(const T* p, float (&out)[N]) { load_vec<T, N, true>(p, out); }
+__device__ __forceinline__ void load_ro(const T* p, float (&out)[N]) {
+  load_vec<T, N, true>(p, out);
+}
 
 // Round N fp32 values to T (round-to-nearest-even) and store them at p (one store instruction).
 template <typename T, int N>

@@ -15,8 +15,8 @@ bool vec_ok(const void* p) { return p == nullptr || aligned16(p); }
 bool mat_ok(const void* p, int64_t ld, int64_t cols) { return p == nullptr || (aligned16(p) && ld_ok(ld, cols)); }
 
 bool shape_ok(int64_t M, int64_t N, int64_t K) {
-  return M >= 0 && N >= 0 && K >= 0 && N % kLinearAlignment == 0 && K % kLinearAlignment == 0 &&
-         M <= INT32_MAX && N <= INT32_MAX && K <= INT32_MAX;
+  return M >= 0 && N >= 0 && K >= 0 && N % kLinearAlignment == 0 && K % kLinearAlignment == 0 && M <= INT32_MAX &&
+         N <= INT32_MAX && K <= INT32_MAX;
 }
 
 }  // namespace
@@ -40,9 +40,7 @@ cudaError_t run_linear_residual_fwd(const LinearResidualFwdParams& p, cudaStream
   return FASTVIT_HALF_SWITCH(p.dtype, T, [&] { return linear_detail::linear_residual_fwd<T>(p, stream); });
 }
 
-size_t linear_gelu_bwd_workspace_bytes(const LinearGeluBwdParams& p) {
-  return linear_detail::gelu_bwd_layout(p).total;
-}
+size_t linear_gelu_bwd_workspace_bytes(const LinearGeluBwdParams& p) { return linear_detail::gelu_bwd_layout(p).total; }
 
 size_t linear_residual_bwd_workspace_bytes(const LinearResidualBwdParams& p) {
   return linear_detail::residual_bwd_layout(p).total;
@@ -52,9 +50,9 @@ cudaError_t run_linear_gelu_bwd(const LinearGeluBwdParams& p, cudaStream_t strea
   if (!shape_ok(p.M, p.N, p.K)) return cudaErrorInvalidValue;
   if (p.N == 0 && p.K == 0) return cudaSuccess;
   if (!mat_ok(p.dy, p.lddy, p.N) || !mat_ok(p.x, p.ldx, p.K) || !mat_ok(p.weight, p.ldw, p.K) ||
-      !mat_ok(p.h, p.ldh, p.N) || !mat_ok(p.dx, p.lddx, p.K) || !mat_ok(p.dweight, p.lddw, p.K) ||
-      !vec_ok(p.dbias) || (p.M > 0 && (p.dy == nullptr || p.x == nullptr || p.h == nullptr || p.dx == nullptr)) ||
-      p.weight == nullptr || p.dweight == nullptr)
+      !mat_ok(p.h, p.ldh, p.N) || !mat_ok(p.dx, p.lddx, p.K) || !mat_ok(p.dweight, p.lddw, p.K) || !vec_ok(p.dbias) ||
+      (p.M > 0 && (p.dy == nullptr || p.x == nullptr || p.h == nullptr || p.dx == nullptr)) || p.weight == nullptr ||
+      p.dweight == nullptr)
     return cudaErrorInvalidValue;
   return FASTVIT_HALF_SWITCH(p.dtype, T, [&] { return linear_detail::linear_gelu_bwd<T>(p, stream); });
 }
@@ -63,10 +61,9 @@ cudaError_t run_linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream
   if (!shape_ok(p.M, p.N, p.K)) return cudaErrorInvalidValue;
   if (p.N == 0 && p.K == 0) return cudaSuccess;
   if (!mat_ok(p.dy, p.lddy, p.N) || !mat_ok(p.x, p.ldx, p.K) || !mat_ok(p.weight, p.ldw, p.K) ||
-      !mat_ok(p.z, p.ldz, p.N) || !vec_ok(p.gamma) || !mat_ok(p.dx, p.lddx, p.K) ||
-      !mat_ok(p.dweight, p.lddw, p.K) || !vec_ok(p.dbias) || !vec_ok(p.dgamma) ||
-      (p.M > 0 && (p.dy == nullptr || p.x == nullptr || p.dx == nullptr)) || p.weight == nullptr ||
-      p.dweight == nullptr)
+      !mat_ok(p.z, p.ldz, p.N) || !vec_ok(p.gamma) || !mat_ok(p.dx, p.lddx, p.K) || !mat_ok(p.dweight, p.lddw, p.K) ||
+      !vec_ok(p.dbias) || !vec_ok(p.dgamma) || (p.M > 0 && (p.dy == nullptr || p.x == nullptr || p.dx == nullptr)) ||
+      p.weight == nullptr || p.dweight == nullptr)
     return cudaErrorInvalidValue;
   return FASTVIT_HALF_SWITCH(p.dtype, T, [&] { return linear_detail::linear_residual_bwd<T>(p, stream); });
 }

@@ -51,8 +51,8 @@ cudaError_t linear_bwd_common(int64_t M, int64_t N, int64_t K, const T* dy, int6
   if (g_ws != nullptr || part_db != nullptr || part_dg != nullptr) {
     dim3 grid(unsigned((N + kProCols - 1) / kProCols), unsigned(rb));
     dim3 block(kProThreadsX, kProThreadsY);
-    bwd_prologue_kernel<T, kPro><<<grid, block, 0, stream>>>(M, N, dy, lddy, p, ldp, z, ldz, g_ws, part_db, part_dg,
-                                                             bwd_rows_per_block(M));
+    bwd_prologue_kernel<T, kPro>
+        <<<grid, block, 0, stream>>>(M, N, dy, lddy, p, ldp, z, ldz, g_ws, part_db, part_dg, bwd_rows_per_block(M));
     FASTVIT_RETURN_LAUNCH_ERROR();
   }
   // 2. dbias / dgamma
@@ -65,19 +65,30 @@ cudaError_t linear_bwd_common(int64_t M, int64_t N, int64_t K, const T* dy, int6
 
   // 3. dx (M×K) = g (M×N) · W (N×K): GEMM (m, n, k) = (M, K, N); A = g row-major ld ldg; B = W row-major ld ldw.
   NNGemmArgs dg;
-  dg.M = int(M); dg.N = int(K); dg.K = int(N); dg.batch = 1;
-  dg.A = g;  dg.lda = ldg;
-  dg.B = w;  dg.ldb = ldw;
-  dg.D = dx; dg.ldd = lddx;
+  dg.M = int(M);
+  dg.N = int(K);
+  dg.K = int(N);
+  dg.batch = 1;
+  dg.A = g;
+  dg.lda = ldg;
+  dg.B = w;
+  dg.ldb = ldw;
+  dg.D = dx;
+  dg.ldd = lddx;
   if ((err = gemm_nn<T>(dg, stream)) != cudaSuccess) return err;
 
   // 4. dW (N×K) = gᵀ (N×M) · x (M×K): GEMM (m, n, k) = (N, K, M); G = g (M×N row-major, read as the column-major
   //    N×M operand gᵀ), X = x (M×K row-major), D = dw32 (N×K fp32, ld K).
   TNGemmArgs wg;
-  wg.M = int(N); wg.N = int(K); wg.K = int(M);
-  wg.G = g;    wg.ldg = ldg;
-  wg.X = x;    wg.ldx = ldx;
-  wg.D = dw32; wg.ldd = K;
+  wg.M = int(N);
+  wg.N = int(K);
+  wg.K = int(M);
+  wg.G = g;
+  wg.ldg = ldg;
+  wg.X = x;
+  wg.ldx = ldx;
+  wg.D = dw32;
+  wg.ldd = K;
   wg.split_k = tn_gemm_split_k(N, K, M);
   wg.semaphores = sem;
   if ((err = gemm_tn_f32<T>(wg, stream)) != cudaSuccess) return err;
@@ -95,11 +106,11 @@ cudaError_t linear_gelu_bwd(const LinearGeluBwdParams& p, cudaStream_t stream) {
   if (p.has_bias && dbias == nullptr) return cudaErrorInvalidValue;
   if (p.gelu_tanh)
     return linear_bwd_common<T, Pro::kGeluTanh>(p.M, p.N, p.K, c(p.dy), p.lddy, c(p.h), p.ldh, nullptr, 0, c(p.x),
-                                                p.ldx, c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw,
-                                                dbias, nullptr, L, p.workspace, stream);
-  return linear_bwd_common<T, Pro::kGeluErf>(p.M, p.N, p.K, c(p.dy), p.lddy, c(p.h), p.ldh, nullptr, 0, c(p.x),
-                                             p.ldx, c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias,
-                                             nullptr, L, p.workspace, stream);
+                                                p.ldx, c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias,
+                                                nullptr, L, p.workspace, stream);
+  return linear_bwd_common<T, Pro::kGeluErf>(p.M, p.N, p.K, c(p.dy), p.lddy, c(p.h), p.ldh, nullptr, 0, c(p.x), p.ldx,
+                                             c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias, nullptr,
+                                             L, p.workspace, stream);
 }
 
 template <typename T>
@@ -117,22 +128,22 @@ cudaError_t linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream_t s
                                              c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias, dgamma,
                                              L, p.workspace, stream);
   return linear_bwd_common<T, Pro::kNone>(p.M, p.N, p.K, c(p.dy), p.lddy, nullptr, 0, nullptr, 0, c(p.x), p.ldx,
-                                          c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias, nullptr,
-                                          L, p.workspace, stream);
+                                          c(p.weight), p.ldw, m(p.dx), p.lddx, m(p.dweight), p.lddw, dbias, nullptr, L,
+                                          p.workspace, stream);
 }
 
 }  // namespace linear_detail
 }  // namespace fastvit
 
 // Explicit instantiations for one element type (used by linear_bwd_<dtype>.cu).
-#define FASTVIT_INSTANTIATE_LINEAR_BWD(T)                                                                        \
-  namespace fastvit {                                                                                           \
-  namespace gemm_detail {                                                                                       \
-  template cudaError_t gemm_nn<T>(const NNGemmArgs&, cudaStream_t);                                             \
-  template cudaError_t gemm_tn_f32<T>(const TNGemmArgs&, cudaStream_t);                                         \
-  }                                                                                                             \
-  namespace linear_detail {                                                                                     \
-  template cudaError_t linear_gelu_bwd<T>(const LinearGeluBwdParams&, cudaStream_t);                            \
-  template cudaError_t linear_residual_bwd<T>(const LinearResidualBwdParams&, cudaStream_t);                    \
-  }                                                                                                             \
+#define FASTVIT_INSTANTIATE_LINEAR_BWD(T)                                                    \
+  namespace fastvit {                                                                        \
+  namespace gemm_detail {                                                                    \
+  template cudaError_t gemm_nn<T>(const NNGemmArgs&, cudaStream_t);                          \
+  template cudaError_t gemm_tn_f32<T>(const TNGemmArgs&, cudaStream_t);                      \
+  }                                                                                          \
+  namespace linear_detail {                                                                  \
+  template cudaError_t linear_gelu_bwd<T>(const LinearGeluBwdParams&, cudaStream_t);         \
+  template cudaError_t linear_residual_bwd<T>(const LinearResidualBwdParams&, cudaStream_t); \
+  }                                                                                          \
   }

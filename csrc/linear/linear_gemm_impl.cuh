@@ -117,15 +117,14 @@ struct EpiGemm {
   using EvtZ = EVT<AddBias, Accum, RowVec>;
   using EvtPre = std::conditional_t<kStorePre, EVT<AuxStore, EvtZ>, EvtZ>;
 
-  using Act = cutlass::epilogue::threadblock::VisitorCompute<
-      GeluSelect<kEpi == Epi::kGeluTanh>::template Fn, T, float, RN>;
+  using Act =
+      cutlass::epilogue::threadblock::VisitorCompute<GeluSelect<kEpi == Epi::kGeluTanh>::template Fn, T, float, RN>;
   using Fma = cutlass::epilogue::threadblock::VisitorCompute<cutlass::homogeneous_multiply_add, T, float, RN>;
   using AddAux = cutlass::epilogue::threadblock::VisitorCompute<cutlass::plus, T, float, RN>;
 
-  using EvtOut = std::conditional_t<
-      kEpi == Epi::kResidual, EVT<Fma, RowVec, EvtPre, AuxLoad>,
-      std::conditional_t<kEpi == Epi::kBiasAux, EVT<AddAux, EvtZ, AuxLoad>,
-                         std::conditional_t<kEpi == Epi::kBias, EvtZ, EVT<Act, EvtPre>>>>;
+  using EvtOut = std::conditional_t<kEpi == Epi::kResidual, EVT<Fma, RowVec, EvtPre, AuxLoad>,
+                                    std::conditional_t<kEpi == Epi::kBiasAux, EVT<AddAux, EvtZ, AuxLoad>,
+                                                       std::conditional_t<kEpi == Epi::kBias, EvtZ, EVT<Act, EvtPre>>>>;
   using Evt = EVT<AuxStore, EvtOut>;
 
   static_assert(!kStorePre || kEpi == Epi::kGeluErf || kEpi == Epi::kGeluTanh || kEpi == Epi::kResidual,
@@ -133,11 +132,10 @@ struct EpiGemm {
 
   // A: row-major (M×K); B: column-major (K×N) = the row-major (N×K) weight; "C" (unused by the EVT) row-major T.
   using Kernel = typename cutlass::gemm::kernel::DefaultGemmWithVisitor<
-      T, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlign,
-      T, cutlass::layout::ColumnMajor, cutlass::ComplexTransform::kNone, kAlign,
-      T, cutlass::layout::RowMajor, kAlign,
-      float, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      TileShape, WarpShape, InstShape, Evt, Swizzle, kStages, cutlass::arch::OpMultiplyAdd,
+      T, cutlass::layout::RowMajor, cutlass::ComplexTransform::kNone, kAlign, T, cutlass::layout::ColumnMajor,
+      cutlass::ComplexTransform::kNone, kAlign, T, cutlass::layout::RowMajor, kAlign, float, float,
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape, InstShape, Evt, Swizzle, kStages,
+      cutlass::arch::OpMultiplyAdd,
       /*EpilogueStages=*/1>::GemmKernel;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
@@ -158,8 +156,7 @@ struct EpiGemm {
     if constexpr (kStorePre) {
       typename EvtPre::Arguments p{};
       p.op_0 = z_args(a);
-      p.op_1 = typename AuxStore::Arguments{static_cast<T*>(a.pre),
-                                            StrideMat{a.ldpre, cute::_1{}, a.batch_stride_pre}};
+      p.op_1 = typename AuxStore::Arguments{static_cast<T*>(a.pre), StrideMat{a.ldpre, cute::_1{}, a.batch_stride_pre}};
       return p;
     } else {
       return z_args(a);
@@ -196,11 +193,8 @@ struct EpiGemm {
         a.batch > 1 ? cutlass::gemm::GemmUniversalMode::kBatched : cutlass::gemm::GemmUniversalMode::kGemm,
         cutlass::gemm::GemmCoord(a.M, a.N, a.K),
         a.batch,                           // batch count (no split-K: the EVT kernel does not support it)
-        evt,
-        a.A, a.B,
-        nullptr, nullptr,                  // ptr_C, ptr_D: unused, the EVT stores
-        a.batch_stride_A, a.batch_stride_B,
-        0, 0,                              // batch strides of C, D (unused)
+        evt, a.A, a.B, nullptr, nullptr,                  // ptr_C, ptr_D: unused, the EVT stores
+        a.batch_stride_A, a.batch_stride_B, 0, 0,                              // batch strides of C, D (unused)
         a.lda, a.ldb,                      // A row-major: ld = row stride; B column-major: ld = column stride
         0, 0);                             // ldc, ldd (unused)
     Gemm gemm;
@@ -237,11 +231,9 @@ cudaError_t gemm_nn(const NNGemmArgs& a, cudaStream_t stream) {
   using Gemm = GemmNN<T>;
   typename Gemm::Arguments args(
       a.batch > 1 ? cutlass::gemm::GemmUniversalMode::kBatched : cutlass::gemm::GemmUniversalMode::kGemm,
-      cutlass::gemm::GemmCoord(a.M, a.N, a.K), a.batch,
-      {1.0f, 0.0f},                               // alpha, beta
+      cutlass::gemm::GemmCoord(a.M, a.N, a.K), a.batch, {1.0f, 0.0f},                               // alpha, beta
       a.A, a.B, a.D, a.D,                         // ptr_C = ptr_D (beta = 0: never read)
-      a.batch_stride_A, a.batch_stride_B, a.batch_stride_D, a.batch_stride_D,
-      a.lda, a.ldb, a.ldd, a.ldd);
+      a.batch_stride_A, a.batch_stride_B, a.batch_stride_D, a.batch_stride_D, a.lda, a.ldb, a.ldd, a.ldd);
   Gemm gemm;
   cutlass::Status s = gemm.can_implement(args);
   if (s != cutlass::Status::kSuccess) return to_cuda_error(s);
@@ -261,8 +253,8 @@ using GemmTN = cutlass::gemm::device::GemmUniversal<
     float, cutlass::layout::RowMajor,                          // D (M×N) fp32
     float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, TileShape, WarpShape, InstShape,
     // 4 fp32 = 128-bit stores; serial split-K: slice k > 0 gets beta = 1 (set_k_partition) and reads D.
-    cutlass::epilogue::thread::LinearCombination<float, 4, float, float>,
-    Swizzle, kStages, kAlign, kAlign, cutlass::arch::OpMultiplyAdd>;
+    cutlass::epilogue::thread::LinearCombination<float, 4, float, float>, Swizzle, kStages, kAlign, kAlign,
+    cutlass::arch::OpMultiplyAdd>;
 
 template <typename T>
 cudaError_t gemm_tn_f32(const TNGemmArgs& a, cudaStream_t stream) {
@@ -271,10 +263,8 @@ cudaError_t gemm_tn_f32(const TNGemmArgs& a, cudaStream_t stream) {
   int split = a.split_k < 1 ? 1 : a.split_k;
   typename Gemm::Arguments args(
       cutlass::gemm::GemmUniversalMode::kGemm,    // batch_count > 1 in kGemm mode = serial split-K
-      cutlass::gemm::GemmCoord(a.M, a.N, a.K), split,
-      {1.0f, 0.0f},
-      a.G, a.X, a.D, a.D,
-      0, 0, 0, 0,                                 // batch strides: unused in kGemm mode
+      cutlass::gemm::GemmCoord(a.M, a.N, a.K), split, {1.0f, 0.0f}, a.G, a.X, a.D, a.D, 0, 0, 0,
+      0,                                 // batch strides: unused in kGemm mode
       a.ldg, a.ldx, a.ldd, a.ldd);
   Gemm gemm;
   cutlass::Status s = gemm.can_implement(args);

@@ -12,10 +12,14 @@ namespace fastvit {
 namespace linear_detail {
 
 // Defined in linear_{gelu,residual}_fwd_<dtype>.cu and linear_bwd_<dtype>.cu (T = cutlass::half_t / bfloat16_t).
-template <typename T> cudaError_t linear_gelu_fwd(const LinearGeluFwdParams& p, cudaStream_t stream);
-template <typename T> cudaError_t linear_residual_fwd(const LinearResidualFwdParams& p, cudaStream_t stream);
-template <typename T> cudaError_t linear_gelu_bwd(const LinearGeluBwdParams& p, cudaStream_t stream);
-template <typename T> cudaError_t linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t linear_gelu_fwd(const LinearGeluFwdParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t linear_residual_fwd(const LinearResidualFwdParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t linear_gelu_bwd(const LinearGeluBwdParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream_t stream);
 
 // Row blocks of the fused dGELU / scale prologue (= number of fp32 partial column sums per column reduced by the
 // second pass): a function of M only, so the reduction order never depends on the GPU.
@@ -48,11 +52,16 @@ inline BwdLayout bwd_layout(int64_t M, int64_t N, int64_t K, bool need_g, bool n
   L.has_dg = need_dg;
   const int64_t rb = bwd_row_blocks(M);
   size_t off = 0;
-  L.g = off;       off += need_g ? align_up(size_t(M) * size_t(N) * 2) : 0;   // fp16 / bf16: 2 bytes
-  L.part_db = off; off += need_db ? align_up(size_t(rb) * size_t(N) * 4) : 0;
-  L.part_dg = off; off += need_dg ? align_up(size_t(rb) * size_t(N) * 4) : 0;
-  L.dw32 = off;    off += align_up(size_t(N) * size_t(K) * 4);
-  L.sem = off;     off += align_up(gemm_detail::tn_gemm_semaphore_bytes(N, K));
+  L.g = off;
+  off += need_g ? align_up(size_t(M) * size_t(N) * 2) : 0;   // fp16 / bf16: 2 bytes
+  L.part_db = off;
+  off += need_db ? align_up(size_t(rb) * size_t(N) * 4) : 0;
+  L.part_dg = off;
+  off += need_dg ? align_up(size_t(rb) * size_t(N) * 4) : 0;
+  L.dw32 = off;
+  off += align_up(size_t(N) * size_t(K) * 4);
+  L.sem = off;
+  off += align_up(gemm_detail::tn_gemm_semaphore_bytes(N, K));
   L.total = off;
   return L;
 }

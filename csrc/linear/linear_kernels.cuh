@@ -58,9 +58,9 @@ constexpr int kProCols = kProThreadsX * 8;  // 256
 // in threadIdx.y order.
 template <typename T, Pro kPro>
 __global__ void __launch_bounds__(kProThreadsX* kProThreadsY)
-bwd_prologue_kernel(int64_t M, int64_t N, const T* __restrict__ dy, int64_t lddy, const T* __restrict__ p,
-                    int64_t ldp, const T* __restrict__ z, int64_t ldz, T* __restrict__ g, float* __restrict__ part_db,
-                    float* __restrict__ part_dg, int64_t rows_per_block) {
+    bwd_prologue_kernel(int64_t M, int64_t N, const T* __restrict__ dy, int64_t lddy, const T* __restrict__ p,
+                        int64_t ldp, const T* __restrict__ z, int64_t ldz, T* __restrict__ g,
+                        float* __restrict__ part_db, float* __restrict__ part_dg, int64_t rows_per_block) {
   __shared__ float red[2][kProThreadsY][kProCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = (int64_t(blockIdx.x) * kProThreadsX + tx) * 8;  // first of this thread's 8 columns
@@ -123,9 +123,9 @@ bwd_prologue_kernel(int64_t M, int64_t N, const T* __restrict__ dy, int64_t lddy
 
 // dst[r·ldd + c] = T(src[r·lds + c]) for r < rows, c < cols (src == nullptr: zeros). Grid-stride, int64 indices.
 template <typename T>
-__global__ void __launch_bounds__(256) convert_f32_kernel(const float* __restrict__ src, int64_t lds,
-                                                          T* __restrict__ dst, int64_t ldd, int64_t rows,
-                                                          int64_t cols) {
+__global__ void __launch_bounds__(256)
+    convert_f32_kernel(const float* __restrict__ src, int64_t lds, T* __restrict__ dst, int64_t ldd, int64_t rows,
+                       int64_t cols) {
   const int64_t total = rows * cols;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols;

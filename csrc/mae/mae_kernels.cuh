@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kUnshuffleThreads) mae_unshuffle_fwd_kernel(co
 // (n_tblocks, C) fp32 partial buffer that column_sum_kernel (common/column_sum.cuh) reduces to dmask_token.
 template <typename T, int VEC, int TX>
 __global__ void __launch_bounds__(kUnshuffleThreads)
-mae_unshuffle_bwd_kernel(const MaeUnshuffleBwdParams p, float* __restrict__ mask_part, int64_t n_cblocks) {
+    mae_unshuffle_bwd_kernel(const MaeUnshuffleBwdParams p, float* __restrict__ mask_part, int64_t n_cblocks) {
   constexpr int TY = kUnshuffleThreads / TX;
   constexpr int U = kBwdBatchUnroll;
   __shared__ float s_mask[TY][TX * VEC + 1];
@@ -290,8 +290,8 @@ __global__ void __launch_bounds__(kLossThreads) mae_loss_bwd_kernel(const MaeLos
                 ? static_cast<T*>(p.dimages) + b * p.dimg_stride_b + h0 * p.dimg_stride_h + w0 * p.dimg_stride_w
                 : nullptr;
   const PatchIndex ix{pixel.P, pixel.C};
-  const float scale = 2.f * p.drow[b * p.drow_stride_b + static_cast<int64_t>(n) * p.drow_stride_n] /
-                      static_cast<float>(K);
+  const float scale =
+      2.f * p.drow[b * p.drow_stride_b + static_cast<int64_t>(n) * p.drow_stride_n] / static_cast<float>(K);
 
   float mean = 0.f, rsig = 1.f;
   if (p.norm_pix) patch_stats<kCache>(ix, K, pixel, s_t, red, mean, rsig);

@@ -16,9 +16,13 @@ bool loss_geometry_ok(int64_t B, int64_t N, int64_t C, int64_t Hi, int64_t Wi, i
 
 // The loss kernel of a params type (kCache: the target row is cached in dynamic shared memory).
 template <typename T, bool kCache>
-auto loss_kernel(const MaeLossFwdParams&) { return mae::mae_loss_fwd_kernel<T, kCache>; }
+auto loss_kernel(const MaeLossFwdParams&) {
+  return mae::mae_loss_fwd_kernel<T, kCache>;
+}
 template <typename T, bool kCache>
-auto loss_kernel(const MaeLossBwdParams&) { return mae::mae_loss_bwd_kernel<T, kCache>; }
+auto loss_kernel(const MaeLossBwdParams&) {
+  return mae::mae_loss_bwd_kernel<T, kCache>;
+}
 
 // Launches the loss kernel of p (forward or backward; its sizes and pointers already checked): one CTA per patch
 // row, the target cached when norm_pix reads it twice and it fits (without norm_pix it is read once: no cache).

@@ -33,6 +33,9 @@
 
 namespace fastvit {
 
+// Elements: the embed dim E and the row strides of out / dout / pos must be multiples of this (128-bit accesses).
+constexpr int kPatchEmbedAlignment = 8;
+
 struct PatchEmbedFwdParams {
   DType dtype = DType::kBFloat16;
   int64_t B = 0, C = 0, Hi = 0, Wi = 0;    // images (B, C, Hi, Wi)

@@ -43,8 +43,8 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
     fill_inv_kernel<int><<<blocks_for(g.B * g.Np), kThreads, 0, stream>>>(inv, g.B * g.Np);
     FASTVIT_RETURN_LAUNCH_ERROR();
     if (g.Nk > 0) {
-      scatter_inv_kernel<int><<<blocks_for(g.B * g.Nk), kThreads, 0, stream>>>(p.ids_keep, p.ids_stride_b, inv, g.B,
-                                                                              g.Nk, g.Np);
+      scatter_inv_kernel<int>
+          <<<blocks_for(g.B * g.Nk), kThreads, 0, stream>>>(p.ids_keep, p.ids_stride_b, inv, g.B, g.Nk, g.Np);
       FASTVIT_RETURN_LAUNCH_ERROR();
     }
   }
@@ -53,15 +53,20 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
   if (g.E > 0 && g.K > 0) {
     if (g.B > 0 && g.Nk > 0) {
       im2col_kernel<T><<<blocks_for(rows * g.Kp), kThreads, 0, stream>>>(
-          static_cast<const T*>(p.images), p.img_stride_b, p.img_stride_c, p.img_stride_h, p.img_stride_w,
-          p.ids_keep, p.ids_stride_b, A, g.B, /*rows_per_batch=*/g.R + g.Nk, /*prefix_rows=*/g.R, g.K, g.Kp, g.Ph,
-          g.Pw, g.gw, g.Np);
+          static_cast<const T*>(p.images), p.img_stride_b, p.img_stride_c, p.img_stride_h, p.img_stride_w, p.ids_keep,
+          p.ids_stride_b, A, g.B, /*rows_per_batch=*/g.R + g.Nk, /*prefix_rows=*/g.R, g.K, g.Kp, g.Ph, g.Pw, g.gw,
+          g.Np);
       FASTVIT_RETURN_LAUNCH_ERROR();
       TNGemmArgs wg;
-      wg.M = int(g.E); wg.N = int(g.Kp); wg.K = int(rows);
-      wg.G = dout;  wg.ldg = p.dout_stride_t;
-      wg.X = A;     wg.ldx = g.Kp;
-      wg.D = dw32;  wg.ldd = g.Kp;
+      wg.M = int(g.E);
+      wg.N = int(g.Kp);
+      wg.K = int(rows);
+      wg.G = dout;
+      wg.ldg = p.dout_stride_t;
+      wg.X = A;
+      wg.ldx = g.Kp;
+      wg.D = dw32;
+      wg.ldd = g.Kp;
       wg.split_k = tn_gemm_split_k(g.E, g.Kp, rows);
       wg.semaphores = ws + L.sem;
       if ((err = gemm_tn_f32<T>(wg, stream)) != cudaSuccess) return err;
@@ -80,10 +85,19 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
       if ((err = weight_operand<T>(p.weight, L.pad_w, ws + L.Wp, g.E, g.K, g.Kp, stream, &Wp)) != cudaSuccess)
         return err;
       NNGemmArgs dg;
-      dg.M = int(g.Nk); dg.N = int(g.Kp); dg.K = int(g.E); dg.batch = int(g.B);
-      dg.A = dout + g.R * p.dout_stride_t; dg.lda = p.dout_stride_t; dg.batch_stride_A = p.dout_stride_b;
-      dg.B = Wp; dg.ldb = g.Kp; dg.batch_stride_B = 0;
-      dg.D = A;  dg.ldd = g.Kp; dg.batch_stride_D = g.Nk * g.Kp;
+      dg.M = int(g.Nk);
+      dg.N = int(g.Kp);
+      dg.K = int(g.E);
+      dg.batch = int(g.B);
+      dg.A = dout + g.R * p.dout_stride_t;
+      dg.lda = p.dout_stride_t;
+      dg.batch_stride_A = p.dout_stride_b;
+      dg.B = Wp;
+      dg.ldb = g.Kp;
+      dg.batch_stride_B = 0;
+      dg.D = A;
+      dg.ldd = g.Kp;
+      dg.batch_stride_D = g.Nk * g.Kp;
       if ((err = gemm_nn<T>(dg, stream)) != cudaSuccess) return err;
       dA = A;
     }
@@ -97,10 +111,10 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
   if (g.E > 0 && g.R + g.Np > 0) {
     int64_t ry = g.R + g.Np;
     dim3 grid(unsigned((g.E + kThreads - 1) / kThreads), unsigned(ry < 65535 ? ry : 65535));
-    batch_sum_kernel<T><<<grid, kThreads, 0, stream>>>(
-        dout, p.dout_stride_b, p.dout_stride_t, inv, g.B, g.R, g.n_cls, g.Np, g.E, S,
-        g.has_pos ? static_cast<T*>(p.dpos) : nullptr, g.prefix_pos, g.pos_off, static_cast<T*>(p.dcls),
-        static_cast<T*>(p.dreg));
+    batch_sum_kernel<T><<<grid, kThreads, 0, stream>>>(dout, p.dout_stride_b, p.dout_stride_t, inv, g.B, g.R, g.n_cls,
+                                                       g.Np, g.E, S, g.has_pos ? static_cast<T*>(p.dpos) : nullptr,
+                                                       g.prefix_pos, g.pos_off, static_cast<T*>(p.dcls),
+                                                       static_cast<T*>(p.dreg));
     FASTVIT_RETURN_LAUNCH_ERROR();
   }
   if (p.dbias != nullptr && g.E > 0) {
@@ -116,9 +130,9 @@ cudaError_t patch_embed_bwd(const PatchEmbedBwdParams& p, cudaStream_t stream) {
 }  // namespace patch_detail
 }  // namespace fastvit
 
-#define FASTVIT_INSTANTIATE_PATCH_EMBED_BWD(T)                                                  \
-  namespace fastvit {                                                                          \
-  namespace patch_detail {                                                                     \
-  template cudaError_t patch_embed_bwd<T>(const PatchEmbedBwdParams&, cudaStream_t);          \
-  }                                                                                            \
+#define FASTVIT_INSTANTIATE_PATCH_EMBED_BWD(T)                                       \
+  namespace fastvit {                                                                \
+  namespace patch_detail {                                                           \
+  template cudaError_t patch_embed_bwd<T>(const PatchEmbedBwdParams&, cudaStream_t); \
+  }                                                                                  \
   }

@@ -38,20 +38,33 @@ cudaError_t patch_embed_fwd(const PatchEmbedFwdParams& p, cudaStream_t stream) {
     cudaError_t err = weight_operand<T>(p.weight, L.pad_w, ws + L.Wp, g.E, g.K, g.Kp, stream, &Wp);
     if (err != cudaSuccess) return err;
     EpiGemmArgs a;
-    a.M = int(g.Nk); a.N = int(g.E); a.K = int(g.Kp); a.batch = int(g.B);
-    a.A = A;  a.lda = g.Kp; a.batch_stride_A = g.Nk * g.Kp;
-    a.B = Wp; a.ldb = g.Kp; a.batch_stride_B = 0;
+    a.M = int(g.Nk);
+    a.N = int(g.E);
+    a.K = int(g.Kp);
+    a.batch = int(g.B);
+    a.A = A;
+    a.lda = g.Kp;
+    a.batch_stride_A = g.Nk * g.Kp;
+    a.B = Wp;
+    a.ldb = g.Kp;
+    a.batch_stride_B = 0;
     a.bias = p.bias;
-    a.D = out + g.R * p.out_stride_t; a.ldd = p.out_stride_t; a.batch_stride_D = p.out_stride_b;
+    a.D = out + g.R * p.out_stride_t;
+    a.ldd = p.out_stride_t;
+    a.batch_stride_D = p.out_stride_b;
     if (g.has_pos) {
       if (L.gather_pos) {
         T* posg = reinterpret_cast<T*>(ws + L.posg);
         gather_pos_kernel<T><<<blocks_for(g.B * g.Nk * g.E), kThreads, 0, stream>>>(
             pos, p.pos_stride_t, g.pos_off, p.ids_keep, p.ids_stride_b, posg, g.B, g.Nk, g.E, g.Np);
         FASTVIT_RETURN_LAUNCH_ERROR();
-        a.aux = posg; a.ld_aux = g.E; a.batch_stride_aux = g.Nk * g.E;
+        a.aux = posg;
+        a.ld_aux = g.E;
+        a.batch_stride_aux = g.Nk * g.E;
       } else {  // row j of every image is patch j: the same position rows for all images (batch stride 0)
-        a.aux = pos + g.pos_off * p.pos_stride_t; a.ld_aux = p.pos_stride_t; a.batch_stride_aux = 0;
+        a.aux = pos + g.pos_off * p.pos_stride_t;
+        a.ld_aux = p.pos_stride_t;
+        a.batch_stride_aux = 0;
       }
       err = gemm_epi<T, Epi::kBiasAux, false>(a, stream);
     } else {
@@ -71,9 +84,9 @@ cudaError_t patch_embed_fwd(const PatchEmbedFwdParams& p, cudaStream_t stream) {
 }  // namespace patch_detail
 }  // namespace fastvit
 
-#define FASTVIT_INSTANTIATE_PATCH_EMBED_FWD(T)                                                  \
-  namespace fastvit {                                                                          \
-  namespace patch_detail {                                                                     \
-  template cudaError_t patch_embed_fwd<T>(const PatchEmbedFwdParams&, cudaStream_t);          \
-  }                                                                                            \
+#define FASTVIT_INSTANTIATE_PATCH_EMBED_FWD(T)                                       \
+  namespace fastvit {                                                                \
+  namespace patch_detail {                                                           \
+  template cudaError_t patch_embed_fwd<T>(const PatchEmbedFwdParams&, cudaStream_t); \
+  }                                                                                  \
   }

@@ -34,9 +34,10 @@ __device__ __forceinline__ void grid_stride(int64_t total, F&& f) {
 //                                       (py, px) = (p / gw, p % gw), k = (c·Ph + i)·Pw + jj  (weight order).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-im2col_kernel(const T* __restrict__ img, int64_t sb, int64_t sc, int64_t sh, int64_t sw, const int64_t* __restrict__ ids,
-              int64_t ids_sb, T* __restrict__ dst, int64_t B, int64_t rows_per_batch, int64_t prefix_rows, int64_t K,
-              int64_t Kp, int64_t Ph, int64_t Pw, int64_t gw, int64_t Np) {
+    im2col_kernel(const T* __restrict__ img, int64_t sb, int64_t sc, int64_t sh, int64_t sw,
+                  const int64_t* __restrict__ ids, int64_t ids_sb, T* __restrict__ dst, int64_t B,
+                  int64_t rows_per_batch, int64_t prefix_rows, int64_t K, int64_t Kp, int64_t Ph, int64_t Pw,
+                  int64_t gw, int64_t Np) {
   const int64_t total = B * rows_per_batch * Kp;
   grid_stride(total, [&](int64_t idx) {
     const int64_t k = idx % Kp;
@@ -63,7 +64,7 @@ im2col_kernel(const T* __restrict__ img, int64_t sb, int64_t sc, int64_t sh, int
 // Wp[e·Kp + k] = k < K ? W[e·K + k] : 0  (weight (E, K) contiguous).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-pad_weight_kernel(const T* __restrict__ w, T* __restrict__ wp, int64_t E, int64_t K, int64_t Kp) {
+    pad_weight_kernel(const T* __restrict__ w, T* __restrict__ wp, int64_t E, int64_t K, int64_t Kp) {
   const int64_t total = E * Kp;
   grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx / Kp, k = idx - e * Kp;
@@ -90,8 +91,8 @@ cudaError_t weight_operand(const void* weight, bool pad, void* wp, int64_t E, in
 // posg[(b·Nk + j)·E + e] = pos[(pos_off + ids[b, j])·pst + e]  (an exact copy: no rounding).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-gather_pos_kernel(const T* __restrict__ pos, int64_t pst, int64_t pos_off, const int64_t* __restrict__ ids,
-                  int64_t ids_sb, T* __restrict__ posg, int64_t B, int64_t Nk, int64_t E, int64_t Np) {
+    gather_pos_kernel(const T* __restrict__ pos, int64_t pst, int64_t pos_off, const int64_t* __restrict__ ids,
+                      int64_t ids_sb, T* __restrict__ posg, int64_t B, int64_t Nk, int64_t E, int64_t Np) {
   const int64_t total = B * Nk * E;
   grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx % E;
@@ -105,9 +106,9 @@ gather_pos_kernel(const T* __restrict__ pos, int64_t pst, int64_t pos_off, const
 // out[b, r, e] = prefix[r, e] (+ pos[r, e]) for r < R: prefix row 0 is cls when n_cls == 1, then the registers.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-prefix_rows_kernel(const T* __restrict__ cls, const T* __restrict__ reg, int64_t n_cls, const T* __restrict__ pos,
-                   int64_t pst, bool add_pos, T* __restrict__ out, int64_t osb, int64_t ost, int64_t B, int64_t R,
-                   int64_t E) {
+    prefix_rows_kernel(const T* __restrict__ cls, const T* __restrict__ reg, int64_t n_cls, const T* __restrict__ pos,
+                       int64_t pst, bool add_pos, T* __restrict__ out, int64_t osb, int64_t ost, int64_t B, int64_t R,
+                       int64_t E) {
   const int64_t total = B * R * E;
   grid_stride(total, [&](int64_t idx) {
     const int64_t e = idx % E;
@@ -128,8 +129,8 @@ __global__ void __launch_bounds__(kThreads) fill_inv_kernel(IndexT* __restrict__
 }
 template <typename IndexT>
 __global__ void __launch_bounds__(kThreads)
-scatter_inv_kernel(const int64_t* __restrict__ ids, int64_t ids_sb, IndexT* __restrict__ inv, int64_t B, int64_t Nk,
-                   int64_t Np) {
+    scatter_inv_kernel(const int64_t* __restrict__ ids, int64_t ids_sb, IndexT* __restrict__ inv, int64_t B, int64_t Nk,
+                       int64_t Np) {
   const int64_t total = B * Nk;
   grid_stride(total, [&](int64_t idx) {
     const int64_t b = idx / Nk, j = idx - b * Nk;
@@ -143,9 +144,9 @@ scatter_inv_kernel(const int64_t* __restrict__ ids, int64_t ids_sb, IndexT* __re
 // patch grid, and everywhere when dA == nullptr. Patches do not overlap (stride = kernel): one writer per pixel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-col2im_kernel(const T* __restrict__ dA, const int* __restrict__ inv, T* __restrict__ dimg, int64_t sb, int64_t sc,
-              int64_t sh, int64_t sw, int64_t B, int64_t C, int64_t Hi, int64_t Wi, int64_t Ph, int64_t Pw,
-              int64_t gh, int64_t gw, int64_t Nk, int64_t Kp) {
+    col2im_kernel(const T* __restrict__ dA, const int* __restrict__ inv, T* __restrict__ dimg, int64_t sb, int64_t sc,
+                  int64_t sh, int64_t sw, int64_t B, int64_t C, int64_t Hi, int64_t Wi, int64_t Ph, int64_t Pw,
+                  int64_t gh, int64_t gw, int64_t Nk, int64_t Kp) {
   const int64_t total = B * C * Hi * Wi;
   const int64_t Np = gh * gw;
   grid_stride(total, [&](int64_t idx) {
@@ -175,9 +176,9 @@ col2im_kernel(const T* __restrict__ dA, const int* __restrict__ inv, T* __restri
 // Grid: x over E in blocks of 256, y strides over the R + Np rows.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-batch_sum_kernel(const T* __restrict__ dout, int64_t dsb, int64_t dst, const int* __restrict__ inv, int64_t B,
-                 int64_t R, int64_t n_cls, int64_t Np, int64_t E, float* __restrict__ S, T* __restrict__ dpos,
-                 bool prefix_pos, int64_t pos_off, T* __restrict__ dcls, T* __restrict__ dreg) {
+    batch_sum_kernel(const T* __restrict__ dout, int64_t dsb, int64_t dst, const int* __restrict__ inv, int64_t B,
+                     int64_t R, int64_t n_cls, int64_t Np, int64_t E, float* __restrict__ S, T* __restrict__ dpos,
+                     bool prefix_pos, int64_t pos_off, T* __restrict__ dcls, T* __restrict__ dreg) {
   const int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (e >= E) return;
   for (int64_t t = blockIdx.y; t < R + Np; t += gridDim.y) {

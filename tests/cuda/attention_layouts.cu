@@ -31,10 +31,26 @@ int check_c_to_a(const char* name) {
     auto tCc = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
     auto tAc = thr.partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));  // A is (M x K=N)
     auto conv = make_tensor(tCc.data(), acc_to_a_layout(tCc.layout()));
-    if (size(conv) != size(tAc)) { printf("%s size mismatch\n", name); return 1; }
-    if (!(shape(conv) == shape(tAc))) { printf("%s: shape mismatch\n", name); print(shape(conv)); print(shape(tAc)); printf("\n"); }
+    if (size(conv) != size(tAc)) {
+      printf("%s size mismatch\n", name);
+      return 1;
+    }
+    if (!(shape(conv) == shape(tAc))) {
+      printf("%s: shape mismatch\n", name);
+      print(shape(conv));
+      print(shape(tAc));
+      printf("\n");
+    }
     for (int i = 0; i < size(conv); ++i) {
-      if (!(conv(i) == tAc(i))) { if (bad < 5) { printf("%s tid %d i %d: C->A ", name, tid, i); print(conv(i)); print(tAc(i)); printf("\n"); } ++bad; }
+      if (!(conv(i) == tAc(i))) {
+        if (bad < 5) {
+          printf("%s tid %d i %d: C->A ", name, tid, i);
+          print(conv(i));
+          print(tAc(i));
+          printf("\n");
+        }
+        ++bad;
+      }
     }
     // rowcol: rows depend on mi only, cols on ni only
     auto rc = make_tensor(tCc.data(), rowcol(tCc.layout()));
@@ -46,7 +62,8 @@ int check_c_to_a(const char* name) {
     int lane = tid % 32;
     auto thr0 = tiled_mma.get_thread_slice(tid - lane % 4);
     auto rc0 = make_tensor(thr0.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{})).data(), rc.layout());
-    for (int mi = 0; mi < size<0>(rc); ++mi) if (get<0>(rc0(mi, 0)) != get<0>(rc(mi, 0))) ++bad;
+    for (int mi = 0; mi < size<0>(rc); ++mi)
+      if (get<0>(rc0(mi, 0)) != get<0>(rc(mi, 0))) ++bad;
     // column 0 holder: exactly lane%4==0
     bool has0 = get<1>(rc(0, 0)) == 0;
     if (has0 != (lane % 4 == 0)) ++bad;
@@ -59,7 +76,9 @@ int check_c_to_a(const char* name) {
     auto tCc = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
     for (int i = 0; i < size(tCc); ++i) cnt[get<0>(tCc(i))][get<1>(tCc(i))]++;
   }
-  for (int m = 0; m < M; ++m) for (int n = 0; n < N; ++n) if (cnt[m][n] != 1) ++bad;
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n)
+      if (cnt[m][n] != 1) ++bad;
   printf("%-40s M=%d N=%d: %s (%d bad)\n", name, M, N, bad ? "FAIL" : "ok", bad);
   return bad;
 }
@@ -69,9 +88,12 @@ int check_transpose() {
   auto L = make_smem_tile_layout<R, D>();
   auto T = transposed<R, D>(L);
   int bad = 0;
-  for (int r = 0; r < R; ++r) for (int d = 0; d < D; ++d) if (T(d, r) != L(r, d)) ++bad;
+  for (int r = 0; r < R; ++r)
+    for (int d = 0; d < D; ++d)
+      if (T(d, r) != L(r, d)) ++bad;
   if (cosize(L) > smem_tile_elems<R, D>()) ++bad;
-  printf("transpose R=%d D=%d: %s cosize %d alloc %d\n", R, D, bad ? "FAIL" : "ok", int(cosize(L)), smem_tile_elems<R, D>());
+  printf("transpose R=%d D=%d: %s cosize %d alloc %d\n", R, D, bad ? "FAIL" : "ok", int(cosize(L)),
+         smem_tile_elems<R, D>());
   return bad;
 }
 
@@ -110,13 +132,17 @@ int check_ldsm(const char* name, ViewLayout view, ShapeLayout shape_l) {
   Tensor s = make_tensor(make_smem_ptr(mem.data()), view);
   Tensor s_shape = make_tensor(make_smem_ptr(mem.data()), shape_l);
   auto copy = [&] {
-    if constexpr (kIsA) return make_tiled_copy_A(CopyAtom{}, tiled_mma);
-    else return make_tiled_copy_B(CopyAtom{}, tiled_mma);
+    if constexpr (kIsA)
+      return make_tiled_copy_A(CopyAtom{}, tiled_mma);
+    else
+      return make_tiled_copy_B(CopyAtom{}, tiled_mma);
   }();
   auto frag_of = [&](int tid) {
     auto thr = tiled_mma.get_thread_slice(tid);
-    if constexpr (kIsA) return thr.partition_fragment_A(s_shape);
-    else return thr.partition_fragment_B(s_shape);
+    if constexpr (kIsA)
+      return thr.partition_fragment_A(s_shape);
+    else
+      return thr.partition_fragment_B(s_shape);
   };
   using Frag = decltype(frag_of(0));
   int bad = 0;
@@ -138,29 +164,42 @@ int check_ldsm(const char* name, ViewLayout view, ShapeLayout shape_l) {
           auto src = copy.get_thread_slice(32 * w + l).partition_S(s);
           auto sv = src(_, i, k);
           addr[l] = &sv(0) - mem.data();
-          if (size(sv) != 8 || addr[l] % 8 != 0 || addr[l] < 0 || addr[l] + 8 > n) { ++bad; addr[l] = 0; }
-          for (int e = 0; e < size(sv); ++e) if (&sv(e) != &sv(0) + e) ++bad;  // one 16-byte row per lane
+          if (size(sv) != 8 || addr[l] % 8 != 0 || addr[l] < 0 || addr[l] + 8 > n) {
+            ++bad;
+            addr[l] = 0;
+          }
+          for (int e = 0; e < size(sv); ++e)
+            if (&sv(e) != &sv(0) + e) ++bad;  // one 16-byte row per lane
         }
         uint32_t out[32][4];
         ldsm_x4(mem.data(), addr, kTrans, out);
         for (int l = 0; l < 32; ++l) {
           auto dst = copy.get_thread_slice(32 * w + l).retile_D(frags[l]);
           auto dv = recast<uint32_t>(dst(_, i, k));
-          if (size(dv) != 4) { ++bad; continue; }
+          if (size(dv) != 4) {
+            ++bad;
+            continue;
+          }
           for (int j = 0; j < 4; ++j) dv(j) = out[l][j];
         }
       }
     for (int l = 0; l < 32; ++l) {
       auto thr = tiled_mma.get_thread_slice(32 * w + l);
       auto id = [&] {
-        if constexpr (kIsA) return thr.partition_A(make_identity_tensor(shape(view)));
-        else return thr.partition_B(make_identity_tensor(shape(view)));
+        if constexpr (kIsA)
+          return thr.partition_A(make_identity_tensor(shape(view)));
+        else
+          return thr.partition_B(make_identity_tensor(shape(view)));
       }();
       for (int v = 0; v < size(frags[l]); ++v) {
         const int expect = view(id(v));
         const int got = frags[l](v).raw();
         if (got != expect) {
-          if (bad < 3) { printf("%s: warp %d lane %d v %d: got offset %d, expected %d at ", name, w, l, v, got, expect); print(id(v)); printf("\n"); }
+          if (bad < 3) {
+            printf("%s: warp %d lane %d v %d: got offset %d, expected %d at ", name, w, l, v, got, expect);
+            print(id(v));
+            printf("\n");
+          }
           ++bad;
         }
       }
@@ -184,24 +223,36 @@ int check_mma_atom() {
     auto thr0 = tiled_mma.get_thread_slice(tid - l);
     auto a = thr.partition_A(make_identity_tensor(Shape<_64, _32>{}));
     auto a0 = thr0.partition_A(make_identity_tensor(Shape<_64, _32>{}));
-    for (int m = 0; m < size<1>(a); ++m) for (int k = 0; k < size<2>(a); ++k) for (int v = 0; v < 8; ++v) {
-      const int r = v / 2, h = v % 2;
-      const int er = g + (r % 2) * 8, ec = 2 * t + h + (r / 2) * 8;
-      if (get<0>(a(v, m, k)) - get<0>(a0(0, m, k)) != er || get<1>(a(v, m, k)) - get<1>(a0(0, m, k)) != ec - 0) ++bad;
-    }
+    for (int m = 0; m < size<1>(a); ++m)
+      for (int k = 0; k < size<2>(a); ++k)
+        for (int v = 0; v < 8; ++v) {
+          const int r = v / 2, h = v % 2;
+          const int er = g + (r % 2) * 8, ec = 2 * t + h + (r / 2) * 8;
+          if (get<0>(a(v, m, k)) - get<0>(a0(0, m, k)) != er || get<1>(a(v, m, k)) - get<1>(a0(0, m, k)) != ec - 0)
+            ++bad;
+        }
     auto b = thr.partition_B(make_identity_tensor(Shape<_32, _32>{}));
     auto b0 = thr0.partition_B(make_identity_tensor(Shape<_32, _32>{}));
-    for (int n = 0; n < size<1>(b); ++n) for (int k = 0; k < size<2>(b); ++k) for (int v = 0; v < 4; ++v) {
-      const int r = v / 2, h = v % 2;
-      if (get<0>(b(v, n, k)) - get<0>(b0(0, n, k)) != g || get<1>(b(v, n, k)) - get<1>(b0(0, n, k)) != 2 * t + h + 8 * r) ++bad;
-    }
+    for (int n = 0; n < size<1>(b); ++n)
+      for (int k = 0; k < size<2>(b); ++k)
+        for (int v = 0; v < 4; ++v) {
+          const int r = v / 2, h = v % 2;
+          if (get<0>(b(v, n, k)) - get<0>(b0(0, n, k)) != g ||
+              get<1>(b(v, n, k)) - get<1>(b0(0, n, k)) != 2 * t + h + 8 * r)
+            ++bad;
+        }
     auto c = thr.partition_C(make_identity_tensor(Shape<_64, _32>{}));
     auto c0 = thr0.partition_C(make_identity_tensor(Shape<_64, _32>{}));
-    for (int m = 0; m < size<1>(c); ++m) for (int n = 0; n < size<2>(c); ++n) for (int v = 0; v < 4; ++v) {
-      if (get<0>(c(v, m, n)) - get<0>(c0(0, m, n)) != g + 8 * (v / 2) || get<1>(c(v, m, n)) - get<1>(c0(0, m, n)) != 2 * t + v % 2) ++bad;
-    }
+    for (int m = 0; m < size<1>(c); ++m)
+      for (int n = 0; n < size<2>(c); ++n)
+        for (int v = 0; v < 4; ++v) {
+          if (get<0>(c(v, m, n)) - get<0>(c0(0, m, n)) != g + 8 * (v / 2) ||
+              get<1>(c(v, m, n)) - get<1>(c0(0, m, n)) != 2 * t + v % 2)
+            ++bad;
+        }
     // a0(0, m, k) is lane 0's (g = 0, t = 0) first value: the atom origin must be a multiple of (16, 16) / (8, 16) / (16, 8).
-    if (get<0>(a0(0, 0, 0)) % 16 || get<1>(a0(0, 0, 0)) % 16 || get<0>(b0(0, 0, 0)) % 8 || get<0>(c0(0, 0, 0)) % 16) ++bad;
+    if (get<0>(a0(0, 0, 0)) % 16 || get<1>(a0(0, 0, 0)) % 16 || get<0>(b0(0, 0, 0)) % 8 || get<0>(c0(0, 0, 0)) % 16)
+      ++bad;
   }
   printf("%-40s: %s (%d bad)\n", "mma atom vs PTX fragment layout", bad ? "FAIL" : "ok", bad);
   return bad;
@@ -224,21 +275,21 @@ int check_ldsm_bucket() {
   bad += check_ldsm<false, false, typename F::TiledMma, N>(buf, typename F::SmemLayoutKV{}, typename F::SmemLayoutKV{});
   snprintf(buf, sizeof buf, "ldsm fwd D=%d Vt (B, trans)", D);
   bad += check_ldsm<false, true, typename F::TiledMma, T>(buf, transposed<F::kBlockN, D>(typename F::SmemLayoutKV{}),
-                                                         make_layout(Shape<Int<D>, Int<F::kBlockN>>{}));
+                                                          make_layout(Shape<Int<D>, Int<F::kBlockN>>{}));
   snprintf(buf, sizeof buf, "ldsm dkdv D=%d K/V (A)", D);
   bad += check_ldsm<true, false, typename K::TiledMma, N>(buf, typename K::SmemLayoutKV{}, typename K::SmemLayoutKV{});
   snprintf(buf, sizeof buf, "ldsm dkdv D=%d Q/dO (B)", D);
   bad += check_ldsm<false, false, typename K::TiledMma, N>(buf, typename K::SmemLayoutQ{}, typename K::SmemLayoutQ{});
   snprintf(buf, sizeof buf, "ldsm dkdv D=%d Qt/dOt (B, trans)", D);
   bad += check_ldsm<false, true, typename K::TiledMma, T>(buf, transposed<K::kBlockM, D>(typename K::SmemLayoutQ{}),
-                                                         make_layout(Shape<Int<D>, Int<K::kBlockM>>{}));
+                                                          make_layout(Shape<Int<D>, Int<K::kBlockM>>{}));
   snprintf(buf, sizeof buf, "ldsm dq D=%d Q/dO (A)", D);
   bad += check_ldsm<true, false, typename Q::TiledMma, N>(buf, typename Q::SmemLayoutQ{}, typename Q::SmemLayoutQ{});
   snprintf(buf, sizeof buf, "ldsm dq D=%d K/V (B)", D);
   bad += check_ldsm<false, false, typename Q::TiledMma, N>(buf, typename Q::SmemLayoutKV{}, typename Q::SmemLayoutKV{});
   snprintf(buf, sizeof buf, "ldsm dq D=%d Kt (B, trans)", D);
   bad += check_ldsm<false, true, typename Q::TiledMma, T>(buf, transposed<Q::kBlockN, D>(typename Q::SmemLayoutKV{}),
-                                                         make_layout(Shape<Int<D>, Int<Q::kBlockN>>{}));
+                                                          make_layout(Shape<Int<D>, Int<Q::kBlockN>>{}));
   return bad;
 }
 
@@ -262,13 +313,17 @@ int main() {
   bad += check_mma_atom<T4>() + check_mma_atom<T8>();
   bad += check_ldsm_bucket<32>() + check_ldsm_bucket<64>() + check_ldsm_bucket<80>() + check_ldsm_bucket<96>() +
          check_ldsm_bucket<128>();
-  bad += check_transpose<64, 80>() + check_transpose<128, 32>() + check_transpose<32, 128>() + check_transpose<64, 96>();
-  printf("fwd smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", FwdTiles<cutlass::half_t,32>::Cfg::kSmemBytes, FwdTiles<cutlass::half_t,64>::Cfg::kSmemBytes,
-    FwdTiles<cutlass::half_t,80>::Cfg::kSmemBytes, FwdTiles<cutlass::half_t,96>::Cfg::kSmemBytes, FwdTiles<cutlass::half_t,128>::Cfg::kSmemBytes);
-  printf("dkdv smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", BwdTiles<cutlass::half_t,32>::Dkdv::kSmemBytes, BwdTiles<cutlass::half_t,64>::Dkdv::kSmemBytes,
-    BwdTiles<cutlass::half_t,80>::Dkdv::kSmemBytes, BwdTiles<cutlass::half_t,96>::Dkdv::kSmemBytes, BwdTiles<cutlass::half_t,128>::Dkdv::kSmemBytes);
-  printf("dq smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", BwdTiles<cutlass::half_t,32>::Dq::kSmemBytes, BwdTiles<cutlass::half_t,64>::Dq::kSmemBytes,
-    BwdTiles<cutlass::half_t,80>::Dq::kSmemBytes, BwdTiles<cutlass::half_t,96>::Dq::kSmemBytes, BwdTiles<cutlass::half_t,128>::Dq::kSmemBytes);
+  bad +=
+      check_transpose<64, 80>() + check_transpose<128, 32>() + check_transpose<32, 128>() + check_transpose<64, 96>();
+  printf("fwd smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", FwdTiles<cutlass::half_t, 32>::Cfg::kSmemBytes,
+         FwdTiles<cutlass::half_t, 64>::Cfg::kSmemBytes, FwdTiles<cutlass::half_t, 80>::Cfg::kSmemBytes,
+         FwdTiles<cutlass::half_t, 96>::Cfg::kSmemBytes, FwdTiles<cutlass::half_t, 128>::Cfg::kSmemBytes);
+  printf("dkdv smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", BwdTiles<cutlass::half_t, 32>::Dkdv::kSmemBytes,
+         BwdTiles<cutlass::half_t, 64>::Dkdv::kSmemBytes, BwdTiles<cutlass::half_t, 80>::Dkdv::kSmemBytes,
+         BwdTiles<cutlass::half_t, 96>::Dkdv::kSmemBytes, BwdTiles<cutlass::half_t, 128>::Dkdv::kSmemBytes);
+  printf("dq smem: 32:%d 64:%d 80:%d 96:%d 128:%d\n", BwdTiles<cutlass::half_t, 32>::Dq::kSmemBytes,
+         BwdTiles<cutlass::half_t, 64>::Dq::kSmemBytes, BwdTiles<cutlass::half_t, 80>::Dq::kSmemBytes,
+         BwdTiles<cutlass::half_t, 96>::Dq::kSmemBytes, BwdTiles<cutlass::half_t, 128>::Dq::kSmemBytes);
   printf(bad ? "FAILED\n" : "ALL OK\n");
   return bad != 0;
 }

@@ -1,0 +1,264 @@
+// fastvit._C binding of the fused-QKV flash attention: attention_{fwd,bwd}_cuda (packed qkv) and sdpa_{fwd,bwd}_cuda
+// ((B, H, N, D) tensors).
+//
+// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
+// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
+// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
+// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "attention/attention.h"
+#include "common/binding.h"
+
+namespace {
+
+using namespace fastvit::binding;
+
+constexpr const char* kAttnFwd = "fastvit::attention_fwd_cuda";
+constexpr const char* kAttnBwd = "fastvit::attention_bwd_cuda";
+constexpr const char* kSdpaFwd = "fastvit::sdpa_fwd_cuda";
+constexpr const char* kSdpaBwd = "fastvit::sdpa_bwd_cuda";
+
+fastvit::DType attention_dtype(const Tensor& t, const char* op, const char* name, int64_t head_dim) {
+  check_cuda(t, op, name);
+  const auto dtype = dtype_of(t, op, name, /*allow_fp32=*/false);
+  TORCH_CHECK_NOT_IMPLEMENTED(fastvit::attention_dtype_supported(dtype), op, ": this build has no ",
+                              fastvit::dtype_name(dtype), " attention kernels (build_info()['half_dtypes'])");
+  TORCH_CHECK_VALUE(head_dim <= INT32_MAX && fastvit::attention_head_dim_supported(static_cast<int>(head_dim)), op,
+                    ": head_dim ", head_dim, " is not supported: it must be a multiple of 8 in [8, ",
+                    fastvit::kAttentionMaxHeadDim,
+                    "] whose bucket this build compiled "
+                    "(build_info()['attention_head_dim_buckets'])");
+  return dtype;
+}
+
+// The kernels index rows with int32 and round sequence lengths up to a tile.
+constexpr int64_t kMaxSeqlen = (1LL << 31) - 256;
+
+// Strides (batch, head, row) of the q / k / v column blocks of a packed qkv (B, N, 3C), or of a (B, N, C) tensor.
+struct BhnStrides {
+  int64_t b, h, n;
+};
+BhnStrides packed_strides(const Tensor& t, int64_t D) { return {t.stride(0), D, t.stride(1)}; }
+BhnStrides bhnd_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+void set_params_attention_fwd(fastvit::AttentionFwdParams& p, const void* q, BhnStrides sq, const void* k,
+                              BhnStrides sk, const void* v, BhnStrides sv, void* o, BhnStrides so, float* lse,
+                              int64_t B, int64_t H, int64_t n_q, int64_t n_kv, int64_t D, double scale,
+                              fastvit::DType dtype) {
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.o = o;
+  p.lse = lse;
+  p.q_batch_stride = sq.b;
+  p.q_head_stride = sq.h;
+  p.q_row_stride = sq.n;
+  p.k_batch_stride = sk.b;
+  p.k_head_stride = sk.h;
+  p.k_row_stride = sk.n;
+  p.v_batch_stride = sv.b;
+  p.v_head_stride = sv.h;
+  p.v_row_stride = sv.n;
+  p.o_batch_stride = so.b;
+  p.o_head_stride = so.h;
+  p.o_row_stride = so.n;
+  p.batch = B;
+  p.heads = H;
+  p.seqlen_q = n_q;
+  p.seqlen_k = n_kv;
+  p.head_dim = static_cast<int>(D);
+  p.scale = static_cast<float>(scale);
+  p.dtype = dtype;
+}
+
+void set_params_attention_bwd(fastvit::AttentionBwdParams& p, const fastvit::AttentionFwdParams& f, const void* dout,
+                              BhnStrides sdo, void* dq, BhnStrides sdq, void* dk, BhnStrides sdk, void* dv,
+                              BhnStrides sdv) {
+  p.q = f.q;
+  p.k = f.k;
+  p.v = f.v;
+  p.o = f.o;
+  p.lse = f.lse;
+  p.dout = dout;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.q_batch_stride = f.q_batch_stride;
+  p.q_head_stride = f.q_head_stride;
+  p.q_row_stride = f.q_row_stride;
+  p.k_batch_stride = f.k_batch_stride;
+  p.k_head_stride = f.k_head_stride;
+  p.k_row_stride = f.k_row_stride;
+  p.v_batch_stride = f.v_batch_stride;
+  p.v_head_stride = f.v_head_stride;
+  p.v_row_stride = f.v_row_stride;
+  p.o_batch_stride = f.o_batch_stride;
+  p.o_head_stride = f.o_head_stride;
+  p.o_row_stride = f.o_row_stride;
+  p.do_batch_stride = sdo.b;
+  p.do_head_stride = sdo.h;
+  p.do_row_stride = sdo.n;
+  p.dq_batch_stride = sdq.b;
+  p.dq_head_stride = sdq.h;
+  p.dq_row_stride = sdq.n;
+  p.dk_batch_stride = sdk.b;
+  p.dk_head_stride = sdk.h;
+  p.dk_row_stride = sdk.n;
+  p.dv_batch_stride = sdv.b;
+  p.dv_head_stride = sdv.h;
+  p.dv_row_stride = sdv.n;
+  p.batch = f.batch;
+  p.heads = f.heads;
+  p.seqlen_q = f.seqlen_q;
+  p.seqlen_k = f.seqlen_k;
+  p.head_dim = f.head_dim;
+  p.scale = f.scale;
+  p.dtype = f.dtype;
+}
+
+void run_attention_bwd_with_workspace(fastvit::AttentionBwdParams& p, const Tensor& like, const Launch& launch,
+                                      const char* op) {
+  Tensor workspace = alloc_workspace(fastvit::attention_bwd_workspace_bytes(p), like.options(), &p.workspace);
+  check_launch(fastvit::run_attention_bwd(p, launch.stream), op);
+}
+
+std::tuple<int64_t, int64_t, int64_t> packed_geometry(const Tensor& qkv, int64_t num_heads, const char* op) {
+  TORCH_CHECK_VALUE(qkv.dim() == 3, op, ": qkv must have shape (B, N, 3*C), got ", qkv.sizes());
+  TORCH_CHECK_VALUE(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(qkv.size(2) > 0 && qkv.size(2) % (3 * num_heads) == 0, op, ": qkv's last dim (", qkv.size(2),
+                    ") must be a positive multiple of 3 * num_heads = ", 3 * num_heads);
+  TORCH_CHECK_VALUE(qkv.size(1) < kMaxSeqlen, op, ": at most ", kMaxSeqlen - 1, " tokens, got qkv of shape ",
+                    qkv.sizes());
+  const int64_t C = qkv.size(2) / 3;
+  return {C, C / num_heads, qkv.size(1)};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv_in, int64_t num_heads, double scale) {
+  auto [C, D, N] = packed_geometry(qkv_in, num_heads, kAttnFwd);
+  const auto dtype = attention_dtype(qkv_in, kAttnFwd, "qkv", D);
+  const int64_t B = qkv_in.size(0);
+  Launch launch(qkv_in);
+  Tensor qkv = vector_aligned(qkv_in);
+  Tensor o = at::empty({B, N, C}, qkv.options());
+  Tensor lse = at::empty({B, num_heads, N}, qkv.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  const auto* base = static_cast<const char*>(qkv.data_ptr());
+  const int64_t esize = qkv.element_size();
+  fastvit::AttentionFwdParams p;
+  set_params_attention_fwd(p, base, packed_strides(qkv, D), base + C * esize, packed_strides(qkv, D),
+                           base + 2 * C * esize, packed_strides(qkv, D), o.data_ptr(), packed_strides(o, D),
+                           lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
+  check_launch(fastvit::run_attention_fwd(p, launch.stream), kAttnFwd);
+  return {o, lse};
+}
+
+Tensor attention_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& o_in, const Tensor& lse_in,
+                     int64_t num_heads, double scale) {
+  auto [C, D, N] = packed_geometry(qkv_in, num_heads, kAttnBwd);
+  const auto dtype = attention_dtype(qkv_in, kAttnBwd, "qkv", D);
+  const int64_t B = qkv_in.size(0);
+  check_same(dout_in, qkv_in, kAttnBwd, "dout", "qkv");
+  check_same(o_in, qkv_in, kAttnBwd, "o", "qkv");
+  check_shape(dout_in, {B, N, C}, kAttnBwd, "dout");
+  check_shape(o_in, {B, N, C}, kAttnBwd, "o");
+  check_shape(lse_in, {B, num_heads, N}, kAttnBwd, "lse");
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kAttnBwd, ": lse must be float32, got ", lse_in.scalar_type());
+  Launch launch(qkv_in);
+  Tensor qkv = vector_aligned(qkv_in), dout = vector_aligned(dout_in), o = vector_aligned(o_in);
+  Tensor lse = lse_in.contiguous();
+  Tensor dqkv = at::empty({B, N, 3 * C}, qkv.options());
+  if (dqkv.numel() == 0) return dqkv;
+  const int64_t esize = qkv.element_size();
+  const auto* base = static_cast<const char*>(qkv.data_ptr());
+  auto* dbase = static_cast<char*>(dqkv.data_ptr());
+  const BhnStrides s = packed_strides(qkv, D), ds = packed_strides(dqkv, D);
+  fastvit::AttentionFwdParams f;
+  set_params_attention_fwd(f, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(), packed_strides(o, D),
+                           lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
+  fastvit::AttentionBwdParams p;
+  set_params_attention_bwd(p, f, dout.data_ptr(), packed_strides(dout, D), dbase, ds, dbase + C * esize, ds,
+                           dbase + 2 * C * esize, ds);
+  run_attention_bwd_with_workspace(p, qkv, launch, kAttnBwd);
+  return dqkv;
+}
+
+void check_bhnd(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must have shape (B, H, Nq, D), got ", q.sizes());
+  check_same(k, q, op, "k", "q");
+  check_same(v, q, op, "v", "q");
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+                    ": k must have shape (", q.size(0), ", ", q.size(1), ", Nk, ", q.size(3), "), got ", k.sizes());
+  check_shape(v, k.sizes(), op, "v");
+  TORCH_CHECK_VALUE(q.size(2) < kMaxSeqlen && k.size(2) < kMaxSeqlen, op, ": at most ", kMaxSeqlen - 1,
+                    " tokens, got q of shape ", q.sizes(), " and k of shape ", k.sizes());
+}
+
+std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale) {
+  check_bhnd(q_in, k_in, v_in, kSdpaFwd);
+  const int64_t B = q_in.size(0), H = q_in.size(1), n_q = q_in.size(2), n_kv = k_in.size(2), D = q_in.size(3);
+  const auto dtype = attention_dtype(q_in, kSdpaFwd, "q", D);
+  Launch launch(q_in);
+  Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  Tensor o = at::empty({B, H, n_q, D}, q.options());
+  Tensor lse = at::empty({B, H, n_q}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  if (n_kv == 0) {  // softmax over no keys: eager attention gives zeros; the log-sum-exp of nothing is -inf
+    o.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {o, lse};
+  }
+  fastvit::AttentionFwdParams p;
+  set_params_attention_fwd(p, q.data_ptr(), bhnd_strides(q), k.data_ptr(), bhnd_strides(k), v.data_ptr(),
+                           bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
+                           scale, dtype);
+  check_launch(fastvit::run_attention_fwd(p, launch.stream), kSdpaFwd);
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                            const Tensor& v_in, const Tensor& o_in, const Tensor& lse_in,
+                                            double scale) {
+  check_bhnd(q_in, k_in, v_in, kSdpaBwd);
+  const int64_t B = q_in.size(0), H = q_in.size(1), n_q = q_in.size(2), n_kv = k_in.size(2), D = q_in.size(3);
+  const auto dtype = attention_dtype(q_in, kSdpaBwd, "q", D);
+  check_same(dout_in, q_in, kSdpaBwd, "dout", "q");
+  check_same(o_in, q_in, kSdpaBwd, "o", "q");
+  check_shape(dout_in, q_in.sizes(), kSdpaBwd, "dout");
+  check_shape(o_in, q_in.sizes(), kSdpaBwd, "o");
+  check_shape(lse_in, {B, H, n_q}, kSdpaBwd, "lse");
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kSdpaBwd, ": lse must be float32, got ", lse_in.scalar_type());
+  Launch launch(q_in);
+  Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  Tensor o = vector_aligned(o_in), dout = vector_aligned(dout_in), lse = lse_in.contiguous();
+  Tensor dq = at::empty({B, H, n_q, D}, q.options());
+  Tensor dk = at::empty({B, H, n_kv, D}, q.options());
+  Tensor dv = at::empty({B, H, n_kv, D}, q.options());
+  if (n_kv == 0) {  // no keys: the output was undefined-free zeros of nothing; every gradient is zero
+    dq.zero_();
+    return {dq, dk, dv};
+  }
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  fastvit::AttentionFwdParams f;
+  set_params_attention_fwd(f, q.data_ptr(), bhnd_strides(q), k.data_ptr(), bhnd_strides(k), v.data_ptr(),
+                           bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
+                           scale, dtype);
+  fastvit::AttentionBwdParams p;
+  set_params_attention_bwd(p, f, dout.data_ptr(), bhnd_strides(dout), dq.data_ptr(), bhnd_strides(dq), dk.data_ptr(),
+                           bhnd_strides(dk), dv.data_ptr(), bhnd_strides(dv));
+  run_attention_bwd_with_workspace(p, q, launch, kSdpaBwd);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
+  m.impl("attention_fwd_cuda", &attention_fwd);
+  m.impl("attention_bwd_cuda", &attention_bwd);
+  m.impl("sdpa_fwd_cuda", &sdpa_fwd);
+  m.impl("sdpa_bwd_cuda", &sdpa_bwd);
+}
