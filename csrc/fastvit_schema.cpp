@@ -7,9 +7,9 @@
 // Python module itself (PYBIND11_MODULE, build_info) is csrc/fastvit_module.cpp.
 #include <torch/library.h>
 
-// Schemas: identical to the Triton ops of fastvit/_triton*.py, with the _cuda suffix.
+// Schemas: identical to the Triton ops of fastvit/families/*.py, with the _cuda suffix.
 TORCH_LIBRARY(fastvit, m) {
-  m.set_python_module("fastvit._cuda");
+  m.set_python_module("fastvit.families");
   m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
   m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");

@@ -242,10 +242,12 @@ def test_failed_requested_jit_build_leaves_the_backend_unavailable_with_the_reas
     assert _cuda.load() is None and len(calls) == 2  # not requested: no build
 
 
-#: The kernel facts a full build reports (build_info()): the dK/dV kernel of buckets 96 / 128 needs 107,520 B.
-FULL_BUILD_FACTS = {"attention_head_dim_bucket_table": "32,64,80,96,128", "attention_head_dim_buckets": "32,64,80,96,128",
-                    "attention_bwd_smem_bytes": "32:40960,64:73728,80:90112,96:107520,128:104960",
-                    "attention_head_dim_multiple": 8, "gemm_alignment": 8}
+#: The kernel facts a full build reports (build_info(), as tests/cuda/build_info.cu checks them on the host): the
+#: dK/dV kernel of bucket 96 needs 107,520 B of shared memory per block, more than sm_86 / sm_89 allow.
+FULL_BUILD_FACTS = {"attention_head_dim_bucket_bounds": "32,64,80,96,128",
+                    "attention_head_dim_buckets": "32, 64, 80, 96, 128",
+                    "attention_bwd_smem_bytes": "32:41984,64:74752,80:91136,96:107520,128:104960",
+                    "attention_head_dim_multiple": 8, "attention_max_head_dim": 128, "gemm_alignment": 8}
 
 
 def test_attention_backward_shared_memory_gates_head_dims_above_80(monkeypatch):

@@ -400,7 +400,7 @@ def _register_cuda(info: dict) -> None:
     step = int(info["attention_head_dim_multiple"])
     head_dims = frozenset(
         d
-        for d in range(step, max(cuda_rt.head_dim_buckets(info)) + 1, step)
+        for d in range(step, int(info["attention_max_head_dim"]) + 1, step)
         if cuda_rt.head_dim_bucket(d, info) in compiled
     )
     caps = Capabilities(

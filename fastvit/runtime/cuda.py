@@ -76,7 +76,7 @@ def compiled_head_dim_buckets(info: dict) -> tuple[int, ...]:
 
 def head_dim_buckets(info: dict) -> tuple[int, ...]:
     """Every head-dim bucket the attention kernels know (compiled or not), ascending."""
-    return _ints(info["attention_head_dim_bucket_table"])
+    return _ints(info["attention_head_dim_bucket_bounds"])
 
 
 def head_dim_bucket(head_dim: int, info: dict) -> int:
