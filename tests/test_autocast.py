@@ -233,3 +233,30 @@ def test_base_models_run_forward_and_backward_on_the_meta_device(name):
     loss = out[0] if isinstance(out, tuple) else out.sum()
     loss.backward()
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not fastvit.backends.get_backend("triton").kernels or fastvit.available_backends()["triton"],
+                    reason="the triton backend does not run here (needs a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("op", ["attention", "linear_gelu", "layer_norm", "mae_loss"])
+def test_triton_ops_follow_the_autocast_rule(op, generator):
+    """On the Triton backend (interpreted on the CPU) an op under autocast runs on the cast operands and matches the
+    eager backend under the same autocast by the oracle (ref: the op in float64 without autocast)."""
+    g = generator
+    if op == "attention":
+        args = (torch.randn(2, 7, 3 * 2 * 32, generator=g), 2)
+    elif op == "linear_gelu":
+        args = (torch.randn(2, 7, 32, generator=g), torch.randn(48, 32, generator=g), torch.randn(48, generator=g))
+    elif op == "layer_norm":
+        args = (torch.randn(2, 7, 32, generator=g), torch.randn(32, generator=g), torch.randn(32, generator=g))
+    else:
+        images = torch.randn(2, 3, 16, 16, generator=g)
+        pred = torch.randn(2, 4, 8 * 8 * 3, generator=g)
+        args = (pred, images, (torch.rand(2, 4, generator=g) > 0.5).float(), 8)
+    fn = getattr(ops, op)
+    ref = fn(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args],
+             backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pt = fn(*args, backend="eager")
+        out = fn(*args, backend="triton")
+    assert out.dtype == pt.dtype
+    assert_close_oracle(out, ref, pt, torch.bfloat16, op, check_dtype=False)
