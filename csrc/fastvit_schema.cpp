@@ -3,13 +3,13 @@
 // Namespace fastvit, suffix _cuda; the Triton backend registers the same schemas without the suffix. The CUDA
 // kernels of each op are registered next to that family's kernels, in one TORCH_LIBRARY_IMPL(fastvit, CUDA)
 // fragment per family (csrc/<family>/<family>_binding.cpp: input checks, set_params_*, launch). Fake (meta)
-// implementations and autograd are registered from Python, in the module set_python_module names below. The
+// implementations and autograd are registered from Python, by each op family's module (fastvit/families/<family>.py)
+// when the extension loads; no set_python_module, since they live in five modules, not one. The
 // Python module itself (PYBIND11_MODULE, build_info) is csrc/fastvit_module.cpp.
 #include <torch/library.h>
 
 // Schemas: identical to the Triton ops of fastvit/families/*.py, with the _cuda suffix.
 TORCH_LIBRARY(fastvit, m) {
-  m.set_python_module("fastvit.families");
   m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
   m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");

@@ -142,7 +142,7 @@ def _prepare_patch_embed(
     cls_token: torch.Tensor | None = None,
     reg_tokens: torch.Tensor | None = None,
     ids_keep: torch.Tensor | None = None,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("images", images, 4)
     amp = _amp(images)
     if amp is not None:
@@ -183,8 +183,7 @@ def _prepare_patch_embed(
         _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
         ids_keep = ids_keep.long()
     mixed = mixed_ok and _mixed(images, pos_embed, cls_token, reg_tokens)
-    return (_call(images, embed_dim=E, mixed_dtypes=mixed), (images, weight, bias),
-            {"pos_embed": pos_embed, "cls_token": cls_token, "reg_tokens": reg_tokens, "ids_keep": ids_keep})
+    return _call(images, embed_dim=E, mixed_dtypes=mixed), images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep
 
 
 def patch_embed(
@@ -231,9 +230,10 @@ def patch_embed(
         x = torch.cat([cls_token, reg_tokens, x], 1) + pos_embed          # L = Np + R
         # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
     """
-    call, args, kwargs = _prepare_patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
-                                              reg_tokens=reg_tokens, ids_keep=ids_keep)
-    return select("patch_embed", call, backend)[1](*args, **kwargs)
+    call, images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = _prepare_patch_embed(
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
+    return select("patch_embed", call, backend)[1](images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
+                                                  reg_tokens=reg_tokens, ids_keep=ids_keep)
 
 
 def _prepare_attention(
@@ -242,7 +242,7 @@ def _prepare_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("qkv", qkv, 3)
     amp = _amp(qkv)
     if amp is not None:
@@ -257,9 +257,8 @@ def _prepare_attention(
         )
     _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    call = _call(qkv, head_dim=head_dim, dropout_p=dropout_p, num_tokens=qkv.shape[1], num_kv_tokens=qkv.shape[1],
-                 batch=qkv.shape[0])
-    return call, (qkv, num_heads), {"scale": scale, "dropout_p": dropout_p}
+    B, N, _ = qkv.shape
+    return _new_call(Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N, None, None, None, None, None, False)), qkv
 
 
 def attention(
@@ -296,8 +295,8 @@ def attention(
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
     """
-    call, args, kwargs = _prepare_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
-    return select("attention", call, backend)[1](*args, **kwargs)
+    call, qkv = _prepare_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    return select("attention", call, backend)[1](qkv, num_heads, scale=scale, dropout_p=dropout_p)
 
 
 def _prepare_scaled_dot_product_attention(
@@ -307,7 +306,7 @@ def _prepare_scaled_dot_product_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("q", q, 4)
     _tensor("k", k, 4)
     _tensor("v", v, 4)
@@ -324,7 +323,7 @@ def _prepare_scaled_dot_product_attention(
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
     _check_dropout(dropout_p)
     call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
-    return call, (q, k, v), {"scale": scale, "dropout_p": dropout_p}
+    return call, q, k, v
 
 
 def scaled_dot_product_attention(
@@ -354,8 +353,8 @@ def scaled_dot_product_attention(
 
     Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)``.
     """
-    call, args, kwargs = _prepare_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-    return select("scaled_dot_product_attention", call, backend)[1](*args, **kwargs)
+    call, q, k, v = _prepare_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    return select("scaled_dot_product_attention", call, backend)[1](q, k, v, scale=scale, dropout_p=dropout_p)
 
 
 def _check_dropout(dropout_p: float) -> None:
@@ -370,21 +369,23 @@ def _prepare_layer_norm(
     eps: float = 1e-6,
     *,
     residual: torch.Tensor | None = None,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("x", x)
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    shape = x.shape
+    if not shape or shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
     mixed_ok = _amp(x) is not None
     if mixed_ok:
         x, weight, bias, residual = families.layer_norm.autocast_rule(x.device.type, x, weight, bias, residual)
-    C = x.shape[-1]
+    C = shape[-1]
     _like("weight", weight, "x", x, (C,), any_float=mixed_ok)
     _like("bias", bias, "x", x, (C,), any_float=mixed_ok)
-    _like("residual", residual, "x", x, x.shape, any_float=mixed_ok)
+    _like("residual", residual, "x", x, shape, any_float=mixed_ok)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     mixed = mixed_ok and _mixed(x, weight, bias, residual)
-    return _call(x, features=C, mixed_dtypes=mixed), (x, weight, bias, eps), {"residual": residual}
+    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, C, None, None, None, None, mixed))
+    return call, x, weight, bias, residual
 
 
 def layer_norm(
@@ -414,8 +415,8 @@ def layer_norm(
 
     Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
     """
-    call, args, kwargs = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
-    return select("layer_norm", call, backend)[1](*args, **kwargs)
+    call, x, weight, bias, residual = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
+    return select("layer_norm", call, backend)[1](x, weight, bias, eps, residual=residual)
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -442,12 +443,12 @@ def _prepare_linear_gelu(
     bias: torch.Tensor | None,
     *,
     approximate: str = "none",
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     x, weight, bias, _ = _check_linear(x, weight, bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return (_call(x, in_features=weight.shape[1], out_features=weight.shape[0]), (x, weight, bias),
-            {"approximate": approximate})
+    M, K = weight.shape
+    return _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, False)), x, weight, bias
 
 
 def linear_gelu(
@@ -474,8 +475,8 @@ def linear_gelu(
 
     Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
     """
-    call, args, kwargs = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
-    return select("linear_gelu", call, backend)[1](*args, **kwargs)
+    call, x, weight, bias = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
+    return select("linear_gelu", call, backend)[1](x, weight, bias, approximate=approximate)
 
 
 def _prepare_linear_residual(
@@ -485,14 +486,14 @@ def _prepare_linear_residual(
     residual: torch.Tensor,
     *,
     gamma: torch.Tensor | None = None,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     x, weight, bias, mixed_ok = _check_linear(x, weight, bias)
-    M = weight.shape[0]
+    M, K = weight.shape
     _like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
     _like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
     mixed = mixed_ok and _mixed(x, residual, gamma)
-    return (_call(x, in_features=weight.shape[1], out_features=M, mixed_dtypes=mixed), (x, weight, bias, residual),
-            {"gamma": gamma})
+    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, mixed))
+    return call, x, weight, bias, residual, gamma
 
 
 def linear_residual(
@@ -521,8 +522,8 @@ def linear_residual(
 
     Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
     """
-    call, args, kwargs = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
-    return select("linear_residual", call, backend)[1](*args, **kwargs)
+    call, x, weight, bias, residual, gamma = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
+    return select("linear_residual", call, backend)[1](x, weight, bias, residual, gamma=gamma)
 
 
 def random_masking(
@@ -570,7 +571,7 @@ def _prepare_mae_unshuffle(
     ids_restore: torch.Tensor,
     *,
     pos_embed: torch.Tensor | None = None,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("x", x, 3)
     if _amp(x) is not None:
         x, mask_token, pos_embed = families.mae.autocast_unshuffle_rule(x, mask_token, pos_embed)
@@ -585,7 +586,7 @@ def _prepare_mae_unshuffle(
     _check_range("ids_restore", ids_restore, N)
     _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
     _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
-    return _call(x), (x, mask_token, ids_restore.long()), {"pos_embed": pos_embed}
+    return _call(x), x, mask_token, ids_restore.long(), pos_embed
 
 
 def mae_unshuffle(
@@ -617,8 +618,8 @@ def mae_unshuffle(
         x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
         out = torch.cat([x[:, :1], x_], 1) + pos_embed
     """
-    call, args, kwargs = _prepare_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
-    return select("mae_unshuffle", call, backend)[1](*args, **kwargs)
+    call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
+    return select("mae_unshuffle", call, backend)[1](x, mask_token, ids_restore, pos_embed=pos_embed)
 
 
 def _prepare_mae_loss(
@@ -628,7 +629,7 @@ def _prepare_mae_loss(
     patch_size: int,
     *,
     norm_pix_loss: bool = False,
-) -> tuple[Call, tuple, dict]:
+) -> tuple:
     _tensor("pred", pred, 3)
     _tensor("images", images, 4)
     if _amp(pred) is not None:
@@ -648,8 +649,7 @@ def _prepare_mae_loss(
     for name, t in (("images", images), ("mask", mask)):
         if t.device != pred.device:
             raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
-    return (_call(pred, patch_row=pred.shape[-1]), (pred, images, mask, patch_size),
-            {"norm_pix_loss": norm_pix_loss})
+    return _call(pred, patch_row=pred.shape[-1]), pred, images
 
 
 def mae_loss(
@@ -679,11 +679,11 @@ def mae_loss(
 
     Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
     """
-    call, args, kwargs = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
-    return select("mae_loss", call, backend)[1](*args, **kwargs)
+    call, pred, images = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    return select("mae_loss", call, backend)[1](pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
 
 
-#: op -> its autocast rule and argument checks, returning (call description, args, kwargs) (derived from the declared op names).
+#: op -> its autocast rule and argument checks, returning (call description, *the operands after the rule) (derived from the declared op names).
 _PREPARE = {name: globals()[f"_prepare_{name}"] for name in backends.OPS}
 
 
