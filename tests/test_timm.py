@@ -228,6 +228,6 @@ def test_integrations_exports():
     import fastvit.integrations as integ
     from fastvit.integrations.hf import from_hf
 
-    assert set(integ.__all__) == {"from_hf", "from_timm", "patch_timm_"}
+    assert set(integ.__all__) == {"from_hf", "from_timm", "patch_report", "patch_timm_", "register_attention"}
     assert integ.from_hf is from_hf and integ.from_timm is from_timm
     assert from_timm.__doc__ and patch_timm_.__doc__

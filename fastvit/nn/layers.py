@@ -381,7 +381,8 @@ def attention_core(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
         out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p)
         out = out.transpose(1, 2).reshape(B, N, -1)
-    return apply_norm(getattr(m, "norm", nn.Identity()), out)
+    norm = getattr(m, "norm", None)  # timm's scale_norm; absent on older timm
+    return out if norm is None else apply_norm(norm, out)
 
 
 class Attention(nn.Module):
@@ -474,7 +475,8 @@ def mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = h * torch.sigmoid(1.702 * h)
     else:
         h = ops.linear_gelu(x, m.fc1.weight, m.fc1.bias, approximate="tanh" if mode == "gelu_tanh" else "none")
-    h = m.drop1(h)
+    if _dropout_active(m.drop1):  # skip the module call when it would return h (eval mode, p = 0)
+        h = m.drop1(h)
     return apply_norm(m.norm, h)
 
 
