@@ -7,12 +7,14 @@ Public surface:
     fastvit.nn                      PatchEmbed, Attention, Mlp, Block, VisionTransformer, MaskedAutoencoderViT
     fastvit.create_model(name)      timm / MAE configurations
     fastvit.from_timm / patch_timm_ / from_hf   weights in from timm and Hugging Face transformers
+    fastvit.selftest                python -m fastvit.selftest: check a kernel backend on this device before trusting it
 """
 
 from fastvit import nn, ops
 from fastvit.backends import BackendNotSupportedError, available_backends, current_backend, use_backend
 from fastvit.integrations import from_hf, from_timm, patch_timm_
 from fastvit.nn import *  # noqa: F401,F403  (PatchEmbed, ..., VisionTransformer, MaskedAutoencoderViT, create_model)
+from fastvit import selftest  # noqa: E402  (installs the self-test gate of automatic dispatch; runs nothing)
 
 __version__ = "0.1.0"
 
