@@ -703,8 +703,27 @@ def _kernel_id(backend: str, op: str) -> str:
     """Which implementation a verdict is about: a kernel registered later (a plugin, a test's fake) is not trusted
     on the strength of another's verdict."""
     kernel = get_backend(backend).kernels.get(op)
-    fn = getattr(kernel, "fn", None)
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}" if fn is not None else "-"
+    return _fn_id(kernel.fn) if kernel is not None else "-"
+
+
+def _fn_id(fn: Any, depth: int = 0) -> str:
+    """``module.qualname``, a hash of the bytecode, and (two levels deep) the same for the functions a closure
+    wraps: stable across processes, different for two closures made by one factory around different functions."""
+    out = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        out += ":" + hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:8]
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if _filled(c)]
+    inner = [_fn_id(c, depth + 1) for c in cells if callable(c) and depth < 2]
+    return out + (f"({','.join(inner)})" if inner else "")
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ the gate
