@@ -588,6 +588,8 @@ def _trusted(name: str, op: str, device: torch.device | None) -> bool:
         return _trusted_while_tracing(name, op, device.type, device.index)
     if not selftest_enabled():
         return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a CUDA graph capture: no self-test
+        return _trusted_while_tracing(name, op, device.type, device.index)
     key = (name, op, _device_key(device))
     verdict = _VERDICTS.get(key)
     if verdict is None:
@@ -606,8 +608,8 @@ def _trusted(name: str, op: str, device: torch.device | None) -> bool:
 
 
 def _trusted_while_tracing(name: str, op: str, device_type: str, device_index: int | None) -> bool:
-    """:func:`_trusted` while Dynamo traces: what this process or the disk cache already knows, never a self-test
-    run. Dynamo calls it as real Python and bakes the answer into the graph (it is marked the way
+    """:func:`_trusted` while Dynamo traces (or a CUDA graph is captured): what this process or the disk cache
+    already knows, never a self-test run. Dynamo calls it as real Python and bakes the answer into the graph (it is marked the way
     ``torch._dynamo.assume_constant_result`` marks a function), so it may read files and warn."""
     if not selftest_enabled():
         return True
@@ -622,7 +624,8 @@ def _trusted_while_tracing(name: str, op: str, device_type: str, device_index: i
         if passed is None:
             _warn_once(("tracing",) + key,
                        f"fastvit: the {name} kernel of {op} is not verified on {key[2]} yet ({detail}), and the "
-                       "self-test does not run while torch.compile traces: this graph uses the next backend. Run "
+                       "self-test does not run while torch.compile traces (or a CUDA graph is captured): this graph "
+                       "uses the next backend. Run "
                        f"python -m fastvit.selftest --backend {name} (or the model once uncompiled) first.")
             return False
         verdict = (passed, detail)

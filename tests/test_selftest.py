@@ -307,6 +307,24 @@ def test_explicit_choice_of_a_verified_kernel_is_quiet(registry, gate):
         fastvit.ops.layer_norm(x, w, b, backend="triton")
 
 
+@pytest.mark.parametrize("context", ["autocast", "inference_mode", "no_grad"])
+def test_the_check_is_isolated_from_the_callers_mode(registry, gate, context):
+    """A first automatic use inside autocast / inference mode / no_grad checks the kernel as it is, not the mode."""
+    from fastvit.families.linear import linear_gelu_eager
+
+    register_kernel("triton", "linear_gelu", _counting(linear_gelu_eager))
+    mode = {"autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "inference_mode": torch.inference_mode,
+            "no_grad": torch.no_grad}[context]
+    x, w = torch.randn(2, 5, 16), torch.randn(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with mode():
+            fastvit.ops.linear_gelu(x, w, None)
+            assert torch.is_autocast_enabled("cpu") is (context == "autocast")
+    assert backends._VERDICTS[("triton", "linear_gelu", "cpu")][0] is True
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 def test_the_gate_ignores_eager_and_the_meta_device(registry, gate):
     wrong = _wrong_layer_norm()
     register_kernel("triton", "layer_norm", wrong, backends.Capabilities(devices=frozenset({"meta"})))

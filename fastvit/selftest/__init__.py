@@ -161,6 +161,28 @@ def _poisoned_empty() -> Iterator[None]:
             torch.utils.deterministic.fill_uninitialized_memory = prev[2]
 
 
+@contextlib.contextmanager
+def _isolated(device: torch.device) -> Iterator[None]:
+    """The caller's numerics settings do not leak into a check the gate runs in the middle of their code: no autocast
+    (it would run the float64 reference in bf16), no inference mode (no autograd), and IEEE fp32 matmuls (kernels read
+    ``allow_tf32`` to pick TF32; the oracle's floors are for IEEE)."""
+    prev_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision())
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        for kind in {"cpu", device.type}:
+            with contextlib.suppress(RuntimeError):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev_tf32[:2]
+            torch.set_float32_matmul_precision(prev_tf32[2])
+
+
 # ------------------------------------------------------------------------------------------------ cases
 @dataclass(frozen=True)
 class Case:
@@ -466,7 +488,7 @@ def check_case(backend: str, case: Case, device: torch.device | str | None = Non
         public = getattr(ops, case.op)
         naive = getattr(reference, case.op)
         pt_fn = _PT.get(case.op) or (lambda **kw: public(**kw, backend="eager"))
-        with backends.verifying():
+        with backends.verifying(), _isolated(device):
             ref_out, _ = _run(naive, inputs, (), None, torch.float64)
             grad_outputs = [torch.randn(o.shape, generator=g).to(case.dtype).to(torch.float64) for o in ref_out]
             ref = _run(naive, inputs, grad_names, grad_outputs, torch.float64)
