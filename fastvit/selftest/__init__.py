@@ -432,8 +432,9 @@ class SelfTestReport:
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths), "-" * 6)]
         lines += [fmt.format(*row[:-1], _short(row[-1], 110)) for row in rows]
         n_fail = len(self.failures())
+        verdict = "FAILED" if n_fail else ("PASSED" if self.results else "NOTHING RAN (every case skipped)")
         lines.append(f"{len(self.results) - n_fail} passed, {n_fail} failed, {len(self.skipped)} skipped on "
-                     f"{self.device} in {self.seconds:.1f} s -- {'PASSED' if self.passed else 'FAILED'}")
+                     f"{self.device} in {self.seconds:.1f} s -- {verdict}")
         return "\n".join(lines)
 
 
