@@ -21,7 +21,7 @@ Command line::
 Exit status 0 only when every case that ran passed. Without a GPU the ``triton`` backend runs in Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before the import (that is how CI tests it); there the case list is
 cut to 25 cases for the whole backend -- the mid-size shape in float32, the smallest in bfloat16 and float16 --
-because the interpreter executes every program instance in Python (``--full`` runs all 81; see :func:`cases`).
+because the interpreter executes every program instance in Python (``--full`` runs all 78; see :func:`cases`).
 
 Python API::
 
