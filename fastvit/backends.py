@@ -18,6 +18,22 @@ An explicit choice -- the ``backend=`` argument of an op, the :func:`use_backend
 Decisions are cached by what they depend on: the op, the explicit choice and the call description (device type and
 index, dtype, head dim, dropout, the sizes the kernels check). Registering a kernel or backend, or changing a
 backend's attributes, clears the cache; outside torch.compile tracing a repeated call costs one dict lookup.
+
+Verify before trusting (the self-test gate). Automatic selection uses a kernel backend (not ``eager``) for an op on a
+device only once a verifier -- :class:`fastvit.selftest.Gate`, registered with :func:`set_verifier` when
+:mod:`fastvit.selftest` is imported, which ``import fastvit`` does -- says its self-test passed there (cached on disk
+per device, driver, toolkit, torch, Triton and fastvit build; run on first use when nothing is cached). A kernel that
+fails is excluded for that op on that device, with one warning naming the failing case (:func:`excluded` lists it,
+and ``python -m fastvit.info`` shows it). ``FASTVIT_SELFTEST=0`` trusts without checking. An explicit choice skips
+the gate but warns once when the backend is unverified there. While torch.compile traces, the gate never runs a
+self-test: it answers from what is cached (a constant for Dynamo) and skips an unverified kernel backend, saying so.
+
+Launch fallback. An automatic choice of a kernel backend returns a thin wrapper: a kernel launch that raises (a
+compile error, out of shared memory or registers, a missing symbol) falls back to the next backend for that call
+description, with one warning giving the cause (:func:`excluded` records it). Under an explicit choice the failure
+raises :class:`KernelLaunchError` naming the backend and the cause. ``eager`` is returned unwrapped (no host cost
+added), and no wrapper is returned while torch.compile traces. Only the forward launch is guarded: a backward kernel
+raises from autograd as before (the self-test runs every backward before the gate trusts a kernel).
 """
 
 from __future__ import annotations
@@ -25,6 +41,9 @@ from __future__ import annotations
 import contextlib
 import os
 import contextvars
+import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Union
 
@@ -34,17 +53,22 @@ __all__ = [
     "Backend",
     "BackendNotSupportedError",
     "Call",
+    "KernelLaunchError",
     "Capabilities",
     "PRIORITY",
     "available_backends",
     "clear_cache",
     "current_backend",
     "declare_ops",
+    "excluded",
     "get_backend",
     "register_backend",
     "register_kernel",
     "select",
+    "selftest_enabled",
+    "set_verifier",
     "use_backend",
+    "verifying",
 ]
 
 #: Backends in the order automatic selection tries them.
@@ -60,6 +84,11 @@ FAMILY_OF: dict[str, str] = {}
 
 class BackendNotSupportedError(ValueError):
     """An explicitly requested backend cannot run this call; the message lists every backend's reasons."""
+
+
+class KernelLaunchError(RuntimeError):
+    """The kernel of an explicitly chosen backend raised (compile error, out of resources, missing symbol, ...); the
+    message names the op, the backend and the cause, which is chained as ``__cause__``."""
 
 
 class Call(NamedTuple):
@@ -289,16 +318,39 @@ _BACKENDS: dict[str, Backend] = {}
 # The use_backend choice of this thread / task (a ContextVar reads in ~50 ns, a threading.local attribute in ~1 µs).
 _UNSET = object()  # no use_backend context is active (None inside one means "automatic")
 _forced: contextvars.ContextVar = contextvars.ContextVar("fastvit_forced_backend", default=_UNSET)
+#: Per-thread flags off the hot path (``verifying``: the self-test's own calls, read only on a cache miss).
+_state = threading.local()
 
 #: (op, explicit choice, Call) -> (backend name, fn). Bounded: cleared when it grows past _CACHE_LIMIT entries.
 _CACHE: dict[tuple[str, str | None, Call], tuple[str, Callable[..., Any]]] = {}
 _CACHE_LIMIT = 4096
 
+#: The verifier (``fastvit.selftest.GATE``): ``lookup(backend, op, device) -> (passed | None, detail)`` answers from
+#: what is cached, ``verify(backend, op, device) -> (passed, detail)`` runs the self-test when nothing is.
+_VERIFIER: Any = None
+#: (backend, op, device) -> (passed, detail): verdicts this process acted on.
+_VERDICTS: dict[tuple[str, str, str], tuple[bool, str]] = {}
+#: (backend, op, device) -> why automatic dispatch does not use it (failed self-test, launch failure).
+_EXCLUDED: dict[tuple[str, str, str], str] = {}
+#: (op, Call) -> backends whose kernel raised at launch for this call description.
+_LAUNCH_FAILED: dict[tuple[str, Call], set[str]] = {}
+#: Keys of the warnings already given (each is given once).
+_WARNED: set[tuple] = set()
+
 
 def clear_cache() -> None:
-    """Forget every cached dispatch decision. Registration does this itself; call it after changing what a backend's
-    availability depends on outside fastvit (``CUDA_VISIBLE_DEVICES``, a monkeypatched ``torch.cuda``)."""
+    """Forget every cached dispatch decision, and what this process learnt about kernels: self-test verdicts held in
+    memory (the disk cache stays), exclusions, launch failures and which warnings were given. Registration does this
+    itself; call it after changing what a backend's availability depends on outside fastvit (``CUDA_VISIBLE_DEVICES``,
+    a monkeypatched ``torch.cuda``)."""
     _CACHE.clear()
+    _VERDICTS.clear()
+    _EXCLUDED.clear()
+    _LAUNCH_FAILED.clear()
+    _WARNED.clear()
+    forget = getattr(_VERIFIER, "forget", None)
+    if forget is not None:
+        forget()
 
 
 def declare_ops(family: str, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -433,7 +485,9 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
         backend: an explicit choice; falls back to :func:`current_backend`.
 
     Returns:
-        ``(backend_name, fn)``.
+        ``(backend_name, fn)``. For a kernel backend (not ``eager``), outside torch.compile tracing, ``fn`` is a thin
+        wrapper of the kernel: chosen automatically, a launch that raises falls back to the next backend; chosen
+        explicitly, it raises :class:`KernelLaunchError`. ``fn.__wrapped__`` is the kernel.
 
     Raises:
         ValueError: ``backend`` (or ``FASTVIT_BACKEND``) names no backend.
@@ -442,13 +496,18 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
     if type(call) is not Call:
         call = as_call(call)
     explicit = backend if backend is not None else current_backend()
-    if torch.compiler.is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on
+    if torch.compiler.is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on, no wrapper
         return _decide(op, call, explicit)
     key = (op, explicit, call)
     hit = _CACHE.get(key)
     if hit is None:
-        hit = _decide(op, call, explicit)
-        if _cacheable(op, explicit, hit[0]):
+        if getattr(_state, "verifying", False):  # the self-test's own calls: no warnings, nothing cached
+            return _decide(op, call, explicit)
+        name, fn = _decide(op, call, explicit)
+        if name != "eager":
+            fn = _explicit_guard(op, name, fn) if explicit is not None else _automatic_guard(op, call, key, name, fn)
+        hit = (name, fn)
+        if _cacheable(op, explicit, name):
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()
             _CACHE[key] = hit
@@ -476,12 +535,226 @@ def _decide(op: str, call: Call, explicit: str | None) -> tuple[str, Callable[..
                     r = _BACKENDS[name].not_supported_reasons(op, call)
                     lines.append(f"  {name}: {'; '.join(r) if r else 'supported'}")
             raise BackendNotSupportedError("\n".join(lines))
+        if explicit != "eager" and _VERIFIER is not None:
+            _warn_if_unverified(explicit, op, call.device)
         return explicit, chosen.kernels[op].fn
+    failed = _LAUNCH_FAILED.get((op, call), ())
     for name in PRIORITY:
         candidate = _BACKENDS.get(name)
-        if candidate is not None and candidate.automatic() and not candidate.not_supported_reasons(op, call):
+        if (candidate is not None and name not in failed and candidate.automatic()
+                and not candidate.not_supported_reasons(op, call) and _trusted(name, op, call.device)):
             return name, candidate.kernels[op].fn
     raise RuntimeError(f"no backend can run fastvit.ops.{op}; the eager backend should always be registered")
+
+
+# ------------------------------------------------------------------------------------------- the self-test gate
+def set_verifier(verifier: Any) -> None:
+    """Install the self-test gate's verifier (``None``: trust every kernel); :mod:`fastvit.selftest` installs its
+    :class:`~fastvit.selftest.Gate` on import. Clears the dispatch cache."""
+    global _VERIFIER
+    _VERIFIER = verifier
+    clear_cache()
+
+
+def selftest_enabled() -> bool:
+    """Whether the gate checks kernels (``FASTVIT_SELFTEST`` is not ``0``)."""
+    return os.environ.get("FASTVIT_SELFTEST", "1").strip() != "0"
+
+
+@contextlib.contextmanager
+def verifying() -> Iterator[None]:
+    """Inside, dispatch neither warns about unverified kernels nor caches decisions: the self-test's own calls, which
+    choose each backend explicitly, must not count as the user's first explicit use."""
+    previous = getattr(_state, "verifying", False)
+    _state.verifying = True
+    try:
+        yield
+    finally:
+        _state.verifying = previous
+
+
+def excluded() -> dict[tuple[str, str, str], str]:
+    """What automatic dispatch stopped using in this process: ``{(backend, op, device): reason}`` (a failed
+    self-test naming the failing case, or a kernel launch that raised, with its cause)."""
+    return dict(_EXCLUDED)
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    """Warn (a RuntimeWarning attributed to the first caller outside fastvit) unless ``key`` was warned about."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("fastvit"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _trusted(name: str, op: str, device: torch.device | None) -> bool:
+    """Whether automatic dispatch may use ``name``'s kernel of ``op`` on ``device`` (see the module docstring)."""
+    if name == "eager" or _VERIFIER is None or device is None or device.type == "meta":
+        return True  # no numerics on the meta device; a call without a device is a description only
+    if torch.compiler.is_compiling():
+        return _trusted_while_tracing(name, op, device.type, device.index)
+    if not selftest_enabled():
+        return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():  # a CUDA graph capture: no self-test
+        return _trusted_while_tracing(name, op, device.type, device.index)
+    key = (name, op, _device_key(device))
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        try:
+            verdict = _VERIFIER.verify(name, op, device)
+        except Exception as exc:  # the gate itself broke: do not trust what it could not check
+            verdict = (False, f"the self-test could not run ({type(exc).__name__}: {exc})")
+        _VERDICTS[key] = verdict
+        if not verdict[0]:
+            _EXCLUDED[key] = f"self-test failed: {verdict[1]}"
+            _warn_once(("excluded",) + key,
+                       f"fastvit: the {name} kernel of {op} failed its self-test on {key[2]} ({verdict[1]}); automatic "
+                       f"dispatch will not use it there (python -m fastvit.selftest --backend {name} --ops {op} "
+                       "shows every case)")
+    return verdict[0]
+
+
+def _trusted_while_tracing(name: str, op: str, device_type: str, device_index: int | None) -> bool:
+    """:func:`_trusted` while Dynamo traces (or a CUDA graph is captured): what this process or the disk cache
+    already knows, never a self-test run. Dynamo calls it as real Python and bakes the answer into the graph (it is marked the way
+    ``torch._dynamo.assume_constant_result`` marks a function), so it may read files and warn."""
+    if not selftest_enabled():
+        return True
+    device = torch.device(device_type, device_index)
+    key = (name, op, _device_key(device))
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        try:
+            passed, detail = _VERIFIER.lookup(name, op, device)
+        except Exception as exc:
+            passed, detail = None, f"{type(exc).__name__}: {exc}"
+        if passed is None:
+            _warn_once(("tracing",) + key,
+                       f"fastvit: the {name} kernel of {op} is not verified on {key[2]} yet ({detail}), and the "
+                       "self-test does not run while torch.compile traces (or a CUDA graph is captured): this graph "
+                       "uses the next backend. Run "
+                       f"python -m fastvit.selftest --backend {name} (or the model once uncompiled) first.")
+            return False
+        verdict = (passed, detail)
+        _VERDICTS[key] = verdict
+        if not passed:
+            _EXCLUDED[key] = f"self-test failed: {detail}"
+    return verdict[0]
+
+
+_trusted_while_tracing._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result sets
+
+
+def _warn_if_unverified(name: str, op: str, device: torch.device | None) -> None:
+    """An explicit choice skips the gate; warn once when its kernel has no passing self-test on ``device``."""
+    if device is None or device.type == "meta" or getattr(_state, "verifying", False):
+        return
+    if torch.compiler.is_compiling():
+        _warn_if_unverified_while_tracing(name, op, device.type, device.index)
+    elif selftest_enabled():
+        _explicit_check(name, op, device)
+
+
+def _explicit_check(name: str, op: str, device: torch.device) -> None:
+    key = (name, op, _device_key(device))
+    if ("explicit",) + key in _WARNED:
+        return
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        try:
+            verdict = _VERIFIER.lookup(name, op, device)
+        except Exception as exc:
+            verdict = (None, f"{type(exc).__name__}: {exc}")
+    passed, detail = verdict
+    if passed:
+        return
+    state = "is unverified" if passed is None else "failed its self-test"
+    _warn_once(("explicit",) + key,
+               f"fastvit: backend {name!r} was chosen explicitly for {op} on {key[2]}, where its kernel {state} "
+               f"({detail}); run python -m fastvit.selftest --backend {name} to check it")
+
+
+def _warn_if_unverified_while_tracing(name: str, op: str, device_type: str, device_index: int | None) -> bool:
+    if selftest_enabled():
+        _explicit_check(name, op, torch.device(device_type, device_index))
+    return True
+
+
+_warn_if_unverified_while_tracing._dynamo_marked_constant = True
+
+
+# ------------------------------------------------------------------------------------------- launch guards
+def _cause(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300] + '...' if len(text) > 300 else text}"
+
+
+def _automatic_guard(op: str, call: Call, key: tuple, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an automatically chosen kernel) that falls back to the next backend when its launch raises."""
+
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except torch.OutOfMemoryError:  # memory, not a kernel defect: another backend needs more of it
+            raise
+        except Exception as exc:
+            if torch.compiler.is_compiling():
+                raise
+            return _launch_failed(op, call, key, name, exc)(*args, **kwargs)
+
+    guarded.__wrapped__ = fn
+    guarded.backend = name
+    return guarded
+
+
+def _launch_failed(op: str, call: Call, key: tuple, name: str, exc: Exception) -> Callable[..., Any]:
+    """Record that ``name``'s kernel of ``op`` raised for ``call``; the next backend's (guarded) implementation."""
+    _LAUNCH_FAILED.setdefault((op, call), set()).add(name)
+    cause = _cause(exc)
+    where = _device_key(call.device) if call.device is not None else "any device"
+    _EXCLUDED.setdefault((name, op, where), f"kernel launch raised for {_describe(call)}: {cause}")
+    next_name, next_fn = _decide(op, call, None)
+    _warn_once(("launch", name, op),
+               f"fastvit: the {name} kernel of {op} raised at launch ({cause}) for {_describe(call)}; falling back to "
+               f"the {next_name} backend for this call shape")
+    if next_name != "eager":
+        next_fn = _automatic_guard(op, call, key, next_name, next_fn)
+    if key in _CACHE:
+        _CACHE[key] = (next_name, next_fn)
+    return next_fn
+
+
+def _describe(call: Call) -> str:
+    return ", ".join(f"{k}={v}" for k, v in call._asdict().items() if v is not None and not (k == "dropout_p" and not v))
+
+
+def _explicit_guard(op: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an explicitly chosen kernel) whose failures raise :class:`KernelLaunchError` naming the backend."""
+
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (BackendNotSupportedError, KernelLaunchError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if torch.compiler.is_compiling():
+                raise
+            raise KernelLaunchError(
+                f"fastvit.ops.{op}: the {name!r} backend, chosen explicitly, failed: {_cause(exc)}"
+            ) from exc
+
+    guarded.__wrapped__ = fn
+    guarded.backend = name
+    return guarded
 
 
 def available_backends() -> dict[str, list[str]]:

@@ -9,15 +9,18 @@ import sys
 import torch
 
 from fastvit import __version__
-from fastvit.backends import OPS, PRIORITY, get_backend
+from fastvit import selftest
+from fastvit.backends import OPS, PRIORITY, get_backend, selftest_enabled
 
 
 def collect() -> dict:
     """Environment and backend report as a JSON-serialisable dict.
 
     Keys: ``fastvit``, ``python``, ``torch``, ``torch_cuda``, ``triton``, ``device``, ``extension``
-    (``fastvit._C`` build info or the import error) and ``backends`` (per backend: ``available``, ``reasons``,
-    and per op the reasons it cannot serve a default call on this machine's device).
+    (``fastvit._C`` build info or the import error), ``selftest`` (the dispatch gate: ``enabled``, ``cache``, ``key``)
+    and ``backends`` (per backend: ``available``, ``reasons``, per op the reasons it cannot serve a default call on
+    this machine's device, and -- for the kernel backends -- ``selftest``: per op ``{"status": "verified" | "failed" |
+    "unverified" | "excluded", "detail": ...}``; "failed" and "excluded" ops are not used by automatic dispatch).
     """
     try:
         import triton
@@ -30,12 +33,17 @@ def collect() -> dict:
     extension = {"built": True, **_cuda.build_info()} if _cuda.load_error() is None else {
         "built": False, "error": _cuda.load_error()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gate = selftest.status(device)
     backends = {}
     for name in PRIORITY:
         backend = get_backend(name)
         reasons = backend.unavailable_reasons()
         ops = {op: backend.not_supported_reasons(op, {"device": device}) for op in OPS}
-        backends[name] = {"description": backend.description, "available": not reasons, "reasons": reasons, "ops": ops}
+        backends[name] = {"description": backend.description, "available": not reasons, "reasons": reasons, "ops": ops,
+                          "automatic": bool(backend.automatic())}
+        if name in gate:
+            backends[name]["selftest"] = gate[name]
+    env = selftest.environment(device)
     return {
         "fastvit": __version__,
         "python": sys.version.split()[0],
@@ -45,6 +53,8 @@ def collect() -> dict:
         "triton": triton_version,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "extension": extension,
+        "selftest": {"enabled": selftest_enabled(), "cache": selftest.cache_dir(), "key": selftest.cache_key(env),
+                     "environment": env},
         "backends": backends,
     }
 
@@ -61,13 +71,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {info['device']}")
     ext = info["extension"]
     print(f"extension fastvit._C: {'built ' + json.dumps(ext) if ext.get('built', True) and 'error' not in ext else 'not built'}")
+    gate = info["selftest"]
+    print(f"self-test gate: {'on' if gate['enabled'] else 'off (FASTVIT_SELFTEST=0: kernels trusted unchecked)'}"
+          f" -- verdicts in {gate['cache']}/{gate['key']}.json")
     for name, b in info["backends"].items():
         status = "runs here" if b["available"] else "unavailable: " + "; ".join(b["reasons"])
         print(f"\n[{name}] {b['description']} -- {status}")
         if b["available"]:
             for op, reasons in b["ops"].items():
-                print(f"  {op:30s} {'ok' if not reasons else '; '.join(reasons)}")
+                line = "ok" if not reasons else "; ".join(reasons)
+                check = b.get("selftest", {}).get(op)
+                if check is not None and not reasons:
+                    line = _SELFTEST_LINE[check["status"]].format(detail=check["detail"])
+                    if check["status"] == "unverified" and not b["automatic"]:
+                        line = "ok, not verified here (explicit use only: automatic dispatch does not pick it here)"
+                print(f"  {op:30s} {line}")
     return 0
+
+
+_SELFTEST_LINE = {
+    "verified": "ok, self-test passed ({detail})",
+    "unverified": "ok, not verified here yet (the self-test runs at first automatic use)",
+    "failed": "EXCLUDED from automatic dispatch: self-test failed at {detail}",
+    "excluded": "EXCLUDED from automatic dispatch in this process: {detail}",
+}
 
 
 if __name__ == "__main__":

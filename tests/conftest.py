@@ -5,6 +5,8 @@
   tests never share inputs and a failure replays with the same numbers; ``FASTVIT_TEST_SEED=<int>`` shifts all
   seeds to draw a different sample).
 * ``device`` fixture: ``cuda`` when available, else ``cpu``.
+* ``FASTVIT_SELFTEST=0`` (the dispatch gate trusts kernels unchecked; tests/test_selftest.py opts in) and
+  ``FASTVIT_CACHE_DIR`` in a temporary directory, unless the caller's environment sets them.
 * ``@pytest.mark.gpu`` tests are skipped, with the reason, when no CUDA device is present.
 """
 
@@ -34,6 +36,17 @@ if not torch.cuda.is_available():
                 "were not built for the interpreter; export TRITON_INTERPRET=1 before running pytest"
             )
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The self-test gate of automatic dispatch (fastvit.selftest) would check each kernel backend on its first automatic
+# use -- seconds per op on a GPU, and on the fake kernels tests/test_backends.py registers it would exclude them. The
+# suite tests the kernels itself, so it trusts them unchecked (FASTVIT_SELFTEST=0); tests/test_selftest.py opts back
+# in per test. Any verdict a test does write goes to a throwaway directory, never the user's ~/.cache (subprocesses
+# inherit both settings).
+os.environ.setdefault("FASTVIT_SELFTEST", "0")
+if "FASTVIT_CACHE_DIR" not in os.environ:
+    import tempfile  # noqa: E402
+
+    os.environ["FASTVIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvit-test-cache-")
 
 import pytest  # noqa: E402
 
