@@ -124,6 +124,8 @@ def _amp(t: torch.Tensor) -> torch.dtype | None:
     if _any_autocast is not None and not _any_autocast() and not torch.compiler.is_compiling():
         return None  # the common case, in one C call (Dynamo reads autocast state through the public API below)
     device_type = t.device.type
+    if device_type == "meta":  # autocast has no meta dispatch key (asking raises, also while Dynamo traces)
+        return None
     try:
         if not torch.is_autocast_enabled(device_type):
             return None
