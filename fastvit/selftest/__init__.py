@@ -37,8 +37,7 @@ change the answer (:func:`environment`): the device (GPU name, compute capabilit
 whether Triton interprets), the CUDA runtime, torch, Triton, the fastvit version and a hash of its sources, and the
 ``fastvit._C`` build. ``FASTVIT_SELFTEST=0`` turns the gate off (kernels are trusted unchecked).
 
-The comparison mirrors ``tests/oracle.py`` (:func:`_oracle_error`) because the oracle is not part of the package yet;
-switch it to ``fastvit.testing`` once the oracle lives there.
+The comparison is the test suite's own oracle, :mod:`fastvit.testing`.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from fastvit import backends, ops, reference
+from fastvit import backends, ops, reference, testing
 from fastvit.backends import OPS, PRIORITY, get_backend
 
 __all__ = [
@@ -84,40 +83,11 @@ _VERSION = "0.1.0"  # fastvit.__version__; not imported from the package root (f
 
 # ------------------------------------------------------------------------------------------------ oracle (mirror)
 # Mirrors tests/oracle.py (ATOL, FACTOR, assert_close_oracle) until it moves into fastvit.testing.
-_ATOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-3,
-    torch.bfloat16: 1e-2,
-}
-_FACTOR = 2.0
-
-
-def _max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = (a.detach().to("cpu", torch.float64) - b.detach().to("cpu", torch.float64)).abs()
-    if d.numel() == 0:
-        return 0.0
-    if torch.isnan(d).any():
-        return math.nan
-    return float(d.max())
-
-
 def _oracle_error(out: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, dtype: torch.dtype, name: str) -> str | None:
-    """``None`` when ``out`` passes the oracle against ``ref`` (float64) and ``pt`` (input precision), else why."""
-    if tuple(out.shape) != tuple(ref.shape):
-        return f"{name}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}"
-    if out.dtype != pt.dtype:
-        return f"{name}: dtype {out.dtype} != expected {pt.dtype}"
-    n_bad = int((~torch.isfinite(out.detach())).sum())
-    if n_bad:
-        return f"{name}: {n_bad} of {out.numel()} elements are nan/inf (unwritten output?)"
-    err_out, err_pt = _max_abs_err(out, ref), _max_abs_err(pt, ref)
-    ref_max = float(ref.detach().abs().max()) if ref.numel() else 0.0
-    bound = _FACTOR * err_pt + _ATOL[dtype] * max(1.0, ref_max)
-    if not err_out <= bound:
-        return (f"{name}: max|out - ref| = {err_out:.3g} > bound {bound:.3g} = 2 * max|pt - ref| ({err_pt:.3g}) "
-                f"+ atol ({_ATOL[dtype]:.0e}) * max(1, {ref_max:.3g})")
-    return None
+    """``None`` when ``out`` passes the test oracle (:func:`fastvit.testing.oracle_compare`) against ``ref`` (float64)
+    and ``pt`` (input precision), else why."""
+    return testing.oracle_compare(out, ref, pt, dtype, name, check_dtype=False).message if out.dtype == pt.dtype else (
+        f"{name}: dtype {out.dtype} != expected {pt.dtype}")
 
 
 def _run(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[str],
@@ -513,8 +483,8 @@ def check_case(backend: str, case: Case, device: torch.device | str | None = Non
             if error is not None:
                 result.detail = error
                 return result
-            bound = _FACTOR * _max_abs_err(p, r) + _ATOL[case.dtype] * max(1.0, float(r.abs().max()) if r.numel() else 0)
-            worst = max(worst, _max_abs_err(o, r) / bound if bound else 0.0)
+            bound = testing.FACTOR * testing.max_abs_err(p, r) + testing.atol_for(case.dtype) * max(1.0, float(r.abs().max()) if r.numel() else 0)
+            worst = max(worst, testing.max_abs_err(o, r) / bound if bound else 0.0)
         result.passed, result.detail = True, f"max err / bound = {worst:.2f}"
         return result
     except Exception as exc:  # the case itself could not be set up or compared: report, do not crash
