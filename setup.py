@@ -90,8 +90,15 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastvit", "fastvit.nn", "fastvit.integrations", "fastvit.bench", "fastvit.families", "fastvit.runtime",
-              "fastvit.kernels"],
+    packages=[
+        "fastvit",
+        "fastvit.nn",
+        "fastvit.integrations",
+        "fastvit.bench",
+        "fastvit.families",
+        "fastvit.runtime",
+        "fastvit.kernels",
+    ],
     package_dir={"fastvit.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

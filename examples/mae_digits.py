@@ -44,7 +44,9 @@ from digits_data import BACKENDS, load_data, param_groups, random_shift, warmup_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=40, help="pre-training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
@@ -75,7 +77,9 @@ def evaluate(model, x: torch.Tensor, noise: torch.Tensor, mask_ratio: float, bat
 
 
 @torch.no_grad()
-def save_figure(model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float, mean: float, std: float, path: str) -> None:
+def save_figure(
+    model, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float, mean: float, std: float, path: str
+) -> None:
     """Write a PNG with rows original / masked input / reconstruction / reconstruction + visible patches.
 
     ``imgs`` (B, 1, Hi, Wi) standardised images on the model's device, ``noise`` (B, N) the masking noise.

@@ -49,7 +49,9 @@ from digits_data import BACKENDS, load_data, param_groups, random_shift, warmup_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split over the processes)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
@@ -67,8 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fastvit backend (auto: dispatch picks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument(
-        "--threads", type=int, default=1, help="CPU threads per process (0: torch's default); 1 is as fast for this tiny "
-        "model and far steadier on a shared machine"
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per process (0: torch's default); 1 is as fast for this tiny "
+        "model and far steadier on a shared machine",
     )
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only; ignored on the CPU)")
     p.add_argument("--save", default=None, help="write the trained weights (state_dict + config) to this path")
@@ -174,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         # Same initialisation everywhere (DDP also broadcasts rank 0's weights); from here on each rank draws its
         # own stochastic-depth masks instead of repeating rank 0's on different samples.
         torch.manual_seed(args.seed + 7919 * rank)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     per_rank_batch = args.batch_size // world_size

@@ -12,11 +12,14 @@ Public surface:
     fastvit.selftest                python -m fastvit.selftest: check a kernel backend on this device before trusting it
 """
 
-from fastvit import nn, ops
+from fastvit import (
+    nn,
+    ops,
+    selftest,  # noqa: F401  (installs the self-test gate of automatic dispatch; runs nothing)
+)
 from fastvit.backends import BackendNotSupportedError, available_backends, current_backend, use_backend
 from fastvit.integrations import from_hf, from_timm, patch_timm_
 from fastvit.nn import *  # noqa: F401,F403  (PatchEmbed, ..., VisionTransformer, MaskedAutoencoderViT, create_model)
-from fastvit import selftest  # noqa: E402  (installs the self-test gate of automatic dispatch; runs nothing)
 
 __version__ = "0.1.0"
 

@@ -39,8 +39,8 @@ raises from autograd as before (the self-test runs every backward before the gat
 from __future__ import annotations
 
 import contextlib
-import os
 import contextvars
+import os
 import sys
 import threading
 import warnings
@@ -197,8 +197,10 @@ class Capabilities:
         if call.dropout_p > 0.0 and not self.dropout:
             out.append("dropout_p > 0 is not supported")
         if call.mixed_dtypes and not self.mixed_dtypes:
-            out.append("operands of different dtypes under autocast (half GEMM operands with fp32 epilogue "
-                       "operands); the kernel takes one dtype")
+            out.append(
+                "operands of different dtypes under autocast (half GEMM operands with fp32 epilogue "
+                "operands); the kernel takes one dtype"
+            )
         return out
 
 
@@ -541,8 +543,13 @@ def _decide(op: str, call: Call, explicit: str | None) -> tuple[str, Callable[..
     failed = _LAUNCH_FAILED.get((op, call), ())
     for name in PRIORITY:
         candidate = _BACKENDS.get(name)
-        if (candidate is not None and name not in failed and candidate.automatic()
-                and not candidate.not_supported_reasons(op, call) and _trusted(name, op, call.device)):
+        if (
+            candidate is not None
+            and name not in failed
+            and candidate.automatic()
+            and not candidate.not_supported_reasons(op, call)
+            and _trusted(name, op, call.device)
+        ):
             return name, candidate.kernels[op].fn
     raise RuntimeError(f"no backend can run fastvit.ops.{op}; the eager backend should always be registered")
 
@@ -616,10 +623,12 @@ def _trusted(name: str, op: str, device: torch.device | None) -> bool:
         _VERDICTS[key] = verdict
         if not verdict[0]:
             _EXCLUDED[key] = f"self-test failed: {verdict[1]}"
-            _warn_once(("excluded",) + key,
-                       f"fastvit: the {name} kernel of {op} failed its self-test on {key[2]} ({verdict[1]}); automatic "
-                       f"dispatch will not use it there (python -m fastvit.selftest --backend {name} --ops {op} "
-                       "shows every case)")
+            _warn_once(
+                ("excluded",) + key,
+                f"fastvit: the {name} kernel of {op} failed its self-test on {key[2]} ({verdict[1]}); automatic "
+                f"dispatch will not use it there (python -m fastvit.selftest --backend {name} --ops {op} "
+                "shows every case)",
+            )
     return verdict[0]
 
 
@@ -638,11 +647,13 @@ def _trusted_while_tracing(name: str, op: str, device_type: str, device_index: i
         except Exception as exc:
             passed, detail = None, f"{type(exc).__name__}: {exc}"
         if passed is None:
-            _warn_once(("tracing",) + key,
-                       f"fastvit: the {name} kernel of {op} is not verified on {key[2]} yet ({detail}), and the "
-                       "self-test does not run while torch.compile traces (or a CUDA graph is captured): this graph "
-                       "uses the next backend. Run "
-                       f"python -m fastvit.selftest --backend {name} (or the model once uncompiled) first.")
+            _warn_once(
+                ("tracing",) + key,
+                f"fastvit: the {name} kernel of {op} is not verified on {key[2]} yet ({detail}), and the "
+                "self-test does not run while torch.compile traces (or a CUDA graph is captured): this graph "
+                "uses the next backend. Run "
+                f"python -m fastvit.selftest --backend {name} (or the model once uncompiled) first.",
+            )
             return False
         verdict = (passed, detail)
         _VERDICTS[key] = verdict
@@ -678,9 +689,11 @@ def _explicit_check(name: str, op: str, device: torch.device) -> None:
     if passed:
         return
     state = "is unverified" if passed is None else "failed its self-test"
-    _warn_once(("explicit",) + key,
-               f"fastvit: backend {name!r} was chosen explicitly for {op} on {key[2]}, where its kernel {state} "
-               f"({detail}); run python -m fastvit.selftest --backend {name} to check it")
+    _warn_once(
+        ("explicit",) + key,
+        f"fastvit: backend {name!r} was chosen explicitly for {op} on {key[2]}, where its kernel {state} "
+        f"({detail}); run python -m fastvit.selftest --backend {name} to check it",
+    )
 
 
 def _warn_if_unverified_while_tracing(name: str, op: str, device_type: str, device_index: int | None) -> bool:
@@ -723,9 +736,11 @@ def _launch_failed(op: str, call: Call, key: tuple, name: str, exc: Exception) -
     where = _device_key(call.device) if call.device is not None else "any device"
     _EXCLUDED.setdefault((name, op, where), f"kernel launch raised for {_describe(call)}: {cause}")
     next_name, next_fn = _decide(op, call, None)
-    _warn_once(("launch", name, op),
-               f"fastvit: the {name} kernel of {op} raised at launch ({cause}) for {_describe(call)}; falling back to "
-               f"the {next_name} backend for this call shape")
+    _warn_once(
+        ("launch", name, op),
+        f"fastvit: the {name} kernel of {op} raised at launch ({cause}) for {_describe(call)}; falling back to "
+        f"the {next_name} backend for this call shape",
+    )
     if next_name != "eager":
         next_fn = _automatic_guard(op, call, key, next_name, next_fn)
     if key in _CACHE:
@@ -734,7 +749,9 @@ def _launch_failed(op: str, call: Call, key: tuple, name: str, exc: Exception) -
 
 
 def _describe(call: Call) -> str:
-    return ", ".join(f"{k}={v}" for k, v in call._asdict().items() if v is not None and not (k == "dropout_p" and not v))
+    return ", ".join(
+        f"{k}={v}" for k, v in call._asdict().items() if v is not None and not (k == "dropout_p" and not v)
+    )
 
 
 def _explicit_guard(op: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

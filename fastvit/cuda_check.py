@@ -111,11 +111,29 @@ def compile_file(path: str, archs: str, minimal: bool, nvcc: str) -> FileResult:
     rel = os.path.relpath(path, os.path.dirname(build.CSRC))
     with open(path) as f:
         if _TORCH_INCLUDE.search(f.read()):
-            return FileResult(rel, False, 0.0, [], f"{rel} includes a torch / ATen / c10 header; kernel files must be "
-                                                    "torch-free (the binding fills a params struct)")
+            return FileResult(
+                rel,
+                False,
+                0.0,
+                [],
+                f"{rel} includes a torch / ATen / c10 header; kernel files must be "
+                "torch-free (the binding fills a params struct)",
+            )
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", build.CHECK_STD, *build.NVCC_FLAGS, *build.defines(minimal), *build.gencode_flags(archs),
-               "-Xptxas", "-v", *[f"-I{d}" for d in build.include_dirs()], path, "-o", os.path.join(tmp, "out.o")]
+        cmd = [
+            nvcc,
+            "-c",
+            build.CHECK_STD,
+            *build.NVCC_FLAGS,
+            *build.defines(minimal),
+            *build.gencode_flags(archs),
+            "-Xptxas",
+            "-v",
+            *[f"-I{d}" for d in build.include_dirs()],
+            path,
+            "-o",
+            os.path.join(tmp, "out.o"),
+        ]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - start
@@ -128,8 +146,9 @@ def _must_not_spill(k: KernelInfo) -> bool:
     return any(f in parts for f in NO_SPILL_FAMILIES)
 
 
-def run(archs: str = build.DEFAULT_ARCHS, minimal: bool = True, jobs: int | None = None,
-        files: list[str] | None = None) -> tuple[list[FileResult], list[str]]:
+def run(
+    archs: str = build.DEFAULT_ARCHS, minimal: bool = True, jobs: int | None = None, files: list[str] | None = None
+) -> tuple[list[FileResult], list[str]]:
     """Compile ``files`` (default: every kernel file of the chosen build) and return (results, failures).
 
     Raises:
@@ -153,8 +172,10 @@ def run(archs: str = build.DEFAULT_ARCHS, minimal: bool = True, jobs: int | None
             failures.append(f"{r.file}: compile error\n{r.log[-4000:]}")
         for k in r.kernels:
             if k.spills and _must_not_spill(k):
-                failures.append(f"{r.file} [{k.arch}] {_short(k.kernel)}: spills {k.spill_stores} B stores / "
-                                f"{k.spill_loads} B loads (attention and LayerNorm kernels must not spill)")
+                failures.append(
+                    f"{r.file} [{k.arch}] {_short(k.kernel)}: spills {k.spill_stores} B stores / "
+                    f"{k.spill_loads} B loads (attention and LayerNorm kernels must not spill)"
+                )
     return results, failures
 
 
@@ -175,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'file':44} {'arch':7} {'regs':>4} {'spill st/ld':>12} {'smem':>7}  kernel")
     for r in results:
         for k in r.kernels:
-            print(f"{r.file:44} {k.arch:7} {k.registers:4d} {k.spill_stores:6d}/{k.spill_loads:<5d} {k.smem:7d}  "
-                  f"{_short(k.kernel, 70)}")
+            print(
+                f"{r.file:44} {k.arch:7} {k.registers:4d} {k.spill_stores:6d}/{k.spill_loads:<5d} {k.smem:7d}  "
+                f"{_short(k.kernel, 70)}"
+            )
         print(f"{r.file:44} {'ok' if r.ok else 'FAILED'} in {r.seconds:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

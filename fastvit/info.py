@@ -8,8 +8,7 @@ import sys
 
 import torch
 
-from fastvit import __version__
-from fastvit import selftest
+from fastvit import __version__, selftest
 from fastvit.backends import OPS, PRIORITY, get_backend, selftest_enabled
 
 
@@ -30,8 +29,11 @@ def collect() -> dict:
         triton_version = None
     from fastvit.runtime import cuda as _cuda
 
-    extension = {"built": True, **_cuda.build_info()} if _cuda.load_error() is None else {
-        "built": False, "error": _cuda.load_error()}
+    extension = (
+        {"built": True, **_cuda.build_info()}
+        if _cuda.load_error() is None
+        else {"built": False, "error": _cuda.load_error()}
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gate = selftest.status(device)
     backends = {}
@@ -39,8 +41,13 @@ def collect() -> dict:
         backend = get_backend(name)
         reasons = backend.unavailable_reasons()
         ops = {op: backend.not_supported_reasons(op, {"device": device}) for op in OPS}
-        backends[name] = {"description": backend.description, "available": not reasons, "reasons": reasons, "ops": ops,
-                          "automatic": bool(backend.automatic())}
+        backends[name] = {
+            "description": backend.description,
+            "available": not reasons,
+            "reasons": reasons,
+            "ops": ops,
+            "automatic": bool(backend.automatic()),
+        }
         if name in gate:
             backends[name]["selftest"] = gate[name]
     env = selftest.environment(device)
@@ -53,8 +60,12 @@ def collect() -> dict:
         "triton": triton_version,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "extension": extension,
-        "selftest": {"enabled": selftest_enabled(), "cache": selftest.cache_dir(), "key": selftest.cache_key(env),
-                     "environment": env},
+        "selftest": {
+            "enabled": selftest_enabled(),
+            "cache": selftest.cache_dir(),
+            "key": selftest.cache_key(env),
+            "environment": env,
+        },
         "backends": backends,
     }
 
@@ -66,14 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     if "--json" in argv:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"fastvit {info['fastvit']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})"
-          f"  triton {info['triton']}")
+    print(
+        f"fastvit {info['fastvit']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})"
+        f"  triton {info['triton']}"
+    )
     print(f"device: {info['device']}")
     ext = info["extension"]
-    print(f"extension fastvit._C: {'built ' + json.dumps(ext) if ext.get('built', True) and 'error' not in ext else 'not built'}")
+    print(
+        f"extension fastvit._C: {'built ' + json.dumps(ext) if ext.get('built', True) and 'error' not in ext else 'not built'}"
+    )
     gate = info["selftest"]
-    print(f"self-test gate: {'on' if gate['enabled'] else 'off (FASTVIT_SELFTEST=0: kernels trusted unchecked)'}"
-          f" -- verdicts in {gate['cache']}/{gate['key']}.json")
+    print(
+        f"self-test gate: {'on' if gate['enabled'] else 'off (FASTVIT_SELFTEST=0: kernels trusted unchecked)'}"
+        f" -- verdicts in {gate['cache']}/{gate['key']}.json"
+    )
     for name, b in info["backends"].items():
         status = "runs here" if b["available"] else "unavailable: " + "; ".join(b["reasons"])
         print(f"\n[{name}] {b['description']} -- {status}")

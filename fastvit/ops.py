@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from fastvit import families  # registers every op family with every backend; holds their autocast rules
-from fastvit import reference
-from fastvit import backends
+from fastvit import (
+    backends,
+    families,  # registers every op family with every backend; holds their autocast rules
+    reference,
+)
 from fastvit.backends import Call, select
 
 __all__ = [
@@ -46,8 +48,15 @@ def _tensor(name: str, t: object, ndim: int | None = None, *, floating: bool = T
     return t
 
 
-def _like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, shape: tuple | None = None,
-          *, any_float: bool = False) -> None:
+def _like(
+    name: str,
+    t: torch.Tensor | None,
+    ref_name: str,
+    ref: torch.Tensor,
+    shape: tuple | None = None,
+    *,
+    any_float: bool = False,
+) -> None:
     """Check that optional tensor ``t`` matches ``ref``'s device and dtype (and ``shape`` when given); with
     ``any_float`` (an operand autocast leaves in its own precision) any floating dtype is accepted."""
     if t is None:
@@ -103,11 +112,39 @@ def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
 _new_call = tuple.__new__  # a Call built from a full tuple: a third of the NamedTuple constructor's cost
 
 
-def _call(t: torch.Tensor, *, head_dim=None, dropout_p=0.0, batch=None, num_tokens=None, num_kv_tokens=None,
-          features=None, in_features=None, out_features=None, embed_dim=None, patch_row=None,
-          mixed_dtypes=False) -> Call:
-    return _new_call(Call, (t.device, t.dtype, head_dim, dropout_p, batch, num_tokens, num_kv_tokens, features,
-                            in_features, out_features, embed_dim, patch_row, mixed_dtypes))
+def _call(
+    t: torch.Tensor,
+    *,
+    head_dim=None,
+    dropout_p=0.0,
+    batch=None,
+    num_tokens=None,
+    num_kv_tokens=None,
+    features=None,
+    in_features=None,
+    out_features=None,
+    embed_dim=None,
+    patch_row=None,
+    mixed_dtypes=False,
+) -> Call:
+    return _new_call(
+        Call,
+        (
+            t.device,
+            t.dtype,
+            head_dim,
+            dropout_p,
+            batch,
+            num_tokens,
+            num_kv_tokens,
+            features,
+            in_features,
+            out_features,
+            embed_dim,
+            patch_row,
+            mixed_dtypes,
+        ),
+    )
 
 
 def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -172,7 +209,12 @@ def _prepare_patch_embed(
     if pos_embed is not None:
         _like("pos_embed", pos_embed, "images", images, any_float=mixed_ok)
         allowed = {num_patches, num_patches + num_prefix}
-        if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != E or pos_embed.shape[1] not in allowed:
+        if (
+            pos_embed.dim() != 3
+            or pos_embed.shape[0] != 1
+            or pos_embed.shape[2] != E
+            or pos_embed.shape[1] not in allowed
+        ):
             raise ValueError(
                 f"pos_embed must have shape (1, L, {E}) with L in {sorted(allowed)} ({num_patches} patches for "
                 f"{Hi}x{Wi} images, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
@@ -185,7 +227,16 @@ def _prepare_patch_embed(
         _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
         ids_keep = ids_keep.long()
     mixed = mixed_ok and _mixed(images, pos_embed, cls_token, reg_tokens)
-    return _call(images, embed_dim=E, mixed_dtypes=mixed), images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep
+    return (
+        _call(images, embed_dim=E, mixed_dtypes=mixed),
+        images,
+        weight,
+        bias,
+        pos_embed,
+        cls_token,
+        reg_tokens,
+        ids_keep,
+    )
 
 
 def patch_embed(
@@ -233,9 +284,11 @@ def patch_embed(
         # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
     """
     call, images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = _prepare_patch_embed(
-        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
-    return select("patch_embed", call, backend)[1](images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
-                                                  reg_tokens=reg_tokens, ids_keep=ids_keep)
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+    )
+    return select("patch_embed", call, backend)[1](
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+    )
 
 
 def _prepare_attention(
@@ -260,7 +313,9 @@ def _prepare_attention(
     _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     B, N, _ = qkv.shape
-    return _new_call(Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N, None, None, None, None, None, False)), qkv
+    return _new_call(
+        Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N, None, None, None, None, None, False)
+    ), qkv
 
 
 def attention(
@@ -450,7 +505,12 @@ def _prepare_linear_gelu(
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     M, K = weight.shape
-    return _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, False)), x, weight, bias
+    return (
+        _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, False)),
+        x,
+        weight,
+        bias,
+    )
 
 
 def linear_gelu(
@@ -620,7 +680,9 @@ def mae_unshuffle(
         x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
         out = torch.cat([x[:, :1], x_], 1) + pos_embed
     """
-    call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(x, mask_token, ids_restore, pos_embed=pos_embed)
+    call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(
+        x, mask_token, ids_restore, pos_embed=pos_embed
+    )
     return select("mae_unshuffle", call, backend)[1](x, mask_token, ids_restore, pos_embed=pos_embed)
 
 
@@ -685,7 +747,8 @@ def mae_loss(
     return select("mae_loss", call, backend)[1](pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
 
 
-#: op -> its autocast rule and argument checks, returning (call description, *the operands after the rule) (derived from the declared op names).
+#: op -> its autocast rule and argument checks, returning (call description, *the operands after the rule);
+#: derived from the declared op names.
 _PREPARE = {name: globals()[f"_prepare_{name}"] for name in backends.OPS}
 
 

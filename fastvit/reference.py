@@ -97,9 +97,7 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
     return qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def attention(
-    qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0
-) -> torch.Tensor:
+def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C); see :func:`fastvit.ops.attention`."""
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)

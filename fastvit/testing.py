@@ -211,18 +211,24 @@ def oracle_compare(
     bound = factor * err_pt + atol * max(1.0, ref_max)
     n_bad = int((~torch.isfinite(out.detach())).sum())
     if n_bad:
-        return verdict(False, err, bound,
-                       f"{name}: {n_bad} of {out.numel()} elements are nan/inf (unwritten poisoned output?)")
+        return verdict(
+            False, err, bound, f"{name}: {n_bad} of {out.numel()} elements are nan/inf (unwritten poisoned output?)"
+        )
     if not err <= bound:
         d = (out.detach().double().cpu() - ref.detach().double().cpu()).abs()
         where = tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape)) if d.dim() else ()
-        return verdict(False, err, bound, (
-            f"{name} ({dtype}, shape {shape}): max|out - ref| = {err:.4g} > bound {bound:.4g} = "
-            f"{factor:g} * max|pt - ref| ({err_pt:.4g}) + atol ({atol:.1g}) * max(1, max|ref| = {ref_max:.4g}); "
-            f"worst at index {where}: "
-            f"out {float(out.detach().double().cpu()[where]):.6g} vs "
-            f"ref {float(ref.detach().double().cpu()[where]):.6g}"
-        ))
+        return verdict(
+            False,
+            err,
+            bound,
+            (
+                f"{name} ({dtype}, shape {shape}): max|out - ref| = {err:.4g} > bound {bound:.4g} = "
+                f"{factor:g} * max|pt - ref| ({err_pt:.4g}) + atol ({atol:.1g}) * max(1, max|ref| = {ref_max:.4g}); "
+                f"worst at index {where}: "
+                f"out {float(out.detach().double().cpu()[where]):.6g} vs "
+                f"ref {float(ref.detach().double().cpu()[where]):.6g}"
+            ),
+        )
     return verdict(True, err, bound, None)
 
 
@@ -422,9 +428,7 @@ def check_op(
             :func:`assert_close_oracle`) or returns another number of outputs.
     """
     ref_fwd = run_forward_backward(naive, inputs, (), dtype=torch.float64)
-    grad_outputs = [
-        randn(o.shape, dtype=dtype, generator=generator).to(torch.float64) for o in ref_fwd.outputs
-    ]
+    grad_outputs = [randn(o.shape, dtype=dtype, generator=generator).to(torch.float64) for o in ref_fwd.outputs]
     runs = {"ref": run_forward_backward(naive, inputs, grad_names, grad_outputs, dtype=torch.float64)}
     runs["pt"] = run_forward_backward(naive, inputs, grad_names, grad_outputs)
     for impl_name, impl in impls.items():
@@ -463,7 +467,7 @@ def _model_run(
     run = model if compile_backend is None else torch.compile(model, fullgraph=True, backend=compile_backend)
     if seed is not None:
         torch.manual_seed(seed)
-    with use_backend(backend), (context() if context is not None else contextlib.nullcontext()):
+    with use_backend(backend), context() if context is not None else contextlib.nullcontext():
         if loss_fn is None:
             with torch.no_grad():
                 return run(*args), {}
@@ -546,10 +550,24 @@ class ModelOracle:
             return rows
         if not (set(grads) == set(self.pt_grads) == set(self.ref_grads) and grads):
             diff = sorted((set(grads) ^ set(self.pt_grads)) | (set(self.pt_grads) ^ set(self.ref_grads)))
-            return rows + [OracleResult("gradients", False, None, 0.0, None, 0.0, atol_for(dt), dt, (),
-                                        f"gradients: the runs' parameter gradients differ ({diff or 'none'})")]
-        return rows + [oracle_compare(grads[n], self.ref_grads[n], self.pt_grads[n], dt, f"grad {n}",
-                                      check_dtype=check_dtype) for n in grads]
+            return rows + [
+                OracleResult(
+                    "gradients",
+                    False,
+                    None,
+                    0.0,
+                    None,
+                    0.0,
+                    atol_for(dt),
+                    dt,
+                    (),
+                    f"gradients: the runs' parameter gradients differ ({diff or 'none'})",
+                )
+            ]
+        return rows + [
+            oracle_compare(grads[n], self.ref_grads[n], self.pt_grads[n], dt, f"grad {n}", check_dtype=check_dtype)
+            for n in grads
+        ]
 
 
 def compare_model_with_eager(

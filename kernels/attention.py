@@ -195,13 +195,32 @@ def _autotune(configs, prune):
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_body(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
@@ -217,7 +236,9 @@ def _attn_fwd_body(
     m_mask = offs_m < N_Q
     d_mask = offs_d < HEAD_DIM
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -239,8 +260,11 @@ def _attn_fwd_body(
 
     acc = acc / l_i[:, None]
     o_base = O + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(
+        o_base + offs_m[:, None] * stride_on + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_mask)
 
@@ -252,11 +276,20 @@ attn_fwd = _autotune(FWD_CONFIGS, prune_fwd)(_attn_fwd_body)
 # ------------------------------------------------------------------------------------------------ backward
 @triton.jit
 def _attn_bwd_preprocess(
-    O, DO, Delta,
-    stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don,
-    H, N_Q, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    O,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    H,
+    N_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
@@ -265,10 +298,14 @@ def _attn_bwd_preprocess(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(Delta + pid_bh * N_Q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N_Q)
 
 
@@ -277,15 +314,41 @@ attn_bwd_preprocess = _attn_bwd_preprocess
 
 @triton.jit
 def _attn_bwd_dkdv_body(
-    Q, K, V, DO, LSE, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
@@ -300,10 +363,16 @@ def _attn_bwd_dkdv_body(
     d_mask = offs_d < HEAD_DIM
     kv_mask = n_mask[:, None] & d_mask[None, :]
 
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -328,10 +397,16 @@ def _attn_bwd_dkdv_body(
         dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 attn_bwd_dkdv_kernel = _attn_bwd_dkdv_body
@@ -340,14 +415,37 @@ attn_bwd_dkdv = _autotune(BWD_DKDV_CONFIGS, prune_dkdv)(_attn_bwd_dkdv_body)
 
 @triton.jit
 def _attn_bwd_dq_body(
-    Q, K, V, DO, LSE, Delta, DQ,
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    stride_dqb, stride_dqh, stride_dqn,
-    H, N_Q, N_KV, HEAD_DIM: tl.constexpr, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_dob,
+    stride_doh,
+    stride_don,
+    stride_dqb,
+    stride_dqh,
+    stride_dqn,
+    H,
+    N_Q,
+    N_KV,
+    HEAD_DIM: tl.constexpr,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
@@ -362,10 +460,16 @@ def _attn_bwd_dq_body(
     d_mask = offs_d < HEAD_DIM
     q_mask = m_mask[:, None] & d_mask[None, :]
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     row_base = pid_bh * N_Q
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
@@ -387,8 +491,11 @@ def _attn_bwd_dq_body(
         dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(
+        DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 attn_bwd_dq_kernel = _attn_bwd_dq_body

@@ -53,11 +53,16 @@ _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 def _needs_subprocess() -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return any(m in sys.modules for m in ("fastvit.kernels.attention", "fastvit.kernels.layer_norm",
-                                          "fastvit.kernels.linear", "fastvit.kernels.mae",
-                                          "fastvit.kernels.patch_embed")) and (
-        "triton.runtime.interpreter" in sys.modules
-    )
+    return any(
+        m in sys.modules
+        for m in (
+            "fastvit.kernels.attention",
+            "fastvit.kernels.layer_norm",
+            "fastvit.kernels.linear",
+            "fastvit.kernels.mae",
+            "fastvit.kernels.patch_embed",
+        )
+    ) and ("triton.runtime.interpreter" in sys.modules)
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -79,16 +84,30 @@ def _variants() -> list[dict]:
     out: list[dict] = []
 
     def attn(kernel, cfg, dtype, D, prec, label):
-        out.append(dict(
-            family="attention", kernel=kernel, config=label, dtype=dtype, dim=D,
-            constexprs=dict(HEAD_DIM=D, BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_N=cfg.kwargs["BLOCK_N"],
-                            BLOCK_D=A.block_d(D), INPUT_PRECISION=prec),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        ))
+        out.append(
+            dict(
+                family="attention",
+                kernel=kernel,
+                config=label,
+                dtype=dtype,
+                dim=D,
+                constexprs=dict(
+                    HEAD_DIM=D,
+                    BLOCK_M=cfg.kwargs["BLOCK_M"],
+                    BLOCK_N=cfg.kwargs["BLOCK_N"],
+                    BLOCK_D=A.block_d(D),
+                    INPUT_PRECISION=prec,
+                ),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
 
-    sweep = {"attn_fwd": [("bf16", 80, "ieee"), ("fp32", 128, "ieee")],
-             "attn_bwd_dkdv": [("fp16", 72, "ieee"), ("fp32", 128, "ieee")],
-             "attn_bwd_dq": [("fp32", 104, "ieee")]}
+    sweep = {
+        "attn_fwd": [("bf16", 80, "ieee"), ("fp32", 128, "ieee")],
+        "attn_bwd_dkdv": [("fp16", 72, "ieee"), ("fp32", 128, "ieee")],
+        "attn_bwd_dq": [("fp32", 104, "ieee")],
+    }
     for kernel, configs, prune in (
         ("attn_fwd", A.FWD_CONFIGS, A.prune_fwd),
         ("attn_bwd_dkdv", A.BWD_DKDV_CONFIGS, A.prune_dkdv),
@@ -108,22 +127,38 @@ def _variants() -> list[dict]:
             cfg = prune(configs, nargs, INPUT_PRECISION=prec)[0]
             attn(kernel, cfg, dtype, D, prec, _label(cfg))
     for dtype, D in (("fp32", 128), ("bf16", 80)):
-        out.append(dict(
-            family="attention", kernel="attn_bwd_preprocess", config=f"BM{A.PREPROCESS_BLOCK_M}/w4/s3",
-            dtype=dtype, dim=D,
-            constexprs=dict(HEAD_DIM=D, BLOCK_M=A.PREPROCESS_BLOCK_M, BLOCK_D=A.block_d(D)),
-            num_warps=4, num_stages=3,
-        ))
+        out.append(
+            dict(
+                family="attention",
+                kernel="attn_bwd_preprocess",
+                config=f"BM{A.PREPROCESS_BLOCK_M}/w4/s3",
+                dtype=dtype,
+                dim=D,
+                constexprs=dict(HEAD_DIM=D, BLOCK_M=A.PREPROCESS_BLOCK_M, BLOCK_D=A.block_d(D)),
+                num_warps=4,
+                num_stages=3,
+            )
+        )
     ln_sizes = [("fp32", 192), ("fp32", 768), ("fp32", 1664), ("fp32", L.MAX_C), ("fp16", 768), ("bf16", 768)]
     for kernel in ("ln_fwd", "ln_bwd"):
         for dtype, C in ln_sizes:
-            flags = (dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True) if kernel == "ln_fwd"
-                     else dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True))
-            out.append(dict(
-                family="layer_norm", kernel=kernel, config=f"BC{L.block_c(C)}/w{L.num_warps_for(C)}",
-                dtype=dtype, dim=C, constexprs=dict(flags, BLOCK_C=L.block_c(C)),
-                num_warps=L.num_warps_for(C), num_stages=1,
-            ))
+            flags = (
+                dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)
+                if kernel == "ln_fwd"
+                else dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True)
+            )
+            out.append(
+                dict(
+                    family="layer_norm",
+                    kernel=kernel,
+                    config=f"BC{L.block_c(C)}/w{L.num_warps_for(C)}",
+                    dtype=dtype,
+                    dim=C,
+                    constexprs=dict(flags, BLOCK_C=L.block_c(C)),
+                    num_warps=L.num_warps_for(C),
+                    num_stages=1,
+                )
+            )
     from fastvit.kernels import linear as LIN
 
     out.extend(LIN.check_variants())
@@ -138,22 +173,47 @@ def _mae_variants() -> list[dict]:
     out = []
     for cfg in MAE.UNSHUFFLE_CONFIGS:
         for dtype, C in (("bf16", 512), ("fp32", 200)):
-            out.append(dict(
-                family="mae", kernel="mae_unshuffle_fwd", config=f"BT{cfg.kwargs['BLOCK_T']}/w{cfg.num_warps}",
-                dtype=dtype, dim=C,
-                constexprs=dict(HAS_POS=True, BLOCK_C=MAE.block_c(C), BLOCK_T=cfg.kwargs["BLOCK_T"]),
-                num_warps=cfg.num_warps, num_stages=1,
-            ))
+            out.append(
+                dict(
+                    family="mae",
+                    kernel="mae_unshuffle_fwd",
+                    config=f"BT{cfg.kwargs['BLOCK_T']}/w{cfg.num_warps}",
+                    dtype=dtype,
+                    dim=C,
+                    constexprs=dict(HAS_POS=True, BLOCK_C=MAE.block_c(C), BLOCK_T=cfg.kwargs["BLOCK_T"]),
+                    num_warps=cfg.num_warps,
+                    num_stages=1,
+                )
+            )
     for kernel, bt in (("mae_unshuffle_bwd", MAE.BWD_BLOCK_T), ("mae_sum_over_batch", MAE.SUM_BLOCK_T)):
         for dtype in ("bf16", "fp32"):
-            out.append(dict(family="mae", kernel=kernel, config=f"BT{bt}/w4", dtype=dtype, dim=512,
-                            constexprs=dict(BLOCK_C=MAE.block_c(512), BLOCK_T=bt), num_warps=4, num_stages=1))
+            out.append(
+                dict(
+                    family="mae",
+                    kernel=kernel,
+                    config=f"BT{bt}/w4",
+                    dtype=dtype,
+                    dim=512,
+                    constexprs=dict(BLOCK_C=MAE.block_c(512), BLOCK_T=bt),
+                    num_warps=4,
+                    num_stages=1,
+                )
+            )
     for kernel in ("mae_loss_fwd", "mae_loss_bwd"):
         flags = dict(NORM_PIX=True) if kernel == "mae_loss_fwd" else dict(NORM_PIX=True, COMPUTE_DIMG=True)
         for dtype, K in (("fp32", 768), ("bf16", 768), ("fp16", 588), ("fp32", MAE.MAX_ROW)):
-            out.append(dict(family="mae", kernel=kernel, config=f"BK{MAE.block_row(K)}/w{MAE.loss_num_warps(K)}",
-                            dtype=dtype, dim=K, constexprs=dict(flags, BLOCK_K=MAE.block_row(K)),
-                            num_warps=MAE.loss_num_warps(K), num_stages=1))
+            out.append(
+                dict(
+                    family="mae",
+                    kernel=kernel,
+                    config=f"BK{MAE.block_row(K)}/w{MAE.loss_num_warps(K)}",
+                    dtype=dtype,
+                    dim=K,
+                    constexprs=dict(flags, BLOCK_K=MAE.block_row(K)),
+                    num_warps=MAE.loss_num_warps(K),
+                    num_stages=1,
+                )
+            )
     return out
 
 
@@ -161,28 +221,58 @@ def _patch_embed_variants() -> list[dict]:
     from fastvit.kernels import patch_embed as PE
 
     out = []
-    flags_of = {"pe_fwd": dict(HAS_BIAS=True, HAS_IDS=True, HAS_POS=True), "pe_dw": dict(HAS_IDS=True),
-                "pe_dimg": dict(HAS_IDS=True)}
+    flags_of = {
+        "pe_fwd": dict(HAS_BIAS=True, HAS_IDS=True, HAS_POS=True),
+        "pe_dw": dict(HAS_IDS=True),
+        "pe_dimg": dict(HAS_IDS=True),
+    }
     smallest = min(PE.GEMM_CONFIGS, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-    fp32_tf32 = PE._prune(PE.GEMM_CONFIGS, dict(Img=_Fake(4), DImg=_Fake(4), DOut=_Fake(4), m_rows=4096,
-                                                n_cols=768), INPUT_PRECISION="tf32")
+    fp32_tf32 = PE._prune(
+        PE.GEMM_CONFIGS,
+        dict(Img=_Fake(4), DImg=_Fake(4), DOut=_Fake(4), m_rows=4096, n_cols=768),
+        INPUT_PRECISION="tf32",
+    )
     variants = [(cfg, dtype, "ieee") for cfg in PE.GEMM_CONFIGS for dtype in ("fp16", "bf16")]
     variants += [(cfg, "fp32", "tf32") for cfg in fp32_tf32] + [(smallest, "fp32", "ieee")]
     for kernel, flags in flags_of.items():
         for cfg, dtype, prec in variants:
             k = cfg.kwargs
-            out.append(dict(
-                family="patch_embed", kernel=kernel,
-                config=f"BM{k['BLOCK_M']}/BN{k['BLOCK_N']}/BK{k['BLOCK_K']}/w{cfg.num_warps}/s{cfg.num_stages}",
-                dtype=dtype, dim=768, constexprs=dict(flags, INPUT_PRECISION=prec, **k),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            ))
-    out.append(dict(family="patch_embed", kernel="pe_prefix_rows", config=f"BE{PE.block_e(768)}/w4", dtype="bf16",
-                    dim=768, constexprs=dict(HAS_POS=True, BLOCK_E=PE.block_e(768)), num_warps=4, num_stages=1))
-    out.append(dict(family="patch_embed", kernel="pe_batch_sum", config=f"BE{PE.block_e(768)}/BT{PE.SUM_BLOCK_T}/w4",
-                    dtype="bf16", dim=768,
-                    constexprs=dict(HAS_INV=True, BLOCK_E=PE.block_e(768), BLOCK_T=PE.SUM_BLOCK_T),
-                    num_warps=4, num_stages=1))
+            out.append(
+                dict(
+                    family="patch_embed",
+                    kernel=kernel,
+                    config=f"BM{k['BLOCK_M']}/BN{k['BLOCK_N']}/BK{k['BLOCK_K']}/w{cfg.num_warps}/s{cfg.num_stages}",
+                    dtype=dtype,
+                    dim=768,
+                    constexprs=dict(flags, INPUT_PRECISION=prec, **k),
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
+            )
+    out.append(
+        dict(
+            family="patch_embed",
+            kernel="pe_prefix_rows",
+            config=f"BE{PE.block_e(768)}/w4",
+            dtype="bf16",
+            dim=768,
+            constexprs=dict(HAS_POS=True, BLOCK_E=PE.block_e(768)),
+            num_warps=4,
+            num_stages=1,
+        )
+    )
+    out.append(
+        dict(
+            family="patch_embed",
+            kernel="pe_batch_sum",
+            config=f"BE{PE.block_e(768)}/BT{PE.SUM_BLOCK_T}/w4",
+            dtype="bf16",
+            dim=768,
+            constexprs=dict(HAS_INV=True, BLOCK_E=PE.block_e(768), BLOCK_T=PE.SUM_BLOCK_T),
+            num_warps=4,
+            num_stages=1,
+        )
+    )
     return out
 
 
@@ -244,8 +334,9 @@ def _signature(fn, variant: dict) -> tuple[dict, dict]:
         if p.is_constexpr:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in _int_args(variant):
-            sig[name] = ("*fp32" if name in _FP32_POINTERS else "*i64" if name in _I64_POINTERS
-                         else _DT[variant["dtype"]])
+            sig[name] = (
+                "*fp32" if name in _FP32_POINTERS else "*i64" if name in _I64_POINTERS else _DT[variant["dtype"]]
+            )
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
@@ -282,8 +373,11 @@ def _ptxas_resources(ptx: str, cc: int) -> tuple[int | None, int | None]:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([_ptxas(cc), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [_ptxas(cc), "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
     return _parse_ptxas(res.stdout + res.stderr)
 
 
@@ -313,8 +407,11 @@ def _compile_one(job: tuple[dict, int]) -> dict:
         except Exception:
             pass
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]})
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": variant["num_warps"], "num_stages": variant["num_stages"]},
+            )
         row["shared"] = int(compiled.metadata.shared)
         row["registers"], row["spills"] = _parse_ptxas(log.getvalue())
         if row["registers"] is None:  # cached compile or older Triton: no log, run ptxas on the PTX
@@ -337,8 +434,10 @@ def run(archs: list[int], jobs: int = 2) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'kernel':<20} {'config':<18} {'dtype':<5} {'D/C':>5} {'arch':>5} {'shared B':>9} {'regs':>5} " \
-           f"{'spills':>6}  status"
+    head = (
+        f"{'kernel':<20} {'config':<18} {'dtype':<5} {'D/C':>5} {'arch':>5} {'shared B':>9} {'regs':>5} "
+        f"{'spills':>6}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         status = "ok" if r["ok"] else (r["error"] or f"shared > {SHARED_LIMIT.get(r['arch'])}")
@@ -350,10 +449,27 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-ALL_KERNELS = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "ln_fwd", "ln_bwd",
-               "linear_fwd", "linear_dgrad", "linear_wgrad",
-               "mae_unshuffle_fwd", "mae_unshuffle_bwd", "mae_sum_over_batch", "mae_loss_fwd", "mae_loss_bwd",
-               "pe_fwd", "pe_dw", "pe_dimg", "pe_prefix_rows", "pe_batch_sum")
+ALL_KERNELS = (
+    "attn_fwd",
+    "attn_bwd_preprocess",
+    "attn_bwd_dkdv",
+    "attn_bwd_dq",
+    "ln_fwd",
+    "ln_bwd",
+    "linear_fwd",
+    "linear_dgrad",
+    "linear_wgrad",
+    "mae_unshuffle_fwd",
+    "mae_unshuffle_bwd",
+    "mae_sum_over_batch",
+    "mae_loss_fwd",
+    "mae_loss_bwd",
+    "pe_fwd",
+    "pe_dw",
+    "pe_dimg",
+    "pe_prefix_rows",
+    "pe_batch_sum",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,12 +488,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.arch, args.jobs)
     print(_table(rows))
     failed = [r for r in rows if not r["ok"]]
-    missing = [(k, a) for a in args.arch for k in ALL_KERNELS
-               if not any(r["kernel"] == k and r["arch"] == a and r["ok"] for r in rows)]
+    missing = [
+        (k, a)
+        for a in args.arch
+        for k in ALL_KERNELS
+        if not any(r["kernel"] == k and r["arch"] == a and r["ok"] for r in rows)
+    ]
     spilled = sum(1 for r in rows if r["spills"])
-    print(f"\n{len(rows)} compiles for {', '.join(f'sm_{a}' for a in args.arch)} in {time.perf_counter() - t0:.0f} s: "
-          f"{len(rows) - len(failed)} ok, {len(failed)} failed, {spilled} with register spills; "
-          f"max shared {max((r['shared'] or 0) for r in rows)} B")
+    print(
+        f"\n{len(rows)} compiles for {', '.join(f'sm_{a}' for a in args.arch)} in {time.perf_counter() - t0:.0f} s: "
+        f"{len(rows) - len(failed)} ok, {len(failed)} failed, {spilled} with register spills; "
+        f"max shared {max((r['shared'] or 0) for r in rows)} B"
+    )
     for k, a in missing:
         print(f"MISSING: no successful compile of {k} for sm_{a}")
     if args.json:

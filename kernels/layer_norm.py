@@ -31,10 +31,23 @@ MAX_C = 8192
 
 @triton.jit
 def _ln_fwd_kernel(
-    X, R, W, B, Y, HOut, Mean, Rstd,
-    stride_x, stride_r, stride_y, stride_h,
-    C, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    X,
+    R,
+    W,
+    B,
+    Y,
+    HOut,
+    Mean,
+    Rstd,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    C,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -63,10 +76,26 @@ def _ln_fwd_kernel(
 
 @triton.jit
 def _ln_bwd_kernel(
-    HIn, W, Mean, Rstd, DY, DHin, DH, DWp, DBp,
-    stride_h, stride_dy, stride_dhin, stride_dh,
-    M, C, ROWS_PER_PROGRAM,
-    HAS_DH_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HIn,
+    W,
+    Mean,
+    Rstd,
+    DY,
+    DHin,
+    DH,
+    DWp,
+    DBp,
+    stride_h,
+    stride_dy,
+    stride_dhin,
+    stride_dh,
+    M,
+    C,
+    ROWS_PER_PROGRAM,
+    HAS_DH_IN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)

@@ -117,14 +117,38 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
 # ------------------------------------------------------------------------------------------------ kernel
 @triton.jit
 def _gemm_body(
-    A, B, P, Bias, R, G, Out, Pre, RowSum,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_pk,
-    stride_rm, stride_om, stride_prem,
-    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, STORE_PRE: tl.constexpr, ROW_SUM: tl.constexpr,
+    A,
+    B,
+    P,
+    Bias,
+    R,
+    G,
+    Out,
+    Pre,
+    RowSum,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_pm,
+    stride_pk,
+    stride_rm,
+    stride_om,
+    stride_prem,
+    PROLOGUE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    ROW_SUM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Out (M, N) = prologue(A) (M, K) @ B (K, N), fp32 accumulation, fused epilogue (see the module docstring).
 
@@ -205,8 +229,9 @@ def _gemm_body(
 
 # ------------------------------------------------------------------------------------------------ configs
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group}, num_warps=warps, num_stages=stages
+    )
 
 
 #: GPU autotune space (A100 / H100 classics for 16-bit GEMMs, BLOCK_K = 32 tiles for the prologue launches, whose
@@ -323,12 +348,15 @@ def _label(cfg) -> str:
 
 #: Fusion constexprs of each launch as the backend uses it (the heaviest variant of each).
 _MODES = {
-    "linear_fwd": dict(PROLOGUE=PRO_NONE, EPILOGUE=EPI_GELU_ERF, HAS_BIAS=True, HAS_GAMMA=False, STORE_PRE=True,
-                       ROW_SUM=False),
-    "linear_dgrad": dict(PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False,
-                         STORE_PRE=False, ROW_SUM=False),
-    "linear_wgrad": dict(PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False,
-                         STORE_PRE=False, ROW_SUM=True),
+    "linear_fwd": dict(
+        PROLOGUE=PRO_NONE, EPILOGUE=EPI_GELU_ERF, HAS_BIAS=True, HAS_GAMMA=False, STORE_PRE=True, ROW_SUM=False
+    ),
+    "linear_dgrad": dict(
+        PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False, STORE_PRE=False, ROW_SUM=False
+    ),
+    "linear_wgrad": dict(
+        PROLOGUE=PRO_GELU_ERF, EPILOGUE=EPI_NONE, HAS_BIAS=False, HAS_GAMMA=False, STORE_PRE=False, ROW_SUM=True
+    ),
 }
 
 
@@ -345,11 +373,18 @@ def check_variants() -> list[dict]:
     out: list[dict] = []
 
     def add(kernel, cfg, dtype, prec, modes, dim):
-        out.append(dict(
-            family="linear", kernel=kernel, config=_label(cfg), dtype=dtype, dim=dim,
-            constexprs=dict(modes, INPUT_PRECISION=prec, **cfg.kwargs),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        ))
+        out.append(
+            dict(
+                family="linear",
+                kernel=kernel,
+                config=_label(cfg),
+                dtype=dtype,
+                dim=dim,
+                constexprs=dict(modes, INPUT_PRECISION=prec, **cfg.kwargs),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
 
     def kept(M, N, K, esize, prec, prologue=PRO_NONE):
         return prune(CONFIGS, dict(B=_FakeOperand(esize), M=M, N=N, K=K), INPUT_PRECISION=prec, PROLOGUE=prologue)

@@ -93,10 +93,23 @@ def _autotune(configs, prune, key):
 # ------------------------------------------------------------------------------------------------ un-shuffle
 @triton.jit
 def _unshuffle_fwd_body(
-    X, MaskTok, Ids, Pos, Out,
-    stride_xb, stride_xt, stride_ib, stride_pt, stride_ob, stride_ot,
-    n_out, n_keep, C,
-    HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    X,
+    MaskTok,
+    Ids,
+    Pos,
+    Out,
+    stride_xb,
+    stride_xt,
+    stride_ib,
+    stride_pt,
+    stride_ob,
+    stride_ot,
+    n_out,
+    n_keep,
+    C,
+    HAS_POS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -110,15 +123,22 @@ def _unshuffle_fwd_body(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        v = tl.load(X + b * stride_xb + src[:, None] * stride_xt + cols[None, :],
-                    mask=from_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        v = tl.load(
+            X + b * stride_xb + src[:, None] * stride_xt + cols[None, :],
+            mask=from_x[:, None] & cmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         mt = tl.load(MaskTok + cols, mask=cmask, other=0.0).to(tl.float32)
         v = tl.where(is_mask[:, None], mt[None, :], v)
         if HAS_POS:
-            v += tl.load(Pos + rows64[:, None] * stride_pt + cols[None, :],
-                         mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        tl.store(Out + b * stride_ob + rows64[:, None] * stride_ot + cols[None, :], v.to(Out.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+            v += tl.load(
+                Pos + rows64[:, None] * stride_pt + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
+        tl.store(
+            Out + b * stride_ob + rows64[:, None] * stride_ot + cols[None, :],
+            v.to(Out.dtype.element_ty),
+            mask=rmask[:, None] & cmask[None, :],
+        )
 
 
 unshuffle_fwd = _autotune(UNSHUFFLE_CONFIGS, prune_unshuffle, ["n_out", "C"])(_unshuffle_fwd_body)
@@ -128,10 +148,20 @@ unshuffle_fwd_kernel = _unshuffle_fwd_body
 
 @triton.jit
 def _unshuffle_bwd(
-    DOut, Ids, DX, DMaskP,
-    stride_db, stride_dt, stride_ib, stride_xb, stride_xt,
-    n_out, n_keep, C,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    DOut,
+    Ids,
+    DX,
+    DMaskP,
+    stride_db,
+    stride_dt,
+    stride_ib,
+    stride_xb,
+    stride_xt,
+    n_out,
+    n_keep,
+    C,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1)
@@ -147,20 +177,32 @@ def _unshuffle_bwd(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        g = tl.load(DOut + b * stride_db + rows64[:, None] * stride_dt + cols[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
-        tl.store(DX + b * stride_xb + dst[:, None] * stride_xt + cols[None, :], g.to(DX.dtype.element_ty),
-                 mask=to_x[:, None] & cmask[None, :])
+        g = tl.load(
+            DOut + b * stride_db + rows64[:, None] * stride_dt + cols[None, :],
+            mask=rmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        tl.store(
+            DX + b * stride_xb + dst[:, None] * stride_xt + cols[None, :],
+            g.to(DX.dtype.element_ty),
+            mask=to_x[:, None] & cmask[None, :],
+        )
         gm = tl.sum(tl.where(is_mask[:, None], g.to(tl.float32), 0.0), axis=0)
         tl.store(DMaskP + part * C + cols, gm, mask=cmask)
 
 
 @triton.jit
 def _sum_over_batch(
-    G, Out,
-    stride_gb, stride_gt, stride_ot,
-    n_batch, n_rows, C,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+    G,
+    Out,
+    stride_gb,
+    stride_gt,
+    stride_ot,
+    n_batch,
+    n_rows,
+    C,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """``Out[t] = sum_b G[b, t]`` in fp32, one program per block of rows (rows of C contiguous elements)."""
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -171,15 +213,17 @@ def _sum_over_batch(
         acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
         for b in range(0, n_batch):
             b64 = tl.full([], b, tl.int64)  # the loop index is int32: b * stride_gb must not wrap
-            acc += tl.load(G + b64 * stride_gb + rows[:, None] * stride_gt + cols[None, :], mask=m,
-                           other=0.0).to(tl.float32)
+            acc += tl.load(G + b64 * stride_gb + rows[:, None] * stride_gt + cols[None, :], mask=m, other=0.0).to(
+                tl.float32
+            )
         tl.store(Out + rows[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty), mask=m)
 
 
 # ------------------------------------------------------------------------------------------------ loss
 @triton.jit
-def _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
-                  BLOCK_K: tl.constexpr):
+def _patch_target(
+    Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len, BLOCK_K: tl.constexpr
+):
     """Offsets (into ``Img``), mask and fp32 values of patch ``n`` of image ``b`` in (p, q, c) order."""
     k = tl.arange(0, BLOCK_K)
     km = k < row_len
@@ -188,8 +232,12 @@ def _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w,
     c = k % C
     hp = n // grid_w
     wp = n % grid_w
-    offs = (b * stride_ib + c.to(tl.int64) * stride_ic + (hp * patch + p).to(tl.int64) * stride_ih
-            + (wp * patch + q).to(tl.int64) * stride_iw)
+    offs = (
+        b * stride_ib
+        + c.to(tl.int64) * stride_ic
+        + (hp * patch + p).to(tl.int64) * stride_ih
+        + (wp * patch + q).to(tl.int64) * stride_iw
+    )
     t = tl.load(Img + offs, mask=km, other=0.0).to(tl.float32)
     return offs, km, t
 
@@ -206,15 +254,28 @@ def _normalise(t, km, row_len):
 
 @triton.jit
 def _mae_loss_fwd(
-    Pred, Img, Loss,
-    stride_pb, stride_pn, stride_ib, stride_ic, stride_ih, stride_iw,
-    n_patch, grid_w, patch, C, row_len,
-    NORM_PIX: tl.constexpr, BLOCK_K: tl.constexpr,
+    Pred,
+    Img,
+    Loss,
+    stride_pb,
+    stride_pn,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    n_patch,
+    grid_w,
+    patch,
+    C,
+    row_len,
+    NORM_PIX: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
-                                BLOCK_K)
+    offs, km, t = _patch_target(
+        Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len, BLOCK_K
+    )
     if NORM_PIX:
         t, rsig = _normalise(t, km, row_len)
     k = tl.arange(0, BLOCK_K)
@@ -225,16 +286,37 @@ def _mae_loss_fwd(
 
 @triton.jit
 def _mae_loss_bwd(
-    Pred, Img, DRow, DPred, DImg,
-    stride_pb, stride_pn, stride_ib, stride_ic, stride_ih, stride_iw,
-    stride_dpb, stride_dpn, stride_dib, stride_dic, stride_dih, stride_diw,
-    n_patch, grid_w, patch, C, row_len,
-    NORM_PIX: tl.constexpr, COMPUTE_DIMG: tl.constexpr, BLOCK_K: tl.constexpr,
+    Pred,
+    Img,
+    DRow,
+    DPred,
+    DImg,
+    stride_pb,
+    stride_pn,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_dpb,
+    stride_dpn,
+    stride_dib,
+    stride_dic,
+    stride_dih,
+    stride_diw,
+    n_patch,
+    grid_w,
+    patch,
+    C,
+    row_len,
+    NORM_PIX: tl.constexpr,
+    COMPUTE_DIMG: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs, km, t = _patch_target(Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len,
-                                BLOCK_K)
+    offs, km, t = _patch_target(
+        Img, b, n, stride_ib, stride_ic, stride_ih, stride_iw, grid_w, patch, C, row_len, BLOCK_K
+    )
     if NORM_PIX:
         t, rsig = _normalise(t, km, row_len)
     k = tl.arange(0, BLOCK_K)
@@ -253,6 +335,10 @@ def _mae_loss_bwd(
         p = k // (patch * C)
         q = (k // C) % patch
         c = k % C
-        doffs = (b * stride_dib + c.to(tl.int64) * stride_dic + (hp * patch + p).to(tl.int64) * stride_dih
-                 + (wp * patch + q).to(tl.int64) * stride_diw)
+        doffs = (
+            b * stride_dib
+            + c.to(tl.int64) * stride_dic
+            + (hp * patch + p).to(tl.int64) * stride_dih
+            + (wp * patch + q).to(tl.int64) * stride_diw
+        )
         tl.store(DImg + doffs, gt.to(DImg.dtype.element_ty), mask=km)

@@ -88,10 +88,13 @@ def _prune(configs, nargs, **kwargs):
     if kwargs.get("INPUT_PRECISION") == "ieee" and esize == 4:
         return [smallest]
     m, n = nargs["m_rows"], nargs["n_cols"]
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
-            and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))
-            and (esize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
+        and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))
+        and (esize < 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
+    ]
     return kept or [smallest]
 
 
@@ -128,11 +131,36 @@ def _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _pe_fwd_body(
-    Img, W, Bias, Ids, Pos, Out,
-    stride_ib, stride_ic, stride_ih, stride_iw, stride_we, stride_idb, stride_pt, stride_ob, stride_ot,
-    m_rows, n_cols, k_len, grid_w, ph, pw, row_off, pos_off,
-    HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_POS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Img,
+    W,
+    Bias,
+    Ids,
+    Pos,
+    Out,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_we,
+    stride_idb,
+    stride_pt,
+    stride_ob,
+    stride_ot,
+    m_rows,
+    n_cols,
+    k_len,
+    grid_w,
+    ph,
+    pw,
+    row_off,
+    pos_off,
+    HAS_BIAS: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -149,11 +177,14 @@ def _pe_fwd_body(
     for k0 in range(0, k_len, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_len
-        a = tl.load(Img + b * stride_ib + _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih,
-                                                          stride_iw),
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(W + cols[None, :] * stride_we + k[:, None], mask=kmask[:, None] & cmask[None, :],
-                     other=0.0)
+        a = tl.load(
+            Img
+            + b * stride_ib
+            + _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih, stride_iw),
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(W + cols[None, :] * stride_we + k[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = _dot(a, wt, acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -161,8 +192,7 @@ def _pe_fwd_body(
     if HAS_POS:
         acc += tl.load(Pos + (pos_off + patch)[:, None] * stride_pt + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     out_rows = row_off + rows
-    tl.store(Out + b * stride_ob + out_rows[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty),
-             mask=m2)
+    tl.store(Out + b * stride_ob + out_rows[:, None] * stride_ot + cols[None, :], acc.to(Out.dtype.element_ty), mask=m2)
 
 
 pe_fwd = _autotune(["m_rows", "n_cols", "k_len", "INPUT_PRECISION"])(_pe_fwd_body)
@@ -172,10 +202,15 @@ pe_fwd_kernel = _pe_fwd_body
 
 @triton.jit
 def _prefix_rows(
-    Prefix, Pos, Out,
-    stride_pt, stride_ob, stride_ot,
+    Prefix,
+    Pos,
+    Out,
+    stride_pt,
+    stride_ob,
+    stride_ot,
     n_embed,
-    HAS_POS: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """``Out[b, r] = Prefix[r] (+ Pos[r])`` for the R prefix rows; grid (R, B). Prefix is (R, n_embed) contiguous."""
     r = tl.program_id(0).to(tl.int64)
@@ -192,11 +227,31 @@ def _prefix_rows(
 # ------------------------------------------------------------------------------------------------ backward
 @triton.jit
 def _pe_dw_body(
-    Img, DOut, Ids, DW,
-    stride_ib, stride_ic, stride_ih, stride_iw, stride_idb, stride_db, stride_dt, stride_dwe,
-    m_rows, n_cols, n_batch, n_keep, grid_w, ph, pw, row_off,
-    HAS_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Img,
+    DOut,
+    Ids,
+    DW,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    stride_idb,
+    stride_db,
+    stride_dt,
+    stride_dwe,
+    m_rows,
+    n_cols,
+    n_batch,
+    n_keep,
+    grid_w,
+    ph,
+    pw,
+    row_off,
+    HAS_IDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """dW[e, k] = sum_r dOut[r, e] A[r, k] over the B·Nk patch rows; grid (n_embed blocks, K blocks).
     Here m_rows = n_embed and n_cols = K; BLOCK_K steps through the rows of each batch."""
@@ -214,14 +269,22 @@ def _pe_dw_body(
                 patch = tl.load(Ids + b64 * stride_idb + j, mask=jmask, other=0).to(tl.int32)
             else:
                 patch = j
-            g = tl.load(DOut + b64 * stride_db + (row_off + j)[None, :] * stride_dt + e[:, None],
-                        mask=emask[:, None] & jmask[None, :], other=0.0)  # (BLOCK_M e, BLOCK_K rows)
-            a = tl.load(Img + b64 * stride_ib + _im2col_offsets(b64, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih,
-                                              stride_iw),
-                        mask=jmask[:, None] & kmask[None, :], other=0.0)  # (BLOCK_K rows, BLOCK_N k)
+            g = tl.load(
+                DOut + b64 * stride_db + (row_off + j)[None, :] * stride_dt + e[:, None],
+                mask=emask[:, None] & jmask[None, :],
+                other=0.0,
+            )  # (BLOCK_M e, BLOCK_K rows)
+            a = tl.load(
+                Img
+                + b64 * stride_ib
+                + _im2col_offsets(b64, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih, stride_iw),
+                mask=jmask[:, None] & kmask[None, :],
+                other=0.0,
+            )  # (BLOCK_K rows, BLOCK_N k)
             acc = _dot(g.to(a.dtype), a, acc, INPUT_PRECISION)
-    tl.store(DW + e[:, None] * stride_dwe + k[None, :], acc.to(DW.dtype.element_ty),
-             mask=emask[:, None] & kmask[None, :])
+    tl.store(
+        DW + e[:, None] * stride_dwe + k[None, :], acc.to(DW.dtype.element_ty), mask=emask[:, None] & kmask[None, :]
+    )
 
 
 pe_dw = _autotune(["m_rows", "n_cols", "n_keep", "INPUT_PRECISION"])(_pe_dw_body)
@@ -230,11 +293,30 @@ pe_dw_kernel = _pe_dw_body
 
 @triton.jit
 def _pe_dimg_body(
-    DOut, W, Ids, DImg,
-    stride_db, stride_dt, stride_we, stride_idb, stride_ib, stride_ic, stride_ih, stride_iw,
-    m_rows, n_cols, n_embed, grid_w, ph, pw, row_off,
-    HAS_IDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOut,
+    W,
+    Ids,
+    DImg,
+    stride_db,
+    stride_dt,
+    stride_we,
+    stride_idb,
+    stride_ib,
+    stride_ic,
+    stride_ih,
+    stride_iw,
+    m_rows,
+    n_cols,
+    n_embed,
+    grid_w,
+    ph,
+    pw,
+    row_off,
+    HAS_IDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """dA = dOut_patches @ W scattered to the image (col2im, unique writers); grid (Nk blocks, K blocks, B).
     Here m_rows = Nk, n_cols = K and BLOCK_K steps through n_embed."""
@@ -251,10 +333,12 @@ def _pe_dimg_body(
     for e0 in range(0, n_embed, BLOCK_K):
         e = e0 + tl.arange(0, BLOCK_K)
         emask = e < n_embed
-        g = tl.load(DOut + b * stride_db + (row_off + rows)[:, None] * stride_dt + e[None, :],
-                    mask=rmask[:, None] & emask[None, :], other=0.0)
-        wt = tl.load(W + e[:, None] * stride_we + k[None, :], mask=emask[:, None] & kmask[None, :],
-                     other=0.0)
+        g = tl.load(
+            DOut + b * stride_db + (row_off + rows)[:, None] * stride_dt + e[None, :],
+            mask=rmask[:, None] & emask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(W + e[:, None] * stride_we + k[None, :], mask=emask[:, None] & kmask[None, :], other=0.0)
         acc = _dot(g.to(wt.dtype), wt, acc, INPUT_PRECISION)
     offs = _im2col_offsets(b, patch, k, grid_w, ph, pw, stride_ib, stride_ic, stride_ih, stride_iw)
     tl.store(DImg + b * stride_ib + offs, acc.to(DImg.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
@@ -266,10 +350,19 @@ pe_dimg_kernel = _pe_dimg_body
 
 @triton.jit
 def _batch_sum(
-    G, Inv, Sum,
-    stride_gb, stride_gt, stride_invb, stride_ot,
-    n_batch, n_rows, n_embed,
-    HAS_INV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    G,
+    Inv,
+    Sum,
+    stride_gb,
+    stride_gt,
+    stride_invb,
+    stride_ot,
+    n_batch,
+    n_rows,
+    n_embed,
+    HAS_INV: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """``Sum[t] = sum_b G[b, src]`` in fp32 with ``src = Inv[b, t]`` (skipped when < 0) or ``t``; grid (row blocks,
     n_embed blocks). Each output element has one writer, the batch is summed in order: deterministic."""
@@ -286,6 +379,7 @@ def _batch_sum(
         else:
             src = t
             valid = tmask
-        acc += tl.load(G + b64 * stride_gb + src[:, None] * stride_gt + cols[None, :],
-                       mask=valid[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        acc += tl.load(
+            G + b64 * stride_gb + src[:, None] * stride_gt + cols[None, :], mask=valid[:, None] & cm[None, :], other=0.0
+        ).to(tl.float32)
     tl.store(Sum + t[:, None] * stride_ot + cols[None, :], acc, mask=tmask[:, None] & cm[None, :])

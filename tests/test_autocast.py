@@ -13,10 +13,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import assert_close_oracle
 
 import fastvit
 from fastvit import ops
-from oracle import assert_close_oracle
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
@@ -96,9 +96,18 @@ def test_mae_under_cpu_autocast_matches_eager_math(amp, norm_pix_loss, generator
     float64; the reference under autocast is the model with fastvit's ops replaced by :mod:`fastvit.reference`'s
     plain math -- i.e. the eager backend run as plain PyTorch code."""
     torch.manual_seed(0)
-    model = fastvit.create_model("mae_vit_base_patch16", img_size=32, patch_size=8, embed_dim=64, depth=2,
-                                 num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-                                 norm_pix_loss=norm_pix_loss)
+    model = fastvit.create_model(
+        "mae_vit_base_patch16",
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=norm_pix_loss,
+    )
     images = torch.randn(3, 3, 32, 32, generator=generator)
     noise = torch.rand(3, 16, generator=generator)
 
@@ -235,8 +244,10 @@ def test_base_models_run_forward_and_backward_on_the_meta_device(name):
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.skipif(not fastvit.backends.get_backend("triton").kernels or fastvit.available_backends()["triton"],
-                    reason="the triton backend does not run here (needs a GPU or TRITON_INTERPRET=1)")
+@pytest.mark.skipif(
+    not fastvit.backends.get_backend("triton").kernels or fastvit.available_backends()["triton"],
+    reason="the triton backend does not run here (needs a GPU or TRITON_INTERPRET=1)",
+)
 @pytest.mark.parametrize("op", ["attention", "linear_gelu", "layer_norm", "mae_loss"])
 def test_triton_ops_follow_the_autocast_rule(op, generator):
     """On the Triton backend (interpreted on the CPU) an op under autocast runs on the cast operands and matches the
@@ -253,8 +264,9 @@ def test_triton_ops_follow_the_autocast_rule(op, generator):
         pred = torch.randn(2, 4, 8 * 8 * 3, generator=g)
         args = (pred, images, (torch.rand(2, 4, generator=g) > 0.5).float(), 8)
     fn = getattr(ops, op)
-    ref = fn(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args],
-             backend="eager")
+    ref = fn(
+        *[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args], backend="eager"
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pt = fn(*args, backend="eager")
         out = fn(*args, backend="triton")

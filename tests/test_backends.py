@@ -51,8 +51,11 @@ def registry(monkeypatch):
 
 
 def _ln_inputs(generator, C=24):
-    return (torch.randn(2, 3, C, generator=generator), torch.randn(C, generator=generator),
-            torch.randn(C, generator=generator))
+    return (
+        torch.randn(2, 3, C, generator=generator),
+        torch.randn(C, generator=generator),
+        torch.randn(C, generator=generator),
+    )
 
 
 def _fake_attention(tag: float):
@@ -289,8 +292,11 @@ def test_available_backends_explains_cuda():
     [
         (Capabilities(head_dims=frozenset({64, 128})), {**CPU32, "head_dim": 80}, r"head_dim 80 not in \[64, 128\]"),
         (Capabilities(head_dims=frozenset(range(16, 129))), {**CPU32, "head_dim": 8}, r"head_dim 8 not in 16\.\.128$"),
-        (Capabilities(head_dims=frozenset(range(8, 129, 8))), {**CPU32, "head_dim": 72 + 1},
-         r"head_dim 73 not in 8\.\.128 in steps of 8$"),
+        (
+            Capabilities(head_dims=frozenset(range(8, 129, 8))),
+            {**CPU32, "head_dim": 72 + 1},
+            r"head_dim 73 not in 8\.\.128 in steps of 8$",
+        ),
         (Capabilities(dtypes=frozenset({torch.float16})), CPU32, r"dtype torch\.float32 not in \['torch\.float16'\]"),
         (Capabilities(devices=frozenset({"cuda"})), CPU32, r"device 'cpu' not in \['cuda'\]"),
         (Capabilities(dropout=False), {**CPU32, "dropout_p": 0.1}, r"dropout_p > 0 is not supported"),
@@ -302,8 +308,13 @@ def test_capabilities_reasons(caps, call, reason):
     assert len(reasons) == 1
     assert re.search(reason, reasons[0]), reasons
     # the same call within the capabilities has no reasons
-    ok = {**call, "head_dim": 64, "dtype": next(iter(caps.dtypes)), "device": torch.device(next(iter(caps.devices))),
-          "dropout_p": 0.0}
+    ok = {
+        **call,
+        "head_dim": 64,
+        "dtype": next(iter(caps.dtypes)),
+        "device": torch.device(next(iter(caps.devices))),
+        "dropout_p": 0.0,
+    }
     if ok["device"].type == "cpu":
         assert caps.reasons(ok) == []
 
@@ -336,7 +347,10 @@ def test_registered_kernel_rejected_by_dtype_and_extra_check(registry, generator
     fake = _fake_layer_norm(5.0)
     refuse = [False]
     register_kernel(
-        "triton", "layer_norm", fake, Capabilities(dtypes=frozenset({torch.float32})),
+        "triton",
+        "layer_norm",
+        fake,
+        Capabilities(dtypes=frozenset({torch.float32})),
         extra_check=lambda call: ["odd widths unsupported"] if refuse[0] else [],
     )
     x, w, b = _ln_inputs(generator)
@@ -373,7 +387,11 @@ def test_info_json_subprocess(tmp_path):
     # cwd = tmp_path: `python -m` puts the working directory on sys.path, and the repo root's kernels/ must not
     # shadow anything (DESIGN.md).
     proc = subprocess.run(
-        [sys.executable, "-m", "fastvit.info", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "fastvit.info", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ},
     )
     assert proc.returncode == 0, proc.stderr
@@ -409,8 +427,9 @@ def test_cpu_only_import_skips_the_triton_op_registration(tmp_path):
         "'reasons': fastvit.available_backends()['triton']}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["registered"] is False

@@ -21,8 +21,19 @@ from fastvit.bench.providers import vit_flops
 from fastvit.testing import oracle_compare
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ENV_KEYS = {"fastvit", "torch", "torch_cuda", "triton", "device_name", "device_type", "driver", "git_commit",
-            "cuda_runtime", "timestamp", "backends"}
+ENV_KEYS = {
+    "fastvit",
+    "torch",
+    "torch_cuda",
+    "triton",
+    "device_name",
+    "device_type",
+    "driver",
+    "git_commit",
+    "cuda_runtime",
+    "timestamp",
+    "backends",
+}
 FAST = ["--threads", "1", "--warmup-ms", "1", "--rep-ms", "5", "--no-progress"]
 
 
@@ -30,8 +41,14 @@ def _start(tmp: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("FASTVIT_BACKEND", None)
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.Popen([sys.executable, "-m", "fastvit.bench", *args], cwd=tmp, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastvit.bench", *args],
+        cwd=tmp,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -44,7 +61,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.Complete
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 def _report(run: tuple, name: str) -> tuple:
@@ -92,22 +111,33 @@ def test_linear_layernorm_flops_by_hand():
 
 def test_vit_flops_by_hand():
     # One block, C=8, H=2 (D=4), F=32, P=4, 8x8 images -> 4 patches + cls = 5 tokens, 10 classes, batch 3.
-    cfg = {"patch_size": 4, "embed_dim": 8, "mlp_hidden": 32, "depth": 1, "in_chans": 3, "num_prefix_tokens": 1,
-           "num_heads": 2, "head_dim": 4, "num_classes": 10, "is_mae": False}
-    patch = 2 * 4 * 8 * 3 * 16          # 3072
-    qkv = 2 * 5 * 8 * 24                # 1920
-    attn = 4 * 5 * 5 * 8                # 800
-    proj = 2 * 5 * 8 * 8                # 640
-    mlp = 2 * 2 * 5 * 8 * 32            # 5120
-    head = 2 * 8 * 10                   # 160
+    cfg = {
+        "patch_size": 4,
+        "embed_dim": 8,
+        "mlp_hidden": 32,
+        "depth": 1,
+        "in_chans": 3,
+        "num_prefix_tokens": 1,
+        "num_heads": 2,
+        "head_dim": 4,
+        "num_classes": 10,
+        "is_mae": False,
+    }
+    patch = 2 * 4 * 8 * 3 * 16  # 3072
+    qkv = 2 * 5 * 8 * 24  # 1920
+    attn = 4 * 5 * 5 * 8  # 800
+    proj = 2 * 5 * 8 * 8  # 640
+    mlp = 2 * 2 * 5 * 8 * 32  # 5120
+    head = 2 * 8 * 10  # 160
     per_image = patch + qkv + attn + proj + mlp + head
     assert vit_flops(cfg, 8, 3, "fwd") == 3 * per_image
     assert vit_flops(cfg, 8, 3, "fwd_bwd") == 9 * per_image
 
 
 def test_rates_and_roofline_fraction():
-    roof = harness.Roofline(copy_gbps=1000.0, gemm_tflops=100.0, gemm_dtype="bfloat16", copy_bytes=1, gemm_size=1,
-                            copy_ms=1.0, gemm_ms=1.0)
+    roof = harness.Roofline(
+        copy_gbps=1000.0, gemm_tflops=100.0, gemm_dtype="bfloat16", copy_bytes=1, gemm_size=1, copy_ms=1.0, gemm_ms=1.0
+    )
     r = harness.rates(2.0, 10**11, 10**9, roof)  # 1 ms of compute, 1 ms of traffic at the ceilings; took 2 ms
     assert r["tflops"] == pytest.approx(50.0)
     assert r["gbps"] == pytest.approx(500.0)
@@ -136,16 +166,78 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]
     """The three subcommands, started together (most of each run is interpreter start-up and imports)."""
     d = tmp_path_factory.mktemp("bench")
     procs = {
-        "attention": _start(d, "attention", "--device", "cpu", "--seq-lens", "17", "33", "--head-dims", "16",
-                            "--heads", "2", "--batch", "2", "--mode", "fwd_bwd", "--json", "attn.json", "--plot",
-                            "attn.png", *FAST),
-        "model": _start(d, "model", "vit_tiny_patch16_224", "--device", "cpu", "--img-size", "32", "--batch", "2",
-                        "--providers", "fastvit-eager,fastvit-cuda,timm-compile", "--json", "model.json", "--plot",
-                        "model.png", *FAST),
-        "scaling": _start(d, "scaling", "vit_tiny_patch16_224", "--device", "cpu", "--img-sizes", "32", "48",
-                          "--batch", "1", "--json", "scaling.json", "--plot", "scaling.png", *FAST),
-        "overhead": _start(d, "overhead", "--reps", "2", "--number", "2", "--model-number", "1", "--threads", "1",
-                           "--no-progress", "--json", "overhead.json"),
+        "attention": _start(
+            d,
+            "attention",
+            "--device",
+            "cpu",
+            "--seq-lens",
+            "17",
+            "33",
+            "--head-dims",
+            "16",
+            "--heads",
+            "2",
+            "--batch",
+            "2",
+            "--mode",
+            "fwd_bwd",
+            "--json",
+            "attn.json",
+            "--plot",
+            "attn.png",
+            *FAST,
+        ),
+        "model": _start(
+            d,
+            "model",
+            "vit_tiny_patch16_224",
+            "--device",
+            "cpu",
+            "--img-size",
+            "32",
+            "--batch",
+            "2",
+            "--providers",
+            "fastvit-eager,fastvit-cuda,timm-compile",
+            "--json",
+            "model.json",
+            "--plot",
+            "model.png",
+            *FAST,
+        ),
+        "scaling": _start(
+            d,
+            "scaling",
+            "vit_tiny_patch16_224",
+            "--device",
+            "cpu",
+            "--img-sizes",
+            "32",
+            "48",
+            "--batch",
+            "1",
+            "--json",
+            "scaling.json",
+            "--plot",
+            "scaling.png",
+            *FAST,
+        ),
+        "overhead": _start(
+            d,
+            "overhead",
+            "--reps",
+            "2",
+            "--number",
+            "2",
+            "--model-number",
+            "1",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--json",
+            "overhead.json",
+        ),
     }
     return {name: (_finish(p), d) for name, p in procs.items()}
 

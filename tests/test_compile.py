@@ -10,36 +10,68 @@ fake tensors in tests/test_cuda_extension.py.
 
 import pytest
 import torch
+from oracle import FixedMaskMAE, compare_model_with_eager
 
 import fastvit
 from fastvit import ops
-from oracle import FixedMaskMAE, compare_model_with_eager
 
 
 def _tiny_vit(generator):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    return fastvit.VisionTransformer(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5,
-                                     init_values=1e-1, reg_tokens=1, qk_norm=True).eval()
+    return fastvit.VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        num_classes=5,
+        init_values=1e-1,
+        reg_tokens=1,
+        qk_norm=True,
+    ).eval()
 
 
 def test_vision_transformer_compiles_fullgraph_and_matches_eager(generator):
     model = _tiny_vit(generator)
     images = torch.randn(3, 3, 16, 16, generator=generator)
     weights = torch.linspace(-1, 1, 15).view(3, 5)
-    compare_model_with_eager(model, [images], lambda y: (y * weights).sum(), lambda y: y, backend="eager",
-                             ref_dtype=torch.float64, compile_backend="aot_eager")
+    compare_model_with_eager(
+        model,
+        [images],
+        lambda y: (y * weights).sum(),
+        lambda y: y,
+        backend="eager",
+        ref_dtype=torch.float64,
+        compile_backend="aot_eager",
+    )
 
 
 def test_masked_autoencoder_compiles_fullgraph_and_matches_eager(generator):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    model = fastvit.MaskedAutoencoderViT(img_size=16, patch_size=4, in_chans=3, embed_dim=48, depth=2, num_heads=3,
-                                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
-                                         norm_pix_loss=True)
+    model = fastvit.MaskedAutoencoderViT(
+        img_size=16,
+        patch_size=4,
+        in_chans=3,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        norm_pix_loss=True,
+    )
     images = torch.randn(3, 3, 16, 16, generator=generator)
     noise = torch.rand(3, 16, generator=generator)
 
-    compare_model_with_eager(FixedMaskMAE(model), [images, noise], lambda out: out[0], lambda out: out[1],
-                             backend="eager", ref_dtype=torch.float64, compile_backend="aot_eager")
+    compare_model_with_eager(
+        FixedMaskMAE(model),
+        [images, noise],
+        lambda out: out[0],
+        lambda out: out[1],
+        backend="eager",
+        ref_dtype=torch.float64,
+        compile_backend="aot_eager",
+    )
 
 
 def test_changing_the_backend_retraces_a_compiled_function():
@@ -66,8 +98,11 @@ def test_index_checks_stay_in_the_compiled_graph():
     """Eagerly a bad ``ids_keep`` is a ValueError; compiled, the check is an in-graph assert, not skipped."""
     images = torch.randn(2, 3, 8, 8)
     weight, bias = torch.randn(16, 3, 4, 4), torch.randn(16)
-    compiled = torch.compile(lambda ids: ops.patch_embed(images, weight, bias, ids_keep=ids, backend="eager"),
-                             fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda ids: ops.patch_embed(images, weight, bias, ids_keep=ids, backend="eager"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     good = torch.tensor([[0, 3], [2, 1]])
     torch.testing.assert_close(compiled(good), ops.patch_embed(images, weight, bias, ids_keep=good, backend="eager"))
     with pytest.raises(RuntimeError, match=r"ids_keep values must lie in \[0, 4\)"):

@@ -12,9 +12,9 @@ import re
 import pytest
 import torch
 
+from fastvit import cuda_check
 from fastvit.runtime import cuda as _cuda
 from fastvit.runtime import cuda_build as build
-from fastvit import cuda_check
 
 NVCC = build.find_nvcc()
 needs_toolchain = pytest.mark.skipif(
@@ -60,8 +60,13 @@ def test_one_schema_file_and_one_binding_file_per_family():
     """Every .cpp under csrc/ is a binding file: the schema file and the module at the top, each family's binding next
     to its kernels; the schemas (TORCH_LIBRARY) are declared in the schema file only, the Python module once."""
     cpp = sorted(os.path.relpath(p, build.CSRC) for p in build.sources(minimal=False) if p.endswith(".cpp"))
-    assert cpp == sorted(["fastvit_schema.cpp", "fastvit_module.cpp",
-                          *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES)])
+    assert cpp == sorted(
+        [
+            "fastvit_schema.cpp",
+            "fastvit_module.cpp",
+            *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES),
+        ]
+    )
 
     def read(rel):
         with open(os.path.join(build.CSRC, rel)) as f:
@@ -83,8 +88,10 @@ def test_one_schema_file_and_one_binding_file_per_family():
 
 
 def test_gencode_flags():
-    assert build.gencode_flags("8.0;9.0a") == ["-gencode=arch=compute_80,code=sm_80",
-                                                "-gencode=arch=compute_90a,code=sm_90a"]
+    assert build.gencode_flags("8.0;9.0a") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
     with pytest.raises(ValueError, match="FASTVIT_CUDA_ARCHS"):
         build.gencode_flags(" ; ")
 
@@ -146,15 +153,28 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
 
     src = os.path.join(os.path.dirname(__file__), "cuda", "attention_layouts.cu")
     exe = str(tmp_path / "attention_layouts")
-    cmd = [NVCC, build.CHECK_STD, "-O1", "--expt-relaxed-constexpr", "-x", "cu",
-           *[f"-I{d}" for d in build.include_dirs()], src, "-o", exe]
+    cmd = [
+        NVCC,
+        build.CHECK_STD,
+        "-O1",
+        "--expt-relaxed-constexpr",
+        "-x",
+        "cu",
+        *[f"-I{d}" for d in build.include_dirs()],
+        src,
+        "-o",
+        exe,
+    ]
     compiled = subprocess.run(cmd, capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stderr[-4000:]
     run = subprocess.run([exe], capture_output=True, text=True)
     assert run.returncode == 0 and "ALL OK" in run.stdout and "FAIL" not in run.stdout, run.stdout
     # shared memory per CTA within the targets' limits: forward <= 99 KB (two CTAs per SM), backward <= sm_80's 163 KB
-    sizes = {line.split(":")[0]: [int(x.split(":")[1]) for x in line.split()[2:]]
-             for line in run.stdout.splitlines() if line.startswith(("fwd smem", "dkdv smem", "dq smem"))}
+    sizes = {
+        line.split(":")[0]: [int(x.split(":")[1]) for x in line.split()[2:]]
+        for line in run.stdout.splitlines()
+        if line.startswith(("fwd smem", "dkdv smem", "dq smem"))
+    }
     assert set(sizes) == {"fwd smem", "dkdv smem", "dq smem"} and all(len(v) == 5 for v in sizes.values())
     assert max(sizes["fwd smem"]) <= 99 * 1024
     assert max(sizes["dkdv smem"] + sizes["dq smem"]) <= 163 * 1024
@@ -169,10 +189,22 @@ def test_build_info_reports_the_kernel_facts_on_the_host(tmp_path, minimal):
 
     src = os.path.join(os.path.dirname(__file__), "cuda", "build_info.cu")
     exe = str(tmp_path / "build_info")
-    files = [src, os.path.join(build.CSRC, "common", "build_info.cu"),
-             os.path.join(build.CSRC, "attention", "attention_smem.cu")]
-    cmd = [NVCC, build.CHECK_STD, "-O1", "--expt-relaxed-constexpr", *build.defines(minimal),
-           *[f"-I{d}" for d in build.include_dirs()], *files, "-o", exe]
+    files = [
+        src,
+        os.path.join(build.CSRC, "common", "build_info.cu"),
+        os.path.join(build.CSRC, "attention", "attention_smem.cu"),
+    ]
+    cmd = [
+        NVCC,
+        build.CHECK_STD,
+        "-O1",
+        "--expt-relaxed-constexpr",
+        *build.defines(minimal),
+        *[f"-I{d}" for d in build.include_dirs()],
+        *files,
+        "-o",
+        exe,
+    ]
     compiled = subprocess.run(cmd, capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stderr[-4000:]
     run = subprocess.run([exe], capture_output=True, text=True)
@@ -244,10 +276,14 @@ def test_failed_requested_jit_build_leaves_the_backend_unavailable_with_the_reas
 
 #: The kernel facts a full build reports (build_info(), as tests/cuda/build_info.cu checks them on the host): the
 #: dK/dV kernel of bucket 96 needs 107,520 B of shared memory per block, more than sm_86 / sm_89 allow.
-FULL_BUILD_FACTS = {"attention_head_dim_bucket_bounds": "32,64,80,96,128",
-                    "attention_head_dim_buckets": "32, 64, 80, 96, 128",
-                    "attention_bwd_smem_bytes": "32:41984,64:74752,80:91136,96:107520,128:104960",
-                    "attention_head_dim_multiple": 8, "attention_max_head_dim": 128, "gemm_alignment": 8}
+FULL_BUILD_FACTS = {
+    "attention_head_dim_bucket_bounds": "32,64,80,96,128",
+    "attention_head_dim_buckets": "32, 64, 80, 96, 128",
+    "attention_bwd_smem_bytes": "32:41984,64:74752,80:91136,96:107520,128:104960",
+    "attention_head_dim_multiple": 8,
+    "attention_max_head_dim": 128,
+    "gemm_alignment": 8,
+}
 
 
 def test_attention_backward_shared_memory_gates_head_dims_above_80(monkeypatch):

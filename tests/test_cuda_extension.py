@@ -23,18 +23,28 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastvit
+from fastvit import backends
 from fastvit.runtime import cuda as _cuda
 from fastvit.runtime import cuda_build as build
-from fastvit import backends
 
 pytestmark = pytest.mark.skipif(
-    build.find_nvcc() is None or build.cutlass_include() is None or not os.path.isdir(build.CSRC)
+    build.find_nvcc() is None
+    or build.cutlass_include() is None
+    or not os.path.isdir(build.CSRC)
     or torch.version.cuda is None,
     reason="needs nvcc, nvidia-cutlass, a source checkout and a CUDA build of torch",
 )
 
-FWD_OPS = ("attention", "sdpa", "layer_norm", "linear_gelu", "linear_residual", "patch_embed", "mae_unshuffle",
-           "mae_loss")
+FWD_OPS = (
+    "attention",
+    "sdpa",
+    "layer_norm",
+    "linear_gelu",
+    "linear_residual",
+    "patch_embed",
+    "mae_unshuffle",
+    "mae_loss",
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +76,10 @@ def _signature(schema) -> tuple:
     def norm(t: str) -> str:
         return t.replace("SymInt", "int")
 
-    return (tuple((a.name, norm(str(a.type))) for a in schema.arguments),
-            tuple(norm(str(r.type)) for r in schema.returns))
+    return (
+        tuple((a.name, norm(str(a.type))) for a in schema.arguments),
+        tuple(norm(str(r.type)) for r in schema.returns),
+    )
 
 
 @pytest.mark.parametrize("family", FWD_OPS)
@@ -119,7 +131,12 @@ def test_fake_layer_norm_and_linear_backward(ext):
         assert out.shape == z.shape == (2, 50, 64)
         out.sum().backward()
         assert (a.grad.shape, fc1.grad.shape, b1.grad.shape, fc2.grad.shape, gamma.grad.shape) == (
-            a.shape, fc1.shape, b1.shape, fc2.shape, gamma.shape)
+            a.shape,
+            fc1.shape,
+            b1.shape,
+            fc2.shape,
+            gamma.shape,
+        )
 
 
 def test_fake_patch_embed_and_mae_backward(ext):
@@ -173,8 +190,9 @@ def test_vision_transformer_runs_wholly_on_cuda_backend_with_fakes(ext, monkeypa
     ``as_h100``'s global ``torch.cuda.is_available() == True``, Dynamo itself would try to initialise CUDA."""
     monkeypatch.setattr(backends.get_backend("cuda"), "availability", lambda: [])
     chosen = _record_backends(monkeypatch)
-    model = fastvit.VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2,
-                                      num_classes=10, init_values=1e-5).to(torch.bfloat16)
+    model = fastvit.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=10, init_values=1e-5
+    ).to(torch.bfloat16)
     model = model.to("meta")
     images = torch.empty(4, 3, 32, 32, device="meta", dtype=torch.bfloat16)
     run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
@@ -189,9 +207,17 @@ def test_vision_transformer_runs_wholly_on_cuda_backend_with_fakes(ext, monkeypa
 
 def test_masked_autoencoder_runs_wholly_on_cuda_backend_with_fakes(ext, as_h100, monkeypatch):
     chosen = _record_backends(monkeypatch)
-    model = fastvit.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=128, depth=1, num_heads=2,
-                                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1,
-                                         norm_pix_loss=True).to(torch.bfloat16)
+    model = fastvit.MaskedAutoencoderViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=128,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=1,
+        norm_pix_loss=True,
+    ).to(torch.bfloat16)
     model = model.to("meta")
     images = torch.empty(2, 3, 32, 32, device="meta", dtype=torch.bfloat16)
     with fastvit.use_backend("cuda"):
@@ -216,17 +242,35 @@ def test_unbuilt_head_dim_is_refused_with_reasons(ext, as_h100):
 def test_opcheck_on_meta_tensors(ext, case):
     meta = {"device": "meta"}
     if case == "attention":
-        op, args = torch.ops.fastvit.attention_fwd_cuda.default, (
-            torch.randn(2, 9, 3 * 64, dtype=torch.bfloat16, **meta).requires_grad_(), 1, 0.125)
+        op, args = (
+            torch.ops.fastvit.attention_fwd_cuda.default,
+            (torch.randn(2, 9, 3 * 64, dtype=torch.bfloat16, **meta).requires_grad_(), 1, 0.125),
+        )
     elif case == "layer_norm":
-        op, args = torch.ops.fastvit.layer_norm_fwd_cuda.default, (
-            torch.randn(4, 96, **meta).requires_grad_(), torch.randn(96, **meta).requires_grad_(), None, None, 1e-6)
+        op, args = (
+            torch.ops.fastvit.layer_norm_fwd_cuda.default,
+            (torch.randn(4, 96, **meta).requires_grad_(), torch.randn(96, **meta).requires_grad_(), None, None, 1e-6),
+        )
     elif case == "linear_residual":
-        op, args = torch.ops.fastvit.linear_residual_fwd_cuda.default, (
-            torch.randn(5, 64, dtype=torch.bfloat16, **meta), torch.randn(32, 64, dtype=torch.bfloat16, **meta),
-            None, torch.randn(5, 32, dtype=torch.bfloat16, **meta), None, False)
+        op, args = (
+            torch.ops.fastvit.linear_residual_fwd_cuda.default,
+            (
+                torch.randn(5, 64, dtype=torch.bfloat16, **meta),
+                torch.randn(32, 64, dtype=torch.bfloat16, **meta),
+                None,
+                torch.randn(5, 32, dtype=torch.bfloat16, **meta),
+                None,
+                False,
+            ),
+        )
     else:
-        op, args = torch.ops.fastvit.mae_unshuffle_fwd_cuda.default, (
-            torch.randn(2, 3, 16, **meta), torch.randn(1, 1, 16, **meta),
-            torch.empty(2, 6, dtype=torch.int64, **meta), None)
+        op, args = (
+            torch.ops.fastvit.mae_unshuffle_fwd_cuda.default,
+            (
+                torch.randn(2, 3, 16, **meta),
+                torch.randn(1, 1, 16, **meta),
+                torch.empty(2, 6, dtype=torch.int64, **meta),
+                None,
+            ),
+        )
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -10,18 +10,20 @@ from functools import partial
 
 import pytest
 import torch
+from oracle import FixedMaskMAE, check_op, compare_model_with_eager, make_inputs
 
 import fastvit
 import fastvit.ops
 from fastvit import reference
 from fastvit.backends import get_backend
-from oracle import FixedMaskMAE, check_op, compare_model_with_eager, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.usefixtures("poisoned_empty"),
-    pytest.mark.skipif(bool(get_backend("cuda").unavailable_reasons()),
-                       reason=f"cuda backend unavailable: {get_backend('cuda').unavailable_reasons()}"),
+    pytest.mark.skipif(
+        bool(get_backend("cuda").unavailable_reasons()),
+        reason=f"cuda backend unavailable: {get_backend('cuda').unavailable_reasons()}",
+    ),
 ]
 
 HALF = [torch.float16, torch.bfloat16]
@@ -41,8 +43,18 @@ def _naive_attention(qkv, num_heads, scale=None):
 
 
 # (B, N, H, D): tails (1, 50, 61, 197), head dims in every bucket, masked head dims (72, 88, 104), batch 3
-ATTN_SHAPES = [(1, 1, 2, 32), (3, 50, 2, 64), (2, 61, 3, 80), (3, 197, 2, 64), (1, 197, 2, 72), (2, 257, 1, 88),
-               (1, 130, 2, 96), (1, 77, 1, 104), (2, 129, 2, 128), (1, 1025, 1, 64)]
+ATTN_SHAPES = [
+    (1, 1, 2, 32),
+    (3, 50, 2, 64),
+    (2, 61, 3, 80),
+    (3, 197, 2, 64),
+    (1, 197, 2, 72),
+    (2, 257, 1, 88),
+    (1, 130, 2, 96),
+    (1, 77, 1, 104),
+    (2, 129, 2, 128),
+    (1, 1025, 1, 64),
+]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -50,17 +62,32 @@ ATTN_SHAPES = [(1, 1, 2, 32), (3, 50, 2, 64), (2, 61, 3, 80), (3, 197, 2, 64), (
 def test_attention(dtype, shape, generator):
     B, N, H, D = shape
     inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H}, dtype=dtype, device=DEV, generator=generator)
-    check_op({"cuda": partial(fastvit.ops.attention, backend="cuda")}, _naive_attention, inputs, ["qkv"], dtype=dtype,
-             generator=generator, name=f"attention {shape}")
+    check_op(
+        {"cuda": partial(fastvit.ops.attention, backend="cuda")},
+        _naive_attention,
+        inputs,
+        ["qkv"],
+        dtype=dtype,
+        generator=generator,
+        name=f"attention {shape}",
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80), (197, 197, 64)])
 def test_sdpa(dtype, nq, nk, D, generator):
-    inputs = make_inputs({"q": (2, 3, nq, D), "k": (2, 3, nk, D), "v": (2, 3, nk, D)}, dtype=dtype, device=DEV,
-                         generator=generator)
-    check_op({"cuda": partial(fastvit.ops.scaled_dot_product_attention, backend="cuda")}, _naive_sdpa, inputs,
-             ["q", "k", "v"], dtype=dtype, generator=generator, name=f"sdpa {nq}x{nk}x{D}")
+    inputs = make_inputs(
+        {"q": (2, 3, nq, D), "k": (2, 3, nk, D), "v": (2, 3, nk, D)}, dtype=dtype, device=DEV, generator=generator
+    )
+    check_op(
+        {"cuda": partial(fastvit.ops.scaled_dot_product_attention, backend="cuda")},
+        _naive_sdpa,
+        inputs,
+        ["q", "k", "v"],
+        dtype=dtype,
+        generator=generator,
+        name=f"sdpa {nq}x{nk}x{D}",
+    )
 
 
 def test_attention_backward_is_deterministic(generator):
@@ -97,9 +124,15 @@ def test_layer_norm(dtype, rows, C, residual, generator):
 @pytest.mark.parametrize("M,K,N", [(1, 64, 256), (3 * 197, 192, 768), (61, 200, 96)])
 def test_linear_gelu(dtype, approximate, M, K, N, generator):
     inputs = make_inputs({"x": (M, K), "weight": (N, K), "bias": (N,)}, dtype=dtype, device=DEV, generator=generator)
-    check_op({"cuda": partial(fastvit.ops.linear_gelu, approximate=approximate, backend="cuda")},
-             partial(reference.linear_gelu, approximate=approximate), inputs, ["x", "weight", "bias"], dtype=dtype,
-             generator=generator, name=f"linear_gelu {approximate}")
+    check_op(
+        {"cuda": partial(fastvit.ops.linear_gelu, approximate=approximate, backend="cuda")},
+        partial(reference.linear_gelu, approximate=approximate),
+        inputs,
+        ["x", "weight", "bias"],
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_gelu {approximate}",
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -114,8 +147,15 @@ def test_linear_residual(dtype, gamma, M, K, N, generator):
     def impl(x, weight, bias, residual, gamma=None):
         return fastvit.ops.linear_residual(x, weight, bias, residual, gamma=gamma, backend="cuda")
 
-    check_op({"cuda": impl}, reference.linear_residual, inputs, list(spec), dtype=dtype, generator=generator,
-             name="linear_residual")
+    check_op(
+        {"cuda": impl},
+        reference.linear_residual,
+        inputs,
+        list(spec),
+        dtype=dtype,
+        generator=generator,
+        name="linear_residual",
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -124,24 +164,48 @@ def test_linear_residual(dtype, gamma, M, K, N, generator):
 def test_patch_embed(dtype, keep, P, E, prefix_pos, generator):
     B, C, S = 3, 3, {16: 64, 14: 56, 8: 64}[P]
     Np = (S // P) ** 2
-    spec = {"images": (B, C, S, S), "weight": (E, C, P, P), "bias": (E,), "cls_token": (1, 1, E),
-            "reg_tokens": (1, 2, E), "pos_embed": (1, Np + (3 if prefix_pos else 0), E)}
+    spec = {
+        "images": (B, C, S, S),
+        "weight": (E, C, P, P),
+        "bias": (E,),
+        "cls_token": (1, 1, E),
+        "reg_tokens": (1, 2, E),
+        "pos_embed": (1, Np + (3 if prefix_pos else 0), E),
+    }
     inputs = make_inputs(spec, dtype=dtype, device=DEV, generator=generator)
     if keep:
         inputs["ids_keep"] = torch.rand(B, Np, generator=generator).argsort(1)[:, : max(1, Np // 4)].to(DEV)
 
-    check_op({"cuda": partial(fastvit.ops.patch_embed, backend="cuda")}, reference.patch_embed, inputs, list(spec),
-             dtype=dtype, generator=generator, name=f"patch_embed P{P} keep={keep}")
+    check_op(
+        {"cuda": partial(fastvit.ops.patch_embed, backend="cuda")},
+        reference.patch_embed,
+        inputs,
+        list(spec),
+        dtype=dtype,
+        generator=generator,
+        name=f"patch_embed P{P} keep={keep}",
+    )
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
 @pytest.mark.parametrize("B,N,n_keep,C", [(1, 1, 0, 32), (3, 49, 12, 64), (2, 196, 49, 200)])
 def test_mae_unshuffle(dtype, B, N, n_keep, C, generator):
-    inputs = make_inputs({"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "pos_embed": (1, 1 + N, C)},
-                         dtype=dtype, device=DEV, generator=generator)
+    inputs = make_inputs(
+        {"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "pos_embed": (1, 1 + N, C)},
+        dtype=dtype,
+        device=DEV,
+        generator=generator,
+    )
     inputs["ids_restore"] = torch.rand(B, N, generator=generator).argsort(1).to(DEV)
-    check_op({"cuda": partial(fastvit.ops.mae_unshuffle, backend="cuda")}, reference.mae_unshuffle, inputs,
-             ["x", "mask_token", "pos_embed"], dtype=dtype, generator=generator, name="mae_unshuffle")
+    check_op(
+        {"cuda": partial(fastvit.ops.mae_unshuffle, backend="cuda")},
+        reference.mae_unshuffle,
+        inputs,
+        ["x", "mask_token", "pos_embed"],
+        dtype=dtype,
+        generator=generator,
+        name="mae_unshuffle",
+    )
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
@@ -150,19 +214,33 @@ def test_mae_unshuffle(dtype, B, N, n_keep, C, generator):
 def test_mae_loss(dtype, norm_pix, P, S, generator):
     B, C = 3, 3
     N = (S // P) ** 2
-    inputs = make_inputs({"pred": (B, N, P * P * C), "images": (B, C, S, S)}, dtype=dtype, device=DEV,
-                         generator=generator)
+    inputs = make_inputs(
+        {"pred": (B, N, P * P * C), "images": (B, C, S, S)}, dtype=dtype, device=DEV, generator=generator
+    )
     inputs["mask"] = (torch.rand(B, N, generator=generator) < 0.75).float().to(DEV)
     inputs["patch_size"] = P
-    check_op({"cuda": partial(fastvit.ops.mae_loss, norm_pix_loss=norm_pix, backend="cuda")},
-             partial(reference.mae_loss, norm_pix_loss=norm_pix), inputs, ["pred", "images"], dtype=dtype,
-             generator=generator, name=f"mae_loss norm_pix={norm_pix}")
+    check_op(
+        {"cuda": partial(fastvit.ops.mae_loss, norm_pix_loss=norm_pix, backend="cuda")},
+        partial(reference.mae_loss, norm_pix_loss=norm_pix),
+        inputs,
+        ["pred", "images"],
+        dtype=dtype,
+        generator=generator,
+        name=f"mae_loss norm_pix={norm_pix}",
+    )
 
 
 # ------------------------------------------------------------------------------------------- whole models
 def _compare_with_eager(model, args, loss_fn, first, compiled):
-    compare_model_with_eager(model, args, loss_fn, first, backend="cuda", ref_dtype=torch.float32,
-                             compile_backend="inductor" if compiled else None)
+    compare_model_with_eager(
+        model,
+        args,
+        loss_fn,
+        first,
+        backend="cuda",
+        ref_dtype=torch.float32,
+        compile_backend="inductor" if compiled else None,
+    )
 
 
 # compiled=True: the same model under torch.compile(fullgraph=True) (inductor), which must trace through dispatch,
@@ -172,8 +250,9 @@ COMPILED = pytest.mark.parametrize("compiled", [False, True], ids=["eager_mode",
 
 @COMPILED
 def test_vision_transformer_on_cuda_matches_eager(generator, compiled):
-    model = fastvit.VisionTransformer(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
-                                      num_classes=10, init_values=1e-1, reg_tokens=1).to(DEV, torch.bfloat16)
+    model = fastvit.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, num_classes=10, init_values=1e-1, reg_tokens=1
+    ).to(DEV, torch.bfloat16)
     images = torch.randn(3, 3, 64, 64, generator=generator).to(DEV, torch.bfloat16)
     weights = torch.linspace(-1, 1, 30, device=DEV).view(3, 10)
     _compare_with_eager(model, [images], lambda y: (y.float() * weights).sum(), lambda y: y, compiled)
@@ -181,9 +260,17 @@ def test_vision_transformer_on_cuda_matches_eager(generator, compiled):
 
 @COMPILED
 def test_masked_autoencoder_on_cuda_matches_eager(generator, compiled):
-    model = fastvit.MaskedAutoencoderViT(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2,
-                                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=1,
-                                         norm_pix_loss=True).to(DEV, torch.bfloat16)
+    model = fastvit.MaskedAutoencoderViT(
+        img_size=64,
+        patch_size=16,
+        embed_dim=128,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=64,
+        decoder_depth=1,
+        decoder_num_heads=1,
+        norm_pix_loss=True,
+    ).to(DEV, torch.bfloat16)
     images = torch.randn(3, 3, 64, 64, generator=generator).to(DEV, torch.bfloat16)
     noise = torch.rand(3, 16, generator=generator).to(DEV)
 

@@ -43,8 +43,16 @@ def _vit() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return VisionTransformer(
-        img_size=8, patch_size=4, in_chans=1, num_classes=10, global_pool="avg", embed_dim=32, depth=2, num_heads=2,
-        mlp_ratio=2.0, drop_path_rate=0.0,
+        img_size=8,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        global_pool="avg",
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        drop_path_rate=0.0,
     )
 
 
@@ -53,8 +61,16 @@ def _mae() -> torch.nn.Module:
 
     torch.manual_seed(0)
     return MaskedAutoencoderViT(
-        img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
-        decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0,
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        mlp_ratio=2.0,
     )
 
 
@@ -123,7 +139,10 @@ def _run_scenario(kind: str, rank: int) -> dict[str, object]:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=90),
     )
     try:
@@ -171,7 +190,7 @@ def _assert_tree_close(actual: dict, expected: dict, what: str, rel: float = 1e-
     for name, exp in expected.items():
         scale = exp.abs().max().item()
         torch.testing.assert_close(
-            actual[name], exp, rtol=rel, atol=rel * max(scale, 1e-12), msg=lambda m: f"{what} {name}: {m}"
+            actual[name], exp, rtol=rel, atol=rel * max(scale, 1e-12), msg=lambda m, name=name: f"{what} {name}: {m}"
         )
 
 

@@ -28,7 +28,9 @@ def _run(args: list[str], cwd: Path, timeout: float = 300) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("FASTVIT_BACKEND", None)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args} exited with {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{args} exited with {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, f"{args} printed nothing on stdout; stderr:\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1])
@@ -58,8 +60,15 @@ def test_train_digits_reaches_high_accuracy(tmp_path):
     saved = torch.load(ckpt, weights_only=False)
     a = saved["args"]
     model = VisionTransformer(
-        img_size=8, patch_size=a["patch_size"], in_chans=1, num_classes=10, global_pool="avg",
-        embed_dim=a["embed_dim"], depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"],
+        img_size=8,
+        patch_size=a["patch_size"],
+        in_chans=1,
+        num_classes=10,
+        global_pool="avg",
+        embed_dim=a["embed_dim"],
+        depth=a["depth"],
+        num_heads=a["num_heads"],
+        mlp_ratio=a["mlp_ratio"],
     )
     model.load_state_dict(saved["state_dict"], strict=True)
     _, _, x_test, y_test = td.load_data()
@@ -83,8 +92,16 @@ def test_train_digits_under_torchrun(tmp_path):
     """Two gloo processes (DDP): only rank 0 prints the JSON, which says world_size 2; the model learns."""
     out = _run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(EXAMPLES / "train_digits.py"), "--epochs", "8", "--device", "cpu",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(EXAMPLES / "train_digits.py"),
+            "--epochs",
+            "8",
+            "--device",
+            "cpu",
         ],
         cwd=tmp_path,
     )
@@ -100,7 +117,10 @@ def test_train_digits_rejects_unavailable_backend(tmp_path):
         pytest.skip("a CUDA device is present; the cuda backend may well run")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "1", "--device", "cpu", "--backend", "cuda"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "cuda" in proc.stderr and "cannot run" in proc.stderr, proc.stderr[-2000:]
@@ -131,8 +151,17 @@ def test_mae_digits_loss_falls_and_writes_png(tmp_path):
 def test_mae_digits_default_out_is_cwd(tmp_path):
     """Without --out the PNG lands as mae_digits.png in the working directory; --mask-ratio is honoured."""
     out = _run(
-        [sys.executable, str(EXAMPLES / "mae_digits.py"), "--epochs", "1", "--device", "cpu", "--mask-ratio", "0.5",
-         "--quiet"],
+        [
+            sys.executable,
+            str(EXAMPLES / "mae_digits.py"),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--mask-ratio",
+            "0.5",
+            "--quiet",
+        ],
         cwd=tmp_path,
     )
     assert Path(out["png"]) == (tmp_path / "mae_digits.png").resolve()

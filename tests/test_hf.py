@@ -23,10 +23,20 @@ B = 3
 N = (32 // 8) ** 2
 
 VIT = dict(
-    hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=192, image_size=32, patch_size=8,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    intermediate_size=192,
+    image_size=32,
+    patch_size=8,
 )
-MAE = dict(VIT, decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-           decoder_intermediate_size=64)  # decoder MLP ratio 2, encoder 4: both must be carried
+MAE = dict(
+    VIT,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=2,
+    decoder_intermediate_size=64,
+)  # decoder MLP ratio 2, encoder 4: both must be carried
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -231,8 +241,11 @@ def to_v4_names(sd: dict) -> dict:
 
 @pytest.mark.parametrize(
     "cls, arch",
-    [(ViTModel, "ViTModel"), (ViTForImageClassification, "ViTForImageClassification"),
-     (ViTMAEForPreTraining, "ViTMAEForPreTraining")],
+    [
+        (ViTModel, "ViTModel"),
+        (ViTForImageClassification, "ViTForImageClassification"),
+        (ViTMAEForPreTraining, "ViTMAEForPreTraining"),
+    ],
 )
 def test_transformers_4x_names_map_to_the_same_weights(cls, arch):
     hf = build(cls, seed=23)

@@ -21,6 +21,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from oracle import assert_close_oracle, max_abs_err  # noqa: E402
+
 import fastvit  # noqa: E402
 from fastvit.integrations import hf_attention  # noqa: E402
 from fastvit.integrations.hf import (  # noqa: E402
@@ -28,7 +30,6 @@ from fastvit.integrations.hf import (  # noqa: E402
     fastvit_attention_forward,
     register_attention,
 )
-from oracle import assert_close_oracle, max_abs_err  # noqa: E402
 
 register_attention()
 
@@ -48,14 +49,17 @@ def _build(name: str, **overrides):
     elif name == "clip":
         cls, cfg = t.CLIPVisionModel, t.CLIPVisionConfig(intermediate_size=64, projection_dim=16, **_COMMON)
     elif name == "vitmae":
-        cls, cfg = t.ViTMAEForPreTraining, t.ViTMAEConfig(
-            intermediate_size=64,
-            decoder_hidden_size=32,
-            decoder_num_hidden_layers=1,
-            decoder_num_attention_heads=2,
-            decoder_intermediate_size=64,
-            mask_ratio=0.75,
-            **_COMMON,
+        cls, cfg = (
+            t.ViTMAEForPreTraining,
+            t.ViTMAEConfig(
+                intermediate_size=64,
+                decoder_hidden_size=32,
+                decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2,
+                decoder_intermediate_size=64,
+                mask_ratio=0.75,
+                **_COMMON,
+            ),
         )
     else:
         raise ValueError(name)
@@ -271,7 +275,11 @@ def test_empty_masks_take_the_fastvit_path(mask_kind, monkeypatch, fresh_warning
     calls = _count_fastvit_calls(monkeypatch)
     q, k, v = _qkv(generator)
     N = q.shape[2]
-    mask = {"none": None, "all_true": torch.ones(2, 1, N, N, dtype=torch.bool), "all_zero_float": torch.zeros(2, 1, N, N)}
+    mask = {
+        "none": None,
+        "all_true": torch.ones(2, 1, N, N, dtype=torch.bool),
+        "all_zero_float": torch.zeros(2, 1, N, N),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastvitAttentionFallbackWarning)
         out, weights = fastvit_attention_forward(_Module(), q, k, v, mask[mask_kind], scaling=0.3)
@@ -337,9 +345,7 @@ def test_register_attention_is_idempotent():
 def _python(code: str, tmp_path) -> str:
     # cwd outside the repository: `python -c` puts the cwd on sys.path, where kernels/ would shadow HF's `kernels`
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

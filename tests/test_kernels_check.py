@@ -25,7 +25,10 @@ def test_compile_check_sm80_sm90(tmp_path):
     out = tmp_path / "check.json"
     res = subprocess.run(
         [sys.executable, "-m", "fastvit.kernels.check", "--arch", "80", "90", "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, f"compile check failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
     rows = json.loads(out.read_text())["rows"]
@@ -39,8 +42,11 @@ def test_compile_check_sm80_sm90(tmp_path):
     # every autotune config of every attention kernel appears once per arch
     from fastvit.kernels import attention as A
 
-    for kernel, configs in (("attn_fwd", A.FWD_CONFIGS), ("attn_bwd_dkdv", A.BWD_DKDV_CONFIGS),
-                            ("attn_bwd_dq", A.BWD_DQ_CONFIGS)):
+    for kernel, configs in (
+        ("attn_fwd", A.FWD_CONFIGS),
+        ("attn_bwd_dkdv", A.BWD_DKDV_CONFIGS),
+        ("attn_bwd_dq", A.BWD_DQ_CONFIGS),
+    ):
         labels = {r["config"] for r in rows if r["kernel"] == kernel and r["arch"] == 90}
         for c in configs:
             assert f"BM{c.kwargs['BLOCK_M']}/BN{c.kwargs['BLOCK_N']}/w{c.num_warps}/s{c.num_stages}" in labels
@@ -55,6 +61,7 @@ def test_check_reexecs_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert check._needs_subprocess()
     env = dict(os.environ)
-    res = subprocess.run([sys.executable, "-m", "fastvit.kernels.check", "--help"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastvit.kernels.check", "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and "--arch" in res.stdout

@@ -14,10 +14,10 @@ from functools import partial
 
 import pytest
 import torch
+from oracle import assert_close_oracle, check_op, make_inputs, poison_like, randn
 
 import fastvit
 from fastvit import reference
-from oracle import assert_close_oracle, check_op, make_inputs, poison_like, randn
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["fp32", "bf16", "fp16"]
@@ -71,8 +71,9 @@ def naive_patch_embed(images, weight, bias, *, pos_embed=None, cls_token=None, r
             assert pos_embed.shape[1] == Np
             x = x + pos_embed
     if ids_keep is not None:
-        x = torch.stack([torch.stack([x[b, int(n)] for n in ids_keep[b]]) if ids_keep.shape[1] else x[b, :0]
-                         for b in range(B)])
+        x = torch.stack(
+            [torch.stack([x[b, int(n)] for n in ids_keep[b]]) if ids_keep.shape[1] else x[b, :0] for b in range(B)]
+        )
     return torch.cat(prefix + [x], dim=1)
 
 
@@ -212,8 +213,9 @@ def test_oracle_accepts_a_correct_result_and_rejects_perturbed_or_poisoned_ones(
 
 def test_oracle_catches_gelu_tanh_instead_of_erf(generator):
     """Sensitivity: the tanh GELU (up to 4.7e-4 from erf) must not pass for an erf op in fp32."""
-    inputs = make_inputs({"x": ((3, 7, 40), 2.0), "weight": ((64, 40), 0.3), "bias": (64,)}, dtype=torch.float32,
-                         generator=generator)
+    inputs = make_inputs(
+        {"x": ((3, 7, 40), 2.0), "weight": ((64, 40), 0.3), "bias": (64,)}, dtype=torch.float32, generator=generator
+    )
     wrong = {"tanh": partial(naive_linear_gelu, approximate="tanh")}
     with pytest.raises(AssertionError, match="max"):
         check_op(wrong, naive_linear_gelu, inputs, ["x"], dtype=torch.float32, generator=generator, name="gelu")
@@ -254,8 +256,9 @@ def test_patch_embed(case, dtype, generator, device):
     }
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     grads = [n for n in ("images", "weight", "bias", "pos_embed", "cls_token", "reg_tokens") if inputs[n] is not None]
-    runs = check_op(impls("patch_embed"), naive_patch_embed, inputs, grads, dtype=dtype, generator=generator,
-                    name="patch_embed")
+    runs = check_op(
+        impls("patch_embed"), naive_patch_embed, inputs, grads, dtype=dtype, generator=generator, name="patch_embed"
+    )
     assert runs["ops.eager"].outputs[0].shape == (B, R + (n_keep or Np), E)
 
 
@@ -267,8 +270,9 @@ ATTN_CASES = [(3, 1, 2, 32, None), (3, 50, 2, 64, None), (3, 61, 3, 80, None), (
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("B,N,H,D,scale", ATTN_CASES, ids=[f"B{c[0]}-N{c[1]}-H{c[2]}-D{c[3]}" for c in ATTN_CASES])
 def test_attention(B, N, H, D, scale, dtype, generator, device):
-    inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H, "scale": scale}, dtype=dtype, device=device,
-                         generator=generator)
+    inputs = make_inputs(
+        {"qkv": (B, N, 3 * H * D), "num_heads": H, "scale": scale}, dtype=dtype, device=device, generator=generator
+    )
     check_op(impls("attention"), naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator, name="attention")
 
 
@@ -300,29 +304,48 @@ SDPA_PACKED_CASES = [(3, 2, 61, 61, 80, None), (3, 2, 1, 197, 32, None), (2, 3, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("B,H,Nq,Nk,D,scale", SDPA_PACKED_CASES,
-                         ids=[f"B{c[0]}-H{c[1]}-Nq{c[2]}-Nk{c[3]}-D{c[4]}" for c in SDPA_PACKED_CASES])
+@pytest.mark.parametrize(
+    "B,H,Nq,Nk,D,scale",
+    SDPA_PACKED_CASES,
+    ids=[f"B{c[0]}-H{c[1]}-Nq{c[2]}-Nk{c[3]}-D{c[4]}" for c in SDPA_PACKED_CASES],
+)
 def test_sdpa_strided_views(B, H, Nq, Nk, D, scale, dtype, generator, device):
     q_shape = (B, Nq, 3, H, D) if Nq == Nk else (B, Nq, H, D)
-    inputs = make_inputs({"q_src": q_shape, "kv_src": (B, Nk, 2, H, D), "scale": scale}, dtype=dtype,
-                         device=device, generator=generator)
+    inputs = make_inputs(
+        {"q_src": q_shape, "kv_src": (B, Nk, 2, H, D), "scale": scale}, dtype=dtype, device=device, generator=generator
+    )
     k = inputs["kv_src"][:, :, 0].transpose(1, 2)
     assert not k.is_contiguous() and k.stride(-1) == 1  # the point of the test
     if Nq > 1:
         q = (inputs["q_src"][:, :, 0] if Nq == Nk else inputs["q_src"]).transpose(1, 2)
         assert not q.is_contiguous() and q.stride(-1) == 1
     impl = {name: partial(_sdpa_packed, fn=fn) for name, fn in impls("scaled_dot_product_attention").items()}
-    check_op(impl, partial(_sdpa_packed, fn=naive_sdpa), inputs, ["q_src", "kv_src"], dtype=dtype,
-             generator=generator, name="sdpa")
+    check_op(
+        impl,
+        partial(_sdpa_packed, fn=naive_sdpa),
+        inputs,
+        ["q_src", "kv_src"],
+        dtype=dtype,
+        generator=generator,
+        name="sdpa",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_sdpa_contiguous(dtype, generator, device):
     B, H, N, D = 3, 2, 50, 64
-    inputs = make_inputs({"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D)}, dtype=dtype, device=device,
-                         generator=generator)
-    check_op(impls("scaled_dot_product_attention"), naive_sdpa, inputs, ["q", "k", "v"], dtype=dtype,
-             generator=generator, name="sdpa")
+    inputs = make_inputs(
+        {"q": (B, H, N, D), "k": (B, H, N, D), "v": (B, H, N, D)}, dtype=dtype, device=device, generator=generator
+    )
+    check_op(
+        impls("scaled_dot_product_attention"),
+        naive_sdpa,
+        inputs,
+        ["q", "k", "v"],
+        dtype=dtype,
+        generator=generator,
+        name="sdpa",
+    )
 
 
 # =============================================================================================== layer_norm
@@ -343,22 +366,39 @@ def _ln_params():
     for shape, affine, residual, eps in LN_CASES:
         for dtype, dt_id in zip(DTYPES, DT_IDS):
             for impl in ("ops.eager", "reference"):
-                case_id = (f"{'x'.join(map(str, shape))}-{'affine' if affine else 'plain'}"
-                           f"{'-residual' if residual else ''}-eps{eps:g}-{dt_id}-{impl}")
+                case_id = (
+                    f"{'x'.join(map(str, shape))}-{'affine' if affine else 'plain'}"
+                    f"{'-residual' if residual else ''}-eps{eps:g}-{dt_id}-{impl}"
+                )
                 yield pytest.param(shape, affine, residual, eps, dtype, impl, id=case_id)
 
 
 def _check_layer_norm(shape, affine, residual, eps, dtype, impl, generator, device, offset=0.5):
     C = shape[-1]
     inputs = make_inputs(
-        {"x": shape, "weight": (C,) if affine else None, "bias": (C,) if affine else None,
-         "eps": eps, "residual": shape if residual else None},
-        dtype=dtype, device=device, generator=generator,
+        {
+            "x": shape,
+            "weight": (C,) if affine else None,
+            "bias": (C,) if affine else None,
+            "eps": eps,
+            "residual": shape if residual else None,
+        },
+        dtype=dtype,
+        device=device,
+        generator=generator,
     )
     inputs["x"] = inputs["x"] + offset  # a non-zero mean to subtract
     grads = [n for n in ("x", "weight", "bias", "residual") if inputs[n] is not None]
-    runs = check_op({impl: impls("layer_norm")[impl]}, naive_layer_norm, inputs, grads, dtype=dtype,
-                    generator=generator, name="layer_norm", output_names=["y", "h"] if residual else None)
+    runs = check_op(
+        {impl: impls("layer_norm")[impl]},
+        naive_layer_norm,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name="layer_norm",
+        output_names=["y", "h"] if residual else None,
+    )
     assert len(runs[impl].outputs) == (2 if residual else 1)
 
 
@@ -380,15 +420,34 @@ LIN_CASES = [((3, 1, 40), 100, True), ((3, 50, 24), 96, True), ((2, 197, 40), 72
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("shape,M,has_bias", LIN_CASES,
-                         ids=[f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}" for c in LIN_CASES])
+@pytest.mark.parametrize(
+    "shape,M,has_bias",
+    LIN_CASES,
+    ids=[f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}" for c in LIN_CASES],
+)
 def test_linear_gelu(shape, M, has_bias, approximate, dtype, generator, device):
     K = shape[-1]
-    inputs = make_inputs({"x": (shape, 1.5), "weight": ((M, K), K**-0.5), "bias": (M,) if has_bias else None,
-                          "approximate": approximate}, dtype=dtype, device=device, generator=generator)
+    inputs = make_inputs(
+        {
+            "x": (shape, 1.5),
+            "weight": ((M, K), K**-0.5),
+            "bias": (M,) if has_bias else None,
+            "approximate": approximate,
+        },
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
     grads = ["x", "weight"] + (["bias"] if has_bias else [])
-    check_op(impls("linear_gelu"), naive_linear_gelu, inputs, grads, dtype=dtype, generator=generator,
-             name=f"linear_gelu[{approximate}]")
+    check_op(
+        impls("linear_gelu"),
+        naive_linear_gelu,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_gelu[{approximate}]",
+    )
 
 
 def test_gelu_variants_differ_as_documented(generator):
@@ -402,22 +461,46 @@ def test_gelu_variants_differ_as_documented(generator):
 
 # =============================================================================================== linear_residual
 # (x shape, M, bias, gamma)
-LINRES_CASES = [((3, 1, 40), 24, True, True), ((3, 50, 96), 24, False, True), ((2, 61, 24), 72, True, False),
-                ((3, 197, 40), 40, False, False)]
+LINRES_CASES = [
+    ((3, 1, 40), 24, True, True),
+    ((3, 50, 96), 24, False, True),
+    ((2, 61, 24), 72, True, False),
+    ((3, 197, 40), 40, False, False),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape,M,has_bias,has_gamma", LINRES_CASES,
-                         ids=[f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}{'-gamma' if c[3] else ''}"
-                              for c in LINRES_CASES])
+@pytest.mark.parametrize(
+    "shape,M,has_bias,has_gamma",
+    LINRES_CASES,
+    ids=[
+        f"{'x'.join(map(str, c[0]))}-M{c[1]}{'-bias' if c[2] else ''}{'-gamma' if c[3] else ''}" for c in LINRES_CASES
+    ],
+)
 def test_linear_residual(shape, M, has_bias, has_gamma, dtype, generator, device):
     K = shape[-1]
-    inputs = make_inputs({"x": shape, "weight": ((M, K), K**-0.5), "bias": (M,) if has_bias else None,
-                          "residual": (*shape[:-1], M), "gamma": (M,) if has_gamma else None},
-                         dtype=dtype, device=device, generator=generator)
+    inputs = make_inputs(
+        {
+            "x": shape,
+            "weight": ((M, K), K**-0.5),
+            "bias": (M,) if has_bias else None,
+            "residual": (*shape[:-1], M),
+            "gamma": (M,) if has_gamma else None,
+        },
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
     grads = [n for n in ("x", "weight", "bias", "residual", "gamma") if inputs[n] is not None]
-    check_op(impls("linear_residual"), naive_linear_residual, inputs, grads, dtype=dtype, generator=generator,
-             name="linear_residual")
+    check_op(
+        impls("linear_residual"),
+        naive_linear_residual,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name="linear_residual",
+    )
 
 
 # =============================================================================================== random_masking
@@ -464,20 +547,45 @@ def test_random_masking_draws_noise_from_generator(seed):
 
 # =============================================================================================== mae_unshuffle
 # (B, N, n_keep, C, pos)
-UNSHUFFLE_CASES = [(3, 1, 1, 24, True), (3, 1, 0, 24, False), (3, 49, 12, 40, True), (3, 196, 49, 24, True),
-                   (2, 60, 60, 40, False), (3, 61, 15, 24, False)]
+UNSHUFFLE_CASES = [
+    (3, 1, 1, 24, True),
+    (3, 1, 0, 24, False),
+    (3, 49, 12, 40, True),
+    (3, 196, 49, 24, True),
+    (2, 60, 60, 40, False),
+    (3, 61, 15, 24, False),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("B,N,n_keep,C,pos", UNSHUFFLE_CASES,
-                         ids=[f"B{c[0]}-N{c[1]}-keep{c[2]}-C{c[3]}{'-pos' if c[4] else ''}" for c in UNSHUFFLE_CASES])
+@pytest.mark.parametrize(
+    "B,N,n_keep,C,pos",
+    UNSHUFFLE_CASES,
+    ids=[f"B{c[0]}-N{c[1]}-keep{c[2]}-C{c[3]}{'-pos' if c[4] else ''}" for c in UNSHUFFLE_CASES],
+)
 def test_mae_unshuffle(B, N, n_keep, C, pos, dtype, generator, device):
     _, ids_restore, _ = noise_masking(B, N, 1 - n_keep / N, generator)
-    inputs = make_inputs({"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "ids_restore": ids_restore,
-                          "pos_embed": (1, N + 1, C) if pos else None}, dtype=dtype, device=device, generator=generator)
+    inputs = make_inputs(
+        {
+            "x": (B, 1 + n_keep, C),
+            "mask_token": (1, 1, C),
+            "ids_restore": ids_restore,
+            "pos_embed": (1, N + 1, C) if pos else None,
+        },
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
     grads = ["x", "mask_token"] + (["pos_embed"] if pos else [])
-    runs = check_op(impls("mae_unshuffle"), naive_mae_unshuffle, inputs, grads, dtype=dtype, generator=generator,
-                    name="mae_unshuffle")
+    runs = check_op(
+        impls("mae_unshuffle"),
+        naive_mae_unshuffle,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name="mae_unshuffle",
+    )
     if not pos:  # a pure permutation + fill: bit exact
         assert torch.equal(runs["ops.eager"].outputs[0], runs["pt"].outputs[0])
 
@@ -489,8 +597,9 @@ LOSS_CASES = [((3, 3, 8, 8), 2, 0.75), ((3, 3, 14, 14), 2, 0.5), ((2, 3, 12, 16)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("norm_pix_loss", [False, True], ids=["pix", "normpix"])
-@pytest.mark.parametrize("img,P,ratio", LOSS_CASES,
-                         ids=[f"{'x'.join(map(str, c[0]))}-P{c[1]}-r{c[2]}" for c in LOSS_CASES])
+@pytest.mark.parametrize(
+    "img,P,ratio", LOSS_CASES, ids=[f"{'x'.join(map(str, c[0]))}-P{c[1]}-r{c[2]}" for c in LOSS_CASES]
+)
 def test_mae_loss(img, P, ratio, norm_pix_loss, dtype, generator, device):
     B, C, Hi, Wi = img
     N = (Hi // P) * (Wi // P)
@@ -499,8 +608,12 @@ def test_mae_loss(img, P, ratio, norm_pix_loss, dtype, generator, device):
         mask[1, 0] = 1
     else:
         mask = noise_masking(B, N, ratio, generator)[2]
-    inputs = make_inputs({"pred": (B, N, P * P * C), "images": img, "patch_size": P, "norm_pix_loss": norm_pix_loss},
-                         dtype=dtype, device=device, generator=generator)
+    inputs = make_inputs(
+        {"pred": (B, N, P * P * C), "images": img, "patch_size": P, "norm_pix_loss": norm_pix_loss},
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
     inputs["mask"] = mask.to(device)  # float32, as MAE makes it, whatever the model's dtype
     check_op(impls("mae_loss"), naive_mae_loss, inputs, ["pred"], dtype=dtype, generator=generator, name="mae_loss")
 
@@ -521,8 +634,11 @@ def test_mae_loss_ignores_kept_patches(generator):
 
 # =============================================================================================== bad input
 def _t(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point else torch.ones(
-        shape, dtype=dtype, device=device)
+    return (
+        torch.randn(shape, dtype=dtype, device=device)
+        if dtype.is_floating_point
+        else torch.ones(shape, dtype=dtype, device=device)
+    )
 
 
 def _pe(**kw):
@@ -594,8 +710,12 @@ BAD_INPUTS = [
     ("pe-images-not-tensor", _pe(images=[[1.0]]), TypeError, r"images must be a torch\.Tensor"),
     ("pe-images-int", _pe(images=_t(2, 3, 8, 8, dtype=torch.int32)), TypeError, r"images must be float.*int32"),
     ("pe-weight-rank", _pe(weight=_t(16, 48)), ValueError, r"weight must be 4-D"),
-    ("pe-weight-dtype", _pe(weight=_t(16, 3, 4, 4, dtype=torch.float16)), TypeError,
-     r"weight has dtype torch\.float16"),
+    (
+        "pe-weight-dtype",
+        _pe(weight=_t(16, 3, 4, 4, dtype=torch.float16)),
+        TypeError,
+        r"weight has dtype torch\.float16",
+    ),
     ("pe-weight-device", _pe(weight=_t(16, 3, 4, 4, device=META)), ValueError, r"weight is on meta"),
     ("pe-channels", _pe(weight=_t(16, 4, 4, 4)), ValueError, r"images has 3 channels but weight expects 4"),
     ("pe-not-divisible", _pe(images=_t(2, 3, 8, 10)), ValueError, r"images spatial size 8x10 is not divisible"),
@@ -603,8 +723,12 @@ BAD_INPUTS = [
     ("pe-bias-dtype", _pe(bias=_t(16, dtype=torch.float64)), TypeError, r"bias has dtype"),
     ("pe-cls-shape", _pe(cls_token=_t(1, 2, 16)), ValueError, r"cls_token must have shape \(1, 1, 16\)"),
     ("pe-reg-shape", _pe(reg_tokens=_t(2, 4, 16)), ValueError, r"reg_tokens must have shape"),
-    ("pe-pos-length", _pe(pos_embed=_t(1, 6, 16), cls_token=_t(1, 1, 16)), ValueError,
-     r"pos_embed must have shape.*\[4, 5\].*\(1, 6, 16\)"),
+    (
+        "pe-pos-length",
+        _pe(pos_embed=_t(1, 6, 16), cls_token=_t(1, 1, 16)),
+        ValueError,
+        r"pos_embed must have shape.*\[4, 5\].*\(1, 6, 16\)",
+    ),
     ("pe-pos-width", _pe(pos_embed=_t(1, 4, 15)), ValueError, r"pos_embed must have shape"),
     ("pe-pos-rank", _pe(pos_embed=_t(4, 16)), ValueError, r"pos_embed must have shape"),
     ("pe-ids-high", _pe(ids_keep=torch.tensor([[0, 4], [1, 2]])), ValueError, r"ids_keep values must lie in \[0, 4\)"),
@@ -631,8 +755,12 @@ BAD_INPUTS = [
     ("sdpa-k-headdim", _sdpa(k=_t(2, 2, 7, 16), v=_t(2, 2, 7, 16)), ValueError, r"k must have shape \(2, 2, Nk, 32\)"),
     ("sdpa-k-heads", _sdpa(k=_t(2, 3, 7, 32), v=_t(2, 3, 7, 32)), ValueError, r"k must have shape"),
     ("sdpa-q-int", _sdpa(q=_t(2, 2, 5, 32, dtype=torch.int32)), TypeError, r"q must be float"),
-    ("sdpa-q-strided-last", _sdpa(q=_t(2, 2, 32, 5).transpose(-1, -2)), ValueError,
-     r"q must have a contiguous last dimension"),
+    (
+        "sdpa-q-strided-last",
+        _sdpa(q=_t(2, 2, 32, 5).transpose(-1, -2)),
+        ValueError,
+        r"q must have a contiguous last dimension",
+    ),
     ("sdpa-k-strided-last", _sdpa(k=_t(2, 2, 7, 64)[..., ::2]), ValueError, r"k must have a contiguous last dimension"),
     ("sdpa-dropout", _sdpa(dropout_p=-0.1), ValueError, r"dropout_p must lie in"),
     # layer_norm
@@ -667,8 +795,12 @@ BAD_INPUTS = [
     ("rm-noise-rank", _rm(noise=torch.rand(32)), ValueError, r"noise must be 2-D"),
     # mae_unshuffle
     ("un-x-rank", _un(x=_t(5, 24)), ValueError, r"x must be 3-D"),
-    ("un-ids-not-permutation", _un(ids_restore=torch.tensor([[0, 1, 2, 3], [0, 1, 1, 3]])), ValueError,
-     r"ids_restore must not repeat an index"),
+    (
+        "un-ids-not-permutation",
+        _un(ids_restore=torch.tensor([[0, 1, 2, 3], [0, 1, 1, 3]])),
+        ValueError,
+        r"ids_restore must not repeat an index",
+    ),
     ("un-x-int", _un(x=_t(2, 5, 24, dtype=torch.int32)), TypeError, r"x must be float"),
     ("un-mask-token-shape", _un(mask_token=_t(1, 24)), ValueError, r"mask_token must have shape \(1, 1, 24\)"),
     ("un-mask-token-dtype", _un(mask_token=_t(1, 1, 24, dtype=torch.float16)), TypeError, r"mask_token has dtype"),
@@ -685,8 +817,12 @@ BAD_INPUTS = [
     ("loss-pred-rank", _loss(pred=_t(32, 12)), ValueError, r"pred must be 3-D"),
     ("loss-pred-int", _loss(pred=_t(2, 16, 12, dtype=torch.int64)), TypeError, r"pred must be float"),
     ("loss-images-rank", _loss(images=_t(3, 8, 8)), ValueError, r"images must be 4-D"),
-    ("loss-not-divisible", _loss(images=_t(2, 3, 8, 9)), ValueError,
-     r"images spatial size 8x9 is not divisible by patch_size 2"),
+    (
+        "loss-not-divisible",
+        _loss(images=_t(2, 3, 8, 9)),
+        ValueError,
+        r"images spatial size 8x9 is not divisible by patch_size 2",
+    ),
     ("loss-channels", _loss(images=_t(2, 4, 8, 8)), ValueError, r"pred must have shape \(2, 16, 16\)"),
     ("loss-mask-shape", _loss(mask=torch.ones(2, 15)), ValueError, r"mask must have shape \(2, 16\)"),
     ("loss-mask-bool", _loss(mask=torch.ones(2, 16, dtype=torch.bool)), TypeError, r"mask must be float"),

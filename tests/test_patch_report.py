@@ -28,7 +28,14 @@ COVERED = (TPatchEmbed, TAttention, TMlp, TBlock, nn.LayerNorm, TLayerNorm)  # e
 
 def _spy_ops(monkeypatch) -> dict:
     calls: dict = {}
-    for name in ["patch_embed", "attention", "scaled_dot_product_attention", "layer_norm", "linear_gelu", "linear_residual"]:
+    for name in [
+        "patch_embed",
+        "attention",
+        "scaled_dot_product_attention",
+        "layer_norm",
+        "linear_gelu",
+        "linear_residual",
+    ]:
         orig = getattr(fastvit.ops, name)
 
         def spy(*a, _orig=orig, _name=name, **k):
@@ -70,8 +77,14 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
     reason; its PatchEmbed, Mlp and LayerNorms are patched -- and the op counts say the same."""
     torch.manual_seed(seed)
     m = timm.create_model(
-        "vit_medium_patch16_rope_reg1_gap_256", pretrained=False, depth=2, embed_dim=48, num_heads=3, img_size=32,
-        patch_size=8, num_classes=5,
+        "vit_medium_patch16_rope_reg1_gap_256",
+        pretrained=False,
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        img_size=32,
+        patch_size=8,
+        num_classes=5,
     ).eval()
     ref = copy.deepcopy(m)
     patch_timm_(m, verbose=True)
@@ -85,7 +98,9 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
     assert rows["rope"].status == "not covered" and "rotary" in rows["rope"].reason
     for name in ("patch_embed", "blocks.0.mlp", "blocks.0.norm1", "blocks.1.norm2", "fc_norm"):
         assert rows[name].status == "patched", rows[name]
-    assert printed.strip().splitlines()[-1] == "8 patched, 5 not covered"  # PatchEmbed, 2 x (norm1, norm2, Mlp), fc_norm
+    assert (
+        printed.strip().splitlines()[-1] == "8 patched, 5 not covered"
+    )  # PatchEmbed, 2 x (norm1, norm2, Mlp), fc_norm
 
     calls = _spy_ops(monkeypatch)
     x = torch.randn(2, 3, 32, 32)

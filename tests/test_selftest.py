@@ -72,7 +72,9 @@ def _right_layer_norm():
 
 
 def _wrong_layer_norm():
-    def wrong(x, weight, bias, eps=1e-6, *, residual=None):  # a 5 % gain error: far above any rounding (1 % is within a bf16 ulp)
+    def wrong(
+        x, weight, bias, eps=1e-6, *, residual=None
+    ):  # a 5 % gain error: far above any rounding (1 % is within a bf16 ulp)
         out = layer_norm_eager(x, weight, bias, eps, residual=residual)
         return (out[0] * 1.05, out[1]) if residual is not None else out * 1.05
 
@@ -107,18 +109,22 @@ def test_run_passes_a_right_kernel_and_checks_every_dtype_forward_and_backward(r
     report = selftest.run(backends="triton", ops="layer_norm", device="cpu", quick=False)
     assert report.passed, report.table()
     assert {r.dtype for r in report.results} == {"float32", "bfloat16", "float16"}
-    assert {r.case.rsplit(" ", 1)[0] for r in report.results} == {label for label, _, _ in
-                                                                   selftest._SHAPES["layer_norm"]}
+    assert {r.case.rsplit(" ", 1)[0] for r in report.results} == {
+        label for label, _, _ in selftest._SHAPES["layer_norm"]
+    }
     assert len(kernel.calls) == len(report.results)
     assert json.loads(json.dumps(report.as_dict()))["passed"] is True
 
 
-@pytest.mark.parametrize("fault,match", [
-    ("unwritten", "nan/inf"),
-    ("grad", "grad "),
-    ("raises", "raised RuntimeError: boom"),
-    ("dtype", "dtype torch.float32 != expected"),
-])
+@pytest.mark.parametrize(
+    "fault,match",
+    [
+        ("unwritten", "nan/inf"),
+        ("grad", "grad "),
+        ("raises", "raised RuntimeError: boom"),
+        ("dtype", "dtype torch.float32 != expected"),
+    ],
+)
 def test_run_catches_unwritten_outputs_wrong_gradients_exceptions_and_dtypes(registry, fault, match):
     class WrongGrad(torch.autograd.Function):
         @staticmethod
@@ -137,8 +143,13 @@ def test_run_catches_unwritten_outputs_wrong_gradients_exceptions_and_dtypes(reg
             y = torch.empty_like(written)
             y[..., :-1] = written[..., :-1]
         elif fault == "grad":
-            y = layer_norm_eager(WrongGrad.apply(x) if residual is None else x, weight, bias, eps,
-                                 residual=WrongGrad.apply(residual) if residual is not None else None)
+            y = layer_norm_eager(
+                WrongGrad.apply(x) if residual is None else x,
+                weight,
+                bias,
+                eps,
+                residual=WrongGrad.apply(residual) if residual is not None else None,
+            )
             y = y[0] if residual is not None else y
         elif fault == "raises":
             raise RuntimeError("boom")
@@ -154,9 +165,13 @@ def test_run_catches_unwritten_outputs_wrong_gradients_exceptions_and_dtypes(reg
 
 
 def test_run_skips_an_unavailable_backend_and_unsupported_cases(registry, monkeypatch):
-    register_kernel("triton", "layer_norm", _right_layer_norm(),
-                    backends.Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})),
-                    lambda call: ["too wide"] if call.get("features", 0) > 40 else [])
+    register_kernel(
+        "triton",
+        "layer_norm",
+        _right_layer_norm(),
+        backends.Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32})),
+        lambda call: ["too wide"] if call.get("features", 0) > 40 else [],
+    )
     report = selftest.run(backends=["triton"], ops=["layer_norm"], device="cpu", quick=False)
     assert report.passed and report.results
     assert {r.dtype for r in report.results} == {"float32"}
@@ -287,8 +302,11 @@ def test_explicit_choice_skips_the_gate_but_warns_once_when_unverified(registry,
     wrong = _wrong_layer_norm()
     register_kernel("triton", "layer_norm", wrong)
     x, w, b = _ln_inputs()
-    with pytest.warns(RuntimeWarning, match=r"backend 'triton' was chosen explicitly for layer_norm on cpu, where its "
-                                            r"kernel is unverified") as rec:
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"backend 'triton' was chosen explicitly for layer_norm on cpu, where its "
+        r"kernel is unverified",
+    ) as rec:
         y = fastvit.ops.layer_norm(x, w, b, backend="triton")
         with fastvit.use_backend("triton"):
             fastvit.ops.layer_norm(x[:, :1], w, b)  # another decision, same (backend, op, device): no second warning
@@ -313,8 +331,11 @@ def test_the_check_is_isolated_from_the_callers_mode(registry, gate, context):
     from fastvit.families.linear import linear_gelu_eager
 
     register_kernel("triton", "linear_gelu", _counting(linear_gelu_eager))
-    mode = {"autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16), "inference_mode": torch.inference_mode,
-            "no_grad": torch.no_grad}[context]
+    mode = {
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        "inference_mode": torch.inference_mode,
+        "no_grad": torch.no_grad,
+    }[context]
     x, w = torch.randn(2, 5, 16), torch.randn(8, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -350,8 +371,11 @@ def test_a_launch_that_raises_falls_back_to_the_next_backend(registry, monkeypat
     kernel = _raising()
     register_kernel("triton", "layer_norm", kernel)
     x, w, b = _ln_inputs()
-    with pytest.warns(RuntimeWarning, match=r"the triton kernel of layer_norm raised at launch \(RuntimeError: out of "
-                                            r"resources.*falling back to the eager backend") as rec:
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"the triton kernel of layer_norm raised at launch \(RuntimeError: out of "
+        r"resources.*falling back to the eager backend",
+    ) as rec:
         y = fastvit.ops.layer_norm(x, w, b)
         y2 = fastvit.ops.layer_norm(x, w, b)
     assert len([r for r in rec if "raised at launch" in str(r.message)]) == 1
@@ -372,8 +396,11 @@ def test_a_launch_that_raises_under_an_explicit_choice_names_the_backend(registr
     monkeypatch.setenv("FASTVIT_SELFTEST", "0")
     register_kernel("triton", "layer_norm", _raising("missing symbol fastvit_ln_fwd"))
     x, w, b = _ln_inputs()
-    with pytest.raises(KernelLaunchError, match=r"fastvit.ops.layer_norm: the 'triton' backend, chosen explicitly, "
-                                                r"failed: RuntimeError: missing symbol fastvit_ln_fwd") as exc:
+    with pytest.raises(
+        KernelLaunchError,
+        match=r"fastvit.ops.layer_norm: the 'triton' backend, chosen explicitly, "
+        r"failed: RuntimeError: missing symbol fastvit_ln_fwd",
+    ) as exc:
         fastvit.ops.layer_norm(x, w, b, backend="triton")
     assert isinstance(exc.value.__cause__, RuntimeError)
     with fastvit.use_backend("triton"), pytest.raises(KernelLaunchError, match="'triton'"):
@@ -424,8 +451,14 @@ def test_command_line_in_the_interpreter_end_to_end(tmp_path):
     """``python -m fastvit.selftest --backend triton`` with the real Triton kernels in the interpreter (CI's check)."""
     out = tmp_path / "report.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "FASTVIT_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "fastvit.selftest", "--backend", "triton", "--json", str(out),
-                           "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvit.selftest", "--backend", "triton", "--json", str(out), "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["passed"] is True and report["device"] == "cpu"
@@ -438,13 +471,23 @@ def test_command_line_in_the_interpreter_end_to_end(tmp_path):
 
 def test_command_line_exit_status_and_errors(tmp_path, registry):
     env = {**os.environ, "FASTVIT_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "fastvit.selftest", "--ops", "conv"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvit.selftest", "--ops", "conv"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2 and "unknown op 'conv'" in proc.stderr
     # in process: a planted fault makes main() return 1
     register_kernel("triton", "layer_norm", _wrong_layer_norm())
-    assert selftest.main(["--backend", "triton", "--ops", "layer_norm", "--no-progress",
-                          "--json", str(tmp_path / "r.json")]) == 1
+    assert (
+        selftest.main(
+            ["--backend", "triton", "--ops", "layer_norm", "--no-progress", "--json", str(tmp_path / "r.json")]
+        )
+        == 1
+    )
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
 
 
@@ -457,8 +500,9 @@ def test_info_subprocess_shows_a_failed_verdict(tmp_path, monkeypatch):
     bad = selftest.CaseResult("layer_norm", "triton", "B3 N61 C72 +residual float32", False, "planted failure")
     selftest.GATE.record("triton", "layer_norm", "cpu", [bad])
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "fastvit.info"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastvit.info"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("layer_norm"))
     assert "EXCLUDED from automatic dispatch: self-test failed at B3 N61 C72 +residual float32" in line

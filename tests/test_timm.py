@@ -64,7 +64,14 @@ def _assert_same_outputs(model: nn.Module, ref: nn.Module, cfg: dict) -> None:
 
 def _spy_ops(monkeypatch) -> dict:
     calls: dict[str, int] = {}
-    for name in ["patch_embed", "attention", "scaled_dot_product_attention", "layer_norm", "linear_gelu", "linear_residual"]:
+    for name in [
+        "patch_embed",
+        "attention",
+        "scaled_dot_product_attention",
+        "layer_norm",
+        "linear_gelu",
+        "linear_residual",
+    ]:
         orig = getattr(fastvit.ops, name)
 
         def spy(*a, _orig=orig, _name=name, **k):
@@ -141,8 +148,18 @@ def test_from_timm_rejects_unsupported(seed):
 
 
 # ----------------------------------------------------------------------------------------------- patch_timm_
-@pytest.mark.parametrize("name", ["defaults", "reg4_no_embed_class", "layerscale_qknorm", "prenorm_nocls", "dynamic",
-                                  "quick_gelu_noqkvbias", "gelu_tanh_eps1e-5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "defaults",
+        "reg4_no_embed_class",
+        "layerscale_qknorm",
+        "prenorm_nocls",
+        "dynamic",
+        "quick_gelu_noqkvbias",
+        "gelu_tanh_eps1e-5",
+    ],
+)
 def test_patch_timm_same_outputs_same_state_dict(name, seed, monkeypatch):
     cfg = CONFIGS[name]
     t = _timm(cfg, seed)
@@ -202,7 +219,9 @@ def test_patch_timm_idempotent_and_fallbacks(seed):
     tok = torch.randn(2, 17, 48)
     mask = torch.ones(17, 17, dtype=torch.bool).tril()
     with torch.no_grad():
-        torch.testing.assert_close(t.blocks[0](tok, attn_mask=mask), ref.blocks[0](tok, attn_mask=mask), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            t.blocks[0](tok, attn_mask=mask), ref.blocks[0](tok, attn_mask=mask), atol=ATOL, rtol=0
+        )
     with pytest.raises(ValueError, match="img_size"):
         t(torch.randn(1, 3, 40, 40))
     with pytest.raises(TypeError, match="model"):

@@ -138,8 +138,16 @@ def test_vit_grad_checkpointing_forward_intermediates(seed):
 
 def _mae(seed: int, **kw) -> MaskedAutoencoderViT:
     torch.manual_seed(seed)
-    cfg = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-               decoder_depth=2, decoder_num_heads=2)
+    cfg = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=32,
+        decoder_depth=2,
+        decoder_num_heads=2,
+    )
     return MaskedAutoencoderViT(**{**cfg, **kw})
 
 
@@ -177,7 +185,9 @@ def _groups(model: nn.Module, **kw) -> list:
     ]
 
 
-@pytest.mark.parametrize("name", ["defaults", "reg2_no_embed_class", "avg_fc_norm", "prenorm_nocls", "layerscale_qknorm"])
+@pytest.mark.parametrize(
+    "name", ["defaults", "reg2_no_embed_class", "avg_fc_norm", "prenorm_nocls", "layerscale_qknorm"]
+)
 def test_vit_optimizer_groups_match_timm(name, seed):
     """``create_optimizer_v2`` with and without ``layer_decay`` builds timm's groups for the fastvit model."""
     t, f = _pair(CONFIGS[name], seed)
@@ -214,7 +224,9 @@ def test_mae_optimizer_groups(seed):
 
     (nd_names, _, nd_wd, _), (d_names, _, d_wd, _) = _groups(m)
     params = dict(m.named_parameters())
-    expect_nd = sorted(n for n, p in params.items() if p.requires_grad and (p.ndim <= 1 or n in ("cls_token", "mask_token")))
+    expect_nd = sorted(
+        n for n, p in params.items() if p.requires_grad and (p.ndim <= 1 or n in ("cls_token", "mask_token"))
+    )
     assert (nd_names, nd_wd) == (expect_nd, 0.0)
     assert d_wd == 0.05 and set(d_names) == {n for n, p in params.items() if p.requires_grad} - set(expect_nd)
 
@@ -322,12 +334,16 @@ def test_get_intermediate_layers_matches_timm(reshape, seed):
         for n in (1, 2, [0, 2]):
             ref = t.get_intermediate_layers(x, n, reshape=reshape, return_prefix_tokens=True, norm=True)
             torch.testing.assert_close(
-                f.get_intermediate_layers(x, n, reshape=reshape, return_prefix_tokens=True, norm=True), ref, atol=ATOL, rtol=0
+                f.get_intermediate_layers(x, n, reshape=reshape, return_prefix_tokens=True, norm=True),
+                ref,
+                atol=ATOL,
+                rtol=0,
             )
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(), dict(indices=2, prune_norm=True), dict(indices=[0], prune_head=False), dict(indices=[-1, 1])],
+    "kw",
+    [dict(), dict(indices=2, prune_norm=True), dict(indices=[0], prune_head=False), dict(indices=[-1, 1])],
     ids=["default", "last2_norm", "keep_head", "list"],
 )
 @pytest.mark.parametrize("name", ["defaults", "avg_fc_norm"])
@@ -341,4 +357,6 @@ def test_prune_intermediate_layers_matches_timm(name, kw, seed):
     with torch.no_grad():
         torch.testing.assert_close(f(x), t(x), atol=ATOL, rtol=0)
         ref = t.forward_intermediates(x, indices=kw.get("indices", 1), norm=True)
-        torch.testing.assert_close(f.forward_intermediates(x, indices=kw.get("indices", 1), norm=True), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            f.forward_intermediates(x, indices=kw.get("indices", 1), norm=True), ref, atol=ATOL, rtol=0
+        )

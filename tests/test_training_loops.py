@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import atol_for, oracle_compare
 
 import fastvit
-from oracle import atol_for, oracle_compare
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("sklearn")
@@ -66,7 +66,9 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     spec.loader.exec_module(mod)
     x, y, _, _ = mod.load_data()
     n = K * BATCH + BATCH  # K training batches + one held-out evaluation batch
-    x = torch.nn.functional.interpolate(x[:n], size=(IMG, IMG), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = torch.nn.functional.interpolate(x[:n], size=(IMG, IMG), mode="bilinear", align_corners=False).expand(
+        -1, 3, -1, -1
+    )
     mean = torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(), y[:n].clone()
@@ -95,7 +97,9 @@ def _assert_step(model, before: dict[str, torch.Tensor], skipped: bool, what: st
     if skipped:
         assert not changed, f"{what}: the scaler skipped the step but {changed} changed"
     else:
-        assert set(changed) == set(names), f"{what}: the optimizer step left {sorted(set(names) - set(changed))} unchanged"
+        assert set(changed) == set(names), (
+            f"{what}: the optimizer step left {sorted(set(names) - set(changed))} unchanged"
+        )
 
 
 @dataclass
@@ -129,16 +133,28 @@ def _summary(errors: dict[str, tuple], keys=("loss", "logits", "grad-norm", "ema
         vals = [v for n, v in errors.items() if n.startswith(k)]
         if vals:
             worst = max(vals, key=lambda v: v[0] / v[2] if v[2] else 0.0)
-            out[k] = (max(v[0] for v in vals), max(v[1] for v in vals), worst[0] / worst[2] if worst[2] else 0.0,
-                      max(v[5] for v in vals))
+            out[k] = (
+                max(v[0] for v in vals),
+                max(v[1] for v in vals),
+                worst[0] / worst[2] if worst[2] else 0.0,
+                max(v[5] for v in vals),
+            )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- timm train.py
 LR = 2e-3
 VIT_KW = {
-    "img_size": IMG, "patch_size": 4, "in_chans": 3, "num_classes": 10, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0,
-    "drop_rate": 0.1, "drop_path_rate": 0.2,  # train.py's --drop / --drop-path; block 0 (rate 0) takes the fused branch
+    "img_size": IMG,
+    "patch_size": 4,
+    "in_chans": 3,
+    "num_classes": 10,
+    "embed_dim": 32,
+    "depth": 3,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "drop_rate": 0.1,
+    "drop_path_rate": 0.2,  # train.py's --drop / --drop-path; block 0 (rate 0) takes the fused branch
 }
 
 
@@ -147,8 +163,9 @@ def _timm_vit(seed: int) -> TimmViT:
     return TimmViT(**VIT_KW)
 
 
-def _train_vit(model: torch.nn.Module, amp: torch.dtype | None, dtype: torch.dtype = torch.float32,
-               seed: int = 0, steps: int = K) -> Trajectory:
+def _train_vit(
+    model: torch.nn.Module, amp: torch.dtype | None, dtype: torch.dtype = torch.float32, seed: int = 0, steps: int = K
+) -> Trajectory:
     """timm ``train.py``'s ``train_one_epoch`` for ``steps`` updates, on ``model`` (modified in place).
 
     As ``train.py --amp [--amp-dtype float16] --channels-last --grad-checkpointing --model-ema --model-ema-decay 0.9
@@ -197,7 +214,7 @@ def _train_vit(model: torch.nn.Module, amp: torch.dtype | None, dtype: torch.dty
     traj.ema = {n: p.detach().double() for n, p in ema.module.named_parameters()}
     x_eval, _ = _digits()
     with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-        traj.ema_logits = ema.module.eval()(x_eval[K * BATCH:].to(dtype).contiguous(memory_format=torch.channels_last))
+        traj.ema_logits = ema.module.eval()(x_eval[K * BATCH :].to(dtype).contiguous(memory_format=torch.channels_last))
     return traj
 
 
@@ -227,8 +244,11 @@ def vit_reference_runs():
 
 def _show(label: str, errors: dict[str, tuple]) -> None:
     for kind, (err, err_pt, frac, d) in _summary(errors).items():
-        print(f"\n[{label}] {kind}: max err {err:.3g}, max pt err {err_pt:.3g}, worst err/bound {frac:.2f}, "
-              f"max|out - pt| {d:.3g}", end="")
+        print(
+            f"\n[{label}] {kind}: max err {err:.3g}, max pt err {err_pt:.3g}, worst err/bound {frac:.2f}, "
+            f"max|out - pt| {d:.3g}",
+            end="",
+        )
 
 
 @pytest.mark.parametrize("amp", AMP, ids=AMP_IDS)
@@ -287,8 +307,18 @@ def test_trajectory_oracle_catches_different_masks(vit_reference_runs):
 
 
 # ----------------------------------------------------------------------------------------------- MAE main_pretrain.py
-MAE_KW = {"img_size": IMG, "patch_size": 4, "in_chans": 3, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_embed_dim": 32,
-              "decoder_depth": 1, "decoder_num_heads": 2, "mlp_ratio": 4.0}
+MAE_KW = {
+    "img_size": IMG,
+    "patch_size": 4,
+    "in_chans": 3,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+    "mlp_ratio": 4.0,
+}
 MAE_LR = 2e-3
 MASK_RATIO = 0.75
 NUM_PATCHES = (IMG // 4) ** 2
@@ -319,7 +349,11 @@ def _noise(step: int) -> torch.Tensor:
 def _mae_lr(optimizer, it: float, warmup: float = 2.0) -> None:
     """MAE's ``util/lr_sched.adjust_learning_rate``: linear warm-up, then half-cycle cosine (min_lr 0), per iteration
     ``it`` in (0, K] (the official counts from 0, whose lr 0 would make the first step a no-op: shifted by one)."""
-    lr = MAE_LR * it / warmup if it < warmup else MAE_LR * 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / (K + 1 - warmup)))
+    lr = (
+        MAE_LR * it / warmup
+        if it < warmup
+        else MAE_LR * 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / (K + 1 - warmup)))
+    )
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
@@ -334,12 +368,17 @@ def _grad_norm(parameters) -> float:
 def _mae_eval(model, dtype) -> float:
     x, _ = _digits()
     with torch.autocast("cpu", enabled=False):
-        loss, _, _ = model(x[K * BATCH:].to(dtype), mask_ratio=MASK_RATIO, noise=_noise(-1).to(dtype))
+        loss, _, _ = model(x[K * BATCH :].to(dtype), mask_ratio=MASK_RATIO, noise=_noise(-1).to(dtype))
     return loss.item()
 
 
-def _train_mae(model, amp: torch.dtype | None, dtype: torch.dtype = torch.float32, bad_step: int | None = None,
-               run_bad_step: bool = True) -> Trajectory:
+def _train_mae(
+    model,
+    amp: torch.dtype | None,
+    dtype: torch.dtype = torch.float32,
+    bad_step: int | None = None,
+    run_bad_step: bool = True,
+) -> Trajectory:
     """MAE ``main_pretrain.py``'s ``train_one_epoch`` for K steps: per-iteration lr (warm-up + half-cycle cosine),
     ``loss, _, _ = model(samples, mask_ratio=0.75)`` under autocast (here with a fixed ``noise`` per step, so every
     model masks the same patches), its ``NativeScalerWithGradNormCount`` (``GradScaler`` scale -> backward ->
@@ -352,10 +391,16 @@ def _train_mae(model, amp: torch.dtype | None, dtype: torch.dtype = torch.float3
     model.to(dtype)
     model.train()
     optimizer = create_optimizer_v2(model, "adamw", lr=MAE_LR, weight_decay=0.05, betas=(0.9, 0.95))
-    no_decay = {n for g in optimizer.param_groups if g["weight_decay"] == 0.0 for n, p in model.named_parameters()
-                if any(p is q for q in g["params"])}
-    assert {"cls_token", "mask_token"} <= no_decay and all(p.ndim <= 1 for n, p in model.named_parameters()
-                                                            if n in no_decay - {"cls_token", "mask_token"})
+    no_decay = {
+        n
+        for g in optimizer.param_groups
+        if g["weight_decay"] == 0.0
+        for n, p in model.named_parameters()
+        if any(p is q for q in g["params"])
+    }
+    assert {"cls_token", "mask_token"} <= no_decay and all(
+        p.ndim <= 1 for n, p in model.named_parameters() if n in no_decay - {"cls_token", "mask_token"}
+    )
     scaler = torch.amp.GradScaler("cpu") if amp == torch.float16 else None
     traj = Trajectory()
     eval_before = _mae_eval(model, dtype)
@@ -443,8 +488,14 @@ def test_mae_fp16_scaler_skips_a_forced_non_finite_step():
     assert out.scales == pt.scales and out.scales[bad] == out.scales[0] * 0.5
     keep = [i for i in range(K) if i != bad]
     errors: dict[str, tuple] = {}
-    _judge("loss trajectory", [out.losses[i] for i in keep], [ref.losses[i] for i in keep],
-           [pt.losses[i] for i in keep], LOSS_ATOL, errors)
+    _judge(
+        "loss trajectory",
+        [out.losses[i] for i in keep],
+        [ref.losses[i] for i in keep],
+        [pt.losses[i] for i in keep],
+        LOSS_ATOL,
+        errors,
+    )
     for n, p0 in start.items():
         _judge(f"param {n}", out.params[n] - p0, ref.params[n] - p0, pt.params[n] - p0, WEIGHT_ATOL, errors)
     _show("mae fp16 forced skip", errors)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import check_op, make_inputs, randn
 
 import fastvit
 import fastvit.ops
 from fastvit import reference
 from fastvit.backends import BackendNotSupportedError
-from oracle import check_op, make_inputs, randn
 
 pytest.importorskip("triton")
 
@@ -61,27 +61,50 @@ ATTN_SHAPES = [(1, 1, 2, 32), (1, 50, 1, 64), (1, 61, 2, 80), (3, 17, 1, 72)]
 def test_attention_oracle(dtype, shape, generator, device):
     B, N, H, D = shape
     inputs = make_inputs({"qkv": (B, N, 3 * H * D), "num_heads": H}, dtype=dtype, device=device, generator=generator)
-    check_op({"triton": _triton_attention}, _naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator,
-             name=f"attention {shape}")
+    check_op(
+        {"triton": _triton_attention},
+        _naive_attention,
+        inputs,
+        ["qkv"],
+        dtype=dtype,
+        generator=generator,
+        name=f"attention {shape}",
+    )
 
 
 def test_attention_oracle_n197(generator, device):
     """ViT-B/16's 197 tokens: tails in every block size, in half precision."""
     dtype = torch.float16
-    inputs = make_inputs({"qkv": (1, 197, 3 * 64), "num_heads": 1, "scale": 0.1}, dtype=dtype, device=device,
-                         generator=generator)
-    check_op({"triton": _triton_attention}, _naive_attention, inputs, ["qkv"], dtype=dtype, generator=generator,
-             name="attention N=197")
+    inputs = make_inputs(
+        {"qkv": (1, 197, 3 * 64), "num_heads": 1, "scale": 0.1}, dtype=dtype, device=device, generator=generator
+    )
+    check_op(
+        {"triton": _triton_attention},
+        _naive_attention,
+        inputs,
+        ["qkv"],
+        dtype=dtype,
+        generator=generator,
+        name="attention N=197",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80)])
 def test_sdpa_oracle(dtype, nq, nk, D, generator, device):
     """Cross attention (Nq != Nk) on contiguous (B, H, N, D) tensors, dq / dk / dv."""
-    inputs = make_inputs({"q": (1, 2, nq, D), "k": (1, 2, nk, D), "v": (1, 2, nk, D)}, dtype=dtype, device=device,
-                         generator=generator)
-    check_op({"triton": _triton_sdpa}, _naive_sdpa, inputs, ["q", "k", "v"], dtype=dtype, generator=generator,
-             name=f"sdpa Nq={nq} Nk={nk} D={D}")
+    inputs = make_inputs(
+        {"q": (1, 2, nq, D), "k": (1, 2, nk, D), "v": (1, 2, nk, D)}, dtype=dtype, device=device, generator=generator
+    )
+    check_op(
+        {"triton": _triton_sdpa},
+        _naive_sdpa,
+        inputs,
+        ["q", "k", "v"],
+        dtype=dtype,
+        generator=generator,
+        name=f"sdpa Nq={nq} Nk={nk} D={D}",
+    )
 
 
 def test_sdpa_strided_views(generator, device):
@@ -128,8 +151,9 @@ def test_dropout_rejected_with_reasons(device):
         fastvit.ops.attention(qkv, 1, dropout_p=0.1, backend="triton")
     with pytest.raises(BackendNotSupportedError, match="dropout"):
         with fastvit.use_backend("triton"):
-            fastvit.ops.scaled_dot_product_attention(qkv[..., :32][:, None], qkv[..., :32][:, None],
-                                                     qkv[..., :32][:, None], dropout_p=0.5)
+            fastvit.ops.scaled_dot_product_attention(
+                qkv[..., :32][:, None], qkv[..., :32][:, None], qkv[..., :32][:, None], dropout_p=0.5
+            )
     # automatic selection falls back quietly
     assert fastvit.ops.attention(qkv, 1, dropout_p=0.1).shape == (1, 5, 32)
 

@@ -8,16 +8,14 @@ fails the oracle's finiteness check.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
+from oracle import check_op, make_inputs, randn
 
 import fastvit
 import fastvit.ops
 from fastvit import reference
 from fastvit.backends import BackendNotSupportedError
-from oracle import check_op, make_inputs, randn
 
 pytest.importorskip("triton")
 
@@ -43,8 +41,9 @@ def test_layer_norm_oracle(dtype, C, with_residual, generator, device):
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     inputs["weight"] = inputs["weight"] + 1.0  # around 1, never zero
     grads = ["x", "weight", "bias"] + (["residual"] if with_residual else [])
-    check_op({"triton": _triton_ln}, _naive_ln, inputs, grads, dtype=dtype, generator=generator,
-             name=f"layer_norm C={C}")
+    check_op(
+        {"triton": _triton_ln}, _naive_ln, inputs, grads, dtype=dtype, generator=generator, name=f"layer_norm C={C}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -54,8 +53,15 @@ def test_layer_norm_without_affine(dtype, affine, generator, device):
     specs = {"x": (5, C), "weight": (C,) if affine == "weight_only" else None, "bias": None, "residual": (5, C)}
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     grads = ["x", "residual"] + (["weight"] if affine == "weight_only" else [])
-    check_op({"triton": _triton_ln}, _naive_ln, inputs, grads, dtype=dtype, generator=generator,
-             name=f"layer_norm affine={affine}")
+    check_op(
+        {"triton": _triton_ln},
+        _naive_ln,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name=f"layer_norm affine={affine}",
+    )
 
 
 def test_layer_norm_strided_rows(generator, device):

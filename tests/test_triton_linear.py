@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import check_op, make_inputs, randn
 
 import fastvit.ops
 from fastvit import reference
 from fastvit.backends import BackendNotSupportedError
-from oracle import check_op, make_inputs, randn
 
 pytest.importorskip("triton")
-from fastvit.families import linear as _triton_linear  # noqa: E402  (registers the triton linear kernels)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -33,12 +32,14 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see tests/conftest.py
 def _gelu_impl(approximate):
     def fn(x, weight, bias):
         return fastvit.ops.linear_gelu(x, weight, bias, approximate=approximate, backend="triton")
+
     return fn
 
 
 def _gelu_naive(approximate):
     def fn(x, weight, bias):
         return reference.linear_gelu(x, weight, bias, approximate=approximate)
+
     return fn
 
 
@@ -56,8 +57,13 @@ def _gelu_inputs(lead, K, N, dtype, device, generator, with_bias=True):
 
 
 def _res_inputs(lead, K, N, dtype, device, generator, with_bias=True, with_gamma=True):
-    specs = {"x": (*lead, K), "weight": ((N, K), K**-0.5), "bias": ((N,), 0.5) if with_bias else None,
-             "residual": (*lead, N), "gamma": ((N,), 0.5) if with_gamma else None}
+    specs = {
+        "x": (*lead, K),
+        "weight": ((N, K), K**-0.5),
+        "bias": ((N,), 0.5) if with_bias else None,
+        "residual": (*lead, N),
+        "gamma": ((N,), 0.5) if with_gamma else None,
+    }
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     if with_gamma:
         inputs["gamma"] = inputs["gamma"] + 1.0  # around 1, LayerScale-like but never ~0
@@ -69,23 +75,44 @@ def _res_inputs(lead, K, N, dtype, device, generator, with_bias=True, with_gamma
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_linear_gelu_oracle(dtype, approximate, generator, device):
     inputs = _gelu_inputs((2, 25), 40, 96, dtype, device, generator)
-    check_op({"triton": _gelu_impl(approximate)}, _gelu_naive(approximate), inputs, ["x", "weight", "bias"],
-             dtype=dtype, generator=generator, name=f"linear_gelu {approximate}")
+    check_op(
+        {"triton": _gelu_impl(approximate)},
+        _gelu_naive(approximate),
+        inputs,
+        ["x", "weight", "bias"],
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_gelu {approximate}",
+    )
 
 
 @pytest.mark.parametrize("lead,K,N", [((1,), 72, 200), ((3, 61), 72, 200)], ids=["M1", "M183"])
 def test_linear_gelu_awkward_shapes(lead, K, N, generator, device):
     dtype = torch.bfloat16
     inputs = _gelu_inputs(lead, K, N, dtype, device, generator)
-    check_op({"triton": _gelu_impl("none")}, _gelu_naive("none"), inputs, ["x", "weight", "bias"],
-             dtype=dtype, generator=generator, name=f"linear_gelu {lead} K={K} N={N}")
+    check_op(
+        {"triton": _gelu_impl("none")},
+        _gelu_naive("none"),
+        inputs,
+        ["x", "weight", "bias"],
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_gelu {lead} K={K} N={N}",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_linear_gelu_without_bias(dtype, generator, device):
     inputs = _gelu_inputs((50,), 72, 96, dtype, device, generator, with_bias=False)
-    check_op({"triton": _gelu_impl("none")}, _gelu_naive("none"), inputs, ["x", "weight"],
-             dtype=dtype, generator=generator, name="linear_gelu no bias")
+    check_op(
+        {"triton": _gelu_impl("none")},
+        _gelu_naive("none"),
+        inputs,
+        ["x", "weight"],
+        dtype=dtype,
+        generator=generator,
+        name="linear_gelu no bias",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ linear_residual
@@ -94,18 +121,33 @@ def test_linear_gelu_without_bias(dtype, generator, device):
 def test_linear_residual_oracle(dtype, with_gamma, generator, device):
     inputs = _res_inputs((2, 25), 40, 96, dtype, device, generator, with_gamma=with_gamma)
     grads = ["x", "weight", "bias", "residual"] + (["gamma"] if with_gamma else [])
-    check_op({"triton": _res_impl}, _res_naive, inputs, grads, dtype=dtype, generator=generator,
-             name=f"linear_residual gamma={with_gamma}")
+    check_op(
+        {"triton": _res_impl},
+        _res_naive,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_residual gamma={with_gamma}",
+    )
 
 
-@pytest.mark.parametrize("lead,K,N,with_bias", [((1,), 40, 200, True), ((3, 61), 72, 96, False)],
-                         ids=["M1", "M183-nobias"])
+@pytest.mark.parametrize(
+    "lead,K,N,with_bias", [((1,), 40, 200, True), ((3, 61), 72, 96, False)], ids=["M1", "M183-nobias"]
+)
 def test_linear_residual_awkward_shapes(lead, K, N, with_bias, generator, device):
     dtype = torch.float16
     inputs = _res_inputs(lead, K, N, dtype, device, generator, with_bias=with_bias)
     grads = ["x", "weight", "residual", "gamma"] + (["bias"] if with_bias else [])
-    check_op({"triton": _res_impl}, _res_naive, inputs, grads, dtype=dtype, generator=generator,
-             name=f"linear_residual {lead} K={K} N={N}")
+    check_op(
+        {"triton": _res_impl},
+        _res_naive,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name=f"linear_residual {lead} K={K} N={N}",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ properties

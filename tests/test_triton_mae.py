@@ -7,18 +7,17 @@ write fails the oracle's finiteness check.
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from oracle import check_op, make_inputs, randn  # noqa: E402
+
 import fastvit.ops  # noqa: E402
 from fastvit import reference  # noqa: E402
-from fastvit.families import mae as _family  # noqa: E402,F401
 from fastvit.backends import BackendNotSupportedError  # noqa: E402
-from oracle import check_op, make_inputs, randn  # noqa: E402
+from fastvit.families import mae as _family  # noqa: E402,F401
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -48,12 +47,23 @@ UNSHUFFLE_CASES = [(3, 1, 0, 24), (3, 1, 1, 24), (3, 50, 12, 200), (3, 61, 0, 24
 @pytest.mark.parametrize("B,N,n_keep,C", UNSHUFFLE_CASES)
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
 def test_mae_unshuffle_oracle(dtype, B, N, n_keep, C, with_pos, generator, device):
-    specs = {"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "ids_restore": _ids_restore(B, N, generator),
-             "pos_embed": (1, N + 1, C) if with_pos else None}
+    specs = {
+        "x": (B, 1 + n_keep, C),
+        "mask_token": (1, 1, C),
+        "ids_restore": _ids_restore(B, N, generator),
+        "pos_embed": (1, N + 1, C) if with_pos else None,
+    }
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
     grads = ["x", "mask_token"] + (["pos_embed"] if with_pos else [])
-    check_op({"triton": _triton_unshuffle}, _naive_unshuffle, inputs, grads, dtype=dtype, generator=generator,
-             name=f"mae_unshuffle N={N} keep={n_keep} C={C}")
+    check_op(
+        {"triton": _triton_unshuffle},
+        _naive_unshuffle,
+        inputs,
+        grads,
+        dtype=dtype,
+        generator=generator,
+        name=f"mae_unshuffle N={N} keep={n_keep} C={C}",
+    )
 
 
 def test_mae_unshuffle_strided_x(generator, device):
@@ -99,11 +109,23 @@ def test_mae_loss_oracle(dtype, B, C, Hi, Wi, P, norm_pix, generator, device):
     N = (Hi // P) * (Wi // P)
     mask = (torch.rand(B, N, generator=generator) < 0.75).float()
     mask[0, 0] = 1.0  # at least one removed patch
-    specs = {"pred": (B, N, P * P * C), "images": (B, C, Hi, Wi), "mask": mask, "patch_size": P,
-             "norm_pix_loss": norm_pix}
+    specs = {
+        "pred": (B, N, P * P * C),
+        "images": (B, C, Hi, Wi),
+        "mask": mask,
+        "patch_size": P,
+        "norm_pix_loss": norm_pix,
+    }
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
-    check_op({"triton": _triton_loss}, _naive_loss, inputs, ["pred", "images", "mask"], dtype=dtype,
-             generator=generator, name=f"mae_loss {B}x{C}x{Hi}x{Wi} P={P} norm_pix={norm_pix}")
+    check_op(
+        {"triton": _triton_loss},
+        _naive_loss,
+        inputs,
+        ["pred", "images", "mask"],
+        dtype=dtype,
+        generator=generator,
+        name=f"mae_loss {B}x{C}x{Hi}x{Wi} P={P} norm_pix={norm_pix}",
+    )
 
 
 def test_mae_loss_pred_only_grad_and_deterministic(generator, device):

@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from oracle import check_op, make_inputs, randn  # noqa: E402
+
 import fastvit.ops  # noqa: E402
 from fastvit import reference  # noqa: E402
 from fastvit.families import patch_embed as _family  # noqa: E402,F401
-from oracle import check_op, make_inputs, randn  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -23,13 +24,22 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see tests/conftest.py
 
 
 def _triton_pe(images, weight, bias, pos_embed=None, cls_token=None, reg_tokens=None, ids_keep=None):
-    return fastvit.ops.patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
-                                   reg_tokens=reg_tokens, ids_keep=ids_keep, backend="triton")
+    return fastvit.ops.patch_embed(
+        images,
+        weight,
+        bias,
+        pos_embed=pos_embed,
+        cls_token=cls_token,
+        reg_tokens=reg_tokens,
+        ids_keep=ids_keep,
+        backend="triton",
+    )
 
 
 def _naive_pe(images, weight, bias, pos_embed=None, cls_token=None, reg_tokens=None, ids_keep=None):
-    return reference.patch_embed(images, weight, bias, pos_embed=pos_embed, cls_token=cls_token,
-                                 reg_tokens=reg_tokens, ids_keep=ids_keep)
+    return reference.patch_embed(
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+    )
 
 
 def _ids_keep(B: int, Np: int, n_keep: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,10 +72,10 @@ def test_patch_embed_oracle(dtype, case, with_bias, generator, device):
         "ids_keep": _ids_keep(B, Np, n_keep, generator) if n_keep is not None else None,
     }
     inputs = make_inputs(specs, dtype=dtype, device=device, generator=generator)
-    grads = [n for n in ("images", "weight", "bias", "pos_embed", "cls_token", "reg_tokens")
-             if inputs[n] is not None]
-    check_op({"triton": _triton_pe}, _naive_pe, inputs, grads, dtype=dtype, generator=generator,
-             name=f"patch_embed {case}")
+    grads = [n for n in ("images", "weight", "bias", "pos_embed", "cls_token", "reg_tokens") if inputs[n] is not None]
+    check_op(
+        {"triton": _triton_pe}, _naive_pe, inputs, grads, dtype=dtype, generator=generator, name=f"patch_embed {case}"
+    )
 
 
 def test_patch_embed_weight_grad_only_and_deterministic(generator, device):
@@ -127,8 +137,7 @@ def test_patch_embed_opcheck(generator, device):
     pos = randn((1, 5, 16), generator=generator, device=device).requires_grad_()
     cls = randn((1, 1, 16), generator=generator, device=device).requires_grad_()
     ids = _ids_keep(2, 4, 3, generator).to(device)
-    torch.library.opcheck(torch.ops.fastvit.patch_embed_fwd, (img, w, b, pos, cls, None, ids),
-                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.fastvit.patch_embed_fwd, (img, w, b, pos, cls, None, ids), test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("n_keep", [0, 2])
@@ -143,8 +152,15 @@ def test_patch_embed_channels_last_and_empty_keep(n_keep, generator, device):
         "cls_token": randn((1, 1, E), generator=generator, device=device),
         "ids_keep": _ids_keep(B, 4, n_keep, generator).to(device),
     }
-    check_op({"triton": _triton_pe}, _naive_pe, inputs, ["images", "weight", "pos_embed", "cls_token"],
-             dtype=torch.float32, generator=generator, name=f"patch_embed channels_last keep={n_keep}")
+    check_op(
+        {"triton": _triton_pe},
+        _naive_pe,
+        inputs,
+        ["images", "weight", "pos_embed", "cls_token"],
+        dtype=torch.float32,
+        generator=generator,
+        name=f"patch_embed channels_last keep={n_keep}",
+    )
 
 
 def test_autotune_key_holds_input_precision():

@@ -86,7 +86,9 @@ def test_state_dict_keys_shapes_and_outputs_match_timm(name, seed):
         ft, ff = t.forward_features(x), f.forward_features(x)
         torch.testing.assert_close(ff, ft, atol=ATOL, rtol=0)
         torch.testing.assert_close(f(x), t(x), atol=ATOL, rtol=0)
-        torch.testing.assert_close(f.forward_head(ff, pre_logits=True), t.forward_head(ft, pre_logits=True), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            f.forward_head(ff, pre_logits=True), t.forward_head(ft, pre_logits=True), atol=ATOL, rtol=0
+        )
 
 
 def test_fc_norm_default_rule():
@@ -224,8 +226,15 @@ def test_get_2d_sincos_pos_embed_rectangular_and_errors():
 # ----------------------------------------------------------------------------------------------- factory
 def test_list_models_and_factory_errors():
     names = list_models()
-    for n in ["vit_tiny_patch16_224", "vit_base_patch16_384", "vit_large_patch14_224", "vit_huge_patch14_224",
-              "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]:
+    for n in [
+        "vit_tiny_patch16_224",
+        "vit_base_patch16_384",
+        "vit_large_patch14_224",
+        "vit_huge_patch14_224",
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+        "mae_vit_huge_patch14",
+    ]:
         assert n in names
     with pytest.raises(ValueError, match="vit_base_patch16_224") as e:
         create_model("vit_gigantic_patch3")
@@ -258,7 +267,11 @@ def test_create_model_vit_base_param_count_and_overrides():
 
 @pytest.mark.parametrize(
     "name,dim,depth,heads,patch",
-    [("mae_vit_base_patch16", 768, 12, 12, 16), ("mae_vit_large_patch16", 1024, 24, 16, 16), ("mae_vit_huge_patch14", 1280, 32, 16, 14)],
+    [
+        ("mae_vit_base_patch16", 768, 12, 12, 16),
+        ("mae_vit_large_patch16", 1024, 24, 16, 16),
+        ("mae_vit_huge_patch14", 1280, 32, 16, 14),
+    ],
 )
 def test_create_model_mae_configs(name, dim, depth, heads, patch):
     from fastvit.nn.mae import MaskedAutoencoderViT
@@ -357,7 +370,14 @@ def test_standalone_layers_match_timm(seed):
 
 def test_modules_run_on_fastvit_ops(monkeypatch, seed):
     calls: dict[str, int] = {}
-    for name in ["patch_embed", "attention", "scaled_dot_product_attention", "layer_norm", "linear_gelu", "linear_residual"]:
+    for name in [
+        "patch_embed",
+        "attention",
+        "scaled_dot_product_attention",
+        "layer_norm",
+        "linear_gelu",
+        "linear_residual",
+    ]:
         orig = getattr(fastvit.ops, name)
 
         def spy(*a, _orig=orig, _name=name, **k):
@@ -387,8 +407,16 @@ def test_modules_run_on_fastvit_ops(monkeypatch, seed):
 
 # ----------------------------------------------------------------------------------------------- training
 def test_train_mode_with_drop_rates_backward(seed):
-    kw = dict(**TINY, drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.2,
-              patch_drop_rate=0.25, init_values=0.1)
+    kw = dict(
+        **TINY,
+        drop_rate=0.1,
+        pos_drop_rate=0.1,
+        proj_drop_rate=0.1,
+        attn_drop_rate=0.1,
+        drop_path_rate=0.2,
+        patch_drop_rate=0.25,
+        init_values=0.1,
+    )
     m = VisionTransformer(**kw).train()
     assert isinstance(m.blocks[0].drop_path1, nn.Identity) and m.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)
     x = torch.randn(4, 3, 32, 32)

@@ -10,7 +10,9 @@ def _drop_repo_root_from_path() -> None:
     fastvit itself is already imported (and installed), so the entry can go."""
     for entry in list(sys.path):
         root = os.path.abspath(entry or os.curdir)
-        if os.path.isfile(os.path.join(root, "kernels", "__init__.py")) and os.path.isdir(os.path.join(root, "fastvit")):
+        if os.path.isfile(os.path.join(root, "kernels", "__init__.py")) and os.path.isdir(
+            os.path.join(root, "fastvit")
+        ):
             sys.path.remove(entry)
 
 

@@ -74,44 +74,90 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "fp16", "fp32"],
+        help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)",
+    )
     g.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
     g.add_argument("--plot", metavar="PATH", default=None, help="write a PNG plot to PATH")
-    g.add_argument("--warmup-ms", type=_positive_float, default=None,
-                   help="warm-up budget per measurement, ms (default 25 on CUDA, 10 on the CPU)")
-    g.add_argument("--rep-ms", type=_positive_float, default=None,
-                   help="timed budget per measurement, ms (default 100 on CUDA, 40 on the CPU)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (torch.set_num_threads; default: torch's own choice)")
+    g.add_argument(
+        "--warmup-ms",
+        type=_positive_float,
+        default=None,
+        help="warm-up budget per measurement, ms (default 25 on CUDA, 10 on the CPU)",
+    )
+    g.add_argument(
+        "--rep-ms",
+        type=_positive_float,
+        default=None,
+        help="timed budget per measurement, ms (default 100 on CUDA, 40 on the CPU)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (torch.set_num_threads; default: torch's own choice)",
+    )
     g.add_argument("--no-roofline", action="store_true", help="skip measuring the copy-bandwidth / GEMM ceilings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    g.add_argument("--providers", type=_csv, default=None, metavar="A,B,...",
-                   help="only these providers (names as printed in the table)")
+    g.add_argument(
+        "--providers",
+        type=_csv,
+        default=None,
+        metavar="A,B,...",
+        help="only these providers (names as printed in the table)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="fastvit-bench",
         description="Benchmarks for fastvit: attention providers, whole models, cost scaling with image size, and host "
-                    "overhead.",
+        "overhead.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling,overhead}")
     sub.required = True
 
-    a = sub.add_parser("attention", parents=[common], help="attention providers side by side over N and D",
-                       description="Time every attention provider from packed qkv (B, N, 3·H·D) to (B, N, H·D).")
-    a.add_argument("--seq-lens", type=_positive_int, nargs="+", default=None, metavar="N",
-                   help=f"tokens N (default GPU: {_ATTN_SEQ_LENS[0]}; CPU: {_ATTN_SEQ_LENS[1]})")
-    a.add_argument("--head-dims", type=_positive_int, nargs="+", default=None, metavar="D",
-                   help=f"head dims D (default GPU: {_ATTN_HEAD_DIMS[0]}; CPU: {_ATTN_HEAD_DIMS[1]})")
+    a = sub.add_parser(
+        "attention",
+        parents=[common],
+        help="attention providers side by side over N and D",
+        description="Time every attention provider from packed qkv (B, N, 3·H·D) to (B, N, H·D).",
+    )
+    a.add_argument(
+        "--seq-lens",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help=f"tokens N (default GPU: {_ATTN_SEQ_LENS[0]}; CPU: {_ATTN_SEQ_LENS[1]})",
+    )
+    a.add_argument(
+        "--head-dims",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="D",
+        help=f"head dims D (default GPU: {_ATTN_HEAD_DIMS[0]}; CPU: {_ATTN_HEAD_DIMS[1]})",
+    )
     a.add_argument("--heads", type=_positive_int, default=None, help="heads H (default 12 on GPU, 6 on CPU)")
-    a.add_argument("--batch", type=_batch, default="auto",
-                   help="batch B, or 'auto' (default): B = max(1, round(tokens / N))")
-    a.add_argument("--tokens", type=_positive_int, default=None,
-                   help=f"B·N target for --batch auto (default GPU {_ATTN_TOKENS[0]}, CPU {_ATTN_TOKENS[1]})")
+    a.add_argument(
+        "--batch", type=_batch, default="auto", help="batch B, or 'auto' (default): B = max(1, round(tokens / N))"
+    )
+    a.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=None,
+        help=f"B·N target for --batch auto (default GPU {_ATTN_TOKENS[0]}, CPU {_ATTN_TOKENS[1]})",
+    )
     a.add_argument("--mode", choices=[*_MODES, "all"], default="fwd", help="fwd, bwd, fwd_bwd or all (default fwd)")
 
-    m = sub.add_parser("model", parents=[common], help="train-step and inference throughput of one model",
-                       description="Images/s and peak memory of a train step (fwd+bwd+AdamW) and of inference.")
+    m = sub.add_parser(
+        "model",
+        parents=[common],
+        help="train-step and inference throughput of one model",
+        description="Images/s and peak memory of a train step (fwd+bwd+AdamW) and of inference.",
+    )
     m.add_argument("name", help="model name (fastvit.list_models()), e.g. vit_base_patch16_224")
     m.add_argument("--batch", type=_positive_int, default=None, help="batch (default 128 on GPU, 2 on CPU)")
     m.add_argument("--img-size", type=_positive_int, default=None, help="image side (default: the model's)")
@@ -119,29 +165,55 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", action="store_true", help="add torch.compile providers (timm, fastvit); GPU only")
     m.add_argument("--force-compile", action="store_true", help="allow the torch.compile providers on the CPU")
 
-    s = sub.add_parser("scaling", parents=[common], help="per-component time and memory against N",
-                       description="Sweep the image size (so N) and time each component of a model with fastvit.ops.")
+    s = sub.add_parser(
+        "scaling",
+        parents=[common],
+        help="per-component time and memory against N",
+        description="Sweep the image size (so N) and time each component of a model with fastvit.ops.",
+    )
     s.add_argument("name", help="model name whose shapes to use, e.g. vit_base_patch16_224, mae_vit_base_patch16")
-    s.add_argument("--img-sizes", type=_positive_int, nargs="+", default=None, metavar="S",
-                   help=f"image sides (default GPU: {_SCALING_IMG_SIZES[0]}; CPU: {_SCALING_IMG_SIZES[1]})")
+    s.add_argument(
+        "--img-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help=f"image sides (default GPU: {_SCALING_IMG_SIZES[0]}; CPU: {_SCALING_IMG_SIZES[1]})",
+    )
     s.add_argument("--batch", type=_positive_int, default=None, help="batch (default 16 on GPU, 1 on CPU)")
     s.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd", help="fwd or fwd_bwd (default fwd)")
-    s.add_argument("--backend", choices=["eager", "triton", "cuda"], default=None,
-                   help="force a fastvit backend (default: automatic selection per op)")
-    s.add_argument("--components", type=_csv, default=None, metavar="A,B,...",
-                   help="only these components (patch_embed, attention, layer_norm, mlp, mae_gather, mae_unshuffle)")
+    s.add_argument(
+        "--backend",
+        choices=["eager", "triton", "cuda"],
+        default=None,
+        help="force a fastvit backend (default: automatic selection per op)",
+    )
+    s.add_argument(
+        "--components",
+        type=_csv,
+        default=None,
+        metavar="A,B,...",
+        help="only these components (patch_embed, attention, layer_norm, mlp, mae_gather, mae_unshuffle)",
+    )
 
-    o = sub.add_parser("overhead", help="host overhead of dispatch per op, and a host-bound ViT against timm",
-                       description="A/B interleaved: fastvit.ops.<op> vs the selected implementation called directly "
-                                   "(tiny tensors), and fastvit.from_timm vs timm on a 12-block ViT, dim 64, 32x32 "
-                                   "images (inference and a training step). Medians with IQR.")
+    o = sub.add_parser(
+        "overhead",
+        help="host overhead of dispatch per op, and a host-bound ViT against timm",
+        description="A/B interleaved: fastvit.ops.<op> vs the selected implementation called directly "
+        "(tiny tensors), and fastvit.from_timm vs timm on a 12-block ViT, dim 64, 32x32 "
+        "images (inference and a training step). Medians with IQR.",
+    )
     o.add_argument("--device", default="cpu", help="torch device of the tensors and models (default cpu)")
     o.add_argument("--reps", type=_positive_int, default=30, help="A/B rounds, i.e. samples per variant (default 30)")
     o.add_argument("--number", type=_positive_int, default=200, help="op calls per sample (default 200)")
     o.add_argument("--model-number", type=_positive_int, default=3, help="model steps per sample (default 3)")
     o.add_argument("--batch", type=_positive_int, default=2, help="images per model step (default 2)")
-    o.add_argument("--backend", choices=["eager", "triton", "cuda"], default=None,
-                   help="force a fastvit backend (default: automatic selection; eager on the CPU)")
+    o.add_argument(
+        "--backend",
+        choices=["eager", "triton", "cuda"],
+        default=None,
+        help="force a fastvit backend (default: automatic selection; eager on the CPU)",
+    )
     o.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
     o.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -199,8 +271,9 @@ def _fmt(v: Any, kind: str = "") -> str:
     return str(v)
 
 
-def _print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict[str, Any]],
-                 width: int | None = None) -> None:
+def _print_table(
+    title: str, columns: list[tuple[str, str, str]], rows: list[dict[str, Any]], width: int | None = None
+) -> None:
     """Print ``rows`` (only the ok / FAILED ones) with ``columns`` = (header, key, format) via rich or plain text,
     ``width`` characters wide at most (default from the number of columns)."""
     body = [[_fmt(r.get(key), kind) for _, key, kind in columns] for r in rows]
@@ -284,8 +357,10 @@ class _Run:
             torch.set_num_threads(args.threads)
         self.idx = 0 if self.gpu else 1
         self.dtype = harness.parse_dtype(args.dtype or ("bf16" if self.gpu else "fp32"))
-        self.bench = {"warmup_ms": args.warmup_ms or (25.0 if self.gpu else 10.0),
-                      "rep_ms": args.rep_ms or (100.0 if self.gpu else 40.0)}
+        self.bench = {
+            "warmup_ms": args.warmup_ms or (25.0 if self.gpu else 10.0),
+            "rep_ms": args.rep_ms or (100.0 if self.gpu else 40.0),
+        }
         self.args = args
         self.started = time.time()
         self.roofline = None
@@ -316,8 +391,7 @@ class _Run:
 def _exit_status(rows: list[dict[str, Any]], ours: tuple[str, ...] = ("fastvit",)) -> int:
     """1 when any provider gave a wrong answer (``FAILED``) or one of fastvit's own raised (``error``); errors of
     third-party providers (an SDPA backend, flash-attn) are reported but do not fail the run."""
-    bad = [r for r in rows if r["status"] == "FAILED"
-           or (r["status"] == "error" and r["provider"].startswith(ours))]
+    bad = [r for r in rows if r["status"] == "FAILED" or (r["status"] == "error" and r["provider"].startswith(ours))]
     if bad:
         names = sorted({r["provider"] for r in bad})
         print(f"\n{len(bad)} run(s) FAILED or raised in fastvit: {names} (see the table / the JSON)", file=sys.stderr)
@@ -359,9 +433,20 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
     ok_rows = [r for r in rows if r["status"] in ("ok", "FAILED")]
     _print_table(
         f"attention ({run.device.type}, {str(run.dtype)[6:]}, H={heads}) -- ms is the median; mem = MiB the call adds",
-        [("mode", "mode", "text"), ("provider", "provider", "text"), ("B", "B", ""), ("N", "N", ""), ("D", "D", ""),
-         ("ms", "ms", ""), ("TFLOP/s", "tflops", ""), ("GB/s", "gbps", ""), ("roofline", "roofline_fraction", "pct"),
-         ("mem MiB", "peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        [
+            ("mode", "mode", "text"),
+            ("provider", "provider", "text"),
+            ("B", "B", ""),
+            ("N", "N", ""),
+            ("D", "D", ""),
+            ("ms", "ms", ""),
+            ("TFLOP/s", "tflops", ""),
+            ("GB/s", "gbps", ""),
+            ("roofline", "roofline_fraction", "pct"),
+            ("mem MiB", "peak_mem_bytes", "mem"),
+            ("max|err|", "max_abs_diff", ""),
+            ("status", "status", "text"),
+        ],
         ok_rows,
     )
     skipped = _skipped_summary(rows)
@@ -369,13 +454,20 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
     if args.json:
         _write_json(args.json, run.payload("attention", argv, rows, heads=heads, tokens_target=tokens))
     if args.plot:
-        _plot_sweep(args.plot, rows, x_key="N", series_key="provider", panel_keys=("mode", "D"),
-                    title=f"attention, H={heads}, {str(run.dtype)[6:]}, {run.device.type}")
+        _plot_sweep(
+            args.plot,
+            rows,
+            x_key="N",
+            series_key="provider",
+            panel_keys=("mode", "D"),
+            title=f"attention, H={heads}, {str(run.dtype)[6:]}, {run.device.type}",
+        )
     return _exit_status(rows)
 
 
-def _plot_sweep(path: str, rows: list[dict[str, Any]], *, x_key: str, series_key: str,
-                panel_keys: tuple[str, ...], title: str) -> None:
+def _plot_sweep(
+    path: str, rows: list[dict[str, Any]], *, x_key: str, series_key: str, panel_keys: tuple[str, ...], title: str
+) -> None:
     """One row of panels per combination of ``panel_keys``: time (ms) and memory (MiB) against ``x_key``, log axes."""
     plt = _plt()
     timed = [r for r in rows if r["status"] == "ok" and r.get("ms")]
@@ -440,22 +532,44 @@ def _cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     run = _Run(args, parser)
     from fastvit.bench.providers import ModelSpec, model_provider_names, run_model
 
-    spec = ModelSpec(args.name, args.batch or _MODEL_BATCH[run.idx], args.img_size, run.dtype, run.device,
-                     compile=args.compile, force_compile=args.force_compile, num_classes=args.num_classes)
+    spec = ModelSpec(
+        args.name,
+        args.batch or _MODEL_BATCH[run.idx],
+        args.img_size,
+        run.dtype,
+        run.device,
+        compile=args.compile,
+        force_compile=args.force_compile,
+        num_classes=args.num_classes,
+    )
     names = _filter_providers(model_provider_names(spec), args.providers, parser)
     bar = _progress(None, len(names), f"model {args.name}", args.no_progress)
-    records, info = run_model(spec, run.roofline, providers=names, bench=run.bench,
-                              progress=(lambda name: bar.update(1)) if hasattr(bar, "update") else None)
+    records, info = run_model(
+        spec,
+        run.roofline,
+        providers=names,
+        bench=run.bench,
+        progress=(lambda name: bar.update(1)) if hasattr(bar, "update") else None,
+    )
     if hasattr(bar, "close"):
         bar.close()
     rows = [r.as_dict() for r in records]
     _print_table(
         f"model {args.name} ({run.device.type}, {str(run.dtype)[6:]}{' autocast' if str(run.dtype) != 'torch.float32' else ''}"
         f", B={spec.batch}, img {info['img_size']}, {info['params'] / 1e6:.1f}M params)",
-        [("provider", "provider", "text"), ("train ms", "train_ms", ""), ("train img/s", "train_images_per_s", ""),
-         ("train TFLOP/s", "train_tflops", ""), ("MFU", "train_mfu", "pct"), ("train MiB", "train_peak_mem_bytes", "mem"),
-         ("infer ms", "infer_ms", ""), ("infer img/s", "infer_images_per_s", ""),
-         ("infer MiB", "infer_peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        [
+            ("provider", "provider", "text"),
+            ("train ms", "train_ms", ""),
+            ("train img/s", "train_images_per_s", ""),
+            ("train TFLOP/s", "train_tflops", ""),
+            ("MFU", "train_mfu", "pct"),
+            ("train MiB", "train_peak_mem_bytes", "mem"),
+            ("infer ms", "infer_ms", ""),
+            ("infer img/s", "infer_images_per_s", ""),
+            ("infer MiB", "infer_peak_mem_bytes", "mem"),
+            ("max|err|", "max_abs_diff", ""),
+            ("status", "status", "text"),
+        ],
         [r for r in rows if r["status"] in ("ok", "FAILED")],
     )
     _print_skipped(_skipped_summary(rows))
@@ -471,8 +585,10 @@ def _plot_model(path: str, rows: list[dict[str, Any]], title: str) -> None:
     timed = [r for r in rows if r["status"] == "ok" and r.get("train_images_per_s")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     names = [r["provider"] for r in timed]
-    for ax, key, label in ((axes[0], "train_images_per_s", "train step (images/s)"),
-                           (axes[1], "infer_images_per_s", "inference (images/s)")):
+    for ax, key, label in (
+        (axes[0], "train_images_per_s", "train step (images/s)"),
+        (axes[1], "infer_images_per_s", "inference (images/s)"),
+    ):
         ax.barh(names, [r.get(key) or 0 for r in timed])
         ax.set_xlabel(label)
         ax.set_title(f"{title}: {label}")
@@ -520,22 +636,39 @@ def _cmd_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
     cases = [(c, s) for s in sizes for c in comps]
     rows = []
     for comp, size in _progress(cases, len(cases), f"scaling {args.name}", args.no_progress):
-        rec = run_scaling_point(comp, B, size, run.dtype, run.device, args.mode, args.backend, run.roofline,
-                                bench=run.bench)
+        rec = run_scaling_point(
+            comp, B, size, run.dtype, run.device, args.mode, args.backend, run.roofline, bench=run.bench
+        )
         rows.append(rec.as_dict())
     _print_table(
         f"scaling {args.name} ({run.device.type}, {str(run.dtype)[6:]}, B={B}, {args.mode})",
-        [("component", "provider", "text"), ("backend", "backend", "text"), ("img", "img_size", ""), ("N", "N", ""),
-         ("ms", "ms", ""), ("TFLOP/s", "tflops", ""), ("GB/s", "gbps", ""), ("roofline", "roofline_fraction", "pct"),
-         ("mem MiB", "peak_mem_bytes", "mem"), ("max|err|", "max_abs_diff", ""), ("status", "status", "text")],
+        [
+            ("component", "provider", "text"),
+            ("backend", "backend", "text"),
+            ("img", "img_size", ""),
+            ("N", "N", ""),
+            ("ms", "ms", ""),
+            ("TFLOP/s", "tflops", ""),
+            ("GB/s", "gbps", ""),
+            ("roofline", "roofline_fraction", "pct"),
+            ("mem MiB", "peak_mem_bytes", "mem"),
+            ("max|err|", "max_abs_diff", ""),
+            ("status", "status", "text"),
+        ],
         [r for r in rows if r["status"] in ("ok", "FAILED")],
     )
     _print_skipped(_skipped_summary(rows))
     if args.json:
         _write_json(args.json, run.payload("scaling", argv, rows, model={"name": args.name, "config": cfg}, batch=B))
     if args.plot:
-        _plot_sweep(args.plot, rows, x_key="N", series_key="provider", panel_keys=(),
-                    title=f"{args.name} components, B={B}, {args.mode}, {run.device.type}")
+        _plot_sweep(
+            args.plot,
+            rows,
+            x_key="N",
+            series_key="provider",
+            panel_keys=(),
+            title=f"{args.name} components, B={B}, {args.mode}, {run.device.type}",
+        )
     return _exit_status(rows, ours=tuple(c.name for c in comps))
 
 
@@ -562,47 +695,76 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     cases = overhead.op_cases(device)
     bar = _progress(None, len(cases) + 2, "overhead", args.no_progress)
     tick = (lambda _name: bar.update(1)) if hasattr(bar, "update") else None
-    ops_rows = overhead.measure_ops(device=device, reps=args.reps, number=args.number, backend=args.backend,
-                                    progress=tick)
-    model = overhead.measure_model(device=device, batch=args.batch, reps=args.reps, number=args.model_number,
-                                   backend=args.backend, progress=tick)
+    ops_rows = overhead.measure_ops(
+        device=device, reps=args.reps, number=args.number, backend=args.backend, progress=tick
+    )
+    model = overhead.measure_model(
+        device=device, batch=args.batch, reps=args.reps, number=args.model_number, backend=args.backend, progress=tick
+    )
     if hasattr(bar, "close"):
         bar.close()
 
-    rows = [{"op": r["case"], "backend": r["backend"], "ops": _iqr(r["variants"]["fastvit.ops"], "us"),
-             "direct": _iqr(r["variants"]["direct"], "us"),
-             "added": f"{r['added_us']['median']:+.1f} [{r['added_us']['q25']:+.1f}, {r['added_us']['q75']:+.1f}]",
-             "target": "ok" if r["within_target"] else f"> {r['target_us']:g} us"} for r in ops_rows]
+    rows = [
+        {
+            "op": r["case"],
+            "backend": r["backend"],
+            "ops": _iqr(r["variants"]["fastvit.ops"], "us"),
+            "direct": _iqr(r["variants"]["direct"], "us"),
+            "added": f"{r['added_us']['median']:+.1f} [{r['added_us']['q25']:+.1f}, {r['added_us']['q75']:+.1f}]",
+            "target": "ok" if r["within_target"] else f"> {r['target_us']:g} us",
+        }
+        for r in ops_rows
+    ]
     _print_table(
         f"dispatch overhead per op ({device.type}; {args.reps} A/B rounds x {args.number} calls; median [IQR])",
-        [("op", "op", "text"), ("backend", "backend", "text"), ("fastvit.ops us", "ops", "text"),
-         ("direct us", "direct", "text"), ("added us", "added", "text"),
-         (f"<= {overhead.OP_ADDED_US_TARGET:g} us", "target", "text")],
-        rows, width=150,
+        [
+            ("op", "op", "text"),
+            ("backend", "backend", "text"),
+            ("fastvit.ops us", "ops", "text"),
+            ("direct us", "direct", "text"),
+            ("added us", "added", "text"),
+            (f"<= {overhead.OP_ADDED_US_TARGET:g} us", "target", "text"),
+        ],
+        rows,
+        width=150,
     )
-    mrows = [{"mode": r["mode"], "timm": _iqr(r["variants"]["timm"], "ms", 2),
-              "fastvit": _iqr(r["variants"]["fastvit"], "ms", 2),
-              "ratio": f"{r['ratio']['median']:.3f} [{r['ratio']['q25']:.3f}, {r['ratio']['q75']:.3f}]",
-              "target": "ok" if r["within_target"] else f"> {r['target_ratio']:g}"} for r in model["rows"]]
+    mrows = [
+        {
+            "mode": r["mode"],
+            "timm": _iqr(r["variants"]["timm"], "ms", 2),
+            "fastvit": _iqr(r["variants"]["fastvit"], "ms", 2),
+            "ratio": f"{r['ratio']['median']:.3f} [{r['ratio']['q25']:.3f}, {r['ratio']['q75']:.3f}]",
+            "target": "ok" if r["within_target"] else f"> {r['target_ratio']:g}",
+        }
+        for r in model["rows"]
+    ]
     cfg = model["config"]
     _print_table(
         f"host-bound ViT ({device.type}, depth {cfg['depth']}, C={cfg['embed_dim']}, {cfg['img_size']}px/P{cfg['patch_size']}, "
         f"B={model['batch']}; {args.reps} A/B rounds x {args.model_number} steps; median [IQR])",
-        [("mode", "mode", "text"), ("timm ms", "timm", "text"), ("fastvit ms", "fastvit", "text"),
-         ("fastvit / timm", "ratio", "text"), (f"<= {overhead.MODEL_RATIO_TARGET:g}", "target", "text")],
+        [
+            ("mode", "mode", "text"),
+            ("timm ms", "timm", "text"),
+            ("fastvit ms", "fastvit", "text"),
+            ("fastvit / timm", "ratio", "text"),
+            (f"<= {overhead.MODEL_RATIO_TARGET:g}", "target", "text"),
+        ],
         mrows,
     )
     if args.json:
-        _write_json(args.json, {
-            "schema": "fastvit-bench/1",
-            "command": "overhead",
-            "argv": list(argv),
-            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-            "environment": harness.environment(device),
-            "ops": ops_rows,
-            "model": model,
-            "wall_s": time.time() - started,
-        })
+        _write_json(
+            args.json,
+            {
+                "schema": "fastvit-bench/1",
+                "command": "overhead",
+                "argv": list(argv),
+                "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                "environment": harness.environment(device),
+                "ops": ops_rows,
+                "model": model,
+                "wall_s": time.time() - started,
+            },
+        )
     return 0
 
 

@@ -60,10 +60,16 @@ __all__ = [
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp64": torch.float64, "float64": torch.float64,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
 }
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
@@ -544,12 +550,14 @@ def measure_roofline(device: torch.device | str, gemm_dtype: torch.dtype | None 
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     t_copy = do_bench(lambda: dst.copy_(src), device=device, flush_l2=False, warmup_ms=10, rep_ms=50 if cuda else 30)
-    del src, dst
+    src = dst = None  # free the buffers before the GEMM ceiling (the lambda above is done with them)
     n = 8192 if cuda else 512
     a = torch.randn(n, n, device=device, dtype=gemm_dtype)
     b = torch.randn(n, n, device=device, dtype=gemm_dtype)
-    t_gemm = do_bench(lambda: torch.matmul(a, b), device=device, flush_l2=False, warmup_ms=10, rep_ms=50 if cuda else 30)
-    del a, b
+    t_gemm = do_bench(
+        lambda: torch.matmul(a, b), device=device, flush_l2=False, warmup_ms=10, rep_ms=50 if cuda else 30
+    )
+    a = b = None
     free_memory(device)
     return Roofline(
         copy_gbps=2 * copy_bytes / (t_copy.median_ms * 1e-3) / 1e9,
@@ -609,8 +617,12 @@ def _nvidia_driver() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     lines = res.stdout.strip().splitlines()

@@ -58,8 +58,13 @@ def summary(values: list[float], scale: float = 1.0, unit: str = "") -> dict[str
     v = sorted(x * scale for x in values)
     sfx = f"_{unit}" if unit else ""
     q25, q75 = _quantile(v, 0.25), _quantile(v, 0.75)
-    return {f"median{sfx}": statistics.median(v), f"q25{sfx}": q25, f"q75{sfx}": q75, f"iqr{sfx}": q75 - q25,
-            "n": len(v)}
+    return {
+        f"median{sfx}": statistics.median(v),
+        f"q25{sfx}": q25,
+        f"q75{sfx}": q75,
+        f"iqr{sfx}": q75 - q25,
+        "n": len(v),
+    }
 
 
 def interleaved(
@@ -129,15 +134,18 @@ def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
     x = t(B, N, C)
     ids_restore = torch.stack([torch.randperm(Np, generator=g) for _ in range(B)]).to(device)
     table = {
-        "patch_embed": [((t(B, 3, S, S), t(C, 3, P, P), t(C)), {"pos_embed": t(1, Np + 1, C), "cls_token": t(1, 1, C)})],
+        "patch_embed": [
+            ((t(B, 3, S, S), t(C, 3, P, P), t(C)), {"pos_embed": t(1, Np + 1, C), "cls_token": t(1, 1, C)})
+        ],
         "attention": [((t(B, N, 3 * C), H), {})],
         "scaled_dot_product_attention": [((t(B, H, N, C // H), t(B, H, N, C // H), t(B, H, N, C // H)), {})],
         "layer_norm": [((x, t(C), t(C), 1e-6), {}), ((x, t(C), t(C), 1e-6), {"residual": t(B, N, C)})],
         "linear_gelu": [((x, t(F, C), t(F)), {})],
         "linear_residual": [((t(B, N, F), t(C, F), t(C), x), {})],
         "mae_unshuffle": [((t(B, 1 + 2, C), t(1, 1, C), ids_restore), {"pos_embed": t(1, 1 + Np, C)})],
-        "mae_loss": [((t(B, Np, P * P * 3), t(B, 3, S, S), (torch.rand(B, Np, generator=g) > 0.5).to(device, dtype),
-                       P), {})],
+        "mae_loss": [
+            ((t(B, Np, P * P * 3), t(B, 3, S, S), (torch.rand(B, Np, generator=g) > 0.5).to(device, dtype), P), {})
+        ],
     }
     missing = [op for op in OPS if op not in table]
     if missing:
@@ -151,7 +159,11 @@ def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
 
 
 def measure_ops(
-    *, device: torch.device | str = "cpu", reps: int = 30, number: int = 200, backend: str | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    reps: int = 30,
+    number: int = 200,
+    backend: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Dispatch overhead per op: ``fastvit.ops.<op>(...)`` against the selected implementation called directly.
@@ -182,13 +194,23 @@ def measure_ops(
             public = getattr(ops, c.op)
             chosen, impl = select(c.op, _call(c.op, *c.args, **c.kwargs))
             # The same wrapper around both, so only what is inside the two calls differs.
-            times = interleaved({"fastvit.ops": lambda f=public, a=c.args, kw=c.kwargs: f(*a, **kw),
-                                 "direct": lambda f=impl, a=c.args, kw=c.kwargs: f(*a, **kw)},
-                                reps=reps, number=number)
+            times = interleaved(
+                {
+                    "fastvit.ops": lambda f=public, a=c.args, kw=c.kwargs: f(*a, **kw),
+                    "direct": lambda f=impl, a=c.args, kw=c.kwargs: f(*a, **kw),
+                },
+                reps=reps,
+                number=number,
+            )
             added = [a - b for a, b in zip(times["fastvit.ops"], times["direct"])]
-            row = {"case": c.case, "op": c.op, "backend": chosen,
-                   "variants": {name: summary(v, 1e6, "us") for name, v in times.items()},
-                   "added_us": summary(added, 1e6), "target_us": OP_ADDED_US_TARGET}
+            row = {
+                "case": c.case,
+                "op": c.op,
+                "backend": chosen,
+                "variants": {name: summary(v, 1e6, "us") for name, v in times.items()},
+                "added_us": summary(added, 1e6),
+                "target_us": OP_ADDED_US_TARGET,
+            }
             row["within_target"] = row["added_us"]["median"] <= OP_ADDED_US_TARGET
             rows.append(row)
     return rows
@@ -200,8 +222,13 @@ MODEL_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 64
 
 
 def measure_model(
-    *, device: torch.device | str = "cpu", batch: int = 2, reps: int = 30, number: int = 3,
-    backend: str | None = None, progress: Callable[[str], None] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    batch: int = 2,
+    reps: int = 30,
+    number: int = 3,
+    backend: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """fastvit (``fastvit.from_timm``, same weights) against timm on :data:`MODEL_KWARGS`, inference and training.
 
@@ -250,12 +277,14 @@ def measure_model(
             def step() -> Any:
                 with torch.no_grad():
                     return m(images)
+
             return step
 
         def train(m: torch.nn.Module) -> Callable[[], Any]:
             def step() -> None:
                 torch.nn.functional.cross_entropy(m(images), labels).backward()
                 m.zero_grad(set_to_none=True)
+
             return step
 
         rows = []
@@ -266,9 +295,18 @@ def measure_model(
                 m.train(mode == "train")
             times = interleaved({name: make(m) for name, m in models.items()}, reps=reps, number=number)
             ratios = [f / t for f, t in zip(times["fastvit"], times["timm"])]
-            row = {"mode": mode, "variants": {name: summary(v, 1e3, "ms") for name, v in times.items()},
-                   "ratio": summary(ratios), "target_ratio": MODEL_RATIO_TARGET}
+            row = {
+                "mode": mode,
+                "variants": {name: summary(v, 1e3, "ms") for name, v in times.items()},
+                "ratio": summary(ratios),
+                "target_ratio": MODEL_RATIO_TARGET,
+            }
             row["within_target"] = row["ratio"]["median"] <= MODEL_RATIO_TARGET
             rows.append(row)
-    return {"config": {"timm": "VisionTransformer", **MODEL_KWARGS}, "batch": batch,
-            "params": sum(p.numel() for p in ours.parameters()), "max_abs_diff": diff, "rows": rows}
+    return {
+        "config": {"timm": "VisionTransformer", **MODEL_KWARGS},
+        "batch": batch,
+        "params": sum(p.numel() for p in ours.parameters()),
+        "max_abs_diff": diff,
+        "rows": rows,
+    }

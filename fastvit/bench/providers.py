@@ -60,8 +60,13 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _unsupported_message(exc: BaseException) -> bool:
     msg = str(exc).lower()
-    return any(s in msg for s in ("no available kernel", "no viable backend", "not supported", "cannot run",
-                                  "backendnotsupported")) or type(exc).__name__ == "BackendNotSupportedError"
+    return (
+        any(
+            s in msg
+            for s in ("no available kernel", "no viable backend", "not supported", "cannot run", "backendnotsupported")
+        )
+        or type(exc).__name__ == "BackendNotSupportedError"
+    )
 
 
 # =============================================================================================== dispatch calls
@@ -139,8 +144,10 @@ def run_case(
     caught: list = []
     state = None
     try:
-        with context() if context is not None else contextlib.nullcontext(), \
-                warnings.catch_warnings(record=True) as caught:
+        with (
+            context() if context is not None else contextlib.nullcontext(),
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             state = prepare(rec)
             results = check(state)
@@ -165,14 +172,23 @@ def run_case(
     return rec
 
 
-def _timing_metrics(t: harness.Timing, n_flops: int | None, n_bytes: int | None,
-                    roofline: Roofline | None) -> dict[str, Any]:
+def _timing_metrics(
+    t: harness.Timing, n_flops: int | None, n_bytes: int | None, roofline: Roofline | None
+) -> dict[str, Any]:
     r = harness.rates(t.median_ms, n_flops, n_bytes, roofline)
     return {
-        "ms": t.median_ms, "ms_q20": t.q20_ms, "ms_q80": t.q80_ms, "ms_min": t.min_ms,
-        "tflops": r["tflops"], "gbps": r["gbps"], "roofline_ms": r["roofline_ms"],
+        "ms": t.median_ms,
+        "ms_q20": t.q20_ms,
+        "ms_q80": t.q80_ms,
+        "ms_min": t.min_ms,
+        "tflops": r["tflops"],
+        "gbps": r["gbps"],
+        "roofline_ms": r["roofline_ms"],
         "roofline_fraction": r["roofline_fraction"],
-        "reps": t.reps, "timer": t.timer, "l2_flushed": t.l2_flushed, "input_sets": t.input_sets,
+        "reps": t.reps,
+        "timer": t.timer,
+        "l2_flushed": t.l2_flushed,
+        "input_sets": t.input_sets,
     }
 
 
@@ -195,8 +211,14 @@ class AttentionSpec:
 
     def config(self) -> dict[str, Any]:
         """JSON-friendly description (B, N, H, D, C, dtype)."""
-        return {"B": self.B, "N": self.N, "H": self.H, "D": self.D, "C": self.C,
-                "dtype": str(self.dtype).replace("torch.", "")}
+        return {
+            "B": self.B,
+            "N": self.N,
+            "H": self.H,
+            "D": self.D,
+            "C": self.C,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
 
 
 class AttentionProvider:
@@ -354,8 +376,11 @@ class XformersProvider(AttentionProvider):
 
 def attention_providers() -> list[AttentionProvider]:
     """Every attention provider, in report order: fastvit backends, SDPA backends, FlashAttention, xformers."""
-    return ([FastvitAttention(b) for b in FASTVIT_BACKENDS] + [SdpaAttention(s) for s in _SDPA_NAMES]
-            + [FlashAttnProvider(), XformersProvider()])
+    return (
+        [FastvitAttention(b) for b in FASTVIT_BACKENDS]
+        + [SdpaAttention(s) for s in _SDPA_NAMES]
+        + [FlashAttnProvider(), XformersProvider()]
+    )
 
 
 def _naive_attention(qkv: torch.Tensor, H: int) -> torch.Tensor:
@@ -495,13 +520,26 @@ def run_attention_case(
                 sets[0].grad = None
                 fn(sets[0]).backward(douts[0])
                 return sets[0].grad
+
         t = harness.do_bench(step, device=dev, inputs=do_inputs, grad_to_none=sets, **bench)
-        return {"peak_mem_bytes": harness.measure_peak_memory(one, dev), **_timing_metrics(t, n_flops, n_bytes, roofline)}
+        return {
+            "peak_mem_bytes": harness.measure_peak_memory(one, dev),
+            **_timing_metrics(t, n_flops, n_bytes, roofline),
+        }
 
     for p in runnable:
-        records.append(run_case(p.name, cfg, prepare=lambda rec, p=p: p.build(spec), check=check, time=time,
-                                context=p.context, device=dev,
-                                metrics={"flops": n_flops, "bytes": n_bytes, "check_batch": bc}))
+        records.append(
+            run_case(
+                p.name,
+                cfg,
+                prepare=lambda rec, p=p: p.build(spec),
+                check=check,
+                time=time,
+                context=p.context,
+                device=dev,
+                metrics={"flops": n_flops, "bytes": n_bytes, "check_batch": bc},
+            )
+        )
     return records
 
 
@@ -554,11 +592,13 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
         "head_dim": attn_dim // H,
         "mlp_hidden": int(_get(b0, "mlp.fc1.out_features", default=4 * C)),
         "patch_size": P,
-        "in_chans": int(proj.in_channels if proj is not None and hasattr(proj, "in_channels")
-                        else _get(pe, "in_chans", default=3)),
+        "in_chans": int(
+            proj.in_channels if proj is not None and hasattr(proj, "in_channels") else _get(pe, "in_chans", default=3)
+        ),
         "img_size": _pair_first(_get(pe, "img_size", default=224)),
-        "num_prefix_tokens": int(_get(model, "num_prefix_tokens",
-                                      default=1 if _get(model, "cls_token") is not None else 0)),
+        "num_prefix_tokens": int(
+            _get(model, "num_prefix_tokens", default=1 if _get(model, "cls_token") is not None else 0)
+        ),
         "num_classes": int(_get(model, "num_classes", default=0) or 0),
         "is_mae": _get(model, "decoder_blocks") is not None,
     }
@@ -566,8 +606,9 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
         dblocks = _get(model, "decoder_blocks")
         d0 = dblocks[0]
         cfg.update(
-            decoder_embed_dim=int(_get(model, "decoder_embed.out_features", "decoder_embed_dim",
-                                       default=d0.attn.qkv.in_features)),
+            decoder_embed_dim=int(
+                _get(model, "decoder_embed.out_features", "decoder_embed_dim", default=d0.attn.qkv.in_features)
+            ),
             decoder_depth=len(dblocks),
             decoder_num_heads=int(_get(d0, "attn.num_heads")),
             decoder_mlp_hidden=int(_get(d0, "mlp.fc1.out_features")),
@@ -663,8 +704,13 @@ def _primary(out: Any) -> torch.Tensor:
 
 
 class _Built:
-    def __init__(self, model: torch.nn.Module, call: Callable[[torch.nn.Module, torch.Tensor], Any],
-                 note: str | None = None, compare: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        call: Callable[[torch.nn.Module, torch.Tensor], Any],
+        note: str | None = None,
+        compare: bool = True,
+    ) -> None:
         self.model, self.call, self.note, self.compare = model, call, note, compare
 
 
@@ -697,20 +743,36 @@ def _hf_model(cfg: dict[str, Any], img_size: int) -> tuple[torch.nn.Module, str]
         from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
         hc = ViTMAEConfig(
-            hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
-            intermediate_size=cfg["mlp_hidden"], image_size=img_size, patch_size=cfg["patch_size"],
-            num_channels=cfg["in_chans"], decoder_hidden_size=cfg["decoder_embed_dim"],
-            decoder_num_hidden_layers=cfg["decoder_depth"], decoder_num_attention_heads=cfg["decoder_num_heads"],
-            decoder_intermediate_size=cfg["decoder_mlp_hidden"], mask_ratio=cfg["mask_ratio"],
-            norm_pix_loss=cfg["norm_pix_loss"], layer_norm_eps=1e-6, qkv_bias=True,
+            hidden_size=cfg["embed_dim"],
+            num_hidden_layers=cfg["depth"],
+            num_attention_heads=cfg["num_heads"],
+            intermediate_size=cfg["mlp_hidden"],
+            image_size=img_size,
+            patch_size=cfg["patch_size"],
+            num_channels=cfg["in_chans"],
+            decoder_hidden_size=cfg["decoder_embed_dim"],
+            decoder_num_hidden_layers=cfg["decoder_depth"],
+            decoder_num_attention_heads=cfg["decoder_num_heads"],
+            decoder_intermediate_size=cfg["decoder_mlp_hidden"],
+            mask_ratio=cfg["mask_ratio"],
+            norm_pix_loss=cfg["norm_pix_loss"],
+            layer_norm_eps=1e-6,
+            qkv_bias=True,
         )
         return ViTMAEForPreTraining(hc), "transformers.ViTMAEForPreTraining"
     from transformers import ViTConfig, ViTForImageClassification
 
     hc = ViTConfig(
-        hidden_size=cfg["embed_dim"], num_hidden_layers=cfg["depth"], num_attention_heads=cfg["num_heads"],
-        intermediate_size=cfg["mlp_hidden"], image_size=img_size, patch_size=cfg["patch_size"],
-        num_channels=cfg["in_chans"], num_labels=max(cfg["num_classes"], 1), layer_norm_eps=1e-6, qkv_bias=True,
+        hidden_size=cfg["embed_dim"],
+        num_hidden_layers=cfg["depth"],
+        num_attention_heads=cfg["num_heads"],
+        intermediate_size=cfg["mlp_hidden"],
+        image_size=img_size,
+        patch_size=cfg["patch_size"],
+        num_channels=cfg["in_chans"],
+        num_labels=max(cfg["num_classes"], 1),
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
     )
     return ViTForImageClassification(hc), "transformers.ViTForImageClassification"
 
@@ -749,28 +811,56 @@ def _model_calls(cfg: dict[str, Any], spec: ModelSpec, img: int) -> list[tuple[s
     def blocks(n: int, c: int, heads: int, head_dim: int, hidden: int) -> None:
         a = heads * head_dim
         x = t(B, n, c)
-        calls.extend([
-            ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6)),
-            ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6, residual=x)),
-            ("attention", _call("attention", t(B, n, 3 * a), heads)),
-            ("linear_residual", _call("linear_residual", t(B, n, a), t(c, a), t(c), x)),
-            ("linear_gelu", _call("linear_gelu", x, t(hidden, c), t(hidden))),
-            ("linear_residual", _call("linear_residual", t(B, n, hidden), t(c, hidden), t(c), x)),
-        ])
+        calls.extend(
+            [
+                ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6)),
+                ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6, residual=x)),
+                ("attention", _call("attention", t(B, n, 3 * a), heads)),
+                ("linear_residual", _call("linear_residual", t(B, n, a), t(c, a), t(c), x)),
+                ("linear_gelu", _call("linear_gelu", x, t(hidden, c), t(hidden))),
+                ("linear_residual", _call("linear_residual", t(B, n, hidden), t(c, hidden), t(c), x)),
+            ]
+        )
 
     if not cfg.get("is_mae"):
-        calls.append(("patch_embed", _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + (pre > 0), C),
-                                           cls_token=cls)))
+        calls.append(
+            (
+                "patch_embed",
+                _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + (pre > 0), C), cls_token=cls),
+            )
+        )
         blocks(Np + pre, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
         return calls
     nk = max(1, int(Np * (1 - cfg["mask_ratio"])))
     ids_keep = torch.arange(nk, device=dev).repeat(B, 1)
-    calls.append(("patch_embed", _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + 1, C),
-                                       cls_token=t(1, 1, C), ids_keep=ids_keep)))
+    calls.append(
+        (
+            "patch_embed",
+            _call(
+                "patch_embed",
+                images,
+                t(C, cin, P, P),
+                t(C),
+                pos_embed=t(1, Np + 1, C),
+                cls_token=t(1, 1, C),
+                ids_keep=ids_keep,
+            ),
+        )
+    )
     blocks(nk + 1, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
     Cd, Hd = cfg["decoder_embed_dim"], cfg["decoder_num_heads"]
-    calls.append(("mae_unshuffle", _call("mae_unshuffle", t(B, 1 + nk, Cd), t(1, 1, Cd),
-                                         torch.arange(Np, device=dev).repeat(B, 1), pos_embed=t(1, 1 + Np, Cd))))
+    calls.append(
+        (
+            "mae_unshuffle",
+            _call(
+                "mae_unshuffle",
+                t(B, 1 + nk, Cd),
+                t(1, 1, Cd),
+                torch.arange(Np, device=dev).repeat(B, 1),
+                pos_embed=t(1, 1 + Np, Cd),
+            ),
+        )
+    )
     blocks(Np + 1, Cd, Hd, Cd // Hd, cfg["decoder_mlp_hidden"])
     calls.append(("mae_loss", _call("mae_loss", t(B, Np, P * P * cin), images, t(B, Np), P)))
     return calls
@@ -834,9 +924,13 @@ def run_model(
     base = _fastvit_model(spec)
     cfg = model_config(base)
     img = spec.img_size or cfg["img_size"]
-    info = {"config": cfg, "img_size": img, "params": sum(p.numel() for p in base.parameters()),
-            "fwd_flops": vit_flops(cfg, img, spec.batch, "fwd"),
-            "train_flops": vit_flops(cfg, img, spec.batch, "fwd_bwd")}
+    info = {
+        "config": cfg,
+        "img_size": img,
+        "params": sum(p.numel() for p in base.parameters()),
+        "fwd_flops": vit_flops(cfg, img, spec.batch, "fwd"),
+        "train_flops": vit_flops(cfg, img, spec.batch, "fwd_bwd"),
+    }
     common = {"model": spec.name, "B": spec.batch, "img_size": img, "dtype": str(spec.dtype).replace("torch.", "")}
     wanted = providers or model_provider_names(spec)
 
@@ -890,11 +984,15 @@ def run_model(
             if timm_reason:
                 raise Skip(timm_reason)
             if name == "timm-compile":
-                return _Built(torch.compile(copy.deepcopy(timm_model)), _plain_call, "torch.compile(timm)",
-                              compare=weights_shared)
-            return _Built(copy.deepcopy(timm_model), _plain_call,
-                          note="same weights as fastvit" if weights_shared else "own random weights",
-                          compare=weights_shared)
+                return _Built(
+                    torch.compile(copy.deepcopy(timm_model)), _plain_call, "torch.compile(timm)", compare=weights_shared
+                )
+            return _Built(
+                copy.deepcopy(timm_model),
+                _plain_call,
+                note="same weights as fastvit" if weights_shared else "own random weights",
+                compare=weights_shared,
+            )
         if name == "hf-eager":
             try:
                 m, what = _hf_model(cfg, img)
@@ -912,8 +1010,17 @@ def run_model(
     def model_oracle() -> ModelOracle:
         if not oracle:
             base.to(dev).eval()
-            oracle.append(ModelOracle(base, [check_images], _primary, ref_dtype=ref_dtype_for(spec.dtype),
-                                      dtype=spec.dtype, context=lambda: _autocast(spec), seed=0))
+            oracle.append(
+                ModelOracle(
+                    base,
+                    [check_images],
+                    _primary,
+                    ref_dtype=ref_dtype_for(spec.dtype),
+                    dtype=spec.dtype,
+                    context=lambda: _autocast(spec),
+                    seed=0,
+                )
+            )
             base.cpu()
             harness.free_memory(dev)
         return oracle[0]
@@ -956,15 +1063,23 @@ def run_model(
         mem_tr = _absolute_peak(train_step, dev)
         opt.zero_grad(set_to_none=True)
         out: dict[str, Any] = {}
-        for prefix, t, mem, fl in (("infer", t_inf, mem_inf, info["fwd_flops"]),
-                                   ("train", t_tr, mem_tr, info["train_flops"])):
+        for prefix, t, mem, fl in (
+            ("infer", t_inf, mem_inf, info["fwd_flops"]),
+            ("train", t_tr, mem_tr, info["train_flops"]),
+        ):
             r = harness.rates(t.median_ms, fl, None, roofline)
-            out.update({
-                f"{prefix}_ms": t.median_ms, f"{prefix}_ms_q20": t.q20_ms, f"{prefix}_ms_q80": t.q80_ms,
-                f"{prefix}_images_per_s": spec.batch / (t.median_ms * 1e-3),
-                f"{prefix}_tflops": r["tflops"], f"{prefix}_mfu": r["roofline_fraction"],
-                f"{prefix}_peak_mem_bytes": mem, f"{prefix}_reps": t.reps,
-            })
+            out.update(
+                {
+                    f"{prefix}_ms": t.median_ms,
+                    f"{prefix}_ms_q20": t.q20_ms,
+                    f"{prefix}_ms_q80": t.q80_ms,
+                    f"{prefix}_images_per_s": spec.batch / (t.median_ms * 1e-3),
+                    f"{prefix}_tflops": r["tflops"],
+                    f"{prefix}_mfu": r["roofline_fraction"],
+                    f"{prefix}_peak_mem_bytes": mem,
+                    f"{prefix}_reps": t.reps,
+                }
+            )
         return out
 
     records: list[Record] = []
@@ -972,12 +1087,16 @@ def run_model(
         if progress:
             progress(name)
         backend = name[8:] if name.startswith("fastvit-") and name[8:] in FASTVIT_BACKENDS else None
-        records.append(run_case(
-            name, common, device=dev,
-            prepare=lambda rec, name=name: prepare(rec, name),
-            check=lambda built, backend=backend: check(built, backend),
-            time=lambda built, backend=backend: time(built, backend),
-        ))
+        records.append(
+            run_case(
+                name,
+                common,
+                device=dev,
+                prepare=lambda rec, name=name: prepare(rec, name),
+                check=lambda built, backend=backend: check(built, backend),
+                time=lambda built, backend=backend: time(built, backend),
+            )
+        )
     return records, info
 
 
@@ -1028,8 +1147,11 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
     def rnd(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * scale
 
-    def one_op(op: str, args: Callable[[dict[str, torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]],
-               pick: Callable[[Any], torch.Tensor] = lambda o: o) -> dict[str, Any]:
+    def one_op(
+        op: str,
+        args: Callable[[dict[str, torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]],
+        pick: Callable[[Any], torch.Tensor] = lambda o: o,
+    ) -> dict[str, Any]:
         """``run`` and ``args`` of a component that is a single call of ``fastvit.ops.<op>``."""
         fn = getattr(ops, op)
 
@@ -1046,38 +1168,59 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         return (t["images"], t["weight"], t["bias"]), kw
 
     def mlp(t: dict[str, torch.Tensor], be: str | None) -> torch.Tensor:
-        return ops.linear_residual(ops.linear_gelu(t["x"], t["w1"], t["b1"], backend=be), t["w2"], t["b2"], t["x"],
-                                   backend=be)
+        return ops.linear_residual(
+            ops.linear_gelu(t["x"], t["w1"], t["b1"], backend=be), t["w2"], t["b2"], t["x"], backend=be
+        )
 
     comps = [
         Component(
-            "patch_embed", **one_op("patch_embed", patch_args),
-            make=lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
-                                  "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, n_(S) - pre + 1, C, scale=0.02),
-                                  "cls_token": rnd(g, 1, 1, C, scale=0.02)},
+            "patch_embed",
+            **one_op("patch_embed", patch_args),
+            make=lambda B, S, g: {
+                "images": rnd(g, B, cin, S, S),
+                "weight": rnd(g, C, cin, P, P, scale=0.02),
+                "bias": rnd(g, C, scale=0.02),
+                "pos_embed": rnd(g, 1, n_(S) - pre + 1, C, scale=0.02),
+                "cls_token": rnd(g, 1, 1, C, scale=0.02),
+            },
             cost=lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, None, e),
             tokens=n_,
         ),
         Component(
-            "attention", **one_op("attention", lambda t: ((t["qkv"], H), {})),
+            "attention",
+            **one_op("attention", lambda t: ((t["qkv"], H), {})),
             make=lambda B, S, g: {"qkv": rnd(g, B, n_(S), 3 * attn_dim)},
             cost=lambda B, S, e: harness.AttentionCost(B, n_(S), H, D, e),
             tokens=n_,
         ),
         Component(
             "layer_norm",
-            **one_op("layer_norm", lambda t: ((t["x"], t["weight"], t["bias"], 1e-6), {"residual": t["residual"]}),
-                     pick=lambda o: o[0]),
-            make=lambda B, S, g: {"x": rnd(g, B, n_(S), C), "residual": rnd(g, B, n_(S), C),
-                                  "weight": 1 + rnd(g, C, scale=0.1), "bias": rnd(g, C, scale=0.1)},
+            **one_op(
+                "layer_norm",
+                lambda t: ((t["x"], t["weight"], t["bias"], 1e-6), {"residual": t["residual"]}),
+                pick=lambda o: o[0],
+            ),
+            make=lambda B, S, g: {
+                "x": rnd(g, B, n_(S), C),
+                "residual": rnd(g, B, n_(S), C),
+                "weight": 1 + rnd(g, C, scale=0.1),
+                "bias": rnd(g, C, scale=0.1),
+            },
             cost=lambda B, S, e: harness.LayerNormCost(B * n_(S), C, e, True),
             tokens=n_,
         ),
         Component(
-            "mlp", "linear_gelu", run=mlp, args=lambda t: ((t["x"], t["w1"], t["b1"]), {}),
-            make=lambda B, S, g: {"x": rnd(g, B, n_(S), C), "w1": rnd(g, Fh, C, scale=C**-0.5),
-                                  "b1": rnd(g, Fh, scale=0.02), "w2": rnd(g, C, Fh, scale=Fh**-0.5),
-                                  "b2": rnd(g, C, scale=0.02)},
+            "mlp",
+            "linear_gelu",
+            run=mlp,
+            args=lambda t: ((t["x"], t["w1"], t["b1"]), {}),
+            make=lambda B, S, g: {
+                "x": rnd(g, B, n_(S), C),
+                "w1": rnd(g, Fh, C, scale=C**-0.5),
+                "b1": rnd(g, Fh, scale=0.02),
+                "w2": rnd(g, C, Fh, scale=Fh**-0.5),
+                "b2": rnd(g, C, scale=0.02),
+            },
             cost=lambda B, S, e: harness.MlpCost(B * n_(S), C, Fh, e),
             tokens=n_,
         ),
@@ -1096,20 +1239,31 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
 
         comps += [
             Component(
-                "mae_gather", **one_op("patch_embed", patch_args),
-                make=lambda B, S, g: {"images": rnd(g, B, cin, S, S), "weight": rnd(g, C, cin, P, P, scale=0.02),
-                                      "bias": rnd(g, C, scale=0.02), "pos_embed": rnd(g, 1, np_(S) + 1, C, scale=0.02),
-                                      "cls_token": rnd(g, 1, 1, C, scale=0.02), "ids_keep": keep_ids(B, S, g)[0]},
+                "mae_gather",
+                **one_op("patch_embed", patch_args),
+                make=lambda B, S, g: {
+                    "images": rnd(g, B, cin, S, S),
+                    "weight": rnd(g, C, cin, P, P, scale=0.02),
+                    "bias": rnd(g, C, scale=0.02),
+                    "pos_embed": rnd(g, 1, np_(S) + 1, C, scale=0.02),
+                    "cls_token": rnd(g, 1, 1, C, scale=0.02),
+                    "ids_keep": keep_ids(B, S, g)[0],
+                },
                 cost=lambda B, S, e: harness.PatchEmbedCost(B, cin, S, P, C, 1, nk(S), e),
                 tokens=lambda S: nk(S) + 1,
             ),
             Component(
                 "mae_unshuffle",
-                **one_op("mae_unshuffle", lambda t: ((t["x"], t["mask_token"], t["ids_restore"]),
-                                                     {"pos_embed": t["pos_embed"]})),
-                make=lambda B, S, g: {"x": rnd(g, B, 1 + nk(S), Cd), "mask_token": rnd(g, 1, 1, Cd, scale=0.02),
-                                      "ids_restore": keep_ids(B, S, g)[1],
-                                      "pos_embed": rnd(g, 1, 1 + np_(S), Cd, scale=0.02)},
+                **one_op(
+                    "mae_unshuffle",
+                    lambda t: ((t["x"], t["mask_token"], t["ids_restore"]), {"pos_embed": t["pos_embed"]}),
+                ),
+                make=lambda B, S, g: {
+                    "x": rnd(g, B, 1 + nk(S), Cd),
+                    "mask_token": rnd(g, 1, 1, Cd, scale=0.02),
+                    "ids_restore": keep_ids(B, S, g)[1],
+                    "pos_embed": rnd(g, 1, 1 + np_(S), Cd, scale=0.02),
+                },
                 cost=lambda B, S, e: harness.MaeUnshuffleCost(B, np_(S), nk(S), Cd, e),
                 tokens=lambda S: 1 + np_(S),
             ),
@@ -1161,8 +1315,15 @@ def run_scaling_point(
     need_grad = mode != "fwd"
     n_flops, n_bytes = cost.flops(mode), cost.bytes(mode)
     full = (S // comp.patch_size) ** 2 + comp.prefix if comp.patch_size else comp.tokens(S)
-    cfg = {"component": comp.name, "img_size": S, "N": full, "tokens": comp.tokens(S), "B": B,
-           "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+    cfg = {
+        "component": comp.name,
+        "img_size": S,
+        "N": full,
+        "tokens": comp.tokens(S),
+        "B": B,
+        "dtype": str(dtype).replace("torch.", ""),
+        "mode": mode,
+    }
 
     def outputs(t: dict[str, torch.Tensor], be: str) -> list[torch.Tensor]:
         o = comp.run(t, be)
@@ -1184,8 +1345,9 @@ def run_scaling_point(
         return chosen
 
     def check(chosen: str) -> list[OracleResult]:
-        names = ["output"] + [f"grad {k}" for k, v in raw.items()
-                              if need_grad and v.is_floating_point() and k != "images"]  # _cast's leaves
+        names = ["output"] + [
+            f"grad {k}" for k, v in raw.items() if need_grad and v.is_floating_point() and k != "images"
+        ]  # _cast's leaves
         ref = outputs(_cast(raw, ref_dtype_for(dtype), device, need_grad), "eager")
         pt = outputs(_cast(raw, dtype, device, need_grad), "eager")
         got = outputs(_cast(raw, dtype, device, need_grad), chosen)
@@ -1202,14 +1364,24 @@ def run_scaling_point(
             def step() -> None:
                 comp.run(t, chosen).backward(go)
         else:
+
             def step() -> torch.Tensor:
                 return comp.run(t, chosen)
 
         timing = harness.do_bench(step, device=device, grad_to_none=leaves, **bench)
         for v in leaves:
             v.grad = None
-        return {"peak_mem_bytes": harness.measure_peak_memory(step, device),
-                **_timing_metrics(timing, n_flops, n_bytes, roofline)}
+        return {
+            "peak_mem_bytes": harness.measure_peak_memory(step, device),
+            **_timing_metrics(timing, n_flops, n_bytes, roofline),
+        }
 
-    return run_case(comp.name, cfg, prepare=prepare, check=check, time=time, device=device,
-                    metrics={"flops": n_flops, "bytes": n_bytes})
+    return run_case(
+        comp.name,
+        cfg,
+        prepare=prepare,
+        check=check,
+        time=time,
+        device=device,
+        metrics={"flops": n_flops, "bytes": n_bytes},
+    )

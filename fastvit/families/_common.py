@@ -48,7 +48,8 @@ def autocast_cast(dtype: torch.dtype, *tensors):
     """``tensors`` cast to ``dtype`` as autocast casts an op's inputs: floating tensors other than fp64 that are not
     ``dtype`` already (``None`` and non-tensors pass through; the cast is differentiable, so fp32 parameters get fp32 gradients)."""
     return tuple(
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype is not dtype and t.is_floating_point() and t.dtype != torch.float64
+        t.to(dtype)
+        if isinstance(t, torch.Tensor) and t.dtype is not dtype and t.is_floating_point() and t.dtype != torch.float64
         else t
         for t in tensors
     )

@@ -285,7 +285,6 @@ def _define_triton_ops() -> None:
     def linear_gelu_bwd(
         dy: Tensor, x: Tensor, weight: Tensor, h: Tensor, approximate: str, has_bias: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        N = weight.shape[0]
         x2, dy2, h2 = _rows(x), _rows(dy), _rows(h)
         w = triton_rt.last_contiguous(weight)
         prologue = _k.PRO_GELU_TANH if approximate == "tanh" else _k.PRO_GELU_ERF
@@ -307,7 +306,6 @@ def _define_triton_ops() -> None:
     def linear_residual_bwd(
         dy: Tensor, x: Tensor, weight: Tensor, gamma: Optional[Tensor], z: Optional[Tensor], has_bias: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        N = weight.shape[0]
         x2, dy2 = _rows(x), _rows(dy)
         w = triton_rt.last_contiguous(weight)
         if gamma is not None:

@@ -126,9 +126,7 @@ def _pair(config: object, name: str) -> Tuple[int, int]:
 def _act(config: object) -> str:
     act = _cfg(config, "hidden_act")
     if not isinstance(act, str) or act not in _ACTS:
-        raise ValueError(
-            f"config.hidden_act={act!r} is not supported; fastvit runs {sorted(_ACTS)} (GELU variants)"
-        )
+        raise ValueError(f"config.hidden_act={act!r} is not supported; fastvit runs {sorted(_ACTS)} (GELU variants)")
     return _ACTS[act]
 
 
@@ -320,9 +318,7 @@ def _arch_of(model: object) -> str:
     for arch in _ARCHS:
         if arch in names:
             return arch
-    raise TypeError(
-        f"from_hf supports transformers' {', '.join(_ARCHS)}, got {type(model).__name__}"
-    )
+    raise TypeError(f"from_hf supports transformers' {', '.join(_ARCHS)}, got {type(model).__name__}")
 
 
 def from_hf(model: nn.Module) -> nn.Module:

@@ -85,7 +85,9 @@ _KEY_PADDING = (
 _CAUSAL_MASK = "a causal attention mask: fastvit's attention kernels are bidirectional and take no mask"
 _OTHER_MASK = "an attention mask that is neither empty nor key-padding: fastvit's attention kernels take no mask"
 _ADDITIVE = "an additive attention bias (a float mask with finite non-zero values): fastvit's kernels take no bias"
-_IS_CAUSAL = "is_causal=True (the is_causal argument, or module.is_causal): fastvit's attention kernels are bidirectional"
+_IS_CAUSAL = (
+    "is_causal=True (the is_causal argument, or module.is_causal): fastvit's attention kernels are bidirectional"
+)
 _POSITION_BIAS = "a position_bias (an additive attention bias): fastvit's attention kernels take no bias"
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
 from fastvit import ops
-from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
+from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
 from fastvit.nn.vit import VisionTransformer
 
 __all__ = ["PatchRecord", "format_patch_report", "from_timm", "patch_report", "patch_timm_", "timm_pretrained_cfg"]
@@ -82,7 +82,9 @@ def from_timm(model: nn.Module) -> VisionTransformer:
         )
     pe = model.patch_embed
     if _orig_type(pe) is not TPatchEmbed:
-        raise ValueError(f"from_timm: unsupported patch embedding {type(pe).__name__} (hybrid / conv stems are not supported)")
+        raise ValueError(
+            f"from_timm: unsupported patch embedding {type(pe).__name__} (hybrid / conv stems are not supported)"
+        )
     if not _is_identity(pe.norm):
         raise ValueError("from_timm: patch_embed.norm (embed_norm_layer) is not supported")
     if getattr(pe, "dynamic_img_pad", False):
@@ -105,9 +107,13 @@ def from_timm(model: nn.Module) -> VisionTransformer:
         if _orig_type(blk) is not TBlock:
             raise ValueError(f"from_timm: blocks.{i} is a {type(blk).__name__}; only timm's Block is supported")
         if _orig_type(blk.attn) is not TAttention:
-            raise ValueError(f"from_timm: blocks.{i}.attn is a {type(blk.attn).__name__}; only timm's Attention is supported")
+            raise ValueError(
+                f"from_timm: blocks.{i}.attn is a {type(blk.attn).__name__}; only timm's Attention is supported"
+            )
         if _orig_type(blk.mlp) is not TMlp or not isinstance(blk.mlp.fc1, nn.Linear):
-            raise ValueError(f"from_timm: blocks.{i}.mlp is a {type(blk.mlp).__name__}; only timm's Mlp (Linear) is supported")
+            raise ValueError(
+                f"from_timm: blocks.{i}.mlp is a {type(blk.mlp).__name__}; only timm's Mlp (Linear) is supported"
+            )
         if getattr(blk.attn, "gate", None) is not None or not _is_identity(getattr(blk.attn, "norm", None)):
             raise ValueError(f"from_timm: blocks.{i}.attn uses gating or scale_norm, which is not supported")
         if not _is_identity(blk.mlp.norm):
@@ -338,14 +344,23 @@ def _patch_table() -> Dict[type, object]:
     from timm.layers import PatchEmbed as TPatchEmbed
     from timm.models.vision_transformer import Block as TBlock
 
-    return {TPatchEmbed: _patch_embed_forward, TAttention: _attention_forward, TMlp: _mlp_forward, TBlock: _block_forward}
+    return {
+        TPatchEmbed: _patch_embed_forward,
+        TAttention: _attention_forward,
+        TMlp: _mlp_forward,
+        TBlock: _block_forward,
+    }
 
 
 def _patchable_forward(m: nn.Module):
     """The fastvit forward patch_timm_ gives ``m``'s class, or None when the class is not covered."""
     cls = type(m)
     fwd = _patch_table().get(cls)
-    if fwd is None and isinstance(m, nn.LayerNorm) and cls.forward in (nn.LayerNorm.forward,) + _timm_layer_norm_forwards():
+    if (
+        fwd is None
+        and isinstance(m, nn.LayerNorm)
+        and cls.forward in (nn.LayerNorm.forward,) + _timm_layer_norm_forwards()
+    ):
         fwd = _layer_norm_forward
     return fwd
 
@@ -418,13 +433,20 @@ class PatchRecord(NamedTuple):
 # Classes patch_timm_ leaves alone that users ask about, by name (timm is not imported for this).
 _KNOWN_UNCOVERED = (
     (("EvaAttention", "AttentionRope"), "rotary embeddings not covered ({cls} applies rope to q and k in its forward)"),
-    (("EvaBlock",), "rotary embeddings not covered ({cls} passes rope to its attention); its submodules are listed separately"),
+    (
+        ("EvaBlock",),
+        "rotary embeddings not covered ({cls} passes rope to its attention); its submodules are listed separately",
+    ),
     (("SwiGLU", "SwiGLUPacked", "GluMlp"), "gated MLP ({cls}) not covered"),
     (("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"), "RMSNorm ({cls}) not covered (LayerNorm only)"),
-    (("LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "GroupNorm", "GroupNorm1", "BatchNorm2d"),
-     "channels-first norm ({cls}) not covered"),
-    (("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffBlock"),
-     "{cls} not covered (only timm's pre-norm vision_transformer.Block); its submodules are listed separately"),
+    (
+        ("LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "GroupNorm", "GroupNorm1", "BatchNorm2d"),
+        "channels-first norm ({cls}) not covered",
+    ),
+    (
+        ("ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock", "DiffBlock"),
+        "{cls} not covered (only timm's pre-norm vision_transformer.Block); its submodules are listed separately",
+    ),
     (("AttentionPoolLatent", "AttentionPool2d", "MultiheadAttention"), "attention pooling / {cls} not covered"),
 )
 _REPORTED_NAMES = re.compile(r"Attention|Attn|Mlp|GLU|Norm|Block|Embed|Rope|Rotary|Pool")
@@ -478,7 +500,9 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
         cls = type(m)
         if cls in _PATCHED.values():
             reasons = _REASONS[cls.forward](m)
-            out.append(PatchRecord(name, _orig_type(m).__name__, "fallback" if reasons else "patched", "; ".join(reasons)))
+            out.append(
+                PatchRecord(name, _orig_type(m).__name__, "fallback" if reasons else "patched", "; ".join(reasons))
+            )
         elif _patchable_forward(m) is not None:
             out.append(PatchRecord(name, cls.__name__, "unpatched", "patch_timm_ has not been applied to it"))
         else:

@@ -100,7 +100,9 @@ class QuickGELU(nn.Module):
 def _make_norm(norm_layer: Optional[Callable], dim: int, what: str) -> nn.LayerNorm:
     m = (norm_layer or DEFAULT_NORM_LAYER)(dim)
     if not isinstance(m, nn.LayerNorm):
-        raise ValueError(f"{what} must build an nn.LayerNorm (or a subclass such as timm's LayerNorm), got {type(m).__name__}")
+        raise ValueError(
+            f"{what} must build an nn.LayerNorm (or a subclass such as timm's LayerNorm), got {type(m).__name__}"
+        )
     return m
 
 
@@ -121,7 +123,9 @@ def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x
     if isinstance(norm, nn.LayerNorm):
         if len(norm.normalized_shape) != 1:
-            raise ValueError(f"only LayerNorm over the last dim is supported, got normalized_shape {norm.normalized_shape}")
+            raise ValueError(
+                f"only LayerNorm over the last dim is supported, got normalized_shape {norm.normalized_shape}"
+            )
         return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
     raise ValueError(f"unsupported norm module {type(norm).__name__}; expected nn.LayerNorm or nn.Identity")
 
@@ -280,7 +284,9 @@ class PatchEmbed(nn.Module):
         if norm_layer is not None:
             raise ValueError("PatchEmbed(norm_layer=...) is not supported by fastvit; pass norm_layer=None")
         if not flatten or output_fmt not in (None, "NLC"):
-            raise ValueError(f"PatchEmbed supports only flattened (B, Np, E) output; got flatten={flatten}, output_fmt={output_fmt!r}")
+            raise ValueError(
+                f"PatchEmbed supports only flattened (B, Np, E) output; got flatten={flatten}, output_fmt={output_fmt!r}"
+            )
         if dynamic_img_pad:
             raise ValueError("PatchEmbed(dynamic_img_pad=True) is not supported by fastvit")
         self.patch_size = _size2(patch_size, "patch_size")
@@ -290,7 +296,9 @@ class PatchEmbed(nn.Module):
         self.strict_img_size = strict_img_size
         self.dynamic_img_pad = False
         self.set_input_size(img_size)
-        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias, device=device, dtype=dtype)
+        self.proj = nn.Conv2d(
+            in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias, device=device, dtype=dtype
+        )
         self.norm = nn.Identity()
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]]) -> None:
@@ -334,7 +342,9 @@ class PatchEmbed(nn.Module):
             )
         Ph, Pw = self.patch_size
         if H % Ph or W % Pw:
-            raise ValueError(f"x's image size {H}x{W} is not divisible by patch_size {self.patch_size} (x shape {tuple(x.shape)})")
+            raise ValueError(
+                f"x's image size {H}x{W} is not divisible by patch_size {self.patch_size} (x shape {tuple(x.shape)})"
+            )
         if self.strict_img_size and self.img_size is not None and (H, W) != self.img_size:
             raise ValueError(
                 f"x has image size {H}x{W} but the model's img_size is {self.img_size}; expected shape "
@@ -356,7 +366,13 @@ class PatchEmbed(nn.Module):
         """
         self.check_input(x)
         return ops.patch_embed(
-            x, self.proj.weight, self.proj.bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+            x,
+            self.proj.weight,
+            self.proj.bias,
+            pos_embed=pos_embed,
+            cls_token=cls_token,
+            reg_tokens=reg_tokens,
+            ids_keep=ids_keep,
         )
 
 
@@ -536,7 +552,9 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(mlp_hidden(self, x)))
 
 
-def _branch(x: torch.Tensor, h: torch.Tensor, linear: nn.Linear, drop: nn.Module, ls: nn.Module, dp: nn.Module) -> torch.Tensor:
+def _branch(
+    x: torch.Tensor, h: torch.Tensor, linear: nn.Linear, drop: nn.Module, ls: nn.Module, dp: nn.Module
+) -> torch.Tensor:
     """x + drop_path(ls(drop(linear(h)))), fused into :func:`fastvit.ops.linear_residual` when nothing random runs."""
     if not _dropout_active(drop) and not _dropout_active(dp):
         gamma = ls.gamma if not isinstance(ls, nn.Identity) else None
@@ -607,13 +625,22 @@ class Block(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.norm1 = _make_norm(norm_layer, dim, "norm_layer")
         self.attn = Attention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
-            attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd,
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            **dd,
         )
         self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = _make_norm(norm_layer, dim, "norm_layer")
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd)
+        self.mlp = Mlp(
+            dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, bias=proj_bias, drop=proj_drop, **dd
+        )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         if device is not None or dtype is not None:

@@ -26,7 +26,9 @@ __all__ = ["VisionTransformer", "checkpoint_filter_fn", "feature_take_indices"]
 _POOLS = ("token", "avg", "")
 
 
-def feature_take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]] = None) -> Tuple[List[int], int]:
+def feature_take_indices(
+    num_features: int, indices: Optional[Union[int, Sequence[int]]] = None
+) -> Tuple[List[int], int]:
     """Absolute block indices to take, as timm's ``timm.models._features.feature_take_indices``.
 
     Args:
@@ -178,8 +180,13 @@ class VisionTransformer(nn.Module):
         self.act_layer = act
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            bias=not pre_norm, strict_img_size=not dynamic_img_size, **dd,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            bias=not pre_norm,
+            strict_img_size=not dynamic_img_size,
+            **dd,
         )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
@@ -188,16 +195,29 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, embed_len, embed_dim, **dd)) if pos_embed == "learn" else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.patch_drop = (
-            PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens) if patch_drop_rate > 0 else nn.Identity()
+            PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens)
+            if patch_drop_rate > 0
+            else nn.Identity()
         )
         self.norm_pre = norm_layer(embed_dim) if pre_norm else nn.Identity()
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.blocks = nn.Sequential(
             *[
                 Block(
-                    dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
-                    proj_bias=proj_bias, init_values=init_values, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                    drop_path=dpr[i], norm_layer=norm_layer, act_layer=act, depth=i, **dd,
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_norm=qk_norm,
+                    proj_bias=proj_bias,
+                    init_values=init_values,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                    act_layer=act,
+                    depth=i,
+                    **dd,
                 )
                 for i in range(depth)
             ]
@@ -291,7 +311,9 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         ref = self.patch_embed.proj.weight
         self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
         )
         self.head.train(self.training)
 
@@ -306,7 +328,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed.set_input_size(img_size)
         if self.pos_embed is not None and self.patch_embed.grid_size != old_grid:
             new = resample_abs_pos_embed(
-                self.pos_embed.detach(), self.patch_embed.grid_size, old_size=old_grid,
+                self.pos_embed.detach(),
+                self.patch_embed.grid_size,
+                old_size=old_grid,
                 num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
             )
             self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
@@ -320,8 +344,11 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is None:
             return None
         return resample_abs_pos_embed(
-            self.pos_embed, grid_size, old_size=self.patch_embed.grid_size,
-            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens, antialias=antialias,
+            self.pos_embed,
+            grid_size,
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            antialias=antialias,
         )
 
     # ------------------------------------------------------------------------------------------- forward
@@ -453,8 +480,13 @@ class VisionTransformer(nn.Module):
         """DINO-style interface, as timm's ``get_intermediate_layers``: :meth:`forward_intermediates` with
         ``intermediates_only=True`` and ``output_fmt='NCHW' if reshape else 'NLC'``."""
         return self.forward_intermediates(
-            x, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
-            output_fmt="NCHW" if reshape else "NLC", intermediates_only=True, attn_mask=attn_mask,
+            x,
+            n,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+            attn_mask=attn_mask,
         )
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:

@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -81,17 +80,26 @@ KERNEL_BACKENDS: tuple[str, ...] = tuple(name for name in PRIORITY if name != "e
 
 _VERSION = "0.1.0"  # fastvit.__version__; not imported from the package root (fastvit/__init__ imports this module)
 
+
 # ------------------------------------------------------------------------------------------------ oracle (mirror)
 # Mirrors tests/oracle.py (ATOL, FACTOR, assert_close_oracle) until it moves into fastvit.testing.
 def _oracle_error(out: torch.Tensor, ref: torch.Tensor, pt: torch.Tensor, dtype: torch.dtype, name: str) -> str | None:
     """``None`` when ``out`` passes the test oracle (:func:`fastvit.testing.oracle_compare`) against ``ref`` (float64)
     and ``pt`` (input precision), else why."""
-    return testing.oracle_compare(out, ref, pt, dtype, name, check_dtype=False).message if out.dtype == pt.dtype else (
-        f"{name}: dtype {out.dtype} != expected {pt.dtype}")
+    return (
+        testing.oracle_compare(out, ref, pt, dtype, name, check_dtype=False).message
+        if out.dtype == pt.dtype
+        else (f"{name}: dtype {out.dtype} != expected {pt.dtype}")
+    )
 
 
-def _run(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[str],
-         grad_outputs: Sequence[torch.Tensor] | None, dtype: torch.dtype | None = None):
+def _run(
+    fn: Callable[..., Any],
+    inputs: dict[str, Any],
+    grad_names: Sequence[str],
+    grad_outputs: Sequence[torch.Tensor] | None,
+    dtype: torch.dtype | None = None,
+):
     """``fn(**inputs)`` on fresh leaf copies (cast to ``dtype``), backpropagating ``grad_outputs``: (outputs, grads)."""
     leaves: dict[str, Any] = {}
     for name, value in inputs.items():
@@ -106,8 +114,9 @@ def _run(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[st
         pairs = [(o, g.to(o.device, o.dtype)) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
         if not pairs:
             raise RuntimeError("no output requires grad: the implementation detached its result from the inputs")
-        got = torch.autograd.grad([o for o, _ in pairs], [leaves[n] for n in grad_names], [g for _, g in pairs],
-                                  allow_unused=True)
+        got = torch.autograd.grad(
+            [o for o, _ in pairs], [leaves[n] for n in grad_names], [g for _, g in pairs], allow_unused=True
+        )
         for name, g in zip(grad_names, got):
             if g is None:
                 raise RuntimeError(f"no gradient reached input {name!r}")
@@ -118,8 +127,11 @@ def _run(fn: Callable[..., Any], inputs: dict[str, Any], grad_names: Sequence[st
 @contextlib.contextmanager
 def _poisoned_empty() -> Iterator[None]:
     """``torch.empty`` returns NaN-filled memory inside (as tests/conftest.py's ``poisoned_empty``)."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warn_only's "this op is not deterministic" notes
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -136,8 +148,11 @@ def _isolated(device: torch.device) -> Iterator[None]:
     """The caller's numerics settings do not leak into a check the gate runs in the middle of their code: no autocast
     (it would run the float64 reference in bf16), no inference mode (no autograd), and IEEE fp32 matmuls (kernels read
     ``allow_tf32`` to pick TF32; the oracle's floors are for IEEE)."""
-    prev_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                 torch.get_float32_matmul_precision())
+    prev_tf32 = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         for kind in {"cpu", device.type}:
@@ -179,9 +194,14 @@ def _perm(B: int, N: int, g: torch.Generator) -> torch.Tensor:
 def _grads(specs: dict[str, Any], exclude: Iterable[str] = ()) -> list[str]:
     """Every floating input except ``exclude`` (index tensors and plain values have no gradient)."""
     skip = set(exclude)
-    return [n for n, s in specs.items() if n not in skip and s is not None
-            and not (isinstance(s, torch.Tensor) and not s.is_floating_point())
-            and (isinstance(s, (tuple, list, torch.Tensor)))]
+    return [
+        n
+        for n, s in specs.items()
+        if n not in skip
+        and s is not None
+        and not (isinstance(s, torch.Tensor) and not s.is_floating_point())
+        and (isinstance(s, (tuple, list, torch.Tensor)))
+    ]
 
 
 B = 3  # batch of every case
@@ -191,6 +211,7 @@ def _attention(N: int, H: int, D: int):
     def make(g):
         specs = {"qkv": (B, N, 3 * H * D), "num_heads": H}
         return specs, ["qkv"]
+
     return make
 
 
@@ -198,14 +219,21 @@ def _sdpa(Nq: int, Nk: int, H: int, D: int):
     def make(g):
         specs = {"q": (B, H, Nq, D), "k": (B, H, Nk, D), "v": (B, H, Nk, D)}
         return specs, ["q", "k", "v"]
+
     return make
 
 
 def _layer_norm(N: int, C: int, residual: bool):
     def make(g):
-        specs = {"x": (B, N, C), "weight": ((C,), 1.0), "bias": (C,), "eps": 1e-6,
-                 "residual": (B, N, C) if residual else None}
+        specs = {
+            "x": (B, N, C),
+            "weight": ((C,), 1.0),
+            "bias": (C,),
+            "eps": 1e-6,
+            "residual": (B, N, C) if residual else None,
+        }
         return specs, _grads(specs)
+
     return make
 
 
@@ -213,14 +241,21 @@ def _linear_gelu(N: int, K: int, M: int, approximate: str):
     def make(g):
         specs = {"x": (B, N, K), "weight": ((M, K), K**-0.5), "bias": (M,), "approximate": approximate}
         return specs, _grads(specs)
+
     return make
 
 
 def _linear_residual(N: int, K: int, M: int, bias: bool, gamma: bool):
     def make(g):
-        specs = {"x": (B, N, K), "weight": ((M, K), K**-0.5), "bias": (M,) if bias else None,
-                 "residual": (B, N, M), "gamma": (M,) if gamma else None}
+        specs = {
+            "x": (B, N, K),
+            "weight": ((M, K), K**-0.5),
+            "bias": (M,) if bias else None,
+            "residual": (B, N, M),
+            "gamma": (M,) if gamma else None,
+        }
         return specs, _grads(specs)
+
     return make
 
 
@@ -228,18 +263,29 @@ def _patch_embed(grid: tuple[int, int], P: int, C: int, E: int, cls: bool, n_kee
     def make(g):
         gh, gw = grid
         Np, R = gh * gw, int(cls)
-        specs = {"images": (B, C, gh * P, gw * P), "weight": ((E, C, P, P), (C * P * P) ** -0.5), "bias": (E,),
-                 "pos_embed": (1, Np + R, E), "cls_token": (1, 1, E) if cls else None,
-                 "ids_keep": _perm(B, Np, g)[:, :n_keep] if n_keep is not None else None}
+        specs = {
+            "images": (B, C, gh * P, gw * P),
+            "weight": ((E, C, P, P), (C * P * P) ** -0.5),
+            "bias": (E,),
+            "pos_embed": (1, Np + R, E),
+            "cls_token": (1, 1, E) if cls else None,
+            "ids_keep": _perm(B, Np, g)[:, :n_keep] if n_keep is not None else None,
+        }
         return specs, _grads(specs)
+
     return make
 
 
 def _mae_unshuffle(N: int, n_keep: int, C: int, pos: bool):
     def make(g):
-        specs = {"x": (B, 1 + n_keep, C), "mask_token": (1, 1, C), "ids_restore": torch.argsort(_perm(B, N, g), 1),
-                 "pos_embed": (1, N + 1, C) if pos else None}
+        specs = {
+            "x": (B, 1 + n_keep, C),
+            "mask_token": (1, 1, C),
+            "ids_restore": torch.argsort(_perm(B, N, g), 1),
+            "pos_embed": (1, N + 1, C) if pos else None,
+        }
         return specs, _grads(specs)
+
     return make
 
 
@@ -249,9 +295,15 @@ def _mae_loss(grid: tuple[int, int], P: int, C: int, norm_pix: bool):
         N = gh * gw
         mask = (torch.rand(B, N, generator=g) < 0.75).float()
         mask[0, 0] = 1.0  # at least one removed patch
-        specs = {"pred": (B, N, P * P * C), "images": (B, C, gh * P, gw * P), "mask": mask, "patch_size": P,
-                 "norm_pix_loss": norm_pix}
+        specs = {
+            "pred": (B, N, P * P * C),
+            "images": (B, C, gh * P, gw * P),
+            "mask": mask,
+            "patch_size": P,
+            "norm_pix_loss": norm_pix,
+        }
         return specs, ["pred", "images", "mask"]
+
     return make
 
 
@@ -307,8 +359,7 @@ def _interpreted(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def cases(op: str, backend: str, device: torch.device | str | None = None, *, quick: bool | None = None
-          ) -> list[Case]:
+def cases(op: str, backend: str, device: torch.device | str | None = None, *, quick: bool | None = None) -> list[Case]:
     """The cases of ``op`` for ``backend``: every shape of :data:`_SHAPES` in every dtype the backend's kernel
     declares (``Capabilities.dtypes``; float64 excluded: no kernel backend computes in it).
 
@@ -387,14 +438,22 @@ class SelfTestReport:
         return [r for r in self.results if not r.passed]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "device": self.device, "key": self.key, "environment": self.environment,
-                "seconds": round(self.seconds, 3), "results": [r.as_dict() for r in self.results],
-                "skipped": [r.as_dict() for r in self.skipped]}
+        return {
+            "passed": self.passed,
+            "device": self.device,
+            "key": self.key,
+            "environment": self.environment,
+            "seconds": round(self.seconds, 3),
+            "results": [r.as_dict() for r in self.results],
+            "skipped": [r.as_dict() for r in self.skipped],
+        }
 
     def table(self) -> str:
         """The results as a text table: one row per (backend, op, case), then a summary line."""
-        rows = [(r.backend, r.op, r.case, "PASS" if r.passed else "FAIL", f"{r.seconds:.2f}", r.detail)
-                for r in self.results]
+        rows = [
+            (r.backend, r.op, r.case, "PASS" if r.passed else "FAIL", f"{r.seconds:.2f}", r.detail)
+            for r in self.results
+        ]
         rows += [(r.backend, r.op, r.case, "skip", "", r.detail) for r in self.skipped]
         head = ("backend", "op", "case", "result", "s", "detail")
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head[:-1])]
@@ -403,8 +462,10 @@ class SelfTestReport:
         lines += [fmt.format(*row[:-1], _short(row[-1], 110)) for row in rows]
         n_fail = len(self.failures())
         verdict = "FAILED" if n_fail else ("PASSED" if self.results else "NOTHING RAN (every case skipped)")
-        lines.append(f"{len(self.results) - n_fail} passed, {n_fail} failed, {len(self.skipped)} skipped on "
-                     f"{self.device} in {self.seconds:.1f} s -- {verdict}")
+        lines.append(
+            f"{len(self.results) - n_fail} passed, {n_fail} failed, {len(self.skipped)} skipped on "
+            f"{self.device} in {self.seconds:.1f} s -- {verdict}"
+        )
         return "\n".join(lines)
 
 
@@ -449,8 +510,10 @@ def check_case(backend: str, case: Case, device: torch.device | str | None = Non
     try:
         cpu, grad_names, g = _cpu_inputs(case)
         # Inputs in the case's dtype on the device; "ref" sees the same values in float64.
-        inputs = {n: (v.to(device, case.dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor)
-                      else v) for n, v in cpu.items()}
+        inputs = {
+            n: (v.to(device, case.dtype if v.is_floating_point() else v.dtype) if isinstance(v, torch.Tensor) else v)
+            for n, v in cpu.items()
+        }
         call = ops.describe_call(case.op, **inputs)
         reasons = get_backend(backend).not_supported_reasons(case.op, call)
         if reasons:
@@ -477,13 +540,17 @@ def check_case(backend: str, case: Case, device: torch.device | str | None = Non
             result.detail = f"{len(out[0])} outputs, expected {len(ref[0])}"
             return result
         worst = 0.0
-        for label, o, r, p in [*zip(names, out[0], ref[0], pt[0]),
-                               *((f"grad {n}", out[1][n], ref[1][n], pt[1][n]) for n in grad_names)]:
+        for label, o, r, p in [
+            *zip(names, out[0], ref[0], pt[0]),
+            *((f"grad {n}", out[1][n], ref[1][n], pt[1][n]) for n in grad_names),
+        ]:
             error = _oracle_error(o, r, p, case.dtype, label)
             if error is not None:
                 result.detail = error
                 return result
-            bound = testing.FACTOR * testing.max_abs_err(p, r) + testing.atol_for(case.dtype) * max(1.0, float(r.abs().max()) if r.numel() else 0)
+            bound = testing.FACTOR * testing.max_abs_err(p, r) + testing.atol_for(case.dtype) * max(
+                1.0, float(r.abs().max()) if r.numel() else 0
+            )
             worst = max(worst, testing.max_abs_err(o, r) / bound if bound else 0.0)
         result.passed, result.detail = True, f"max err / bound = {worst:.2f}"
         return result
@@ -519,8 +586,11 @@ class _Progress:
             self.bar.update(1)
         elif self.lines:
             status = "skip" if result.skipped else ("ok" if result.passed else "FAIL")
-            print(f"[{self.done}/{self.total}] {result.backend} {result.op} {result.case}: {status}",
-                  file=self.file, flush=True)
+            print(
+                f"[{self.done}/{self.total}] {result.backend} {result.op} {result.case}: {status}",
+                file=self.file,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -528,9 +598,15 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(backends: Sequence[str] | str | None = None, ops: Sequence[str] | str | None = None,
-        device: torch.device | str | None = None, *, quick: bool | None = None, progress: bool = False,
-        store: bool = True) -> SelfTestReport:
+def run(
+    backends: Sequence[str] | str | None = None,
+    ops: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    *,
+    quick: bool | None = None,
+    progress: bool = False,
+    store: bool = True,
+) -> SelfTestReport:
     """Check every op of each kernel backend in ``backends`` (default: ``cuda`` and ``triton``) on ``device`` (default:
     the current CUDA device, else the CPU), forward and every gradient, against :mod:`fastvit.reference`.
 
@@ -558,8 +634,9 @@ def run(backends: Sequence[str] | str | None = None, ops: Sequence[str] | str | 
     try:
         for name, op, op_cases, unavailable in plan:
             if op_cases is None:
-                rec = CaseResult(op, name, "(all)", True, "backend unavailable: " + "; ".join(unavailable),
-                                 skipped=True)
+                rec = CaseResult(
+                    op, name, "(all)", True, "backend unavailable: " + "; ".join(unavailable), skipped=True
+                )
                 skipped.append(rec)
                 bar.update(rec)
                 continue
@@ -594,8 +671,9 @@ def cache_dir() -> str:
     ``~/.cache/fastvit/selftest``."""
     root = os.environ.get("FASTVIT_CACHE_DIR")
     if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "fastvit")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit"
+        )
     return os.path.join(root, "selftest")
 
 
@@ -681,8 +759,16 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         else:
             env["processor"] = platform.machine()
             env["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
-        env.update({"cuda_runtime": torch.version.cuda, "torch": torch.__version__, "triton": triton_version,
-                    "fastvit": _VERSION, "source": _source_hash(), "extension": _extension_hash()})
+        env.update(
+            {
+                "cuda_runtime": torch.version.cuda,
+                "torch": torch.__version__,
+                "triton": triton_version,
+                "fastvit": _VERSION,
+                "source": _source_hash(),
+                "extension": _extension_hash(),
+            }
+        )
         _ENV[memo] = env
     return dict(_ENV[memo])
 
@@ -713,7 +799,7 @@ def _fn_id(fn: Any, depth: int = 0) -> str:
 
 def _filled(cell: Any) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True
@@ -767,8 +853,9 @@ class Gate:
                     json.dump(data, f, indent=1, sort_keys=True)
                 os.replace(tmp, path)
             except OSError as exc:  # a read-only home: the verdict still holds for this process
-                warnings.warn(f"fastvit: could not write the self-test cache {path}: {exc}", RuntimeWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"fastvit: could not write the self-test cache {path}: {exc}", RuntimeWarning, stacklevel=3
+                )
 
     def record(self, backend: str, op: str, device: torch.device | str, results: Sequence[CaseResult]) -> None:
         """Store the verdict of a full (non-quick) run of ``op``'s cases; a run with no case that ran stores
@@ -781,10 +868,20 @@ class Gate:
         if not failed and not {c.name for c in cases(op, backend, dev, quick=False)} <= {r.case for r in results}:
             return  # a partial (quick or filtered) pass does not verify the op; a failure anywhere fails it
         env = environment(dev)
-        detail = (f"{failed[0].case}: {failed[0].detail}" if failed else f"{len(ran)} cases passed")
-        self._store(cache_key(env), env, self._entry_key(backend, op, dev),
-                    {"passed": not failed, "detail": detail, "kernel": _kernel_id(backend, op),
-                     "cases": len(ran), "failed": len(failed), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        detail = f"{failed[0].case}: {failed[0].detail}" if failed else f"{len(ran)} cases passed"
+        self._store(
+            cache_key(env),
+            env,
+            self._entry_key(backend, op, dev),
+            {
+                "passed": not failed,
+                "detail": detail,
+                "kernel": _kernel_id(backend, op),
+                "cases": len(ran),
+                "failed": len(failed),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
 
     @staticmethod
     def _entry_key(backend: str, op: str, device: torch.device) -> str:
@@ -810,9 +907,12 @@ class Gate:
             if passed is not None:
                 return passed, detail
             op_cases = cases(op, backend, dev, quick=False)
-            print(f"fastvit: checking the {backend} kernels of {op} on {_describe_device(dev)} against the reference "
-                  f"before first use ({len(op_cases)} cases; cached in {cache_dir()}; FASTVIT_SELFTEST=0 skips this)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fastvit: checking the {backend} kernels of {op} on {_describe_device(dev)} against the reference "
+                f"before first use ({len(op_cases)} cases; cached in {cache_dir()}; FASTVIT_SELFTEST=0 skips this)",
+                file=sys.stderr,
+                flush=True,
+            )
             bar = _Progress(len(op_cases), f"fastvit selftest {backend} {op}", lines=False)
             results = []
             try:
@@ -870,8 +970,9 @@ def status(device: torch.device | str | None = None) -> dict[str, dict[str, dict
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastvit.selftest``; returns the exit status (0: everything that ran passed)."""
     parser = argparse.ArgumentParser(prog="python -m fastvit.selftest", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", action="append", choices=KERNEL_BACKENDS,
-                        help="kernel backend to check (repeatable; default: all)")
+    parser.add_argument(
+        "--backend", action="append", choices=KERNEL_BACKENDS, help="kernel backend to check (repeatable; default: all)"
+    )
     parser.add_argument("--ops", help=f"comma-separated ops (default: all of {', '.join(OPS)})")
     parser.add_argument("--device", help="device to check on (default: the current CUDA device, else cpu)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH")
@@ -879,8 +980,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar / lines on stderr")
     args = parser.parse_args(argv)
     try:
-        report = run(args.backend, args.ops, args.device, quick=False if args.full else None,
-                     progress=not args.no_progress)
+        report = run(
+            args.backend, args.ops, args.device, quick=False if args.full else None, progress=not args.no_progress
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(report.table())
@@ -889,4 +991,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report.as_dict(), f, indent=2)
     return 0 if report.passed else 1
-
