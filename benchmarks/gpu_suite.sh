@@ -160,7 +160,7 @@ add_step() {
         pass) STEP_PASSES=$((STEP_PASSES + 1)) ;;
         fail) STEP_FAILS=$((STEP_FAILS + 1)) ;;
     esac
-    echo "    $(printf '%-8s %-24s %4ss' "$status" "$name" "$secs")${reason:+  $reason}" >> "$OUT_DIR/steps.txt"
+    echo "    $(printf '%-15s %-28s %4ss' "$status" "$name" "$secs")${reason:+  $reason}" >> "$OUT_DIR/steps.txt"
 }
 
 write_summary() {
@@ -281,7 +281,7 @@ run_stage() {
         ST_STATUS[$s]=skipped-cpu; ST_REASON[$s]="${WHY_NOT_CPU[$s]}"
     elif [[ "$s" != env && $left -lt $mini ]]; then
         ST_STATUS[$s]=skipped-budget
-        ST_REASON[$s]="${left}s of the ${BUDGET}s budget left, below this stage's minimum of ${mini}s"
+        ST_REASON[$s]="$((left > 0 ? left : 0))s of the ${BUDGET}s budget left, below this stage's minimum of ${mini}s"
     else
         # env always runs (every other result is read against it), under its own timeout.
         [[ "$s" != env && $left -lt $tmo ]] && tmo=$left
@@ -439,8 +439,10 @@ stage_headline() {
 }
 
 stage_gpu_tests() {
-    run_step gpu_tests "${TIMEOUT[gpu_tests]}" --files gpu_tests.xml \
-        "$PYTEST" -m gpu -x -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" "$REPO/tests"
+    # From the repository root, as the tests are always run (pytest, not python -m pytest: see PYTEST above).
+    # shellcheck disable=SC2016  # the single quotes are the point: bash -c expands $1 and $@ itself
+    run_step gpu_tests "${TIMEOUT[gpu_tests]}" --files gpu_tests.xml bash -c 'cd "$1" && shift && exec "$@"' _ \
+        "$REPO" "$PYTEST" -m gpu -x -q -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" tests
 }
 
 stage_sanitizer() {
