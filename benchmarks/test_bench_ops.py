@@ -31,8 +31,18 @@ BATCH = 64 if CUDA else 1
 IMG = 224 if CUDA else 64
 
 # ViT-B/16 (and MAE-B decoder) shapes.
-VIT_B = {"embed_dim": 768, "num_heads": 12, "head_dim": 64, "patch_size": 16, "mlp_hidden": 3072, "in_chans": 3,
-         "num_prefix_tokens": 1, "is_mae": True, "mask_ratio": 0.75, "decoder_embed_dim": 512}
+VIT_B = {
+    "embed_dim": 768,
+    "num_heads": 12,
+    "head_dim": 64,
+    "patch_size": 16,
+    "mlp_hidden": 3072,
+    "in_chans": 3,
+    "num_prefix_tokens": 1,
+    "is_mae": True,
+    "mask_ratio": 0.75,
+    "decoder_embed_dim": 512,
+}
 COMPONENTS = {c.name: c for c in scaling_components(VIT_B)}
 
 
@@ -63,6 +73,7 @@ def test_op(benchmark, component, backend, mode):
                 v.grad = None
         device_synchronize(DEVICE)
 
-    benchmark.extra_info.update(component=component, backend=backend, mode=mode, batch=BATCH, img_size=IMG,
-                                dtype=str(DTYPE), device=str(DEVICE))
+    benchmark.extra_info.update(
+        component=component, backend=backend, mode=mode, batch=BATCH, img_size=IMG, dtype=str(DTYPE), device=str(DEVICE)
+    )
     benchmark(run)
