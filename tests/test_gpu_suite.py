@@ -45,8 +45,9 @@ def run_suite(out: Path, *args: str, env: dict[str, str] | None = None, limit: f
     """``CPU=1 bash benchmarks/gpu_suite.sh ARGS OUT`` with this interpreter; returns (process, wall seconds)."""
     full_env = {**os.environ, "CPU": "1", "PYTHON": sys.executable, **(env or {})}
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(SUITE), *args, str(out)], env=full_env, capture_output=True, text=True,
-                          timeout=limit)
+    proc = subprocess.run(
+        ["bash", str(SUITE), *args, str(out)], env=full_env, capture_output=True, text=True, timeout=limit
+    )
     return proc, time.monotonic() - start
 
 
@@ -186,12 +187,15 @@ def test_stages_option_selects(tmp_path):
         assert stages[name]["status"] == "skipped-user", stages[name]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--budget", "0"], "--budget"),
-    (["--budget", "ten"], "--budget"),
-    (["--stages", "env,nope"], "unknown stage 'nope'"),
-    (["--frobnicate"], "unknown option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "0"], "--budget"),
+        (["--budget", "ten"], "--budget"),
+        (["--stages", "env,nope"], "unknown stage 'nope'"),
+        (["--frobnicate"], "unknown option"),
+    ],
+)
 def test_bad_arguments_exit_2(tmp_path, args, message):
     proc, _ = run_suite(tmp_path / "out", *args, limit=60)
     assert proc.returncode == 2
