@@ -2,7 +2,9 @@
 
 Builds for this machine's GPU by default (``--archs`` overrides; ``"8.0;9.0a"`` without a GPU), minimal with
 ``--minimal`` (one instantiation per kernel template), into torch's extension cache (``$TORCH_EXTENSIONS_DIR``).
-Importing fastvit never builds; ``FASTVIT_CUDA_JIT=1`` makes the import build when ``fastvit._C`` is missing.
+Importing fastvit never builds, but it loads what this command built last (recorded in fastvit's cache folder,
+``$FASTVIT_CACHE_DIR`` or ``~/.cache/fastvit``, while torch and ``csrc/`` still match); ``FASTVIT_CUDA_JIT=1`` makes
+the import build when neither ``fastvit._C`` nor such a build exists.
 
 Exit status: 0 built and loaded, 1 the build failed (the log's tail is printed), 2 this machine cannot build.
 """
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.monotonic()
     try:
-        cuda.jit_build(minimal=args.minimal, archs=archs, log_path=log, build_directory=args.build_directory)
+        built = cuda.jit_build(minimal=args.minimal, archs=archs, log_path=log, build_directory=args.build_directory)
     except Exception as exc:  # noqa: BLE001 -- the compiler's message is the useful part
         print(
             f"fastvit.build: failed after {time.monotonic() - start:.0f} s: {str(exc)[-3000:]}\n(log: {log})",
@@ -49,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     ext = cuda.load(jit=True, minimal=args.minimal, archs=archs, log_path=log, build_directory=args.build_directory)
-    print(f"fastvit.build: built in {time.monotonic() - start:.0f} s: {json.dumps(dict(ext.build_info()))}")
+    record = cuda.record_build(built)  # later imports load this build (when torch and csrc/ still match)
+    print(
+        f"fastvit.build: built in {time.monotonic() - start:.0f} s (recorded in {record}): "
+        f"{json.dumps(dict(ext.build_info()))}"
+    )
     return 0
 
 

@@ -315,3 +315,27 @@ def test_linear_check_declines_empty_and_unaligned_features():
     assert "in_features = 0" in reason
     (reason,) = check({"in_features": 64, "out_features": 100})
     assert "out_features = 100 is not a multiple of 8" in reason
+
+
+def test_a_recorded_build_is_loaded_only_while_it_matches(monkeypatch, tmp_path):
+    """python -m fastvit.build records where it put the extension; import loads that build only for the same torch
+    and the same csrc/ (else the backend keeps saying it is not built)."""
+    import json
+
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    assert _cuda._load_recorded_build() is None  # no record
+    fake = tmp_path / "fastvit_C_minimal.so"
+    fake.write_bytes(b"not an ELF file")
+    record = {
+        "path": str(fake),
+        "name": "fastvit_C_minimal",
+        "torch": torch.__version__,
+        "sources": _cuda._sources_digest(),
+    }
+    (tmp_path / "cuda-build.json").write_text(json.dumps(record))
+    assert _cuda._load_recorded_build() is None  # matches, but the file does not load: no crash, no module
+    for key, value in (("torch", "0.0.1"), ("sources", "0" * 16), ("path", str(tmp_path / "missing.so"))):
+        (tmp_path / "cuda-build.json").write_text(json.dumps({**record, key: value}))
+        assert _cuda._load_recorded_build() is None, key
+    (tmp_path / "cuda-build.json").write_text("{broken")
+    assert _cuda._load_recorded_build() is None

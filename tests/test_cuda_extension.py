@@ -274,3 +274,28 @@ def test_opcheck_on_meta_tensors(ext, case):
             ),
         )
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_python_m_fastvit_build_is_loaded_by_a_later_import(ext, tmp_path, monkeypatch):
+    """`python -m fastvit.build` (here the same minimal build as the fixture's, so ninja has nothing to redo) records
+    its extension; a fresh process importing fastvit loads it without building anything."""
+    import json
+    import subprocess
+    import sys
+
+    from fastvit import build as build_cli
+
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    assert build_cli.main(["--minimal", "--archs", "9.0a", "--log", str(tmp_path / "build.log")]) == 0
+    record = json.loads((tmp_path / "cuda-build.json").read_text())
+    assert record["name"] == "fastvit_C_minimal" and os.path.isfile(record["path"])
+    script = (
+        "import json, fastvit; from fastvit.runtime import cuda; "
+        "print(json.dumps([cuda.load_error(), cuda.build_info()['minimal'] if cuda.load_error() is None else None]))"
+    )
+    env = {**os.environ, "FASTVIT_CACHE_DIR": str(tmp_path), "FASTVIT_CUDA_JIT": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [None, True]

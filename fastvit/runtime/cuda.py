@@ -13,8 +13,12 @@ takes a while; ``FASTVIT_MINIMAL_BUILD=1`` compiles one per kernel template (bf1
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -212,6 +216,66 @@ def default_log_path() -> str:
     return os.environ.get("FASTVIT_BUILD_LOG") or os.path.join(tempfile.gettempdir(), "fastvit-build.log")
 
 
+# ------------------------------------------------------------------------------------------- recorded builds
+def cache_root() -> str:
+    """fastvit's cache folder: ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, else ``~/.cache/fastvit``."""
+    root = os.environ.get("FASTVIT_CACHE_DIR")
+    if root:
+        return root
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
+
+
+def _record_file() -> str:
+    return os.path.join(cache_root(), "cuda-build.json")
+
+
+def _sources_digest() -> str:
+    """A hash of every file under ``csrc/`` (names and contents): a recorded build of other sources is stale."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(build.CSRC, "**", "*.[ch]*"), recursive=True)):
+        h.update(path.encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def record_build(ext: types.ModuleType) -> str:
+    """Remember where ``python -m fastvit.build`` put the extension, so that later imports load it without building;
+    returns the record's path. The record holds the module's file, its name, torch's version and a hash of
+    ``csrc/``."""
+    record = {
+        "path": os.path.abspath(ext.__file__),
+        "name": ext.__name__,
+        "torch": torch.__version__,
+        "sources": _sources_digest(),
+    }
+    os.makedirs(cache_root(), exist_ok=True)
+    tmp = _record_file() + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, _record_file())
+    return _record_file()
+
+
+def _load_recorded_build() -> types.ModuleType | None:
+    """The extension a previous ``python -m fastvit.build`` recorded, when it still matches this torch and ``csrc/``
+    (else ``None``, and :func:`load_error` keeps saying it is not built)."""
+    try:
+        with open(_record_file()) as f:
+            record = json.load(f)
+        if record["torch"] != torch.__version__ or not os.path.isfile(record["path"]):
+            return None
+        if os.path.isdir(build.CSRC) and record["sources"] != _sources_digest():
+            return None
+        loader = importlib.machinery.ExtensionFileLoader(record["name"], record["path"])
+        spec = importlib.util.spec_from_loader(record["name"], loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------- loading
 def _not_built_reason() -> str:
     """Why the backend cannot run when ``fastvit._C`` is missing, suggesting only what can work on this machine."""
@@ -246,6 +310,7 @@ def load(*, jit: bool | None = None, **jit_kwargs) -> types.ModuleType | None:
     ext = None
     if importlib.util.find_spec("fastvit._C") is None:
         _LOAD_ERROR = _not_built_reason()
+        ext = _load_recorded_build()
     else:
         try:
             ext = importlib.import_module("fastvit._C")
