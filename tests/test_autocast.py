@@ -272,3 +272,33 @@ def test_triton_ops_follow_the_autocast_rule(op, generator):
         out = fn(*args, backend="triton")
     assert out.dtype == pt.dtype
     assert_close_oracle(out, ref, pt, torch.bfloat16, op, check_dtype=False)
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", AMP, ids=AMP_IDS)
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_from_timm_under_cuda_autocast_matches_timm(config, kernels, amp, monkeypatch, generator):
+    """On a GPU under CUDA autocast, with automatic dispatch on one kernel backend (the other kept out of automatic
+    selection): uniform-dtype ops run that backend's kernels, mixed ones eager, and the model matches timm."""
+    other = {"cuda": "triton", "triton": "cuda"}[kernels]
+    if fastvit.available_backends()[kernels]:
+        pytest.skip(f"{kernels} backend unavailable: {fastvit.available_backends()[kernels]}")
+    monkeypatch.setattr(fastvit.backends.get_backend(other), "automatic", lambda: False)
+    torch.manual_seed(0)
+    timm_model = _timm_vit(**CONFIGS[config]).cuda()
+    fast_model = fastvit.from_timm(copy.deepcopy(timm_model))
+    images = torch.randn(4, 3, 32, 32, generator=generator).cuda()
+    target = torch.randint(0, 10, (4,), generator=generator).cuda()
+    ref_model = copy.deepcopy(timm_model).double()
+    ref_logits, ref_loss, ref_grads = _run(ref_model, images.double(), target, None, "cuda")
+    pt_logits, pt_loss, pt_grads = _run(timm_model, images, target, amp, "cuda")
+    out_logits, out_loss, out_grads = _run(fast_model, images, target, amp, "cuda")
+    assert out_logits.dtype == pt_logits.dtype
+    assert_close_oracle(out_logits, ref_logits, pt_logits, amp, "logits", check_dtype=False)
+    assert_close_oracle(out_loss, ref_loss, pt_loss, amp, "loss", check_dtype=False)
+    for name, g in out_grads.items():
+        assert g.dtype == torch.float32, name
+        assert_close_oracle(g, ref_grads[name], pt_grads[name], amp, f"grad {name}", check_dtype=False)
