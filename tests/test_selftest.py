@@ -497,9 +497,15 @@ def test_info_subprocess_shows_a_failed_verdict(tmp_path, monkeypatch):
         pytest.skip("triton cannot run in this process")
     monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FASTVIT_SELFTEST", "1")
-    bad = selftest.CaseResult("layer_norm", "triton", "B3 N61 C72 +residual float32", False, "planted failure")
-    selftest.GATE.record("triton", "layer_norm", "cpu", [bad])
     env = dict(os.environ)
+    # Written by a fresh process too: this one may hold a JIT-built fastvit._C (tests/test_cuda_extension.py), whose
+    # build hash is part of the cache key, and a fresh process does not load that build.
+    record = (
+        "from fastvit import selftest; "
+        "bad = selftest.CaseResult('layer_norm', 'triton', 'B3 N61 C72 +residual float32', False, 'planted failure'); "
+        "selftest.GATE.record('triton', 'layer_norm', 'cpu', [bad])"
+    )
+    subprocess.run([sys.executable, "-c", record], cwd=tmp_path, check=True, timeout=300, env=env)
     proc = subprocess.run(
         [sys.executable, "-m", "fastvit.info"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )
