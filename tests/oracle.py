@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+import fastvit.ops
 from fastvit.testing import (  # noqa: F401  (re-exported for the test modules)
     ATOL,
     FACTOR,
@@ -50,3 +51,24 @@ class FixedMaskMAE(torch.nn.Module):
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor):
         return self.mae(imgs, self.mask_ratio, noise)
+
+
+def spy_ops(monkeypatch) -> dict:
+    """Count calls of the fastvit.ops a ViT block uses (op name -> calls), through ``monkeypatch``."""
+    calls: dict[str, int] = {}
+    for name in [
+        "patch_embed",
+        "attention",
+        "scaled_dot_product_attention",
+        "layer_norm",
+        "linear_gelu",
+        "linear_residual",
+    ]:
+        orig = getattr(fastvit.ops, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(fastvit.ops, name, spy)
+    return calls

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 timm = pytest.importorskip("timm")
+from oracle import spy_ops  # noqa: E402
 from timm.layers import Attention as TAttention  # noqa: E402
 from timm.layers import LayerNorm as TLayerNorm  # noqa: E402
 from timm.layers import Mlp as TMlp  # noqa: E402
@@ -19,31 +20,10 @@ from timm.layers import RmsNorm  # noqa: E402
 from timm.models.vision_transformer import Block as TBlock  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 
-import fastvit.ops  # noqa: E402
 from fastvit.integrations.timm import PatchRecord, format_patch_report, patch_report, patch_timm_  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7)
 COVERED = (TPatchEmbed, TAttention, TMlp, TBlock, nn.LayerNorm, TLayerNorm)  # exact classes patch_timm_ swaps
-
-
-def _spy_ops(monkeypatch) -> dict:
-    calls: dict = {}
-    for name in [
-        "patch_embed",
-        "attention",
-        "scaled_dot_product_attention",
-        "layer_norm",
-        "linear_gelu",
-        "linear_residual",
-    ]:
-        orig = getattr(fastvit.ops, name)
-
-        def spy(*a, _orig=orig, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(fastvit.ops, name, spy)
-    return calls
 
 
 def _rows(report) -> dict:
@@ -102,7 +82,7 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
         printed.strip().splitlines()[-1] == "8 patched, 5 not covered"
     )  # PatchEmbed, 2 x (norm1, norm2, Mlp), fc_norm
 
-    calls = _spy_ops(monkeypatch)
+    calls = spy_ops(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=0)
@@ -133,7 +113,7 @@ def test_attention_fallback_reported_with_reason(variant, monkeypatch, seed):
         assert rows[f"blocks.{i}.mlp"].status == "patched"
     if variant == "rms_qk_norm":
         assert rows["blocks.0.attn.q_norm"].status == "not covered" and "RMSNorm" in rows["blocks.0.attn.q_norm"].reason
-    calls = _spy_ops(monkeypatch)
+    calls = spy_ops(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=0)

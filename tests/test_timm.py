@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 timm = pytest.importorskip("timm")
+from oracle import spy_ops  # noqa: E402
 from timm.layers import Attention as TAttention  # noqa: E402
 from timm.layers import LayerNorm as TLayerNorm  # noqa: E402
 from timm.layers import Mlp as TMlp  # noqa: E402
@@ -18,7 +19,6 @@ from timm.layers import RmsNorm  # noqa: E402
 from timm.models.vision_transformer import Block as TBlock  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 
-import fastvit.ops  # noqa: E402
 from fastvit.integrations import from_timm, patch_timm_  # noqa: E402
 from fastvit.nn import VisionTransformer  # noqa: E402
 
@@ -60,26 +60,6 @@ def _assert_same_outputs(model: nn.Module, ref: nn.Module, cfg: dict) -> None:
         if cfg.get("dynamic_img_size"):
             x2 = torch.randn(2, 3, 48, 24)
             torch.testing.assert_close(model(x2), ref(x2), atol=ATOL, rtol=0)
-
-
-def _spy_ops(monkeypatch) -> dict:
-    calls: dict[str, int] = {}
-    for name in [
-        "patch_embed",
-        "attention",
-        "scaled_dot_product_attention",
-        "layer_norm",
-        "linear_gelu",
-        "linear_residual",
-    ]:
-        orig = getattr(fastvit.ops, name)
-
-        def spy(*a, _orig=orig, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(fastvit.ops, name, spy)
-    return calls
 
 
 # ----------------------------------------------------------------------------------------------- from_timm
@@ -174,7 +154,7 @@ def test_patch_timm_same_outputs_same_state_dict(name, seed, monkeypatch):
     assert isinstance(t.blocks[0].attn, TAttention) and isinstance(t.blocks[0].mlp, TMlp)
     assert isinstance(t.patch_embed, TPatchEmbed) and type(t.patch_embed).__name__ == "FastvitPatchEmbed"
 
-    calls = _spy_ops(monkeypatch)
+    calls = spy_ops(monkeypatch)
     _assert_same_outputs(t, ref, cfg)
     depth = TINY["depth"]
     assert calls["patch_embed"] >= 1 and calls["linear_gelu" if "quick" not in name else "linear_residual"] >= depth

@@ -8,3 +8,14 @@
   build, load hooks for the families, the ``cuda`` backend.
 * :mod:`fastvit.runtime.cuda_build` -- how ``csrc/`` is compiled (stdlib only; shared with ``setup.py``).
 """
+
+import os
+
+
+def cache_root() -> str:
+    """fastvit's cache folder (recorded CUDA builds, self-test verdicts): ``$FASTVIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fastvit``, else ``~/.cache/fastvit``."""
+    root = os.environ.get("FASTVIT_CACHE_DIR")
+    if root:
+        return root
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")

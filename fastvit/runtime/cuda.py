@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from fastvit.backends import Backend, register_backend
+from fastvit.runtime import cache_root
 from fastvit.runtime import cuda_build as build
 
 __all__ = ["build_info", "head_dim_bucket", "jit_build", "load", "load_error", "on_load"]
@@ -217,14 +218,6 @@ def default_log_path() -> str:
 
 
 # ------------------------------------------------------------------------------------------- recorded builds
-def cache_root() -> str:
-    """fastvit's cache folder: ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, else ``~/.cache/fastvit``."""
-    root = os.environ.get("FASTVIT_CACHE_DIR")
-    if root:
-        return root
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit")
-
-
 def _record_file() -> str:
     return os.path.join(cache_root(), "cuda-build.json")
 

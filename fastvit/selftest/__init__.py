@@ -62,6 +62,7 @@ import torch
 
 from fastvit import backends, ops, reference, testing
 from fastvit.backends import OPS, PRIORITY, get_backend
+from fastvit.runtime import cache_root
 
 __all__ = [
     "CaseResult",
@@ -667,14 +668,9 @@ def _names(given: Sequence[str] | str | None, default: Sequence[str], known: Seq
 
 # ------------------------------------------------------------------------------------------------ cache
 def cache_dir() -> str:
-    """Where verdicts are stored: ``$FASTVIT_CACHE_DIR/selftest``, else ``$XDG_CACHE_HOME/fastvit/selftest``, else
-    ``~/.cache/fastvit/selftest``."""
-    root = os.environ.get("FASTVIT_CACHE_DIR")
-    if not root:
-        root = os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastvit"
-        )
-    return os.path.join(root, "selftest")
+    """Where verdicts are stored: ``selftest`` in fastvit's cache folder (:func:`fastvit.runtime.cache_root`:
+    ``$FASTVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastvit``, else ``~/.cache/fastvit``)."""
+    return os.path.join(cache_root(), "selftest")
 
 
 def _driver_version() -> str | None:
