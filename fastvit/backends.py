@@ -110,6 +110,8 @@ class Call(NamedTuple):
         mixed_dtypes: under autocast, operands of different dtypes (half GEMM operands with an fp32 residual,
             LayerScale, position table or prefix tokens, as autocast leaves them; the output has their promoted
             dtype).
+        varlen: attention on packed variable-length sequences (``cu_seqlens`` given): ``batch`` is then the number
+            of sequences S and ``num_tokens`` / ``num_kv_tokens`` the longest one's length (``max_seqlen``).
     """
 
     device: torch.device | None = None
@@ -125,6 +127,7 @@ class Call(NamedTuple):
     embed_dim: int | None = None
     patch_row: int | None = None
     mixed_dtypes: bool = False
+    varlen: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access (``call.get("head_dim")``): the field's value, or ``default`` when it is ``None`` or no
@@ -167,6 +170,8 @@ class Capabilities:
         dropout: whether ``dropout_p > 0`` is supported.
         deterministic: whether the backward is bit-reproducible run to run.
         mixed_dtypes: whether the kernel takes operands of different dtypes (:attr:`Call.mixed_dtypes`).
+        varlen: whether the kernel takes packed variable-length sequences (:attr:`Call.varlen`; it is then called
+            with ``cu_seqlens=`` and ``max_seqlen=`` keyword arguments as well).
     """
 
     devices: frozenset[str] | None = frozenset({"cpu", "cuda"})
@@ -176,6 +181,7 @@ class Capabilities:
     dropout: bool = True
     deterministic: bool = True
     mixed_dtypes: bool = False
+    varlen: bool = False
 
     def reasons(self, call: CallLike) -> list[str]:
         """Reasons (empty when supported) these capabilities cannot serve ``call`` (a :class:`Call` or a mapping
@@ -201,6 +207,8 @@ class Capabilities:
                 "operands of different dtypes under autocast (half GEMM operands with fp32 epilogue "
                 "operands); the kernel takes one dtype"
             )
+        if call.varlen and not self.varlen:
+            out.append("packed variable-length sequences (cu_seqlens) are not supported")
         return out
 
 

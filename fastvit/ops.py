@@ -126,6 +126,7 @@ def _call(
     embed_dim=None,
     patch_row=None,
     mixed_dtypes=False,
+    varlen=False,
 ) -> Call:
     return _new_call(
         Call,
@@ -143,6 +144,7 @@ def _call(
             embed_dim,
             patch_row,
             mixed_dtypes,
+            varlen,
         ),
     )
 
@@ -291,14 +293,90 @@ def patch_embed(
     )
 
 
+def _check_cu_seqlens(
+    cu_seqlens: object, max_seqlen: object, total: int, ref_name: str, ref: torch.Tensor
+) -> tuple[int, int]:
+    """Check packed-sequence offsets (FlashAttention's varlen convention) and return ``(S, max_seqlen)``.
+
+    ``cu_seqlens`` must be an int32 ``(S + 1,)`` tensor on ``ref``'s device with ``cu_seqlens[0] == 0``, non-decreasing
+    values and ``cu_seqlens[-1] == total``; ``max_seqlen``, when given, an int no less than the longest sequence
+    (``None``: computed). Eagerly the value checks cost one host sync; under ``torch.compile`` they become a
+    ``torch._assert_async`` in the graph (as :func:`_check_range`) and a missing ``max_seqlen`` is taken as ``total``,
+    an upper bound that needs no host read.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of int32 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype is not torch.int32:
+        raise TypeError(
+            f"cu_seqlens must be an int32 tensor (FlashAttention's varlen convention), got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with S + 1 >= 2 entries (offsets of S sequences), got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != ref.device:
+        raise ValueError(
+            f"cu_seqlens is on {cu_seqlens.device} but {ref_name} is on {ref.device}; expected the same device"
+        )
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    num_seqs = cu_seqlens.shape[0] - 1
+    if cu_seqlens.device.type == "meta":  # no values to check
+        return num_seqs, total if max_seqlen is None else max_seqlen
+    lengths = cu_seqlens.diff()
+    if torch.compiler.is_compiling():
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all()
+        if max_seqlen is not None:
+            ok = ok & (lengths <= max_seqlen).all()
+        torch._assert_async(
+            ok,
+            f"cu_seqlens must start at 0, be non-decreasing and end at T = {total}, and max_seqlen bound every length",
+        )
+        return num_seqs, total if max_seqlen is None else max_seqlen
+    first, last, shortest, longest = torch.stack((cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max())).tolist()
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
+    if shortest < 0:
+        i = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {int(cu_seqlens[i])} > "
+            f"cu_seqlens[{i + 1}] = {int(cu_seqlens[i + 1])}"
+        )
+    if last != total:
+        raise ValueError(
+            f"cu_seqlens must end at the number of packed tokens T = {total} ({ref_name}.shape[0]), "
+            f"got cu_seqlens[-1] = {last}"
+        )
+    if max_seqlen is None:
+        return num_seqs, longest
+    if max_seqlen < longest:
+        raise ValueError(f"max_seqlen = {max_seqlen} is less than the longest sequence in cu_seqlens ({longest})")
+    return num_seqs, max_seqlen
+
+
+def _packed_dim(name: str, t: object, ndim: int, packed: bool, layout: str) -> None:
+    if packed and isinstance(t, torch.Tensor) and t.dim() != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D {layout} when cu_seqlens is given (sequences packed along the first dim), "
+            f"got shape {tuple(t.shape)}"
+        )
+
+
 def _prepare_attention(
     qkv: torch.Tensor,
     num_heads: int,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> tuple:
-    _tensor("qkv", qkv, 3)
+    packed = cu_seqlens is not None
+    _packed_dim("qkv", qkv, 2, packed, "(T, 3·C)")
+    _tensor("qkv", qkv, 2 if packed else 3)
     amp = _amp(qkv)
     if amp is not None:
         (qkv,) = families.attention.autocast_rule(amp, qkv)
@@ -312,16 +390,26 @@ def _prepare_attention(
         )
     _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
+    if packed:
+        S, n = _check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], "qkv", qkv)
+        return _new_call(
+            Call, (qkv.device, qkv.dtype, head_dim, dropout_p, S, n, n) + _NO_FEATURES + (False, True)
+        ), qkv
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     B, N, _ = qkv.shape
-    return _new_call(
-        Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N, None, None, None, None, None, False)
-    ), qkv
+    return _new_call(Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N) + _NO_FEATURES + (False, False)), qkv
+
+
+_NO_FEATURES = (None, None, None, None, None)  # features, in_features, out_features, embed_dim, patch_row
 
 
 def attention(
     qkv: torch.Tensor,
     num_heads: int,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
@@ -332,28 +420,44 @@ def attention(
     head-major (head h owns columns ``h·D : (h+1)·D`` of its third). Computes softmax(q kᵀ · scale) v per head
     (Vaswani et al., 2017) and returns the heads concatenated, ready for ``proj``.
 
+    With ``cu_seqlens``, ``qkv`` holds S sequences of different lengths packed along its first dim, without padding
+    (NaViT, Dehghani et al., 2023; the ``cu_seqlens`` convention of FlashAttention's ``flash_attn_varlen_*``):
+    sequence ``s`` is rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` and attends only to itself.
+
     Args:
-        qkv: (B, N, 3·C) float, C = num_heads · D.
+        qkv: (B, N, 3·C) float, C = num_heads · D; with ``cu_seqlens``: (T, 3·C) for T packed tokens.
         num_heads: H >= 1.
+        cu_seqlens: int32 (S + 1,) offsets on ``qkv``'s device: 0, then the running sum of the S lengths (so
+            ``cu_seqlens[-1] == T``); ``None``: ``qkv`` is a dense batch.
+        max_seqlen: the longest sequence (or any larger bound); ``None`` computes it from ``cu_seqlens`` (one host
+            sync, which the value checks of ``cu_seqlens`` make anyway).
         scale: softmax scale; default D ** -0.5.
         dropout_p: attention-probability dropout (timm's ``attn_drop``), applied only when > 0.
         backend: force a backend.
 
     Returns:
-        (B, N, C) in ``qkv``'s dtype.
+        (B, N, C) -- with ``cu_seqlens``: (T, C) -- in ``qkv``'s dtype.
 
     Raises:
-        TypeError: ``qkv`` not a float tensor, ``num_heads`` not an int.
-        ValueError: ``qkv`` not 3-D, its last dim not divisible by 3·num_heads, ``num_heads`` < 1,
-            ``dropout_p`` outside [0, 1).
+        TypeError: ``qkv`` not a float tensor, ``num_heads`` / ``max_seqlen`` not an int, ``cu_seqlens`` not int32.
+        ValueError: ``qkv`` not 3-D (2-D with ``cu_seqlens``), its last dim not divisible by 3·num_heads,
+            ``num_heads`` < 1, ``dropout_p`` outside [0, 1); ``cu_seqlens`` not 1-D with >= 2 entries, on another
+            device, not starting at 0, decreasing, or not ending at T; ``max_seqlen`` below the longest sequence or
+            given without ``cu_seqlens``.
 
     Equivalent PyTorch code::
 
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
+        # with cu_seqlens: the same on each qkv[cu_seqlens[s]:cu_seqlens[s + 1]][None], concatenated
     """
-    call, qkv = _prepare_attention(qkv, num_heads, scale=scale, dropout_p=dropout_p)
-    return select("attention", call, backend)[1](qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    call, qkv = _prepare_attention(
+        qkv, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    )
+    fn = select("attention", call, backend)[1]
+    if cu_seqlens is None:
+        return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
 
 
 def _prepare_scaled_dot_product_attention(
@@ -361,24 +465,41 @@ def _prepare_scaled_dot_product_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> tuple:
-    _tensor("q", q, 4)
-    _tensor("k", k, 4)
-    _tensor("v", v, 4)
+    packed = cu_seqlens is not None
+    ndim = 3 if packed else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _packed_dim(name, t, 3, packed, "(T, H, D)")
+        _tensor(name, t, ndim)
     amp = _amp(q)
     if amp is not None:
         q, k, v = families.attention.autocast_rule(amp, q, k, v)
     _like("k", k, "q", q)
     _like("v", v, "q", q, k.shape)
-    B, H, _, D = q.shape
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if packed:
+        if k.shape != q.shape:
+            raise ValueError(
+                f"k must have q's shape {tuple(q.shape)} (packed self-attention: one cu_seqlens for q, k and v), "
+                f"got {tuple(k.shape)}"
+            )
+        T, H, D = q.shape
+    else:
+        B, H, _, D = q.shape
+        if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+            raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
     _check_dropout(dropout_p)
+    if packed:
+        S, n = _check_cu_seqlens(cu_seqlens, max_seqlen, T, "q", q)
+        return _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=n, num_kv_tokens=n, batch=S, varlen=True), q, k, v
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
     return call, q, k, v
 
@@ -388,30 +509,45 @@ def scaled_dot_product_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for per-head tensors with any strides whose last dimension is contiguous.
 
+    With ``cu_seqlens``, q, k and v hold S sequences packed along their first dim (FlashAttention's
+    ``flash_attn_varlen_func`` layout); sequence ``s`` is rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` and attends
+    only to itself.
+
     Args:
-        q: (B, H, Nq, D) float.
-        k: (B, H, Nk, D), same dtype and device.
-        v: (B, H, Nk, D), same dtype and device.
+        q: (B, H, Nq, D) float; with ``cu_seqlens``: (T, H, D).
+        k: (B, H, Nk, D), same dtype and device; with ``cu_seqlens``: (T, H, D).
+        v: (B, H, Nk, D), same dtype and device; with ``cu_seqlens``: (T, H, D).
+        cu_seqlens: int32 (S + 1,) offsets (see :func:`attention`), shared by q, k and v.
+        max_seqlen: the longest sequence or a larger bound; ``None`` computes it.
         scale: default D ** -0.5.
         dropout_p: attention-probability dropout, in [0, 1).
         backend: force a backend.
 
     Returns:
-        (B, H, Nq, D) in ``q``'s dtype.
+        (B, H, Nq, D) -- with ``cu_seqlens``: (T, H, D) -- in ``q``'s dtype.
 
     Raises:
-        TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1.
+        TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1;
+            malformed ``cu_seqlens`` / ``max_seqlen`` (as :func:`attention`).
 
-    Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)``.
+    Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)`` (with
+    ``cu_seqlens``: on each sequence's ``(1, H, n, D)`` transpose, concatenated).
     """
-    call, q, k, v = _prepare_scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
-    return select("scaled_dot_product_attention", call, backend)[1](q, k, v, scale=scale, dropout_p=dropout_p)
+    call, q, k, v = _prepare_scaled_dot_product_attention(
+        q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    )
+    fn = select("scaled_dot_product_attention", call, backend)[1]
+    if cu_seqlens is None:
+        return fn(q, k, v, scale=scale, dropout_p=dropout_p)
+    return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
 
 
 def _check_dropout(dropout_p: float) -> None:
@@ -441,7 +577,7 @@ def _prepare_layer_norm(
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     mixed = mixed_ok and _mixed(x, weight, bias, residual)
-    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, C, None, None, None, None, mixed))
+    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, C, None, None, None, None, mixed, False))
     return call, x, weight, bias, residual
 
 
@@ -506,7 +642,7 @@ def _prepare_linear_gelu(
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     M, K = weight.shape
     return (
-        _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, False)),
+        _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, False, False)),
         x,
         weight,
         bias,
@@ -554,7 +690,7 @@ def _prepare_linear_residual(
     _like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
     _like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
     mixed = mixed_ok and _mixed(x, residual, gamma)
-    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, mixed))
+    call = _new_call(Call, (x.device, x.dtype, None, 0.0, None, None, None, None, K, M, None, None, mixed, False))
     return call, x, weight, bias, residual, gamma
 
 

@@ -60,16 +60,43 @@ def _scale(head_dim: int, scale: float | None) -> float:
 
 
 # ============================================================================================ eager
-def attention_eager(qkv, num_heads, *, scale=None, dropout_p=0.0):
-    """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv``, heads concatenated."""
+def per_sequence(fn, cu_seqlens: Tensor, *packed: Tensor) -> Tensor:
+    """``fn`` applied to each sequence's rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` of the ``packed`` tensors, the
+    results concatenated along dim 0: the eager path of packed variable-length attention (one host read of
+    ``cu_seqlens``)."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([fn(*(t[a:b] for t in packed)) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def attention_eager(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv``, heads concatenated; packed
+    sequences (``cu_seqlens``) one at a time."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            lambda part: attention_eager(part[None], num_heads, scale=scale, dropout_p=dropout_p)[0], cu_seqlens, qkv
+        )
     B, N, C3 = qkv.shape
     q, k, v = reference.split_qkv(qkv, num_heads)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0):
-    """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention``."""
+def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention``; packed sequences
+    (``cu_seqlens``, (T, H, D) operands) one at a time."""
+    if cu_seqlens is not None:
+
+        def one(q, k, v):  # (n, H, D) -> (1, H, n, D) and back
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                dropout_p=dropout_p,
+                scale=scale,
+            )
+            return o[0].transpose(0, 1)
+
+        return per_sequence(one, cu_seqlens, q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
