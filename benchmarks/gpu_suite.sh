@@ -27,8 +27,9 @@
 #                                     [TRITON_INTERPRET=1, --backend triton]; skipped-missing without the module
 #   4 headline  300 / 60   [60 / 15]  attention bf16 N 197/577/1025 x D 64/80, fwd and fwd_bwd, every SDPA backend;
 #                                     vit_base_patch16_224 batch 128 train step + inference vs timm eager and
-#                                     timm + torch.compile; roofline ceilings measured in each run
-#                                     [tiny attention fwd_bwd, fastvit-bench overhead with few rounds]
+#                                     timm + torch.compile; fastvit-bench varlen (NaFlexVit, 64 images 128-512 px,
+#                                     packed vs padded); roofline ceilings measured in each run
+#                                     [tiny attention fwd_bwd, fastvit-bench overhead with few rounds, tiny varlen]
 #   5 gpu_tests 240 / 60   [cpu]      pytest -m gpu -x -q tests
 #   6 sanitizer 240 / 45   [cpu]      compute-sanitizer memcheck, racecheck on benchmarks/sanitize.py (every op,
 #                                     forward + backward, small shapes), cuda and triton backends
@@ -423,6 +424,8 @@ stage_headline() {
         bench_step attention_cpu 40 attention --device cpu --seq-lens 17 33 --head-dims 16 --heads 2 --batch 2 \
             --threads 1 --mode fwd_bwd
         bench_step overhead_cpu 40 overhead --reps 3 --number 20 --model-number 1 --threads 1
+        run_step varlen_cpu 40 --files varlen_cpu.json "${BENCH[@]}" varlen --device cpu --images 4 --max-side 64 \
+            --threads 1 --no-progress --json "$OUT_DIR/varlen_cpu.json"
         return
     fi
     # fastvit-bench attention takes one --mode (fwd | bwd | fwd_bwd | all): fwd first (cheapest, most read), then
@@ -436,6 +439,8 @@ stage_headline() {
     # left to the sweeps stage: one torch.compile of a ViT-B less here).
     bench_step model_vit_base_patch16_224 180 model vit_base_patch16_224 --batch 128 --dtype bf16 --compile \
         --providers fastvit-triton,fastvit-cuda,fastvit-auto,timm-eager,timm-compile
+    # Packed (cu_seqlens) against timm's padded NaFlexVit: 64 images, sides 128-512 px, bf16 autocast.
+    run_step varlen 120 --files varlen.json "${BENCH[@]}" varlen --dtype bf16 --no-progress --json "$OUT_DIR/varlen.json"
 }
 
 stage_gpu_tests() {

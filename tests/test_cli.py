@@ -238,6 +238,21 @@ def runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]
             "--json",
             "overhead.json",
         ),
+        "varlen": _start(
+            d,
+            "varlen",
+            "--device",
+            "cpu",
+            "--images",
+            "3",
+            "--min-side",
+            "32",
+            "--max-side",
+            "64",
+            "--json",
+            "varlen.json",
+            *FAST,
+        ),
     }
     return {name: (_finish(p), d) for name, p in procs.items()}
 
@@ -260,6 +275,32 @@ def scaling_run(runs):
 @pytest.fixture(scope="module")
 def overhead_run(runs):
     return runs["overhead"]
+
+
+@pytest.fixture(scope="module")
+def varlen_run(runs):
+    return runs["varlen"]
+
+
+def test_varlen_cli(varlen_run):
+    proc, d = varlen_run
+    _ok(proc)
+    doc = json.loads((d / "varlen.json").read_text())
+    assert doc["command"] == "varlen"
+    info = doc["batch"]
+    P, prefix = info["patch_size"], info["num_prefix_tokens"]
+    sizes = info["image_sizes"]
+    assert len(sizes) == 3 and all(32 <= s <= 64 and s % P == 0 for hw in sizes for s in hw)
+    valid = sum((h // P) * (w // P) for h, w in sizes)
+    longest = max((h // P) * (w // P) for h, w in sizes)
+    assert info["valid_patches"] == valid and info["padded_patches"] == 3 * longest
+    rows = {(r["mode"], r["provider"]): r for r in doc["results"]}
+    assert set(rows) == {(m, p) for m in ("fwd", "fwd_bwd") for p in ("timm padded", "fastvit packed")}
+    for (mode, provider), r in rows.items():
+        assert r["status"] == "ok", r
+        assert _finite_positive(r["ms"]) and r["max_abs_diff"] <= 1e-4
+        assert r["tokens"] == (3 * (longest + prefix) if provider == "timm padded" else valid + 3 * prefix)
+    assert "fastvit packed" in proc.stdout and "of padded patches valid" in proc.stdout
 
 
 def test_attention_cli(attention_run):
@@ -359,6 +400,11 @@ def test_model_cli_rejects_an_image_size_the_patch_does_not_divide(capsys):
         (["model", "vit_nope"], "argument name: unknown model 'vit_nope'"),
         (["attention", "--seq-lens", "-5"], "argument --seq-lens"),
         (["attention", "--head-dims", "0"], "argument --head-dims"),
+        (
+            ["varlen", "--model", "vit_base_patch16_224"],
+            "argument --model: 'vit_base_patch16_224' is not a timm NaFlexVit",
+        ),
+        (["varlen", "--device", "cpu", "--min-side", "96", "--max-side", "64"], "argument --min-side: 96 exceeds"),
     ],
 )
 def test_bad_arguments(capsys, args, needle):

@@ -6,8 +6,9 @@ Subcommands::
     fastvit-bench model NAME [--batch B] [--img-size S] [--compile]
     fastvit-bench scaling NAME [--img-sizes S ...] [--batch B] [--mode fwd|fwd_bwd]
     fastvit-bench overhead [--reps R] [--number K] [--model-number K] [--batch B] [--backend NAME] [--json PATH]
+    fastvit-bench varlen [--model NAME] [--images B] [--min-side S] [--max-side S] [--mode fwd|fwd_bwd|all]
 
-Common options (attention, model, scaling): ``--device``, ``--dtype``, ``--json PATH``, ``--plot PATH``,
+Common options (attention, model, scaling, varlen): ``--device``, ``--dtype``, ``--json PATH``, ``--plot PATH``,
 ``--warmup-ms``, ``--rep-ms``, ``--no-progress``. ``overhead`` (host cost of dispatch per op, and a host-bound model
 against timm) takes ``--device``, ``--threads``, ``--json`` and ``--no-progress`` and always exits 0 after a run: its
 targets are reported, not enforced. Defaults are the real ViT shapes on a GPU and small shapes on the CPU. The exit status is 0 when
@@ -39,6 +40,10 @@ _MODEL_BATCH = (128, 2)
 _SCALING_IMG_SIZES = ([224, 384, 512, 768, 1024], [32, 64, 96])
 _SCALING_BATCH = (16, 1)
 _MODES = ("fwd", "bwd", "fwd_bwd")
+_VARLEN_IMAGES = (64, 8)
+_VARLEN_SIDES = ((128, 512), (32, 96))
+#: On the CPU ``fastvit-bench varlen`` shrinks the model (``--full-size`` keeps the named one).
+_VARLEN_CPU_MODEL = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 
 
 def _positive_int(text: str) -> int:
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmarks for fastvit: attention providers, whole models, cost scaling with image size, and host "
         "overhead.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling,overhead}")
+    sub = parser.add_subparsers(dest="command", metavar="{attention,model,scaling,overhead,varlen}")
     sub.required = True
 
     a = sub.add_parser(
@@ -217,7 +222,40 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
     o.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    for sp in (a, m, s, o):
+    v = sub.add_parser(
+        "varlen",
+        parents=[common],
+        help="packed (cu_seqlens) against padded mixed-resolution NaFlexVit batches",
+        description="A batch of images of random sizes through timm's NaFlexVit, padded (timm) and packed "
+        "(fastvit.integrations.patch_timm_): time, tokens processed, peak memory.",
+    )
+    v.add_argument("--model", default="naflexvit_base_patch16_gap", help="timm NaFlexVit model (default %(default)s)")
+    v.add_argument(
+        "--images",
+        type=_positive_int,
+        default=None,
+        help=f"images per batch (default GPU {_VARLEN_IMAGES[0]}, CPU {_VARLEN_IMAGES[1]})",
+    )
+    v.add_argument(
+        "--min-side",
+        type=_positive_int,
+        default=None,
+        help=f"smallest image side, px (default GPU {_VARLEN_SIDES[0][0]}, CPU {_VARLEN_SIDES[1][0]})",
+    )
+    v.add_argument(
+        "--max-side",
+        type=_positive_int,
+        default=None,
+        help=f"largest image side, px (default GPU {_VARLEN_SIDES[0][1]}, CPU {_VARLEN_SIDES[1][1]})",
+    )
+    v.add_argument("--mode", choices=["fwd", "fwd_bwd", "all"], default="all", help="fwd, fwd_bwd or all (default)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sizes, pixels and labels (default 0)")
+    v.add_argument(
+        "--full-size",
+        action="store_true",
+        help="on the CPU, run the named model as is (default there: depth 2, width 64, 2 heads)",
+    )
+    for sp in (a, m, s, o, v):
         sp.set_defaults(_parser=sp)
     return parser
 
@@ -769,7 +807,68 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
 
 
 # ----------------------------------------------------------------------------------------------- main
-_COMMANDS = {"attention": _cmd_attention, "model": _cmd_model, "scaling": _cmd_scaling, "overhead": _cmd_overhead}
+# ----------------------------------------------------------------------------------------------- varlen
+def _cmd_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    try:
+        import timm
+    except ImportError:
+        parser.error("varlen needs timm (pip install timm) for its NaFlexVit")
+    if args.model not in timm.list_models("naflexvit*"):
+        parser.error(
+            f"argument --model: {args.model!r} is not a timm NaFlexVit; choose from {timm.list_models('naflexvit*')}"
+        )
+    if args.providers:
+        parser.error("argument --providers: varlen always runs its two providers (timm padded, fastvit packed)")
+    run = _Run(args, parser)
+    from fastvit.bench.varlen import VarlenSpec, run_varlen
+
+    lo = args.min_side or _VARLEN_SIDES[run.idx][0]
+    hi = args.max_side or _VARLEN_SIDES[run.idx][1]
+    if lo > hi:
+        parser.error(f"argument --min-side: {lo} exceeds --max-side {hi}")
+    if lo < 16:
+        parser.error(f"argument --min-side: {lo} px is below one 16 px patch")
+    kwargs = {} if run.gpu or args.full_size else dict(_VARLEN_CPU_MODEL)
+    spec = VarlenSpec(
+        args.model, args.images or _VARLEN_IMAGES[run.idx], lo, hi, run.dtype, run.device, args.seed, kwargs
+    )
+    modes = ["fwd", "fwd_bwd"] if args.mode == "all" else [args.mode]
+    bar = _progress(None, 2 * len(modes), "varlen", args.no_progress)
+    rows, info = run_varlen(
+        spec, modes, bench=run.bench, progress=(lambda _label: bar.update(1)) if hasattr(bar, "update") else None
+    )
+    if hasattr(bar, "close"):
+        bar.close()
+    shrunk = f", shrunk to {kwargs}" if kwargs else ""
+    _print_table(
+        f"varlen {args.model}{shrunk} ({run.device.type}, {str(run.dtype)[6:]}, B={spec.num_images}, sides "
+        f"{lo}-{hi} px, {info['valid_fraction']:.0%} of padded patches valid)",
+        [
+            ("mode", "mode", "text"),
+            ("provider", "provider", "text"),
+            ("tokens", "tokens", ""),
+            ("ms", "ms", ""),
+            ("img/s", "images_per_s", ""),
+            ("speedup", "speedup", ""),
+            ("mem MiB", "peak_mem_bytes", "mem"),
+            ("max|err|", "max_abs_diff", ""),
+            ("status", "status", "text"),
+        ],
+        [r for r in rows if r["status"] in ("ok", "FAILED")],
+    )
+    _print_skipped(_skipped_summary(rows))
+    if args.json:
+        _write_json(args.json, run.payload("varlen", argv, rows, batch=info))
+    return _exit_status(rows)
+
+
+_COMMANDS = {
+    "attention": _cmd_attention,
+    "model": _cmd_model,
+    "scaling": _cmd_scaling,
+    "overhead": _cmd_overhead,
+    "varlen": _cmd_varlen,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
