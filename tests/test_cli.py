@@ -296,7 +296,7 @@ def test_varlen_cli(varlen_run):
     assert info["valid_patches"] == valid and info["padded_patches"] == 3 * longest
     rows = {(r["mode"], r["provider"]): r for r in doc["results"]}
     assert set(rows) == {(m, p) for m in ("fwd", "fwd_bwd") for p in ("timm padded", "fastvit packed")}
-    for (mode, provider), r in rows.items():
+    for (_mode, provider), r in rows.items():
         assert r["status"] == "ok", r
         assert _finite_positive(r["ms"]) and r["max_abs_diff"] <= 1e-4
         assert r["tokens"] == (3 * (longest + prefix) if provider == "timm padded" else valid + 3 * prefix)
