@@ -361,6 +361,7 @@ def test_overhead_cli(overhead_run):
 
     proc, _, doc = _report(overhead_run, "overhead.json")
     assert doc["command"] == "overhead"
+    assert doc["clock"] == doc["model"]["clock"] == "thread"  # the CPU default: the host thread's CPU time
     rows = {r["case"]: r for r in doc["ops"]}
     assert set(rows) == set(OPS) | {"layer_norm+residual"}
     for case, r in rows.items():

@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--json", metavar="PATH", default=None, help="write results + environment as JSON to PATH")
     o.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's own)")
+    o.add_argument(
+        "--clock",
+        choices=["thread", "wall"],
+        default=None,
+        help="thread: the calling thread's CPU time (default on the CPU: not inflated by other processes); wall: "
+        "elapsed time (the default, and the only choice, on a GPU)",
+    )
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     v = sub.add_parser(
         "varlen",
@@ -729,15 +736,25 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
         parser.error("argument --device: CUDA requested but torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        clock, _ = overhead.clock_for(device, args.clock)
+    except ValueError as exc:
+        parser.error(f"argument --clock: {exc}")
     started = time.time()
     cases = overhead.op_cases(device)
     bar = _progress(None, len(cases) + 2, "overhead", args.no_progress)
     tick = (lambda _name: bar.update(1)) if hasattr(bar, "update") else None
     ops_rows = overhead.measure_ops(
-        device=device, reps=args.reps, number=args.number, backend=args.backend, progress=tick
+        device=device, reps=args.reps, number=args.number, backend=args.backend, progress=tick, clock=clock
     )
     model = overhead.measure_model(
-        device=device, batch=args.batch, reps=args.reps, number=args.model_number, backend=args.backend, progress=tick
+        device=device,
+        batch=args.batch,
+        reps=args.reps,
+        number=args.model_number,
+        backend=args.backend,
+        progress=tick,
+        clock=clock,
     )
     if hasattr(bar, "close"):
         bar.close()
@@ -754,7 +771,8 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
         for r in ops_rows
     ]
     _print_table(
-        f"dispatch overhead per op ({device.type}; {args.reps} A/B rounds x {args.number} calls; median [IQR])",
+        f"dispatch overhead per op ({device.type}, {clock} clock; {args.reps} A/B rounds x {args.number} calls; "
+        "median [IQR])",
         [
             ("op", "op", "text"),
             ("backend", "backend", "text"),
@@ -779,7 +797,7 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     cfg = model["config"]
     _print_table(
         f"host-bound ViT ({device.type}, depth {cfg['depth']}, C={cfg['embed_dim']}, {cfg['img_size']}px/P{cfg['patch_size']}, "
-        f"B={model['batch']}; {args.reps} A/B rounds x {args.model_number} steps; median [IQR])",
+        f"B={model['batch']}, {clock} clock; {args.reps} A/B rounds x {args.model_number} steps; median [IQR])",
         [
             ("mode", "mode", "text"),
             ("timm ms", "timm", "text"),
@@ -798,6 +816,7 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
                 "argv": list(argv),
                 "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                 "environment": harness.environment(device),
+                "clock": clock,
                 "ops": ops_rows,
                 "model": model,
                 "wall_s": time.time() - started,
@@ -806,7 +825,6 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     return 0
 
 
-# ----------------------------------------------------------------------------------------------- main
 # ----------------------------------------------------------------------------------------------- varlen
 def _cmd_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     try:
@@ -862,6 +880,7 @@ def _cmd_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser, argv:
     return _exit_status(rows)
 
 
+# ----------------------------------------------------------------------------------------------- main
 _COMMANDS = {
     "attention": _cmd_attention,
     "model": _cmd_model,

@@ -16,7 +16,10 @@ interquartile range over the reps:
   a step is host-bound, so the ratio fastvit / timm measures host paths; the target is at most 1.10 for both.
 
 Timing: :class:`torch.utils.benchmark.Timer` (``timeit(number)`` per rep, which synchronises CUDA when timing on a
-GPU); each rep's sample is the mean of ``number`` calls. Differences and ratios are computed per rep pair, then
+GPU); each rep's sample is the mean of ``number`` calls. The clock (:func:`clock_for`): on a GPU wall time
+(``time.perf_counter``); on the CPU by default the calling thread's CPU time (``time.thread_time``) -- the host cost
+itself, which time slices lost to other processes of a shared machine do not inflate (with one torch thread, as
+``--threads 1`` sets, all the work is on that thread); ``clock="wall"`` measures wall time there too. Differences and ratios are computed per rep pair, then
 summarised, so the pairing the interleaving buys is kept.
 """
 
@@ -29,9 +32,11 @@ from typing import Any, Callable
 import torch
 
 __all__ = [
+    "CLOCKS",
     "MODEL_RATIO_TARGET",
     "OP_ADDED_US_TARGET",
     "OpCase",
+    "clock_for",
     "interleaved",
     "measure_model",
     "measure_ops",
@@ -42,6 +47,30 @@ __all__ = [
 #: Issue 10's targets: microseconds dispatch may add per op, and the fastvit / timm ratio of the host-bound model.
 OP_ADDED_US_TARGET = 5.0
 MODEL_RATIO_TARGET = 1.10
+
+
+#: Clocks :func:`interleaved` can time with.
+CLOCKS = ("thread", "wall")
+
+
+def clock_for(device: torch.device | str, clock: str | None = None) -> tuple[str, Callable[[], float]]:
+    """``(name, timer)`` for timing host work on ``device``: ``clock`` (``"thread"``: ``time.thread_time``,
+    ``"wall"``: ``time.perf_counter``), or by default thread time on the CPU and wall time elsewhere (a GPU's work
+    runs off the host thread, so only wall time sees it).
+
+    Raises:
+        ValueError: an unknown ``clock``, or ``"thread"`` for a non-CPU device.
+    """
+    import time
+
+    device_type = torch.device(device).type
+    if clock is None:
+        clock = "thread" if device_type == "cpu" else "wall"
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "thread" and device_type != "cpu":
+        raise ValueError(f"clock 'thread' measures host CPU time only; use 'wall' on {device_type}")
+    return clock, (time.thread_time if clock == "thread" else time.perf_counter)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -68,7 +97,13 @@ def summary(values: list[float], scale: float = 1.0, unit: str = "") -> dict[str
 
 
 def interleaved(
-    variants: dict[str, Callable[[], Any]], *, reps: int, number: int, warmup: int = 3, num_threads: int | None = None
+    variants: dict[str, Callable[[], Any]],
+    *,
+    reps: int,
+    number: int,
+    warmup: int = 3,
+    num_threads: int | None = None,
+    timer: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
     """Time two (or more) callables A/B interleaved: ``reps`` rounds, each timing every variant once over ``number``
     calls with :class:`torch.utils.benchmark.Timer`, the order reversed every other round.
@@ -79,6 +114,7 @@ def interleaved(
         number: calls per sample (the sample is their mean).
         warmup: untimed calls of each variant first.
         num_threads: torch threads while timing (default: the current ``torch.get_num_threads()``).
+        timer: the clock (default ``time.perf_counter``; see :func:`clock_for`).
 
     Returns:
         name -> ``reps`` per-call times in seconds, in round order (so ``times[a][i]`` and ``times[b][i]`` pair up).
@@ -91,7 +127,10 @@ def interleaved(
     if reps < 1 or number < 1:
         raise ValueError(f"reps and number must be >= 1, got reps={reps}, number={number}")
     threads = torch.get_num_threads() if num_threads is None else num_threads
-    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for name, fn in variants.items()}
+    extra = {} if timer is None else {"timer": timer}
+    timers = {
+        name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, **extra) for name, fn in variants.items()
+    }
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -165,6 +204,7 @@ def measure_ops(
     number: int = 200,
     backend: str | None = None,
     progress: Callable[[str], None] | None = None,
+    clock: str | None = None,
 ) -> list[dict[str, Any]]:
     """Dispatch overhead per op: ``fastvit.ops.<op>(...)`` against the selected implementation called directly.
 
@@ -174,9 +214,10 @@ def measure_ops(
         backend: force a backend (``fastvit.use_backend``) for both variants; ``None``: automatic selection (on the
             CPU that is eager).
         progress: called with each case name before it is timed.
+        clock: see :func:`clock_for`.
 
     Returns:
-        One row per case: ``case``, ``op``, ``backend`` (the one selected), ``variants`` = ``{"fastvit.ops": s,
+        One row per case: ``case``, ``op``, ``backend`` (the one selected), ``clock``, ``variants`` = ``{"fastvit.ops": s,
         "direct": s}`` with ``s`` = :func:`summary` in µs (``median_us``, ``q25_us``, ``q75_us``, ``iqr_us``, ``n``),
         ``added_us`` (the same summary of the per-rep differences), ``target_us`` and ``within_target`` (median
         added ≤ target).
@@ -186,6 +227,7 @@ def measure_ops(
     from fastvit.backends import select
     from fastvit.bench.providers import _call
 
+    clock, timer = clock_for(device, clock)
     rows = []
     with fastvit.use_backend(backend):
         for c in op_cases(device):
@@ -201,12 +243,14 @@ def measure_ops(
                 },
                 reps=reps,
                 number=number,
+                timer=timer,
             )
             added = [a - b for a, b in zip(times["fastvit.ops"], times["direct"])]
             row = {
                 "case": c.case,
                 "op": c.op,
                 "backend": chosen,
+                "clock": clock,
                 "variants": {name: summary(v, 1e6, "us") for name, v in times.items()},
                 "added_us": summary(added, 1e6),
                 "target_us": OP_ADDED_US_TARGET,
@@ -229,6 +273,7 @@ def measure_model(
     number: int = 3,
     backend: str | None = None,
     progress: Callable[[str], None] | None = None,
+    clock: str | None = None,
 ) -> dict[str, Any]:
     """fastvit (``fastvit.from_timm``, same weights) against timm on :data:`MODEL_KWARGS`, inference and training.
 
@@ -240,9 +285,10 @@ def measure_model(
         device, reps, number: where and how long (see :func:`interleaved`; ``number`` steps per sample).
         batch: images per step.
         backend: force a fastvit backend; ``None``: automatic selection.
+        clock: see :func:`clock_for`.
 
     Returns:
-        ``{"config": ..., "batch", "params", "max_abs_diff": {"timm", "fastvit"}, "rows": [...]}`` with one row per mode (``inference``,
+        ``{"config": ..., "batch", "params", "clock", "max_abs_diff": {"timm", "fastvit"}, "rows": [...]}`` with one row per mode (``inference``,
         ``train``): ``variants`` = ``{"timm": s, "fastvit": s}`` (:func:`summary` in ms), ``ratio`` (summary of the
         per-rep fastvit / timm ratios), ``target_ratio``, ``within_target``.
 
@@ -271,6 +317,7 @@ def measure_model(
         assert res.ok, f"{name}: {res.message}"
         diff[name] = res.err
 
+    clock, timer = clock_for(device, clock)
     with fastvit.use_backend(backend):
 
         def infer(m: torch.nn.Module) -> Callable[[], Any]:
@@ -293,7 +340,7 @@ def measure_model(
                 progress(mode)
             for m in models.values():
                 m.train(mode == "train")
-            times = interleaved({name: make(m) for name, m in models.items()}, reps=reps, number=number)
+            times = interleaved({name: make(m) for name, m in models.items()}, reps=reps, number=number, timer=timer)
             ratios = [f / t for f, t in zip(times["fastvit"], times["timm"])]
             row = {
                 "mode": mode,
@@ -306,6 +353,7 @@ def measure_model(
     return {
         "config": {"timm": "VisionTransformer", **MODEL_KWARGS},
         "batch": batch,
+        "clock": clock,
         "params": sum(p.numel() for p in ours.parameters()),
         "max_abs_diff": diff,
         "rows": rows,
