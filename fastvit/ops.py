@@ -11,6 +11,8 @@ E embed dim of the patch projection.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fastvit import (
@@ -85,28 +87,43 @@ def _index(name: str, t: object, ndim: int, ref_name: str, ref: torch.Tensor) ->
     return t
 
 
-# The two value checks below read index values. Eagerly that is one host sync and a ValueError. Under torch.compile
-# a host read would be a data-dependent guard (an error with fullgraph=True), so the check stays in the graph as
+# The value check below reads index values. Eagerly that is one host sync and a ValueError. Under torch.compile a host
+# read would be a data-dependent guard (an error with fullgraph=True), so the check stays in the graph as
 # torch._assert_async instead: a RuntimeError on the CPU, a device-side assert on a GPU -- still never a silent wrong
 # answer or an out-of-bounds read inside a kernel. Meta and fake tensors hold no values.
-def _check_range(name: str, t: torch.Tensor, upper: int) -> None:
+def _check_index_rows(name: str, t: torch.Tensor, upper: int, what: str) -> None:
+    """Every value of ``t`` (B, L) in ``[0, upper)`` and no value repeated within a row (the backward kernels scatter
+    through these indices without atomics, which is only right when no index repeats): one sort, one host read."""
     if not t.numel() or t.device.type == "meta":
         return
+    s = t.sort(dim=1).values
+    lo, hi = s[:, 0].min(), s[:, -1].max()
+    repeats = (s.diff(dim=1) == 0).any()
     if torch.compiler.is_compiling():
-        torch._assert_async(((t >= 0) & (t < upper)).all(), f"{name} values must lie in [0, {upper})")
-    elif int(t.min()) < 0 or int(t.max()) >= upper:
-        raise ValueError(f"{name} values must lie in [0, {upper}), got [{int(t.min())}, {int(t.max())}]")
-
-
-def _check_unique_rows(name: str, t: torch.Tensor, what: str) -> None:
-    # Backward kernels scatter through these indices without atomics, which is only right when no index repeats.
-    if t.shape[1] <= 1 or t.device.type == "meta":
+        torch._assert_async((lo >= 0) & (hi < upper), f"{name} values must lie in [0, {upper})")
+        torch._assert_async(~repeats, f"{name} must not repeat an index within a row ({what})")
         return
-    unique = (t.sort(dim=1).values.diff(dim=1) != 0).all()
-    if torch.compiler.is_compiling():
-        torch._assert_async(unique, f"{name} must not repeat an index within a row ({what})")
-    elif not bool(unique):
+    lo, hi, repeats = torch.stack((lo, hi, repeats.to(lo.dtype))).tolist()
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} values must lie in [0, {upper}), got [{lo}, {hi}]")
+    if repeats:
         raise ValueError(f"{name} must not repeat an index within a row ({what})")
+
+
+# Index tensors fastvit.ops.random_masking made are valid by construction: a later op given one, unchanged since (same
+# version counter: any in-place write bumps it), skips the value check -- one host sync less in every MAE step, which
+# on a GPU would stall the stream. id -> (weak reference, version, upper bound).
+_MADE: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _vouch(t: torch.Tensor, upper: int) -> None:
+    key = id(t)
+    _MADE[key] = (weakref.ref(t, lambda _ref, key=key: _MADE.pop(key, None)), t._version, upper)
+
+
+def _vouched(t: torch.Tensor, upper: int) -> bool:
+    entry = _MADE.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == upper
 
 
 _new_call = tuple.__new__  # a Call built from a full tuple: a third of the NamedTuple constructor's cost
@@ -225,8 +242,8 @@ def _prepare_patch_embed(
         _index("ids_keep", ids_keep, 2, "images", images)
         if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
             raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
-        _check_range("ids_keep", ids_keep, num_patches)
-        _check_unique_rows("ids_keep", ids_keep, "each kept patch appears once")
+        if not _vouched(ids_keep, num_patches):
+            _check_index_rows("ids_keep", ids_keep, num_patches, "each kept patch appears once")
         ids_keep = ids_keep.long()
     mixed = mixed_ok and _mixed(images, pos_embed, cls_token, reg_tokens)
     return (
@@ -301,7 +318,7 @@ def _check_cu_seqlens(
     ``cu_seqlens`` must be an int32 ``(S + 1,)`` tensor on ``ref``'s device with ``cu_seqlens[0] == 0``, non-decreasing
     values and ``cu_seqlens[-1] == total``; ``max_seqlen``, when given, an int no less than the longest sequence
     (``None``: computed). Eagerly the value checks cost one host sync; under ``torch.compile`` they become a
-    ``torch._assert_async`` in the graph (as :func:`_check_range`) and a missing ``max_seqlen`` is taken as ``total``,
+    ``torch._assert_async`` in the graph (as :func:`_check_index_rows`) and a missing ``max_seqlen`` is taken as ``total``,
     an upper bound that needs no host read.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -745,7 +762,10 @@ def random_masking(
 
     Returns:
         ``ids_keep`` (B, N_keep) int64, ``ids_restore`` (B, N) int64 (argsort of the shuffle), and ``mask``
-        (B, N) float32 with 0 = kept, 1 = removed, in the original patch order.
+        (B, N) float32 with 0 = kept, 1 = removed, in the original patch order. Given to :func:`patch_embed` /
+        :func:`mae_unshuffle` unchanged, ``ids_keep`` / ``ids_restore`` skip those ops' value checks (they are
+        valid by construction); indices from anywhere else, or written to in place since, are checked (one sort
+        and one host sync).
 
     Raises:
         ValueError: ``mask_ratio`` outside [0, 1), non-positive sizes, ``noise`` of the wrong shape.
@@ -760,7 +780,13 @@ def random_masking(
         _tensor("noise", noise, 2)
         if tuple(noise.shape) != (batch_size, seq_len):
             raise ValueError(f"noise must have shape ({batch_size}, {seq_len}), got {tuple(noise.shape)}")
-    return reference.random_masking(batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device)
+    ids_keep, ids_restore, mask = reference.random_masking(
+        batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device
+    )
+    if not torch.compiler.is_compiling():
+        _vouch(ids_keep, seq_len)
+        _vouch(ids_restore, seq_len)
+    return ids_keep, ids_restore, mask
 
 
 def _prepare_mae_unshuffle(
@@ -781,8 +807,8 @@ def _prepare_mae_unshuffle(
         raise ValueError(f"ids_restore must have shape ({B}, N), got {tuple(ids_restore.shape)}")
     if not 1 <= T <= N + 1:
         raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
-    _check_range("ids_restore", ids_restore, N)
-    _check_unique_rows("ids_restore", ids_restore, "each row is a permutation of 0..N-1")
+    if not _vouched(ids_restore, N):
+        _check_index_rows("ids_restore", ids_restore, N, "each row is a permutation of 0..N-1")
     _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
     return _call(x), x, mask_token, ids_restore.long(), pos_embed
 

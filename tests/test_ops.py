@@ -843,3 +843,30 @@ def test_good_versions_of_the_bad_input_calls_run():
         call = make(_t(2, 5, 96)) if make is _attn else make()
         out = call()
         assert all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def test_indices_from_random_masking_skip_the_value_check_until_written(monkeypatch):
+    """ids from ops.random_masking are valid by construction and skip mae_unshuffle's / patch_embed's value check (a
+    host sync per MAE step); any other indices, or those written to in place since, are checked."""
+    ops = fastvit.ops
+    checked = []
+    real = ops._check_index_rows
+    monkeypatch.setattr(ops, "_check_index_rows", lambda name, *a: (checked.append(name), real(name, *a)))
+    B, N, C = 2, 8, 4
+    ids_keep, ids_restore, _ = ops.random_masking(B, N, 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(B, 1 + ids_keep.shape[1], C)
+    mask_token = torch.randn(1, 1, C)
+    out = ops.mae_unshuffle(x, mask_token, ids_restore)
+    torch.testing.assert_close(out, fastvit.reference.mae_unshuffle(x, mask_token, ids_restore))
+    weight = torch.randn(C, 3, 4, 4)
+    images = torch.randn(B, 3, 8, 16)  # 2 x 4 = 8 patches of 4 x 4
+    ops.patch_embed(images, weight, None, ids_keep=ids_keep)
+    assert checked == []
+    ops.mae_unshuffle(x, mask_token, ids_restore.clone())  # a copy is not vouched for
+    assert checked == ["ids_restore"]
+    ids_restore[0, 0] = ids_restore[0, 1]  # an in-place write: checked again, and the repeat is found
+    with pytest.raises(ValueError, match="ids_restore must not repeat an index"):
+        ops.mae_unshuffle(x, mask_token, ids_restore)
+    ids_keep[1, 0] = N  # the view's writes bump the shared version counter too
+    with pytest.raises(ValueError, match=r"ids_keep values must lie in \[0, 8\)"):
+        ops.patch_embed(images, weight, None, ids_keep=ids_keep)
