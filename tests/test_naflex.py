@@ -139,8 +139,9 @@ def test_naflex_blocks_run_on_packed_fastvit_attention(monkeypatch, seed, genera
     assert calls.get("linear_residual") == 2 * TINY["depth"] and calls.get("linear_gelu") == TINY["depth"]
 
 
-def test_naflex_train_patch_dropout_and_grad_checkpointing_match_timm(seed, generator):
-    cfg = dict(global_pool="avg", reg_tokens=2, patch_drop_rate=0.5)
+def test_naflex_train_patch_dropout_drop_path_and_grad_checkpointing_match_timm(seed, generator):
+    # same seed, same draws: patch dropout as timm, then one drop-path draw per sequence (timm: per padded sample)
+    cfg = dict(global_pool="avg", reg_tokens=2, patch_drop_rate=0.5, drop_path_rate=0.5)
     timm_model = _naflex(cfg, seed).train()
     fast = patch_timm_(copy.deepcopy(timm_model))
     for m in (timm_model, fast):
@@ -214,3 +215,31 @@ def test_patch_report_lists_naflexvit(seed):
     assert rows["attn_pool"].status == "not covered"
     assert all(rows[f"blocks.{i}"].status == "patched" for i in range(TINY["depth"]))
     assert format_patch_report(report).splitlines()[2].startswith("(model)")
+
+
+def test_naflex_bf16_autocast_matches_timm(seed, generator):
+    timm_model = _naflex(CONFIGS["gap_reg4"], seed)
+    fast = patch_timm_(copy.deepcopy(timm_model))
+    batch = _batch(SIZES3, generator)
+    weight = torch.randn(3, NUM_CLASSES, generator=generator)
+    ref, ref_f, ref_g = _run(timm_model, batch, weight)  # fp32, no autocast
+    with torch.autocast("cpu", torch.bfloat16):
+        out, out_f, out_g = _run(fast, batch, weight)
+        pt, pt_f, pt_g = _run(timm_model, batch, weight)
+    assert out.dtype == pt.dtype == torch.bfloat16
+    assert_close_oracle(out, ref, pt, torch.bfloat16, "logits", check_dtype=False)
+    assert_close_oracle(out_f, ref_f, pt_f, torch.bfloat16, "features on valid tokens", check_dtype=False)
+    for k in ref_g:
+        if ref_g[k] is not None:
+            assert out_g[k].dtype == ref_g[k].dtype, k  # parameter gradients in the parameter dtype
+            assert_close_oracle(out_g[k], ref_g[k], pt_g[k], torch.bfloat16, f"grad {k}", check_dtype=False)
+
+
+def test_patched_timm_block_refuses_packed_tokens_it_cannot_run(seed):
+    fast = patch_timm_(_naflex(CONFIGS["gap_reg4"], seed))
+    x = torch.randn(10, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    assert fast.blocks[0](x, cu_seqlens=cu, max_seqlen=6).shape == x.shape
+    assert fast.blocks[0].attn(x, cu_seqlens=cu).shape == x.shape
+    with pytest.raises(ValueError, match="cannot run packed tokens.*attn_mask"):
+        fast.blocks[0](x, attn_mask=torch.zeros(1, 1, 10, 10), cu_seqlens=cu)

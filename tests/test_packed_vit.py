@@ -79,6 +79,18 @@ def test_forward_packed_matches_per_image_dense(name, seed, generator):
         assert_close_oracle(g_out[k], g_ref[k], g_pt[k], torch.float32, f"grad {k}")
 
 
+def test_forward_packed_bf16_autocast(seed, generator):
+    model = _model(CONFIGS["reg1_noembedcls_qknorm_ls"], seed)
+    images = [img.detach() for img in _images(SIZES, generator)]
+    with torch.no_grad():
+        ref = _dense(model, images)  # fp32, no autocast
+        with torch.autocast("cpu", torch.bfloat16):
+            out = model.forward_packed(images)
+            pt = _dense(model, images)
+    assert out.dtype == torch.bfloat16
+    assert_close_oracle(out, ref, pt, torch.bfloat16, "logits", check_dtype=False)
+
+
 def test_forward_features_packed_tokens_match_per_image(seed, generator):
     model = _model(dict(reg_tokens=2), seed)
     images = _images(SIZES, generator)
