@@ -112,7 +112,10 @@ class VisionTransformer(nn.Module):
         weight_init: ``''`` (timm's default init) or ``'skip'``.
 
     Shapes: ``forward`` (B, in_chans, Hi, Wi) float -> (B, num_classes) logits in the input dtype;
-    ``forward_features`` -> (B, R + Np, C), R = ``num_prefix_tokens``.
+    ``forward_features`` -> (B, R + Np, C), R = ``num_prefix_tokens``. Images of different sizes in one pass, packed
+    without padding (NaViT): ``forward_packed(list of (in_chans, H_s, W_s))`` -> (S, num_classes), with its parts
+    ``embed_packed`` / ``forward_features_packed`` (-> :class:`fastvit.nn.packed.PackedTokens`) /
+    ``forward_head_packed``.
 
     Raises:
         ValueError: at construction, ``embed_dim`` not divisible by ``num_heads``, an unknown ``global_pool`` /
