@@ -502,8 +502,8 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     a zero-padded (B, N, C) tensor before the final ``norm``, so timm's own pooling (``global_pool_naflex`` with
     ``patch_valid``, or the masked ``AttentionPoolLatent`` for ``'map'``), ``fc_norm`` and head run unchanged. Valid
     tokens, pooled logits and gradients equal timm's; padding rows of ``forward_features`` hold ``norm(0)`` instead
-    of timm's values there (which no pooling reads). It costs one host sync per batch (the longest sequence), so
-    ``torch.compile`` graph-breaks there.
+    of timm's values there (which no pooling reads). Forward hooks on the blocks see the packed (T, C) tokens. It
+    costs one host sync per batch (the longest sequence), so ``torch.compile`` graph-breaks there.
 
     What stays on timm's path (the NaFlexVit row of :func:`patch_report` says which and why):
 
