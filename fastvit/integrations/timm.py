@@ -2,7 +2,8 @@
 modules on :mod:`fastvit.ops` in place.
 
 timm is imported lazily (only when these functions are called), so fastvit does not depend on it.
-Source of the semantics: timm ``models/vision_transformer.py`` and ``layers/{attention,mlp,patch_embed}.py``.
+Source of the semantics: timm ``models/vision_transformer.py``, ``models/naflexvit.py`` (NaFlexVit, packed here) and
+``layers/{attention,mlp,patch_embed}.py``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from fastvit import ops
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
+from fastvit.nn.packed import pad_input, unpad_input
 from fastvit.nn.vit import VisionTransformer
 
 __all__ = ["PatchRecord", "format_patch_report", "from_timm", "patch_report", "patch_timm_", "timm_pretrained_cfg"]
@@ -191,7 +194,10 @@ _PATCHED: Dict[type, type] = {}
 
 # What each patched forward needs, as reasons it cannot serve a module. The same functions decide at forward time
 # (a patched module whose list is non-empty runs timm's own forward) and fill patch_report().
-_COVERED = "patch_timm_ covers timm's PatchEmbed, Attention, Mlp, vision_transformer.Block and LayerNorm"
+_COVERED = (
+    "patch_timm_ covers timm's PatchEmbed, Attention, Mlp, vision_transformer.Block, LayerNorm and NaFlexVit's "
+    "packed forward_features"
+)
 
 
 def _norm_reason(m: Optional[nn.Module], what: str) -> Optional[str]:
@@ -296,7 +302,26 @@ def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, gh * gw, -1)  # NLC (other formats are in _patch_embed_reasons)
 
 
-def _attention_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+def _packed_unsupported(what: str, reasons: List[str], attn_mask, is_causal) -> None:
+    # timm's forward has no packed mode to fall back to: say why a packed call cannot run
+    if attn_mask is not None or is_causal:
+        reasons = reasons + ["attn_mask / is_causal given"]
+    if reasons:
+        raise ValueError(f"{what} cannot run packed tokens (cu_seqlens given): {'; '.join(reasons)}")
+
+
+def _attention_forward(
+    self,
+    x: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+):
+    if cu_seqlens is not None:
+        _packed_unsupported(type(self).__name__, _attn_reasons(self), attn_mask, is_causal)
+        return self.proj_drop(self.proj(attention_core(self, x, cu_seqlens, max_seqlen)))
     if attn_mask is not None or is_causal or not _attn_supported(self):
         return self._fastvit_orig_cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     return self.proj_drop(self.proj(attention_core(self, x)))
@@ -308,7 +333,18 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.drop2(self.fc2(mlp_hidden(self, x)))
 
 
-def _block_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+def _block_forward(
+    self,
+    x: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+):
+    if cu_seqlens is not None:
+        _packed_unsupported(type(self).__name__, _block_reasons(self), attn_mask, is_causal)
+        return block_forward(self, x, cu_seqlens, max_seqlen)
     if attn_mask is not None or is_causal or not _block_supported(self):
         return self._fastvit_orig_cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     return block_forward(self, x)
@@ -320,20 +356,92 @@ def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+# ----------------------------------------------------------------------------------------------- NaFlexVit
+def _naflex_reasons(m: nn.Module) -> List[str]:
+    """Why a NaFlexVit's NaFlex batches cannot run their blocks packed (empty: they can)."""
+    from timm.models.vision_transformer import Block as TBlock
+
+    out = []
+    if getattr(m, "rope", None) is not None:
+        out.append(
+            f"rotary position embeddings ({_orig_type(m.rope).__name__}) not covered: NaFlexVit passes rope to its "
+            "blocks, so they run timm's masked attention"
+        )
+    by_reason: Dict[str, List[int]] = {}
+    for i, blk in enumerate(m.blocks):
+        if _orig_type(blk) is not TBlock:
+            r = f"{_orig_type(blk).__name__}, not timm's vision_transformer.Block (rope / SwiGLU / gated / GQA blocks)"
+        elif type(blk) is not _PATCHED.get(TBlock):
+            r = "not patched by patch_timm_"
+        else:
+            r = "; ".join(_block_reasons(blk))
+        if r:
+            by_reason.setdefault(r, []).append(i)
+    for r, idx in by_reason.items():
+        out.append(f"blocks {idx}: {r}")
+    return out
+
+
+def _naflex_forward_features(
+    self,
+    patches: torch.Tensor,
+    patch_coord: Optional[torch.Tensor] = None,
+    patch_valid: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+):
+    # NaFlex batch: unpad by patch_valid, the blocks on packed (T, C) tokens with cu_seqlens, repad with zeros
+    # before the final norm; timm's own code for everything else (see patch_timm_).
+    if patch_coord is None or attn_mask is not None or _naflex_reasons(self):
+        return self._fastvit_orig_cls.forward_features(
+            self, patches, patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask
+        )
+    x, _ = self.embeds(patches, patch_coord=patch_coord, patch_valid=patch_valid)
+    if self.training and self.patch_drop is not None:
+        x, keep_indices = self.patch_drop(x)
+        if patch_valid is not None and keep_indices is not None:
+            patch_valid = patch_valid.gather(1, keep_indices)
+    x = self.norm_pre(x)
+    checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+    if patch_valid is None:  # timm attends to every token then (no mask): the dense fastvit path
+        for blk in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if checkpointed else blk(x)
+    else:
+        B, L, _ = x.shape
+        R = self.num_prefix_tokens
+        valid = patch_valid.bool()
+        if R:  # prefix tokens are always valid (timm's create_attention_mask)
+            valid = torch.cat([valid.new_ones(B, R), valid], dim=1)
+        tokens, indices, cu_seqlens, max_seqlen = unpad_input(x, valid)
+        for blk in self.blocks:
+            if checkpointed:
+                tokens = torch.utils.checkpoint.checkpoint(
+                    blk, tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, use_reentrant=False
+                )
+            else:
+                tokens = blk(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        x = pad_input(tokens, indices, B, L)
+    x = self.norm(x)
+    return {"patches": x, "patch_valid": patch_valid}
+
+
 _REASONS = {
     _patch_embed_forward: _patch_embed_reasons,
     _attention_forward: _attn_reasons,
     _mlp_forward: _mlp_reasons,
     _block_forward: _block_reasons,
     _layer_norm_forward: _layer_norm_reasons,
+    _naflex_forward_features: _naflex_reasons,
 }
+# The method a patched class overrides, where it is not ``forward``.
+_METHOD = {_naflex_forward_features: "forward_features"}
 
 
-def _patched_class(cls: type, forward) -> type:
+def _patched_class(cls: type, fn) -> type:
     new = _PATCHED.get(cls)
     if new is None:
         name = f"Fastvit{cls.__name__}"
-        new = type(name, (cls,), {"forward": forward, "_fastvit_orig_cls": cls, "__module__": __name__})
+        attrs = {_METHOD.get(fn, "forward"): fn, "_fastvit_fn": fn, "_fastvit_orig_cls": cls, "__module__": __name__}
+        new = type(name, (cls,), attrs)
         _PATCHED[cls] = new
     return new
 
@@ -344,12 +452,18 @@ def _patch_table() -> Dict[type, object]:
     from timm.layers import PatchEmbed as TPatchEmbed
     from timm.models.vision_transformer import Block as TBlock
 
-    return {
+    table = {
         TPatchEmbed: _patch_embed_forward,
         TAttention: _attention_forward,
         TMlp: _mlp_forward,
         TBlock: _block_forward,
     }
+    try:
+        from timm.models.naflexvit import NaFlexVit
+    except ImportError:  # timm before NaFlexVit (1.0.16)
+        return table
+    table[NaFlexVit] = _naflex_forward_features
+    return table
 
 
 def _patchable_forward(m: nn.Module):
@@ -376,6 +490,31 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     for configurations fastvit does not cover (gated attention, RMSNorm qk-norm, conv MLPs, other activations,
     patch-embed norms or padding) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a no-op.
     Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float reassociation).
+
+    **NaFlexVit** (``timm.models.naflexvit``; NaViT, Dehghani et al., 2023, arXiv:2307.06304; SigLIP 2's NaFlex,
+    Tschannen et al., 2025, arXiv:2502.14786): the model's class becomes ``FastvitNaFlexVit``, overriding only
+    ``forward_features``. For a NaFlex batch (``model({'patches', 'patch_coord', 'patch_valid'})`` or
+    ``forward_features(patches, patch_coord, patch_valid)``, as ``timm.data``'s NaFlex collator makes it) it runs
+    timm's ``NaFlexEmbeds``, patch dropout and ``norm_pre``, then drops the padding -- the rows where
+    ``patch_valid`` is False; prefix (cls / register) tokens are always kept -- and runs the blocks on the packed
+    (T, C) tokens with ``cu_seqlens`` (:func:`fastvit.ops.attention`: each image attends only to itself; no
+    (B, 1, N, N) mask is built), with grad checkpointing as timm (non-reentrant). The tokens are scattered back into
+    a zero-padded (B, N, C) tensor before the final ``norm``, so timm's own pooling (``global_pool_naflex`` with
+    ``patch_valid``, or the masked ``AttentionPoolLatent`` for ``'map'``), ``fc_norm`` and head run unchanged. Valid
+    tokens, pooled logits and gradients equal timm's; padding rows of ``forward_features`` hold ``norm(0)`` instead
+    of timm's values there (which no pooling reads). Forward hooks on the blocks see the packed (T, C) tokens. It
+    costs one host sync per batch (the longest sequence), so ``torch.compile`` graph-breaks there.
+
+    What stays on timm's path (the NaFlexVit row of :func:`patch_report` says which and why):
+
+    * rotary embeddings (``rope_type`` set: the blocks take ``rope``) and any block that is not timm's
+      ``vision_transformer.Block`` or that that Block's patch does not cover (``EvaBlock`` for SwiGLU, gated
+      attention, ``num_kv_heads``, ``attn_only_layer_scale``; ``ParallelScalingBlock``; RMSNorm; scale norms) --
+      the whole ``forward_features`` then runs timm's masked attention;
+    * calls with an explicit ``attn_mask``, ``forward_intermediates`` (timm's, masked; the blocks fall back), and
+      plain (B, C, H, W) images (no padding: the blocks run fastvit's dense path);
+    * ``NaFlexEmbeds`` (patch projection and per-image position-embedding resampling) and attention pooling
+      (``'map'``: timm's ``AttentionPoolLatent`` with its key mask, after the packed blocks).
 
     To see what was patched and what was left on timm's forward, and why: :func:`patch_report` (``model``'s current
     state, any time), or ``verbose=True`` here, which prints that report as a table after patching.
@@ -416,7 +555,8 @@ class PatchRecord(NamedTuple):
     """One row of :func:`patch_report`.
 
     Fields:
-        name: the module's qualified name in the model (``model.get_submodule(name)``).
+        name: the module's qualified name in the model (``model.get_submodule(name)``); ``''`` for the model itself
+            (listed only for a NaFlexVit).
         class_name: its timm / torch class (the original class for patched modules, e.g. ``'Attention'``).
         status: ``'patched'`` (its forward runs on :mod:`fastvit.ops`), ``'fallback'`` (patched, but its
             configuration sends every call to timm's own forward), ``'unpatched'`` (a class ``patch_timm_`` covers,
@@ -448,6 +588,11 @@ _KNOWN_UNCOVERED = (
         "{cls} not covered (only timm's pre-norm vision_transformer.Block); its submodules are listed separately",
     ),
     (("AttentionPoolLatent", "AttentionPool2d", "MultiheadAttention"), "attention pooling / {cls} not covered"),
+    (
+        ("NaFlexEmbeds",),
+        "NaFlex embedding ({cls}: patch Linear, per-image position-embedding resampling, prefix tokens) runs timm's "
+        "own code; NaFlexVit's blocks run packed on fastvit.ops",
+    ),
 )
 _REPORTED_NAMES = re.compile(r"Attention|Attn|Mlp|GLU|Norm|Block|Embed|Rope|Rotary|Pool")
 
@@ -476,8 +621,13 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     (``Linear``, ``Conv2d``, dropout, activations, LayerScale, containers) and ``model`` itself are not listed:
     they run PyTorch's / timm's own code either way, and inside a patched module their work is fused.
 
+    A ``NaFlexVit`` is listed itself, under the name ``''`` (``'(model)'`` in :func:`format_patch_report`):
+    ``'patched'`` when NaFlex batches run their blocks packed, ``'fallback'`` with the reason (rotary embeddings,
+    uncovered or unpatched blocks) when its ``forward_features`` runs timm's masked path.
+
     Reasons are static. At forward time a patched module also falls back for calls fastvit does not cover:
-    ``attn_mask`` / ``is_causal`` given, a patch embedding called on a non-4-D tensor.
+    ``attn_mask`` / ``is_causal`` given, a patch embedding called on a non-4-D tensor, a NaFlexVit called on plain
+    images (its blocks then run fastvit's dense path) or through ``forward_intermediates``.
 
     Args:
         model: any ``nn.Module``.
@@ -495,11 +645,11 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     _timm()
     out: List[PatchRecord] = []
     for name, m in model.named_modules():
-        if m is model:
-            continue
+        if m is model and type(m) not in _PATCHED.values() and _patchable_forward(m) is None:
+            continue  # the model itself is listed only when patch_timm_ covers its class (NaFlexVit)
         cls = type(m)
         if cls in _PATCHED.values():
-            reasons = _REASONS[cls.forward](m)
+            reasons = _REASONS[cls._fastvit_fn](m)
             out.append(
                 PatchRecord(name, _orig_type(m).__name__, "fallback" if reasons else "patched", "; ".join(reasons))
             )
@@ -515,7 +665,7 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
 def format_patch_report(report: List[PatchRecord]) -> str:
     """:func:`patch_report`'s rows as a fixed-width text table (module, class, status, reason) followed by a line
     counting each status. An empty report gives a header and ``'0 modules'``."""
-    rows = [("module", "class", "status", "reason")] + [tuple(r) for r in report]
+    rows = [("module", "class", "status", "reason")] + [(r.name or "(model)",) + tuple(r)[1:] for r in report]
     widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r[:3], widths)) + "  " + str(r[3]) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)

@@ -376,21 +376,40 @@ class PatchEmbed(nn.Module):
         )
 
 
-def attention_core(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def attention_core(
+    m: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+) -> torch.Tensor:
     """Self-attention up to (not including) the output projection, for a module with timm's attribute names.
+
+    With ``cu_seqlens`` the tokens of S sequences of different lengths are packed along dim 0 with no padding
+    (NaViT, Dehghani et al., 2023, arXiv:2307.06304, sec. 2.1 "Patch n' Pack"; timm NaFlexVit / SigLIP-2 NaFlex
+    batches once unpadded): each sequence attends only to itself. ``qkv`` and the q/k norms are per token, so only
+    the attention op sees ``cu_seqlens``.
 
     Args:
         m: an :class:`Attention` or a ``timm.layers.Attention`` (reads ``qkv``, ``q_norm``, ``k_norm``,
             ``num_heads``, ``attn_drop``, ``norm``).
-        x: (B, N, C_in).
+        x: (B, N, C_in); with ``cu_seqlens``: (T, C_in), T packed tokens.
+        cu_seqlens: int32 (S + 1,) on ``x``'s device: 0, the running sum of the S lengths, T (see
+            :func:`fastvit.ops.attention`); ``None`` for a dense batch.
+        max_seqlen: the longest of the S sequences (``None``: computed from ``cu_seqlens``, one host sync).
 
     Returns:
-        (B, N, H·D), heads concatenated.
+        (B, N, H·D) -- with ``cu_seqlens``: (T, H·D) -- heads concatenated, in the computation dtype.
+
+    Raises:
+        ValueError: malformed ``cu_seqlens`` / ``max_seqlen`` or ``x`` of the wrong rank (from :mod:`fastvit.ops`).
     """
     qkv = m.qkv(x)
     p = m.attn_drop.p if m.training else 0.0
     if isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity):
-        out = ops.attention(qkv, m.num_heads, dropout_p=p)
+        out = ops.attention(qkv, m.num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
+    elif cu_seqlens is not None:
+        T = qkv.shape[0]
+        q, k, v = qkv.reshape(T, 3, m.num_heads, -1).unbind(1)  # each (T, H, D), last dim contiguous
+        q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
+        out = ops.scaled_dot_product_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
+        out = out.reshape(T, -1)
     else:
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -418,7 +437,8 @@ class Attention(nn.Module):
         proj_drop: dropout after ``proj``.
         norm_layer: builds the q/k norms; default ``nn.LayerNorm(eps=1e-6)``.
 
-    Shapes: (B, N, C_in) -> (B, N, dim_out), dtype preserved. Parameters: ``qkv``, ``q_norm``, ``k_norm``, ``proj``.
+    Shapes: (B, N, C_in) -> (B, N, dim_out), dtype preserved; packed (T, C_in) -> (T, dim_out) with ``cu_seqlens``
+    (see :func:`attention_core`). Parameters: ``qkv``, ``q_norm``, ``k_norm``, ``proj``.
 
     Raises:
         ValueError: ``dim`` not divisible by ``num_heads`` (without ``attn_head_dim``), unsupported options.
@@ -471,12 +491,19 @@ class Attention(nn.Module):
             self.q_norm.to(**{k: v for k, v in dd.items() if v is not None})
             self.k_norm.to(**{k: v for k, v in dd.items() if v is not None})
 
-    def forward_core(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C_in) -> (B, N, H·D): attention output before ``proj``."""
-        return attention_core(self, x)
+    def forward_core(
+        self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+    ) -> torch.Tensor:
+        """(B, N, C_in) -> (B, N, H·D), or packed (T, C_in) -> (T, H·D) with ``cu_seqlens``: attention output
+        before ``proj`` (see :func:`attention_core`)."""
+        return attention_core(self, x, cu_seqlens, max_seqlen)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.proj(attention_core(self, x)))
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+    ) -> torch.Tensor:
+        """(B, N, C_in) -> (B, N, dim_out); packed (T, C_in) -> (T, dim_out) with ``cu_seqlens`` (int32 (S + 1,)
+        sequence offsets, see :func:`attention_core`)."""
+        return self.proj_drop(self.proj(attention_core(self, x, cu_seqlens, max_seqlen)))
 
 
 def mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -552,23 +579,63 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(mlp_hidden(self, x)))
 
 
+def _drop_path_packed(dp: nn.Module, y: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Stochastic depth on packed tokens (T, C): one keep/drop draw per *sequence* (what ``DropPath`` draws per
+    sample of a dense batch), broadcast to that sequence's rows. Reads ``drop_prob`` and ``scale_by_keep`` (fastvit's
+    and timm's ``DropPath``)."""
+    keep = 1.0 - float(dp.drop_prob)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    mask = y.new_empty(lengths.shape[0]).bernoulli_(keep)
+    if getattr(dp, "scale_by_keep", True):
+        mask.div_(keep)
+    return y * mask.repeat_interleave(lengths, output_size=y.shape[0]).unsqueeze(-1)
+
+
 def _branch(
-    x: torch.Tensor, h: torch.Tensor, linear: nn.Linear, drop: nn.Module, ls: nn.Module, dp: nn.Module
+    x: torch.Tensor,
+    h: torch.Tensor,
+    linear: nn.Linear,
+    drop: nn.Module,
+    ls: nn.Module,
+    dp: nn.Module,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x + drop_path(ls(drop(linear(h)))), fused into :func:`fastvit.ops.linear_residual` when nothing random runs."""
+    """x + drop_path(ls(drop(linear(h)))), fused into :func:`fastvit.ops.linear_residual` when nothing random runs;
+    with ``cu_seqlens`` (packed tokens) drop-path draws per sequence, not per row."""
     if not _dropout_active(drop) and not _dropout_active(dp):
         gamma = ls.gamma if not isinstance(ls, nn.Identity) else None
         return ops.linear_residual(h, linear.weight, linear.bias, x, gamma=gamma)
-    return x + dp(ls(drop(linear(h))))
+    y = ls(drop(linear(h)))
+    if cu_seqlens is not None and _dropout_active(dp):
+        return x + _drop_path_packed(dp, y, cu_seqlens)
+    return x + dp(y)
 
 
-def block_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def block_forward(
+    m: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+) -> torch.Tensor:
     """Pre-norm transformer block for a module with timm's ``Block`` attribute names (``norm1``, ``attn``, ``ls1``,
-    ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``). Shapes: (B, N, C) -> (B, N, C)."""
-    h = attention_core(m.attn, apply_norm(m.norm1, x))
-    x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1)
+    ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``).
+
+    One code path for dense and packed tokens: LayerNorm, the MLP, LayerScale and the residual adds are per token;
+    only attention (:func:`attention_core`) and stochastic depth (one draw per sequence) read ``cu_seqlens``.
+
+    Args:
+        m: a :class:`Block` or a ``timm.models.vision_transformer.Block``.
+        x: (B, N, C); with ``cu_seqlens``: (T, C), S sequences packed without padding (NaViT, Dehghani et al., 2023).
+        cu_seqlens: int32 (S + 1,) sequence offsets into ``x``'s rows (see :func:`fastvit.ops.attention`).
+        max_seqlen: the longest sequence (``None``: computed from ``cu_seqlens``).
+
+    Returns:
+        Tensor of ``x``'s shape: (B, N, C) or (T, C).
+
+    Raises:
+        ValueError: malformed ``cu_seqlens`` / ``max_seqlen`` (from :func:`fastvit.ops.attention`).
+    """
+    h = attention_core(m.attn, apply_norm(m.norm1, x), cu_seqlens, max_seqlen)
+    x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1, cu_seqlens)
     h = mlp_hidden(m.mlp, apply_norm(m.norm2, x))
-    return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2)
+    return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2, cu_seqlens)
 
 
 class Block(nn.Module):
@@ -589,7 +656,8 @@ class Block(nn.Module):
         mlp_layer, attn_layer: must be fastvit's :class:`Mlp` / :class:`Attention` (or None).
         depth: block index (accepted for timm compatibility, unused).
 
-    Shapes: (B, N, C) -> (B, N, C), dtype preserved.
+    Shapes: (B, N, C) -> (B, N, C), dtype preserved; packed (T, C) -> (T, C) with ``cu_seqlens`` (S sequences
+    without padding, see :func:`block_forward`).
 
     Raises:
         ValueError: ``dim`` not divisible by ``num_heads``; unsupported options.
@@ -647,5 +715,9 @@ class Block(nn.Module):
             for n in (self.norm1, self.norm2):
                 n.to(**{k: v for k, v in dd.items() if v is not None})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_forward(self, x)
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+    ) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C); packed (T, C) -> (T, C) with ``cu_seqlens`` / ``max_seqlen`` (see
+        :func:`block_forward`)."""
+        return block_forward(self, x, cu_seqlens, max_seqlen)

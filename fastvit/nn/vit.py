@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from fastvit import ops
 from fastvit.nn.layers import Block, PatchDropout, PatchEmbed, apply_norm, resolve_act
+from fastvit.nn.packed import PackedTokens, cu_seqlens_from_lengths, pool_packed
 from fastvit.nn.pos_embed import resample_abs_pos_embed
 
 __all__ = ["VisionTransformer", "checkpoint_filter_fn", "feature_take_indices"]
@@ -61,17 +63,27 @@ def feature_take_indices(
     return take, max(take)
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+def run_blocks(
+    blocks: Iterable[nn.Module],
+    x: torch.Tensor,
+    checkpointed: bool,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
     """Run ``blocks`` in order; with ``checkpointed`` each block is one non-reentrant
     ``torch.utils.checkpoint.checkpoint`` segment (timm's ``checkpoint_seq(blocks, x)`` with ``every=1``): its
     activations are dropped after the forward and recomputed in the backward (RNG state preserved, so dropout /
-    drop-path masks are the same both times)."""
+    drop-path masks are the same both times).
+
+    With ``cu_seqlens`` ``x`` is packed (T, C) and every block is called as ``blk(x, cu_seqlens, max_seqlen)``
+    (:class:`fastvit.nn.layers.Block`'s packed forward)."""
+    args = () if cu_seqlens is None else (cu_seqlens, max_seqlen)
     if checkpointed:
         for blk in blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(blk, x, *args, use_reentrant=False)
         return x
     for blk in blocks:
-        x = blk(x)
+        x = blk(x, *args)
     return x
 
 
@@ -100,7 +112,10 @@ class VisionTransformer(nn.Module):
         weight_init: ``''`` (timm's default init) or ``'skip'``.
 
     Shapes: ``forward`` (B, in_chans, Hi, Wi) float -> (B, num_classes) logits in the input dtype;
-    ``forward_features`` -> (B, R + Np, C), R = ``num_prefix_tokens``.
+    ``forward_features`` -> (B, R + Np, C), R = ``num_prefix_tokens``. Images of different sizes in one pass, packed
+    without padding (NaViT): ``forward_packed(list of (in_chans, H_s, W_s))`` -> (S, num_classes), with its parts
+    ``embed_packed`` / ``forward_features_packed`` (-> :class:`fastvit.nn.packed.PackedTokens`) /
+    ``forward_head_packed``.
 
     Raises:
         ValueError: at construction, ``embed_dim`` not divisible by ``num_heads``, an unknown ``global_pool`` /
@@ -507,6 +522,151 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------------------------------- packed (NaViT)
+    def _check_images(self, images: Sequence[torch.Tensor]) -> None:
+        if isinstance(images, torch.Tensor) or not isinstance(images, (list, tuple)):
+            raise TypeError(
+                f"images must be a list or tuple of (C, H, W) tensors, got {type(images).__name__}"
+                + (" (for a dense (B, C, H, W) batch call forward)" if isinstance(images, torch.Tensor) else "")
+            )
+        if not images:
+            raise ValueError("images must hold at least one (C, H, W) image, got an empty sequence")
+        Ph, Pw = self.patch_embed.patch_size
+        first = images[0]
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor) or not img.is_floating_point():
+                raise TypeError(
+                    f"images[{i}] must be a floating-point torch.Tensor (C, H, W), got {type(img).__name__}"
+                    + (f" of dtype {img.dtype}" if isinstance(img, torch.Tensor) else "")
+                )
+            if img.dim() != 3 or img.shape[0] != self.in_chans:
+                raise ValueError(f"images[{i}] must have shape ({self.in_chans}, H, W), got {tuple(img.shape)}")
+            H, W = img.shape[1:]
+            if H % Ph or W % Pw or H == 0 or W == 0:
+                raise ValueError(
+                    f"images[{i}] has size {H}x{W}, not a positive multiple of patch_size {(Ph, Pw)} "
+                    f"(shape {tuple(img.shape)}); resize or crop it first"
+                )
+            if img.dtype != first.dtype or img.device != first.device:
+                raise ValueError(
+                    f"images[{i}] is {img.dtype} on {img.device} but images[0] is {first.dtype} on {first.device}; "
+                    "all images must share dtype and device"
+                )
+
+    def embed_packed(self, images: Sequence[torch.Tensor]) -> PackedTokens:
+        """Embed images of different sizes into one packed token sequence (NaViT's "Patch n' Pack", Dehghani et al.,
+        2023, arXiv:2307.06304, sec. 2.1): per image, the patch projection, the prefix tokens (cls, registers) and
+        ``pos_embed`` resampled to that image's patch grid -- what :meth:`forward_features` does before the blocks
+        for one image at its own size with ``dynamic_img_size=True`` -- then position dropout and patch dropout
+        (per image, as the dense path) and the sequences concatenated.
+
+        Images of the same size share one :func:`fastvit.ops.patch_embed` call. ``pos_embed`` is resampled (timm's
+        ``resample_abs_pos_embed``: bicubic, antialias) to each image's grid whatever ``dynamic_img_size`` says:
+        packing exists to mix sizes.
+
+        Args:
+            images: S >= 1 float tensors (in_chans, H_s, W_s), each H_s, W_s a positive multiple of the patch size,
+                all of one dtype and device.
+
+        Returns:
+            :class:`fastvit.nn.packed.PackedTokens` with ``tokens`` (T, C), T = sum over images of
+            R + (H_s/Ph)·(W_s/Pw) (fewer in training with patch dropout), in the images' dtype (autocast dtype under
+            autocast), R = ``num_prefix_tokens``.
+
+        Raises:
+            TypeError: ``images`` not a list / tuple of floating tensors (a (B, C, H, W) tensor: use
+                :meth:`forward`).
+            ValueError: no images; an image not (in_chans, H, W); H or W not a multiple of the patch size (the
+                message names ``images[i]``); images of different dtypes or devices.
+        """
+        self._check_images(images)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[1:]), []).append(i)
+        per_image: List[Optional[torch.Tensor]] = [None] * len(images)
+        grids: List[Tuple[int, int]] = [(0, 0)] * len(images)
+        for (H, W), idx in groups.items():
+            grid = self.patch_embed.dynamic_feat_size((H, W))
+            pos = self.resample_pos_embed(grid) if self.pos_embed is not None else None
+            x = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])
+            w = self.patch_embed.proj
+            x = ops.patch_embed(x, w.weight, w.bias, pos_embed=pos, cls_token=self.cls_token, reg_tokens=self.reg_token)
+            if pos is not None:
+                x = self.pos_drop(x)
+            x = self.patch_drop(x)  # (b, R + N_keep, C); the identity in eval mode
+            for j, i in enumerate(idx):
+                per_image[i] = x[j]
+                grids[i] = grid
+        tokens = per_image[0] if len(images) == 1 else torch.cat(per_image, dim=0)
+        lengths = [t.shape[0] for t in per_image]
+        cu_seqlens = cu_seqlens_from_lengths(lengths, device=tokens.device)
+        return PackedTokens(tokens, cu_seqlens, max(lengths), tuple(grids), self.num_prefix_tokens)
+
+    def forward_features_packed(self, images: Union[Sequence[torch.Tensor], PackedTokens]) -> PackedTokens:
+        """Token features of images of different sizes, packed without padding: :meth:`embed_packed`, ``norm_pre``,
+        the blocks on packed tokens (attention per image through :func:`fastvit.ops.attention` with
+        ``cu_seqlens``; grad checkpointing as :meth:`forward_features`), the final ``norm``.
+
+        Equal, image by image, to ``forward_features(images[s][None])`` with ``dynamic_img_size=True`` (up to float
+        reassociation); no padding tokens are computed or attended to.
+
+        Args:
+            images: as :meth:`embed_packed`, or an already embedded :class:`~fastvit.nn.packed.PackedTokens`.
+
+        Returns:
+            :class:`~fastvit.nn.packed.PackedTokens` whose ``tokens`` (T, C) are the features; ``split()`` gives
+            each image's (R + Np_s, C).
+
+        Raises:
+            TypeError, ValueError: as :meth:`embed_packed`.
+        """
+        packed = images if isinstance(images, PackedTokens) else self.embed_packed(images)
+        x = apply_norm(self.norm_pre, packed.tokens)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, packed.cu_seqlens, packed.max_seqlen)
+        return packed.replace_tokens(apply_norm(self.norm, x))
+
+    def pool_packed(self, packed: PackedTokens, pool_type: Optional[str] = None) -> torch.Tensor:
+        """:meth:`pool` per packed sequence: (T, C) -> (S, C) for ``'token'`` / ``'avg'`` (mean of each image's
+        patch tokens), the (T, C) tokens for ``''`` (see :func:`fastvit.nn.packed.pool_packed`)."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        return pool_packed(packed.tokens, packed.cu_seqlens, pool_type, self.num_prefix_tokens)
+
+    def forward_head_packed(self, packed: PackedTokens, pre_logits: bool = False) -> torch.Tensor:
+        """:meth:`forward_head` on packed features: pool each sequence, ``fc_norm``, dropout, the classifier.
+
+        Args:
+            packed: the output of :meth:`forward_features_packed`.
+            pre_logits: stop before the classifier.
+
+        Returns:
+            (S, num_classes) logits (``pre_logits``: (S, C)); with ``global_pool=''`` one row per token, (T, ...).
+        """
+        x = self.pool_packed(packed)
+        x = apply_norm(self.fc_norm, x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_packed(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Classify images of different sizes in one pass without padding (NaViT, Dehghani et al., 2023; the packed
+        counterpart of timm NaFlexVit's padded + masked batches): ``forward_head_packed(forward_features_packed(
+        images))``.
+
+        Equivalent to ``torch.cat([model.forward(img[None]) for img in images])`` on a ``dynamic_img_size=True``
+        model (up to float reassociation; dropout masks differ), at the cost of one pass whose attention is
+        block-diagonal over the images.
+
+        Args:
+            images: S >= 1 float tensors (in_chans, H_s, W_s), H_s and W_s multiples of the patch size, one dtype
+                and device.
+
+        Returns:
+            (S, num_classes) logits in the images' dtype (autocast dtype under autocast).
+
+        Raises:
+            TypeError, ValueError: as :meth:`embed_packed` (the message names ``images[i]``).
+        """
+        return self.forward_head_packed(self.forward_features_packed(images))
 
 
 def checkpoint_filter_fn(
