@@ -505,7 +505,11 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
     """
     if type(call) is not Call:
         call = as_call(call)
-    explicit = backend if backend is not None else current_backend()
+    explicit = backend
+    if explicit is None:  # current_backend(), inlined: this runs in every op call
+        explicit = _forced.get()
+        if explicit is _UNSET:
+            explicit = _env_backend()
     if torch.compiler.is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on, no wrapper
         return _decide(op, call, explicit)
     key = (op, explicit, call)

@@ -63,6 +63,11 @@ def _like(
     ``any_float`` (an operand autocast leaves in its own precision) any floating dtype is accepted."""
     if t is None:
         return
+    try:  # the common case first: three attribute reads (a non-tensor has no .dtype and gets the full check)
+        if t.dtype is ref.dtype and t.device == ref.device and (shape is None or t.shape == shape):
+            return
+    except AttributeError:
+        pass
     if not isinstance(t, torch.Tensor):
         _tensor(name, t)
     if t.dtype is not ref.dtype:  # dtypes are singletons
@@ -127,43 +132,8 @@ def _vouched(t: torch.Tensor, upper: int) -> bool:
 
 
 _new_call = tuple.__new__  # a Call built from a full tuple: a third of the NamedTuple constructor's cost
-
-
-def _call(
-    t: torch.Tensor,
-    *,
-    head_dim=None,
-    dropout_p=0.0,
-    batch=None,
-    num_tokens=None,
-    num_kv_tokens=None,
-    features=None,
-    in_features=None,
-    out_features=None,
-    embed_dim=None,
-    patch_row=None,
-    mixed_dtypes=False,
-    varlen=False,
-) -> Call:
-    return _new_call(
-        Call,
-        (
-            t.device,
-            t.dtype,
-            head_dim,
-            dropout_p,
-            batch,
-            num_tokens,
-            num_kv_tokens,
-            features,
-            in_features,
-            out_features,
-            embed_dim,
-            patch_row,
-            mixed_dtypes,
-            varlen,
-        ),
-    )
+_NO_FEATURES = (None, None, None, None, None)  # features, in_features, out_features, embed_dim, patch_row
+_NO_ATTENTION = (None, 0.0, None, None, None)  # head_dim, dropout_p, batch, num_tokens, num_kv_tokens
 
 
 def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -247,7 +217,9 @@ def _prepare_patch_embed(
         ids_keep = ids_keep.long()
     mixed = mixed_ok and _mixed(images, pos_embed, cls_token, reg_tokens)
     return (
-        _call(images, embed_dim=E, mixed_dtypes=mixed),
+        _new_call(
+            Call, (images.device, images.dtype, None, 0.0, None, None, None, None, None, None, E, None, mixed, False)
+        ),
         images,
         weight,
         bias,
@@ -405,7 +377,8 @@ def _prepare_attention(
         raise ValueError(
             f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
         )
-    _check_dropout(dropout_p)
+    if dropout_p != 0.0:
+        _check_dropout(dropout_p)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if packed:
         S, n = _check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], "qkv", qkv)
@@ -416,9 +389,6 @@ def _prepare_attention(
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     B, N, _ = qkv.shape
     return _new_call(Call, (qkv.device, qkv.dtype, head_dim, dropout_p, B, N, N) + _NO_FEATURES + (False, False)), qkv
-
-
-_NO_FEATURES = (None, None, None, None, None)  # features, in_features, out_features, embed_dim, patch_row
 
 
 def attention(
@@ -489,9 +459,12 @@ def _prepare_scaled_dot_product_attention(
 ) -> tuple:
     packed = cu_seqlens is not None
     ndim = 3 if packed else 4
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _packed_dim(name, t, 3, packed, "(T, H, D)")
-        _tensor(name, t, ndim)
+    if packed:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _packed_dim(name, t, 3, packed, "(T, H, D)")
+    _tensor("q", q, ndim)
+    _tensor("k", k, ndim)
+    _tensor("v", v, ndim)
     amp = _amp(q)
     if amp is not None:
         q, k, v = families.attention.autocast_rule(amp, q, k, v)
@@ -508,17 +481,19 @@ def _prepare_scaled_dot_product_attention(
         B, H, _, D = q.shape
         if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
             raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
-    _check_dropout(dropout_p)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[-1] > 1 and t.stride(-1) != 1:
+                raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+    if dropout_p != 0.0:
+        _check_dropout(dropout_p)
     if packed:
         S, n = _check_cu_seqlens(cu_seqlens, max_seqlen, T, "q", q)
-        return _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=n, num_kv_tokens=n, batch=S, varlen=True), q, k, v
+        return _new_call(Call, (q.device, q.dtype, D, dropout_p, S, n, n) + _NO_FEATURES + (False, True)), q, k, v
     if max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
-    call = _call(q, head_dim=D, dropout_p=dropout_p, num_tokens=q.shape[2], num_kv_tokens=k.shape[2], batch=B)
-    return call, q, k, v
+    n_q, n_kv = q.shape[2], k.shape[2]
+    return _new_call(Call, (q.device, q.dtype, D, dropout_p, B, n_q, n_kv) + _NO_FEATURES + (False, False)), q, k, v
 
 
 def scaled_dot_product_attention(
@@ -810,7 +785,13 @@ def _prepare_mae_unshuffle(
     if not _vouched(ids_restore, N):
         _check_index_rows("ids_restore", ids_restore, N, "each row is a permutation of 0..N-1")
     _like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
-    return _call(x), x, mask_token, ids_restore.long(), pos_embed
+    return (
+        _new_call(Call, (x.device, x.dtype) + _NO_ATTENTION + _NO_FEATURES + (False, False)),
+        x,
+        mask_token,
+        ids_restore.long(),
+        pos_embed,
+    )
 
 
 def mae_unshuffle(
@@ -875,7 +856,10 @@ def _prepare_mae_loss(
     for name, t in (("images", images), ("mask", mask)):
         if t.device != pred.device:
             raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
-    return _call(pred, patch_row=pred.shape[-1]), pred, images
+    call = _new_call(
+        Call, (pred.device, pred.dtype) + _NO_ATTENTION + (None, None, None, None, pred.shape[-1], False, False)
+    )
+    return call, pred, images
 
 
 def mae_loss(

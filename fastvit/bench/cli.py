@@ -766,7 +766,11 @@ def _cmd_overhead(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
             "ops": _iqr(r["variants"]["fastvit.ops"], "us"),
             "direct": _iqr(r["variants"]["direct"], "us"),
             "added": f"{r['added_us']['median']:+.1f} [{r['added_us']['q25']:+.1f}, {r['added_us']['q75']:+.1f}]",
-            "target": "ok" if r["within_target"] else f"> {r['target_us']:g} us",
+            "target": "n/a (value check)"
+            if r["within_target"] is None
+            else "ok"
+            if r["within_target"]
+            else f"> {r['target_us']:g} us",
         }
         for r in ops_rows
     ]

@@ -152,15 +152,21 @@ class OpCase:
     op: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    #: Whether the dispatch target applies: not to ``mae_unshuffle+given_ids``, which adds the value check of indices
+    #: that :func:`fastvit.ops.random_masking` did not make (a sort and a host read, by design).
+    targeted: bool = True
 
 
 def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[OpCase]:
     """The tiny calls timed for every op of :data:`fastvit.backends.OPS` (B = 2, N = 5 tokens, C = 8, 2 heads of 4;
-    patch 4 on 8×8 images), all valid.
+    patch 4 on 8×8 images), all valid. ``mae_unshuffle`` runs twice: on ``ids_restore`` from
+    :func:`fastvit.ops.random_masking` (as in an MAE step) and on indices given by the caller (``+given_ids``,
+    value-checked).
 
     Raises:
         RuntimeError: an op of ``fastvit.backends.OPS`` has no case here (add one).
     """
+    from fastvit import ops
     from fastvit.backends import OPS
 
     g = torch.Generator().manual_seed(0)
@@ -171,7 +177,9 @@ def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
     B, N, C, H, P, S, F = 2, 5, 8, 2, 4, 8, 16
     Np = (S // P) ** 2
     x = t(B, N, C)
-    ids_restore = torch.stack([torch.randperm(Np, generator=g) for _ in range(B)]).to(device)
+    # As an MAE step makes them (vouched for: no value check), and as a user might (checked).
+    _, ids_restore, _ = ops.random_masking(B, Np, 0.5, generator=torch.Generator(device).manual_seed(0), device=device)
+    given_ids = torch.stack([torch.randperm(Np, generator=g) for _ in range(B)]).to(device)
     table = {
         "patch_embed": [
             ((t(B, 3, S, S), t(C, 3, P, P), t(C)), {"pos_embed": t(1, Np + 1, C), "cls_token": t(1, 1, C)})
@@ -181,7 +189,10 @@ def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
         "layer_norm": [((x, t(C), t(C), 1e-6), {}), ((x, t(C), t(C), 1e-6), {"residual": t(B, N, C)})],
         "linear_gelu": [((x, t(F, C), t(F)), {})],
         "linear_residual": [((t(B, N, F), t(C, F), t(C), x), {})],
-        "mae_unshuffle": [((t(B, 1 + 2, C), t(1, 1, C), ids_restore), {"pos_embed": t(1, 1 + Np, C)})],
+        "mae_unshuffle": [
+            ((t(B, 1 + 2, C), t(1, 1, C), ids_restore), {"pos_embed": t(1, 1 + Np, C)}),
+            ((t(B, 1 + 2, C), t(1, 1, C), given_ids), {"pos_embed": t(1, 1 + Np, C)}),
+        ],
         "mae_loss": [
             ((t(B, Np, P * P * 3), t(B, 3, S, S), (torch.rand(B, Np, generator=g) > 0.5).to(device, dtype), P), {})
         ],
@@ -192,8 +203,9 @@ def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.floa
     cases = []
     for op in OPS:
         for args, kwargs in table[op]:
-            case = op + ("+residual" if "residual" in kwargs else "")
-            cases.append(OpCase(case, op, args, kwargs))
+            given = op == "mae_unshuffle" and args[2] is given_ids
+            case = op + ("+residual" if "residual" in kwargs else "") + ("+given_ids" if given else "")
+            cases.append(OpCase(case, op, args, kwargs, targeted=not given))
     return cases
 
 
@@ -253,9 +265,9 @@ def measure_ops(
                 "clock": clock,
                 "variants": {name: summary(v, 1e6, "us") for name, v in times.items()},
                 "added_us": summary(added, 1e6),
-                "target_us": OP_ADDED_US_TARGET,
+                "target_us": OP_ADDED_US_TARGET if c.targeted else None,
             }
-            row["within_target"] = row["added_us"]["median"] <= OP_ADDED_US_TARGET
+            row["within_target"] = row["added_us"]["median"] <= OP_ADDED_US_TARGET if c.targeted else None
             rows.append(row)
     return rows
 
