@@ -413,6 +413,22 @@ class _Run:
             gemm_dtype = self.dtype if self.gpu else torch.float32
             self.roofline = harness.measure_roofline(self.device, gemm_dtype)
 
+    def report(
+        self,
+        command: str,
+        argv: Sequence[str],
+        title: str,
+        columns: list[tuple[str, str, str]],
+        rows: list[dict[str, Any]],
+        **extra: Any,
+    ) -> None:
+        """Print the table of the timed (ok / FAILED) ``rows``, then what was not timed and why, and write the JSON
+        document (``--json``) with ``extra`` fields."""
+        _print_table(title, columns, [r for r in rows if r["status"] in ("ok", "FAILED")])
+        _print_skipped(_skipped_summary(rows))
+        if self.args.json:
+            _write_json(self.args.json, self.payload(command, argv, rows, **extra))
+
     def payload(self, command: str, argv: Sequence[str], rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         """The JSON document (see benchmarks/README.md)."""
         from fastvit.bench import harness
@@ -475,8 +491,9 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
         for rec in run_attention_case(spec, mode, providers, run.roofline, bench=run.bench):
             rows.append(rec.as_dict())
 
-    ok_rows = [r for r in rows if r["status"] in ("ok", "FAILED")]
-    _print_table(
+    run.report(
+        "attention",
+        argv,
         f"attention ({run.device.type}, {str(run.dtype)[6:]}, H={heads}) -- ms is the median; mem = MiB the call adds",
         [
             ("mode", "mode", "text"),
@@ -492,12 +509,10 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
             ("max|err|", "max_abs_diff", ""),
             ("status", "status", "text"),
         ],
-        ok_rows,
+        rows,
+        heads=heads,
+        tokens_target=tokens,
     )
-    skipped = _skipped_summary(rows)
-    _print_skipped(skipped)
-    if args.json:
-        _write_json(args.json, run.payload("attention", argv, rows, heads=heads, tokens_target=tokens))
     if args.plot:
         _plot_sweep(
             args.plot,
@@ -599,7 +614,9 @@ def _cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     if hasattr(bar, "close"):
         bar.close()
     rows = [r.as_dict() for r in records]
-    _print_table(
+    run.report(
+        "model",
+        argv,
         f"model {args.name} ({run.device.type}, {str(run.dtype)[6:]}{' autocast' if str(run.dtype) != 'torch.float32' else ''}"
         f", B={spec.batch}, img {info['img_size']}, {info['params'] / 1e6:.1f}M params)",
         [
@@ -615,11 +632,9 @@ def _cmd_model(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
             ("max|err|", "max_abs_diff", ""),
             ("status", "status", "text"),
         ],
-        [r for r in rows if r["status"] in ("ok", "FAILED")],
+        rows,
+        model=info,
     )
-    _print_skipped(_skipped_summary(rows))
-    if args.json:
-        _write_json(args.json, run.payload("model", argv, rows, model=info))
     if args.plot:
         _plot_model(args.plot, rows, f"{args.name} B={spec.batch} img {info['img_size']} {run.device.type}")
     return _exit_status(rows)
@@ -685,7 +700,9 @@ def _cmd_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
             comp, B, size, run.dtype, run.device, args.mode, args.backend, run.roofline, bench=run.bench
         )
         rows.append(rec.as_dict())
-    _print_table(
+    run.report(
+        "scaling",
+        argv,
         f"scaling {args.name} ({run.device.type}, {str(run.dtype)[6:]}, B={B}, {args.mode})",
         [
             ("component", "provider", "text"),
@@ -700,11 +717,10 @@ def _cmd_scaling(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
             ("max|err|", "max_abs_diff", ""),
             ("status", "status", "text"),
         ],
-        [r for r in rows if r["status"] in ("ok", "FAILED")],
+        rows,
+        model={"name": args.name, "config": cfg},
+        batch=B,
     )
-    _print_skipped(_skipped_summary(rows))
-    if args.json:
-        _write_json(args.json, run.payload("scaling", argv, rows, model={"name": args.name, "config": cfg}, batch=B))
     if args.plot:
         _plot_sweep(
             args.plot,
@@ -862,7 +878,9 @@ def _cmd_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser, argv:
     if hasattr(bar, "close"):
         bar.close()
     shrunk = f", shrunk to {kwargs}" if kwargs else ""
-    _print_table(
+    run.report(
+        "varlen",
+        argv,
         f"varlen {args.model}{shrunk} ({run.device.type}, {str(run.dtype)[6:]}, B={spec.num_images}, sides "
         f"{lo}-{hi} px, {info['valid_fraction']:.0%} of padded patches valid)",
         [
@@ -876,11 +894,9 @@ def _cmd_varlen(args: argparse.Namespace, parser: argparse.ArgumentParser, argv:
             ("max|err|", "max_abs_diff", ""),
             ("status", "status", "text"),
         ],
-        [r for r in rows if r["status"] in ("ok", "FAILED")],
+        rows,
+        batch=info,
     )
-    _print_skipped(_skipped_summary(rows))
-    if args.json:
-        _write_json(args.json, run.payload("varlen", argv, rows, batch=info))
     return _exit_status(rows)
 
 
