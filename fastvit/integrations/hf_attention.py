@@ -79,8 +79,8 @@ def reset_fallback_warnings() -> None:
 
 # ------------------------------------------------------------------------------------------------ masks
 _KEY_PADDING = (
-    "a key-padding attention mask (some keys masked for every query): fastvit has no packed / variable-length "
-    "attention kernel yet"
+    "a key-padding attention mask (some keys masked for every query): fastvit's attention takes no mask; its "
+    "packed attention (ops.attention with cu_seqlens) needs the tokens unpadded before the model, not per layer"
 )
 _CAUSAL_MASK = "a causal attention mask: fastvit's attention kernels are bidirectional and take no mask"
 _OTHER_MASK = "an attention mask that is neither empty nor key-padding: fastvit's attention kernels take no mask"
