@@ -72,6 +72,25 @@ def _offsets(tokens: list[torch.Tensor]) -> list[int]:
     return out
 
 
+def per_sequence(fn, cu_seqlens: torch.Tensor, *packed: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to each sequence's rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` of the ``packed`` tensors, the
+    results concatenated along dim 0: packed variable-length attention one sequence at a time (one host read of
+    ``cu_seqlens``; on the meta device, one sequence of all T tokens, which has the output's shape)."""
+    if cu_seqlens.device.type == "meta":
+        return fn(*packed)
+    bounds = cu_seqlens.tolist()
+    return torch.cat([fn(*(t[a:b] for t in packed)) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def per_sequence_sdpa(fn, q, k, v, cu_seqlens):
+    """``fn`` (a (B, H, N, D) attention) on each sequence of packed (T, H, D) ``q``, ``k``, ``v``."""
+
+    def one(q, k, v):
+        return fn(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])[0].transpose(0, 1)
+
+    return per_sequence(one, cu_seqlens, q, k, v)
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,8 +98,15 @@ def scaled_dot_product_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017)."""
+    """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017); with
+    ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them."""
+    if cu_seqlens is not None:
+        return per_sequence_sdpa(
+            lambda q, k, v: scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p), q, k, v, cu_seqlens
+        )
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (_acc(q) @ _acc(k).transpose(-2, -1)) * scale
@@ -97,8 +123,21 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
     return qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C); see :func:`fastvit.ops.attention`."""
+def attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C), or with ``cu_seqlens`` (T, 3·C) ->
+    (T, C) one sequence at a time; see :func:`fastvit.ops.attention`."""
+    if cu_seqlens is not None:
+        return per_sequence(
+            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p)[0], cu_seqlens, qkv
+        )
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
     o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)

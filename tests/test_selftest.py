@@ -19,7 +19,7 @@ import torch
 
 import fastvit
 from fastvit import backends, info, selftest
-from fastvit.backends import KernelLaunchError, get_backend, register_kernel, select
+from fastvit.backends import Capabilities, KernelLaunchError, get_backend, register_kernel, select
 from fastvit.families.layer_norm import layer_norm_eager
 
 ALL = ("cuda", "triton", "eager")
@@ -512,3 +512,25 @@ def test_info_subprocess_shows_a_failed_verdict(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("layer_norm"))
     assert "EXCLUDED from automatic dispatch: self-test failed at B3 N61 C72 +residual float32" in line
+
+
+def test_run_checks_packed_attention_and_catches_attention_across_sequences(registry):
+    """The packed (cu_seqlens) cases: a kernel that attends across the packed sequences (one sequence of all T
+    tokens) fails them and passes the dense ones; one that respects the offsets passes all."""
+    from fastvit.families.attention import attention_eager
+
+    def across(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+        if cu_seqlens is None:
+            return attention_eager(qkv, num_heads, scale=scale)
+        return attention_eager(qkv[None], num_heads, scale=scale)[0]
+
+    caps = Capabilities(devices=None, dtypes=frozenset({torch.float32}), varlen=True)
+    register_kernel("triton", "attention", across, caps)
+    report = selftest.run(backends="triton", ops="attention", device="cpu", quick=False)
+    packed = [r for r in report.results if r.case.startswith("packed")]
+    dense = [r for r in report.results if not r.case.startswith("packed")]
+    assert packed and dense
+    assert all(r.passed for r in dense), report.table()
+    assert not any(r.passed for r in packed if "(61, 0, 1, 17)" in r.case or "(197, 50)" in r.case), report.table()
+    register_kernel("triton", "attention", _counting(attention_eager), caps)
+    assert selftest.run(backends="triton", ops="attention", device="cpu", quick=False).passed

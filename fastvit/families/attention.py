@@ -60,14 +60,8 @@ def _scale(head_dim: int, scale: float | None) -> float:
 
 
 # ============================================================================================ eager
-def per_sequence(fn, cu_seqlens: Tensor, *packed: Tensor) -> Tensor:
-    """``fn`` applied to each sequence's rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` of the ``packed`` tensors, the
-    results concatenated along dim 0: the eager path of packed variable-length attention (one host read of
-    ``cu_seqlens``)."""
-    if cu_seqlens.device.type == "meta":  # no offsets to read: one sequence of T tokens has the output's shape
-        return fn(*packed)
-    bounds = cu_seqlens.tolist()
-    return torch.cat([fn(*(t[a:b] for t in packed)) for a, b in zip(bounds[:-1], bounds[1:])])
+#: The eager path of packed variable-length attention: one SDPA call per sequence.
+per_sequence = reference.per_sequence
 
 
 def attention_eager(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
@@ -87,18 +81,13 @@ def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqle
     """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention``; packed sequences
     (``cu_seqlens``, (T, H, D) operands) one at a time."""
     if cu_seqlens is not None:
-
-        def one(q, k, v):  # (n, H, D) -> (1, H, n, D) and back
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                dropout_p=dropout_p,
-                scale=scale,
-            )
-            return o[0].transpose(0, 1)
-
-        return per_sequence(one, cu_seqlens, q, k, v)
+        return reference.per_sequence_sdpa(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale),
+            q,
+            k,
+            v,
+            cu_seqlens,
+        )
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 

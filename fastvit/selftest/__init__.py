@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -216,6 +217,27 @@ def _attention(N: int, H: int, D: int):
     return make
 
 
+def _cu_seqlens(lengths: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def _attention_packed(lengths: tuple[int, ...], H: int, D: int):
+    def make(g):
+        specs = {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": _cu_seqlens(lengths)}
+        return specs, ["qkv"]
+
+    return make
+
+
+def _sdpa_packed(lengths: tuple[int, ...], H: int, D: int):
+    def make(g):
+        T = sum(lengths)
+        specs = {"q": (T, H, D), "k": (T, H, D), "v": (T, H, D), "cu_seqlens": _cu_seqlens(lengths)}
+        return specs, ["q", "k", "v"]
+
+    return make
+
+
 def _sdpa(Nq: int, Nk: int, H: int, D: int):
     def make(g):
         specs = {"q": (B, H, Nq, D), "k": (B, H, Nk, D), "v": (B, H, Nk, D)}
@@ -321,11 +343,14 @@ _SHAPES: dict[str, list[tuple[str, Callable, bool]]] = {
         ("B3 N1 H2 D32", _attention(1, 2, 32), False),
         ("B3 N61 H2 D72", _attention(61, 2, 72), True),
         ("B3 N197 H1 D80", _attention(197, 1, 80), False),
+        ("packed S4 (61, 0, 1, 17) H2 D72", _attention_packed((61, 0, 1, 17), 2, 72), False),
+        ("packed S2 (197, 50) H1 D80", _attention_packed((197, 50), 1, 80), False),
     ],
     "scaled_dot_product_attention": [
         ("B3 H2 Nq1 Nk61 D32", _sdpa(1, 61, 2, 32), False),
         ("B3 H1 Nq61 Nk197 D80", _sdpa(61, 197, 1, 80), False),
         ("B3 H2 Nq61 Nk61 D72", _sdpa(61, 61, 2, 72), True),
+        ("packed S3 (5, 33, 17) H2 D64", _sdpa_packed((5, 33, 17), 2, 64), False),
     ],
     "layer_norm": [
         ("B3 N1 C32 +residual", _layer_norm(1, 32, True), False),
@@ -386,12 +411,18 @@ def cases(op: str, backend: str, device: torch.device | str | None = None, *, qu
     return picked + [Case(op, label, dtype, make, True) for dtype in rest]
 
 
-def _naive_sdpa(q, k, v, *, scale=None, dropout_p=0.0):
+def _naive_sdpa(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    if cu_seqlens is not None:
+        return reference.per_sequence_sdpa(lambda q, k, v: _naive_sdpa(q, k, v, scale=scale), q, k, v, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
 
 
-def _naive_attention(qkv, num_heads, *, scale=None, dropout_p=0.0):
+def _naive_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    if cu_seqlens is not None:
+        return reference.per_sequence(
+            lambda part: _naive_attention(part[None], num_heads, scale=scale)[0], cu_seqlens, qkv
+        )
     Bq, N, C3 = qkv.shape
     q, k, v = reference.split_qkv(qkv, num_heads)
     return _naive_sdpa(q, k, v, scale=scale).transpose(1, 2).reshape(Bq, N, C3 // 3)
