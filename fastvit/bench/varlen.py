@@ -11,7 +11,8 @@ patch sequence by timm's own data pipeline (``timm.data.naflex_transforms.patchi
 
 Each provider is checked against timm's logits before it is timed (the benchmark convention of
 :mod:`fastvit.bench.providers`: check, then time), for inference (``fwd``, under ``torch.no_grad``) and a training
-step without optimizer (``fwd_bwd``: cross-entropy on random labels, backward). Reported per provider: the median
+step without optimizer (``fwd_bwd``: cross-entropy on random labels -- the mean square of the output for a model
+without classifier -- and backward). Reported per provider: the median
 time (:func:`fastvit.bench.harness.do_bench`), the tokens the blocks process (padded: ``B·(N_max + prefix)``;
 packed: the valid patches plus each image's prefix tokens), images/s, and on a GPU the peak memory the step adds.
 """
@@ -112,27 +113,36 @@ def run_varlen(
 
     Returns:
         ``(rows, info)``: one row per (mode, provider) -- ``provider``, ``mode``, ``status`` (``ok``, ``FAILED``
-        with a ``reason`` when its logits or loss differ from timm's beyond the oracle's tolerance, ``oom``),
+        with a ``reason`` when its logits or loss differ from timm's beyond the oracle's tolerance, ``oom``,
+        ``skipped`` when ``patch_timm_`` leaves the model on timm's path, e.g. rotary embeddings),
         ``ms``, ``images_per_s``, ``tokens``, ``peak_mem_bytes``, ``max_abs_diff``, ``speedup`` (timm's time /
         this one) -- and ``info`` about the batch (sizes, valid and padded token counts) and the model.
     """
     import timm
 
     from fastvit.bench import harness
-    from fastvit.integrations import patch_timm_
+    from fastvit.integrations import patch_report, patch_timm_
     from fastvit.testing import atol_for
 
     bench = bench or {}
     torch.manual_seed(spec.seed)
     timm_model = timm.create_model(spec.model, pretrained=False, **spec.model_kwargs).to(spec.device)
     packed_model = patch_timm_(copy.deepcopy(timm_model))
+    model_row = next((r for r in patch_report(packed_model) if r.name == ""), None)
+    not_packed = (
+        "patch_timm_ left this NaFlexVit on timm's padded path: "
+        + (model_row.reason if model_row is not None else "no NaFlexVit patch")
+        if model_row is None or model_row.status != "patched"
+        else ""
+    )
     P = timm_model.embeds.patch_size[0]
     prefix = timm_model.num_prefix_tokens
     sizes = image_sizes(spec.num_images, spec.min_side, spec.max_side, P, spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
     images = [torch.randn(3, h, w, generator=gen) for h, w in sizes]
     batch = {k: v.to(spec.device) for k, v in naflex_batch(images, P).items()}
-    labels = torch.randint(0, timm_model.num_classes, (len(images),), generator=gen).to(spec.device)
+    num_classes = timm_model.num_classes  # 0 for feature models (RADIO): their loss is the mean square of the output
+    labels = torch.randint(0, max(num_classes, 1), (len(images),), generator=gen).to(spec.device)
     valid = int(batch["patch_valid"].sum())
     B, n_max = batch["patch_valid"].shape
     tokens = {"timm padded": B * (n_max + prefix), "fastvit packed": valid + B * prefix}
@@ -159,7 +169,8 @@ def run_varlen(
                 with torch.no_grad(), _autocast(spec):
                     return model(batch)
             with _autocast(spec):
-                loss = torch.nn.functional.cross_entropy(model(batch).float(), labels)
+                out = model(batch).float()
+                loss = torch.nn.functional.cross_entropy(out, labels) if num_classes else out.square().mean()
             loss.backward()
             return loss.detach()
 
@@ -167,6 +178,10 @@ def run_varlen(
         base_ms = None
         for name, model in models.items():
             row: dict[str, Any] = {"provider": name, "mode": mode, "tokens": tokens[name], "reason": ""}
+            if name == "fastvit packed" and not_packed:
+                row.update(status="skipped", reason=not_packed)
+                rows.append(row)
+                continue
             try:
                 model.zero_grad(set_to_none=True)
                 out = step(model).float()
