@@ -169,17 +169,40 @@ def _bhnd_operand(t: Tensor) -> Tensor:
     return t
 
 
-def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale):
+def _thd(t: Tensor, head_dim: int) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a packed operand -- a (T, H·D) head-major view or a (T, H, D) tensor; the
+    batch stride is unused by the packed kernels (each sequence's base is ``cu_seqlens[s]`` times the token
+    stride)."""
+    if t.dim() == 2:
+        return 0, head_dim * t.stride(1), t.stride(0)
+    return 0, t.stride(1), t.stride(0)
+
+
+def _thd_operand(t: Tensor, max_seqlen: int) -> Tensor:
+    """A (T, H, D) packed attention operand the kernels can index: unit last stride, and in-sequence token offsets
+    within int32 (as :func:`_bhnd_operand`; the sequence's base offset is int64)."""
+    t = triton_rt.last_contiguous(t)
+    if (max_seqlen + 128) * t.stride(0) > _INT32_MAX:
+        t = t.contiguous()
+    return t
+
+
+def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
+    """The forward kernel on (B, ...) operands, or with ``cu_seqlens`` on packed ones (B = S sequences, n_q = n_kv =
+    max_seqlen, ``lse`` (H, T))."""
+    varlen = cu_seqlens is not None
+    strides = _thd if varlen else _bhn
     triton_rt.wrap(_k.attn_fwd)[lambda meta: (triton_rt.triton.cdiv(n_q, meta["BLOCK_M"]), H, B)](
         q,
         k,
         v,
         o,
         lse,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(o, D),
+        cu_seqlens if varlen else lse,  # unused placeholder pointer when dense
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(o, D),
         H,
         n_q,
         n_kv,
@@ -187,24 +210,31 @@ def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale):
         scale * _k.LOG2E,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=triton_rt.input_precision(q.dtype),
+        VARLEN=varlen,
     )
 
 
-def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
+    """Preprocess, dK/dV and dQ kernels; with ``cu_seqlens`` on packed operands (see :func:`_launch_fwd`)."""
     cdiv = triton_rt.triton.cdiv
-    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    varlen = cu_seqlens is not None
+    strides = _thd if varlen else _bhn
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # (B, H, Nq), or (H, T) when packed
+    cu = cu_seqlens if varlen else delta  # unused placeholder pointer when dense
     bm = _k.PREPROCESS_BLOCK_M
     triton_rt.wrap(_k.attn_bwd_preprocess)[(cdiv(n_q, bm), H, B)](
         o,
         do,
         delta,
-        *_bhn(o, D),
-        *_bhn(do, D),
+        cu,
+        *strides(o, D),
+        *strides(do, D),
         H,
         n_q,
         D,
         BLOCK_M=bm,
         BLOCK_D=_k.block_d(D),
+        VARLEN=varlen,
     )
     prec = triton_rt.input_precision(q.dtype)
     triton_rt.wrap(_k.attn_bwd_dkdv)[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), H, B)](
@@ -216,12 +246,13 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         delta,
         dk,
         dv,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(do, D),
-        *_bhn(dk, D),
-        *_bhn(dv, D),
+        cu,
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(do, D),
+        *strides(dk, D),
+        *strides(dv, D),
         H,
         n_q,
         n_kv,
@@ -229,6 +260,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         scale,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
+        VARLEN=varlen,
     )
     triton_rt.wrap(_k.attn_bwd_dq)[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), H, B)](
         q,
@@ -238,11 +270,12 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         lse,
         delta,
         dq,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(do, D),
-        *_bhn(dq, D),
+        cu,
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(do, D),
+        *strides(dq, D),
         H,
         n_q,
         n_kv,
@@ -250,6 +283,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         scale,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
+        VARLEN=varlen,
     )
 
 
