@@ -9,11 +9,20 @@ serves both layouts fastvit has:
 
 Grid: (blocks along the token axis the program owns, H, B) -- B and H on the y/z axes (each up to 65535).
 
+Packed variable-length sequences (``VARLEN``; FlashAttention's ``flash_attn_varlen_func`` convention): the same
+kernels, with the batch axis of the grid running over the S sequences of a packed (T, ...) tensor. ``CU_SEQLENS``
+holds the int32 offsets (S + 1,): sequence ``s`` is rows ``cu[s] : cu[s + 1]`` (its base is ``cu[s]`` times the
+token stride; the batch strides are unused), its length replaces ``N_Q`` / ``N_KV`` -- which the caller sets to
+``max_seqlen``, the autotune key and the grid's extent -- and a program whose block starts past its sequence's end
+returns at once. The log-sum-exp and ``delta`` are (H, T) fp32, row ``h·T + cu[s] + m``, as in FlashAttention's
+varlen kernels. Without ``VARLEN`` the packed branch is folded away at compile time and ``CU_SEQLENS`` is an unused
+placeholder pointer.
+
 Forward (Dao 2023, FlashAttention-2, Algorithm 1 / section 3.1): one program per (query block, head, batch);
 keys and values stream through in BLOCK_N tiles while an online softmax keeps the running row max ``m`` and
 row sum ``l`` in fp32; the 1/l rescale happens once at the end (section 3.1.1, "tweak 1"). The softmax scale is
 multiplied by log2(e) once so the inner loop uses ``exp2``. The kernel stores O and the natural-log
-log-sum-exp ``lse = m + log(l)`` of the *scaled* scores, (B, H, Nq) fp32.
+log-sum-exp ``lse = m + log(l)`` of the *scaled* scores, (B, H, Nq) fp32 ((H, T) when packed).
 
 Backward (Dao 2023, Algorithm 2 / section 3.2): a preprocess kernel computes ``delta = rowsum(dO ∘ O)``; then
 ``_attn_bwd_dkdv`` (one program per key block, looping over query blocks) recomputes ``P = exp(S - lse)`` and
@@ -179,7 +188,9 @@ def prune_dq(configs, nargs, **kwargs):
 #: Autotune key: everything the pruners read. INPUT_PRECISION must be in it (the tensors' dtypes are added by
 #: Triton itself): fp32 with IEEE dots is pruned to the smallest tile, fp32 with TF32 is not, and without it a
 #: config tuned for one precision would be reused for the other (spilling FMA tiles, or slow tiny TF32 tiles).
-KEY = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION"]
+#: VARLEN is in it too: packed batches of many short sequences (N_Q = max_seqlen) are another workload than a dense
+#: batch of the same N.
+KEY = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "VARLEN"]
 
 
 def _autotune(configs, prune):
@@ -192,6 +203,17 @@ def _autotune(configs, prune):
     )
 
 
+# ------------------------------------------------------------------------------------------------ packed sequences
+@triton.jit
+def _varlen_seq(CU_SEQLENS, off_s, off_h):
+    """Sequence ``off_s`` of a packed batch: its first token (int64), its length (int32) and the first row of its
+    (head ``off_h``) statistics in an (H, T) fp32 array -- T = cu[S], S the grid's z extent."""
+    start = tl.load(CU_SEQLENS + off_s).to(tl.int64)
+    end = tl.load(CU_SEQLENS + off_s + 1).to(tl.int64)
+    total = tl.load(CU_SEQLENS + tl.num_programs(2)).to(tl.int64)
+    return start, (end - start).to(tl.int32), off_h * total + start
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_body(
@@ -200,6 +222,7 @@ def _attn_fwd_body(
     V,
     O,
     LSE,
+    CU_SEQLENS,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -221,19 +244,33 @@ def _attn_fwd_body(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    pid_bh = off_b * H + off_h
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
+    if VARLEN:  # off_b is the sequence; its rows start at token `tok`
+        tok, n_q, lse_row = _varlen_seq(CU_SEQLENS, off_b, off_h)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        n_kv = n_q
+        q_base = Q + tok * stride_qn + off_h * stride_qh
+        k_base = K + tok * stride_kn + off_h * stride_kh
+        v_base = V + tok * stride_vn + off_h * stride_vh
+        o_base = O + tok * stride_on + off_h * stride_oh
+    else:
+        n_q = N_Q
+        n_kv = N_KV
+        lse_row = (off_b * H + off_h) * N_Q
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        o_base = O + off_b * stride_ob + off_h * stride_oh
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
+    m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
 
     q = tl.load(
@@ -243,9 +280,9 @@ def _attn_fwd_body(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, N_KV, BLOCK_N):
+    for start_n in range(0, n_kv, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < N_KV
+        n_mask = cols < n_kv
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale  # log2 domain
@@ -259,14 +296,13 @@ def _attn_fwd_body(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_base = O + off_b * stride_ob + off_h * stride_oh
     tl.store(
         o_base + offs_m[:, None] * stride_on + offs_d[None, :],
         acc.to(O.dtype.element_ty),
         mask=m_mask[:, None] & d_mask[None, :],
     )
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(LSE + pid_bh * N_Q + offs_m, lse, mask=m_mask)
+    tl.store(LSE + lse_row + offs_m, lse, mask=m_mask)
 
 
 attn_fwd_kernel = _attn_fwd_body
@@ -279,6 +315,7 @@ def _attn_bwd_preprocess(
     O,
     DO,
     Delta,
+    CU_SEQLENS,
     stride_ob,
     stride_oh,
     stride_on,
@@ -290,23 +327,28 @@ def _attn_bwd_preprocess(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    pid_bh = off_b * H + off_h
+    if VARLEN:
+        tok, n_q, row = _varlen_seq(CU_SEQLENS, off_b, off_h)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        o_base = O + tok * stride_on + off_h * stride_oh
+        do_base = DO + tok * stride_don + off_h * stride_doh
+    else:
+        n_q = N_Q
+        row = (off_b * H + off_h) * N_Q
+        o_base = O + off_b * stride_ob + off_h * stride_oh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    tl.store(Delta + pid_bh * N_Q + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N_Q)
+    mask = (offs_m < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(o_base + offs_m[:, None] * stride_on + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + row + offs_m, tl.sum(o * do, axis=1), mask=offs_m < n_q)
 
 
 attn_bwd_preprocess = _attn_bwd_preprocess
@@ -322,6 +364,7 @@ def _attn_bwd_dkdv_body(
     Delta,
     DK,
     DV,
+    CU_SEQLENS,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -349,39 +392,49 @@ def _attn_bwd_dkdv_body(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    pid_bh = off_b * H + off_h
+    if VARLEN:
+        tok, n_q, row_base = _varlen_seq(CU_SEQLENS, off_b, off_h)
+        if pid_n * BLOCK_N >= n_q:
+            return
+        n_kv = n_q
+        q_base = Q + tok * stride_qn + off_h * stride_qh
+        k_base = K + tok * stride_kn + off_h * stride_kh
+        v_base = V + tok * stride_vn + off_h * stride_vh
+        do_base = DO + tok * stride_don + off_h * stride_doh
+        dk_base = DK + tok * stride_dkn + off_h * stride_dkh
+        dv_base = DV + tok * stride_dvn + off_h * stride_dvh
+    else:
+        n_q = N_Q
+        n_kv = N_KV
+        row_base = (off_b * H + off_h) * N_Q
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+        dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
     qk_scale = sm_scale * 1.4426950408889634
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < N_KV
+    n_mask = offs_n < n_kv
     d_mask = offs_d < HEAD_DIM
     kv_mask = n_mask[:, None] & d_mask[None, :]
 
-    k = tl.load(
-        K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    row_base = pid_bh * N_Q
-    for start_m in range(0, N_Q, BLOCK_M):
+    for start_m in range(0, n_q, BLOCK_M):
         rows = start_m + offs_m
-        m_mask = rows < N_Q
+        m_mask = rows < n_q
         q_mask = m_mask[:, None] & d_mask[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
@@ -397,16 +450,8 @@ def _attn_bwd_dkdv_body(
         dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(
-        DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
-    )
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 attn_bwd_dkdv_kernel = _attn_bwd_dkdv_body
@@ -422,6 +467,7 @@ def _attn_bwd_dq_body(
     LSE,
     Delta,
     DQ,
+    CU_SEQLENS,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -446,40 +492,48 @@ def _attn_bwd_dq_body(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    pid_bh = off_b * H + off_h
+    if VARLEN:
+        tok, n_q, row_base = _varlen_seq(CU_SEQLENS, off_b, off_h)
+        if pid_m * BLOCK_M >= n_q:
+            return
+        n_kv = n_q
+        q_base = Q + tok * stride_qn + off_h * stride_qh
+        k_base = K + tok * stride_kn + off_h * stride_kh
+        v_base = V + tok * stride_vn + off_h * stride_vh
+        do_base = DO + tok * stride_don + off_h * stride_doh
+        dq_base = DQ + tok * stride_dqn + off_h * stride_dqh
+    else:
+        n_q = N_Q
+        n_kv = N_KV
+        row_base = (off_b * H + off_h) * N_Q
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
     qk_scale = sm_scale * 1.4426950408889634
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
+    m_mask = offs_m < n_q
     d_mask = offs_d < HEAD_DIM
     q_mask = m_mask[:, None] & d_mask[None, :]
 
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-        mask=q_mask,
-        other=0.0,
-    )
-    row_base = pid_bh * N_Q
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    for start_n in range(0, N_KV, BLOCK_N):
+    for start_n in range(0, n_kv, BLOCK_N):
         cols = start_n + offs_n
-        n_mask = cols < N_KV
+        n_mask = cols < n_kv
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -491,11 +545,7 @@ def _attn_bwd_dq_body(
         dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(
-        DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=q_mask,
-    )
+    tl.store(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 attn_bwd_dq_kernel = _attn_bwd_dq_body

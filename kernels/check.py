@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m fastvit.kernels.check [--arch 80 90] [--json PATH] [--jobs N]
+    python -m fastvit.kernels.check [--arch 80 90] [--json PATH] [--jobs N] [--kernels NAME ...]
 
 For each target architecture (sm_80 = A100, sm_90 = H100) this builds PTX and cubin with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and reports, per compiled variant, the
@@ -21,6 +21,9 @@ take far too long on a CI runner with two cores):
   D = 128 with IEEE dots, dK/dV fp16 D = 72 and fp32 D = 128 IEEE, dQ fp32 D = 104 IEEE -- the non-power-of-two
   masks, bf16, and fp32 without TF32 (PyTorch's default precision, which only the smallest tiles serve).
 * attention preprocess (delta): fp32 D = 128 and bf16 D = 80.
+* packed variable-length attention (``VARLEN=True``, rows ``*_varlen``; the same kernels with the sequence offsets
+  read from ``CU_SEQLENS``, an early exit and per-sequence loop bounds): forward, dK/dV and dQ on every autotune
+  config at the same widest operands as the dense rows, preprocess bf16 D = 80.
 * LayerNorm forward and backward: BLOCK_C = 256, 1024, 2048 and 8192 (C = 192/200, 768, 1536/1664, MAX_C) in
   fp32 with every optional input present, plus fp16 and bf16 at BLOCK_C = 1024.
 
@@ -83,11 +86,11 @@ def _variants() -> list[dict]:
 
     out: list[dict] = []
 
-    def attn(kernel, cfg, dtype, D, prec, label):
+    def attn(kernel, cfg, dtype, D, prec, label, varlen=False):
         out.append(
             dict(
                 family="attention",
-                kernel=kernel,
+                kernel=kernel + ("_varlen" if varlen else ""),
                 config=label,
                 dtype=dtype,
                 dim=D,
@@ -97,6 +100,7 @@ def _variants() -> list[dict]:
                     BLOCK_N=cfg.kwargs["BLOCK_N"],
                     BLOCK_D=A.block_d(D),
                     INPUT_PRECISION=prec,
+                    VARLEN=varlen,
                 ),
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
@@ -118,7 +122,8 @@ def _variants() -> list[dict]:
             for dtype, D in (("fp32", 128), ("fp16", 128), ("fp32", 64), ("fp16", 64), ("fp16", 32)):
                 nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=4097, N_KV=4097, HEAD_DIM=D)
                 if any(c is cfg for c in prune(configs, nargs, INPUT_PRECISION="tf32")):
-                    attn(kernel, cfg, dtype, D, "tf32" if dtype == "fp32" else "ieee", _label(cfg))
+                    for varlen in (False, True):
+                        attn(kernel, cfg, dtype, D, "tf32" if dtype == "fp32" else "ieee", _label(cfg), varlen)
                     break
             else:
                 raise AssertionError(f"{kernel} config {_label(cfg)} is never selected by its pruner")
@@ -126,15 +131,15 @@ def _variants() -> list[dict]:
             nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=197, N_KV=197, HEAD_DIM=D)
             cfg = prune(configs, nargs, INPUT_PRECISION=prec)[0]
             attn(kernel, cfg, dtype, D, prec, _label(cfg))
-    for dtype, D in (("fp32", 128), ("bf16", 80)):
+    for dtype, D, varlen in (("fp32", 128, False), ("bf16", 80, False), ("bf16", 80, True)):
         out.append(
             dict(
                 family="attention",
-                kernel="attn_bwd_preprocess",
+                kernel="attn_bwd_preprocess" + ("_varlen" if varlen else ""),
                 config=f"BM{A.PREPROCESS_BLOCK_M}/w4/s3",
                 dtype=dtype,
                 dim=D,
-                constexprs=dict(HEAD_DIM=D, BLOCK_M=A.PREPROCESS_BLOCK_M, BLOCK_D=A.block_d(D)),
+                constexprs=dict(HEAD_DIM=D, BLOCK_M=A.PREPROCESS_BLOCK_M, BLOCK_D=A.block_d(D), VARLEN=varlen),
                 num_warps=4,
                 num_stages=3,
             )
@@ -305,6 +310,10 @@ def _kernel_fn(name: str):
         "attn_bwd_dkdv": A.attn_bwd_dkdv_kernel,
         "attn_bwd_dq": A.attn_bwd_dq_kernel,
         "attn_bwd_preprocess": A.attn_bwd_preprocess,
+        "attn_fwd_varlen": A.attn_fwd_kernel,
+        "attn_bwd_dkdv_varlen": A.attn_bwd_dkdv_kernel,
+        "attn_bwd_dq_varlen": A.attn_bwd_dq_kernel,
+        "attn_bwd_preprocess_varlen": A.attn_bwd_preprocess,
         "ln_fwd": L._ln_fwd_kernel,
         "ln_bwd": L._ln_bwd_kernel,
     }[name]
@@ -313,6 +322,7 @@ def _kernel_fn(name: str):
 #: Pointer arguments that are always fp32 (statistics, partial sums).
 _FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DWp", "DBp", "RowSum", "DMaskP", "Loss", "DRow", "Sum"}
 _I64_POINTERS = {"Ids", "Inv"}
+_I32_POINTERS = {"CU_SEQLENS"}
 _FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
 
 
@@ -335,7 +345,13 @@ def _signature(fn, variant: dict) -> tuple[dict, dict]:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in _int_args(variant):
             sig[name] = (
-                "*fp32" if name in _FP32_POINTERS else "*i64" if name in _I64_POINTERS else _DT[variant["dtype"]]
+                "*fp32"
+                if name in _FP32_POINTERS
+                else "*i64"
+                if name in _I64_POINTERS
+                else "*i32"
+                if name in _I32_POINTERS
+                else _DT[variant["dtype"]]
             )
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
@@ -424,9 +440,10 @@ def _compile_one(job: tuple[dict, int]) -> dict:
     return row
 
 
-def run(archs: list[int], jobs: int = 2) -> list[dict]:
-    """Compile every variant for every arch; returns one row per compile (see the module docstring)."""
-    work = [(v, a) for a in archs for v in _variants()]
+def run(archs: list[int], jobs: int = 2, kernels: list[str] | None = None) -> list[dict]:
+    """Compile every variant (of ``kernels`` only, when given) for every arch; returns one row per compile (see the
+    module docstring)."""
+    work = [(v, a) for a in archs for v in _variants() if kernels is None or v["kernel"] in kernels]
     if jobs <= 1:
         return [_compile_one(w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -454,6 +471,10 @@ ALL_KERNELS = (
     "attn_bwd_preprocess",
     "attn_bwd_dkdv",
     "attn_bwd_dq",
+    "attn_fwd_varlen",
+    "attn_bwd_preprocess_varlen",
+    "attn_bwd_dkdv_varlen",
+    "attn_bwd_dq_varlen",
     "ln_fwd",
     "ln_bwd",
     "linear_fwd",
@@ -477,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
     parser.add_argument("--json", help="also write the rows as JSON to this path")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=ALL_KERNELS,
+        metavar="NAME",
+        help=f"compile only these kernels (default: all of {', '.join(ALL_KERNELS)})",
+    )
     args = parser.parse_args(argv)
 
     if _needs_subprocess():
@@ -485,13 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(cmd, env=env).returncode
 
     t0 = time.perf_counter()
-    rows = run(args.arch, args.jobs)
+    rows = run(args.arch, args.jobs, args.kernels)
     print(_table(rows))
     failed = [r for r in rows if not r["ok"]]
     missing = [
         (k, a)
         for a in args.arch
-        for k in ALL_KERNELS
+        for k in (args.kernels or ALL_KERNELS)
         if not any(r["kernel"] == k and r["arch"] == a and r["ok"] for r in rows)
     ]
     spilled = sum(1 for r in rows if r["spills"])

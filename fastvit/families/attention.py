@@ -9,12 +9,21 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
 * Triton -- the registered ops, ``triton_op`` + ``wrap_triton`` launches of the FlashAttention-2 kernels (forward,
   preprocess, dK/dV, dQ), so fake implementations come from tracing the host code:
 
-  ==============================  =====================================================================
-  ``fastvit::attention_fwd``      (qkv (B,N,3C), num_heads, scale) -> (o (B,N,C), lse (B,H,N) fp32)
-  ``fastvit::attention_bwd``      (do, qkv, o, lse, num_heads, scale) -> dqkv (B,N,3C)
-  ``fastvit::sdpa_fwd``           (q, k, v (B,H,N*,D), scale) -> (o (B,H,Nq,D), lse (B,H,Nq) fp32)
-  ``fastvit::sdpa_bwd``           (do, q, k, v, o, lse, scale) -> (dq, dk, dv)
-  ==============================  =====================================================================
+  =================================  ===============================================================================
+  ``fastvit::attention_fwd``         (qkv (B,N,3C), num_heads, scale) -> (o (B,N,C), lse (B,H,N) fp32)
+  ``fastvit::attention_bwd``         (do, qkv, o, lse, num_heads, scale) -> dqkv (B,N,3C)
+  ``fastvit::sdpa_fwd``              (q, k, v (B,H,N*,D), scale) -> (o (B,H,Nq,D), lse (B,H,Nq) fp32)
+  ``fastvit::sdpa_bwd``              (do, q, k, v, o, lse, scale) -> (dq, dk, dv)
+  ``fastvit::attention_varlen_fwd``  (qkv (T,3C), cu_seqlens (S+1,) int32, max_seqlen, num_heads, scale) ->
+                                     (o (T,C), lse (H,T) fp32)
+  ``fastvit::attention_varlen_bwd``  (do, qkv, o, lse, cu_seqlens, max_seqlen, num_heads, scale) -> dqkv (T,3C)
+  ``fastvit::sdpa_varlen_fwd``       (q, k, v (T,H,D), cu_seqlens, max_seqlen, scale) -> (o (T,H,D), lse (H,T) fp32)
+  ``fastvit::sdpa_varlen_bwd``       (do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale) -> (dq, dk, dv)
+  =================================  ===============================================================================
+
+  The ``_varlen`` ops take S sequences packed along the first dim (sequence ``s`` is rows
+  ``cu_seqlens[s] : cu_seqlens[s + 1]``, attending only to itself; FlashAttention's ``flash_attn_varlen_func``
+  convention); ``max_seqlen`` bounds every length and sizes the grid.
 
 * CUDA -- fakes of the same schemas with a ``_cuda`` suffix (defined in ``csrc/``), dispatch entries, and the
   capability checks read from the build (head-dim buckets, the backward's shared memory).
@@ -102,37 +111,41 @@ def autocast_rule(amp: torch.dtype, *tensors):
 
 
 # ============================================================================================ autograd
-def _attention_autograd(bwd: str):
+def _flash_autograd(bwd: str, n_diff: int):
+    """``(setup_context, backward)`` of a FlashAttention-style op pair: the forward takes ``n_diff`` differentiable
+    tensors then any further arguments ``*args`` (tensors such as ``cu_seqlens`` or plain values) and returns
+    ``(o, lse)``; the backward op is ``bwd(do, *inputs, o, lse, *args) -> gradients of the inputs``. Tensors among
+    ``args`` are saved with ``save_for_backward``, plain values on ``ctx``."""
+
     def setup(ctx, inputs, output):
-        qkv, num_heads, scale = inputs
+        args = inputs[n_diff:]
         o, lse = output
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.is_tensor = [isinstance(a, Tensor) for a in args]
+        ctx.values = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        ctx.save_for_backward(*inputs[:n_diff], o, lse, *(a for a, t in zip(args, ctx.is_tensor) if t))
 
     def backward(ctx, do, dlse):
-        qkv, o, lse = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        inputs, (o, lse), tensors = saved[:n_diff], saved[n_diff : n_diff + 2], iter(saved[n_diff + 2 :])
+        args = [next(tensors) if t else a for a, t in zip(ctx.values, ctx.is_tensor)]
         if do is None:
             do = torch.zeros_like(o)
-        return op(bwd)(do, qkv, o, lse, ctx.num_heads, ctx.scale), None, None
+        grads = op(bwd)(do, *inputs, o, lse, *args)
+        return (*(grads if n_diff > 1 else (grads,)), *(None for _ in args))
 
     return setup, backward
+
+
+def _attention_autograd(bwd: str):
+    """Autograd of ``attention_fwd(qkv, *args)`` / ``attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, *args)``:
+    ``bwd(do, qkv, o, lse, *args) -> dqkv``."""
+    return _flash_autograd(bwd, 1)
 
 
 def _sdpa_autograd(bwd: str):
-    def setup(ctx, inputs, output):
-        q, k, v, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = op(bwd)(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    return setup, backward
+    """Autograd of ``sdpa_fwd(q, k, v, *args)`` / ``sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)``:
+    ``bwd(do, q, k, v, o, lse, *args) -> (dq, dk, dv)``."""
+    return _flash_autograd(bwd, 3)
 
 
 # ============================================================================================ triton
@@ -160,17 +173,40 @@ def _bhnd_operand(t: Tensor) -> Tensor:
     return t
 
 
-def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale):
+def _thd(t: Tensor, head_dim: int) -> tuple[int, int, int]:
+    """(batch, head, token) strides of a packed operand -- a (T, H·D) head-major view or a (T, H, D) tensor; the
+    batch stride is unused by the packed kernels (each sequence's base is ``cu_seqlens[s]`` times the token
+    stride)."""
+    if t.dim() == 2:
+        return 0, head_dim * t.stride(1), t.stride(0)
+    return 0, t.stride(1), t.stride(0)
+
+
+def _thd_operand(t: Tensor, max_seqlen: int) -> Tensor:
+    """A (T, H, D) packed attention operand the kernels can index: unit last stride, and in-sequence token offsets
+    within int32 (as :func:`_bhnd_operand`; the sequence's base offset is int64)."""
+    t = triton_rt.last_contiguous(t)
+    if (max_seqlen + 128) * t.stride(0) > _INT32_MAX:
+        t = t.contiguous()
+    return t
+
+
+def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
+    """The forward kernel on (B, ...) operands, or with ``cu_seqlens`` on packed ones (B = S sequences, n_q = n_kv =
+    max_seqlen, ``lse`` (H, T))."""
+    varlen = cu_seqlens is not None
+    strides = _thd if varlen else _bhn
     triton_rt.wrap(_k.attn_fwd)[lambda meta: (triton_rt.triton.cdiv(n_q, meta["BLOCK_M"]), H, B)](
         q,
         k,
         v,
         o,
         lse,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(o, D),
+        cu_seqlens if varlen else lse,  # unused placeholder pointer when dense
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(o, D),
         H,
         n_q,
         n_kv,
@@ -178,24 +214,31 @@ def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale):
         scale * _k.LOG2E,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=triton_rt.input_precision(q.dtype),
+        VARLEN=varlen,
     )
 
 
-def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
+    """Preprocess, dK/dV and dQ kernels; with ``cu_seqlens`` on packed operands (see :func:`_launch_fwd`)."""
     cdiv = triton_rt.triton.cdiv
-    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    varlen = cu_seqlens is not None
+    strides = _thd if varlen else _bhn
+    delta = torch.empty(lse.shape, device=q.device, dtype=torch.float32)  # (B, H, Nq), or (H, T) when packed
+    cu = cu_seqlens if varlen else delta  # unused placeholder pointer when dense
     bm = _k.PREPROCESS_BLOCK_M
     triton_rt.wrap(_k.attn_bwd_preprocess)[(cdiv(n_q, bm), H, B)](
         o,
         do,
         delta,
-        *_bhn(o, D),
-        *_bhn(do, D),
+        cu,
+        *strides(o, D),
+        *strides(do, D),
         H,
         n_q,
         D,
         BLOCK_M=bm,
         BLOCK_D=_k.block_d(D),
+        VARLEN=varlen,
     )
     prec = triton_rt.input_precision(q.dtype)
     triton_rt.wrap(_k.attn_bwd_dkdv)[lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), H, B)](
@@ -207,12 +250,13 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         delta,
         dk,
         dv,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(do, D),
-        *_bhn(dk, D),
-        *_bhn(dv, D),
+        cu,
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(do, D),
+        *strides(dk, D),
+        *strides(dv, D),
         H,
         n_q,
         n_kv,
@@ -220,6 +264,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         scale,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
+        VARLEN=varlen,
     )
     triton_rt.wrap(_k.attn_bwd_dq)[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), H, B)](
         q,
@@ -229,11 +274,12 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         lse,
         delta,
         dq,
-        *_bhn(q, D),
-        *_bhn(k, D),
-        *_bhn(v, D),
-        *_bhn(do, D),
-        *_bhn(dq, D),
+        cu,
+        *strides(q, D),
+        *strides(k, D),
+        *strides(v, D),
+        *strides(do, D),
+        *strides(dq, D),
         H,
         n_q,
         n_kv,
@@ -241,6 +287,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale):
         scale,
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
+        VARLEN=varlen,
     )
 
 
@@ -305,20 +352,116 @@ def _define_triton_ops() -> None:
             dv.zero_()
         return dq, dk, dv
 
+    @triton_op("fastvit::attention_varlen_fwd", mutates_args=())
+    def attention_varlen_fwd(
+        qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        qkv = triton_rt.last_contiguous(qkv)
+        T, C3 = qkv.shape
+        C = C3 // 3
+        D = C // num_heads
+        S = cu_seqlens.shape[0] - 1
+        o = torch.empty((T, C), device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty((num_heads, T), device=qkv.device, dtype=torch.float32)
+        if o.numel() and max_seqlen > 0:
+            q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
+            _launch_fwd(q, k, v, o, lse, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+        return o, lse
+
+    @triton_op("fastvit::attention_varlen_bwd", mutates_args=())
+    def attention_varlen_bwd(
+        do: Tensor,
+        qkv: Tensor,
+        o: Tensor,
+        lse: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        num_heads: int,
+        scale: float,
+    ) -> Tensor:
+        qkv = triton_rt.last_contiguous(qkv)
+        do = triton_rt.last_contiguous(do)
+        T, C3 = qkv.shape
+        C = C3 // 3
+        D = C // num_heads
+        S = cu_seqlens.shape[0] - 1
+        dqkv = torch.empty((T, C3), device=qkv.device, dtype=qkv.dtype)
+        if dqkv.numel() and max_seqlen > 0:
+            q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
+            dq, dk, dv = dqkv[:, :C], dqkv[:, C : 2 * C], dqkv[:, 2 * C :]
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+        return dqkv
+
+    @triton_op("fastvit::sdpa_varlen_fwd", mutates_args=())
+    def sdpa_varlen_fwd(
+        q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+    ) -> tuple[Tensor, Tensor]:
+        q, k, v = (_thd_operand(t, max_seqlen) for t in (q, k, v))
+        T, H, D = q.shape
+        S = cu_seqlens.shape[0] - 1
+        o = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+        lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
+        if o.numel() and max_seqlen > 0:
+            _launch_fwd(q, k, v, o, lse, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+        return o, lse
+
+    @triton_op("fastvit::sdpa_varlen_bwd", mutates_args=())
+    def sdpa_varlen_bwd(
+        do: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        o: Tensor,
+        lse: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, do = (_thd_operand(t, max_seqlen) for t in (q, k, v, do))
+        T, H, D = q.shape
+        S = cu_seqlens.shape[0] - 1
+        dq = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+        dk = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+        dv = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+        if dq.numel() and max_seqlen > 0:
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+        return dq, dk, dv
+
     attach("attention", _attention_autograd)
     attach("sdpa", _sdpa_autograd)
+    attach("attention_varlen", _attention_autograd)
+    attach("sdpa_varlen", _sdpa_autograd)
 
 
-def attention_triton(qkv, num_heads, *, scale=None, dropout_p=0.0):
-    """Triton backend of :func:`fastvit.ops.attention` (no dropout)."""
+def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
+    return int(cu_seqlens.diff().max()) if max_seqlen is None else max_seqlen
+
+
+def attention_triton(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """Triton backend of :func:`fastvit.ops.attention` (no dropout): FlashAttention-2 (Dao 2023) on the packed
+    ``qkv`` (B, N, 3·C) -> (B, N, C); with ``cu_seqlens`` (int32 (S + 1,)) on packed variable-length sequences,
+    (T, 3·C) -> (T, C), as ``flash_attn_varlen_qkvpacked_func`` (``max_seqlen`` ``None``: read from ``cu_seqlens``,
+    one host sync). Checked arguments are :func:`fastvit.ops.attention`'s job; raises ``ValueError`` for
+    ``dropout_p > 0``."""
     _no_dropout("triton", dropout_p)
-    return torch.ops.fastvit.attention_fwd(qkv, num_heads, _scale(qkv.shape[-1] // (3 * num_heads), scale))[0]
+    scale = _scale(qkv.shape[-1] // (3 * num_heads), scale)
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        return torch.ops.fastvit.attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
+    return torch.ops.fastvit.attention_fwd(qkv, num_heads, scale)[0]
 
 
-def sdpa_triton(q, k, v, *, scale=None, dropout_p=0.0):
-    """Triton backend of :func:`fastvit.ops.scaled_dot_product_attention` (no dropout)."""
+def sdpa_triton(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """Triton backend of :func:`fastvit.ops.scaled_dot_product_attention` (no dropout): q, k, v (B, H, N*, D) ->
+    (B, H, Nq, D); with ``cu_seqlens`` (int32 (S + 1,)) packed (T, H, D) -> (T, H, D) with any token / head strides
+    (last dim contiguous), as ``flash_attn_varlen_func`` with one ``cu_seqlens`` for q and k (Dao 2023,
+    FlashAttention-2). Raises ``ValueError`` for ``dropout_p > 0``."""
     _no_dropout("triton", dropout_p)
-    return torch.ops.fastvit.sdpa_fwd(q, k, v, _scale(q.shape[-1], scale))[0]
+    scale = _scale(q.shape[-1], scale)
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        return torch.ops.fastvit.sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+    return torch.ops.fastvit.sdpa_fwd(q, k, v, scale)[0]
 
 
 TRITON_REGISTERED = triton_rt.register_ops("attention_fwd", _define_triton_ops)
@@ -329,7 +472,15 @@ def triton_check(call) -> list[str]:
     reasons = [] if TRITON_REGISTERED else [triton_rt.unregistered_reason()]
     batch = call.get("batch")
     if batch is not None and batch > _MAX_GRID_YZ:
-        reasons.append(f"batch = {batch} > {_MAX_GRID_YZ} (the kernels put the batch on the CUDA grid's z dimension)")
+        if call.get("varlen"):
+            reasons.append(
+                f"{batch} packed sequences > {_MAX_GRID_YZ} (the kernels put the sequences on the CUDA grid's z "
+                "dimension)"
+            )
+        else:
+            reasons.append(
+                f"batch = {batch} > {_MAX_GRID_YZ} (the kernels put the batch on the CUDA grid's z dimension)"
+            )
     return reasons + empty_sequence_reasons(call)
 
 
@@ -339,6 +490,7 @@ if _k is not None:
         dtypes=triton_rt.DTYPES,
         head_dims=frozenset(range(_k.MIN_HEAD_DIM, _k.MAX_HEAD_DIM + 1)),
         dropout=False,
+        varlen=True,
     )
     register_kernel(
         "triton", "attention", attention_triton, _triton_caps, triton_check, check_depends_on_call_only=True
