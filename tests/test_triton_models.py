@@ -67,3 +67,25 @@ def test_masked_autoencoder_on_triton_matches_eager(generator, device, compiled)
     noise = torch.rand(3, 16, generator=generator).to(device)
 
     _compare(FixedMaskMAE(model), [images, noise], lambda out: out[0], lambda out: out[1], compiled)
+
+
+class _Packed(torch.nn.Module):
+    """``forward_packed`` of two images of different sizes as a module of tensors (what the oracle runs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, a, b):
+        return self.model.forward_packed([a, b])
+
+
+def test_packed_vision_transformer_on_triton_matches_eager(generator):
+    """Images of two sizes packed into one sequence: the blocks' attention runs on the Triton varlen kernels
+    (cu_seqlens), forward and every parameter gradient against eager (per-sequence SDPA) and float64."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    model = fastvit.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3, num_classes=5, reg_tokens=1, global_pool="avg"
+    ).eval()
+    images = [torch.randn(3, 16, 12, generator=generator), torch.randn(3, 8, 20, generator=generator)]
+    _compare(_Packed(model), images, lambda y: (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), lambda y: y)
