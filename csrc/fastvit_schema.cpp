@@ -15,6 +15,16 @@ TORCH_LIBRARY(fastvit, m) {
   m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("sdpa_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+  // Packed variable-length sequences (cu_seqlens int32 (S + 1,), FlashAttention's flash_attn_varlen_func layout):
+  // qkv (T, 3C) -> o (T, C), lse (H, T) fp32; q, k, v (T, H, D) -> o (T, H, D), lse (H, T) fp32.
+  m.def("attention_varlen_fwd_cuda(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd_cuda(Tensor do, Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor o, Tensor lse, "
+        "int num_heads, float scale) -> Tensor");
+  m.def("sdpa_varlen_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("sdpa_varlen_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor o, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd_cuda(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "

@@ -9,7 +9,13 @@ Exit status 1 on a compile error, on a torch / ATen / c10 include in a kernel fi
 attention and LayerNorm kernels (whose speed depends on staying in registers); spills elsewhere are reported only.
 
 By default one instantiation per kernel template is compiled (bf16, head-dim bucket 64: the minimal build, see
-``csrc/common/common.h``), which is what CI runs; ``--all`` compiles every instantiation.
+``csrc/common/common.h``), which is what CI runs; ``--all`` compiles every instantiation. The attention kernels come
+in a dense and a packed variable-length (``*_varlen_*``) instantiation of the same template body; both are listed.
+
+``--baseline OLD.json`` (a ``--json`` file of an earlier run, e.g. before a change) compares every kernel compiled in
+both runs, by architecture and name: a kernel whose registers, spills, stack frame or static shared memory changed is
+a failure (a change meant to add a code path must leave the existing kernels as they were); kernels the baseline does
+not have are listed as new.
 """
 
 from __future__ import annotations
@@ -179,6 +185,43 @@ def run(
     return results, failures
 
 
+def _without_false_flag(kernel: str) -> str:
+    """The name a kernel had before its template gained a trailing ``bool`` parameter whose ``false`` is the old code
+    path: ``k<Cfg, false>(Params)`` -> ``k<Cfg>(Params)`` (the dense attention forward, which gained ``kVarlen``)."""
+    return re.sub(r", false>\(", ">(", _norm(kernel))
+
+
+def _norm(kernel: str) -> str:
+    """A demangled name without the blanks between closing brackets (``> >``, which demanglers differ on)."""
+    return re.sub(r"\s+>", ">", kernel)
+
+
+#: What must match between a kernel and its baseline.
+_COMPARED = ("registers", "spill_stores", "spill_loads", "stack", "smem")
+
+
+def compare_with_baseline(results: list[FileResult], baseline: list[dict]) -> tuple[list[str], list[str]]:
+    """Compare ``results`` with ``baseline`` (the ``--json`` list of an earlier run) kernel by kernel, keyed by
+    (architecture, demangled name).
+
+    Returns:
+        ``(changed, new)``: one line per kernel of both runs whose ptxas numbers (:data:`_COMPARED`) differ, and one
+        line per kernel the baseline lacks.
+    """
+    old = {(k["arch"], _norm(k["kernel"])): k for r in baseline for k in r.get("kernels", [])}
+    changed, new = [], []
+    for r in results:
+        for k in r.kernels:
+            before = old.get((k.arch, _norm(k.kernel))) or old.get((k.arch, _without_false_flag(k.kernel)))
+            if before is None:
+                new.append(f"{r.file} [{k.arch}] {_short(k.kernel)}")
+                continue
+            diffs = [f"{f} {before[f]} -> {getattr(k, f)}" for f in _COMPARED if before.get(f) != getattr(k, f)]
+            if diffs:
+                changed.append(f"{r.file} [{k.arch}] {_short(k.kernel)}: " + ", ".join(diffs))
+    return changed, new
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: compile, print the table, return 0 (all good), 1 (a failure) or 2 (no toolchain)."""
     parser = argparse.ArgumentParser(prog="python -m fastvit.cuda_check", description=__doc__.split("\n\n")[0])
@@ -186,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every instantiation, not one per kernel template")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument(
+        "--baseline",
+        metavar="PATH",
+        help="a --json file of an earlier run: fail when a kernel compiled in both runs changed its ptxas numbers",
+    )
     parser.add_argument("files", nargs="*", help="compile only these files")
     args = parser.parse_args(argv)
     try:
@@ -204,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**dataclasses.asdict(r), "log": None} for r in results], f, indent=1)
+    if args.baseline:
+        with open(args.baseline) as f:
+            changed, new = compare_with_baseline(results, json.load(f))
+        for line in new:
+            print(f"new (not in the baseline): {line}")
+        print(f"cuda_check: {len(changed)} kernels changed against {args.baseline}, {len(new)} new")
+        failures += [f"changed against the baseline: {line}" for line in changed]
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
     n_kernels = sum(len(r.kernels) for r in results)

@@ -15,6 +15,15 @@
 //   * packed qkv (B, N, 3C), C = H·D: q = qkv + 0, k = qkv + C, v = qkv + 2C; strides (N·3C, D, 3C);
 //     o (B, N, C): strides (N·C, D, C); dqkv packed like qkv;
 //   * per-head (B, H, N, D) tensors with any strides (sdpa); seqlen_q may differ from seqlen_k there.
+// Packed variable-length sequences (cu_seqlens != nullptr; the layout of FlashAttention's flash_attn_varlen_func): the
+// tensors have no batch dim, their rows are the T = total_tokens packed tokens of all S = batch sequences, and
+// sequence s is rows [cu_seqlens[s], cu_seqlens[s + 1]); it attends only to itself (q, k and v share the offsets).
+// The (sequence, head) coordinate of the grid then names sequence s, whose row 0 is token cu_seqlens[s] (an offset
+// of cu_seqlens[s]·row_stride; the batch strides are unused), whose length cu_seqlens[s + 1] - cu_seqlens[s]
+// replaces seqlen_q = seqlen_k (which hold max_seqlen, the longest length, and only size the grid), and whose
+// row statistics (lse, delta) live at (H, T): index h·T + token. Blocks past the end of their sequence exit at once.
+// The offsets are trusted (fastvit.ops checks them); the kernels only clamp them into [0, T] so that malformed
+// offsets can never address memory outside the tensors.
 // Head dims that are not a bucket size (72, 88, 104, 16, 24) run in the next bucket {32, 64, 80, 96, 128}; the
 // extra columns are zero-filled on every load and skipped on every store (memory is never padded, so the
 // neighbouring heads of a packed qkv are neither read into the dot products nor overwritten).
@@ -25,10 +34,11 @@
 // fp16 or bf16, all sizes >= 0, scale finite.
 // Launchers return cudaSuccess without launching anything for empty problems (forward: batch, heads, seqlen_q
 // or seqlen_k == 0; backward: batch, heads or both seqlens == 0 -- with only seqlen_k == 0 the backward writes
-// dq = 0, with only seqlen_q == 0 it writes dk = dv = 0, as the Triton kernels do), cudaErrorNotSupported for a
-// dtype / head dim this build did not compile, cudaErrorMisalignedAddress when a pointer or stride breaks
-// kAttentionAlignment, cudaErrorInvalidValue for a missing lse / workspace or a seqlen >= 2^31 - 256,
-// cudaErrorInvalidConfiguration when B·H > 65535², and otherwise the first CUDA error of their launches.
+// dq = 0, with only seqlen_q == 0 it writes dk = dv = 0, as the Triton kernels do; packed: also total_tokens == 0),
+// cudaErrorNotSupported for a dtype / head dim this build did not compile, cudaErrorMisalignedAddress when a
+// pointer or stride breaks kAttentionAlignment, cudaErrorInvalidValue for a missing lse / workspace, a seqlen or
+// total_tokens >= 2^31 - 256, or packed sequences with seqlen_q != seqlen_k, cudaErrorInvalidConfiguration when
+// B·H > 65535², and otherwise the first CUDA error of their launches.
 #pragma once
 
 #include <cstddef>
@@ -63,7 +73,7 @@ struct AttentionFwdParams {
   // columns >= head_dim are never touched.
   void* o = nullptr;
   // Output: (B, H, seqlen_q) contiguous fp32 (index (b·H + h)·seqlen_q + i), natural-log log-sum-exp of the
-  // SCALED scores of query row i.
+  // SCALED scores of query row i. Packed: (H, total_tokens), index h·T + token.
   float* lse = nullptr;
 
   // Strides in elements (batch, head, row); the head-dim stride is 1.
@@ -72,13 +82,19 @@ struct AttentionFwdParams {
   int64_t v_batch_stride = 0, v_head_stride = 0, v_row_stride = 0;
   int64_t o_batch_stride = 0, o_head_stride = 0, o_row_stride = 0;
 
-  int64_t batch = 0;     // B
+  int64_t batch = 0;     // B (packed: S, the number of sequences)
   int64_t heads = 0;     // H
-  int64_t seqlen_q = 0;  // query tokens (rows of q, o, lse)
-  int64_t seqlen_k = 0;  // key / value tokens (rows of k, v); >= 1 for a non-empty problem
+  int64_t seqlen_q = 0;  // query tokens (rows of q, o, lse); packed: max_seqlen
+  int64_t seqlen_k = 0;  // key / value tokens (rows of k, v); >= 1 for a non-empty problem; packed: max_seqlen
   int head_dim = 0;      // D, % 8 == 0, 8 <= D <= 128
   float scale = 0.f;     // softmax scale applied to Q Kᵀ in fp32 (usually D^-0.5)
   DType dtype = DType::kBFloat16;  // kFloat16 or kBFloat16
+
+  // Packed variable-length sequences (see the top of this file), or nullptr for the dense (B, H, N, D) problem:
+  // int32 (batch + 1,) device offsets, cu_seqlens[0] = 0 <= ... <= cu_seqlens[batch] = total_tokens, every
+  // length <= seqlen_q. With them, lse is (H, total_tokens) fp32 and the batch strides are ignored.
+  const int* cu_seqlens = nullptr;
+  int64_t total_tokens = 0;  // T: rows of q, k, v, o with cu_seqlens (unused without)
 };
 
 struct AttentionBwdParams {
@@ -117,10 +133,15 @@ struct AttentionBwdParams {
   int head_dim = 0;
   float scale = 0.f;  // the forward's softmax scale
   DType dtype = DType::kBFloat16;
+
+  // Packed variable-length sequences, as in AttentionFwdParams: lse and the workspace's delta are then
+  // (H, total_tokens) fp32, and dq / dk / dv have total_tokens rows.
+  const int* cu_seqlens = nullptr;
+  int64_t total_tokens = 0;
 };
 
-// Bytes of workspace run_attention_bwd needs (B·H·seqlen_q fp32 for delta, rounded up to 256 bytes; 0 for an
-// empty problem).
+// Bytes of workspace run_attention_bwd needs (B·H·seqlen_q fp32 for delta -- packed: H·total_tokens --, rounded up
+// to 256 bytes; 0 for an empty problem).
 size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
 
 // Head-dim bucket {32, 64, 80, 96, 128} a head dim runs in, or 0 when unsupported.

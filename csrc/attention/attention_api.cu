@@ -85,12 +85,15 @@ bool aligned_ptr(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kA
 
 // The stride of a dim of size 1 is only ever multiplied by index 0, so it may be anything (the binding's
 // vector_aligned() accepts such tensors as they are, e.g. a channels-last (B, 1, N, D) whose head stride is 1).
-// `p` gives batch and heads; `seqlen` is the tensor's row count (seqlen_q or seqlen_k).
+// `p` gives batch and heads; `seqlen` is the tensor's row count (seqlen_q or seqlen_k). Packed sequences have no
+// batch dim (its stride is never read) and T = total_tokens rows.
 template <class Params>
 bool aligned_strides(const Params& p, int64_t batch_stride, int64_t head_stride, int64_t row_stride, int64_t seqlen) {
-  return (p.batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
+  const bool packed = p.cu_seqlens != nullptr;
+  const int64_t rows = packed ? p.total_tokens : seqlen;
+  return (packed || p.batch <= 1 || batch_stride % kAttentionAlignment == 0) &&
          (p.heads <= 1 || head_stride % kAttentionAlignment == 0) &&
-         (seqlen <= 1 || row_stride % kAttentionAlignment == 0);
+         (rows <= 1 || row_stride % kAttentionAlignment == 0);
 }
 
 // Pointers and strides of q, k, v, o, which AttentionFwdParams and AttentionBwdParams share.
@@ -106,32 +109,50 @@ bool aligned_qkvo(const Params& p) {
 // The kernels index tokens with 32-bit ints.
 constexpr int64_t kMaxSeqlen = (int64_t{1} << 31) - 256;
 
+// Sizes the kernels can index: every seqlen (packed: also T) below kMaxSeqlen; packed sequences are self-attention
+// (one cu_seqlens for queries and keys), so seqlen_q = seqlen_k = max_seqlen.
+template <class Params>
+bool valid_sizes(const Params& p) {
+  if (p.seqlen_q > kMaxSeqlen || p.seqlen_k > kMaxSeqlen) return false;
+  return p.cu_seqlens == nullptr || (p.seqlen_q == p.seqlen_k && p.total_tokens >= 0 && p.total_tokens <= kMaxSeqlen);
+}
+
+// No row to compute: no batch (sequence) or head, or -- packed -- no token.
+template <class Params>
+bool empty_batch(const Params& p) {
+  return p.batch <= 0 || p.heads <= 0 || (p.cu_seqlens != nullptr && p.total_tokens <= 0);
+}
+
 }  // namespace
 
 size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params) {
-  if (params.batch <= 0 || params.heads <= 0 || params.seqlen_q <= 0) return 0;
-  const size_t bytes = static_cast<size_t>(params.batch) * static_cast<size_t>(params.heads) *
-                       static_cast<size_t>(params.seqlen_q) * sizeof(float);
+  if (empty_batch(params) || params.seqlen_q <= 0) return 0;
+  const size_t rows = params.cu_seqlens != nullptr
+                          ? static_cast<size_t>(params.total_tokens)
+                          : static_cast<size_t>(params.batch) * static_cast<size_t>(params.seqlen_q);
+  const size_t bytes = rows * static_cast<size_t>(params.heads) * sizeof(float);
   return (bytes + 255) / 256 * 256;
 }
 
 cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream) {
-  if (params.batch <= 0 || params.heads <= 0 || params.seqlen_q <= 0 || params.seqlen_k <= 0) return cudaSuccess;
+  if (empty_batch(params) || params.seqlen_q <= 0 || params.seqlen_k <= 0) return cudaSuccess;
   if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
     return cudaErrorNotSupported;
-  if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
+  if (!valid_sizes(params)) return cudaErrorInvalidValue;
   if (params.lse == nullptr || !aligned_qkvo(params)) return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
-    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim,
-                                       [&] { return run_attention_fwd_bucket<Element, kHeadDim>(params, stream); });
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return params.cu_seqlens != nullptr ? run_attention_fwd_bucket<Element, kHeadDim, true>(params, stream)
+                                          : run_attention_fwd_bucket<Element, kHeadDim, false>(params, stream);
+    });
   });
 }
 
 cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
-  if (params.batch <= 0 || params.heads <= 0 || (params.seqlen_q <= 0 && params.seqlen_k <= 0)) return cudaSuccess;
+  if (empty_batch(params) || (params.seqlen_q <= 0 && params.seqlen_k <= 0)) return cudaSuccess;
   if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
     return cudaErrorNotSupported;
-  if (params.seqlen_q > kMaxSeqlen || params.seqlen_k > kMaxSeqlen) return cudaErrorInvalidValue;
+  if (!valid_sizes(params)) return cudaErrorInvalidValue;
   if (params.seqlen_q > 0 && (params.workspace == nullptr || params.lse == nullptr)) return cudaErrorInvalidValue;
   if (!aligned_qkvo(params) || !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) ||
       !aligned_ptr(params.dv) || !aligned_ptr(params.workspace) ||
@@ -141,8 +162,10 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
       !aligned_strides(params, params.dv_batch_stride, params.dv_head_stride, params.dv_row_stride, params.seqlen_k))
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
-    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim,
-                                       [&] { return run_attention_bwd_bucket<Element, kHeadDim>(params, stream); });
+    return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
+      return params.cu_seqlens != nullptr ? run_attention_bwd_bucket<Element, kHeadDim, true>(params, stream)
+                                          : run_attention_bwd_bucket<Element, kHeadDim, false>(params, stream);
+    });
   });
 }
 

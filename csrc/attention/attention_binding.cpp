@@ -1,5 +1,8 @@
 // fastvit._C binding of the fused-QKV flash attention: attention_{fwd,bwd}_cuda (packed qkv) and sdpa_{fwd,bwd}_cuda
-// ((B, H, N, D) tensors).
+// ((B, H, N, D) tensors), and their packed variable-length forms attention_varlen_{fwd,bwd}_cuda (qkv (T, 3C)) and
+// sdpa_varlen_{fwd,bwd}_cuda (q, k, v (T, H, D)): S sequences of T tokens in all, sequence s the rows
+// cu_seqlens[s] : cu_seqlens[s + 1] (FlashAttention's flash_attn_varlen_func convention, one cu_seqlens for queries
+// and keys), LSE (H, T) fp32.
 //
 // This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
 // what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
@@ -22,6 +25,10 @@ constexpr const char* kAttnFwd = "fastvit::attention_fwd_cuda";
 constexpr const char* kAttnBwd = "fastvit::attention_bwd_cuda";
 constexpr const char* kSdpaFwd = "fastvit::sdpa_fwd_cuda";
 constexpr const char* kSdpaBwd = "fastvit::sdpa_bwd_cuda";
+constexpr const char* kAttnVarlenFwd = "fastvit::attention_varlen_fwd_cuda";
+constexpr const char* kAttnVarlenBwd = "fastvit::attention_varlen_bwd_cuda";
+constexpr const char* kSdpaVarlenFwd = "fastvit::sdpa_varlen_fwd_cuda";
+constexpr const char* kSdpaVarlenBwd = "fastvit::sdpa_varlen_bwd_cuda";
 
 fastvit::DType attention_dtype(const Tensor& t, const char* op, const char* name, int64_t head_dim) {
   check_cuda(t, op, name);
@@ -119,6 +126,8 @@ void set_params_attention_bwd(fastvit::AttentionBwdParams& p, const fastvit::Att
   p.head_dim = f.head_dim;
   p.scale = f.scale;
   p.dtype = f.dtype;
+  p.cu_seqlens = f.cu_seqlens;
+  p.total_tokens = f.total_tokens;
 }
 
 void run_attention_bwd_with_workspace(fastvit::AttentionBwdParams& p, const Tensor& like, const Launch& launch,
@@ -254,6 +263,166 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor&
   return {dq, dk, dv};
 }
 
+// ------------------------------------------------------------------------------------------- packed (varlen)
+// Strides (batch, head, row) of a packed (T, ...) operand: no batch dim (the kernels never read its stride).
+BhnStrides varlen_packed_strides(const Tensor& t, int64_t D) { return {0, D, t.stride(0)}; }  // (T, 3C) / (T, C)
+BhnStrides varlen_thd_strides(const Tensor& t) { return {0, t.stride(1), t.stride(0)}; }      // (T, H, D)
+
+// cu_seqlens: int32 (S + 1,) offsets, S >= 1, contiguous, on `ref`'s device; max_seqlen: the longest sequence,
+// >= 1 unless there is no token (the grid covers it). Returns S. The offsets' values stay on the device (reading
+// them would synchronise): fastvit.ops checks them (0, non-decreasing, ending at T, no length above max_seqlen),
+// and the kernels clamp them into [0, T], so malformed offsets can give wrong rows but never touch memory outside
+// the tensors.
+int64_t check_cu_seqlens(const Tensor& cu_seqlens, int64_t max_seqlen, const Tensor& ref, const char* ref_name,
+                         int64_t total, const char* op) {
+  TORCH_CHECK_VALUE(cu_seqlens.device() == ref.device(), op, ": cu_seqlens is on ", cu_seqlens.device(), " but ",
+                    ref_name, " is on ", ref.device(), "; expected the same device");
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
+                   cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2, op,
+                    ": cu_seqlens must have shape (S + 1,) with S >= 1 sequences, got ", cu_seqlens.sizes());
+  TORCH_CHECK_VALUE(cu_seqlens.is_contiguous(), op, ": cu_seqlens must be contiguous, got strides ",
+                    cu_seqlens.strides());
+  TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen < kMaxSeqlen, op, ": max_seqlen must lie in [0, ", kMaxSeqlen,
+                    "), got ", max_seqlen);
+  TORCH_CHECK_VALUE(max_seqlen >= 1 || total == 0, op, ": max_seqlen must be >= 1 (the longest sequence) for ", total,
+                    " packed tokens, got ", max_seqlen);
+  TORCH_CHECK_VALUE(total < kMaxSeqlen, op, ": at most ", kMaxSeqlen - 1, " packed tokens, got ", ref_name, " with ",
+                    total);
+  return cu_seqlens.size(0) - 1;
+}
+
+void set_params_varlen(fastvit::AttentionFwdParams& p, const Tensor& cu_seqlens, int64_t total) {
+  p.cu_seqlens = cu_seqlens.data_ptr<int>();
+  p.total_tokens = total;
+}
+
+std::tuple<int64_t, int64_t, int64_t> packed_varlen_geometry(const Tensor& qkv, int64_t num_heads, const char* op) {
+  TORCH_CHECK_VALUE(qkv.dim() == 2, op, ": qkv must have shape (T, 3*C) (packed sequences), got ", qkv.sizes());
+  TORCH_CHECK_VALUE(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(qkv.size(1) > 0 && qkv.size(1) % (3 * num_heads) == 0, op, ": qkv's last dim (", qkv.size(1),
+                    ") must be a positive multiple of 3 * num_heads = ", 3 * num_heads);
+  const int64_t C = qkv.size(1) / 3;
+  return {C, C / num_heads, qkv.size(0)};
+}
+
+std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& qkv_in, const Tensor& cu_seqlens, int64_t max_seqlen,
+                                                int64_t num_heads, double scale) {
+  auto [C, D, T] = packed_varlen_geometry(qkv_in, num_heads, kAttnVarlenFwd);
+  const auto dtype = attention_dtype(qkv_in, kAttnVarlenFwd, "qkv", D);
+  const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, qkv_in, "qkv", T, kAttnVarlenFwd);
+  Launch launch(qkv_in);
+  Tensor qkv = vector_aligned(qkv_in);
+  Tensor o = at::empty({T, C}, qkv.options());
+  Tensor lse = at::empty({num_heads, T}, qkv.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  const auto* base = static_cast<const char*>(qkv.data_ptr());
+  const int64_t esize = qkv.element_size();
+  const BhnStrides s = varlen_packed_strides(qkv, D);
+  fastvit::AttentionFwdParams p;
+  set_params_attention_fwd(p, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(),
+                           varlen_packed_strides(o, D), lse.data_ptr<float>(), S, num_heads, max_seqlen, max_seqlen, D,
+                           scale, dtype);
+  set_params_varlen(p, cu_seqlens, T);
+  check_launch(fastvit::run_attention_fwd(p, launch.stream), kAttnVarlenFwd);
+  return {o, lse};
+}
+
+Tensor attention_varlen_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& cu_seqlens, int64_t max_seqlen,
+                            const Tensor& o_in, const Tensor& lse_in, int64_t num_heads, double scale) {
+  auto [C, D, T] = packed_varlen_geometry(qkv_in, num_heads, kAttnVarlenBwd);
+  const auto dtype = attention_dtype(qkv_in, kAttnVarlenBwd, "qkv", D);
+  const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, qkv_in, "qkv", T, kAttnVarlenBwd);
+  check_same(dout_in, qkv_in, kAttnVarlenBwd, "dout", "qkv");
+  check_same(o_in, qkv_in, kAttnVarlenBwd, "o", "qkv");
+  check_shape(dout_in, {T, C}, kAttnVarlenBwd, "dout");
+  check_shape(o_in, {T, C}, kAttnVarlenBwd, "o");
+  check_shape(lse_in, {num_heads, T}, kAttnVarlenBwd, "lse");
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kAttnVarlenBwd, ": lse must be float32, got ",
+                   lse_in.scalar_type());
+  Launch launch(qkv_in);
+  Tensor qkv = vector_aligned(qkv_in), dout = vector_aligned(dout_in), o = vector_aligned(o_in);
+  Tensor lse = lse_in.contiguous();
+  Tensor dqkv = at::empty({T, 3 * C}, qkv.options());
+  if (dqkv.numel() == 0) return dqkv;
+  const int64_t esize = qkv.element_size();
+  const auto* base = static_cast<const char*>(qkv.data_ptr());
+  auto* dbase = static_cast<char*>(dqkv.data_ptr());
+  const BhnStrides s = varlen_packed_strides(qkv, D), ds = varlen_packed_strides(dqkv, D);
+  fastvit::AttentionFwdParams f;
+  set_params_attention_fwd(f, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(),
+                           varlen_packed_strides(o, D), lse.data_ptr<float>(), S, num_heads, max_seqlen, max_seqlen, D,
+                           scale, dtype);
+  set_params_varlen(f, cu_seqlens, T);
+  fastvit::AttentionBwdParams p;
+  set_params_attention_bwd(p, f, dout.data_ptr(), varlen_packed_strides(dout, D), dbase, ds, dbase + C * esize, ds,
+                           dbase + 2 * C * esize, ds);
+  run_attention_bwd_with_workspace(p, qkv, launch, kAttnVarlenBwd);
+  return dqkv;
+}
+
+// q, k, v: (T, H, D), one shape, dtype and device (packed self-attention: one cu_seqlens for all three).
+void check_thd(const Tensor& q, const Tensor& k, const Tensor& v, const char* op) {
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must have shape (T, H, D) (packed sequences), got ", q.sizes());
+  check_same(k, q, op, "k", "q");
+  check_same(v, q, op, "v", "q");
+  check_shape(k, q.sizes(), op, "k");
+  check_shape(v, q.sizes(), op, "v");
+}
+
+std::tuple<Tensor, Tensor> sdpa_varlen_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                           const Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  check_thd(q_in, k_in, v_in, kSdpaVarlenFwd);
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const auto dtype = attention_dtype(q_in, kSdpaVarlenFwd, "q", D);
+  const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, q_in, "q", T, kSdpaVarlenFwd);
+  Launch launch(q_in);
+  Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  Tensor o = at::empty({T, H, D}, q.options());
+  Tensor lse = at::empty({H, T}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+  fastvit::AttentionFwdParams p;
+  set_params_attention_fwd(p, q.data_ptr(), varlen_thd_strides(q), k.data_ptr(), varlen_thd_strides(k), v.data_ptr(),
+                           varlen_thd_strides(v), o.data_ptr(), varlen_thd_strides(o), lse.data_ptr<float>(), S, H,
+                           max_seqlen, max_seqlen, D, scale, dtype);
+  set_params_varlen(p, cu_seqlens, T);
+  check_launch(fastvit::run_attention_fwd(p, launch.stream), kSdpaVarlenFwd);
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                                   const Tensor& v_in, const Tensor& cu_seqlens, int64_t max_seqlen,
+                                                   const Tensor& o_in, const Tensor& lse_in, double scale) {
+  check_thd(q_in, k_in, v_in, kSdpaVarlenBwd);
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
+  const auto dtype = attention_dtype(q_in, kSdpaVarlenBwd, "q", D);
+  const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, q_in, "q", T, kSdpaVarlenBwd);
+  check_same(dout_in, q_in, kSdpaVarlenBwd, "dout", "q");
+  check_same(o_in, q_in, kSdpaVarlenBwd, "o", "q");
+  check_shape(dout_in, q_in.sizes(), kSdpaVarlenBwd, "dout");
+  check_shape(o_in, q_in.sizes(), kSdpaVarlenBwd, "o");
+  check_shape(lse_in, {H, T}, kSdpaVarlenBwd, "lse");
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kSdpaVarlenBwd, ": lse must be float32, got ",
+                   lse_in.scalar_type());
+  Launch launch(q_in);
+  Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  Tensor o = vector_aligned(o_in), dout = vector_aligned(dout_in), lse = lse_in.contiguous();
+  Tensor dq = at::empty({T, H, D}, q.options());
+  Tensor dk = at::empty({T, H, D}, q.options());
+  Tensor dv = at::empty({T, H, D}, q.options());
+  if (dq.numel() == 0) return {dq, dk, dv};
+  fastvit::AttentionFwdParams f;
+  set_params_attention_fwd(f, q.data_ptr(), varlen_thd_strides(q), k.data_ptr(), varlen_thd_strides(k), v.data_ptr(),
+                           varlen_thd_strides(v), o.data_ptr(), varlen_thd_strides(o), lse.data_ptr<float>(), S, H,
+                           max_seqlen, max_seqlen, D, scale, dtype);
+  set_params_varlen(f, cu_seqlens, T);
+  fastvit::AttentionBwdParams p;
+  set_params_attention_bwd(p, f, dout.data_ptr(), varlen_thd_strides(dout), dq.data_ptr(), varlen_thd_strides(dq),
+                           dk.data_ptr(), varlen_thd_strides(dk), dv.data_ptr(), varlen_thd_strides(dv));
+  run_attention_bwd_with_workspace(p, q, launch, kSdpaVarlenBwd);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
@@ -261,4 +430,8 @@ TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("attention_bwd_cuda", &attention_bwd);
   m.impl("sdpa_fwd_cuda", &sdpa_fwd);
   m.impl("sdpa_bwd_cuda", &sdpa_bwd);
+  m.impl("attention_varlen_fwd_cuda", &attention_varlen_fwd);
+  m.impl("attention_varlen_bwd_cuda", &attention_varlen_bwd);
+  m.impl("sdpa_varlen_fwd_cuda", &sdpa_varlen_fwd);
+  m.impl("sdpa_varlen_bwd_cuda", &sdpa_varlen_bwd);
 }

@@ -22,6 +22,13 @@
 //
 // Both mainloops double-buffer their streamed tiles: block j+1 is fetched by cp.async into the other stage
 // while block j is computed.
+//
+// Packed variable-length sequences (attention.h; FlashAttention's flash_attn_varlen_func): each kernel's body is
+// templated on kVarlen and has two entry points, attention_bwd_<k>_kernel (dense) and attention_bwd_<k>_varlen_kernel
+// (packed), as in the forward. Packed, the CTA's batch coordinate is the sequence s: its rows start at token
+// cu_seqlens[s], its length replaces seqlen_q = seqlen_k, blocks past its end exit at once, and lse / delta are
+// (H, T). Still one writer per output element: a key row's dK / dV come from the one CTA of its key block, which
+// loops over the query blocks of its own sequence only; a query row's dQ from the one CTA of its query block.
 #pragma once
 
 #include "attention/attention_kernel_utils.cuh"
@@ -38,21 +45,27 @@ constexpr int kDeltaRowsPerBlock = kDeltaThreads / kDeltaThreadsPerRow;  // 32
 // delta[bh·seqlen_q + i] = Σ_c float(O[i, c]) · float(dO[i, c]) over c < head_dim, for query row i.
 // Thread (row = threadIdx.x / 8, j = threadIdx.x % 8) reads 16-byte chunks c = 8j, 8j + 64 of the row; the 8
 // partial sums of a row are reduced with xor-shuffles over the 8 consecutive lanes that share the row.
-template <typename Element>
-__global__ void __launch_bounds__(kDeltaThreads)
-    attention_bwd_delta_kernel(const AttentionBwdParams p, float* __restrict__ delta) {
+// Packed: delta[h·T + token] for the rows of sequence b; row blocks past its end exit at once.
+template <typename Element, bool kVarlen>
+__device__ __forceinline__ void attention_bwd_delta_body(const AttentionBwdParams& p, float* __restrict__ delta) {
   const int64_t bh = attention_bh_index();
   if (bh >= p.batch * p.heads) return;  // uniform over the block
   const int64_t b = bh / p.heads;
   const int64_t h = bh - b * p.heads;
+  const SeqCoord sc = seq_coord<kVarlen>(p, b);
+  if constexpr (kVarlen) {
+    if (static_cast<int64_t>(blockIdx.x) * kDeltaRowsPerBlock >= sc.seqlen_q) return;  // uniform over the block
+  }
   const int j = threadIdx.x % kDeltaThreadsPerRow;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaRowsPerBlock + threadIdx.x / kDeltaThreadsPerRow;
+  const int64_t seqlen_q = kVarlen ? sc.seqlen_q : p.seqlen_q;
   float acc = 0.f;
-  if (row < p.seqlen_q) {
-    const Element* o =
-        static_cast<const Element*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
-    const Element* d =
-        static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+  if (row < seqlen_q) {
+    const Element* o = static_cast<const Element*>(p.o) + seq_offset<kVarlen>(b, p.o_batch_stride, sc, p.o_row_stride) +
+                       h * p.o_head_stride + row * p.o_row_stride;
+    const Element* d = static_cast<const Element*>(p.dout) +
+                       seq_offset<kVarlen>(b, p.do_batch_stride, sc, p.do_row_stride) + h * p.do_head_stride +
+                       row * p.do_row_stride;
     for (int c = 8 * j; c < p.head_dim; c += 8 * kDeltaThreadsPerRow) {
       const cute::uint128_t ov = *reinterpret_cast<const cute::uint128_t*>(o + c);
       const cute::uint128_t dv = *reinterpret_cast<const cute::uint128_t*>(d + c);
@@ -66,7 +79,19 @@ __global__ void __launch_bounds__(kDeltaThreads)
   acc += __shfl_xor_sync(0xffffffffu, acc, 4);
   acc += __shfl_xor_sync(0xffffffffu, acc, 2);
   acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-  if (j == 0 && row < p.seqlen_q) delta[bh * p.seqlen_q + row] = acc;
+  if (j == 0 && row < seqlen_q) delta[stats_offset<kVarlen>(p, sc, h, bh) + row] = acc;
+}
+
+template <typename Element>
+__global__ void __launch_bounds__(kDeltaThreads)
+    attention_bwd_delta_kernel(const AttentionBwdParams p, float* __restrict__ delta) {
+  attention_bwd_delta_body<Element, false>(p, delta);
+}
+
+template <typename Element>
+__global__ void __launch_bounds__(kDeltaThreads)
+    attention_bwd_delta_varlen_kernel(const AttentionBwdParams p, float* __restrict__ delta) {
+  attention_bwd_delta_body<Element, true>(p, delta);
 }
 
 // ------------------------------------------------------------------------------------------------ dK, dV
@@ -86,9 +111,8 @@ struct BwdDkdvConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWar
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
 
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNThreads, 1)
-    attention_bwd_dkdv_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+template <class Cfg, bool kVarlen>
+__device__ __forceinline__ void attention_bwd_dkdv_body(const AttentionBwdParams& p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockN = Cfg::kBlockN;
@@ -101,22 +125,30 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   const int64_t h = bh - b * p.heads;
   const int n_block = blockIdx.x;
   const int tid = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q);
-  const int seqlen_k = static_cast<int>(p.seqlen_k);
+  const SeqCoord sc = seq_coord<kVarlen>(p, b);
+  const int seqlen_q = sc.seqlen_q;
+  const int seqlen_k = sc.seqlen_k;
+  if constexpr (kVarlen) {
+    if (n_block * kBlockN >= seqlen_k) return;  // past this sequence's end (uniform over the CTA)
+  }
   const int head_dim = p.head_dim;
-  const int n_valid = min(kBlockN, seqlen_k - n_block * kBlockN);  // >= 1 by the grid size
+  const int n_valid = min(kBlockN, seqlen_k - n_block * kBlockN);  // >= 1 by the grid size (packed: the exit above)
   const int m_blocks = (seqlen_q + kBlockM - 1) / kBlockM;          // 0 when seqlen_q == 0: dK = dV = 0
   const float scale_log2 = p.scale * kLog2e;
 
-  // Key / value tiles of this CTA; Q, dO, lse, delta from query row 0 of this (batch, head).
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride +
+  // Key / value tiles of this CTA; Q, dO, lse, delta from query row 0 of this (batch or sequence, head).
+  const Element* k_ptr = static_cast<const Element*>(p.k) +
+                         seq_offset<kVarlen>(b, p.k_batch_stride, sc, p.k_row_stride) + h * p.k_head_stride +
                          static_cast<int64_t>(n_block) * kBlockN * p.k_row_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride +
+  const Element* v_ptr = static_cast<const Element*>(p.v) +
+                         seq_offset<kVarlen>(b, p.v_batch_stride, sc, p.v_row_stride) + h * p.v_head_stride +
                          static_cast<int64_t>(n_block) * kBlockN * p.v_row_stride;
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* do_ptr = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-  const float* lse_ptr = p.lse + bh * p.seqlen_q;
-  const float* delta_ptr = delta + bh * p.seqlen_q;
+  const Element* q_ptr = static_cast<const Element*>(p.q) +
+                         seq_offset<kVarlen>(b, p.q_batch_stride, sc, p.q_row_stride) + h * p.q_head_stride;
+  const Element* do_ptr = static_cast<const Element*>(p.dout) +
+                          seq_offset<kVarlen>(b, p.do_batch_stride, sc, p.do_row_stride) + h * p.do_head_stride;
+  const float* lse_ptr = p.lse + stats_offset<kVarlen>(p, sc, h, bh);
+  const float* delta_ptr = delta + stats_offset<kVarlen>(p, sc, h, bh);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
@@ -249,12 +281,24 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   acc_to_smem<kBlockN, kHeadDim, Element>(acc_dk, p.scale, sK, tiled_mma, etid);
   acc_to_smem<kBlockN, kHeadDim, Element>(acc_dv, 1.f, sV, tiled_mma, etid);
   __syncthreads();
-  Element* dk_ptr = static_cast<Element*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride +
-                    static_cast<int64_t>(n_block) * kBlockN * p.dk_row_stride;
-  Element* dv_ptr = static_cast<Element*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride +
-                    static_cast<int64_t>(n_block) * kBlockN * p.dv_row_stride;
+  Element* dk_ptr = static_cast<Element*>(p.dk) + seq_offset<kVarlen>(b, p.dk_batch_stride, sc, p.dk_row_stride) +
+                    h * p.dk_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dk_row_stride;
+  Element* dv_ptr = static_cast<Element*>(p.dv) + seq_offset<kVarlen>(b, p.dv_batch_stride, sc, p.dv_row_stride) +
+                    h * p.dv_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dv_row_stride;
   store_tile<kBlockN, kHeadDim, kNThreads>(sK, dk_ptr, p.dk_row_stride, n_valid, head_dim, etid);
   store_tile<kBlockN, kHeadDim, kNThreads>(sV, dv_ptr, p.dv_row_stride, n_valid, head_dim, etid);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dkdv_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+  attention_bwd_dkdv_body<Cfg, false>(p, delta);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dkdv_varlen_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+  attention_bwd_dkdv_body<Cfg, true>(p, delta);
 }
 
 // ------------------------------------------------------------------------------------------------ dQ
@@ -272,9 +316,8 @@ struct BwdDqConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
 
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kNThreads, 1)
-    attention_bwd_dq_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+template <class Cfg, bool kVarlen>
+__device__ __forceinline__ void attention_bwd_dq_body(const AttentionBwdParams& p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
   constexpr int kBlockN = Cfg::kBlockN;
@@ -287,19 +330,27 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   const int64_t h = bh - b * p.heads;
   const int m_block = blockIdx.x;
   const int tid = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q);
-  const int seqlen_k = static_cast<int>(p.seqlen_k);
+  const SeqCoord sc = seq_coord<kVarlen>(p, b);
+  const int seqlen_q = sc.seqlen_q;
+  const int seqlen_k = sc.seqlen_k;
+  if constexpr (kVarlen) {
+    if (m_block * kBlockM >= seqlen_q) return;  // past this sequence's end (uniform over the CTA)
+  }
   const int head_dim = p.head_dim;
-  const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size
+  const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size (packed: the exit above)
   const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;  // 0 when seqlen_k == 0: dQ = 0
   const float scale_log2 = p.scale * kLog2e;
 
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+  const Element* q_ptr = static_cast<const Element*>(p.q) +
+                         seq_offset<kVarlen>(b, p.q_batch_stride, sc, p.q_row_stride) + h * p.q_head_stride +
                          static_cast<int64_t>(m_block) * kBlockM * p.q_row_stride;
-  const Element* do_ptr = static_cast<const Element*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+  const Element* do_ptr = static_cast<const Element*>(p.dout) +
+                          seq_offset<kVarlen>(b, p.do_batch_stride, sc, p.do_row_stride) + h * p.do_head_stride +
                           static_cast<int64_t>(m_block) * kBlockM * p.do_row_stride;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(p.k) +
+                         seq_offset<kVarlen>(b, p.k_batch_stride, sc, p.k_row_stride) + h * p.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(p.v) +
+                         seq_offset<kVarlen>(b, p.v_batch_stride, sc, p.v_row_stride) + h * p.v_head_stride;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
@@ -353,8 +404,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   for (int mi = 0; mi < kRows; ++mi) {
     const int q = m_block * kBlockM + get<0>(tScS_rc(mi, 0));
     const bool ok = q < seqlen_q;
-    lse2[mi] = ok ? p.lse[bh * p.seqlen_q + q] * kLog2e : 0.f;
-    dlt[mi] = ok ? delta[bh * p.seqlen_q + q] : 0.f;
+    lse2[mi] = ok ? p.lse[stats_offset<kVarlen>(p, sc, h, bh) + q] * kLog2e : 0.f;
+    dlt[mi] = ok ? delta[stats_offset<kVarlen>(p, sc, h, bh) + q] : 0.f;
   }
   clear(acc_dq);
 
@@ -417,9 +468,21 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   const int etid = opaque_thread_idx();
   acc_to_smem<kBlockM, kHeadDim, Element>(acc_dq, p.scale, sQ, tiled_mma, etid);
   __syncthreads();
-  Element* dq_ptr = static_cast<Element*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride +
-                    static_cast<int64_t>(m_block) * kBlockM * p.dq_row_stride;
+  Element* dq_ptr = static_cast<Element*>(p.dq) + seq_offset<kVarlen>(b, p.dq_batch_stride, sc, p.dq_row_stride) +
+                    h * p.dq_head_stride + static_cast<int64_t>(m_block) * kBlockM * p.dq_row_stride;
   store_tile<kBlockM, kHeadDim, kNThreads>(sQ, dq_ptr, p.dq_row_stride, m_valid, head_dim, etid);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dq_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+  attention_bwd_dq_body<Cfg, false>(p, delta);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
+    attention_bwd_dq_varlen_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
+  attention_bwd_dq_body<Cfg, true>(p, delta);
 }
 
 // ------------------------------------------------------------------------------------------------ launch
@@ -435,10 +498,26 @@ struct BwdTiles {
   using Dq = BwdDqConfig<Element, kHeadDim, /*kBlockM=*/64, /*kBlockN=*/(kHeadDim <= 96 ? 64 : 32), /*warps=*/4>;
 };
 
-template <typename Element, int kHeadDim>
+// The three entry points of one problem kind (dense or packed); only those kernels are instantiated.
+template <typename Element, class Dkdv, class Dq, bool kVarlen>
+struct BwdKernels {
+  static constexpr auto delta = &attention_bwd_delta_kernel<Element>;
+  static constexpr auto dkdv = &attention_bwd_dkdv_kernel<Dkdv>;
+  static constexpr auto dq = &attention_bwd_dq_kernel<Dq>;
+};
+template <typename Element, class Dkdv, class Dq>
+struct BwdKernels<Element, Dkdv, Dq, true> {
+  static constexpr auto delta = &attention_bwd_delta_varlen_kernel<Element>;
+  static constexpr auto dkdv = &attention_bwd_dkdv_varlen_kernel<Dkdv>;
+  static constexpr auto dq = &attention_bwd_dq_varlen_kernel<Dq>;
+};
+
+// Grids: (row blocks of the longest sequence, B·H); packed, the blocks past a shorter sequence's end exit at once.
+template <typename Element, int kHeadDim, bool kVarlen>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Dkdv = typename BwdTiles<Element, kHeadDim>::Dkdv;
   using Dq = typename BwdTiles<Element, kHeadDim>::Dq;
+  using Kernels = BwdKernels<Element, Dkdv, Dq, kVarlen>;
   const int64_t bh = p.batch * p.heads;
   float* delta = static_cast<float*>(p.workspace);
   cudaError_t err;
@@ -448,7 +527,7 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
     dim3 grid;
     if (!make_attention_grid((p.seqlen_q + kDeltaRowsPerBlock - 1) / kDeltaRowsPerBlock, bh, grid))
       return cudaErrorInvalidConfiguration;
-    attention_bwd_delta_kernel<Element><<<grid, kDeltaThreads, 0, stream>>>(p, delta);
+    Kernels::delta<<<grid, kDeltaThreads, 0, stream>>>(p, delta);
     FASTVIT_RETURN_LAUNCH_ERROR();
   }
   if (p.seqlen_k > 0) {
@@ -456,7 +535,7 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
     dim3 grid;
     if (!make_attention_grid((p.seqlen_k + Dkdv::kBlockN - 1) / Dkdv::kBlockN, bh, grid))
       return cudaErrorInvalidConfiguration;
-    auto kernel = attention_bwd_dkdv_kernel<Dkdv>;
+    auto kernel = Kernels::dkdv;
     if ((err = set_smem_limit(kernel, Dkdv::kSmemBytes)) != cudaSuccess) return err;
     kernel<<<grid, Dkdv::kNThreads, Dkdv::kSmemBytes, stream>>>(p, delta);
     FASTVIT_RETURN_LAUNCH_ERROR();
@@ -466,7 +545,7 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
     dim3 grid;
     if (!make_attention_grid((p.seqlen_q + Dq::kBlockM - 1) / Dq::kBlockM, bh, grid))
       return cudaErrorInvalidConfiguration;
-    auto kernel = attention_bwd_dq_kernel<Dq>;
+    auto kernel = Kernels::dq;
     if ((err = set_smem_limit(kernel, Dq::kSmemBytes)) != cudaSuccess) return err;
     kernel<<<grid, Dq::kNThreads, Dq::kSmemBytes, stream>>>(p, delta);
     FASTVIT_RETURN_LAUNCH_ERROR();
@@ -476,9 +555,9 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
 
 }  // namespace attn
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, bool kVarlen>
 cudaError_t run_attention_bwd_bucket(const AttentionBwdParams& params, cudaStream_t stream) {
-  return attn::launch_attention_bwd<Element, kHeadDim>(params, stream);
+  return attn::launch_attention_bwd<Element, kHeadDim, kVarlen>(params, stream);
 }
 
 }  // namespace fastvit

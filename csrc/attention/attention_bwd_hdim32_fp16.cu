@@ -3,5 +3,5 @@
 #include "attention/attention_bwd.cuh"
 
 namespace fastvit {
-template cudaError_t run_attention_bwd_bucket<cutlass::half_t, 32>(const AttentionBwdParams&, cudaStream_t);
+template cudaError_t run_attention_bwd_bucket<cutlass::half_t, 32, false>(const AttentionBwdParams&, cudaStream_t);
 }  // namespace fastvit

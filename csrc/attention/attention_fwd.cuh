@@ -13,6 +13,14 @@
 // of the next K overlaps the softmax and P·V[j]. Key blocks are visited from the last to the first so that the
 // only partial block (the sequence tail) is handled first; every key block holds at least one valid key, so
 // the running max is finite after the first block (no inf - inf).
+//
+// Packed variable-length sequences (attention.h; FlashAttention's flash_attn_varlen_func) run the same body with
+// kVarlen = true: the CTA's batch coordinate is the sequence, its rows start at token cu_seqlens[s], its length
+// replaces seqlen_q / seqlen_k (the tail tile is masked exactly like the dense N = 197 tail), query blocks past
+// the sequence's end exit at once, and LSE goes to (H, T). One kernel template, attention_fwd_kernel<Cfg, kVarlen>;
+// with kVarlen = false every varlen branch is compiled out. (Not a __device__ body behind two thin __global__
+// entry points, as the backward's kernels are: for the forward that shape made NVVM re-associate the key-mask
+// index arithmetic and cost the dense sm_80 kernel 2 registers, 235 -> 237; as one template it stays at 235.)
 #pragma once
 
 #include "attention/attention_kernel_utils.cuh"
@@ -31,7 +39,7 @@ struct FwdConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_>
   static_assert(kSmemBytes <= 99 * 1024, "forward must fit two CTAs per SM on sm_80");
 };
 
-template <class Cfg>
+template <class Cfg, bool kVarlen>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -45,18 +53,26 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   const int64_t h = bh - b * p.heads;
   const int m_block = blockIdx.x;
   const int tid = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q);
-  const int seqlen_k = static_cast<int>(p.seqlen_k);
+  const SeqCoord sc = seq_coord<kVarlen>(p, b);
+  const int seqlen_q = sc.seqlen_q;
+  const int seqlen_k = sc.seqlen_k;
+  if constexpr (kVarlen) {
+    // The grid covers the longest sequence; this one may end earlier (or be empty). Uniform over the CTA.
+    if (m_block * kBlockM >= seqlen_q) return;
+  }
   const int head_dim = p.head_dim;
-  const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size
-  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;            // >= 1 (seqlen_k >= 1)
+  const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size (packed: the exit above)
+  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;            // >= 1 (seqlen_k >= 1; packed: = seqlen_q)
   const float scale_log2 = p.scale * kLog2e;
 
   // Global tile bases: row 0 of this query block for Q (O: in the epilogue), row 0 of the sequence for K, V.
-  const Element* q_ptr = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+  const Element* q_ptr = static_cast<const Element*>(p.q) +
+                         seq_offset<kVarlen>(b, p.q_batch_stride, sc, p.q_row_stride) + h * p.q_head_stride +
                          static_cast<int64_t>(m_block) * kBlockM * p.q_row_stride;
-  const Element* k_ptr = static_cast<const Element*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(p.k) +
+                         seq_offset<kVarlen>(b, p.k_batch_stride, sc, p.k_row_stride) + h * p.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(p.v) +
+                         seq_offset<kVarlen>(b, p.v_batch_stride, sc, p.v_row_stride) + h * p.v_head_stride;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
@@ -171,7 +187,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   auto ethr_mma = tiled_mma.get_thread_slice(etid);
   Tensor tOcO = ethr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = make_tensor(tOcO.data(), rowcol(tOcO.layout()));
-  float* lse_ptr = p.lse + bh * p.seqlen_q + static_cast<int64_t>(m_block) * kBlockM;
+  float* lse_ptr = p.lse + stats_offset<kVarlen>(p, sc, h, bh) + static_cast<int64_t>(m_block) * kBlockM;
 #pragma unroll
   for (int mi = 0; mi < kRows; ++mi) {
     const float l = quad_sum(row_sum[mi]);  // >= 1: the max element contributes 2^0
@@ -187,17 +203,18 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   Tensor sO = make_tensor(make_smem_ptr(smem), typename Cfg::SmemLayoutQ{});
   acc_to_smem<kBlockM, kHeadDim, Element>(acc_o, 1.f, sO, tiled_mma, etid);
   __syncthreads();
-  Element* o_ptr = static_cast<Element*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-                   static_cast<int64_t>(m_block) * kBlockM * p.o_row_stride;
+  Element* o_ptr = static_cast<Element*>(p.o) + seq_offset<kVarlen>(b, p.o_batch_stride, sc, p.o_row_stride) +
+                   h * p.o_head_stride + static_cast<int64_t>(m_block) * kBlockM * p.o_row_stride;
   store_tile<kBlockM, kHeadDim, kNThreads>(sO, o_ptr, p.o_row_stride, m_valid, head_dim, etid);
 }
 
-template <class Cfg>
+// Grid: (query blocks of the longest sequence, B·H); packed, the blocks past a shorter sequence's end exit at once.
+template <class Cfg, bool kVarlen>
 cudaError_t launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   dim3 grid;
   if (!make_attention_grid(m_blocks, p.batch * p.heads, grid)) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_fwd_kernel<Cfg>;
+  auto kernel = attention_fwd_kernel<Cfg, kVarlen>;
   cudaError_t err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kNThreads, Cfg::kSmemBytes, stream>>>(p);
@@ -223,9 +240,9 @@ struct FwdTiles {
 
 }  // namespace attn
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, bool kVarlen>
 cudaError_t run_attention_fwd_bucket(const AttentionFwdParams& params, cudaStream_t stream) {
-  return attn::launch_attention_fwd<typename attn::FwdTiles<Element, kHeadDim>::Cfg>(params, stream);
+  return attn::launch_attention_fwd<typename attn::FwdTiles<Element, kHeadDim>::Cfg, kVarlen>(params, stream);
 }
 
 }  // namespace fastvit

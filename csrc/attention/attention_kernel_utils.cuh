@@ -148,6 +148,54 @@ __device__ __forceinline__ int64_t attention_bh_index() {
   return static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
 }
 
+// Where the (batch or sequence b, head h) of a CTA lives (attention.h: dense and packed problems).
+//   seqlen_q, seqlen_k : its lengths (dense: the params'; packed: cu_seqlens[b + 1] - cu_seqlens[b], both)
+//   row0               : packed only, the token of its row 0 (cu_seqlens[b]); dense tensors place row 0 with
+//                        their batch stride instead (seq_offset below)
+struct SeqCoord {
+  int64_t row0;
+  int seqlen_q;
+  int seqlen_k;
+};
+
+// kVarlen = false compiles to exactly the dense kernels' index arithmetic (no load, no branch).
+// Packed offsets are clamped into [0, T] (start) and [start, T] (end), so that even malformed offsets (which the
+// Python layer rejects) keep every row inside the tensors.
+template <bool kVarlen, class Params>
+__device__ __forceinline__ SeqCoord seq_coord(const Params& p, int64_t b) {
+  if constexpr (kVarlen) {
+    const int total = static_cast<int>(p.total_tokens);  // < 2^31 - 256, checked by the launcher
+    const int start = min(max(__ldg(p.cu_seqlens + b), 0), total);
+    const int end = min(max(__ldg(p.cu_seqlens + b + 1), start), total);
+    return {start, end - start, end - start};
+  } else {
+    return {0, static_cast<int>(p.seqlen_q), static_cast<int>(p.seqlen_k)};
+  }
+}
+
+// Index of query row 0 of (b, h) in the fp32 row statistics lse / delta: (b·H + h)·seqlen_q (dense, bh = b·H + h) or
+// h·T + cu_seqlens[b] (packed). A function, not a SeqCoord field, so that each kernel computes it where it uses it
+// (the forward's epilogue) instead of keeping 64 bits live across its mainloop.
+template <bool kVarlen, class Params>
+__device__ __forceinline__ int64_t stats_offset(const Params& p, const SeqCoord& sc, int64_t h, int64_t bh) {
+  if constexpr (kVarlen) {
+    return h * p.total_tokens + sc.row0;
+  } else {
+    return bh * p.seqlen_q;
+  }
+}
+
+// Element offset of row 0 of batch / sequence b in a tensor with these strides: b·batch_stride (dense) or
+// row0·row_stride (packed, no batch dim).
+template <bool kVarlen>
+__device__ __forceinline__ int64_t seq_offset(int64_t b, int64_t batch_stride, const SeqCoord& sc, int64_t row_stride) {
+  if constexpr (kVarlen) {
+    return sc.row0 * row_stride;
+  } else {
+    return b * batch_stride;
+  }
+}
+
 // Raise the dynamic shared-memory limit of `kernel` when it needs more than the default 48 KB.
 template <typename Kernel>
 inline cudaError_t set_smem_limit(Kernel kernel, int smem_bytes) {

@@ -61,6 +61,7 @@ BuildInfo build_info() {
   info.attention_head_dim_multiple = kAttentionHeadDimMultiple;
   info.attention_max_head_dim = kAttentionMaxHeadDim;
   info.attention_bwd_smem_bytes = bwd_smem.c_str();
+  info.attention_varlen = 1;
   info.gemm_alignment = kLinearAlignment;
   return info;
 }

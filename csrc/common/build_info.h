@@ -20,6 +20,9 @@ struct BuildInfo {
   // Dynamic shared memory per block of the largest attention backward kernel, per compiled bucket, in bytes, as
   // "bucket:bytes" pairs, e.g. "32:...,64:...,80:...,96:107520,128:104960"; from the kernels' tile configs.
   const char* attention_bwd_smem_bytes;
+  // 1: the attention kernels take packed variable-length sequences (cu_seqlens; the attention_varlen_* and
+  // sdpa_varlen_* ops exist). Builds from before that have no such key; Python enables varlen only when it is 1.
+  int attention_varlen;
   // Elements: GEMM (linear) in / out features and the patch embedding's embed dim must be multiples of this (the
   // kernels' 128-bit accesses of 16-bit elements).
   int gemm_alignment;

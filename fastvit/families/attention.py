@@ -26,7 +26,17 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
   convention); ``max_seqlen`` bounds every length and sizes the grid.
 
 * CUDA -- fakes of the same schemas with a ``_cuda`` suffix (defined in ``csrc/``), dispatch entries, and the
-  capability checks read from the build (head-dim buckets, the backward's shared memory).
+  capability checks read from the build (head-dim buckets, the backward's shared memory, packed sequences). Packed
+  variable-length sequences (``cu_seqlens``, FlashAttention's ``flash_attn_varlen_func`` layout) have their own ops,
+  enabled only for a build that reports ``attention_varlen``:
+
+  ====================================  ===============================================================================
+  ``attention_varlen_fwd_cuda``         (qkv (T,3C), cu_seqlens int32 (S+1,), max_seqlen, num_heads, scale)
+                                        -> (o (T,C), lse (H,T) fp32)
+  ``attention_varlen_bwd_cuda``         (do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv (T,3C)
+  ``sdpa_varlen_fwd_cuda``              (q, k, v (T,H,D), cu_seqlens, max_seqlen, scale) -> (o (T,H,D), lse (H,T))
+  ``sdpa_varlen_bwd_cuda``              (do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)
+  ====================================  ===============================================================================
 """
 
 from __future__ import annotations
@@ -506,6 +516,89 @@ if _k is not None:
 
 
 # ============================================================================================ cuda
+def _cuda_attention_varlen_autograd(bwd: str):
+    """Autograd of ``attention_varlen_fwd{,_cuda}`` (qkv, cu_seqlens, max_seqlen, num_heads, scale) -> (o, lse),
+    differentiated by ``bwd`` (do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv; the offsets and
+    the ints get no gradient. Serves the Triton op too when the Triton section does not define its own."""
+
+    def setup(ctx, inputs, output):
+        qkv, cu_seqlens, max_seqlen, num_heads, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(qkv, cu_seqlens, o, lse)
+        ctx.max_seqlen, ctx.num_heads, ctx.scale = max_seqlen, num_heads, scale
+
+    def backward(ctx, do, dlse):
+        qkv, cu_seqlens, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dqkv = op(bwd)(do, qkv, cu_seqlens, ctx.max_seqlen, o, lse, ctx.num_heads, ctx.scale)
+        return dqkv, None, None, None, None
+
+    return setup, backward
+
+
+def _cuda_sdpa_varlen_autograd(bwd: str):
+    """Autograd of ``sdpa_varlen_fwd{,_cuda}`` (q, k, v, cu_seqlens, max_seqlen, scale) -> (o, lse), differentiated
+    by ``bwd`` (do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)."""
+
+    def setup(ctx, inputs, output):
+        q, k, v, cu_seqlens, max_seqlen, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, cu_seqlens, o, lse)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+    def backward(ctx, do, dlse):
+        q, k, v, cu_seqlens, o, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = op(bwd)(do, q, k, v, cu_seqlens, ctx.max_seqlen, o, lse, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    return setup, backward
+
+
+# One builder per varlen op serves both backends (same argument order). The Triton section may define them first
+# (``_attention_varlen_autograd`` / ``_sdpa_varlen_autograd``); these are the fallback until then.
+_attention_varlen_autograd = globals().get("_attention_varlen_autograd", _cuda_attention_varlen_autograd)
+_sdpa_varlen_autograd = globals().get("_sdpa_varlen_autograd", _cuda_sdpa_varlen_autograd)
+
+
+def cuda_has_varlen(info: dict) -> bool:
+    """Whether the loaded build has the packed variable-length attention ops (``build_info()['attention_varlen']``;
+    a build from before them has no such key)."""
+    return bool(int(info.get("attention_varlen", 0) or 0))
+
+
+def attention_varlen_fwd_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+    """Fake of ``attention_varlen_fwd_cuda``: qkv (T, 3C) -> (o (T, C) in qkv's dtype, lse (H, T) fp32)."""
+    T, C3 = qkv.shape
+    return qkv.new_empty((T, C3 // 3)), qkv.new_empty((num_heads, T), dtype=torch.float32)
+
+
+def attention_varlen_bwd_fake(dout, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale):
+    """Fake of ``attention_varlen_bwd_cuda``: dqkv like qkv (T, 3C)."""
+    return qkv.new_empty(qkv.shape)
+
+
+def sdpa_varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+    """Fake of ``sdpa_varlen_fwd_cuda``: q (T, H, D) -> (o (T, H, D), lse (H, T) fp32)."""
+    T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+
+
+def sdpa_varlen_bwd_fake(dout, q, k, v, cu_seqlens, max_seqlen, o, lse, scale):
+    """Fake of ``sdpa_varlen_bwd_cuda``: (dq, dk, dv) like q, k, v (T, H, D)."""
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+def _register_cuda_varlen_fakes() -> None:
+    fake = torch.library.register_fake
+    fake("fastvit::attention_varlen_fwd_cuda")(attention_varlen_fwd_fake)
+    fake("fastvit::attention_varlen_bwd_cuda")(attention_varlen_bwd_fake)
+    fake("fastvit::sdpa_varlen_fwd_cuda")(sdpa_varlen_fwd_fake)
+    fake("fastvit::sdpa_varlen_bwd_cuda")(sdpa_varlen_bwd_fake)
+
+
 def _register_cuda_fakes() -> None:
     fake = torch.library.register_fake
 
@@ -527,16 +620,31 @@ def _register_cuda_fakes() -> None:
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
 
 
-def attention_cuda(qkv, num_heads, *, scale=None, dropout_p=0.0):
-    """CUDA backend of :func:`fastvit.ops.attention` (FlashAttention-2 on packed qkv, fp16 / bf16, no dropout)."""
-    _no_dropout("cuda", dropout_p)
-    return torch.ops.fastvit.attention_fwd_cuda(qkv, num_heads, _scale(qkv.shape[-1] // (3 * num_heads), scale))[0]
+def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
+    # fastvit.ops always passes it; a direct caller may not (one host sync, as fastvit.ops's own checks).
+    return int(cu_seqlens.diff().max()) if max_seqlen is None else max_seqlen
 
 
-def sdpa_cuda(q, k, v, *, scale=None, dropout_p=0.0):
-    """CUDA backend of :func:`fastvit.ops.scaled_dot_product_attention` (fp16 / bf16, no dropout)."""
+def attention_cuda(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """CUDA backend of :func:`fastvit.ops.attention` (FlashAttention-2 on packed qkv, fp16 / bf16, no dropout); with
+    ``cu_seqlens``, qkv (T, 3C) holds packed sequences (Dao 2023, as ``flash_attn_varlen_qkvpacked_func``)."""
     _no_dropout("cuda", dropout_p)
-    return torch.ops.fastvit.sdpa_fwd_cuda(q, k, v, _scale(q.shape[-1], scale))[0]
+    scale = _scale(qkv.shape[-1] // (3 * num_heads), scale)
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        return torch.ops.fastvit.attention_varlen_fwd_cuda(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
+    return torch.ops.fastvit.attention_fwd_cuda(qkv, num_heads, scale)[0]
+
+
+def sdpa_cuda(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+    """CUDA backend of :func:`fastvit.ops.scaled_dot_product_attention` (fp16 / bf16, no dropout); with
+    ``cu_seqlens``, q, k, v (T, H, D) hold packed sequences (as ``flash_attn_varlen_func``)."""
+    _no_dropout("cuda", dropout_p)
+    scale = _scale(q.shape[-1], scale)
+    if cu_seqlens is not None:
+        max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
+        return torch.ops.fastvit.sdpa_varlen_fwd_cuda(q, k, v, cu_seqlens, max_seqlen, scale)[0]
+    return torch.ops.fastvit.sdpa_fwd_cuda(q, k, v, scale)[0]
 
 
 def cuda_check_for(info: dict):
@@ -562,10 +670,10 @@ def cuda_check_for(info: dict):
     return check
 
 
-def _register_cuda(info: dict) -> None:
-    _register_cuda_fakes()
-    attach("attention", _attention_autograd, "_cuda")
-    attach("sdpa", _sdpa_autograd, "_cuda")
+def cuda_caps_for(info: dict) -> Capabilities:
+    """The cuda backend's :class:`~fastvit.backends.Capabilities` for a build: its dtypes and compiled head-dim
+    buckets, and ``varlen`` (packed ``cu_seqlens`` calls) only when the build has the varlen ops
+    (:func:`cuda_has_varlen`)."""
     compiled = set(cuda_rt.compiled_head_dim_buckets(info))
     step = int(info["attention_head_dim_multiple"])
     head_dims = frozenset(
@@ -573,13 +681,25 @@ def _register_cuda(info: dict) -> None:
         for d in range(step, int(info["attention_max_head_dim"]) + 1, step)
         if cuda_rt.head_dim_bucket(d, info) in compiled
     )
-    caps = Capabilities(
+    return Capabilities(
         devices=cuda_rt.DEVICES,
         dtypes=cuda_rt.half_dtypes(info),
         head_dims=head_dims,
         min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
         dropout=False,
+        varlen=cuda_has_varlen(info),
     )
+
+
+def _register_cuda(info: dict) -> None:
+    _register_cuda_fakes()
+    attach("attention", _attention_autograd, "_cuda")
+    attach("sdpa", _sdpa_autograd, "_cuda")
+    if cuda_has_varlen(info):  # an older build has no such schemas: nothing to register, and no varlen dispatch
+        _register_cuda_varlen_fakes()
+        attach("attention_varlen", _attention_varlen_autograd, "_cuda")
+        attach("sdpa_varlen", _sdpa_varlen_autograd, "_cuda")
+    caps = cuda_caps_for(info)
     check = cuda_check_for(info)
     register_kernel("cuda", "attention", attention_cuda, caps, check, check_depends_on_call_only=True)
     register_kernel("cuda", "scaled_dot_product_attention", sdpa_cuda, caps, check, check_depends_on_call_only=True)

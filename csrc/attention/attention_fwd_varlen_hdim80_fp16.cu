@@ -1,0 +1,7 @@
+// Instantiation of the attention fwd launcher for packed variable-length sequences (cu_seqlens), head-dim
+// bucket 80, fp16 (its own TU, next to the dense attention_fwd_hdim80_fp16.cu; see attention_launch.cuh).
+#include "attention/attention_fwd.cuh"
+
+namespace fastvit {
+template cudaError_t run_attention_fwd_bucket<cutlass::half_t, 80, true>(const AttentionFwdParams&, cudaStream_t);
+}  // namespace fastvit
