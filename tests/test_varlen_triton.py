@@ -245,12 +245,12 @@ def test_varlen_op_fake_shapes(device):
         o, lse = torch.ops.fastvit.attention_varlen_fwd(qkv, cu, 197, 12, 0.125)
         assert o.shape == (300, 768) and o.dtype == torch.bfloat16
         assert lse.shape == (12, 300) and lse.dtype == torch.float32
-        dqkv = torch.ops.fastvit.attention_varlen_bwd(o, qkv, o, lse, cu, 197, 12, 0.125)
+        dqkv = torch.ops.fastvit.attention_varlen_bwd(o, qkv, cu, 197, o, lse, 12, 0.125)
         assert dqkv.shape == qkv.shape and dqkv.dtype == qkv.dtype
         q = torch.empty(300, 3, 80, dtype=torch.float16, device=device)
         o, lse = torch.ops.fastvit.sdpa_varlen_fwd(q, q, q, cu, 197, 0.1)
         assert o.shape == q.shape and lse.shape == (3, 300)
-        dq, dk, dv = torch.ops.fastvit.sdpa_varlen_bwd(o, q, q, q, o, lse, cu, 197, 0.1)
+        dq, dk, dv = torch.ops.fastvit.sdpa_varlen_bwd(o, q, q, q, cu, 197, o, lse, 0.1)
         assert dq.shape == dk.shape == dv.shape == q.shape
 
 

@@ -16,9 +16,9 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
   ``fastvit::sdpa_bwd``              (do, q, k, v, o, lse, scale) -> (dq, dk, dv)
   ``fastvit::attention_varlen_fwd``  (qkv (T,3C), cu_seqlens (S+1,) int32, max_seqlen, num_heads, scale) ->
                                      (o (T,C), lse (H,T) fp32)
-  ``fastvit::attention_varlen_bwd``  (do, qkv, o, lse, cu_seqlens, max_seqlen, num_heads, scale) -> dqkv (T,3C)
+  ``fastvit::attention_varlen_bwd``  (do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv (T,3C)
   ``fastvit::sdpa_varlen_fwd``       (q, k, v (T,H,D), cu_seqlens, max_seqlen, scale) -> (o (T,H,D), lse (H,T) fp32)
-  ``fastvit::sdpa_varlen_bwd``       (do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale) -> (dq, dk, dv)
+  ``fastvit::sdpa_varlen_bwd``       (do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)
   =================================  ===============================================================================
 
   The ``_varlen`` ops take S sequences packed along the first dim (sequence ``s`` is rows
@@ -121,11 +121,12 @@ def autocast_rule(amp: torch.dtype, *tensors):
 
 
 # ============================================================================================ autograd
-def _flash_autograd(bwd: str, n_diff: int):
+def _flash_autograd(bwd: str, n_diff: int, n_lead: int = 0):
     """``(setup_context, backward)`` of a FlashAttention-style op pair: the forward takes ``n_diff`` differentiable
     tensors then any further arguments ``*args`` (tensors such as ``cu_seqlens`` or plain values) and returns
-    ``(o, lse)``; the backward op is ``bwd(do, *inputs, o, lse, *args) -> gradients of the inputs``. Tensors among
-    ``args`` are saved with ``save_for_backward``, plain values on ``ctx``."""
+    ``(o, lse)``; the backward op is ``bwd(do, *inputs, *args[:n_lead], o, lse, *args[n_lead:]) -> gradients of the
+    inputs`` (the packed ops lead with ``cu_seqlens, max_seqlen``, as the forward does). Tensors among ``args`` are
+    saved with ``save_for_backward``, plain values on ``ctx``."""
 
     def setup(ctx, inputs, output):
         args = inputs[n_diff:]
@@ -140,22 +141,32 @@ def _flash_autograd(bwd: str, n_diff: int):
         args = [next(tensors) if t else a for a, t in zip(ctx.values, ctx.is_tensor)]
         if do is None:
             do = torch.zeros_like(o)
-        grads = op(bwd)(do, *inputs, o, lse, *args)
+        grads = op(bwd)(do, *inputs, *args[:n_lead], o, lse, *args[n_lead:])
         return (*(grads if n_diff > 1 else (grads,)), *(None for _ in args))
 
     return setup, backward
 
 
 def _attention_autograd(bwd: str):
-    """Autograd of ``attention_fwd(qkv, *args)`` / ``attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, *args)``:
-    ``bwd(do, qkv, o, lse, *args) -> dqkv``."""
+    """Autograd of ``attention_fwd(qkv, num_heads, scale)``: ``bwd(do, qkv, o, lse, num_heads, scale) -> dqkv``."""
     return _flash_autograd(bwd, 1)
 
 
 def _sdpa_autograd(bwd: str):
-    """Autograd of ``sdpa_fwd(q, k, v, *args)`` / ``sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)``:
-    ``bwd(do, q, k, v, o, lse, *args) -> (dq, dk, dv)``."""
+    """Autograd of ``sdpa_fwd(q, k, v, scale)``: ``bwd(do, q, k, v, o, lse, scale) -> (dq, dk, dv)``."""
     return _flash_autograd(bwd, 3)
+
+
+def _attention_varlen_autograd(bwd: str):
+    """Autograd of ``attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)``:
+    ``bwd(do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv`` (Triton's and the CUDA op's)."""
+    return _flash_autograd(bwd, 1, 2)
+
+
+def _sdpa_varlen_autograd(bwd: str):
+    """Autograd of ``sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)``:
+    ``bwd(do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)``."""
+    return _flash_autograd(bwd, 3, 2)
 
 
 # ============================================================================================ triton
@@ -382,10 +393,10 @@ def _define_triton_ops() -> None:
     def attention_varlen_bwd(
         do: Tensor,
         qkv: Tensor,
-        o: Tensor,
-        lse: Tensor,
         cu_seqlens: Tensor,
         max_seqlen: int,
+        o: Tensor,
+        lse: Tensor,
         num_heads: int,
         scale: float,
     ) -> Tensor:
@@ -421,10 +432,10 @@ def _define_triton_ops() -> None:
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        o: Tensor,
-        lse: Tensor,
         cu_seqlens: Tensor,
         max_seqlen: int,
+        o: Tensor,
+        lse: Tensor,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, do = (_thd_operand(t, max_seqlen) for t in (q, k, v, do))
@@ -439,8 +450,8 @@ def _define_triton_ops() -> None:
 
     attach("attention", _attention_autograd)
     attach("sdpa", _sdpa_autograd)
-    attach("attention_varlen", _attention_autograd)
-    attach("sdpa_varlen", _sdpa_autograd)
+    attach("attention_varlen", _attention_varlen_autograd)
+    attach("sdpa_varlen", _sdpa_varlen_autograd)
 
 
 def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
@@ -516,53 +527,6 @@ if _k is not None:
 
 
 # ============================================================================================ cuda
-def _cuda_attention_varlen_autograd(bwd: str):
-    """Autograd of ``attention_varlen_fwd{,_cuda}`` (qkv, cu_seqlens, max_seqlen, num_heads, scale) -> (o, lse),
-    differentiated by ``bwd`` (do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv; the offsets and
-    the ints get no gradient. Serves the Triton op too when the Triton section does not define its own."""
-
-    def setup(ctx, inputs, output):
-        qkv, cu_seqlens, max_seqlen, num_heads, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(qkv, cu_seqlens, o, lse)
-        ctx.max_seqlen, ctx.num_heads, ctx.scale = max_seqlen, num_heads, scale
-
-    def backward(ctx, do, dlse):
-        qkv, cu_seqlens, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dqkv = op(bwd)(do, qkv, cu_seqlens, ctx.max_seqlen, o, lse, ctx.num_heads, ctx.scale)
-        return dqkv, None, None, None, None
-
-    return setup, backward
-
-
-def _cuda_sdpa_varlen_autograd(bwd: str):
-    """Autograd of ``sdpa_varlen_fwd{,_cuda}`` (q, k, v, cu_seqlens, max_seqlen, scale) -> (o, lse), differentiated
-    by ``bwd`` (do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)."""
-
-    def setup(ctx, inputs, output):
-        q, k, v, cu_seqlens, max_seqlen, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, cu_seqlens, o, lse)
-        ctx.max_seqlen, ctx.scale = max_seqlen, scale
-
-    def backward(ctx, do, dlse):
-        q, k, v, cu_seqlens, o, lse = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = op(bwd)(do, q, k, v, cu_seqlens, ctx.max_seqlen, o, lse, ctx.scale)
-        return dq, dk, dv, None, None, None
-
-    return setup, backward
-
-
-# One builder per varlen op serves both backends (same argument order). The Triton section may define them first
-# (``_attention_varlen_autograd`` / ``_sdpa_varlen_autograd``); these are the fallback until then.
-_attention_varlen_autograd = globals().get("_attention_varlen_autograd", _cuda_attention_varlen_autograd)
-_sdpa_varlen_autograd = globals().get("_sdpa_varlen_autograd", _cuda_sdpa_varlen_autograd)
-
-
 def cuda_has_varlen(info: dict) -> bool:
     """Whether the loaded build has the packed variable-length attention ops (``build_info()['attention_varlen']``;
     a build from before them has no such key)."""
