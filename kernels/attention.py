@@ -214,6 +214,29 @@ def _varlen_seq(CU_SEQLENS, off_s, off_h):
     return start, (end - start).to(tl.int32), off_h * total + start
 
 
+@triton.jit
+def _sequence(CU_SEQLENS, off_b, off_h, H, N_Q, VARLEN: tl.constexpr):
+    """``(tok, n, row)`` of program row ``off_b``: with ``VARLEN`` the packed sequence ``off_b`` (its first token, its
+    length, the first (H, T) statistics row of head ``off_h``, :func:`_varlen_seq`); else batch ``off_b`` of a dense
+    batch (``tok`` unused, ``n = N_Q``, the row of its (B, H, N) statistics)."""
+    if VARLEN:
+        tok, n, row = _varlen_seq(CU_SEQLENS, off_b, off_h)
+    else:
+        tok, n, row = 0, N_Q, (off_b * H + off_h) * N_Q
+    return tok, n, row
+
+
+@triton.jit
+def _head_base(P, off_b, off_h, tok, stride_b, stride_h, stride_n, VARLEN: tl.constexpr):
+    """Where head ``off_h`` of a sequence starts in ``P``: at token ``tok`` of the packed rows (``VARLEN``), else in
+    batch ``off_b``."""
+    if VARLEN:
+        base = P + tok * stride_n + off_h * stride_h
+    else:
+        base = P + off_b * stride_b + off_h * stride_h
+    return base
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_body(
@@ -249,23 +272,17 @@ def _attn_fwd_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    if VARLEN:  # off_b is the sequence; its rows start at token `tok`
-        tok, n_q, lse_row = _varlen_seq(CU_SEQLENS, off_b, off_h)
+    tok, n_q, lse_row = _sequence(CU_SEQLENS, off_b, off_h, H, N_Q, VARLEN)  # with VARLEN off_b is the sequence
+    if VARLEN:
         if pid_m * BLOCK_M >= n_q:
             return
         n_kv = n_q
-        q_base = Q + tok * stride_qn + off_h * stride_qh
-        k_base = K + tok * stride_kn + off_h * stride_kh
-        v_base = V + tok * stride_vn + off_h * stride_vh
-        o_base = O + tok * stride_on + off_h * stride_oh
     else:
-        n_q = N_Q
         n_kv = N_KV
-        lse_row = (off_b * H + off_h) * N_Q
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
-        o_base = O + off_b * stride_ob + off_h * stride_oh
+    q_base = _head_base(Q, off_b, off_h, tok, stride_qb, stride_qh, stride_qn, VARLEN)
+    k_base = _head_base(K, off_b, off_h, tok, stride_kb, stride_kh, stride_kn, VARLEN)
+    v_base = _head_base(V, off_b, off_h, tok, stride_vb, stride_vh, stride_vn, VARLEN)
+    o_base = _head_base(O, off_b, off_h, tok, stride_ob, stride_oh, stride_on, VARLEN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -332,17 +349,12 @@ def _attn_bwd_preprocess(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    tok, n_q, row = _sequence(CU_SEQLENS, off_b, off_h, H, N_Q, VARLEN)
     if VARLEN:
-        tok, n_q, row = _varlen_seq(CU_SEQLENS, off_b, off_h)
         if pid_m * BLOCK_M >= n_q:
             return
-        o_base = O + tok * stride_on + off_h * stride_oh
-        do_base = DO + tok * stride_don + off_h * stride_doh
-    else:
-        n_q = N_Q
-        row = (off_b * H + off_h) * N_Q
-        o_base = O + off_b * stride_ob + off_h * stride_oh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
+    o_base = _head_base(O, off_b, off_h, tok, stride_ob, stride_oh, stride_on, VARLEN)
+    do_base = _head_base(DO, off_b, off_h, tok, stride_dob, stride_doh, stride_don, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -397,27 +409,19 @@ def _attn_bwd_dkdv_body(
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    tok, n_q, row_base = _sequence(CU_SEQLENS, off_b, off_h, H, N_Q, VARLEN)
     if VARLEN:
-        tok, n_q, row_base = _varlen_seq(CU_SEQLENS, off_b, off_h)
         if pid_n * BLOCK_N >= n_q:
             return
         n_kv = n_q
-        q_base = Q + tok * stride_qn + off_h * stride_qh
-        k_base = K + tok * stride_kn + off_h * stride_kh
-        v_base = V + tok * stride_vn + off_h * stride_vh
-        do_base = DO + tok * stride_don + off_h * stride_doh
-        dk_base = DK + tok * stride_dkn + off_h * stride_dkh
-        dv_base = DV + tok * stride_dvn + off_h * stride_dvh
     else:
-        n_q = N_Q
         n_kv = N_KV
-        row_base = (off_b * H + off_h) * N_Q
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
-        dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    q_base = _head_base(Q, off_b, off_h, tok, stride_qb, stride_qh, stride_qn, VARLEN)
+    k_base = _head_base(K, off_b, off_h, tok, stride_kb, stride_kh, stride_kn, VARLEN)
+    v_base = _head_base(V, off_b, off_h, tok, stride_vb, stride_vh, stride_vn, VARLEN)
+    do_base = _head_base(DO, off_b, off_h, tok, stride_dob, stride_doh, stride_don, VARLEN)
+    dk_base = _head_base(DK, off_b, off_h, tok, stride_dkb, stride_dkh, stride_dkn, VARLEN)
+    dv_base = _head_base(DV, off_b, off_h, tok, stride_dvb, stride_dvh, stride_dvn, VARLEN)
     qk_scale = sm_scale * 1.4426950408889634
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -497,25 +501,18 @@ def _attn_bwd_dq_body(
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    tok, n_q, row_base = _sequence(CU_SEQLENS, off_b, off_h, H, N_Q, VARLEN)
     if VARLEN:
-        tok, n_q, row_base = _varlen_seq(CU_SEQLENS, off_b, off_h)
         if pid_m * BLOCK_M >= n_q:
             return
         n_kv = n_q
-        q_base = Q + tok * stride_qn + off_h * stride_qh
-        k_base = K + tok * stride_kn + off_h * stride_kh
-        v_base = V + tok * stride_vn + off_h * stride_vh
-        do_base = DO + tok * stride_don + off_h * stride_doh
-        dq_base = DQ + tok * stride_dqn + off_h * stride_dqh
     else:
-        n_q = N_Q
         n_kv = N_KV
-        row_base = (off_b * H + off_h) * N_Q
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    q_base = _head_base(Q, off_b, off_h, tok, stride_qb, stride_qh, stride_qn, VARLEN)
+    k_base = _head_base(K, off_b, off_h, tok, stride_kb, stride_kh, stride_kn, VARLEN)
+    v_base = _head_base(V, off_b, off_h, tok, stride_vb, stride_vh, stride_vn, VARLEN)
+    do_base = _head_base(DO, off_b, off_h, tok, stride_dob, stride_doh, stride_don, VARLEN)
+    dq_base = _head_base(DQ, off_b, off_h, tok, stride_dqb, stride_dqh, stride_dqn, VARLEN)
     qk_scale = sm_scale * 1.4426950408889634
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
