@@ -364,7 +364,8 @@ def _prepare_attention(
     dropout_p: float = 0.0,
 ) -> tuple:
     packed = cu_seqlens is not None
-    _packed_dim("qkv", qkv, 2, packed, "(T, 3·C)")
+    if packed:
+        _packed_dim("qkv", qkv, 2, packed, "(T, 3·C)")
     _tensor("qkv", qkv, 2 if packed else 3)
     amp = _amp(qkv)
     if amp is not None:

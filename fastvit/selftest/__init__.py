@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -63,6 +62,7 @@ import torch
 
 from fastvit import backends, ops, reference, testing
 from fastvit.backends import OPS, PRIORITY, get_backend
+from fastvit.nn.packed import cu_seqlens_from_lengths
 from fastvit.runtime import cache_root
 
 __all__ = [
@@ -217,13 +217,9 @@ def _attention(N: int, H: int, D: int):
     return make
 
 
-def _cu_seqlens(lengths: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-
-
 def _attention_packed(lengths: tuple[int, ...], H: int, D: int):
     def make(g):
-        specs = {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": _cu_seqlens(lengths)}
+        specs = {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": cu_seqlens_from_lengths(lengths)}
         return specs, ["qkv"]
 
     return make
@@ -232,7 +228,7 @@ def _attention_packed(lengths: tuple[int, ...], H: int, D: int):
 def _sdpa_packed(lengths: tuple[int, ...], H: int, D: int):
     def make(g):
         T = sum(lengths)
-        specs = {"q": (T, H, D), "k": (T, H, D), "v": (T, H, D), "cu_seqlens": _cu_seqlens(lengths)}
+        specs = {"q": (T, H, D), "k": (T, H, D), "v": (T, H, D), "cu_seqlens": cu_seqlens_from_lengths(lengths)}
         return specs, ["q", "k", "v"]
 
     return make
