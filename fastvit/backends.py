@@ -486,6 +486,31 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+_is_compiling = torch.compiler.is_compiling  # bound once: select runs in every op call
+
+
+def _select_fn(op: str, call: Call | tuple, backend: str | None = None) -> Callable[..., Any]:
+    """``select(op, call, backend)[1]``, the way :mod:`fastvit.ops` calls it on every op.
+
+    ``call`` is a :class:`Call`, or the plain tuple of its fields that an op's fast path builds (see
+    ``fastvit.ops._FAST_MISS``): a tuple equals the :class:`Call` of the same fields and has its hash, so it finds the
+    same cached decision without a :class:`Call` being built. A plain tuple also stands for "not traced by Dynamo"
+    (the fast path runs only then), so it skips that test; a cache miss builds the :class:`Call` and asks
+    :func:`select`. Raises what :func:`select` raises.
+    """
+    if type(call) is tuple:
+        explicit = backend
+        if explicit is None:
+            explicit = _forced.get()
+            if explicit is _UNSET:
+                explicit = None if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA else _env_backend()
+        hit = _CACHE.get((op, explicit, call))
+        if hit is not None:
+            return hit[1]
+        call = tuple.__new__(Call, call)
+    return select(op, call, backend)[1]
+
+
 def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Callable[..., Any]]:
     """Pick the implementation of ``op`` for ``call``.
 
@@ -510,7 +535,7 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
         explicit = _forced.get()
         if explicit is _UNSET:
             explicit = _env_backend()
-    if torch.compiler.is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on, no wrapper
+    if _is_compiling():  # traced (and constant-folded) by Dynamo: no cache to guard on, no wrapper
         return _decide(op, call, explicit)
     key = (op, explicit, call)
     hit = _CACHE.get(key)

@@ -20,7 +20,7 @@ from fastvit import (
     families,  # registers every op family with every backend; holds their autocast rules
     reference,
 )
-from fastvit.backends import Call, select
+from fastvit.backends import Call, _select_fn
 
 __all__ = [
     "attention",
@@ -141,13 +141,24 @@ def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return any(t is not None and t.dtype is not ref.dtype for t in others)
 
 
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+# Whether autocast is on for any device type, in one C call (a torch without it: assume it may be, and ask per device).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+_is_compiling = torch.compiler.is_compiling
+
+# Fast paths. Each op's prepare step first tries the common call -- autocast off, not tracing, every operand a tensor of
+# the main input's dtype and device with the expected shape -- as straight-line attribute reads and comparisons (a
+# Python function call costs as much as several of them), and returns at once when it holds. Anything else (a missing
+# optional operand counts as uncommon only where noted) runs the full checks after it, which accept exactly the same
+# valid calls and raise with the argument's name otherwise; an exception inside a fast path (e.g. an attribute read
+# on a non-tensor) only sends the call there. The fast path's conditions are a subset of the full checks', so it
+# accepts nothing they reject; tests/test_ops.py runs the bad-input cases through both.
+_FAST_MISS = (AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError)
 
 
 def _amp(t: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype for ``t``'s device type, or ``None`` when autocast is off there (or for a device type
     autocast does not know, e.g. meta)."""
-    if _any_autocast is not None and not _any_autocast() and not torch.compiler.is_compiling():
+    if not _any_autocast() and not _is_compiling():
         return None  # the common case, in one C call (Dynamo reads autocast state through the public API below)
     device_type = t.device.type
     if device_type == "meta":  # autocast has no meta dispatch key (asking raises, also while Dynamo traces)
@@ -171,6 +182,51 @@ def _prepare_patch_embed(
     reg_tokens: torch.Tensor | None = None,
     ids_keep: torch.Tensor | None = None,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS); no reg_tokens, ids_keep int64 and made by random_masking
+        if reg_tokens is None and not _any_autocast() and not _is_compiling():
+            dtype, device = images.dtype, images.device
+            B, C, Hi, Wi = images.shape
+            E, Cw, Ph, Pw = weight.shape
+            Np = (Hi // Ph) * (Wi // Pw)
+            if (
+                isinstance(images, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and weight.dtype is dtype
+                and weight.device == device
+                and Cw == C
+                and not (Hi % Ph or Wi % Pw)
+                and (bias is None or (bias.dtype is dtype and bias.device == device and bias.shape == (E,)))
+                and (
+                    cls_token is None
+                    or (cls_token.dtype is dtype and cls_token.device == device and cls_token.shape == (1, 1, E))
+                )
+                and (
+                    pos_embed is None
+                    or (
+                        pos_embed.dtype is dtype
+                        and pos_embed.device == device
+                        and (
+                            pos_embed.shape == (1, Np, E)
+                            or (cls_token is not None and pos_embed.shape == (1, Np + 1, E))
+                        )
+                    )
+                )
+                and (
+                    ids_keep is None
+                    or (
+                        ids_keep.dtype is torch.int64
+                        and ids_keep.device == device
+                        and ids_keep.dim() == 2
+                        and ids_keep.shape[0] == B
+                        and ids_keep.shape[1] <= Np
+                        and _vouched(ids_keep, Np)
+                    )
+                )
+            ):
+                call = (device, dtype, None, 0.0, None, None, None, None, None, None, E, None, False, False)
+                return call, images, weight, bias, pos_embed, cls_token, None, ids_keep
+    except _FAST_MISS:
+        pass
     _tensor("images", images, 4)
     amp = _amp(images)
     if amp is not None:
@@ -277,7 +333,7 @@ def patch_embed(
     call, images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = _prepare_patch_embed(
         images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
     )
-    return select("patch_embed", call, backend)[1](
+    return _select_fn("patch_embed", call, backend)(
         images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
     )
 
@@ -363,6 +419,23 @@ def _prepare_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS); dense, no dropout
+        if (
+            cu_seqlens is None
+            and max_seqlen is None
+            and dropout_p == 0.0
+            and type(num_heads) is int
+            and num_heads > 0
+            and not _any_autocast()
+            and not _is_compiling()
+        ):
+            dtype = qkv.dtype
+            B, N, C3 = qkv.shape
+            if isinstance(qkv, torch.Tensor) and dtype in _FLOAT_SET and C3 and not C3 % (3 * num_heads):
+                call = (qkv.device, dtype, C3 // (3 * num_heads), dropout_p, B, N, N) + _NO_FEATURES + (False, False)
+                return call, qkv
+    except _FAST_MISS:
+        pass
     packed = cu_seqlens is not None
     if packed:
         _packed_dim("qkv", qkv, 2, packed, "(T, 3·C)")
@@ -442,7 +515,7 @@ def attention(
     call, qkv = _prepare_attention(
         qkv, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
     )
-    fn = select("attention", call, backend)[1]
+    fn = _select_fn("attention", call, backend)
     if cu_seqlens is None:
         return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
     return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
@@ -458,6 +531,37 @@ def _prepare_scaled_dot_product_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS); dense, no dropout, last dims contiguous
+        if (
+            cu_seqlens is None
+            and max_seqlen is None
+            and dropout_p == 0.0
+            and not _any_autocast()
+            and not _is_compiling()
+        ):
+            dtype, device = q.dtype, q.device
+            B, H, Nq, D = q.shape
+            ks = k.shape
+            Bk, Hk, Nk, Dk = ks
+            if (
+                isinstance(q, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and k.dtype is dtype
+                and v.dtype is dtype
+                and k.device == device
+                and v.device == device
+                and Bk == B
+                and Hk == H
+                and Dk == D
+                and v.shape == ks
+                and q.stride()[-1] == 1
+                and k.stride()[-1] == 1
+                and v.stride()[-1] == 1
+            ):
+                call = (device, dtype, D, dropout_p, B, Nq, Nk) + _NO_FEATURES + (False, False)
+                return call, q, k, v
+    except _FAST_MISS:
+        pass
     packed = cu_seqlens is not None
     ndim = 3 if packed else 4
     if packed:
@@ -537,7 +641,7 @@ def scaled_dot_product_attention(
     call, q, k, v = _prepare_scaled_dot_product_attention(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
     )
-    fn = select("scaled_dot_product_attention", call, backend)[1]
+    fn = _select_fn("scaled_dot_product_attention", call, backend)
     if cu_seqlens is None:
         return fn(q, k, v, scale=scale, dropout_p=dropout_p)
     return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
@@ -556,6 +660,29 @@ def _prepare_layer_norm(
     *,
     residual: torch.Tensor | None = None,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS); weight and bias given
+        if not _any_autocast() and not _is_compiling():
+            dtype, device, shape = x.dtype, x.device, x.shape
+            C = shape[-1]
+            if (
+                C
+                and dtype in _FLOAT_SET
+                and weight.dtype is dtype
+                and bias.dtype is dtype
+                and weight.device == device
+                and bias.device == device
+                and weight.shape == (C,)
+                and bias.shape == (C,)
+                and (
+                    residual is None
+                    or (residual.dtype is dtype and residual.device == device and residual.shape == shape)
+                )
+                and eps >= 0
+            ):
+                call = (device, dtype, None, 0.0, None, None, None, C, None, None, None, None, False, False)
+                return call, x, weight, bias, residual
+    except _FAST_MISS:
+        pass
     _tensor("x", x)
     shape = x.shape
     if not shape or shape[-1] == 0:
@@ -602,7 +729,7 @@ def layer_norm(
     Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
     """
     call, x, weight, bias, residual = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
-    return select("layer_norm", call, backend)[1](x, weight, bias, eps, residual=residual)
+    return _select_fn("layer_norm", call, backend)(x, weight, bias, eps, residual=residual)
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -630,6 +757,23 @@ def _prepare_linear_gelu(
     *,
     approximate: str = "none",
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS)
+        if not _any_autocast() and not _is_compiling():
+            dtype, device = x.dtype, x.device
+            M, K = weight.shape
+            if (
+                isinstance(x, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and weight.dtype is dtype
+                and weight.device == device
+                and x.shape[-1] == K
+                and (bias is None or (bias.dtype is dtype and bias.device == device and bias.shape == (M,)))
+                and (approximate == "none" or approximate == "tanh")
+            ):
+                call = (device, dtype, None, 0.0, None, None, None, None, K, M, None, None, False, False)
+                return call, x, weight, bias
+    except _FAST_MISS:
+        pass
     x, weight, bias, _ = _check_linear(x, weight, bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -667,7 +811,7 @@ def linear_gelu(
     Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
     """
     call, x, weight, bias = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
-    return select("linear_gelu", call, backend)[1](x, weight, bias, approximate=approximate)
+    return _select_fn("linear_gelu", call, backend)(x, weight, bias, approximate=approximate)
 
 
 def _prepare_linear_residual(
@@ -678,6 +822,31 @@ def _prepare_linear_residual(
     *,
     gamma: torch.Tensor | None = None,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS)
+        if not _any_autocast() and not _is_compiling():
+            dtype, device, shape = x.dtype, x.device, x.shape
+            M, K = weight.shape
+            rs = residual.shape
+            if (
+                isinstance(x, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and weight.dtype is dtype
+                and residual.dtype is dtype
+                and weight.device == device
+                and residual.device == device
+                and shape[-1] == K
+                and rs[-1] == M
+                and len(rs) == len(shape)
+                and 2 <= len(shape) <= 3  # leading dims (B, N) or (T,), compared without slicing a torch.Size
+                and rs[0] == shape[0]
+                and rs[len(shape) - 2] == shape[len(shape) - 2]
+                and (bias is None or (bias.dtype is dtype and bias.device == device and bias.shape == (M,)))
+                and (gamma is None or (gamma.dtype is dtype and gamma.device == device and gamma.shape == (M,)))
+            ):
+                call = (device, dtype, None, 0.0, None, None, None, None, K, M, None, None, False, False)
+                return call, x, weight, bias, residual, gamma
+    except _FAST_MISS:
+        pass
     x, weight, bias, mixed_ok = _check_linear(x, weight, bias)
     M, K = weight.shape
     _like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
@@ -714,7 +883,7 @@ def linear_residual(
     Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
     """
     call, x, weight, bias, residual, gamma = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
-    return select("linear_residual", call, backend)[1](x, weight, bias, residual, gamma=gamma)
+    return _select_fn("linear_residual", call, backend)(x, weight, bias, residual, gamma=gamma)
 
 
 def random_masking(
@@ -772,6 +941,31 @@ def _prepare_mae_unshuffle(
     *,
     pos_embed: torch.Tensor | None = None,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS); ids_restore int64 and made by random_masking
+        if not _any_autocast() and not _is_compiling():
+            dtype, device = x.dtype, x.device
+            B, T, C = x.shape
+            Bi, N = ids_restore.shape
+            if (
+                isinstance(x, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and mask_token.dtype is dtype
+                and mask_token.device == device
+                and mask_token.shape == (1, 1, C)
+                and ids_restore.dtype is torch.int64
+                and ids_restore.device == device
+                and Bi == B
+                and 1 <= T <= N + 1
+                and (
+                    pos_embed is None
+                    or (pos_embed.dtype is dtype and pos_embed.device == device and pos_embed.shape == (1, N + 1, C))
+                )
+                and _vouched(ids_restore, N)
+            ):
+                call = (device, dtype) + _NO_ATTENTION + _NO_FEATURES + (False, False)
+                return call, x, mask_token, ids_restore, pos_embed
+    except _FAST_MISS:
+        pass
     _tensor("x", x, 3)
     if _amp(x) is not None:
         x, mask_token, pos_embed = families.mae.autocast_unshuffle_rule(x, mask_token, pos_embed)
@@ -827,7 +1021,7 @@ def mae_unshuffle(
     call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(
         x, mask_token, ids_restore, pos_embed=pos_embed
     )
-    return select("mae_unshuffle", call, backend)[1](x, mask_token, ids_restore, pos_embed=pos_embed)
+    return _select_fn("mae_unshuffle", call, backend)(x, mask_token, ids_restore, pos_embed=pos_embed)
 
 
 def _prepare_mae_loss(
@@ -838,6 +1032,27 @@ def _prepare_mae_loss(
     *,
     norm_pix_loss: bool = False,
 ) -> tuple:
+    try:  # fast path (see _FAST_MISS)
+        if type(patch_size) is int and patch_size > 0 and not _any_autocast() and not _is_compiling():
+            dtype, device = pred.dtype, pred.device
+            B, C, Hi, Wi = images.shape
+            N = (Hi // patch_size) * (Wi // patch_size)
+            row = patch_size * patch_size * C
+            if (
+                isinstance(pred, torch.Tensor)
+                and dtype in _FLOAT_SET
+                and images.dtype in _FLOAT_SET
+                and mask.dtype in _FLOAT_SET
+                and not (Hi % patch_size or Wi % patch_size)
+                and pred.shape == (B, N, row)
+                and mask.shape == (B, N)
+                and images.device == device
+                and mask.device == device
+            ):
+                call = (device, dtype) + _NO_ATTENTION + (None, None, None, None, row, False, False)
+                return call, pred, images
+    except _FAST_MISS:
+        pass
     _tensor("pred", pred, 3)
     _tensor("images", images, 4)
     if _amp(pred) is not None:
@@ -891,7 +1106,7 @@ def mae_loss(
     Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
     """
     call, pred, images = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
-    return select("mae_loss", call, backend)[1](pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    return _select_fn("mae_loss", call, backend)(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
 
 
 #: op -> its autocast rule and argument checks, returning (call description, *the operands after the rule);
@@ -916,4 +1131,5 @@ def describe_call(op: str, *args, **kwargs) -> Call:
         prepare = _PREPARE[op]
     except KeyError:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(_PREPARE)}") from None
-    return prepare(*args, **kwargs)[0]
+    call = prepare(*args, **kwargs)[0]
+    return call if type(call) is Call else _new_call(Call, call)  # a fast path's plain tuple of the fields

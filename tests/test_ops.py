@@ -828,6 +828,29 @@ BAD_INPUTS = [
     ("loss-mask-bool", _loss(mask=torch.ones(2, 16, dtype=torch.bool)), TypeError, r"mask must be float"),
     ("loss-patch-size", _loss(patch_size=0), ValueError, r"patch_size must be a positive int"),
     ("loss-images-device", _loss(images=_t(2, 3, 8, 8, device=META)), ValueError, r"images is on meta"),
+    ("loss-patch-size-bool", _loss(patch_size=True), ValueError, r"patch_size must be a positive int"),
+    # near misses of the ops' fast paths (valid-looking calls that only the full checks may answer)
+    ("pe-pos-prefix-without-cls", _pe(pos_embed=_t(1, 5, 16)), ValueError, r"pos_embed must have shape.*\[4\]"),
+    ("pe-cls-device", _pe(cls_token=_t(1, 1, 16, device=META)), ValueError, r"cls_token is on meta"),
+    ("pe-ids-device", _pe(ids_keep=torch.zeros(2, 2, dtype=torch.long, device=META)), ValueError, r"ids_keep is on"),
+    ("attn-heads-bool", _attn(_t(2, 5, 96), num_heads=True), TypeError, r"num_heads must be an int"),
+    ("attn-empty", _attn(_t(2, 5, 0)), ValueError, r"qkv's last dim \(0\) must be a positive multiple"),
+    ("sdpa-k-device", _sdpa(k=_t(2, 2, 7, 32, device=META)), ValueError, r"k is on meta"),
+    ("sdpa-k-batch", _sdpa(k=_t(3, 2, 7, 32), v=_t(3, 2, 7, 32)), ValueError, r"k must have shape \(2, 2, Nk, 32\)"),
+    ("sdpa-v-strided-last", _sdpa(v=_t(2, 2, 7, 64)[..., ::2]), ValueError, r"v must have a contiguous last dim"),
+    ("ln-residual-broadcast", _ln(residual=_t(1, 5, 24)), ValueError, r"residual must have shape \(2, 5, 24\)"),
+    ("ln-weight-device", _ln(weight=_t(24, device=META)), ValueError, r"weight is on meta"),
+    ("ln-bias-rank", _ln(bias=_t(1, 24)), ValueError, r"bias must have shape \(24,\)"),
+    ("lg-bias-device", _lg(bias=_t(40, device=META)), ValueError, r"bias is on meta"),
+    ("lg-weight-device", _lg(weight=_t(40, 24, device=META)), ValueError, r"weight is on meta"),
+    ("lr-residual-broadcast", _lr(residual=_t(1, 5, 40)), ValueError, r"residual must have shape \(2, 5, 40\)"),
+    ("lr-residual-rank", _lr(residual=_t(5, 40)), ValueError, r"residual must have shape \(2, 5, 40\)"),
+    ("lr-residual-tokens", _lr(residual=_t(2, 4, 40)), ValueError, r"residual must have shape \(2, 5, 40\)"),
+    ("lr-residual-device", _lr(residual=_t(2, 5, 40, device=META)), ValueError, r"residual is on meta"),
+    ("lr-gamma-device", _lr(gamma=_t(40, device=META)), ValueError, r"gamma is on meta"),
+    ("un-mask-token-device", _un(mask_token=_t(1, 1, 24, device=META)), ValueError, r"mask_token is on meta"),
+    ("un-pos-dtype", _un(pos_embed=_t(1, 17, 24, dtype=torch.float64)), TypeError, r"pos_embed has dtype"),
+    ("loss-mask-device", _loss(mask=torch.ones(2, 16, device=META)), ValueError, r"mask is on meta"),
 ]
 
 
@@ -870,3 +893,79 @@ def test_indices_from_random_masking_skip_the_value_check_until_written(monkeypa
     ids_keep[1, 0] = N  # the view's writes bump the shared version counter too
     with pytest.raises(ValueError, match=r"ids_keep values must lie in \[0, 8\)"):
         ops.patch_embed(images, weight, None, ids_keep=ids_keep)
+
+
+def _valid_calls():
+    """Valid calls of every dispatched op, as (op, args, kwargs, whether the op's fast path takes it): the common
+    cases, and variants left to the full checks (missing LayerNorm affine operands, register tokens, int32 or
+    caller-made indices, dropout, packed attention, a 4-D linear input)."""
+    ids_keep, ids_restore, mask = fastvit.ops.random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    x, w, b = _t(2, 5, 24), _t(24), _t(24)
+    qkv = _t(2, 7, 96)
+    q, k, v = qkv.view(2, 7, 3, 2, 16).permute(2, 0, 3, 1, 4)  # strided views, last dim contiguous
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    images = _t(2, 3, 16, 16)
+    pe = (images, _t(8, 3, 4, 4), _t(8))
+    return [
+        ("patch_embed", pe, {}, True),
+        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8)}, True),
+        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "cls_token": _t(1, 1, 8)}, True),
+        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8), "ids_keep": ids_keep}, True),
+        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "ids_keep": ids_keep.clone()}, False),
+        ("patch_embed", pe, {"cls_token": _t(1, 1, 8), "reg_tokens": _t(1, 4, 8)}, False),
+        ("patch_embed", (images, _t(8, 3, 4, 4), None), {"ids_keep": ids_keep.int()}, False),
+        ("attention", (qkv, 2), {}, True),
+        ("attention", (qkv, 4), {"scale": 0.5}, True),
+        ("attention", (qkv, 2), {"dropout_p": 0.1}, False),
+        ("attention", (qkv.view(14, 96), 2), {"cu_seqlens": torch.tensor([0, 5, 14], dtype=torch.int32)}, False),
+        ("scaled_dot_product_attention", (q, k, v), {}, True),
+        (
+            "scaled_dot_product_attention",
+            (_t(2, 2, 5, 16), _t(2, 2, 9, 16), _t(2, 2, 9, 16)),
+            {"dropout_p": 0.2},
+            False,
+        ),
+        ("scaled_dot_product_attention", (q[0].transpose(0, 1),) * 3, {"cu_seqlens": cu}, False),
+        ("layer_norm", (x, w, b), {}, True),
+        ("layer_norm", (x, w, b, 1e-12), {"residual": _t(2, 5, 24)}, True),
+        ("layer_norm", (x, None, None), {}, False),
+        ("layer_norm", (x[0], w, None), {}, False),
+        ("linear_gelu", (x, _t(40, 24), _t(40)), {}, True),
+        ("linear_gelu", (x, _t(40, 24), None), {"approximate": "tanh"}, True),
+        ("linear_gelu", (_t(24), _t(40, 24), _t(40)), {}, True),
+        ("linear_residual", (x, _t(40, 24), _t(40), _t(2, 5, 40)), {}, True),
+        ("linear_residual", (x[0], _t(40, 24), None, _t(5, 40)), {"gamma": _t(40)}, True),
+        ("linear_residual", (_t(2, 3, 5, 24), _t(40, 24), _t(40), _t(2, 3, 5, 40)), {}, False),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {"pos_embed": _t(1, 17, 24)}, True),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {}, True),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore.clone().int()), {}, False),
+        ("mae_loss", (_t(2, 16, 12), _t(2, 3, 8, 8), mask, 2), {}, True),
+        (
+            "mae_loss",
+            (_t(2, 16, 12), _t(2, 3, 8, 8, dtype=torch.float64), mask.half(), 2),
+            {"norm_pix_loss": True},
+            True,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_valid_calls())))
+def test_fast_path_describes_the_call_as_the_full_checks_do(i, monkeypatch):
+    """Every op's prepare step has a fast path for the common call (straight-line checks, a plain tuple of the call's
+    fields for dispatch) in front of the full checks: both must accept the same calls, describe them by the same
+    :class:`fastvit.backends.Call` and hand the kernel the same operands -- and dispatch on the plain tuple must pick
+    what :func:`fastvit.backends.select` picks for the Call."""
+    ops = fastvit.ops
+    op, args, kwargs, fast_path = _valid_calls()[i]
+    fast = ops._PREPARE[op](*args, **kwargs)
+    assert (type(fast[0]) is tuple) == fast_path, "the fast path was (not) taken where expected"
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_any_autocast", lambda: True)  # autocast may be on: the fast paths step aside
+        full = ops._PREPARE[op](*args, **kwargs)
+    assert type(full[0]) is fastvit.backends.Call
+    assert full[0] == fastvit.backends.Call(*fast[0]) and len(full) == len(fast)
+    assert all(f is g for f, g in zip(fast[1:], full[1:])) or op in ("patch_embed", "mae_unshuffle")
+    for f, g in zip(fast[1:], full[1:]):  # the index operands may be converted to int64 (a new tensor)
+        assert (f is None and g is None) or torch.equal(f, g)
+    assert fastvit.backends._select_fn(op, fast[0]) is fastvit.backends.select(op, full[0])[1]
+    assert ops.describe_call(op, *args, **kwargs) == full[0]
