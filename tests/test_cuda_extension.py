@@ -172,12 +172,15 @@ def _record_backends(monkeypatch) -> list:
     original = backends.select
 
     def select(op, call, backend=None):
+        if type(call) is tuple:  # an op's fast path hands dispatch the plain tuple of the Call's fields
+            call = backends.Call(*call)
         name, fn = original(op, call, backend)
         chosen.append((op, name))
         return name, fn
 
     monkeypatch.setattr(backends, "select", select)
-    monkeypatch.setattr(fastvit.ops, "select", select)
+    # fastvit.ops dispatches through backends._select_fn (select's decision, fn only): record every one of them
+    monkeypatch.setattr(fastvit.ops, "_select_fn", lambda op, call, backend=None: select(op, call, backend)[1])
     return chosen
 
 
