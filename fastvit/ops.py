@@ -150,8 +150,10 @@ _is_compiling = torch.compiler.is_compiling
 # Python function call costs as much as several of them), and returns at once when it holds. Anything else (a missing
 # optional operand counts as uncommon only where noted) runs the full checks after it, which accept exactly the same
 # valid calls and raise with the argument's name otherwise; an exception inside a fast path (e.g. an attribute read
-# on a non-tensor) only sends the call there. The fast path's conditions are a subset of the full checks', so it
-# accepts nothing they reject; tests/test_ops.py runs the bad-input cases through both.
+# on a non-tensor) only sends the call there. The fast path's conditions imply the full checks', so it accepts
+# nothing they reject, and it describes the call by the same fields -- as the plain tuple dispatch takes
+# (fastvit.backends._select_fn). tests/test_ops.py checks both: valid calls described alike by either path, and
+# near misses of every fast path (broadcastable shapes, another device, ...) rejected with the argument's name.
 _FAST_MISS = (AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError)
 
 
