@@ -20,7 +20,7 @@ from fastvit import (
     families,  # registers every op family with every backend; holds their autocast rules
     reference,
 )
-from fastvit.backends import Call, _select_fn
+from fastvit.backends import Call, _is_compiling, _select
 
 __all__ = [
     "attention",
@@ -143,7 +143,6 @@ def _mixed(ref: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 # Whether autocast is on for any device type, in one C call (a torch without it: assume it may be, and ask per device).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
-_is_compiling = torch.compiler.is_compiling
 
 # Fast paths. Each op's prepare step first tries the common call -- autocast off, not tracing, every operand a tensor of
 # the main input's dtype and device with the expected shape -- as straight-line attribute reads and comparisons (a
@@ -152,7 +151,7 @@ _is_compiling = torch.compiler.is_compiling
 # valid calls and raise with the argument's name otherwise; an exception inside a fast path (e.g. an attribute read
 # on a non-tensor) only sends the call there. The fast path's conditions imply the full checks', so it accepts
 # nothing they reject, and it describes the call by the same fields -- as the plain tuple dispatch takes
-# (fastvit.backends._select_fn). tests/test_ops.py checks both: valid calls described alike by either path, and
+# (fastvit.backends._select). tests/test_ops.py checks both: valid calls described alike by either path, and
 # near misses of every fast path (broadcastable shapes, another device, ...) rejected with the argument's name.
 _FAST_MISS = (AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError)
 
@@ -335,7 +334,7 @@ def patch_embed(
     call, images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = _prepare_patch_embed(
         images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
     )
-    return _select_fn("patch_embed", call, backend)(
+    return _select("patch_embed", call, backend)[1](
         images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
     )
 
@@ -517,7 +516,7 @@ def attention(
     call, qkv = _prepare_attention(
         qkv, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
     )
-    fn = _select_fn("attention", call, backend)
+    fn = _select("attention", call, backend)[1]
     if cu_seqlens is None:
         return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
     return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
@@ -643,7 +642,7 @@ def scaled_dot_product_attention(
     call, q, k, v = _prepare_scaled_dot_product_attention(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
     )
-    fn = _select_fn("scaled_dot_product_attention", call, backend)
+    fn = _select("scaled_dot_product_attention", call, backend)[1]
     if cu_seqlens is None:
         return fn(q, k, v, scale=scale, dropout_p=dropout_p)
     return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
@@ -731,7 +730,7 @@ def layer_norm(
     Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
     """
     call, x, weight, bias, residual = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
-    return _select_fn("layer_norm", call, backend)(x, weight, bias, eps, residual=residual)
+    return _select("layer_norm", call, backend)[1](x, weight, bias, eps, residual=residual)
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -813,7 +812,7 @@ def linear_gelu(
     Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
     """
     call, x, weight, bias = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
-    return _select_fn("linear_gelu", call, backend)(x, weight, bias, approximate=approximate)
+    return _select("linear_gelu", call, backend)[1](x, weight, bias, approximate=approximate)
 
 
 def _prepare_linear_residual(
@@ -885,7 +884,7 @@ def linear_residual(
     Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
     """
     call, x, weight, bias, residual, gamma = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
-    return _select_fn("linear_residual", call, backend)(x, weight, bias, residual, gamma=gamma)
+    return _select("linear_residual", call, backend)[1](x, weight, bias, residual, gamma=gamma)
 
 
 def random_masking(
@@ -1023,7 +1022,7 @@ def mae_unshuffle(
     call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(
         x, mask_token, ids_restore, pos_embed=pos_embed
     )
-    return _select_fn("mae_unshuffle", call, backend)(x, mask_token, ids_restore, pos_embed=pos_embed)
+    return _select("mae_unshuffle", call, backend)[1](x, mask_token, ids_restore, pos_embed=pos_embed)
 
 
 def _prepare_mae_loss(
@@ -1108,7 +1107,7 @@ def mae_loss(
     Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
     """
     call, pred, images = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
-    return _select_fn("mae_loss", call, backend)(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    return _select("mae_loss", call, backend)[1](pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
 
 
 #: op -> its autocast rule and argument checks, returning (call description, *the operands after the rule);

@@ -179,8 +179,7 @@ def _record_backends(monkeypatch) -> list:
         return name, fn
 
     monkeypatch.setattr(backends, "select", select)
-    # fastvit.ops dispatches through backends._select_fn (select's decision, fn only): record every one of them
-    monkeypatch.setattr(fastvit.ops, "_select_fn", lambda op, call, backend=None: select(op, call, backend)[1])
+    monkeypatch.setattr(fastvit.ops, "_select", select)  # what fastvit.ops dispatches through
     return chosen
 
 
