@@ -6,7 +6,10 @@ instruction count does not. For each tiny call of :func:`fastvit.bench.overhead.
 calls of ``fastvit.ops.<op>(...)`` and of the implementation dispatch selects, called directly, under
 ``valgrind --tool=callgrind`` with instrumentation switched on only around those calls (callgrind's client
 requests, through a two-function C shim compiled here), and prints instructions per call and their difference --
-what the public entry (argument checks, call description, cached selection) executes on the host.
+what the public entry (argument checks, call description, cached selection) executes on the host. It also counts
+the two floor variants of ``benchmarks/host_floor.py``: ``forward`` (a Python function that only calls the
+implementation) and ``reads`` (the same after reading ``dtype``, ``device`` and ``shape`` of every tensor operand),
+i.e. what any Python entry, and any Python check of the operands, would add at the least.
 
 Counts are not times: after a large kernel (a GEMM, a convolution) the same instructions run from cold caches and
 take longer, which only the timed benchmark shows.
@@ -38,12 +41,13 @@ void fastvit_cg_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTAT
 void fastvit_cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS; }
 """
 
-VARIANTS = ("fastvit.ops", "direct")
+VARIANTS = ("fastvit.ops", "direct", "forward", "reads")  # see host_floor.floor_variants
 
 
 def _child(shim: str, calls: int, cases: list[str]) -> None:
     """Under valgrind: one instrumented segment per (case, variant), in the order of ``cases`` x :data:`VARIANTS`."""
     import torch
+    from host_floor import floor_variants
 
     from fastvit import backends, ops
     from fastvit.bench.overhead import op_cases
@@ -54,14 +58,14 @@ def _child(shim: str, calls: int, cases: list[str]) -> None:
     for name in cases:
         c = by_name[name]
         impl = backends.select(c.op, ops.describe_call(c.op, *c.args, **c.kwargs))[1]
-        public = getattr(ops, c.op)
+        variants = floor_variants(getattr(ops, c.op), impl, c.args, c.kwargs)
         for variant in VARIANTS:
-            fn = public if variant == "fastvit.ops" else impl
+            fn = variants[variant]
             for _ in range(20):  # warm: the dispatch cache is filled, lazy imports are done
-                fn(*c.args, **c.kwargs)
+                fn()
             lib.fastvit_cg_start()
             for _ in range(calls):
-                fn(*c.args, **c.kwargs)
+                fn()
             lib.fastvit_cg_stop()
 
 
@@ -117,11 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host_instructions: expected {len(cases) * len(VARIANTS)} dumps, got {len(totals)}", file=sys.stderr)
         return 1
     result = {}
-    print(f"{'case':30s} {'fastvit.ops':>12s} {'direct':>12s} {'added':>10s}   (instructions per call)")
+    print(f"{'case':30s} {'fastvit.ops':>12s} {'direct':>12s} {'added':>10s} {'forward':>10s} {'reads':>10s}")
+    print(f"{'':30s} {'(instructions per call; the last three: added over direct)':>58s}")
+    n = len(VARIANTS)
     for i, case in enumerate(cases):
-        ops_n, direct_n = totals[2 * i], totals[2 * i + 1]
-        result[case] = {"fastvit.ops": ops_n, "direct": direct_n, "added": ops_n - direct_n}
-        print(f"{case:30s} {ops_n:12.0f} {direct_n:12.0f} {ops_n - direct_n:+10.0f}")
+        counts = dict(zip(VARIANTS, totals[n * i : n * (i + 1)]))
+        direct = counts["direct"]
+        result[case] = {**counts, **{f"{v}_added": counts[v] - direct for v in ("fastvit.ops", "forward", "reads")}}
+        result[case]["added"] = result[case].pop("fastvit.ops_added")
+        print(
+            f"{case:30s} {counts['fastvit.ops']:12.0f} {direct:12.0f} {counts['fastvit.ops'] - direct:+10.0f} "
+            f"{counts['forward'] - direct:+10.0f} {counts['reads'] - direct:+10.0f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"calls": args.calls, "python": sys.version.split()[0], "cases": result}, f, indent=1)
