@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     _, timer = clock_for("cpu")
     select = backends._select
-    prepare = {op: getattr(ops, f"_prepare_{op}") for op in backends.OPS}
     result = {}
     print(f"{'case':30s} {'forward':>8s} {'reads':>8s} {'fastvit.ops':>12s} {'host':>8s}   (us added over direct)")
     for name in names:
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = floor_variants(public, impl, a, kw)
         variants["nothing"] = lambda: None
         # fastvit.ops.<op>'s host path alone: its prepare step and the cached selection, no implementation.
-        variants["host"] = lambda op=c.op, p=prepare[c.op], a=a, kw=kw: select(op, p(*a, **kw)[0], None)
+        variants["host"] = lambda op=c.op, p=ops._PREPARE[c.op], a=a, kw=kw: select(op, p(*a, **kw)[0], None)
         times = interleaved(variants, reps=args.reps, number=args.number, timer=timer)
         added = {
             v: summary([x - y for x, y in zip(times[v], times["direct"])], 1e6)["median"]
