@@ -1134,3 +1134,11 @@ def describe_call(op: str, *args, **kwargs) -> Call:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(_PREPARE)}") from None
     call = prepare(*args, **kwargs)[0]
     return call if type(call) is Call else _new_call(Call, call)  # a fast path's plain tuple of the fields
+
+
+# Every tensor op is a torch.fx leaf: a symbolic trace (torch.fx.symbolic_trace, torchvision's feature extraction,
+# timm's fx tests) records one call_function node per op and the GraphModule runs the same op as the eager forward,
+# instead of tracing into the argument checks, which take real tensors.
+for _name in backends.OPS:
+    torch.fx.wrap(_name)
+del _name

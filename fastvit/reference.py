@@ -47,12 +47,31 @@ def patch_embed(
     x = cols @ _acc(weight).reshape(E, C * Ph * Pw).t()
     if bias is not None:
         x = x + _acc(bias)
+    return embed_tokens(
+        x, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep, cast=_acc
+    ).to(dtype)
+
+
+def embed_tokens(
+    x: torch.Tensor,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+    cast=lambda t: t,
+) -> torch.Tensor:
+    """What :func:`patch_embed` does after the projection, on projected patch tokens ``x`` (B, Np, E): add
+    ``pos_embed`` (with entries for the prefix tokens when it has R + Np rows, timm's default and MAE's; patches only
+    otherwise), keep the ``ids_keep`` patches, prepend cls / register tokens. ``cast`` is applied to every operand
+    (the reference's accumulation dtype; the identity for a module's unfused path)."""
+    B, N, E = x.shape
     prefix = [t for t in (cls_token, reg_tokens) if t is not None]
     num_prefix = sum(t.shape[1] for t in prefix)
-    prefix = [_acc(t).expand(B, -1, -1) for t in prefix]
+    prefix = [cast(t).expand(B, -1, -1) for t in prefix]
     if pos_embed is not None:
-        pos = _acc(pos_embed)
-        if pos.shape[1] == gh * gw + num_prefix:  # timm default / MAE: prefix tokens have position entries
+        pos = cast(pos_embed)
+        if pos.shape[1] == N + num_prefix:  # timm default / MAE: prefix tokens have position entries
             prefix = [t + pos[:, i : i + t.shape[1]] for i, t in zip(_offsets(prefix), prefix)]
             x = x + pos[:, num_prefix:]
         else:  # no_embed_class: only the patches get a position
@@ -61,7 +80,7 @@ def patch_embed(
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, E))
     if prefix:
         x = torch.cat([*prefix, x], dim=1)
-    return x.to(dtype)
+    return x
 
 
 def _offsets(tokens: list[torch.Tensor]) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -18,7 +19,19 @@ import torch.utils.checkpoint
 
 from fastvit import ops
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
-from fastvit.nn.layers import _act_mode, attention_core, block_forward, mlp_hidden
+from fastvit.nn.layers import (
+    _act_mode,
+    _wrapper_param,
+    attention_core,
+    block_forward,
+    block_forward_fused,
+    block_fusable,
+    block_fusion_reasons,
+    fusion_reasons,
+    mlp_hidden,
+    needs_module_calls,
+    register_fusable,
+)
 from fastvit.nn.packed import pad_input, unpad_input
 from fastvit.nn.vit import VisionTransformer
 
@@ -223,6 +236,11 @@ def _patch_embed_reasons(m: nn.Module) -> List[str]:
 
 def _attn_reasons(m: nn.Module) -> List[str]:
     out = []
+    if not getattr(m, "fused_attn", True):
+        out.append(
+            "fused_attn=False: timm computes the attention matrix explicitly (set_fused_attn(False), exportable "
+            "config; e.g. for timm.utils.AttentionExtract), so its own forward runs"
+        )
     if getattr(m, "gate", None) is not None:
         out.append("gated attention (gated=True) not covered")
     for n, what in ((m.q_norm, "qk_norm"), (getattr(m, "norm", None), "scale_norm")):
@@ -281,10 +299,15 @@ def _layer_norm_reasons(m: nn.Module) -> List[str]:
 
 
 def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if _patch_embed_reasons(self) or not isinstance(x, torch.Tensor) or x.dim() != 4:
+    tracing = isinstance(x, torch.fx.Proxy)  # torch.fx: ops.patch_embed is a leaf; no shapes to check
+    if (
+        _patch_embed_reasons(self)
+        or not (tracing or (isinstance(x, torch.Tensor) and x.dim() == 4))
+        or needs_module_calls(self.proj)
+    ):
         return self._fastvit_orig_cls.forward(self, x)
     B, C, H, W = x.shape
-    if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
+    if not tracing and self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
         raise ValueError(
             f"x has image size {H}x{W} but the model's img_size is {tuple(self.img_size)}; expected shape "
             f"(B, {C}, {self.img_size[0]}, {self.img_size[1]})"
@@ -345,13 +368,14 @@ def _block_forward(
     if cu_seqlens is not None:
         _packed_unsupported(type(self).__name__, _block_reasons(self), attn_mask, is_causal)
         return block_forward(self, x, cu_seqlens, max_seqlen)
-    if attn_mask is not None or is_causal or not _block_supported(self):
+    if attn_mask is not None or is_causal or not _block_supported(self) or not block_fusable(self):
+        # timm's own forward calls the submodules as modules; the patched ones among them still run on fastvit
         return self._fastvit_orig_cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return block_forward(self, x)
+    return block_forward_fused(self, x)
 
 
 def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if len(self.normalized_shape) != 1:
+    if len(self.normalized_shape) != 1 or _wrapper_param(self):  # DTensor weight (tensor / sequence parallelism)
         return self._fastvit_orig_cls.forward(self, x)
     return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
@@ -432,6 +456,29 @@ _REASONS = {
     _layer_norm_forward: _layer_norm_reasons,
     _naflex_forward_features: _naflex_reasons,
 }
+
+
+def _mlp_modular_reasons(m: nn.Module) -> List[str]:
+    return fusion_reasons(m, ["fc1", "act"])
+
+
+def _patch_embed_modular_reasons(m: nn.Module) -> List[str]:
+    return fusion_reasons(m, ["proj"])
+
+
+def _layer_norm_modular_reasons(m: nn.Module) -> List[str]:
+    return ["a DTensor / tensor-subclass parameter (e.g. tensor parallelism)"] if _wrapper_param(m) else []
+
+
+# What is attached to the submodules a patched forward would read (hooks, adapters, sharding, DTensor parameters)
+# now, and the status that gives: 'modular' (its fused parts call those submodules as modules; patched children
+# still run on fastvit) or 'fallback' (timm's own forward runs).
+_ATTACHED = {
+    _patch_embed_forward: (_patch_embed_modular_reasons, "fallback"),
+    _mlp_forward: (_mlp_modular_reasons, "modular"),
+    _block_forward: (block_fusion_reasons, "modular"),
+    _layer_norm_forward: (_layer_norm_modular_reasons, "fallback"),
+}
 # The method a patched class overrides, where it is not ``forward``.
 _METHOD = {_naflex_forward_features: "forward_features"}
 
@@ -443,7 +490,19 @@ def _patched_class(cls: type, fn) -> type:
         attrs = {_METHOD.get(fn, "forward"): fn, "_fastvit_fn": fn, "_fastvit_orig_cls": cls, "__module__": __name__}
         new = type(name, (cls,), attrs)
         _PATCHED[cls] = new
+        # a fused parent may read a patched module's parameters as it reads the timm class's
+        register_fusable(new, kind="layer_norm" if fn is _layer_norm_forward else None)
     return new
+
+
+def _register_timm_fusable() -> None:
+    """timm's plain layer classes whose parameters fastvit's fused paths read (timm's LayerNorm is F.layer_norm)."""
+    import timm.layers as tl
+
+    register_fusable(tl.LayerNorm, kind="layer_norm")
+    register_fusable(tl.DropPath, kind="dropout")
+    register_fusable(tl.Attention, tl.Mlp, tl.LayerScale)
+    register_fusable(*(getattr(tl, n) for n in ("GELU", "GELUTanh", "QuickGELU") if hasattr(tl, n)))
 
 
 def _patch_table() -> Dict[type, object]:
@@ -452,6 +511,7 @@ def _patch_table() -> Dict[type, object]:
     from timm.layers import PatchEmbed as TPatchEmbed
     from timm.models.vision_transformer import Block as TBlock
 
+    _register_timm_fusable()
     table = {
         TPatchEmbed: _patch_embed_forward,
         TAttention: _attention_forward,
@@ -466,17 +526,21 @@ def _patch_table() -> Dict[type, object]:
     return table
 
 
-def _patchable_forward(m: nn.Module):
-    """The fastvit forward patch_timm_ gives ``m``'s class, or None when the class is not covered."""
-    cls = type(m)
+def _class_forward(cls: type):
+    """The fastvit forward patch_timm_ gives ``cls``, or None when the class is not covered."""
     fwd = _patch_table().get(cls)
     if (
         fwd is None
-        and isinstance(m, nn.LayerNorm)
+        and issubclass(cls, nn.LayerNorm)
         and cls.forward in (nn.LayerNorm.forward,) + _timm_layer_norm_forwards()
     ):
         fwd = _layer_norm_forward
     return fwd
+
+
+def _patchable_forward(m: nn.Module):
+    """The fastvit forward patch_timm_ gives ``m``'s class, or None when the class is not covered."""
+    return _class_forward(type(m))
 
 
 def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
@@ -484,12 +548,25 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     :mod:`fastvit.ops`, in place.
 
     Each matching module's class is swapped for a subclass that overrides only ``forward`` (e.g. ``Attention`` ->
-    ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors, hooks and ``isinstance`` checks are
+    ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors and ``isinstance`` checks are
     untouched. Matching is by exact class, so timm variants (``AttentionRope``, ``EvaAttention``, ``SwiGLU``,
     ``RmsNorm``, ``ResPostBlock``...) are left on timm's forward; a patched module falls back to timm's own forward
     for configurations fastvit does not cover (gated attention, RMSNorm qk-norm, conv MLPs, other activations,
-    patch-embed norms or padding) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a no-op.
-    Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float reassociation).
+    patch-embed norms or padding, ``fused_attn=False``) and for calls with ``attn_mask`` / ``is_causal``. Patching
+    twice is a no-op. Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float
+    reassociation).
+
+    **The module tree stays meaningful.** A fused forward reads its submodules' parameters only while nothing is
+    attached to them; a forward or backward hook (module-local or global), a PEFT / LoRA adapter or another wrapper
+    class, a parametrization, FSDP2 sharding or a DTensor parameter (tensor parallelism) on a submodule makes it call
+    that submodule as a module instead (timm's own forward for a ``Block`` or ``PatchEmbed``), so hooks fire where
+    they fire on timm and adapters train; :func:`patch_report` says which modules run that way and why. ``qkv`` and
+    ``proj`` of an attention are always called as modules. Order: PEFT wrapping and hooks before or after
+    ``patch_timm_``; DDP before or after; FSDP2's ``fully_shard`` and tensor parallelism's ``parallelize_module``
+    after ``patch_timm_`` (it raises ``RuntimeError`` on a module ``fully_shard`` already wrapped). A ``torch.fx``
+    symbolic trace records each :mod:`fastvit.ops` call as one leaf node, so the ``GraphModule`` computes what the
+    eager forward computes. Under timm's ``scriptable`` or ``exportable`` layer config (TorchScript / export)
+    ``patch_timm_`` patches nothing, warns, and :func:`patch_report` gives the reason.
 
     **NaFlexVit** (``timm.models.naflexvit``; NaViT, Dehghani et al., 2023, arXiv:2307.06304; SigLIP 2's NaFlex,
     Tschannen et al., 2025, arXiv:2502.14786): the model's class becomes ``FastvitNaFlexVit``, overriding only
@@ -528,20 +605,58 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        RuntimeError: a module ``patch_timm_`` would patch is already wrapped by FSDP2's ``fully_shard``.
         ImportError: timm is not installed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _timm()
-    for m in model.modules():
-        if type(m) in _PATCHED.values():
-            continue
-        fwd = _patchable_forward(m)
-        if fwd is not None:
+    skip = _script_config_reason()
+    if skip:
+        warnings.warn(f"patch_timm_ left the model on timm: {skip}", stacklevel=2)
+        model._fastvit_unpatched_reason = skip
+    else:
+        todo = []
+        for name, m in model.named_modules():
+            if hasattr(type(m), "_fastvit_fn"):  # patched already (FSDP2's subclass of a patched class too)
+                continue
+            fwd = _patchable_forward(m)
+            if fwd is not None:
+                todo.append((m, fwd))
+            elif _sharded_patchable(m):
+                raise RuntimeError(
+                    f"patch_timm_: {name or 'model'} ({type(m).__name__}) is already wrapped by FSDP2's fully_shard, "
+                    "which swaps its class; call patch_timm_ on the model first, then fully_shard (DDP wrapping, "
+                    "before or after, is fine)"
+                )
+        for m, fwd in todo:
             m.__class__ = _patched_class(type(m), fwd)
     if verbose:
         print(format_patch_report(patch_report(model)))
     return model
+
+
+def _script_config_reason() -> Optional[str]:
+    """Why timm's layer config rules patching out (TorchScript / export), or None."""
+    from timm.layers import is_exportable, is_scriptable
+
+    if is_scriptable():
+        return (
+            "timm's scriptable layer config is set (set_scriptable / set_layer_config(scriptable=True)): "
+            "TorchScript cannot compile fastvit's forwards"
+        )
+    if is_exportable():
+        return "timm's exportable layer config is set (set_exportable / set_layer_config(exportable=True))"
+    return None
+
+
+def _sharded_patchable(m: nn.Module) -> bool:
+    """``m`` is a class patch_timm_ covers that FSDP2's fully_shard has already swapped for ``FSDP<cls>``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(m, FSDPModule) and _class_forward(type(m).__bases__[-1]) is not None
 
 
 def _timm_layer_norm_forwards() -> tuple:
@@ -558,9 +673,13 @@ class PatchRecord(NamedTuple):
         name: the module's qualified name in the model (``model.get_submodule(name)``); ``''`` for the model itself
             (listed only for a NaFlexVit).
         class_name: its timm / torch class (the original class for patched modules, e.g. ``'Attention'``).
-        status: ``'patched'`` (its forward runs on :mod:`fastvit.ops`), ``'fallback'`` (patched, but its
-            configuration sends every call to timm's own forward), ``'unpatched'`` (a class ``patch_timm_`` covers,
-            not patched yet) or ``'not covered'`` (a class ``patch_timm_`` leaves on timm's forward).
+        status: ``'patched'`` (its forward runs on :mod:`fastvit.ops`), ``'modular'`` (patched, but something is
+            attached to submodules its fused path would read -- a hook, a PEFT / LoRA adapter, a parametrization,
+            FSDP2 or tensor parallelism -- so it calls them as modules; its patched children still run on fastvit),
+            ``'fallback'`` (patched, but its configuration, or what is attached to it, sends every call to timm's own
+            forward), ``'unpatched'`` (a class ``patch_timm_`` covers, not patched yet; the reason says why when
+            ``patch_timm_`` declined, e.g. under timm's scriptable config) or ``'not covered'`` (a class
+            ``patch_timm_`` leaves on timm's forward).
         reason: why it is not ``'patched'`` (``''`` when it is; several reasons joined by ``'; '``).
     """
 
@@ -616,7 +735,7 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     and why -- read off the model's current state (call it before patching to see what is left to patch).
 
     Listed, in ``model.named_modules()`` order: every module of a class ``patch_timm_`` covers (status
-    ``'patched'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block / embedding /
+    ``'patched'``, ``'modular'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block / embedding /
     pooling module (``'not covered'``, e.g. ``EvaAttention``: "rotary embeddings not covered"). Plain layers
     (``Linear``, ``Conv2d``, dropout, activations, LayerScale, containers) and ``model`` itself are not listed:
     they run PyTorch's / timm's own code either way, and inside a patched module their work is fused.
@@ -625,7 +744,9 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     ``'patched'`` when NaFlex batches run their blocks packed, ``'fallback'`` with the reason (rotary embeddings,
     uncovered or unpatched blocks) when its ``forward_features`` runs timm's masked path.
 
-    Reasons are static. At forward time a patched module also falls back for calls fastvit does not cover:
+    The configuration and what is attached now (hooks, adapters, sharding, global module hooks) are read at the
+    call, so register hooks or wrap with PEFT first, then ask. At forward time a patched module also falls back for
+    calls fastvit does not cover:
     ``attn_mask`` / ``is_causal`` given, a patch embedding called on a non-4-D tensor, a NaFlexVit called on plain
     images (its blocks then run fastvit's dense path) or through ``forward_intermediates``.
 
@@ -645,16 +766,19 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     _timm()
     out: List[PatchRecord] = []
     for name, m in model.named_modules():
-        if m is model and type(m) not in _PATCHED.values() and _patchable_forward(m) is None:
-            continue  # the model itself is listed only when patch_timm_ covers its class (NaFlexVit)
         cls = type(m)
-        if cls in _PATCHED.values():
-            reasons = _REASONS[cls._fastvit_fn](m)
-            out.append(
-                PatchRecord(name, _orig_type(m).__name__, "fallback" if reasons else "patched", "; ".join(reasons))
-            )
+        fn = getattr(cls, "_fastvit_fn", None)  # a patched class, or FSDP2's subclass of one
+        if m is model and fn is None and _patchable_forward(m) is None:
+            continue  # the model itself is listed only when patch_timm_ covers its class (NaFlexVit)
+        if fn is not None:
+            reasons, status = _REASONS[fn](m), "fallback"
+            if not reasons and fn in _ATTACHED:
+                attached, status = _ATTACHED[fn]
+                reasons = attached(m)
+            out.append(PatchRecord(name, _orig_type(m).__name__, status if reasons else "patched", "; ".join(reasons)))
         elif _patchable_forward(m) is not None:
-            out.append(PatchRecord(name, cls.__name__, "unpatched", "patch_timm_ has not been applied to it"))
+            why = getattr(model, "_fastvit_unpatched_reason", None) or "patch_timm_ has not been applied to it"
+            out.append(PatchRecord(name, cls.__name__, "unpatched", why))
         else:
             reason = _uncovered_reason(m)
             if reason is not None:

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from fastvit import ops
@@ -106,28 +107,138 @@ def _make_norm(norm_layer: Optional[Callable], dim: int, what: str) -> nn.LayerN
     return m
 
 
-def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``norm`` (``nn.Identity`` or an ``nn.LayerNorm`` over the last dim) through :func:`fastvit.ops.layer_norm`.
+# ----------------------------------------------------------------------------------------------- fusion guard
+# A fused forward reads its submodules' parameters instead of calling them. That is only right while nothing is
+# attached to those submodules: a hook (feature extractors, profilers, FSDP2's unshard, tensor parallelism's DTensor
+# conversion), a parametrization or an adapter (both change the module's class), a DTensor or other wrapper-subclass
+# parameter (tensor parallelism, FSDP2 while sharded), or a global module hook. The checks below read a few
+# attributes of each submodule a fused path would read; when any of those is found, the caller runs a path that
+# calls the submodule as a module instead. (torch.fx tracing needs no such care: every fastvit.ops function is a
+# torch.fx leaf, so a trace records the same ops the eager forward runs.)
+
+#: Module classes a fused forward knows how to read. Exact classes: a subclass may override ``forward``.
+_FUSABLE_CLASSES: set = {nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Identity, nn.Dropout, nn.GELU}
+_LAYER_NORM_CLASSES: set = {nn.LayerNorm}
+_DROPOUT_CLASSES: set = {nn.Dropout}
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+_mod = torch.nn.modules.module
+_GLOBAL_HOOKS = (
+    _mod._global_forward_hooks,
+    _mod._global_forward_pre_hooks,
+    _mod._global_backward_hooks,
+    _mod._global_backward_pre_hooks,
+)
+
+
+def register_fusable(*classes: type, kind: Optional[str] = None) -> None:
+    """Declare module classes whose parameters a fused forward may read instead of calling the module.
 
     Args:
-        norm: ``nn.Identity`` or ``nn.LayerNorm`` (weight/bias/eps read off the module).
+        classes: exact classes (subclasses are not implied: a subclass may override ``forward``).
+        kind: ``'layer_norm'``: the classes compute ``F.layer_norm`` over the last dim with their ``weight``,
+            ``bias``, ``eps`` (e.g. timm's ``LayerNorm``), so a fused path may run them as
+            :func:`fastvit.ops.layer_norm`; ``'dropout'``: dropout / drop-path modules with a ``p`` or
+            ``drop_prob`` that return their input unchanged when inactive; ``None``: neither.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    extra = {None: None, "layer_norm": _LAYER_NORM_CLASSES, "dropout": _DROPOUT_CLASSES}
+    if kind not in extra:
+        raise ValueError(f"kind must be None, 'layer_norm' or 'dropout', got {kind!r}")
+    _FUSABLE_CLASSES.update(classes)
+    if extra[kind] is not None:
+        extra[kind].update(classes)
+
+
+def _global_hooks() -> bool:
+    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
+
+
+def _wrapper_param(m: nn.Module) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    for p in m._parameters.values():
+        if p is not None and type(p) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(p):
+            return True
+    return False
+
+
+def _attached(m: nn.Module) -> bool:
+    """``m`` itself is not a plain module of a known class (see the fusion-guard comment)."""
+    return (
+        type(m) not in _FUSABLE_CLASSES
+        or bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        or _wrapper_param(m)
+    )
+
+
+def fusion_reasons(m: nn.Module, names: Optional[list] = None) -> list:
+    """Why a fused forward of ``m`` that reads the submodules ``names`` (dotted paths relative to ``m``; ``None``:
+    every descendant) would call them as modules now: one string per cause, naming the submodule and what is
+    attached to it (empty: it fuses). For reports, not the hot path."""
+    out = []
+    if _global_hooks():
+        out.append("a global module hook is registered (torch.nn.modules.module.register_module_*_hook)")
+    pairs = [(n, c) for n, c in m.named_modules() if c is not m] if names is None else []
+    for n in names or ():
+        try:
+            pairs.append((n, m.get_submodule(n)))
+        except AttributeError:
+            pass
+    for name, c in pairs:
+        why = []
+        if type(c) not in _FUSABLE_CLASSES:
+            why.append(f"is a {type(c).__name__} (adapter, parametrization, sharding wrapper or another class)")
+        if c._forward_hooks or c._forward_pre_hooks:
+            why.append("has a forward hook")
+        if c._backward_hooks or c._backward_pre_hooks:
+            why.append("has a backward hook")
+        if _wrapper_param(c):
+            why.append("has a DTensor / tensor-subclass parameter")
+        if why:
+            out.append(f"{name} {' and '.join(why)}")
+    return out
+
+
+def needs_module_calls(*mods: nn.Module) -> bool:
+    """Whether a fused path that reads ``mods``' parameters must call them as modules instead: one of them has a
+    hook, an unknown class (adapter, parametrization, sharding wrapper) or a DTensor parameter, or a global module
+    hook is registered."""
+    if _global_hooks():
+        return True
+    for m in mods:
+        if _attached(m):
+            return True
+    return False
+
+
+def _skippable(m: nn.Module) -> bool:
+    """``m`` would return its input unchanged (an ``nn.Identity``, or a dropout / drop-path that is inactive now)
+    and nobody would see the call: no hooks on it, none global. Then a fused path skips the call."""
+    return (type(m) is nn.Identity or (type(m) in _DROPOUT_CLASSES and not _dropout_active(m))) and not (
+        m._forward_hooks or m._forward_pre_hooks or _global_hooks()
+    )
+
+
+def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``norm`` to ``x``: a plain ``nn.LayerNorm`` over the last dim (or timm's) through
+    :func:`fastvit.ops.layer_norm`, a plain ``nn.Identity`` skipped; anything else, or a norm with hooks, a
+    parametrization or a DTensor parameter, is called as a module (``norm(x)``).
+
+    Args:
+        norm: the norm module (e.g. ``nn.LayerNorm``, ``nn.Identity``).
         x: (..., C) float.
 
     Returns:
-        Tensor of ``x``'s shape and dtype.
-
-    Raises:
-        ValueError: ``norm`` is some other module, or normalises over more than the last dim.
+        Tensor of ``x``'s shape (and, on the fused path, dtype).
     """
-    if isinstance(norm, nn.Identity):
+    if type(norm) in _LAYER_NORM_CLASSES and len(norm.normalized_shape) == 1:
+        if not (_attached(norm) or _global_hooks()):
+            return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    elif _skippable(norm):
         return x
-    if isinstance(norm, nn.LayerNorm):
-        if len(norm.normalized_shape) != 1:
-            raise ValueError(
-                f"only LayerNorm over the last dim is supported, got normalized_shape {norm.normalized_shape}"
-            )
-        return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-    raise ValueError(f"unsupported norm module {type(norm).__name__}; expected nn.LayerNorm or nn.Identity")
+    return norm(x)
 
 
 def _dropout_active(m: nn.Module) -> bool:
@@ -331,6 +442,8 @@ class PatchEmbed(nn.Module):
         Raises:
             TypeError: ``x`` not a tensor. ValueError: wrong rank, channels or size.
         """
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing: no shapes to check
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images (B, C, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -362,18 +475,21 @@ class PatchEmbed(nn.Module):
     ) -> torch.Tensor:
         """Embed ``x`` (B, C, Hi, Wi) into (B, R + N_keep, E) tokens; with no keyword arguments (B, Np, E) as timm.
 
-        Keyword arguments go straight to :func:`fastvit.ops.patch_embed`.
+        Keyword arguments go straight to :func:`fastvit.ops.patch_embed`. When ``proj`` carries a hook, an adapter,
+        a parametrization or a DTensor weight, ``proj`` is called as a module and the rest is
+        the same math in PyTorch.
         """
         self.check_input(x)
-        return ops.patch_embed(
-            x,
-            self.proj.weight,
-            self.proj.bias,
-            pos_embed=pos_embed,
-            cls_token=cls_token,
-            reg_tokens=reg_tokens,
-            ids_keep=ids_keep,
-        )
+        return self.embed(x, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep)
+
+    def embed(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """:meth:`forward` without the input check (any size divisible by the patch size, as for packed images)."""
+        proj = self.proj
+        if needs_module_calls(proj):
+            from fastvit.reference import embed_tokens
+
+            return embed_tokens(proj(x).flatten(2).transpose(1, 2), **kwargs)
+        return ops.patch_embed(x, proj.weight, proj.bias, **kwargs)
 
 
 def attention_core(
@@ -400,22 +516,22 @@ def attention_core(
     Raises:
         ValueError: malformed ``cu_seqlens`` / ``max_seqlen`` or ``x`` of the wrong rank (from :mod:`fastvit.ops`).
     """
-    qkv = m.qkv(x)
+    qkv = m.qkv(x)  # always a module call: adapters (LoRA) and hooks on qkv see it
     p = m.attn_drop.p if m.training else 0.0
-    if isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity):
+    q_norm, k_norm = m.q_norm, m.k_norm
+    if _skippable(q_norm) and _skippable(k_norm):
         out = ops.attention(qkv, m.num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
     elif cu_seqlens is not None:
         T = qkv.shape[0]
         q, k, v = qkv.reshape(T, 3, m.num_heads, -1).unbind(1)  # each (T, H, D), last dim contiguous
-        q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
+        q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
         out = ops.scaled_dot_product_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
         out = out.reshape(T, -1)
     else:
         B, N, _ = qkv.shape
         q, k, v = qkv.reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
-        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        out = out.transpose(1, 2).reshape(B, N, -1)
+        q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
+        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, -1)
     norm = getattr(m, "norm", None)  # timm's scale_norm; absent on older timm
     return out if norm is None else apply_norm(norm, out)
 
@@ -512,14 +628,15 @@ def mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Shapes: (..., C_in) -> (..., hidden).
     """
-    mode = _act_mode(m.act)
-    if mode == "quick_gelu":
-        h = m.fc1(x)
-        h = h * torch.sigmoid(1.702 * h)
+    fc1, act = m.fc1, m.act
+    mode = _act_mode(act)
+    if mode == "quick_gelu" or needs_module_calls(fc1, act):
+        h = act(fc1(x))  # module calls: an adapter / hook / DTensor on fc1 or act sees them
     else:
-        h = ops.linear_gelu(x, m.fc1.weight, m.fc1.bias, approximate="tanh" if mode == "gelu_tanh" else "none")
-    if _dropout_active(m.drop1):  # skip the module call when it would return h (eval mode, p = 0)
-        h = m.drop1(h)
+        h = ops.linear_gelu(x, fc1.weight, fc1.bias, approximate="tanh" if mode == "gelu_tanh" else "none")
+    drop1 = m.drop1
+    if not _skippable(drop1):  # skip the module call when it would return h unseen (eval mode, p = 0, no hooks)
+        h = drop1(h)
     return apply_norm(m.norm, h)
 
 
@@ -600,15 +717,58 @@ def _branch(
     dp: nn.Module,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x + drop_path(ls(drop(linear(h)))), fused into :func:`fastvit.ops.linear_residual` when nothing random runs;
-    with ``cu_seqlens`` (packed tokens) drop-path draws per sequence, not per row."""
+    """x + drop_path(ls(drop(linear(h)))), fused into :func:`fastvit.ops.linear_residual` when nothing random runs
+    (the caller has checked that nothing is attached to these modules); with ``cu_seqlens`` (packed tokens)
+    drop-path draws per sequence, not per row."""
     if not _dropout_active(drop) and not _dropout_active(dp):
         gamma = ls.gamma if not isinstance(ls, nn.Identity) else None
         return ops.linear_residual(h, linear.weight, linear.bias, x, gamma=gamma)
-    y = ls(drop(linear(h)))
+    return _residual(x, ls(drop(linear(h))), dp, cu_seqlens)
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, dp: nn.Module, cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x + dp(y)``; on packed tokens an active drop path draws once per sequence."""
     if cu_seqlens is not None and _dropout_active(dp):
         return x + _drop_path_packed(dp, y, cu_seqlens)
     return x + dp(y)
+
+
+#: What :func:`block_forward`'s fused path reads instead of calling (attention's qkv and the MLP's fc1 it still calls
+#: through :func:`attention_core` / :func:`mlp_hidden`, which decide for themselves; the norms go through
+#: :func:`apply_norm`, which does too).
+BLOCK_FUSED_READS = (
+    ("attn",),
+    ("attn", "proj"),
+    ("attn", "proj_drop"),
+    ("ls1",),
+    ("drop_path1",),
+    ("mlp",),
+    ("mlp", "fc2"),
+    ("mlp", "drop2"),
+    ("ls2",),
+    ("drop_path2",),
+)
+
+
+def block_fusable(m: nn.Module) -> bool:
+    """Whether :func:`block_forward` may run ``m`` fused: nothing attached to the submodules it reads instead of
+    calling (:data:`BLOCK_FUSED_READS`) and no global module hooks. A few attribute reads."""
+    if _global_hooks():
+        return False
+    mods = m._modules
+    attn, mlp = mods["attn"], mods["mlp"]
+    am, mm = attn._modules, mlp._modules
+    for c in (attn, am["proj"], am["proj_drop"], mods["ls1"], mods["drop_path1"], mlp, mm["fc2"], mm["drop2"]):
+        if _attached(c):
+            return False
+    return not (_attached(mods["ls2"]) or _attached(mods["drop_path2"]))
+
+
+def block_fusion_reasons(m: nn.Module) -> list:
+    """Why :func:`block_fusable` is False for ``m`` (empty when it is True): one string per cause, naming the
+    submodule and what is attached to it."""
+    out = fusion_reasons(m, [".".join(path) for path in BLOCK_FUSED_READS])
+    return out
 
 
 def block_forward(
@@ -632,10 +792,33 @@ def block_forward(
     Raises:
         ValueError: malformed ``cu_seqlens`` / ``max_seqlen`` (from :func:`fastvit.ops.attention`).
     """
+    if not block_fusable(m):
+        return block_forward_modular(m, x, cu_seqlens, max_seqlen)
+    return block_forward_fused(m, x, cu_seqlens, max_seqlen)
+
+
+def block_forward_fused(
+    m: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+) -> torch.Tensor:
+    """:func:`block_forward`'s fused path, for a caller that has checked :func:`block_fusable`: the projections,
+    LayerScale and residual adds as :func:`fastvit.ops.linear_residual`, fc1 + GELU as
+    :func:`fastvit.ops.linear_gelu` (see :func:`mlp_hidden`), attention through :func:`attention_core`."""
     h = attention_core(m.attn, apply_norm(m.norm1, x), cu_seqlens, max_seqlen)
     x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1, cu_seqlens)
     h = mlp_hidden(m.mlp, apply_norm(m.norm2, x))
     return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2, cu_seqlens)
+
+
+def block_forward_modular(
+    m: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+) -> torch.Tensor:
+    """:func:`block_forward` calling ``attn``, ``ls1``, ``drop_path1``, ``mlp``, ``ls2``, ``drop_path2`` as modules
+    (timm's ``Block.forward``), for a block whose submodules carry hooks, adapters or sharding; the norms go through
+    :func:`apply_norm` and the submodules' own forwards fuse what they can. With ``cu_seqlens`` the attention gets
+    the packed keywords and an active drop path draws per sequence."""
+    kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+    x = _residual(x, m.ls1(m.attn(apply_norm(m.norm1, x), **kw)), m.drop_path1, cu_seqlens)
+    return _residual(x, m.ls2(m.mlp(apply_norm(m.norm2, x))), m.drop_path2, cu_seqlens)
 
 
 class Block(nn.Module):
@@ -721,3 +904,7 @@ class Block(nn.Module):
         """(B, N, C) -> (B, N, C); packed (T, C) -> (T, C) with ``cu_seqlens`` / ``max_seqlen`` (see
         :func:`block_forward`)."""
         return block_forward(self, x, cu_seqlens, max_seqlen)
+
+
+register_fusable(Attention, Mlp, LayerScale, QuickGELU)
+register_fusable(DropPath, kind="dropout")

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from fastvit import ops
 from fastvit.nn.layers import Block, PatchDropout, PatchEmbed, apply_norm, resolve_act
 from fastvit.nn.packed import PackedTokens, cu_seqlens_from_lengths, pool_packed
 from fastvit.nn.pos_embed import resample_abs_pos_embed
@@ -237,6 +236,9 @@ class VisionTransformer(nn.Module):
                 for i in range(depth)
             ]
         )
+        # what timm's feature wrappers (features_only, FeatureGetterNet) and forward_intermediates users read
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = norm_layer(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         self.attn_pool = None
         self.grad_checkpointing = False
@@ -590,8 +592,7 @@ class VisionTransformer(nn.Module):
             grid = self.patch_embed.dynamic_feat_size((H, W))
             pos = self.resample_pos_embed(grid) if self.pos_embed is not None else None
             x = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])
-            w = self.patch_embed.proj
-            x = ops.patch_embed(x, w.weight, w.bias, pos_embed=pos, cls_token=self.cls_token, reg_tokens=self.reg_token)
+            x = self.patch_embed.embed(x, pos_embed=pos, cls_token=self.cls_token, reg_tokens=self.reg_token)
             if pos is not None:
                 x = self.pos_drop(x)
             x = self.patch_drop(x)  # (b, R + N_keep, C); the identity in eval mode
