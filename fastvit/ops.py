@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fastvit import (
     backends,
@@ -83,6 +84,11 @@ def _like(
 def _index(name: str, t: object, ndim: int, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 indices, got {type(t).__name__}")
+    if type(t) is not torch.Tensor and is_traceable_wrapper_subclass(t):  # DTensor: its values are not all here
+        raise TypeError(
+            f"{name} must be a plain torch.Tensor of indices, got a {type(t).__name__} (a tensor subclass such as "
+            f"DTensor); pass {name}.full_tensor() (or .to_local() when each rank holds its own rows)"
+        )
     if t.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an int64 (or int32) tensor, got {t.dtype}")
     if t.dim() != ndim:

@@ -256,7 +256,8 @@ def _attn_supported(m: nn.Module) -> bool:
 
 def _mlp_reasons(m: nn.Module) -> List[str]:
     out = []
-    if not (isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
+    # an adapter (PEFT keeps the wrapped layer as base_layer) or a parametrization keeps the layer's kind
+    if any(isinstance(getattr(fc, "base_layer", fc), nn.Conv2d) for fc in (m.fc1, m.fc2)):
         out.append("convolutional MLP (use_conv=True) not covered")
     try:
         _act_mode(m.act)
@@ -284,7 +285,7 @@ def _block_reasons(m: nn.Module) -> List[str]:
             out += [f"{what}: {r}" for r in reasons(sub)]
     for name in ("ls1", "ls2"):
         ls = getattr(m, name)
-        if not (_is_identity(ls) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
+        if not (_is_identity(ls) or isinstance(ls._parameters.get("gamma"), torch.Tensor)):  # fx reads params as Proxy
             out.append(f"{name} is {_orig_type(ls).__name__}, not covered (LayerScale with a gamma tensor only)")
     return out
 

@@ -213,6 +213,17 @@ def needs_module_calls(*mods: nn.Module) -> bool:
     return False
 
 
+def embed_patches(pe: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``pe(x, **kwargs)`` for a :class:`PatchEmbed` ``pe`` (the fused embedding: projection, position add, prefix
+    tokens, kept patches in one op) -- or, while something observes ``pe``'s calls (a hook on it, a global module
+    hook), ``pe(x)`` as timm calls it, so the hook sees timm's (B, Np, E) patch tokens, and the rest unfused."""
+    if pe._forward_hooks or pe._forward_pre_hooks or _global_hooks():
+        from fastvit.reference import embed_tokens
+
+        return embed_tokens(pe(x), **kwargs)
+    return pe(x, **kwargs)
+
+
 def _skippable(m: nn.Module) -> bool:
     """``m`` would return its input unchanged (an ``nn.Identity``, or a dropout / drop-path that is inactive now)
     and nobody would see the call: no hooks on it, none global. Then a fused path skips the call."""
@@ -484,11 +495,11 @@ class PatchEmbed(nn.Module):
 
     def embed(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """:meth:`forward` without the input check (any size divisible by the patch size, as for packed images)."""
-        proj = self.proj
-        if needs_module_calls(proj):
+        proj, norm = self.proj, self.norm
+        if needs_module_calls(proj) or not _skippable(norm):
             from fastvit.reference import embed_tokens
 
-            return embed_tokens(proj(x).flatten(2).transpose(1, 2), **kwargs)
+            return embed_tokens(norm(proj(x).flatten(2).transpose(1, 2)), **kwargs)
         return ops.patch_embed(x, proj.weight, proj.bias, **kwargs)
 
 

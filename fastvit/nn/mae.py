@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from fastvit import ops
-from fastvit.nn.layers import Block, PatchEmbed, apply_norm
+from fastvit.nn.layers import Block, PatchEmbed, apply_norm, embed_patches
 from fastvit.nn.pos_embed import get_2d_sincos_pos_embed
 from fastvit.nn.vit import run_blocks
 
@@ -383,7 +383,7 @@ class MaskedAutoencoderViT(nn.Module):
         ids_keep, ids_restore, mask = ops.random_masking(
             imgs.shape[0], self.num_patches, float(mask_ratio), noise=noise, device=imgs.device
         )
-        x = self.patch_embed(imgs, pos_embed=self.pos_embed, cls_token=self.cls_token, ids_keep=ids_keep)
+        x = embed_patches(self.patch_embed, imgs, pos_embed=self.pos_embed, cls_token=self.cls_token, ids_keep=ids_keep)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
         x = apply_norm(self.norm, x)
         return x, mask, ids_restore

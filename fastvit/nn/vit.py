@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from fastvit.nn.layers import Block, PatchDropout, PatchEmbed, apply_norm, resolve_act
+from fastvit.nn.layers import Block, PatchDropout, PatchEmbed, apply_norm, embed_patches, resolve_act
 from fastvit.nn.packed import PackedTokens, cu_seqlens_from_lengths, pool_packed
 from fastvit.nn.pos_embed import resample_abs_pos_embed
 
@@ -76,6 +76,8 @@ def run_blocks(
 
     With ``cu_seqlens`` ``x`` is packed (T, C) and every block is called as ``blk(x, cu_seqlens, max_seqlen)``
     (:class:`fastvit.nn.layers.Block`'s packed forward)."""
+    if cu_seqlens is None and not checkpointed and isinstance(blocks, nn.Sequential):
+        return blocks(x)  # one module call, as timm's forward_features makes it (hooks on ``blocks`` fire)
     args = () if cu_seqlens is None else (cu_seqlens, max_seqlen)
     if checkpointed:
         for blk in blocks:
@@ -374,7 +376,7 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed
         if self.dynamic_img_size and pos is not None:
             pos = self.resample_pos_embed(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
-        x = self.patch_embed(x, pos_embed=pos, cls_token=self.cls_token, reg_tokens=self.reg_token)
+        x = embed_patches(self.patch_embed, x, pos_embed=pos, cls_token=self.cls_token, reg_tokens=self.reg_token)
         return self.pos_drop(x) if pos is not None else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
