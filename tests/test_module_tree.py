@@ -70,20 +70,22 @@ def _assert_same(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- PEFT LoRA
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["lora_then_patch_timm_"])
 def test_lora_matches_lora_on_timm(kind):
     """LoRA on qkv, proj (attention and patch embedding), fc1, fc2: the same outputs and the same adapter gradients
-    as LoRA on the unpatched timm model; every adapter gets a gradient."""
+    as LoRA on the unpatched timm model; every adapter gets a gradient. PEFT may wrap before or after patching."""
     from peft import LoraConfig, get_peft_model
 
     ref_base = _timm_model()
-    ours_base = _fastvit_of(ref_base, kind)
     cfg = dict(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"], init_lora_weights=False)
     x = _images()
     with torch.no_grad():
         base_out = ref_base(x)
+    if kind == "lora_then_patch_timm_":
+        ours = fastvit.patch_timm_(get_peft_model(copy.deepcopy(ref_base), LoraConfig(**cfg)))
+    else:
+        ours = get_peft_model(_fastvit_of(ref_base, kind), LoraConfig(**cfg))
     ref = get_peft_model(ref_base, LoraConfig(**cfg))
-    ours = get_peft_model(ours_base, LoraConfig(**cfg))
     ours.load_state_dict(ref.state_dict())  # the same random A and B in both
     adapters = [n for n, p in ref.named_parameters() if p.requires_grad]
     assert any("patch_embed.proj" in n for n in adapters) and any("mlp.fc2" in n for n in adapters)
@@ -133,17 +135,20 @@ def test_forward_hooks_fire_where_timm_fires(kind):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["hook_then_patch_timm_"])
 @pytest.mark.parametrize("where", ["blocks.1.attn.proj", "blocks.0.mlp.fc1", "blocks.1.mlp.fc2", "patch_embed.proj"])
 def test_pre_hook_that_changes_an_input_is_honoured(kind, where):
-    """A forward pre-hook that rescales a Linear's input inside a fused block changes the output as on timm."""
+    """A forward pre-hook that rescales a Linear's input inside a fused block changes the output as on timm
+    (registered after patching, or before)."""
     ref = _timm_model()
-    ours = _fastvit_of(ref, kind)
     x = _images()
     with torch.no_grad():
         before = ref(x)
+    ours = copy.deepcopy(ref) if kind == "hook_then_patch_timm_" else _fastvit_of(ref, kind)
     for model in (ref, ours):
         model.get_submodule(where).register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
+    if kind == "hook_then_patch_timm_":
+        fastvit.patch_timm_(ours)
     _assert_same(ours, ref, x)
     with torch.no_grad():
         assert (ref(x) - before).abs().max() > 1e-3

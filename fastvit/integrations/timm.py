@@ -27,6 +27,7 @@ from fastvit.nn.layers import (
     block_forward_fused,
     block_fusable,
     block_fusion_reasons,
+    fsdp_sharded_params,
     fusion_reasons,
     mlp_hidden,
     needs_module_calls,
@@ -459,21 +460,22 @@ _REASONS = {
 }
 
 
-def _mlp_modular_reasons(m: nn.Module) -> List[str]:
-    return fusion_reasons(m, ["fc1", "act"])
+def _mlp_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
+    return fusion_reasons(m, ["fc1", "act"], ignore)
 
 
-def _patch_embed_modular_reasons(m: nn.Module) -> List[str]:
-    return fusion_reasons(m, ["proj"])
+def _patch_embed_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
+    return fusion_reasons(m, ["proj"], ignore)
 
 
-def _layer_norm_modular_reasons(m: nn.Module) -> List[str]:
-    return ["a DTensor / tensor-subclass parameter (e.g. tensor parallelism)"] if _wrapper_param(m) else []
+def _layer_norm_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
+    return ["a DTensor / tensor-subclass parameter (e.g. tensor parallelism)"] if _wrapper_param(m, ignore) else []
 
 
 # What is attached to the submodules a patched forward would read (hooks, adapters, sharding, DTensor parameters)
 # now, and the status that gives: 'modular' (its fused parts call those submodules as modules; patched children
-# still run on fastvit) or 'fallback' (timm's own forward runs).
+# still run on fastvit) or 'fallback' (timm's own forward runs). Each takes the module and the ids of parameters to
+# ignore (FSDP2's: DTensors between forwards, unsharded while the forward runs).
 _ATTACHED = {
     _patch_embed_forward: (_patch_embed_modular_reasons, "fallback"),
     _mlp_forward: (_mlp_modular_reasons, "modular"),
@@ -566,7 +568,9 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     ``patch_timm_``; DDP before or after; FSDP2's ``fully_shard`` and tensor parallelism's ``parallelize_module``
     after ``patch_timm_`` (it raises ``RuntimeError`` on a module ``fully_shard`` already wrapped). A ``torch.fx``
     symbolic trace records each :mod:`fastvit.ops` call as one leaf node, so the ``GraphModule`` computes what the
-    eager forward computes. Under timm's ``scriptable`` or ``exportable`` layer config (TorchScript / export)
+    eager forward computes (timm's ``forward(x, attn_mask=None, is_causal=False)``: trace with
+    ``concrete_args={'attn_mask': None, 'is_causal': False}`` to record the fused path; a symbolic ``attn_mask``
+    records timm's masked path, the same numbers). Under timm's ``scriptable`` or ``exportable`` layer config (TorchScript / export)
     ``patch_timm_`` patches nothing, warns, and :func:`patch_report` gives the reason.
 
     **NaFlexVit** (``timm.models.naflexvit``; NaViT, Dehghani et al., 2023, arXiv:2307.06304; SigLIP 2's NaFlex,
@@ -766,6 +770,7 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _timm()
     out: List[PatchRecord] = []
+    fsdp_params = fsdp_sharded_params(model)
     for name, m in model.named_modules():
         cls = type(m)
         fn = getattr(cls, "_fastvit_fn", None)  # a patched class, or FSDP2's subclass of one
@@ -775,7 +780,7 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
             reasons, status = _REASONS[fn](m), "fallback"
             if not reasons and fn in _ATTACHED:
                 attached, status = _ATTACHED[fn]
-                reasons = attached(m)
+                reasons = attached(m, fsdp_params)
             out.append(PatchRecord(name, _orig_type(m).__name__, status if reasons else "patched", "; ".join(reasons)))
         elif _patchable_forward(m) is not None:
             why = getattr(model, "_fastvit_unpatched_reason", None) or "patch_timm_ has not been applied to it"

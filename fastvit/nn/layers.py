@@ -155,13 +155,25 @@ def _global_hooks() -> bool:
     return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
 
 
-def _wrapper_param(m: nn.Module) -> bool:
+def _wrapper_param(m: nn.Module, ignore: frozenset = frozenset()) -> bool:
+    """``m`` has a DTensor (or other wrapper-subclass) parameter whose id is not in ``ignore``."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     for p in m._parameters.values():
         if p is not None and type(p) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(p):
-            return True
+            if id(p) not in ignore:
+                return True
     return False
+
+
+def fsdp_sharded_params(model: nn.Module) -> frozenset:
+    """Ids of the parameters FSDP2's ``fully_shard`` manages in ``model``: DTensors between forwards, plain
+    unsharded tensors while the module runs (so a report about the forward must not count them as DTensors)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return frozenset()
+    return frozenset(id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters())
 
 
 def _attached(m: nn.Module) -> bool:
@@ -173,10 +185,11 @@ def _attached(m: nn.Module) -> bool:
     )
 
 
-def fusion_reasons(m: nn.Module, names: Optional[list] = None) -> list:
+def fusion_reasons(m: nn.Module, names: Optional[list] = None, ignore_params: frozenset = frozenset()) -> list:
     """Why a fused forward of ``m`` that reads the submodules ``names`` (dotted paths relative to ``m``; ``None``:
     every descendant) would call them as modules now: one string per cause, naming the submodule and what is
-    attached to it (empty: it fuses). For reports, not the hot path."""
+    attached to it (empty: it fuses). DTensor parameters whose ids are in ``ignore_params`` are not counted (FSDP2's
+    sharded parameters, see :func:`fsdp_sharded_params`). For reports, not the hot path."""
     out = []
     if _global_hooks():
         out.append("a global module hook is registered (torch.nn.modules.module.register_module_*_hook)")
@@ -194,7 +207,7 @@ def fusion_reasons(m: nn.Module, names: Optional[list] = None) -> list:
             why.append("has a forward hook")
         if c._backward_hooks or c._backward_pre_hooks:
             why.append("has a backward hook")
-        if _wrapper_param(c):
+        if _wrapper_param(c, ignore_params):
             why.append("has a DTensor / tensor-subclass parameter")
         if why:
             out.append(f"{name} {' and '.join(why)}")
@@ -775,11 +788,10 @@ def block_fusable(m: nn.Module) -> bool:
     return not (_attached(mods["ls2"]) or _attached(mods["drop_path2"]))
 
 
-def block_fusion_reasons(m: nn.Module) -> list:
+def block_fusion_reasons(m: nn.Module, ignore_params: frozenset = frozenset()) -> list:
     """Why :func:`block_fusable` is False for ``m`` (empty when it is True): one string per cause, naming the
-    submodule and what is attached to it."""
-    out = fusion_reasons(m, [".".join(path) for path in BLOCK_FUSED_READS])
-    return out
+    submodule and what is attached to it (``ignore_params``: see :func:`fusion_reasons`)."""
+    return fusion_reasons(m, [".".join(path) for path in BLOCK_FUSED_READS], ignore_params)
 
 
 def block_forward(
