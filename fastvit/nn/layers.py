@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fastvit import ops
 from fastvit.nn.pos_embed import _size2
@@ -157,12 +158,11 @@ def _global_hooks() -> bool:
 
 def _wrapper_param(m: nn.Module, ignore: frozenset = frozenset()) -> bool:
     """``m`` has a DTensor (or other wrapper-subclass) parameter whose id is not in ``ignore``."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     for p in m._parameters.values():
-        if p is not None and type(p) not in _PLAIN_TENSOR_TYPES and is_traceable_wrapper_subclass(p):
-            if id(p) not in ignore:
-                return True
+        if type(p) in _PLAIN_TENSOR_TYPES or p is None:
+            continue
+        if is_traceable_wrapper_subclass(p) and id(p) not in ignore:
+            return True
     return False
 
 
@@ -176,13 +176,23 @@ def fsdp_sharded_params(model: nn.Module) -> frozenset:
     return frozenset(id(p) for m in model.modules() if isinstance(m, FSDPModule) for p in m.parameters())
 
 
+def _any_attached(mods) -> bool:
+    """One of ``mods`` is not a plain module of a known class (see the fusion-guard comment). On the hot path of
+    every fused forward: kept to attribute reads in one loop."""
+    for m in mods:
+        if type(m) not in _FUSABLE_CLASSES:
+            return True
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        for p in m._parameters.values():
+            if type(p) not in _PLAIN_TENSOR_TYPES and p is not None and is_traceable_wrapper_subclass(p):
+                return True
+    return False
+
+
 def _attached(m: nn.Module) -> bool:
     """``m`` itself is not a plain module of a known class (see the fusion-guard comment)."""
-    return (
-        type(m) not in _FUSABLE_CLASSES
-        or bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-        or _wrapper_param(m)
-    )
+    return _any_attached((m,))
 
 
 def fusion_reasons(m: nn.Module, names: Optional[list] = None, ignore_params: frozenset = frozenset()) -> list:
@@ -218,12 +228,7 @@ def needs_module_calls(*mods: nn.Module) -> bool:
     """Whether a fused path that reads ``mods``' parameters must call them as modules instead: one of them has a
     hook, an unknown class (adapter, parametrization, sharding wrapper) or a DTensor parameter, or a global module
     hook is registered."""
-    if _global_hooks():
-        return True
-    for m in mods:
-        if _attached(m):
-            return True
-    return False
+    return _global_hooks() or _any_attached(mods)
 
 
 def embed_patches(pe: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -782,10 +787,10 @@ def block_fusable(m: nn.Module) -> bool:
     mods = m._modules
     attn, mlp = mods["attn"], mods["mlp"]
     am, mm = attn._modules, mlp._modules
-    for c in (attn, am["proj"], am["proj_drop"], mods["ls1"], mods["drop_path1"], mlp, mm["fc2"], mm["drop2"]):
-        if _attached(c):
-            return False
-    return not (_attached(mods["ls2"]) or _attached(mods["drop_path2"]))
+    return not _any_attached(
+        (attn, am["proj"], am["proj_drop"], mods["ls1"], mods["drop_path1"])
+        + (mlp, mm["fc2"], mm["drop2"], mods["ls2"], mods["drop_path2"])
+    )
 
 
 def block_fusion_reasons(m: nn.Module, ignore_params: frozenset = frozenset()) -> list:
