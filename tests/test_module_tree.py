@@ -186,6 +186,21 @@ def test_global_hook_and_backward_hook(kind):
     torch.testing.assert_close(grads["ours"], grads["ref"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_guard_covers_what_the_fused_block_reads(kind):
+    """block_fusable turns False for a hook on each submodule the fused block reads instead of calling
+    (BLOCK_FUSED_READS), and stays True for one on qkv, which the fused path calls as a module."""
+    from fastvit.nn.layers import BLOCK_FUSED_READS, block_fusable
+
+    model = _fastvit_of(_timm_model(), kind)
+    blk = model.blocks[0]
+    assert block_fusable(blk)
+    for path in BLOCK_FUSED_READS + (("attn", "qkv"),):
+        handle = blk.get_submodule(".".join(path)).register_forward_hook(lambda *a: None)
+        assert block_fusable(blk) == (path == ("attn", "qkv")), path
+        handle.remove()
+
+
 def test_hooks_report_names_the_module():
     model = fastvit.patch_timm_(_timm_model())
     model.blocks[1].attn.proj.register_forward_hook(lambda *a: None)

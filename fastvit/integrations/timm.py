@@ -21,6 +21,7 @@ from fastvit import ops
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.layers import (
     _act_mode,
+    _skippable,
     _wrapper_param,
     attention_core,
     block_forward,
@@ -306,6 +307,7 @@ def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
         _patch_embed_reasons(self)
         or not (tracing or (isinstance(x, torch.Tensor) and x.dim() == 4))
         or needs_module_calls(self.proj)
+        or not _skippable(self.norm)  # a hook on the (Identity) norm: timm calls it
     ):
         return self._fastvit_orig_cls.forward(self, x)
     B, C, H, W = x.shape
@@ -465,7 +467,7 @@ def _mlp_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
 
 
 def _patch_embed_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
-    return fusion_reasons(m, ["proj"], ignore)
+    return fusion_reasons(m, ["proj", "norm"], ignore)
 
 
 def _layer_norm_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
@@ -570,8 +572,8 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     symbolic trace records each :mod:`fastvit.ops` call as one leaf node, so the ``GraphModule`` computes what the
     eager forward computes (timm's ``forward(x, attn_mask=None, is_causal=False)``: trace with
     ``concrete_args={'attn_mask': None, 'is_causal': False}`` to record the fused path; a symbolic ``attn_mask``
-    records timm's masked path, the same numbers). Under timm's ``scriptable`` or ``exportable`` layer config (TorchScript / export)
-    ``patch_timm_`` patches nothing, warns, and :func:`patch_report` gives the reason.
+    records timm's masked path, the same numbers). Under timm's ``scriptable`` or ``exportable`` layer config
+    (TorchScript / export) ``patch_timm_`` patches nothing, warns, and :func:`patch_report` gives the reason.
 
     **NaFlexVit** (``timm.models.naflexvit``; NaViT, Dehghani et al., 2023, arXiv:2307.06304; SigLIP 2's NaFlex,
     Tschannen et al., 2025, arXiv:2502.14786): the model's class becomes ``FastvitNaFlexVit``, overriding only
@@ -740,8 +742,8 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
     and why -- read off the model's current state (call it before patching to see what is left to patch).
 
     Listed, in ``model.named_modules()`` order: every module of a class ``patch_timm_`` covers (status
-    ``'patched'``, ``'modular'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block / embedding /
-    pooling module (``'not covered'``, e.g. ``EvaAttention``: "rotary embeddings not covered"). Plain layers
+    ``'patched'``, ``'modular'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block /
+    embedding / pooling module (``'not covered'``, e.g. ``EvaAttention``: "rotary embeddings not covered"). Plain layers
     (``Linear``, ``Conv2d``, dropout, activations, LayerScale, containers) and ``model`` itself are not listed:
     they run PyTorch's / timm's own code either way, and inside a patched module their work is fused.
 

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fastvit import ops
 from fastvit.nn.pos_embed import _size2
+from fastvit.reference import embed_tokens
 
 __all__ = [
     "Attention",
@@ -236,8 +237,6 @@ def embed_patches(pe: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     tokens, kept patches in one op) -- or, while something observes ``pe``'s calls (a hook on it, a global module
     hook), ``pe(x)`` as timm calls it, so the hook sees timm's (B, Np, E) patch tokens, and the rest unfused."""
     if pe._forward_hooks or pe._forward_pre_hooks or _global_hooks():
-        from fastvit.reference import embed_tokens
-
         return embed_tokens(pe(x), **kwargs)
     return pe(x, **kwargs)
 
@@ -515,8 +514,6 @@ class PatchEmbed(nn.Module):
         """:meth:`forward` without the input check (any size divisible by the patch size, as for packed images)."""
         proj, norm = self.proj, self.norm
         if needs_module_calls(proj) or not _skippable(norm):
-            from fastvit.reference import embed_tokens
-
             return embed_tokens(norm(proj(x).flatten(2).transpose(1, 2)), **kwargs)
         return ops.patch_embed(x, proj.weight, proj.bias, **kwargs)
 
