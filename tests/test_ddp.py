@@ -17,16 +17,10 @@ missing all-reduce could not pass.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-import traceback
-
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.slow
@@ -104,7 +98,7 @@ def _reference(kind: str, rows: slice = slice(None)) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def _run_scenario(kind: str, rank: int) -> dict[str, object]:
+def _run_scenario(kind: str, rank: int, out_dir: str) -> dict[str, object]:
     data = _data()
     rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
     if kind.startswith("ddp"):
@@ -136,53 +130,14 @@ def _run_scenario(kind: str, rank: int) -> dict[str, object]:
     return {"local_loss": loss.detach(), "loss": mean_loss, "grads": grads, "params": params}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=90),
-    )
-    try:
-        for kind in SCENARIOS:
-            try:
-                result = _run_scenario(kind, rank)
-            except Exception:  # saved for the test to report; both ranks fail alike, so no collective hangs
-                result = {"error": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{kind}_rank{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory) -> str:
     """Spawn the two gloo workers once; return the folder holding ``<scenario>_rank<r>.pt``."""
-    out_dir = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo workers did not finish within 240 s")
-    return out_dir
+    return gloo.spawn(_run_scenario, SCENARIOS, str(tmp_path_factory.mktemp("ddp")), WORLD)
 
 
 def _load(out_dir: str, kind: str) -> list[dict]:
-    results = [torch.load(os.path.join(out_dir, f"{kind}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        if "error" in res:
-            pytest.fail(f"{kind} failed on rank {r}:\n{res['error']}")
-    return results
+    return gloo.load(out_dir, kind, WORLD)
 
 
 def _assert_tree_close(actual: dict, expected: dict, what: str, rel: float = 1e-5) -> None:

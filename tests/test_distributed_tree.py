@@ -33,16 +33,12 @@ that one rank's local gradient differs from the whole-batch one, so a missing al
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import socket
-import time
-import traceback
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import Shard
 
@@ -408,45 +404,10 @@ def _run_scenario(scenario: str, rank: int, out_dir: str) -> dict:
     raise ValueError(scenario)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        for scenario in SCENARIOS:
-            try:
-                result = _run_scenario(scenario, rank, out_dir)
-            except Exception:  # saved for the test to report; both ranks fail alike, so no collective hangs
-                result = {"error_trace": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> str:
     """Spawn the two gloo workers once; return the folder holding ``<scenario>_rank<r>.pt``."""
-    out_dir = str(tmp_path_factory.mktemp("distributed_tree"))
-    ctx = mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the 2-process gloo workers did not finish within 240 s")
-    return out_dir
+    return gloo.spawn(_run_scenario, SCENARIOS, str(tmp_path_factory.mktemp("distributed_tree")), WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -461,11 +422,7 @@ def ref_local() -> dict:
 
 
 def _load(out_dir: str, scenario: str) -> list[dict]:
-    out = [torch.load(os.path.join(out_dir, f"{scenario}_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    for r, res in enumerate(out):
-        if "error_trace" in res:
-            pytest.fail(f"{scenario} failed on rank {r}:\n{res['error_trace']}")
-    return out
+    return gloo.load(out_dir, scenario, WORLD)
 
 
 def _assert_tree_close(actual: dict, expected: dict, what: str, rel: float | None = None) -> None:
