@@ -53,17 +53,14 @@ class FixedMaskMAE(torch.nn.Module):
         return self.mae(imgs, self.mask_ratio, noise)
 
 
+#: The fastvit.ops a ViT's embedding and blocks use.
+BLOCK_OPS = ("patch_embed", "attention", "scaled_dot_product_attention", "layer_norm", "linear_gelu", "linear_residual")
+
+
 def spy_ops(monkeypatch) -> dict:
     """Count calls of the fastvit.ops a ViT block uses (op name -> calls), through ``monkeypatch``."""
     calls: dict[str, int] = {}
-    for name in [
-        "patch_embed",
-        "attention",
-        "scaled_dot_product_attention",
-        "layer_norm",
-        "linear_gelu",
-        "linear_residual",
-    ]:
+    for name in BLOCK_OPS:
         orig = getattr(fastvit.ops, name)
 
         def spy(*a, _orig=orig, _name=name, **k):

@@ -40,6 +40,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from oracle import BLOCK_OPS
 from torch.distributed.tensor import Shard
 
 timm = pytest.importorskip("timm")
@@ -75,14 +76,7 @@ SCENARIOS = (
     "dtensor_index",
     "patch_after_fsdp",
 )
-COUNTED_OPS = (
-    "patch_embed",
-    "attention",
-    "scaled_dot_product_attention",
-    "layer_norm",
-    "linear_gelu",
-    "linear_residual",
-)
+COUNTED_OPS = BLOCK_OPS
 
 
 # ------------------------------------------------------------------------------------------------ models, data
