@@ -477,7 +477,7 @@ stage_sweeps() {
     fi
     bench_step scaling_vit_base_patch16_224 150 scaling vit_base_patch16_224 --dtype bf16 --batch 16 \
         --mode fwd_bwd --img-sizes 224 384 512 768 1024
-    # Every N of DESIGN.md's list, D = 64 and 80, B·N ≈ 256·197 tokens.
+    # Every N of docs/ARCHITECTURE.md's shape list, D = 64 and 80, B·N ≈ 256·197 tokens.
     bench_step attention_sweep 200 attention --dtype bf16 --mode fwd_bwd --heads 12 --batch auto
     bench_step scaling_mae_vit_base_patch16 150 scaling mae_vit_base_patch16 --dtype bf16 --batch 64 \
         --mode fwd_bwd --img-sizes 224 384 512 768 1024

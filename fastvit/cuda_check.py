@@ -3,7 +3,7 @@
 Compiles every torch-free kernel file of ``csrc/`` (``*.cu``; the binding is left out) with ``nvcc`` alone, for each
 target architecture, with ``-Xptxas -v``, and prints a table of registers, spills and static shared memory per
 kernel. No GPU and no torch headers are involved: the include path is ``csrc/`` plus CUTLASS, so a kernel file that
-reaches for ``at::Tensor`` fails here (DESIGN.md, "Verifying GPU code on a machine without a GPU").
+reaches for ``at::Tensor`` fails here (docs/ARCHITECTURE.md, "Verifying GPU code without a GPU").
 
 Exit status 1 on a compile error, on a torch / ATen / c10 include in a kernel file, or on register spills in the
 attention and LayerNorm kernels (whose speed depends on staying in registers); spills elsewhere are reported only.

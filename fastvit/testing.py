@@ -74,7 +74,7 @@ __all__ = [
 # (~1 ulp at 1.0) and bf16 1e-2 (~1 ulp at 1.0): one extra rounding of an output compared with a `pt` that
 # happened to be exact (a copy, a gather) must not fail.
 #
-# Deviation from a purely absolute floor (DESIGN.md says atol(dtype)): the floor is scaled by
+# Deviation from a purely absolute floor (docs/ARCHITECTURE.md says atol(dtype)): the floor is scaled by
 # max(1, max|ref|), i.e. "a few ulps at the tensor's magnitude". Weight gradients sum B·N terms and reach
 # magnitudes of ~100 even at test shapes; there a different (and equally valid) summation order than `pt`'s
 # costs ~1e-4 in fp32, which a fixed 1e-5 would flag although nothing is wrong. Real bugs (a wrong index, a

@@ -1,6 +1,6 @@
 """The numerical test oracle of fastvit's tests: a thin re-export of :mod:`fastvit.testing` plus test-only helpers.
 
-The oracle itself (DESIGN.md's rule, FlashAttention's: ``max|out - ref| <= 2 * max|pt - ref| + atol(dtype)`` for
+The oracle itself (docs/ARCHITECTURE.md's rule, FlashAttention's: ``max|out - ref| <= 2 * max|pt - ref| + atol(dtype)`` for
 outputs and every gradient), its tolerance table and the op / model comparison machinery live in
 :mod:`fastvit.testing`, shared with ``fastvit-bench``, so the tests and the benchmark judge by the same rule.
 

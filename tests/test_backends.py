@@ -385,7 +385,7 @@ def test_register_kernel_rejects_unknown_names():
 # =============================================================================================== fastvit.info
 def test_info_json_subprocess(tmp_path):
     # cwd = tmp_path: `python -m` puts the working directory on sys.path, and the repo root's kernels/ must not
-    # shadow anything (DESIGN.md).
+    # shadow anything (docs/ARCHITECTURE.md, "Layers of an op").
     proc = subprocess.run(
         [sys.executable, "-m", "fastvit.info", "--json"],
         cwd=tmp_path,

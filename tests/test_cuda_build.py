@@ -134,7 +134,7 @@ def test_compile_check_flags_a_torch_include(tmp_path):
 # ------------------------------------------------------------------------------------------- nvcc
 @needs_toolchain
 def test_every_kernel_file_compiles_for_sm80_and_sm90a_without_attention_or_layer_norm_spills():
-    """DESIGN.md's CUDA compile check, one instantiation per kernel template (the minimal build)."""
+    """the CUDA compile check of docs/ARCHITECTURE.md, one instantiation per kernel template (the minimal build)."""
     results, failures = cuda_check.run("8.0;9.0a", minimal=True)
     assert failures == []
     assert results and all(r.ok for r in results)

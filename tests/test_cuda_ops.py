@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (fastvit._C) on a GPU, against DESIGN.md's oracle: every op, forward and every gradient,
+"""The ``cuda`` backend (fastvit._C) on a GPU, against the oracle of docs/ARCHITECTURE.md: every op, forward and every gradient,
 fp16 / bf16 (and fp32 for the memory-bound ops), awkward shapes, poisoned outputs, deterministic backward, and whole
 models against eager. Marked ``gpu``: skipped (with the reason) on machines without a CUDA device; run by
 benchmarks/gpu_suite.sh.

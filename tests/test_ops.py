@@ -3,7 +3,7 @@
 Each op is checked, forward and every gradient, for two implementations -- ``fastvit.ops.<op>(...,
 backend="eager")`` and ``fastvit.reference.<op>`` -- against a *naive formulation written here*, independently
 of the library (explicit loops over patches / heads / tokens, formulas spelled out): ``ref`` is that naive code
-in float64, ``pt`` the same naive code in the input precision, and the oracle of DESIGN.md
+in float64, ``pt`` the same naive code in the input precision, and the oracle of docs/ARCHITECTURE.md
 (``max|out - ref| <= 2 max|pt - ref| + atol``, see ``tests/oracle.py``) decides.
 """
 

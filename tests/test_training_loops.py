@@ -9,7 +9,7 @@ ImageNet-normalised), with the same seeds for everything random, on three models
   today, and the measure of how far honest mixed-precision rounding moves a trajectory from ``ref``;
 * ``out``: fastvit (``fastvit.from_timm`` / ``fastvit.patch_timm_`` / fastvit's MAE) under that autocast.
 
-The oracle is DESIGN.md's, applied to whole trajectories: for the per-step loss (a K-vector), the per-step gradient
+The oracle is docs/ARCHITECTURE.md's, applied to whole trajectories: for the per-step loss (a K-vector), the per-step gradient
 norm (MAE) and, at the end, every parameter and every EMA weight (their change from the shared initial weights, so
 the common start does not hide the error) and the EMA model's eval logits, ``max|out - ref| <= 2 * max|pt - ref| +
 atol`` with fp32's atol (1e-5, scaled by ``max(1, max|ref|)``): losses, parameters and EMA weights are fp32 under

@@ -2,7 +2,7 @@
 
 ``linear_gelu`` (fc1 + bias + GELU, erf or tanh) and ``linear_residual`` (fc2/proj + bias + LayerScale + residual)
 on backend "triton", forward and every gradient (x, weight, bias, residual, gamma), fp32 / fp16 / bf16, against
-``fastvit.reference`` under DESIGN.md's oracle (tests/oracle.py). Runs on the CPU through the Triton interpreter
+``fastvit.reference`` under the oracle of docs/ARCHITECTURE.md (tests/oracle.py). Runs on the CPU through the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), on a CUDA device otherwise; the interpreter's single
 config uses 32 × 32 × 32 tiles, so K = 40 / 72, N = 96 / 200 and M = 1 / 50 / 183 all end in partial tiles.
 

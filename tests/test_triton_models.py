@@ -1,5 +1,5 @@
 """Whole models on the ``triton`` backend against ``eager``: a tiny VisionTransformer and MaskedAutoencoderViT,
-forward and every parameter gradient, under DESIGN.md's oracle (``ref``: the model in float64 on eager; ``pt``:
+forward and every parameter gradient, under the oracle of docs/ARCHITECTURE.md (``ref``: the model in float64 on eager; ``pt``:
 the model in float32 on eager; ``out``: float32 on triton). On a machine without a GPU the kernels run in
 Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
 

@@ -2,7 +2,7 @@
 ``attention_varlen_*_cuda`` / ``sdpa_varlen_*_cuda`` ops (FlashAttention-2, Dao 2023, on the layout of
 ``flash_attn_varlen_func``).
 
-* ``gpu``-marked: packed attention against the per-sequence float64 reference under DESIGN.md's oracle
+* ``gpu``-marked: packed attention against the per-sequence float64 reference under the oracle of docs/ARCHITECTURE.md
   (:func:`fastvit.testing.check_op`), forward and every gradient, fp16 / bf16, lengths with tails, single tokens and
   sequences of different tiles, head dims 64 / 72 (masked columns) / 80; a deterministic backward; poisoned outputs
   (an unwritten row fails).

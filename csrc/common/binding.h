@@ -3,7 +3,7 @@
 // exception, 128-bit alignment of operands, workspace allocation and the device guard + stream of a launch.
 //
 // This header and the *_binding.cpp / fastvit_*.cpp files are the only ones under csrc/ that see torch; the kernel
-// files (*.cu, *.cuh and the other *.h) stay torch-free (DESIGN.md, "Four layers per op").
+// files (*.cu, *.cuh and the other *.h) stay torch-free (docs/ARCHITECTURE.md, "Layers of an op").
 //
 // Error types: TORCH_CHECK_TYPE -> TypeError (dtype), TORCH_CHECK_VALUE -> ValueError (shape, device, size),
 // TORCH_CHECK_NOT_IMPLEMENTED -> NotImplementedError (a dtype / head dim this build did not compile).

@@ -1,6 +1,6 @@
 // fastvit CUDA C++ kernels: what every torch-free kernel file shares.
 //
-// Rules (DESIGN.md, "Four layers per op"):
+// Rules (docs/ARCHITECTURE.md, "Layers of an op"):
 //   * a kernel file (*.cu / *.cuh under csrc/<family>/) never includes a torch header; the family's binding
 //     (csrc/<family>/<family>_binding.cpp) fills one plain params struct per op and calls a plain launcher
 //     `cudaError_t run_<op>(const <Op>Params&, cudaStream_t)` declared in csrc/<family>/<family>.h;

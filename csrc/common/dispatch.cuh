@@ -1,5 +1,5 @@
 // Switch macros turning run-time dtype / head-dim values into compile-time template arguments
-// (DESIGN.md, Style). Device element types are CUTLASS's (cutlass::half_t, cutlass::bfloat16_t), which
+// (docs/ARCHITECTURE.md, "Style"). Device element types are CUTLASS's (cutlass::half_t, cutlass::bfloat16_t), which
 // share their bit layout with at::Half / at::BFloat16 and with CuTe's MMA atoms.
 #pragma once
 

@@ -3,7 +3,7 @@
 No fastvit kernel is trusted on a device (GPU model, driver, CUDA runtime, torch, Triton, fastvit build) until it
 has been seen to compute the right answer there. This module runs each op of each requested kernel backend at small,
 awkward shapes (N = 1, 61, 197 tokens; D = 32, 72, 80; batch 3; every dtype the backend declares for the op), forward
-and every gradient, against :mod:`fastvit.reference` under the test oracle (DESIGN.md, "Numerics")::
+and every gradient, against :mod:`fastvit.reference` under the test oracle (docs/ARCHITECTURE.md, "Numerics and the test oracle")::
 
     max|out - ref|  <=  2 * max|pt - ref|  +  atol(dtype) * max(1, max|ref|)
 
