@@ -6,6 +6,12 @@ output and every parameter gradient, fp32 and bf16 under CPU autocast, on automa
 backend (interpreter); the profiler shows fastvit's op; masks, causal attention, dropout and grouped-query heads take
 the documented paths; registration is idempotent, happens on ``import fastvit`` after ``import transformers``, and
 ``import fastvit`` alone never imports transformers.
+
+Issue 24: key-padding and block-diagonal masks and ``cu_seq_lens_*`` keywords run one packed fastvit call (against
+SDPA, padding rows and q / k / v gradients included; the mask analysed once per mask); ``attention_report`` says what
+runs where; ``set_attn_implementation`` reaches ViT-MAE's decoder; SAM and a model whose attention ignores the
+interface are refused at the call that asks for ``"fastvit"``; ``"fastvit_flash"`` needs no FlashAttention package.
+Whole padded / multi-image models: tests/test_hf_packed.py.
 """
 
 from __future__ import annotations
@@ -189,7 +195,8 @@ def _count_fastvit_calls(monkeypatch) -> list:
     return calls
 
 
-def test_padding_mask_falls_back_to_sdpa_once_with_reason(monkeypatch, fresh_warnings, generator):
+def test_padding_mask_runs_packed_and_matches_sdpa(monkeypatch, fresh_warnings, generator):
+    """A key-padding ``attention_mask`` runs fastvit's packed op on every layer (issue 24; it fell back before)."""
     calls = _count_fastvit_calls(monkeypatch)
     model = _build("vit").eval()
     x = torch.randn(2, 3, 32, 32, generator=generator)
@@ -197,19 +204,18 @@ def test_padding_mask_falls_back_to_sdpa_once_with_reason(monkeypatch, fresh_war
     mask[0, -5:] = 0
     expected = model(pixel_values=x, attention_mask=mask).last_hidden_state
     model.set_attn_implementation("fastvit")
-    with pytest.warns(FastvitAttentionFallbackWarning, match="key-padding attention mask.*takes no mask"):
-        got = model(pixel_values=x, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert calls == []
-    with warnings.catch_warnings():  # once per reason: the second call is quiet
+    with warnings.catch_warnings():
         warnings.simplefilter("error", FastvitAttentionFallbackWarning)
-        model(pixel_values=x, attention_mask=mask)
-    # a mask that masks nothing: transformers' mask function drops it, fastvit runs, and the result is SDPA's
+        got = model(pixel_values=x, attention_mask=mask).last_hidden_state
+    assert len(calls) == 2 and all(c.get("cu_seqlens") is not None for c in calls)
+    assert calls[0]["cu_seqlens"].tolist() == [0, _NUM_PATCHES + 1 - 5, 2 * (_NUM_PATCHES + 1) - 5]
+    torch.testing.assert_close(got, expected)  # padding rows included: they hold what SDPA gives them
+    # a mask that masks nothing: transformers' mask function drops it, fastvit's dense op runs
     ones = torch.ones_like(mask)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastvitAttentionFallbackWarning)
         got = model(pixel_values=x, attention_mask=ones).last_hidden_state
-    assert len(calls) == 2
+    assert len(calls) == 4 and calls[-1].get("cu_seqlens") is None
     model.set_attn_implementation("sdpa")
     torch.testing.assert_close(got, model(pixel_values=x).last_hidden_state)
 
@@ -238,8 +244,8 @@ def _sdpa(module, q, k, v, mask, **kw):
     "kind, match",
     [
         ("causal_bool", "causal attention mask"),
-        ("arbitrary_bool", "neither empty nor key-padding"),
-        ("padding_float", "key-padding attention mask"),
+        ("arbitrary_bool", "neither empty, key-padding nor block-diagonal"),
+        ("per_head", "differs between heads"),
         ("bias_float", "additive attention bias"),
         ("is_causal", r"is_causal=True"),
         ("position_bias", "position_bias"),
@@ -255,9 +261,9 @@ def test_masks_fall_back_with_reason_and_match_sdpa(kind, match, monkeypatch, fr
     elif kind == "arbitrary_bool":
         mask = torch.rand(2, 1, N, N, generator=generator) > 0.3
         mask[..., 0] = True
-    elif kind == "padding_float":
-        mask = torch.zeros(2, 1, 1, N)
-        mask[1, ..., -2:] = torch.finfo(torch.float32).min
+    elif kind == "per_head":  # key padding for head 0 only
+        mask = torch.ones(2, 2, N, N, dtype=torch.bool)
+        mask[1, 0, :, -2:] = False
     elif kind == "bias_float":
         mask = torch.randn(2, 1, N, N, generator=generator)
     elif kind == "is_causal":
@@ -367,9 +373,10 @@ def test_import_fastvit_does_not_import_transformers(tmp_path):
     assert out.split() == ["False"]
 
 
-def test_siglip2_naflex_padding_falls_back_and_full_images_run_on_fastvit(monkeypatch, fresh_warnings, generator):
-    """SigLIP-2 (NaFlex) passes ``pixel_attention_mask``: padded patches fall back, a batch without padding runs on
-    fastvit (transformers' mask function turns an all-ones mask into ``None``)."""
+def test_siglip2_naflex_padded_batches_run_packed_and_full_images_dense(monkeypatch, fresh_warnings, generator):
+    """SigLIP-2 (NaFlex) passes ``pixel_attention_mask``: a batch with padded patches runs fastvit's packed op (issue
+    24; it fell back before), a batch without padding its dense op (transformers' mask function turns an all-ones mask
+    into ``None``). tests/test_hf_packed.py checks gradients, bf16 and the Triton kernels."""
     calls = _count_fastvit_calls(monkeypatch)
     cfg = transformers.Siglip2VisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, num_patches=16
@@ -377,6 +384,7 @@ def test_siglip2_naflex_padding_falls_back_and_full_images_run_on_fastvit(monkey
     model = transformers.Siglip2VisionModel._from_config(cfg, attn_implementation="sdpa").eval()
     pv = torch.randn(2, 16, 3 * 8 * 8, generator=generator)
     for padded in (True, False):
+        del calls[:]
         mask = torch.ones(2, 16, dtype=torch.long)
         shapes = torch.tensor([[4, 4], [4, 4]])
         if padded:
@@ -384,14 +392,270 @@ def test_siglip2_naflex_padding_falls_back_and_full_images_run_on_fastvit(monkey
             shapes[1] = torch.tensor([3, 4])
         kw = dict(pixel_values=pv, pixel_attention_mask=mask, spatial_shapes=shapes)
         model.set_attn_implementation("sdpa")
-        expected = model(**kw).last_hidden_state
+        expected = model(**kw)
         model.set_attn_implementation("fastvit")
-        if padded:
-            with pytest.warns(FastvitAttentionFallbackWarning, match="key-padding"):
-                got = model(**kw).last_hidden_state
-            assert calls == []
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
-        else:
-            got = model(**kw).last_hidden_state
-            assert len(calls) == 2
-            torch.testing.assert_close(got, expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FastvitAttentionFallbackWarning)
+            got = model(**kw)
+        assert [c.get("cu_seqlens") is not None for c in calls] == [padded, padded]
+        torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+        torch.testing.assert_close(got.pooler_output, expected.pooler_output)
+
+
+# ------------------------------------------------------------------------------------------------ packed masks (issue 24)
+def _valid_to_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) valid tokens -> transformers' (B, 1, N, N) key-padding mask (what sdpa_mask builds)."""
+    B, N = valid.shape
+    return valid[:, None, None, :].expand(B, 1, N, N)
+
+
+def _blocks(lengths, N) -> torch.Tensor:
+    keep = torch.zeros(N, N, dtype=torch.bool)
+    start = 0
+    for n in lengths:
+        keep[start : start + n, start : start + n] = True
+        start += n
+    return keep
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["padding_suffix", "padding_middle", "padding_float_broadcast", "blocks", "blocks_and_padding", "gqa_padding"],
+)
+def test_packable_masks_run_one_packed_call_and_match_sdpa(kind, monkeypatch, fresh_warnings, generator):
+    calls = _count_fastvit_calls(monkeypatch)
+    N, H_kv = 7, None
+    valid = torch.ones(2, N, dtype=torch.bool)
+    if kind == "padding_suffix":
+        valid[1, -3:] = False
+        mask, lengths = _valid_to_mask(valid), [7, 4]
+    elif kind == "padding_middle":
+        valid[0, [1, 4]] = False
+        valid[1, 2] = False
+        mask, lengths = _valid_to_mask(valid), [5, 6]
+    elif kind == "padding_float_broadcast":  # additive (B, 1, 1, N), HF's eager style: broadcast over queries
+        mask = torch.zeros(2, 1, 1, N)
+        mask[1, ..., -2:] = torch.finfo(torch.float32).min
+        lengths = [7, 5]
+    elif kind == "blocks":  # Pixtral: several images in one sequence, one mask for the batch
+        mask, lengths = _blocks([3, 4], N)[None, None], [3, 4, 3, 4]
+    elif kind == "blocks_and_padding":  # two blocks, then a padding token whose row sees the first block
+        keep = _blocks([2, 4], N)
+        keep[6, :2] = True
+        mask, lengths = keep[None, None].expand(2, 1, N, N), [2, 4, 2, 4]
+    else:
+        H_kv = 1
+        valid[0, -1] = False
+        mask, lengths = _valid_to_mask(valid), [6, 7]
+    q, k, v = _qkv(generator, H=2, N=N, H_kv=H_kv)
+    module = _Module(groups=2 if H_kv else 1)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastvitAttentionFallbackWarning)
+        out, weights = fastvit_attention_forward(module, *leaves, mask, scaling=0.3)
+    expected = _sdpa(module, *ref_leaves, mask, scaling=0.3)
+    assert weights is None and len(calls) == 1
+    assert torch.diff(calls[0]["cu_seqlens"]).tolist() == lengths and calls[0]["max_seqlen"] == max(lengths)
+    assert out.shape == expected.shape == (2, N, 2, 16) and out.is_contiguous()
+    torch.testing.assert_close(out, expected)  # padding rows too: SDPA's values, not zeros
+    upstream = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    ref_grads = torch.autograd.grad((expected * upstream).sum(), ref_leaves)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(g, r, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_mask_analysis_is_cached_on_the_mask_and_redone_after_an_in_place_change(monkeypatch, generator):
+    analysed = []
+    real = hf_attention._analyse_mask
+    monkeypatch.setattr(hf_attention, "_analyse_mask", lambda *a: analysed.append(1) or real(*a))
+    q, k, v = _qkv(generator)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, -2:] = False
+    mask = _valid_to_mask(valid).clone()
+    for _ in range(3):  # three layers, one mask
+        fastvit_attention_forward(_Module(), q, k, v, mask, scaling=0.3)
+    assert len(analysed) == 1
+    mask[1, ..., 0] = False  # the same tensor, new values: its version counter moved, the cache is stale
+    out, _ = fastvit_attention_forward(_Module(), q, k, v, mask, scaling=0.3)
+    assert len(analysed) == 2
+    torch.testing.assert_close(out, _sdpa(_Module(), q, k, v, mask, scaling=0.3))
+
+
+def test_flash_style_keywords_run_one_packed_call(monkeypatch, generator):
+    """``cu_seq_lens_q`` / ``max_length_q`` (what transformers passes to ``"fastvit_flash"``): one packed call over the
+    (1, H, T, D) row, equal to SDPA on each sequence; inconsistent offsets raise."""
+    calls = _count_fastvit_calls(monkeypatch)
+    q, k, v = _qkv(generator, B=1, N=9)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out, _ = fastvit_attention_forward(
+        _Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5
+    )
+    assert len(calls) == 1 and calls[0]["max_seqlen"] == 5
+    parts = [_sdpa(_Module(), q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, scaling=0.3) for a, b in ((0, 4), (4, 9))]
+    torch.testing.assert_close(out, torch.cat(parts, dim=1))
+    with pytest.raises(ValueError, match="cu_seq_lens_k differs"):
+        fastvit_attention_forward(
+            _Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 5, 9], dtype=torch.int32)
+        )
+    with pytest.raises(ValueError, match="causal"):
+        fastvit_attention_forward(_Module(is_causal=True), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+
+# ------------------------------------------------------------------------------------------------ honesty (issue 24)
+def _siglip_with_head():
+    cfg = transformers.SiglipVisionConfig(intermediate_size=64, vision_use_head=True, **_COMMON)
+    return transformers.SiglipVisionModel._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_attention_report_says_what_runs_where(fresh_warnings, generator):
+    from fastvit.integrations.hf import attention_report, format_attention_report
+
+    model = _siglip_with_head()
+    layers = [f"encoder.layers.{i}.self_attn" for i in range(2)]
+    report = attention_report(model)
+    assert [r.name for r in report] == layers + ["head.attention"]
+    assert [r.status for r in report] == ["other", "other", "not covered"]
+    assert report[0].reason == "its config asks for attn_implementation='sdpa'" and report[0].last_call == ""
+    assert report[2].class_name == "MultiheadAttention" and "PyTorch's own attention" in report[2].reason
+    with pytest.warns(hf_attention.FastvitAttentionNotCoveredWarning, match=r"head\.attention \(MultiheadAttention\)"):
+        model.set_attn_implementation("fastvit")
+    assert [(r.status, r.last_call) for r in attention_report(model)][:2] == [("fastvit", "")] * 2
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    model(pixel_values=x)
+    assert [(r.status, r.last_call) for r in attention_report(model)][:2] == [("fastvit", "dense")] * 2
+
+    vit = _build("vit").eval()
+    vit.set_attn_implementation("fastvit")
+    mask = torch.ones(2, _NUM_PATCHES + 1, dtype=torch.long)
+    mask[1, -3:] = 0
+    vit(pixel_values=x, attention_mask=mask)
+    assert {(r.status, r.last_call) for r in attention_report(vit)} == {("fastvit", "packed (key-padding mask)")}
+    odd = torch.rand(2, 1, _NUM_PATCHES + 1, _NUM_PATCHES + 1, generator=generator) > 0.5  # passed to layers as is
+    odd[..., 0] = True
+    with pytest.warns(FastvitAttentionFallbackWarning):
+        vit(pixel_values=x, attention_mask=odd)
+    report = attention_report(vit)
+    assert {r.status for r in report} == {"fallback"} and "neither empty, key-padding nor block-diagonal" in report[
+        0
+    ].reason
+    table = format_attention_report(report)
+    assert table.splitlines()[0].split() == ["module", "class", "status", "last", "call", "reason"]
+    assert table.splitlines()[-1] == "2 attention modules, 2 fallback"
+    with pytest.raises(TypeError, match="nn.Module"):
+        attention_report("vit")
+
+
+def test_building_with_fastvit_warns_about_uncovered_attention(fresh_warnings):
+    cfg = transformers.SiglipVisionConfig(intermediate_size=64, vision_use_head=True, **_COMMON)
+    with pytest.warns(hf_attention.FastvitAttentionNotCoveredWarning, match="SiglipVisionModel: 1 attention module"):
+        transformers.SiglipVisionModel._from_config(cfg, attn_implementation="fastvit")
+
+
+def test_vitmae_set_attn_implementation_reaches_the_decoder(monkeypatch, generator):
+    """ViT-MAE's decoder holds a deepcopy of the config, which transformers' set_attn_implementation does not visit;
+    switching to "fastvit" (and back) reaches it now: 2 encoder + 1 decoder layers on fastvit, SDPA's numbers."""
+    from fastvit.integrations.hf import attention_report
+
+    calls = _count_fastvit_calls(monkeypatch)
+    model = _build("vitmae").eval()
+    inputs = _inputs("vitmae", generator)
+    expected = model(**inputs).logits
+    model.set_attn_implementation("fastvit")
+    decoder_cfg = model.decoder.decoder_layers[0].attention.config
+    assert decoder_cfg is not model.config and decoder_cfg._attn_implementation == "fastvit"
+    got = model(**inputs).logits
+    assert len(calls) == 3
+    assert [r.status for r in attention_report(model)] == ["fastvit"] * 3
+    torch.testing.assert_close(got, expected)
+    model.set_attn_implementation("sdpa")
+    assert decoder_cfg._attn_implementation == "sdpa"
+    model(**inputs)
+    assert len(calls) == 3  # back on SDPA everywhere
+
+
+def _sam_vision_config():
+    return transformers.SamVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        output_channels=16,
+        mlp_dim=64,
+        global_attn_indexes=[1],
+        window_size=2,
+    )
+
+
+def test_sam_refuses_fastvit_at_the_call(generator):
+    match = r'SamVisionModel cannot run attn_implementation="fastvit": .*SAM_VISION_ATTENTION_CLASSES'
+    with pytest.raises(ValueError, match=match):
+        transformers.SamVisionModel._from_config(_sam_vision_config(), attn_implementation="fastvit")
+    model = transformers.SamVisionModel._from_config(_sam_vision_config(), attn_implementation="sdpa").eval()
+    x = torch.randn(1, 3, 32, 32, generator=generator)
+    before = model(pixel_values=x).last_hidden_state
+    with pytest.raises(ValueError, match=match):
+        model.set_attn_implementation("fastvit")
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+    torch.testing.assert_close(model(pixel_values=x).last_hidden_state, before, rtol=0, atol=0)
+    cfg = transformers.SamConfig(vision_config=_sam_vision_config().to_dict())
+    with pytest.raises(ValueError, match='SamModel cannot run attn_implementation="fastvit"'):
+        transformers.SamModel._from_config(cfg, attn_implementation="fastvit")
+
+
+class _OwnAttentionConfig(transformers.PretrainedConfig):
+    model_type = "fastvit_test_own_attention"
+
+
+class _OwnAttention(torch.nn.Module):
+    """Attention computed in place (no attention interface), as some HF models do."""
+
+    def forward(self, x):
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+class _OwnAttentionModel(transformers.PreTrainedModel):
+    config_class = _OwnAttentionConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn = _OwnAttention()
+        self.post_init()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_a_model_whose_attention_ignores_the_interface_is_refused():
+    with pytest.raises(ValueError, match=r"_OwnAttentionModel cannot run .*_OwnAttention computes attention itself"):
+        _OwnAttentionModel._from_config(_OwnAttentionConfig(), attn_implementation="fastvit")
+    model = _OwnAttentionModel._from_config(_OwnAttentionConfig(), attn_implementation="eager")
+    with pytest.raises(ValueError, match="computes attention itself"):
+        model.set_attn_implementation("fastvit")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_fastvit_flash_is_accepted_without_a_flash_attention_package(monkeypatch, generator):
+    """transformers would look for a FlashAttention package or Hub kernel for a name with "flash" in it; the wrapper
+    takes "fastvit_flash" as the registered function it is. A model with no packed sequences runs the dense op."""
+    calls = _count_fastvit_calls(monkeypatch)
+    model = _build("vit").eval()
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    expected = model(pixel_values=x).last_hidden_state
+    model.set_attn_implementation("fastvit_flash")
+    assert model.config._attn_implementation == "fastvit_flash"
+    torch.testing.assert_close(model(pixel_values=x).last_hidden_state, expected)
+    assert len(calls) == 2
+
+
+def test_model_hooks_are_installed_once():
+    from transformers import PreTrainedModel
+
+    register_attention()
+    register_attention()
+    for name in ("set_attn_implementation", "_check_and_adjust_attn_implementation", "post_init"):
+        method = PreTrainedModel.__dict__[name]
+        assert getattr(method, "__fastvit_wrapped__", False), name
+        assert not getattr(method.__wrapped__, "__fastvit_wrapped__", False), name

@@ -12,8 +12,10 @@ copying the weights (q / k / v projections concatenated into timm's packed ``qkv
 (``layers.{i}.attention.q_proj``, ``mlp.fc1`` ...) are recognised; see :func:`convert_hf_state_dict`.
 
 For Hugging Face models kept as they are, with only their attention on fastvit (DINOv2, SigLIP, CLIP, ViT-MAE, the
-vision towers of VLMs, ...), :func:`register_attention` adds ``attn_implementation="fastvit"``; it lives in
-:mod:`fastvit.integrations.hf_attention` and is re-exported here.
+vision towers of VLMs, ...), :func:`register_attention` adds ``attn_implementation="fastvit"`` (and
+``"fastvit_flash"`` for towers that pass packed sequences only to FlashAttention-style implementations), and
+:func:`attention_report` says which attention modules of a model run on fastvit and why the others do not; they live
+in :mod:`fastvit.integrations.hf_attention` and are re-exported here.
 
 Sources: Dosovitskiy et al. (2021, arXiv:2010.11929) and transformers' ``models/vit/modeling_vit.py``; He et al.
 (2022, arXiv:2111.06377) and ``models/vit_mae/modeling_vit_mae.py``; timm's ``VisionTransformer`` parameter names.
@@ -31,16 +33,26 @@ import torch.nn as nn
 
 from fastvit.integrations.hf_attention import (
     ATTN_IMPLEMENTATION,
+    FLASH_ATTN_IMPLEMENTATION,
+    AttentionRecord,
     FastvitAttentionFallbackWarning,
+    FastvitAttentionNotCoveredWarning,
+    attention_report,
     fastvit_attention_forward,
+    format_attention_report,
     register_attention,
 )
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "FLASH_ATTN_IMPLEMENTATION",
+    "AttentionRecord",
     "FastvitAttentionFallbackWarning",
+    "FastvitAttentionNotCoveredWarning",
+    "attention_report",
     "convert_hf_state_dict",
     "fastvit_attention_forward",
+    "format_attention_report",
     "from_hf",
     "hf_config_kwargs",
     "register_attention",
