@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -547,10 +548,25 @@ def test_attention_report_says_what_runs_where(fresh_warnings, generator):
         attention_report("vit")
 
 
-def test_building_with_fastvit_warns_about_uncovered_attention(fresh_warnings):
-    cfg = transformers.SiglipVisionConfig(intermediate_size=64, vision_use_head=True, **_COMMON)
-    with pytest.warns(hf_attention.FastvitAttentionNotCoveredWarning, match="SiglipVisionModel: 1 attention module"):
-        transformers.SiglipVisionModel._from_config(cfg, attn_implementation="fastvit")
+@pytest.mark.parametrize("name", ["siglip", "aimv2"])
+def test_building_with_fastvit_warns_about_uncovered_attention(name, fresh_warnings, generator):
+    """SigLIP's MAP head (nn.MultiheadAttention) and AIMv2's pooling head (a direct SDPA call) keep their own attention:
+    building with "fastvit" says so, and the report lists them as 'not covered' next to fastvit's layers."""
+    from fastvit.integrations.hf import attention_report
+
+    if name == "siglip":
+        cls, cfg = transformers.SiglipVisionModel, transformers.SiglipVisionConfig(intermediate_size=64, **_COMMON)
+        head = "head.attention (MultiheadAttention)"
+    else:
+        cls, cfg = transformers.Aimv2VisionModel, transformers.Aimv2VisionConfig(intermediate_size=64, **_COMMON)
+        cfg.use_head = True
+        head = "head (Aimv2AttentionPoolingHead)"
+    with pytest.warns(hf_attention.FastvitAttentionNotCoveredWarning, match=rf"1 attention module.*{re.escape(head)}"):
+        model = cls._from_config(cfg, attn_implementation="fastvit").eval()
+    model(pixel_values=torch.randn(1, 3, 32, 32, generator=generator))
+    assert [(r.status, r.last_call) for r in attention_report(model)] == [("fastvit", "dense")] * 2 + [
+        ("not covered", "")
+    ]
 
 
 def test_vitmae_set_attn_implementation_reaches_the_decoder(monkeypatch, generator):
