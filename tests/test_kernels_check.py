@@ -50,6 +50,12 @@ def test_compile_check_sm80_sm90(tmp_path):
         labels = {r["config"] for r in rows if r["kernel"] == kernel and r["arch"] == 90}
         for c in configs:
             assert f"BM{c.kwargs['BLOCK_M']}/BN{c.kwargs['BLOCK_N']}/w{c.num_warps}/s{c.num_stages}" in labels
+    # every attention compile has its SASS main loop read (tensor-core or exp2 loop) and an occupancy
+    from fastvit.kernels.check import LOOP_KERNELS
+
+    attn = [r for r in rows if r["kernel"] in LOOP_KERNELS]
+    assert attn and all(r["loop"]["total"] > 0 and r["ctas_per_sm"] >= 1 for r in attn)
+    assert all(r["loop"]["mma"] > 0 for r in attn if r["dtype"] != "fp32" and r["arch"] == 90)
     # the table is printed
     assert "attn_fwd" in res.stdout and "ln_bwd" in res.stdout
 
