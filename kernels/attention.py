@@ -20,9 +20,17 @@ placeholder pointer.
 
 Forward (Dao 2023, FlashAttention-2, Algorithm 1 / section 3.1): one program per (query block, head, batch);
 keys and values stream through in BLOCK_N tiles while an online softmax keeps the running row max ``m`` and
-row sum ``l`` in fp32; the 1/l rescale happens once at the end (section 3.1.1, "tweak 1"). The softmax scale is
-multiplied by log2(e) once so the inner loop uses ``exp2``. The kernel stores O and the natural-log
-log-sum-exp ``lse = m + log(l)`` of the *scaled* scores, (B, H, Nq) fp32 ((H, T) when packed).
+row sum ``l`` in fp32; the 1/l rescale happens once at the end (section 3.1.1, "tweak 1"). The caller multiplies
+the softmax scale by log2(e) (``qk_scale`` = c) so the inner loop uses ``exp2``, and ``m`` is kept in those scaled
+units: the raw scores are reduced and the row max scaled once per row, so each probability is ``exp2(s·c - m)``,
+one FFMA and one MUFU.EX2 per score. The kernel stores O and the natural-log log-sum-exp ``lse = m + log(l)`` of the
+*scaled* scores, (B, H, Nq) fp32 ((H, T) when packed).
+
+Lean loops (``python -m fastvit.kernels.check --loops`` reads them from the SASS; ``benchmarks/README.md``): every
+kernel splits its token range into full blocks, which run in the steady-state loop with no token masks at all (no
+predicates on the loads, no selects on the scores), and at most one partial block, peeled off after the loop with
+the masks. In the dK/dV kernel the tail's out-of-range queries load a log-sum-exp of +inf, so their P is exactly 0
+without a select.
 
 Backward (Dao 2023, Algorithm 2 / section 3.2): a preprocess kernel computes ``delta = rowsum(dO ∘ O)``; then
 ``_attn_bwd_dkdv`` (one program per key block, looping over query blocks) recomputes ``P = exp(S - lse)`` and
@@ -33,7 +41,7 @@ determinism, as the Triton fused-attention tutorial does).
 
 Head dims that are not powers of two (72, 80, 88, 104) are handled with a BLOCK_D = next_power_of_2(D) register
 tile whose extra columns are masked on load and store -- never padded in memory. Token tails (N = 197) are
-masked the same way: out-of-range keys get a score of -inf, out-of-range queries are never stored.
+masked in the peeled tail block: out-of-range keys get P = 0, out-of-range queries are never stored.
 
 fp32 inputs: ``tl.dot`` uses ``INPUT_PRECISION`` ("tf32" or "ieee"), chosen by the caller from
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.get_float32_matmul_precision()``.
@@ -239,6 +247,104 @@ def _head_base(P, off_b, off_h, tok, stride_b, stride_h, stride_n, VARLEN: tl.co
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
+def _load_tile(ptrs, row_mask, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile: rows masked only with ``MASK_ROWS``, head-dim columns only when BLOCK_D > HEAD_DIM
+    (constexpr branches: the unmasked forms load with no predicates at all)."""
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
+    return t
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, cols, n_kv, d_mask, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+    NEG_SCALE: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax, ``m`` in scaled log2 units: the row max of s·c is max(s)·c, or min(s)·c
+    with ``NEG_SCALE`` (c < 0). With ``MASK_N`` the keys at ``cols >= n_kv`` are masked (the tail block); without it
+    no token mask is computed at all."""
+    n_mask = cols < n_kv
+    k = _load_tile(k_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
+    s = _dot(q, tl.trans(k), INPUT_PRECISION)
+    if NEG_SCALE:
+        if MASK_N:
+            m_new = tl.maximum(m_i, tl.min(tl.where(n_mask[None, :], s, float("inf")), axis=1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.min(s, axis=1) * qk_scale)
+    else:
+        if MASK_N:
+            m_new = tl.maximum(m_i, tl.max(tl.where(n_mask[None, :], s, float("-inf")), axis=1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    if MASK_N:  # masked after the scale: a masked score of -inf times a zero scale would be nan
+        p = tl.exp2(tl.where(n_mask[None, :], s * qk_scale - m_new[:, None], float("-inf")))
+    else:
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_tile(v_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_loop(
+    q, k_base, v_base, stride_kn, stride_vn, n_kv, offs_n, offs_d, d_mask, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
+):  # fmt: skip
+    """All key blocks: the full ones in a loop with no token mask, then the partial one (if any), peeled off."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n + offs_n, n_kv, d_mask, qk_scale,
+            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=False, NEG_SCALE=NEG_SCALE,
+        )  # fmt: skip
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < n_kv:
+        acc, l_i, m_i = _fwd_step(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full + offs_n, n_kv, d_mask, qk_scale,
+            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=True, NEG_SCALE=NEG_SCALE,
+        )  # fmt: skip
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_rows(
+    q, k_base, v_base, o_base, lse_ptr, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d, m_mask, d_mask,
+    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
+):  # fmt: skip
+    acc, l_i, m_i = _fwd_loop(
+        q, k_base, v_base, stride_kn, stride_vn, n_kv, offs_n, offs_d, d_mask, qk_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE,
+    )  # fmt: skip
+    acc = acc / l_i[:, None]
+    tl.store(
+        o_base + offs_m[:, None] * stride_on + offs_d[None, :],
+        acc.to(o_base.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(lse_ptr + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
 def _attn_fwd_body(
     Q,
     K,
@@ -293,33 +399,20 @@ def _attn_fwd_body(
     q = tl.load(
         q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
     )
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for start_n in range(0, n_kv, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < n_kv
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale  # log2 domain
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    tl.store(
-        o_base + offs_m[:, None] * stride_on + offs_d[None, :],
-        acc.to(O.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(LSE + lse_row + offs_m, lse, mask=m_mask)
+    # m is kept in scaled log2 units and the scores are reduced raw -- max(s)·c == max(s·c) for c >= 0, exactly (fp
+    # rounding is monotone) -- so each probability is exp2(s·c - m): one FFMA and one MUFU.EX2 per score. A negative
+    # scale (legal, if odd) takes the mirror loop, min(s)·c; negating q instead would pull Q out of shared memory
+    # into registers (+20 registers, one CTA per SM fewer, checked on sm_90).
+    if qk_scale < 0:
+        _fwd_rows(
+            q, k_base, v_base, o_base, LSE + lse_row, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d,
+            m_mask, d_mask, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE=True,
+        )  # fmt: skip
+    else:
+        _fwd_rows(
+            q, k_base, v_base, o_base, LSE + lse_row, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d,
+            m_mask, d_mask, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE=False,
+        )  # fmt: skip
 
 
 attn_fwd_kernel = _attn_fwd_body
@@ -364,6 +457,51 @@ def _attn_bwd_preprocess(
 
 
 attn_bwd_preprocess = _attn_bwd_preprocess
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, offs_m, n_q, d_mask, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_M: tl.constexpr,
+):  # fmt: skip
+    """One query block of dK / dV (transposed scores, keys x queries). With ``MASK_M`` (the tail block) queries at
+    ``rows >= n_q`` load a log-sum-exp of +inf, so their P is exp2(-inf) = 0 and they add nothing -- no select on the
+    scores; without it nothing is masked at all."""
+    m_mask = rows < n_q
+    q = _load_tile(q_ptrs, m_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_tile(do_ptrs, m_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_M)
+    if MASK_M:
+        lse = tl.load(lse_ptrs + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(delta_ptrs + offs_m, mask=m_mask, other=0.0)
+    else:
+        lse = tl.load(lse_ptrs + offs_m)
+        delta = tl.load(delta_ptrs + offs_m)
+    s_t = _dot(k, tl.trans(q), INPUT_PRECISION)
+    p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    dv += _dot(p_t.to(do.dtype), do, INPUT_PRECISION)
+    dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_kv, d_mask, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+):  # fmt: skip
+    """One key block of dQ; with ``MASK_N`` (the tail block) keys at ``cols >= n_kv`` get P = 0."""
+    n_mask = cols < n_kv
+    k = _load_tile(k_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
+    s = _dot(q, tl.trans(k), INPUT_PRECISION)
+    p = tl.exp2(s * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(n_mask[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -436,22 +574,21 @@ def _attn_bwd_dkdv_body(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    for start_m in range(0, n_q, BLOCK_M):
-        rows = start_m + offs_m
-        m_mask = rows < n_q
-        q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE + row_base + rows, mask=m_mask, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta + row_base + rows, mask=m_mask, other=0.0)
-        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
-        s_t = _dot(k, tl.trans(q), INPUT_PRECISION) * qk_scale
-        p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(m_mask[None, :], p_t, 0.0)
-        dv += _dot(p_t.to(do.dtype), do, INPUT_PRECISION)
-        dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
+    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+    m_full = (n_q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base + start_m, Delta + row_base + start_m, start_m + offs_m,
+            offs_m, n_q, d_mask, qk_scale, HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_M=False,
+        )  # fmt: skip
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+    if m_full < n_q:
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base + m_full, Delta + row_base + m_full, m_full + offs_m,
+            offs_m, n_q, d_mask, qk_scale, HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_M=True,
+        )  # fmt: skip
 
     dk = dk * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -528,18 +665,21 @@ def _attn_bwd_dq_body(
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, n_kv, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < n_kv
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), INPUT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_step(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n + offs_n, n_kv, d_mask, qk_scale,
+            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=False,
+        )  # fmt: skip
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < n_kv:
+        dq = _dq_step(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full + offs_n, n_kv, d_mask, qk_scale,
+            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=True,
+        )  # fmt: skip
 
     dq = dq * sm_scale
     tl.store(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)

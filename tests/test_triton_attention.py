@@ -107,6 +107,50 @@ def test_sdpa_oracle(dtype, nq, nk, D, generator, device):
     )
 
 
+@pytest.mark.parametrize(
+    "dtype,nq,nk,D", [(torch.float16, 32, 48, 16), (torch.bfloat16, 64, 128, 32), (torch.float32, 16, 16, 16)], ids=str
+)
+def test_sdpa_oracle_whole_blocks(dtype, nq, nk, D, generator, device):
+    """Token counts that are multiples of the blocks (16 in the interpreter; 64 / 128 for the second case on a GPU):
+    the kernels run their unmasked steady-state loops only, with no peeled tail block, in every axis."""
+    inputs = make_inputs(
+        {"q": (1, 2, nq, D), "k": (1, 2, nk, D), "v": (1, 2, nk, D)}, dtype=dtype, device=device, generator=generator
+    )
+    check_op(
+        {"triton": _triton_sdpa},
+        _naive_sdpa,
+        inputs,
+        ["q", "k", "v"],
+        dtype=dtype,
+        generator=generator,
+        name=f"sdpa whole blocks Nq={nq} Nk={nk} D={D}",
+    )
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-3])
+@pytest.mark.parametrize("nk", [37, 32])
+def test_sdpa_any_sign_of_scale(scale, nk, generator, device):
+    """The forward reduces raw scores and scales the row max (max(s)·c), which holds for c >= 0 only; a negative scale
+    takes the kernel's mirror loop (min(s)·c). Zero scale is uniform attention. Forward and every gradient against
+    float64, with and without a key tail."""
+    dtype = torch.float16
+    inputs = make_inputs(
+        {"q": (1, 2, 21, 32), "k": (1, 2, nk, 32), "v": (1, 2, nk, 32), "scale": scale},
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
+    check_op(
+        {"triton": _triton_sdpa},
+        _naive_sdpa,
+        inputs,
+        ["q", "k", "v"],
+        dtype=dtype,
+        generator=generator,
+        name=f"sdpa scale={scale} Nk={nk}",
+    )
+
+
 def test_sdpa_strided_views(generator, device):
     """q / k / v as permuted views of one packed tensor (token stride 3·C, head stride D): no copies needed."""
     B, N, H, D = 2, 23, 2, 16
