@@ -39,9 +39,12 @@ recomputes P again and accumulates dQ. Every output element has exactly one writ
 bit-reproducible (FlashAttention-2 itself uses atomic adds for dQ; we trade one extra QKᵀ recompute for
 determinism, as the Triton fused-attention tutorial does).
 
-Head dims that are not powers of two (72, 80, 88, 104) are handled with a BLOCK_D = next_power_of_2(D) register
-tile whose extra columns are masked on load and store -- never padded in memory. Token tails (N = 197) are
-masked in the peeled tail block: out-of-range keys get P = 0, out-of-range queries are never stored.
+Head dims that are not powers of two (72 SigLIP, 80 ViT-H/14, 88, 104) are split into power-of-two column chunks of at
+least 16 (:func:`head_dim_chunks`: 80 = 64 + 16, 104 -> 64 + 32 + 16), one ``tl.dot`` per chunk -- QKᵀ accumulates
+over the chunks, O, dK, dV and dQ are held as one accumulator per chunk -- so the MMA work covers D rounded up to 16
+(tl.dot's minimum K; 72 and 88 mask 8 columns of their last chunk), not the next power of two: at D = 80, 80 columns
+instead of 128. Token tails (N = 197) are masked in the peeled tail block: out-of-range keys get P = 0,
+out-of-range queries are never stored.
 
 fp32 inputs: ``tl.dot`` uses ``INPUT_PRECISION`` ("tf32" or "ieee"), chosen by the caller from
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.get_float32_matmul_precision()``.
@@ -76,6 +79,16 @@ def _dot(a, b, INPUT_PRECISION: tl.constexpr):
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision=INPUT_PRECISION)
+    return out
+
+
+@triton.jit
+def _dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b``, accumulated by the tensor cores in place (wgmma / mma accumulator)."""
+    if _UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return out
 
 
@@ -158,7 +171,7 @@ def _prune(kind: str, configs, nargs, precision=None):
     path keeps far more live values) gets only the smallest config -- larger ones spill tens of KB (checked with
     ``ptxas -v``). Always keeps at least one config."""
     n_q, n_kv = nargs["N_Q"], nargs["N_KV"]
-    bd = max(16, triton.next_power_of_2(nargs["HEAD_DIM"]))
+    bd = padded_head_dim(nargs["HEAD_DIM"])  # the chunks' total width (head_dim_chunks)
     esize = _elem_size(nargs)
     smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
     if esize == 4 and precision == "ieee":
@@ -245,36 +258,105 @@ def _head_base(P, off_b, off_h, tok, stride_b, stride_h, stride_n, VARLEN: tl.co
     return base
 
 
-# ------------------------------------------------------------------------------------------------ forward
+# ------------------------------------------------------------------------------------------------ head-dim chunks
 @triton.jit
-def _load_tile(ptrs, row_mask, d_mask, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """A (rows, BLOCK_D) tile: rows masked only with ``MASK_ROWS``, head-dim columns only when BLOCK_D > HEAD_DIM
-    (constexpr branches: the unmasked forms load with no predicates at all)."""
-    if MASK_ROWS:
-        if BLOCK_D == HEAD_DIM:
+def _load_chunk(rows, row_mask, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """Columns ``C0 : C0 + W`` of the rows whose column-0 pointers are ``rows`` (R, 1): a (R, W) tile. Rows are masked
+    only with ``MASK_ROWS``; columns only in the last chunk of a head dim that is not a multiple of 16 (constexpr
+    branches: an unmasked load has no predicates at all)."""
+    cols = C0 + tl.arange(0, W)
+    ptrs = rows + cols[None, :]
+    if C0 + W > HEAD_DIM:
+        if MASK_ROWS:
+            t = tl.load(ptrs, mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if MASK_ROWS:
             t = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
         else:
-            t = tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
             t = tl.load(ptrs)
-        else:
-            t = tl.load(ptrs, mask=d_mask[None, :], other=0.0)
     return t
 
 
 @triton.jit
+def _chunk_ptrs(rows, C0: tl.constexpr, W: tl.constexpr):
+    """The (R, W) pointer tile of columns ``C0 : C0 + W`` of the rows whose column-0 pointers are ``rows`` (R, 1)."""
+    return rows + (C0 + tl.arange(0, W))[None, :]
+
+
+@triton.jit
+def _load_at(ptrs, row_mask, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
+    """:func:`_load_chunk` on a pointer tile from :func:`_chunk_ptrs` (streamed operands: the loops advance the
+    tiles, which compiles to fewer address instructions than re-adding the column offsets each block)."""
+    if C0 + W > HEAD_DIM:
+        cols = C0 + tl.arange(0, W)
+        if MASK_ROWS:
+            t = tl.load(ptrs, mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        else:
+            t = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if MASK_ROWS:
+            t = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _stream_ptrs(rows, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """The pointer tiles of the (up to three) chunks of a streamed operand; an absent chunk repeats the first."""
+    p0 = _chunk_ptrs(rows, 0, D0)
+    p1 = p0
+    p2 = p0
+    if D1 > 0:
+        p1 = _chunk_ptrs(rows, D0, D1)
+    if D2 > 0:
+        p2 = _chunk_ptrs(rows, D0 + D1, D2)
+    return p0, p1, p2
+
+
+@triton.jit
+def _advance(p0, p1, p2, step, D1: tl.constexpr, D2: tl.constexpr):
+    """Advance the chunk pointer tiles of a streamed operand by ``step`` elements (absent chunks stay)."""
+    p0 += step
+    if D1 > 0:
+        p1 += step
+    if D2 > 0:
+        p2 += step
+    return p0, p1, p2
+
+
+@triton.jit
+def _store_chunk(rows, row_mask, val, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store ``val`` (R, W) to columns ``C0 : C0 + W`` of the masked rows (columns >= HEAD_DIM are not stored)."""
+    cols = C0 + tl.arange(0, W)
+    if C0 + W > HEAD_DIM:
+        mask = row_mask[:, None] & (cols < HEAD_DIM)[None, :]
+    else:
+        mask = row_mask[:, None]
+    tl.store(rows + cols[None, :], val.to(rows.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+@triton.jit
 def _fwd_step(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, cols, n_kv, d_mask, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
-    NEG_SCALE: tl.constexpr,
+    acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, cols, n_kv, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax, ``m`` in scaled log2 units: the row max of s·c is max(s)·c, or min(s)·c
     with ``NEG_SCALE`` (c < 0). With ``MASK_N`` the keys at ``cols >= n_kv`` are masked (the tail block); without it
-    no token mask is computed at all."""
+    no token mask is computed at all. Head-dim chunks: s = Σ q_c k_cᵀ (one dot per chunk), O_c += P V_c."""
     n_mask = cols < n_kv
-    k = _load_tile(k_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
-    s = _dot(q, tl.trans(k), INPUT_PRECISION)
+    k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+    s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+    if D1 > 0:
+        k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+        s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+    if D2 > 0:
+        k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+        s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
     if NEG_SCALE:
         if MASK_N:
             m_new = tl.maximum(m_i, tl.min(tl.where(n_mask[None, :], s, float("inf")), axis=1) * qk_scale)
@@ -291,55 +373,51 @@ def _fwd_step(
         p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load_tile(v_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _fwd_loop(
-    q, k_base, v_base, stride_kn, stride_vn, n_kv, offs_n, offs_d, d_mask, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
-):  # fmt: skip
-    """All key blocks: the full ones in a loop with no token mask, then the partial one (if any), peeled off."""
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-    n_full = (n_kv // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n + offs_n, n_kv, d_mask, qk_scale,
-            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=False, NEG_SCALE=NEG_SCALE,
-        )  # fmt: skip
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-    if n_full < n_kv:
-        acc, l_i, m_i = _fwd_step(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full + offs_n, n_kv, d_mask, qk_scale,
-            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=True, NEG_SCALE=NEG_SCALE,
-        )  # fmt: skip
-    return acc, l_i, m_i
+    v0 = _load_at(vp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+    p = p.to(v0.dtype)
+    acc0 = _dot_acc(p, v0, acc0 * alpha[:, None], INPUT_PRECISION)
+    if D1 > 0:
+        v1 = _load_at(vp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+        acc1 = _dot_acc(p, v1, acc1 * alpha[:, None], INPUT_PRECISION)
+    if D2 > 0:
+        v2 = _load_at(vp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+        acc2 = _dot_acc(p, v2, acc2 * alpha[:, None], INPUT_PRECISION)
+    return acc0, acc1, acc2, l_i, m_new
 
 
 @triton.jit
 def _fwd_rows(
-    q, k_base, v_base, o_base, lse_ptr, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d, m_mask, d_mask,
-    qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
+    q0, q1, q2, k_base, v_base, o_rows, lse_ptr, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):  # fmt: skip
-    acc, l_i, m_i = _fwd_loop(
-        q, k_base, v_base, stride_kn, stride_vn, n_kv, offs_n, offs_d, d_mask, qk_scale,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE,
-    )  # fmt: skip
-    acc = acc / l_i[:, None]
-    tl.store(
-        o_base + offs_m[:, None] * stride_on + offs_d[None, :],
-        acc.to(o_base.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
-    )
+    """All key blocks -- the full ones in a loop with no token mask, then the partial one (if any), peeled off --
+    and the stores of O and the log-sum-exp."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], dtype=tl.float32)  # unused placeholder when D1 = 0
+    acc2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], dtype=tl.float32)
+    kp0, kp1, kp2 = _stream_ptrs(k_base + offs_n[:, None] * stride_kn, D0, D1, D2)
+    vp0, vp1, vp2 = _stream_ptrs(v_base + offs_n[:, None] * stride_vn, D0, D1, D2)
+    n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc0, acc1, acc2, l_i, m_i = _fwd_step(
+            acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, start_n + offs_n, n_kv, qk_scale,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False, NEG_SCALE=NEG_SCALE,
+        )  # fmt: skip
+        kp0, kp1, kp2 = _advance(kp0, kp1, kp2, BLOCK_N * stride_kn, D1, D2)
+        vp0, vp1, vp2 = _advance(vp0, vp1, vp2, BLOCK_N * stride_vn, D1, D2)
+    if n_full < n_kv:
+        acc0, acc1, acc2, l_i, m_i = _fwd_step(
+            acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, n_full + offs_n, n_kv, qk_scale,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True, NEG_SCALE=NEG_SCALE,
+        )  # fmt: skip
+    _store_chunk(o_rows, m_mask, acc0 / l_i[:, None], 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _store_chunk(o_rows, m_mask, acc1 / l_i[:, None], D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _store_chunk(o_rows, m_mask, acc2 / l_i[:, None], D0 + D1, D2, HEAD_DIM)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(lse_ptr + offs_m, lse, mask=m_mask)
 
@@ -375,6 +453,11 @@ def _attn_fwd_body(
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
+    # the head dim in power-of-two chunks of at least 16 (see head_dim_chunks; BLOCK_D is not used)
+    PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16
+    D0: tl.constexpr = 128 if PAD_D >= 128 else (64 if PAD_D >= 64 else (32 if PAD_D >= 32 else 16))
+    D1: tl.constexpr = 32 if PAD_D - D0 >= 32 else (16 if PAD_D - D0 >= 16 else 0)
+    D2: tl.constexpr = 16 if PAD_D - D0 - D1 >= 16 else 0
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -392,26 +475,29 @@ def _attn_fwd_body(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0
-    )
+    q_rows = q_base + offs_m[:, None] * stride_qn
+    q0 = _load_chunk(q_rows, m_mask, 0, D0, HEAD_DIM, True)
+    q1 = q0  # placeholders for absent chunks (never used)
+    q2 = q0
+    if D1 > 0:
+        q1 = _load_chunk(q_rows, m_mask, D0, D1, HEAD_DIM, True)
+    if D2 > 0:
+        q2 = _load_chunk(q_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
+    o_rows = o_base + offs_m[:, None] * stride_on
     # m is kept in scaled log2 units and the scores are reduced raw -- max(s)·c == max(s·c) for c >= 0, exactly (fp
     # rounding is monotone) -- so each probability is exp2(s·c - m): one FFMA and one MUFU.EX2 per score. A negative
     # scale (legal, if odd) takes the mirror loop, min(s)·c; negating q instead would pull Q out of shared memory
     # into registers (+20 registers, one CTA per SM fewer, checked on sm_90).
     if qk_scale < 0:
         _fwd_rows(
-            q, k_base, v_base, o_base, LSE + lse_row, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d,
-            m_mask, d_mask, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE=True,
+            q0, q1, q2, k_base, v_base, o_rows, LSE + lse_row, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask,
+            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=True,
         )  # fmt: skip
     else:
         _fwd_rows(
-            q, k_base, v_base, o_base, LSE + lse_row, stride_kn, stride_vn, stride_on, n_kv, offs_m, offs_n, offs_d,
-            m_mask, d_mask, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, NEG_SCALE=False,
+            q0, q1, q2, k_base, v_base, o_rows, LSE + lse_row, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask,
+            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=False,
         )  # fmt: skip
 
 
@@ -461,47 +547,86 @@ attn_bwd_preprocess = _attn_bwd_preprocess
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, rows, offs_m, n_q, d_mask, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_M: tl.constexpr,
+    dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2, lse_ptrs, delta_ptrs, rows,
+    offs_m, n_q, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MASK_M: tl.constexpr,
 ):  # fmt: skip
     """One query block of dK / dV (transposed scores, keys x queries). With ``MASK_M`` (the tail block) queries at
     ``rows >= n_q`` load a log-sum-exp of +inf, so their P is exp2(-inf) = 0 and they add nothing -- no select on the
-    scores; without it nothing is masked at all."""
+    scores; without it nothing is masked at all. Head-dim chunks: Sᵀ = Σ K_c Q_cᵀ, dPᵀ = Σ V_c dO_cᵀ (one dot per
+    chunk), dV_c += Pᵀ dO_c, dK_c += dSᵀ Q_c."""
     m_mask = rows < n_q
-    q = _load_tile(q_ptrs, m_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_M)
-    do = _load_tile(do_ptrs, m_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_M)
+    q0 = _load_at(qp0, m_mask, 0, D0, HEAD_DIM, MASK_M)
+    do0 = _load_at(dop0, m_mask, 0, D0, HEAD_DIM, MASK_M)
+    s_t = _dot(k0, tl.trans(q0), INPUT_PRECISION)
+    if D1 > 0:
+        q1 = _load_at(qp1, m_mask, D0, D1, HEAD_DIM, MASK_M)
+        do1 = _load_at(dop1, m_mask, D0, D1, HEAD_DIM, MASK_M)
+        s_t = _dot_acc(k1, tl.trans(q1), s_t, INPUT_PRECISION)
+    if D2 > 0:
+        q2 = _load_at(qp2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
+        do2 = _load_at(dop2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
+        s_t = _dot_acc(k2, tl.trans(q2), s_t, INPUT_PRECISION)
     if MASK_M:
         lse = tl.load(lse_ptrs + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(delta_ptrs + offs_m, mask=m_mask, other=0.0)
     else:
         lse = tl.load(lse_ptrs + offs_m)
         delta = tl.load(delta_ptrs + offs_m)
-    s_t = _dot(k, tl.trans(q), INPUT_PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
-    dv += _dot(p_t.to(do.dtype), do, INPUT_PRECISION)
-    dp_t = _dot(v, tl.trans(do), INPUT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, INPUT_PRECISION)
-    return dk, dv
+    p16 = p_t.to(do0.dtype)
+    dv0 = _dot_acc(p16, do0, dv0, INPUT_PRECISION)
+    dp_t = _dot(v0, tl.trans(do0), INPUT_PRECISION)
+    if D1 > 0:
+        dv1 = _dot_acc(p16, do1, dv1, INPUT_PRECISION)
+        dp_t = _dot_acc(v1, tl.trans(do1), dp_t, INPUT_PRECISION)
+    if D2 > 0:
+        dv2 = _dot_acc(p16, do2, dv2, INPUT_PRECISION)
+        dp_t = _dot_acc(v2, tl.trans(do2), dp_t, INPUT_PRECISION)
+    ds16 = (p_t * (dp_t - delta[None, :])).to(q0.dtype)
+    dk0 = _dot_acc(ds16, q0, dk0, INPUT_PRECISION)
+    if D1 > 0:
+        dk1 = _dot_acc(ds16, q1, dk1, INPUT_PRECISION)
+    if D2 > 0:
+        dk2 = _dot_acc(ds16, q2, dk2, INPUT_PRECISION)
+    return dk0, dk1, dk2, dv0, dv1, dv2
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, cols, n_kv, d_mask, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+    dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, cols, n_kv, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
 ):  # fmt: skip
-    """One key block of dQ; with ``MASK_N`` (the tail block) keys at ``cols >= n_kv`` get P = 0."""
+    """One key block of dQ; with ``MASK_N`` (the tail block) keys at ``cols >= n_kv`` get P = 0. Head-dim chunks:
+    S = Σ Q_c K_cᵀ, dP = Σ dO_c V_cᵀ, dQ_c += dS K_c."""
     n_mask = cols < n_kv
-    k = _load_tile(k_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
-    v = _load_tile(v_ptrs, n_mask, d_mask, HEAD_DIM, BLOCK_D, MASK_N)
-    s = _dot(q, tl.trans(k), INPUT_PRECISION)
+    k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+    v0 = _load_at(vp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+    s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+    if D1 > 0:
+        k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+        v1 = _load_at(vp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+        s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+    if D2 > 0:
+        k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+        v2 = _load_at(vp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+        s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
-    dp = _dot(do, tl.trans(v), INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION)
-    return dq
+    dp = _dot(do0, tl.trans(v0), INPUT_PRECISION)
+    if D1 > 0:
+        dp = _dot_acc(do1, tl.trans(v1), dp, INPUT_PRECISION)
+    if D2 > 0:
+        dp = _dot_acc(do2, tl.trans(v2), dp, INPUT_PRECISION)
+    ds16 = (p * (dp - delta[:, None])).to(k0.dtype)
+    dq0 = _dot_acc(ds16, k0, dq0, INPUT_PRECISION)
+    if D1 > 0:
+        dq1 = _dot_acc(ds16, k1, dq1, INPUT_PRECISION)
+    if D2 > 0:
+        dq2 = _dot_acc(ds16, k2, dq2, INPUT_PRECISION)
+    return dq0, dq1, dq2
 
 
 @triton.jit
@@ -544,6 +669,10 @@ def _attn_bwd_dkdv_body(
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
+    PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16  # head-dim chunks as in the forward
+    D0: tl.constexpr = 128 if PAD_D >= 128 else (64 if PAD_D >= 64 else (32 if PAD_D >= 32 else 16))
+    D1: tl.constexpr = 32 if PAD_D - D0 >= 32 else (16 if PAD_D - D0 >= 16 else 0)
+    D2: tl.constexpr = 16 if PAD_D - D0 - D1 >= 16 else 0
     pid_n = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -564,35 +693,56 @@ def _attn_bwd_dkdv_body(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     n_mask = offs_n < n_kv
-    d_mask = offs_d < HEAD_DIM
-    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k_rows = k_base + offs_n[:, None] * stride_kn
+    v_rows = v_base + offs_n[:, None] * stride_vn
+    k0 = _load_chunk(k_rows, n_mask, 0, D0, HEAD_DIM, True)
+    v0 = _load_chunk(v_rows, n_mask, 0, D0, HEAD_DIM, True)
+    k1 = k0  # placeholders for absent chunks (never used)
+    v1 = v0
+    k2 = k0
+    v2 = v0
+    if D1 > 0:
+        k1 = _load_chunk(k_rows, n_mask, D0, D1, HEAD_DIM, True)
+        v1 = _load_chunk(v_rows, n_mask, D0, D1, HEAD_DIM, True)
+    if D2 > 0:
+        k2 = _load_chunk(k_rows, n_mask, D0 + D1, D2, HEAD_DIM, True)
+        v2 = _load_chunk(v_rows, n_mask, D0 + D1, D2, HEAD_DIM, True)
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, D2 if D2 > 0 else 16], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, D2 if D2 > 0 else 16], dtype=tl.float32)
 
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = do_base + offs_m[:, None] * stride_don + offs_d[None, :]
+    qp0, qp1, qp2 = _stream_ptrs(q_base + offs_m[:, None] * stride_qn, D0, D1, D2)
+    dop0, dop1, dop2 = _stream_ptrs(do_base + offs_m[:, None] * stride_don, D0, D1, D2)
     m_full = (n_q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(
-            dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base + start_m, Delta + row_base + start_m, start_m + offs_m,
-            offs_m, n_q, d_mask, qk_scale, HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_M=False,
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(
+            dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2,
+            LSE + row_base + start_m, Delta + row_base + start_m, start_m + offs_m, offs_m, n_q, qk_scale,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=False,
         )  # fmt: skip
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
+        qp0, qp1, qp2 = _advance(qp0, qp1, qp2, BLOCK_M * stride_qn, D1, D2)
+        dop0, dop1, dop2 = _advance(dop0, dop1, dop2, BLOCK_M * stride_don, D1, D2)
     if m_full < n_q:
-        dk, dv = _dkdv_step(
-            dk, dv, k, v, q_ptrs, do_ptrs, LSE + row_base + m_full, Delta + row_base + m_full, m_full + offs_m,
-            offs_m, n_q, d_mask, qk_scale, HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_M=True,
+        dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(
+            dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2,
+            LSE + row_base + m_full, Delta + row_base + m_full, m_full + offs_m, offs_m, n_q, qk_scale,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=True,
         )  # fmt: skip
 
-    dk = dk * sm_scale
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_rows = dk_base + offs_n[:, None] * stride_dkn
+    dv_rows = dv_base + offs_n[:, None] * stride_dvn
+    _store_chunk(dk_rows, n_mask, dk0 * sm_scale, 0, D0, HEAD_DIM)
+    _store_chunk(dv_rows, n_mask, dv0, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _store_chunk(dk_rows, n_mask, dk1 * sm_scale, D0, D1, HEAD_DIM)
+        _store_chunk(dv_rows, n_mask, dv1, D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _store_chunk(dk_rows, n_mask, dk2 * sm_scale, D0 + D1, D2, HEAD_DIM)
+        _store_chunk(dv_rows, n_mask, dv2, D0 + D1, D2, HEAD_DIM)
 
 
 attn_bwd_dkdv_kernel = _attn_bwd_dkdv_body
@@ -635,6 +785,10 @@ def _attn_bwd_dq_body(
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
 ):
+    PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16  # head-dim chunks as in the forward
+    D0: tl.constexpr = 128 if PAD_D >= 128 else (64 if PAD_D >= 64 else (32 if PAD_D >= 32 else 16))
+    D1: tl.constexpr = 32 if PAD_D - D0 >= 32 else (16 if PAD_D - D0 >= 16 else 0)
+    D2: tl.constexpr = 16 if PAD_D - D0 - D1 >= 16 else 0
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -654,35 +808,49 @@ def _attn_bwd_dq_body(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_mask = m_mask[:, None] & d_mask[None, :]
-
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    q_rows = q_base + offs_m[:, None] * stride_qn
+    do_rows = do_base + offs_m[:, None] * stride_don
+    q0 = _load_chunk(q_rows, m_mask, 0, D0, HEAD_DIM, True)
+    do0 = _load_chunk(do_rows, m_mask, 0, D0, HEAD_DIM, True)
+    q1 = q0  # placeholders for absent chunks (never used)
+    do1 = do0
+    q2 = q0
+    do2 = do0
+    if D1 > 0:
+        q1 = _load_chunk(q_rows, m_mask, D0, D1, HEAD_DIM, True)
+        do1 = _load_chunk(do_rows, m_mask, D0, D1, HEAD_DIM, True)
+    if D2 > 0:
+        q2 = _load_chunk(q_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
+        do2 = _load_chunk(do_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, D2 if D2 > 0 else 16], dtype=tl.float32)
 
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    kp0, kp1, kp2 = _stream_ptrs(k_base + offs_n[:, None] * stride_kn, D0, D1, D2)
+    vp0, vp1, vp2 = _stream_ptrs(v_base + offs_n[:, None] * stride_vn, D0, D1, D2)
     n_full = (n_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n + offs_n, n_kv, d_mask, qk_scale,
-            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=False,
+        dq0, dq1, dq2 = _dq_step(
+            dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, start_n + offs_n,
+            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False,
         )  # fmt: skip
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        kp0, kp1, kp2 = _advance(kp0, kp1, kp2, BLOCK_N * stride_kn, D1, D2)
+        vp0, vp1, vp2 = _advance(vp0, vp1, vp2, BLOCK_N * stride_vn, D1, D2)
     if n_full < n_kv:
-        dq = _dq_step(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full + offs_n, n_kv, d_mask, qk_scale,
-            HEAD_DIM, BLOCK_D, INPUT_PRECISION, MASK_N=True,
+        dq0, dq1, dq2 = _dq_step(
+            dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, n_full + offs_n,
+            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True,
         )  # fmt: skip
 
-    dq = dq * sm_scale
-    tl.store(dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    dq_rows = dq_base + offs_m[:, None] * stride_dqn
+    _store_chunk(dq_rows, m_mask, dq0 * sm_scale, 0, D0, HEAD_DIM)
+    if D1 > 0:
+        _store_chunk(dq_rows, m_mask, dq1 * sm_scale, D0, D1, HEAD_DIM)
+    if D2 > 0:
+        _store_chunk(dq_rows, m_mask, dq2 * sm_scale, D0 + D1, D2, HEAD_DIM)
 
 
 attn_bwd_dq_kernel = _attn_bwd_dq_body
@@ -690,5 +858,24 @@ attn_bwd_dq = _autotune(BWD_DQ_CONFIGS, prune_dq)(_attn_bwd_dq_body)
 
 
 def block_d(head_dim: int) -> int:
-    """The register tile for head dim ``D``: next power of two, at least 16 (``tl.dot``'s minimum)."""
+    """The power-of-two tile of the preprocess kernel's head dim (next power of two, at least 16). The attention
+    kernels take it as ``BLOCK_D`` for the launcher's sake but tile the head dim by :func:`head_dim_chunks`."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels' MMA work covers: ``head_dim`` rounded up to a multiple of 16 (``tl.dot``'s minimum
+    K) -- 72 -> 80, 80 -> 80, 88 -> 96, 104 -> 112; powers of two unchanged."""
+    return -(-head_dim // 16) * 16
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, ...]:
+    """The power-of-two column chunks the attention kernels split the head dim into, one ``tl.dot`` each: the binary
+    digits of :func:`padded_head_dim` -- 64 -> (64,), 72 -> (64, 16) (8 columns masked), 80 -> (64, 16), 88 -> (64,
+    32) (8 masked), 104 -> (64, 32, 16) (8 masked), 128 -> (128,). The kernels compute the same widths as ``D0``,
+    ``D1``, ``D2`` from ``HEAD_DIM`` (this function is their Python mirror, for the pruners, the check and tests)."""
+    pad = padded_head_dim(head_dim)
+    d0 = 128 if pad >= 128 else 64 if pad >= 64 else 32 if pad >= 32 else 16
+    d1 = 32 if pad - d0 >= 32 else 16 if pad - d0 >= 16 else 0
+    d2 = 16 if pad - d0 - d1 >= 16 else 0
+    return tuple(d for d in (d0, d1, d2) if d)

@@ -430,6 +430,7 @@ def _compile_one(job: tuple[dict, int]) -> dict:
     row.update(arch=arch, shared=None, registers=None, spills=None, error=None)
     if "seq_len" in variant:
         row["seq_len"] = variant["seq_len"]
+        row["first"] = variant.get("first", True)
     t0 = time.perf_counter()
     try:
         sig, attrs = _signature(fn, variant)
@@ -523,6 +524,11 @@ LOOP_BOUNDS = {
     ("attn_bwd_dkdv", 64, 1024, 90): 217,  # 231
     ("attn_bwd_dq", 64, 197, 90): 162,  # 195
     ("attn_bwd_dq", 64, 1024, 90): 162,  # 183
+    # D = 80 in head-dim chunks (64 + 16) instead of a 128-wide tile
+    ("attn_fwd", 80, 197, 90): 339,  # 466 (padded to 128)
+    ("attn_fwd", 80, 1024, 90): 335,  # 442
+    ("attn_bwd_dkdv", 80, 197, 90): 260,  # 497 (then at BM64/BN64/w8/s2)
+    ("attn_bwd_dq", 80, 197, 90): 218,  # 252
 }
 
 
@@ -558,7 +564,7 @@ def loop_variants(
                 for n in seq_lens:
                     nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=n, N_KV=n, HEAD_DIM=D)
                     kept = prune(configs, nargs, INPUT_PRECISION=prec)
-                    for cfg in kept if all_configs else kept[:1]:
+                    for i, cfg in enumerate(kept if all_configs else kept[:1]):
                         constexprs = dict(
                             HEAD_DIM=D,
                             BLOCK_M=cfg.kwargs["BLOCK_M"],
@@ -567,7 +573,9 @@ def loop_variants(
                             INPUT_PRECISION=prec,
                             VARLEN=varlen,
                         )
-                        common = dict(family="attention", config=_label(cfg), dtype=dtype, dim=D, seq_len=n)
+                        common = dict(
+                            family="attention", config=_label(cfg), dtype=dtype, dim=D, seq_len=n, first=i == 0
+                        )
                         common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
                         out.append(dict(common, kernel=kernel, constexprs=constexprs))
                         if kernel == "attn_fwd" and _pow2(D) and (kernels is None or "flash2_reference" in kernels):
@@ -591,8 +599,8 @@ def _bounds_enforced() -> bool:
 
 
 def loop_bound(row: dict) -> int | None:
-    """The recorded bound of a loop-report row (:data:`LOOP_BOUNDS`), or None."""
-    if row.get("dtype") != "bf16":
+    """The recorded bound of a loop-report row (:data:`LOOP_BOUNDS`: the first config the pruner keeps), or None."""
+    if row.get("dtype") != "bf16" or not row.get("first", True):
         return None
     return LOOP_BOUNDS.get((row["kernel"], row["dim"], row.get("seq_len"), row["arch"]))
 

@@ -90,9 +90,11 @@ def test_attention_oracle_n197(generator, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80)])
+@pytest.mark.parametrize("nq,nk,D", [(33, 20, 32), (5, 61, 80), (19, 23, 104), (9, 40, 48)])
 def test_sdpa_oracle(dtype, nq, nk, D, generator, device):
-    """Cross attention (Nq != Nk) on contiguous (B, H, N, D) tensors, dq / dk / dv."""
+    """Cross attention (Nq != Nk) on contiguous (B, H, N, D) tensors, dq / dk / dv. The head dims cover every chunk
+    split of the kernels (kernels.attention.head_dim_chunks): 32 one chunk, 80 = 64 + 16, 104 = 64 + 32 + 16 with 8
+    masked columns, 48 = 32 + 16."""
     inputs = make_inputs(
         {"q": (1, 2, nq, D), "k": (1, 2, nk, D), "v": (1, 2, nk, D)}, dtype=dtype, device=device, generator=generator
     )
@@ -149,6 +151,21 @@ def test_sdpa_any_sign_of_scale(scale, nk, generator, device):
         generator=generator,
         name=f"sdpa scale={scale} Nk={nk}",
     )
+
+
+def test_head_dim_chunks():
+    """Non-power-of-two head dims are split into power-of-two chunks of at least 16 that cover D rounded up to 16, not
+    the next power of two (80 -> 64 + 16, not 128), at most three of them."""
+    from fastvit.kernels import attention as A
+
+    expected = {16: (16,), 32: (32,), 48: (32, 16), 64: (64,), 72: (64, 16), 80: (64, 16), 88: (64, 32)}
+    expected.update({96: (64, 32), 104: (64, 32, 16), 112: (64, 32, 16), 120: (128,), 128: (128,)})
+    for D, chunks in expected.items():
+        assert A.head_dim_chunks(D) == chunks, D
+    for D in range(A.MIN_HEAD_DIM, A.MAX_HEAD_DIM + 1):
+        chunks = A.head_dim_chunks(D)
+        assert sum(chunks) == A.padded_head_dim(D) >= D and sum(chunks) - D < 16 and len(chunks) <= 3
+        assert all(c >= 16 and c & (c - 1) == 0 for c in chunks) and list(chunks) == sorted(chunks, reverse=True)
 
 
 def test_sdpa_strided_views(generator, device):
