@@ -280,6 +280,20 @@ def _load_chunk(rows, row_mask, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _load_chunks(rows, row_mask, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The masked rows ``rows`` (R, 1) of a head split into its power-of-two column chunks ``D0 + D1 + D2``: three
+    tiles (R, D0), (R, D1), (R, D2); an absent chunk (width 0) repeats the first as a placeholder, never used."""
+    c0 = _load_chunk(rows, row_mask, 0, D0, HEAD_DIM, True)
+    c1 = c0
+    c2 = c0
+    if D1 > 0:
+        c1 = _load_chunk(rows, row_mask, D0, D1, HEAD_DIM, True)
+    if D2 > 0:
+        c2 = _load_chunk(rows, row_mask, D0 + D1, D2, HEAD_DIM, True)
+    return c0, c1, c2
+
+
+@triton.jit
 def _chunk_ptrs(rows, C0: tl.constexpr, W: tl.constexpr):
     """The (R, W) pointer tile of columns ``C0 : C0 + W`` of the rows whose column-0 pointers are ``rows`` (R, 1)."""
     return rows + (C0 + tl.arange(0, W))[None, :]
@@ -477,13 +491,7 @@ def _attn_fwd_body(
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
-    q0 = _load_chunk(q_rows, m_mask, 0, D0, HEAD_DIM, True)
-    q1 = q0  # placeholders for absent chunks (never used)
-    q2 = q0
-    if D1 > 0:
-        q1 = _load_chunk(q_rows, m_mask, D0, D1, HEAD_DIM, True)
-    if D2 > 0:
-        q2 = _load_chunk(q_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
+    q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
     o_rows = o_base + offs_m[:, None] * stride_on
     # m is kept in scaled log2 units and the scores are reduced raw -- max(s)·c == max(s·c) for c >= 0, exactly (fp
     # rounding is monotone) -- so each probability is exp2(s·c - m): one FFMA and one MUFU.EX2 per score. A negative
@@ -696,18 +704,8 @@ def _attn_bwd_dkdv_body(
     n_mask = offs_n < n_kv
     k_rows = k_base + offs_n[:, None] * stride_kn
     v_rows = v_base + offs_n[:, None] * stride_vn
-    k0 = _load_chunk(k_rows, n_mask, 0, D0, HEAD_DIM, True)
-    v0 = _load_chunk(v_rows, n_mask, 0, D0, HEAD_DIM, True)
-    k1 = k0  # placeholders for absent chunks (never used)
-    v1 = v0
-    k2 = k0
-    v2 = v0
-    if D1 > 0:
-        k1 = _load_chunk(k_rows, n_mask, D0, D1, HEAD_DIM, True)
-        v1 = _load_chunk(v_rows, n_mask, D0, D1, HEAD_DIM, True)
-    if D2 > 0:
-        k2 = _load_chunk(k_rows, n_mask, D0 + D1, D2, HEAD_DIM, True)
-        v2 = _load_chunk(v_rows, n_mask, D0 + D1, D2, HEAD_DIM, True)
+    k0, k1, k2 = _load_chunks(k_rows, n_mask, D0, D1, D2, HEAD_DIM)
+    v0, v1, v2 = _load_chunks(v_rows, n_mask, D0, D1, D2, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, D2 if D2 > 0 else 16], dtype=tl.float32)
@@ -811,18 +809,8 @@ def _attn_bwd_dq_body(
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
     do_rows = do_base + offs_m[:, None] * stride_don
-    q0 = _load_chunk(q_rows, m_mask, 0, D0, HEAD_DIM, True)
-    do0 = _load_chunk(do_rows, m_mask, 0, D0, HEAD_DIM, True)
-    q1 = q0  # placeholders for absent chunks (never used)
-    do1 = do0
-    q2 = q0
-    do2 = do0
-    if D1 > 0:
-        q1 = _load_chunk(q_rows, m_mask, D0, D1, HEAD_DIM, True)
-        do1 = _load_chunk(do_rows, m_mask, D0, D1, HEAD_DIM, True)
-    if D2 > 0:
-        q2 = _load_chunk(q_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
-        do2 = _load_chunk(do_rows, m_mask, D0 + D1, D2, HEAD_DIM, True)
+    q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
+    do0, do1, do2 = _load_chunks(do_rows, m_mask, D0, D1, D2, HEAD_DIM)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)

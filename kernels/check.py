@@ -90,6 +90,20 @@ class _Fake:
         return self.size
 
 
+def _attn_constexprs(cfg, D: int, prec: str, varlen: bool) -> dict:
+    """The constexprs an attention kernel compiles with at autotune config ``cfg``, head dim ``D``."""
+    from fastvit.kernels import attention as A
+
+    return dict(
+        HEAD_DIM=D,
+        BLOCK_M=cfg.kwargs["BLOCK_M"],
+        BLOCK_N=cfg.kwargs["BLOCK_N"],
+        BLOCK_D=A.block_d(D),
+        INPUT_PRECISION=prec,
+        VARLEN=varlen,
+    )
+
+
 def _variants() -> list[dict]:
     """The list of compiles: dicts with kernel, config label, dtype, head dim / C, constexprs, warps, stages."""
     from fastvit.kernels import attention as A
@@ -105,14 +119,7 @@ def _variants() -> list[dict]:
                 config=label,
                 dtype=dtype,
                 dim=D,
-                constexprs=dict(
-                    HEAD_DIM=D,
-                    BLOCK_M=cfg.kwargs["BLOCK_M"],
-                    BLOCK_N=cfg.kwargs["BLOCK_N"],
-                    BLOCK_D=A.block_d(D),
-                    INPUT_PRECISION=prec,
-                    VARLEN=varlen,
-                ),
+                constexprs=_attn_constexprs(cfg, D, prec, varlen),
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
@@ -565,14 +572,7 @@ def loop_variants(
                     nargs = dict(Q=_Fake(_ESIZE[dtype]), N_Q=n, N_KV=n, HEAD_DIM=D)
                     kept = prune(configs, nargs, INPUT_PRECISION=prec)
                     for i, cfg in enumerate(kept if all_configs else kept[:1]):
-                        constexprs = dict(
-                            HEAD_DIM=D,
-                            BLOCK_M=cfg.kwargs["BLOCK_M"],
-                            BLOCK_N=cfg.kwargs["BLOCK_N"],
-                            BLOCK_D=A.block_d(D),
-                            INPUT_PRECISION=prec,
-                            VARLEN=varlen,
-                        )
+                        constexprs = _attn_constexprs(cfg, D, prec, varlen)
                         common = dict(
                             family="attention", config=_label(cfg), dtype=dtype, dim=D, seq_len=n, first=i == 0
                         )
