@@ -264,19 +264,7 @@ def _load_chunk(rows, row_mask, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.
     """Columns ``C0 : C0 + W`` of the rows whose column-0 pointers are ``rows`` (R, 1): a (R, W) tile. Rows are masked
     only with ``MASK_ROWS``; columns only in the last chunk of a head dim that is not a multiple of 16 (constexpr
     branches: an unmasked load has no predicates at all)."""
-    cols = C0 + tl.arange(0, W)
-    ptrs = rows + cols[None, :]
-    if C0 + W > HEAD_DIM:
-        if MASK_ROWS:
-            t = tl.load(ptrs, mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
-        else:
-            t = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
-    else:
-        if MASK_ROWS:
-            t = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-        else:
-            t = tl.load(ptrs)
-    return t
+    return _load_at(_chunk_ptrs(rows, C0, W), row_mask, C0, W, HEAD_DIM, MASK_ROWS)
 
 
 @triton.jit
