@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastvit import backends, ops
     from fastvit.bench.overhead import clock_for, interleaved, op_cases, summary
+    from fastvit.declare import DECLARATIONS
 
     known = {c.case: c for c in op_cases()}
     names = [c.case for c in known.values() if c.targeted] if args.cases is None else args.cases.split(",")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = floor_variants(public, impl, a, kw)
         variants["nothing"] = lambda: None
         # fastvit.ops.<op>'s host path alone: its prepare step and the cached selection, no implementation.
-        variants["host"] = lambda op=c.op, p=ops._PREPARE[c.op], a=a, kw=kw: select(op, p(*a, **kw)[0], None)
+        variants["host"] = lambda op=c.op, p=DECLARATIONS[c.op].prepare, a=a, kw=kw: select(op, p(*a, **kw)[0], None)
         times = interleaved(variants, reps=args.reps, number=args.number, timer=timer)
         added = {
             v: summary([x - y for x, y in zip(times[v], times["direct"])], 1e6)["median"]

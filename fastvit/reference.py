@@ -119,20 +119,30 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    plain: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017); with
-    ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them."""
+    ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them.
+
+    ``plain=True`` computes everything in the input precision, without any upcast: the test oracle's ``pt`` for
+    attention (FlashAttention's rule: a fused kernel is judged against the plain math in the same precision, since
+    PyTorch's own fused SDPA kernels are more accurate than that)."""
     if cu_seqlens is not None:
         return per_sequence_sdpa(
-            lambda q, k, v: scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p), q, k, v, cu_seqlens
+            lambda q, k, v: scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain),
+            q,
+            k,
+            v,
+            cu_seqlens,
         )
     dtype = q.dtype
+    acc = (lambda t: t) if plain else _acc
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (_acc(q) @ _acc(k).transpose(-2, -1)) * scale
+    s = (acc(q) @ acc(k).transpose(-2, -1)) * scale
     p = torch.softmax(s, dim=-1)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
-    return (p @ _acc(v)).to(dtype)
+    return (p @ acc(v)).to(dtype)
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,16 +160,20 @@ def attention(
     dropout_p: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    plain: bool = False,
 ) -> torch.Tensor:
     """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C), or with ``cu_seqlens`` (T, 3·C) ->
-    (T, C) one sequence at a time; see :func:`fastvit.ops.attention`."""
+    (T, C) one sequence at a time; see :func:`fastvit.ops.attention` (``plain``: see
+    :func:`scaled_dot_product_attention`)."""
     if cu_seqlens is not None:
         return per_sequence(
-            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p)[0], cu_seqlens, qkv
+            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p, plain=plain)[0],
+            cu_seqlens,
+            qkv,
         )
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p)
+    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 

@@ -31,15 +31,14 @@ ALL = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
 
 
-def _naive_sdpa(q, k, v, scale=None):  # the math in the input precision (FlashAttention's pt)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+def _naive_sdpa(
+    q, k, v, scale=None
+):  # the oracle's pt: the math in the input precision (one helper, fastvit.reference)
+    return reference.scaled_dot_product_attention(q, k, v, scale=scale, plain=True)
 
 
 def _naive_attention(qkv, num_heads, scale=None):
-    B, N, C3 = qkv.shape
-    q, k, v = reference.split_qkv(qkv, num_heads)
-    return _naive_sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, C3 // 3)
+    return reference.attention(qkv, num_heads, scale=scale, plain=True)
 
 
 # (B, N, H, D): tails (1, 50, 61, 197), head dims in every bucket, masked head dims (72, 88, 104), batch 3

@@ -873,8 +873,9 @@ def test_indices_from_random_masking_skip_the_value_check_until_written(monkeypa
     host sync per MAE step); any other indices, or those written to in place since, are checked."""
     ops = fastvit.ops
     checked = []
-    real = ops._check_index_rows
-    monkeypatch.setattr(ops, "_check_index_rows", lambda name, *a: (checked.append(name), real(name, *a)))
+    real = fastvit.families._checks.check_index_rows
+    for family in (fastvit.families.mae, fastvit.families.patch_embed):  # the two ops that take indices
+        monkeypatch.setattr(family, "check_index_rows", lambda name, *a: (checked.append(name), real(name, *a)))
     B, N, C = 2, 8, 4
     ids_keep, ids_restore, _ = ops.random_masking(B, N, 0.5, generator=torch.Generator().manual_seed(0))
     x = torch.randn(B, 1 + ids_keep.shape[1], C)
@@ -896,9 +897,8 @@ def test_indices_from_random_masking_skip_the_value_check_until_written(monkeypa
 
 
 def _valid_calls():
-    """Valid calls of every dispatched op, as (op, args, kwargs, whether the op's fast path takes it): the common
-    cases, and variants left to the full checks (missing LayerNorm affine operands, register tokens, int32 or
-    caller-made indices, dropout, packed attention, a 4-D linear input)."""
+    """Valid calls of every dispatched op, as (op, args, kwargs): the common cases, and the variants (missing LayerNorm
+    affine operands, register tokens, int32 or caller-made indices, dropout, packed attention, a 4-D linear input)."""
     ids_keep, ids_restore, mask = fastvit.ops.random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
     x, w, b = _t(2, 5, 24), _t(24), _t(24)
     qkv = _t(2, 7, 96)
@@ -907,65 +907,66 @@ def _valid_calls():
     images = _t(2, 3, 16, 16)
     pe = (images, _t(8, 3, 4, 4), _t(8))
     return [
-        ("patch_embed", pe, {}, True),
-        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8)}, True),
-        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "cls_token": _t(1, 1, 8)}, True),
-        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8), "ids_keep": ids_keep}, True),
-        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "ids_keep": ids_keep.clone()}, False),
-        ("patch_embed", pe, {"cls_token": _t(1, 1, 8), "reg_tokens": _t(1, 4, 8)}, False),
-        ("patch_embed", (images, _t(8, 3, 4, 4), None), {"ids_keep": ids_keep.int()}, False),
-        ("attention", (qkv, 2), {}, True),
-        ("attention", (qkv, 4), {"scale": 0.5}, True),
-        ("attention", (qkv, 2), {"dropout_p": 0.1}, False),
-        ("attention", (qkv.view(14, 96), 2), {"cu_seqlens": torch.tensor([0, 5, 14], dtype=torch.int32)}, False),
-        ("scaled_dot_product_attention", (q, k, v), {}, True),
+        ("patch_embed", pe, {}),
+        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8)}),
+        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "cls_token": _t(1, 1, 8)}),
+        ("patch_embed", pe, {"pos_embed": _t(1, 17, 8), "cls_token": _t(1, 1, 8), "ids_keep": ids_keep}),
+        ("patch_embed", pe, {"pos_embed": _t(1, 16, 8), "ids_keep": ids_keep.clone()}),
+        ("patch_embed", pe, {"cls_token": _t(1, 1, 8), "reg_tokens": _t(1, 4, 8)}),
+        ("patch_embed", (images, _t(8, 3, 4, 4), None), {"ids_keep": ids_keep.int()}),
+        ("attention", (qkv, 2), {}),
+        ("attention", (qkv, 4), {"scale": 0.5}),
+        ("attention", (qkv, 2), {"dropout_p": 0.1}),
+        ("attention", (qkv.view(14, 96), 2), {"cu_seqlens": torch.tensor([0, 5, 14], dtype=torch.int32)}),
+        ("scaled_dot_product_attention", (q, k, v), {}),
         (
             "scaled_dot_product_attention",
             (_t(2, 2, 5, 16), _t(2, 2, 9, 16), _t(2, 2, 9, 16)),
             {"dropout_p": 0.2},
-            False,
         ),
-        ("scaled_dot_product_attention", (q[0].transpose(0, 1),) * 3, {"cu_seqlens": cu}, False),
-        ("layer_norm", (x, w, b), {}, True),
-        ("layer_norm", (x, w, b, 1e-12), {"residual": _t(2, 5, 24)}, True),
-        ("layer_norm", (x, None, None), {}, False),
-        ("layer_norm", (x[0], w, None), {}, False),
-        ("linear_gelu", (x, _t(40, 24), _t(40)), {}, True),
-        ("linear_gelu", (x, _t(40, 24), None), {"approximate": "tanh"}, True),
-        ("linear_gelu", (_t(24), _t(40, 24), _t(40)), {}, True),
-        ("linear_residual", (x, _t(40, 24), _t(40), _t(2, 5, 40)), {}, True),
-        ("linear_residual", (x[0], _t(40, 24), None, _t(5, 40)), {"gamma": _t(40)}, True),
-        ("linear_residual", (_t(2, 3, 5, 24), _t(40, 24), _t(40), _t(2, 3, 5, 40)), {}, False),
-        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {"pos_embed": _t(1, 17, 24)}, True),
-        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {}, True),
-        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore.clone().int()), {}, False),
-        ("mae_loss", (_t(2, 16, 12), _t(2, 3, 8, 8), mask, 2), {}, True),
+        ("scaled_dot_product_attention", (q[0].transpose(0, 1),) * 3, {"cu_seqlens": cu}),
+        ("layer_norm", (x, w, b), {}),
+        ("layer_norm", (x, w, b, 1e-12), {"residual": _t(2, 5, 24)}),
+        ("layer_norm", (x, None, None), {}),
+        ("layer_norm", (x[0], w, None), {}),
+        ("linear_gelu", (x, _t(40, 24), _t(40)), {}),
+        ("linear_gelu", (x, _t(40, 24), None), {"approximate": "tanh"}),
+        ("linear_gelu", (_t(24), _t(40, 24), _t(40)), {}),
+        ("linear_residual", (x, _t(40, 24), _t(40), _t(2, 5, 40)), {}),
+        ("linear_residual", (x[0], _t(40, 24), None, _t(5, 40)), {"gamma": _t(40)}),
+        ("linear_residual", (_t(2, 3, 5, 24), _t(40, 24), _t(40), _t(2, 3, 5, 40)), {}),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {"pos_embed": _t(1, 17, 24)}),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore), {}),
+        ("mae_unshuffle", (_t(2, 5, 24), _t(1, 1, 24), ids_restore.clone().int()), {}),
+        ("mae_loss", (_t(2, 16, 12), _t(2, 3, 8, 8), mask, 2), {}),
         (
             "mae_loss",
             (_t(2, 16, 12), _t(2, 3, 8, 8, dtype=torch.float64), mask.half(), 2),
             {"norm_pix_loss": True},
-            True,
         ),
     ]
 
 
 @pytest.mark.parametrize("i", range(len(_valid_calls())))
-def test_fast_path_describes_the_call_as_the_full_checks_do(i, monkeypatch):
-    """Every op's prepare step has a fast path for the common call (straight-line checks, a plain tuple of the call's
-    fields for dispatch) in front of the full checks: both must accept the same calls, describe them by the same
-    :class:`fastvit.backends.Call` and hand the kernel the same operands -- and dispatch on the plain tuple must pick
-    what :func:`fastvit.backends.select` picks for the Call."""
-    ops = fastvit.ops
-    op, args, kwargs, fast_path = _valid_calls()[i]
-    fast = ops._PREPARE[op](*args, **kwargs)
-    assert (type(fast[0]) is tuple) == fast_path, "the fast path was (not) taken where expected"
-    with monkeypatch.context() as m:
-        m.setattr(ops, "_any_autocast", lambda: True)  # autocast may be on: the fast paths step aside
-        full = ops._PREPARE[op](*args, **kwargs)
-    assert type(full[0]) is fastvit.backends.Call
-    assert full[0] == fastvit.backends.Call(*fast[0]) and len(full) == len(fast)
-    assert all(f is g for f, g in zip(fast[1:], full[1:])) or op in ("patch_embed", "mae_unshuffle")
-    for f, g in zip(fast[1:], full[1:]):  # the index operands may be converted to int64 (a new tensor)
-        assert (f is None and g is None) or torch.equal(f, g)
-    assert fastvit.backends._select(op, fast[0], None) == fastvit.backends.select(op, full[0])
-    assert ops.describe_call(op, *args, **kwargs) == full[0]
+def test_valid_calls_are_described_by_the_declared_fields(i):
+    """Every op has one check step (its declaration's ``prepare``): a valid call is described by a
+    :class:`fastvit.backends.Call` that sets only ``device``, ``dtype`` and the op's declared ``call_fields`` (plus
+    ``mixed_dtypes`` / ``varlen``), hands the kernel the caller's operands, and dispatches as
+    :func:`fastvit.backends.select` does for that description."""
+    from fastvit.declare import DECLARATIONS
+
+    op, args, kwargs = _valid_calls()[i]
+    decl = DECLARATIONS[op]
+    prepared = decl.prepare(*args, **kwargs)
+    call = prepared[0]
+    assert type(call) is fastvit.backends.Call
+    assert call.device == args[0].device and call.dtype == args[0].dtype
+    allowed = {"device", "dtype", "mixed_dtypes", "varlen", *decl.call_fields}
+    defaults = fastvit.backends.Call()
+    assert {f for f in call._fields if getattr(call, f) != getattr(defaults, f)} <= allowed
+    assert all(getattr(call, f) is not None for f in decl.call_fields)
+    given = [*args, *kwargs.values()]
+    for operand in prepared[1:]:  # the caller's operands (index operands may come back converted to int64)
+        assert operand is None or any(operand is v for v in given) or operand.dtype == torch.int64
+    assert fastvit.backends._select(op, call, None) == fastvit.backends.select(op, call)
+    assert fastvit.ops.describe_call(op, *args, **kwargs) == call

@@ -20,6 +20,7 @@ import torch
 import fastvit
 from fastvit import backends, info, selftest
 from fastvit.backends import Capabilities, KernelLaunchError, get_backend, register_kernel, select
+from fastvit.declare import DECLARATIONS
 from fastvit.families.layer_norm import layer_norm_eager
 
 ALL = ("cuda", "triton", "eager")
@@ -109,9 +110,7 @@ def test_run_passes_a_right_kernel_and_checks_every_dtype_forward_and_backward(r
     report = selftest.run(backends="triton", ops="layer_norm", device="cpu", quick=False)
     assert report.passed, report.table()
     assert {r.dtype for r in report.results} == {"float32", "bfloat16", "float16"}
-    assert {r.case.rsplit(" ", 1)[0] for r in report.results} == {
-        label for label, _, _ in selftest._SHAPES["layer_norm"]
-    }
+    assert {r.case.rsplit(" ", 1)[0] for r in report.results} == {s.label for s in DECLARATIONS["layer_norm"].selftest}
     assert len(kernel.calls) == len(report.results)
     assert json.loads(json.dumps(report.as_dict()))["passed"] is True
 
@@ -191,7 +190,8 @@ def test_run_rejects_unknown_names():
 
 
 def test_every_op_has_awkward_shapes():
-    assert set(selftest._SHAPES) == set(backends.OPS)
+    assert set(DECLARATIONS) == set(backends.OPS)
+    assert all(DECLARATIONS[op].selftest for op in backends.OPS)
     for op in backends.OPS:
         full = selftest.cases(op, "triton", "cpu", quick=False)
         quick = selftest.cases(op, "triton", "cpu", quick=True)

@@ -4,10 +4,11 @@
 gradient, fp32 / fp16 / bf16, token tails and non-power-of-two head dims. Runs in the Triton interpreter on the
 CPU (keep B·H and N small: the interpreter is slow) or on CUDA.
 
-The oracle's ``pt`` is the *same math in the input precision* (FlashAttention's rule): :func:`_naive_sdpa` does
-scores, softmax and PV in the dtype it is given -- no upcast -- so ``ref`` (float64) is exact and ``pt`` shows
-the error the input precision forces. (``fastvit.reference`` upcasts half inputs to fp32, which would make ``pt``
-tighter than any kernel that, like FlashAttention, feeds P and dS to the tensor cores in half precision.)
+The oracle's ``pt`` is the *same math in the input precision* (FlashAttention's rule): :func:`_naive_sdpa`
+(``fastvit.reference`` with ``plain=True``) does scores, softmax and PV in the dtype it is given -- no upcast -- so
+``ref`` (float64) is exact and ``pt`` shows the error the input precision forces. (The reference's default upcasts
+half inputs to fp32, which would make ``pt`` tighter than any kernel that, like FlashAttention, feeds P and dS to the
+tensor cores in half precision.)
 
 Outputs are poisoned: under PyTorch's deterministic mode with ``fill_uninitialized_memory`` every
 ``torch.empty`` the op allocates is NaN-filled, so an element the kernels never write fails the oracle.
@@ -32,16 +33,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 pytestmark = pytest.mark.usefixtures("poisoned_empty")  # see tests/conftest.py
 
 
-def _naive_sdpa(q, k, v, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale
-    return torch.softmax(s, dim=-1) @ v
+def _naive_sdpa(
+    q, k, v, scale=None
+):  # the oracle's pt: the math in the input precision (one helper, fastvit.reference)
+    return reference.scaled_dot_product_attention(q, k, v, scale=scale, plain=True)
 
 
 def _naive_attention(qkv, num_heads, scale=None):
-    B, N, C3 = qkv.shape
-    q, k, v = reference.split_qkv(qkv, num_heads)
-    return _naive_sdpa(q, k, v, scale).transpose(1, 2).reshape(B, N, C3 // 3)
+    return reference.attention(qkv, num_heads, scale=scale, plain=True)
 
 
 def _triton_attention(qkv, num_heads, scale=None):

@@ -68,27 +68,12 @@ def cu_seqlens_of(lengths, device=DEV) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-def _naive_sdpa(q, k, v, scale=None):  # the math in the input precision (FlashAttention's pt)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
-
-
-def _naive_packed_attention(qkv, num_heads, cu_seqlens, max_seqlen=None):
-    """Per sequence: the dense math on ``qkv[cu[s]:cu[s+1]][None]`` (in qkv's precision), concatenated."""
-
-    def one(part):
-        n, C3 = part.shape
-        q, k, v = reference.split_qkv(part[None], num_heads)
-        return _naive_sdpa(q, k, v).transpose(1, 2).reshape(n, C3 // 3)
-
-    return fam.per_sequence(one, cu_seqlens, qkv)
+def _naive_packed_attention(qkv, num_heads, cu_seqlens, max_seqlen=None):  # the oracle's pt (fastvit.reference)
+    return reference.attention(qkv, num_heads, cu_seqlens=cu_seqlens, plain=True)
 
 
 def _naive_packed_sdpa(q, k, v, cu_seqlens, max_seqlen=None):
-    def one(q, k, v):  # (n, H, D) -> (1, H, n, D) and back
-        return _naive_sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])[0].transpose(0, 1)
-
-    return fam.per_sequence(one, cu_seqlens, q, k, v)
+    return reference.scaled_dot_product_attention(q, k, v, cu_seqlens=cu_seqlens, plain=True)
 
 
 # ============================================================================================ GPU numerics

@@ -21,6 +21,7 @@ from oracle import check_op, make_inputs, randn
 
 import fastvit
 import fastvit.ops
+from fastvit import reference
 from fastvit.backends import select
 
 pytest.importorskip("triton")
@@ -33,23 +34,12 @@ def _cu(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _naive_sdpa_thd(q, k, v, scale=None):
-    """softmax(q kᵀ · scale) v on one sequence's (n, H, D) slices, in their own dtype."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-    s = (q @ k.transpose(-2, -1)) * scale
-    return (torch.softmax(s, dim=-1) @ v).transpose(0, 1)
-
-
-def _naive_sdpa_varlen(q, k, v, cu_seqlens, scale=None):
-    b = cu_seqlens.tolist()
-    return torch.cat([_naive_sdpa_thd(q[i:j], k[i:j], v[i:j], scale) for i, j in zip(b[:-1], b[1:])])
+def _naive_sdpa_varlen(q, k, v, cu_seqlens, scale=None):  # the oracle's pt (one helper, fastvit.reference)
+    return reference.scaled_dot_product_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, plain=True)
 
 
 def _naive_attention_varlen(qkv, num_heads, cu_seqlens, scale=None):
-    T, C3 = qkv.shape
-    q, k, v = qkv.view(T, 3, num_heads, C3 // (3 * num_heads)).unbind(1)
-    return _naive_sdpa_varlen(q, k, v, cu_seqlens, scale).reshape(T, C3 // 3)
+    return reference.attention(qkv, num_heads, scale=scale, cu_seqlens=cu_seqlens, plain=True)
 
 
 def _triton_attention(qkv, num_heads, cu_seqlens, scale=None):

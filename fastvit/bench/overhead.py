@@ -158,55 +158,31 @@ class OpCase:
 
 
 def op_cases(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[OpCase]:
-    """The tiny calls timed for every op of :data:`fastvit.backends.OPS` (B = 2, N = 5 tokens, C = 8, 2 heads of 4;
-    patch 4 on 8×8 images), all valid. ``mae_unshuffle`` runs twice: on ``ids_restore`` from
-    :func:`fastvit.ops.random_masking` (as in an MAE step) and on indices given by the caller (``+given_ids``,
-    value-checked).
+    """The tiny calls timed for every declared op (each declaration's ``tiny_calls``: B = 2, N = 5 tokens, C = 8,
+    2 heads of 4; patch 4 on 8×8 images), all valid. Index inputs come from :func:`fastvit.ops.random_masking` (as
+    in an MAE step); a declaration may add a call on indices given by the caller (value-checked, not targeted).
 
     Raises:
-        RuntimeError: an op of ``fastvit.backends.OPS`` has no case here (add one).
+        RuntimeError: a declared op has no tiny calls (its declaration must give some).
     """
     from fastvit import ops
-    from fastvit.backends import OPS
+    from fastvit.declare import DECLARATIONS
 
     g = torch.Generator().manual_seed(0)
 
     def t(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    B, N, C, H, P, S, F = 2, 5, 8, 2, 4, 8, 16
-    Np = (S // P) ** 2
-    x = t(B, N, C)
-    # As an MAE step makes them (vouched for: no value check), and as a user might (checked).
-    _, ids_restore, _ = ops.random_masking(B, Np, 0.5, generator=torch.Generator(device).manual_seed(0), device=device)
-    given_ids = torch.stack([torch.randperm(Np, generator=g) for _ in range(B)]).to(device)
-    table = {
-        "patch_embed": [
-            ((t(B, 3, S, S), t(C, 3, P, P), t(C)), {"pos_embed": t(1, Np + 1, C), "cls_token": t(1, 1, C)})
-        ],
-        "attention": [((t(B, N, 3 * C), H), {})],
-        "scaled_dot_product_attention": [((t(B, H, N, C // H), t(B, H, N, C // H), t(B, H, N, C // H)), {})],
-        "layer_norm": [((x, t(C), t(C), 1e-6), {}), ((x, t(C), t(C), 1e-6), {"residual": t(B, N, C)})],
-        "linear_gelu": [((x, t(F, C), t(F)), {})],
-        "linear_residual": [((t(B, N, F), t(C, F), t(C), x), {})],
-        "mae_unshuffle": [
-            ((t(B, 1 + 2, C), t(1, 1, C), ids_restore), {"pos_embed": t(1, 1 + Np, C)}),
-            ((t(B, 1 + 2, C), t(1, 1, C), given_ids), {"pos_embed": t(1, 1 + Np, C)}),
-        ],
-        "mae_loss": [
-            ((t(B, Np, P * P * 3), t(B, 3, S, S), (torch.rand(B, Np, generator=g) > 0.5).to(device, dtype), P), {})
-        ],
-    }
-    missing = [op for op in OPS if op not in table]
+    # As an MAE step makes them (vouched for: no value check): B = 2, 4 patches (8×8 images, patch 4).
+    _, ids_restore, _ = ops.random_masking(2, 4, 0.5, generator=torch.Generator(device).manual_seed(0), device=device)
+    missing = [name for name, decl in DECLARATIONS.items() if decl.tiny_calls is None]
     if missing:
-        raise RuntimeError(f"fastvit.bench.overhead has no tiny case for op(s) {missing}")
-    cases = []
-    for op in OPS:
-        for args, kwargs in table[op]:
-            given = op == "mae_unshuffle" and args[2] is given_ids
-            case = op + ("+residual" if "residual" in kwargs else "") + ("+given_ids" if given else "")
-            cases.append(OpCase(case, op, args, kwargs, targeted=not given))
-    return cases
+        raise RuntimeError(f"op(s) {missing} declare no tiny_calls for fastvit.bench.overhead")
+    return [
+        OpCase(name + c.variant, name, c.args, c.kwargs, targeted=c.targeted)
+        for name, decl in DECLARATIONS.items()
+        for c in decl.tiny_calls(t, ids_restore)
+    ]
 
 
 def measure_ops(

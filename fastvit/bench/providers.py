@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from fastvit import reference
 from fastvit.bench import harness
 from fastvit.bench.harness import Record, Roofline
 from fastvit.testing import ModelOracle, OracleResult, oracle_compare, ref_dtype_for
@@ -383,21 +384,12 @@ def attention_providers() -> list[AttentionProvider]:
     )
 
 
-def _naive_attention(qkv: torch.Tensor, H: int) -> torch.Tensor:
-    """softmax(q kᵀ / √D) v in ``qkv``'s own precision, no upcasting (the ``pt`` of FlashAttention's tests)."""
-    B, N, C3 = qkv.shape
-    D = C3 // (3 * H)
-    q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    p = ((q * D**-0.5) @ k.transpose(-1, -2)).softmax(-1)
-    return (p @ v).transpose(1, 2).reshape(B, N, C3 // 3)
-
-
 def _attention_reference(qkv: torch.Tensor, dout: torch.Tensor | None, H: int) -> dict[str, torch.Tensor]:
     """Reference output (and dqkv) in high precision, plus the same math in the input precision."""
     out: dict[str, torch.Tensor] = {}
     for key, dt in (("ref", ref_dtype_for(qkv.dtype)), ("pt", qkv.dtype)):
         x = qkv.detach().to(dt).requires_grad_(dout is not None)
-        o = _naive_attention(x, H)
+        o = reference.attention(x, H, plain=True)  # the oracle's pt: no upcast
         out[key] = o.detach()
         if dout is not None:
             (g,) = torch.autograd.grad(o, x, dout.to(dt))

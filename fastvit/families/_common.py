@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["attach", "needs_grad", "op"]
+__all__ = ["MODES", "SELFTEST_BATCH", "attach", "autocast_cast", "by_mode", "needs_grad", "op", "permutations"]
 
 #: ``builder(bwd_op_name) -> (setup_context, backward)``.
 AutogradBuilder = Callable[[str], tuple[Callable, Callable]]
@@ -53,3 +53,32 @@ def autocast_cast(dtype: torch.dtype, *tensors):
         else t
         for t in tensors
     )
+
+
+# ============================================================================================ declarations
+#: The batch of every self-test shape.
+SELFTEST_BATCH = 3
+
+
+def permutations(B: int, N: int, g: torch.Generator) -> torch.Tensor:
+    """(B, N) int64: B random permutations of ``0..N-1`` drawn from ``g`` (self-test indices)."""
+    return torch.argsort(torch.rand(B, N, generator=g), dim=1)
+
+
+#: Benchmark modes of the cost models: forward only, backward only, forward + backward.
+MODES: tuple[str, ...] = ("fwd", "bwd", "fwd_bwd")
+
+
+def by_mode(mode: str, fwd: int, bwd: int) -> int:
+    """A cost model's count for ``mode`` from its forward and backward counts.
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`.
+    """
+    if mode == "fwd":
+        return int(fwd)
+    if mode == "bwd":
+        return int(bwd)
+    if mode == "fwd_bwd":
+        return int(fwd + bwd)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

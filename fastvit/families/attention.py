@@ -41,18 +41,352 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit import reference
-from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, autocast_cast, op
+from fastvit.backends import Capabilities, _select, register_kernel
+from fastvit.declare import Arg, OpDeclaration, SelftestShape, TinyCall, call_builder, declare
+from fastvit.families._checks import (
+    amp_dtype,
+    check_cu_seqlens,
+    check_dropout,
+    check_like,
+    check_packed_dim,
+    check_tensor,
+)
+from fastvit.families._common import SELFTEST_BATCH, attach, autocast_cast, by_mode, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
-OPS = declare_ops("attention", ("attention", "scaled_dot_product_attention"))
+# ============================================================================================ the ops
+_describe = call_builder("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens")
+
+
+def _prepare_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple:
+    packed = cu_seqlens is not None
+    if packed:
+        check_packed_dim("qkv", qkv, 2, packed, "(T, 3·C)")
+    check_tensor("qkv", qkv, 2 if packed else 3)
+    amp = amp_dtype(qkv)
+    if amp is not None:
+        (qkv,) = autocast_rule(amp, qkv)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
+        raise ValueError(
+            f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
+        )
+    if dropout_p != 0.0:
+        check_dropout(dropout_p)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if packed:
+        S, n = check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], "qkv", qkv)
+        call = _describe(
+            qkv.device,
+            qkv.dtype,
+            head_dim=head_dim,
+            dropout_p=dropout_p,
+            batch=S,
+            num_tokens=n,
+            num_kv_tokens=n,
+            varlen=True,
+        )
+        return call, qkv
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
+    B, N, _ = qkv.shape
+    call = _describe(
+        qkv.device, qkv.dtype, head_dim=head_dim, dropout_p=dropout_p, batch=B, num_tokens=N, num_kv_tokens=N
+    )
+    return call, qkv
+
+
+def attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-head self-attention read straight from the packed output of a ``qkv`` Linear.
+
+    ``qkv`` is laid out as timm's / MAE's ``Attention.qkv`` output: the last dim is ``[q | k | v]``, each
+    head-major (head h owns columns ``h·D : (h+1)·D`` of its third). Computes softmax(q kᵀ · scale) v per head
+    (Vaswani et al., 2017) and returns the heads concatenated, ready for ``proj``.
+
+    With ``cu_seqlens``, ``qkv`` holds S sequences of different lengths packed along its first dim, without padding
+    (NaViT, Dehghani et al., 2023; the ``cu_seqlens`` convention of FlashAttention's ``flash_attn_varlen_*``):
+    sequence ``s`` is rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` and attends only to itself.
+
+    Args:
+        qkv: (B, N, 3·C) float, C = num_heads · D; with ``cu_seqlens``: (T, 3·C) for T packed tokens.
+        num_heads: H >= 1.
+        cu_seqlens: int32 (S + 1,) offsets on ``qkv``'s device: 0, then the running sum of the S lengths (so
+            ``cu_seqlens[-1] == T``); ``None``: ``qkv`` is a dense batch.
+        max_seqlen: the longest sequence (or any larger bound); ``None`` computes it from ``cu_seqlens`` (one host
+            sync, which the value checks of ``cu_seqlens`` make anyway).
+        scale: softmax scale; default D ** -0.5.
+        dropout_p: attention-probability dropout (timm's ``attn_drop``), applied only when > 0.
+        backend: force a backend.
+
+    Returns:
+        (B, N, C) -- with ``cu_seqlens``: (T, C) -- in ``qkv``'s dtype.
+
+    Raises:
+        TypeError: ``qkv`` not a float tensor, ``num_heads`` / ``max_seqlen`` not an int, ``cu_seqlens`` not int32.
+        ValueError: ``qkv`` not 3-D (2-D with ``cu_seqlens``), its last dim not divisible by 3·num_heads,
+            ``num_heads`` < 1, ``dropout_p`` outside [0, 1); ``cu_seqlens`` not 1-D with >= 2 entries, on another
+            device, not starting at 0, decreasing, or not ending at T; ``max_seqlen`` below the longest sequence or
+            given without ``cu_seqlens``.
+
+    Equivalent PyTorch code::
+
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
+        # with cu_seqlens: the same on each qkv[cu_seqlens[s]:cu_seqlens[s + 1]][None], concatenated
+    """
+    call, qkv = _prepare_attention(
+        qkv, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    )
+    fn = _select("attention", call, backend)[1]
+    if cu_seqlens is None:
+        return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
+    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
+
+
+def _prepare_scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple:
+    packed = cu_seqlens is not None
+    ndim = 3 if packed else 4
+    if packed:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_packed_dim(name, t, 3, packed, "(T, H, D)")
+    check_tensor("q", q, ndim)
+    check_tensor("k", k, ndim)
+    check_tensor("v", v, ndim)
+    amp = amp_dtype(q)
+    if amp is not None:
+        q, k, v = autocast_rule(amp, q, k, v)
+    check_like("k", k, "q", q)
+    check_like("v", v, "q", q, k.shape)
+    if packed:
+        if k.shape != q.shape:
+            raise ValueError(
+                f"k must have q's shape {tuple(q.shape)} (packed self-attention: one cu_seqlens for q, k and v), "
+                f"got {tuple(k.shape)}"
+            )
+        T, H, D = q.shape
+    else:
+        B, H, _, D = q.shape
+        if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+            raise ValueError(f"k must have shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[-1] > 1 and t.stride(-1) != 1:
+                raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+    if dropout_p != 0.0:
+        check_dropout(dropout_p)
+    if packed:
+        S, n = check_cu_seqlens(cu_seqlens, max_seqlen, T, "q", q)
+        call = _describe(
+            q.device, q.dtype, head_dim=D, dropout_p=dropout_p, batch=S, num_tokens=n, num_kv_tokens=n, varlen=True
+        )
+        return call, q, k, v
+    if max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
+    n_q, n_kv = q.shape[2], k.shape[2]
+    call = _describe(q.device, q.dtype, head_dim=D, dropout_p=dropout_p, batch=B, num_tokens=n_q, num_kv_tokens=n_kv)
+    return call, q, k, v
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for per-head tensors with any strides whose last dimension is contiguous.
+
+    With ``cu_seqlens``, q, k and v hold S sequences packed along their first dim (FlashAttention's
+    ``flash_attn_varlen_func`` layout); sequence ``s`` is rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` and attends
+    only to itself.
+
+    Args:
+        q: (B, H, Nq, D) float; with ``cu_seqlens``: (T, H, D).
+        k: (B, H, Nk, D), same dtype and device; with ``cu_seqlens``: (T, H, D).
+        v: (B, H, Nk, D), same dtype and device; with ``cu_seqlens``: (T, H, D).
+        cu_seqlens: int32 (S + 1,) offsets (see :func:`attention`), shared by q, k and v.
+        max_seqlen: the longest sequence or a larger bound; ``None`` computes it.
+        scale: default D ** -0.5.
+        dropout_p: attention-probability dropout, in [0, 1).
+        backend: force a backend.
+
+    Returns:
+        (B, H, Nq, D) -- with ``cu_seqlens``: (T, H, D) -- in ``q``'s dtype.
+
+    Raises:
+        TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1;
+            malformed ``cu_seqlens`` / ``max_seqlen`` (as :func:`attention`).
+
+    Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)`` (with
+    ``cu_seqlens``: on each sequence's ``(1, H, n, D)`` transpose, concatenated).
+    """
+    call, q, k, v = _prepare_scaled_dot_product_attention(
+        q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    )
+    fn = _select("scaled_dot_product_attention", call, backend)[1]
+    if cu_seqlens is None:
+        return fn(q, k, v, scale=scale, dropout_p=dropout_p)
+    return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
+
+
+def _cu_seqlens(lengths: tuple[int, ...]) -> Tensor:
+    from fastvit.nn.packed import cu_seqlens_from_lengths  # fastvit.nn imports fastvit.ops, which imports this
+
+    return cu_seqlens_from_lengths(lengths)
+
+
+def _attention_shape(N: int, H: int, D: int):
+    return lambda g: {"qkv": (SELFTEST_BATCH, N, 3 * H * D), "num_heads": H}
+
+
+def _attention_packed_shape(lengths: tuple[int, ...], H: int, D: int):
+    return lambda g: {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": _cu_seqlens(lengths)}
+
+
+def _sdpa_shape(Nq: int, Nk: int, H: int, D: int):
+    B = SELFTEST_BATCH
+    return lambda g: {"q": (B, H, Nq, D), "k": (B, H, Nk, D), "v": (B, H, Nk, D)}
+
+
+def _sdpa_packed_shape(lengths: tuple[int, ...], H: int, D: int):
+    T = sum(lengths)
+    return lambda g: {"q": (T, H, D), "k": (T, H, D), "v": (T, H, D), "cu_seqlens": _cu_seqlens(lengths)}
+
+
+def _attention_tiny(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 5, 24), 2))]
+
+
+def _sdpa_tiny(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 2, 5, 4), t(2, 2, 5, 4), t(2, 2, 5, 4)))]
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """Self-attention on packed qkv: B batch, N tokens, H heads, D head dim, ``elem`` bytes per element.
+
+    FLOPs (the FlashAttention paper's convention, Dao et al., 2022): forward ``4·B·H·N²·D`` (Q Kᵀ and P V, two
+    FLOPs per multiply-add; softmax not counted); backward ``2.5 ×`` forward (five N×N×D matmuls, recomputing
+    Q Kᵀ included). Bytes: the minimum a fused kernel moves -- forward reads q, k, v (``3·B·N·C``) and writes o
+    (``B·N·C``); backward reads q, k, v, o, dO and writes dq, dk, dv (``8·B·N·C``); C = H·D.
+    """
+
+    B: int
+    N: int
+    H: int
+    D: int
+    elem: int = 2
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode`` (``fwd``, ``bwd`` or ``fwd_bwd``)."""
+        fwd = 4 * self.B * self.H * self.N * self.N * self.D
+        return by_mode(mode, fwd, int(2.5 * fwd))
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved to/from memory by ``mode``."""
+        tok = self.B * self.N * self.H * self.D * self.elem
+        return by_mode(mode, 4 * tok, 8 * tok)
+
+
+_PACKED_ARGS = (
+    Arg("cu_seqlens", "offsets", "(S + 1,) int32", keyword_only=True),
+    Arg("max_seqlen", "int?", keyword_only=True),
+    Arg("scale", "float?", keyword_only=True),
+    Arg("dropout_p", "float", keyword_only=True),
+)
+_CALL_FIELDS = ("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens")
+# N = 1, 61, 197 tokens, D = 32, 72, 80; packed: empty and one-token sequences among them (see fastvit.selftest)
+DECLARATIONS = (
+    declare(
+        OpDeclaration(
+            name="attention",
+            family="attention",
+            args=(Arg("qkv", "tensor", "(B, N, 3·C) or packed (T, 3·C)"), Arg("num_heads", "int")) + _PACKED_ARGS,
+            call_fields=_CALL_FIELDS,
+            prepare=_prepare_attention,
+            function=attention,
+            reference=reference.attention,
+            pt=functools.partial(reference.attention, plain=True),
+            selftest=(
+                SelftestShape("B3 N1 H2 D32", _attention_shape(1, 2, 32)),
+                SelftestShape("B3 N61 H2 D72", _attention_shape(61, 2, 72), quick=True),
+                SelftestShape("B3 N197 H1 D80", _attention_shape(197, 1, 80)),
+                SelftestShape("packed S4 (61, 0, 1, 17) H2 D72", _attention_packed_shape((61, 0, 1, 17), 2, 72)),
+                SelftestShape("packed S2 (197, 50) H1 D80", _attention_packed_shape((197, 50), 1, 80)),
+            ),
+            tiny_calls=_attention_tiny,
+            costs={"attention": AttentionCost},
+        )
+    ),
+    declare(
+        OpDeclaration(
+            name="scaled_dot_product_attention",
+            family="attention",
+            args=(
+                Arg("q", "tensor", "(B, H, Nq, D) or packed (T, H, D)"),
+                Arg("k", "tensor", "(B, H, Nk, D) or packed (T, H, D)"),
+                Arg("v", "tensor", "k's shape"),
+            )
+            + _PACKED_ARGS,
+            call_fields=_CALL_FIELDS,
+            prepare=_prepare_scaled_dot_product_attention,
+            function=scaled_dot_product_attention,
+            reference=reference.scaled_dot_product_attention,
+            pt=functools.partial(reference.scaled_dot_product_attention, plain=True),
+            selftest=(
+                SelftestShape("B3 H2 Nq1 Nk61 D32", _sdpa_shape(1, 61, 2, 32)),
+                SelftestShape("B3 H1 Nq61 Nk197 D80", _sdpa_shape(61, 197, 1, 80)),
+                SelftestShape("B3 H2 Nq61 Nk61 D72", _sdpa_shape(61, 61, 2, 72), quick=True),
+                SelftestShape("packed S3 (5, 33, 17) H2 D64", _sdpa_packed_shape((5, 33, 17), 2, 64)),
+            ),
+            tiny_calls=_sdpa_tiny,
+        )
+    ),
+)
+OPS = tuple(d.name for d in DECLARATIONS)
 
 _k = triton_rt.kernel_module("attention")
 

@@ -17,19 +17,154 @@ the residual add of a pre-norm block, on every backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, autocast_cast, op
+from fastvit import reference
+from fastvit.backends import Capabilities, _select, register_kernel
+from fastvit.declare import Arg, OpDeclaration, SelftestShape, TinyCall, call_builder, declare
+from fastvit.families._checks import amp_dtype, check_like, check_tensor, mixed_dtypes
+from fastvit.families._common import SELFTEST_BATCH, attach, autocast_cast, by_mode, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
-OPS = declare_ops("layer_norm", ("layer_norm",))
+# ============================================================================================ the op
+_describe = call_builder("features")
+
+
+def _prepare_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+) -> tuple:
+    check_tensor("x", x)
+    shape = x.shape
+    if not shape or shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
+    mixed_ok = amp_dtype(x) is not None
+    if mixed_ok:
+        x, weight, bias, residual = autocast_rule(x.device.type, x, weight, bias, residual)
+    C = shape[-1]
+    check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
+    check_like("bias", bias, "x", x, (C,), any_float=mixed_ok)
+    check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    mixed = mixed_ok and mixed_dtypes(x, weight, bias, residual)
+    call = _describe(x.device, x.dtype, features=C, mixed_dtypes=mixed)
+    return call, x, weight, bias, residual
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim (Ba et al., 2016) with fp32 statistics, optionally fused with a residual add.
+
+    Args:
+        x: (..., C) float.
+        weight: (C,) or ``None``; bias: (C,) or ``None``; same dtype and device as ``x``.
+        eps: added to the (biased) variance; timm's ViT uses 1e-6, Hugging Face's 1e-12.
+        residual: tensor of ``x``'s shape or ``None``.
+        backend: force a backend.
+
+    Returns:
+        ``y`` (x's shape and dtype), or ``(y, h)`` with ``h = x + residual`` and ``y = LayerNorm(h)`` when
+        ``residual`` is given (the fused add of a pre-norm block).
+
+    Raises:
+        TypeError / ValueError: non-float input, mismatched shapes, dtypes or devices, eps < 0.
+
+    Equivalent PyTorch code: ``h = x + residual; y = F.layer_norm(h, (C,), weight, bias, eps)``.
+    """
+    call, x, weight, bias, residual = _prepare_layer_norm(x, weight, bias, eps, residual=residual)
+    return _select("layer_norm", call, backend)[1](x, weight, bias, eps, residual=residual)
+
+
+def _selftest_shape(N: int, C: int, residual: bool):
+    def make(g):
+        B = SELFTEST_BATCH
+        return {
+            "x": (B, N, C),
+            "weight": ((C,), 1.0),
+            "bias": (C,),
+            "eps": 1e-6,
+            "residual": (B, N, C) if residual else None,
+        }
+
+    return make
+
+
+def _tiny_calls(t, ids_restore) -> list[TinyCall]:
+    x = t(2, 5, 8)
+    return [TinyCall((x, t(8), t(8), 1e-6)), TinyCall((x, t(8), t(8), 1e-6), {"residual": t(2, 5, 8)}, "+residual")]
+
+
+@dataclass(frozen=True)
+class LayerNormCost:
+    """LayerNorm over C of M rows (optionally with a fused residual add that also writes the sum).
+
+    FLOPs: about ``8·M·C`` forward (sum, sum of squares, subtract, scale, affine; the add counts one more) and twice
+    that backward. Bytes: forward reads x (and the residual), writes y (and h = x + residual) plus the (C,) weight and
+    bias; backward reads x, dy and writes dx (and a second dx for the residual branch) plus dweight, dbias.
+    """
+
+    M: int
+    C: int
+    elem: int = 2
+    residual: bool = False
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode`` (approximate: elementwise ops counted as one FLOP each)."""
+        fwd = (8 + int(self.residual)) * self.M * self.C
+        return by_mode(mode, fwd, 2 * fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        tok = self.M * self.C * self.elem
+        r = int(self.residual)
+        return by_mode(mode, (2 + 2 * r) * tok + 2 * self.C * self.elem, (3 + r) * tok + 4 * self.C * self.elem)
+
+
+DECLARATION = declare(
+    OpDeclaration(
+        name="layer_norm",
+        family="layer_norm",
+        args=(
+            Arg("x", "tensor", "(..., C)"),
+            Arg("weight", "tensor?", "(C,)"),
+            Arg("bias", "tensor?", "(C,)"),
+            Arg("eps", "float"),
+            Arg("residual", "tensor?", "x's shape", keyword_only=True),
+        ),
+        call_fields=("features",),
+        prepare=_prepare_layer_norm,
+        function=layer_norm,
+        reference=reference.layer_norm,
+        # N = 1, 61, 197 tokens, C = 32, 72, 80 (see fastvit.selftest)
+        selftest=(
+            SelftestShape("B3 N1 C32 +residual", _selftest_shape(1, 32, True)),
+            SelftestShape("B3 N61 C72 +residual", _selftest_shape(61, 72, True), quick=True),
+            SelftestShape("B3 N197 C80", _selftest_shape(197, 80, False)),
+        ),
+        tiny_calls=_tiny_calls,
+        costs={"layer_norm": LayerNormCost},
+    )
+)
+OPS = (DECLARATION.name,)
 
 _k = triton_rt.kernel_module("layer_norm")
 

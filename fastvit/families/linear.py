@@ -34,19 +34,261 @@ GEMM alignment (``build_info()["gemm_alignment"]``, 128-bit accesses).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, autocast_cast, needs_grad, op
+from fastvit import reference
+from fastvit.backends import Capabilities, _select, register_kernel
+from fastvit.declare import Arg, OpDeclaration, SelftestShape, TinyCall, call_builder, declare
+from fastvit.families._checks import amp_dtype, check_like, check_tensor, mixed_dtypes
+from fastvit.families._common import SELFTEST_BATCH, attach, autocast_cast, by_mode, needs_grad, op
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
-OPS = declare_ops("linear", ("linear_gelu", "linear_residual"))
+# ============================================================================================ the ops
+_describe = call_builder("in_features", "out_features")
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Check a linear op's GEMM operands (after applying the autocast rule when autocast is on); returns
+    ``(x, weight, bias, autocast_on)``."""
+    check_tensor("x", x)
+    amp = amp_dtype(x)
+    if amp is not None:
+        x, weight, bias = autocast_rule(amp, x, weight, bias)
+    check_tensor("weight", weight, 2)
+    check_like("weight", weight, "x", x)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dim ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features "
+            f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
+        )
+    check_like("bias", bias, "x", x, (weight.shape[0],))
+    return x, weight, bias, amp is not None
+
+
+def _prepare_linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+) -> tuple:
+    x, weight, bias, _ = _check_linear(x, weight, bias)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    M, K = weight.shape
+    return (
+        _describe(x.device, x.dtype, in_features=K, out_features=M),
+        x,
+        weight,
+        bias,
+    )
+
+
+def linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    approximate: str = "none",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """GELU(x Wᵀ + b): an MLP's fc1 with its activation (Hendrycks & Gimpel, 2016).
+
+    Args:
+        x: (..., K) float.
+        weight: (M, K) as ``nn.Linear.weight``; bias: (M,) or ``None``.
+        approximate: ``"none"`` (exact erf, timm / MAE / HF default) or ``"tanh"``.
+        backend: force a backend.
+
+    Returns:
+        (..., M) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices; unknown ``approximate``.
+
+    Equivalent PyTorch code: ``F.gelu(F.linear(x, weight, bias), approximate=approximate)``.
+    """
+    call, x, weight, bias = _prepare_linear_gelu(x, weight, bias, approximate=approximate)
+    return _select("linear_gelu", call, backend)[1](x, weight, bias, approximate=approximate)
+
+
+def _prepare_linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    gamma: torch.Tensor | None = None,
+) -> tuple:
+    x, weight, bias, mixed_ok = _check_linear(x, weight, bias)
+    M, K = weight.shape
+    check_like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
+    check_like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
+    mixed = mixed_ok and mixed_dtypes(x, residual, gamma)
+    call = _describe(x.device, x.dtype, in_features=K, out_features=M, mixed_dtypes=mixed)
+    return call, x, weight, bias, residual, gamma
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    *,
+    gamma: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """residual + gamma · (x Wᵀ + b): a block's ``proj`` / ``fc2`` with LayerScale and the residual add.
+
+    Args:
+        x: (..., K) float.
+        weight: (M, K); bias: (M,) or ``None``.
+        residual: (..., M), x's leading shape.
+        gamma: (M,) LayerScale (Touvron et al., 2021, "Going deeper with image transformers") or ``None``.
+        backend: force a backend.
+
+    Returns:
+        (..., M) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices.
+
+    Equivalent PyTorch code: ``residual + gamma * F.linear(x, weight, bias)``.
+    """
+    call, x, weight, bias, residual, gamma = _prepare_linear_residual(x, weight, bias, residual, gamma=gamma)
+    return _select("linear_residual", call, backend)[1](x, weight, bias, residual, gamma=gamma)
+
+
+def _linear_gelu_shape(N: int, K: int, M: int, approximate: str):
+    def make(g):
+        return {"x": (SELFTEST_BATCH, N, K), "weight": ((M, K), K**-0.5), "bias": (M,), "approximate": approximate}
+
+    return make
+
+
+def _linear_residual_shape(N: int, K: int, M: int, bias: bool, gamma: bool):
+    def make(g):
+        B = SELFTEST_BATCH
+        return {
+            "x": (B, N, K),
+            "weight": ((M, K), K**-0.5),
+            "bias": (M,) if bias else None,
+            "residual": (B, N, M),
+            "gamma": (M,) if gamma else None,
+        }
+
+    return make
+
+
+def _linear_gelu_tiny(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 5, 8), t(16, 8), t(16)))]
+
+
+def _linear_residual_tiny(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 5, 16), t(8, 16), t(8), t(2, 5, 8)))]
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """``y = x Wᵀ + b`` with x (M, K), W (N, K): forward ``2·M·N·K`` FLOPs, backward twice that (dX and dW).
+
+    Bytes: forward reads x, W, b and writes y; backward reads dY, x, W and writes dX, dW, db.
+    ``epilogue_reads`` extra (M, N) tensors are read in the forward (a residual add) and the backward (none saved).
+    """
+
+    M: int
+    N: int
+    K: int
+    elem: int = 2
+    epilogue_reads: int = 0
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode``."""
+        fwd = 2 * self.M * self.N * self.K
+        return by_mode(mode, fwd, 2 * fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        M, N, K, e = self.M, self.N, self.K, self.elem
+        fwd = (M * K + N * K + N + M * N * (1 + self.epilogue_reads)) * e
+        bwd = (M * N + M * K + N * K + M * K + N * K + N) * e
+        return by_mode(mode, fwd, bwd)
+
+
+@dataclass(frozen=True)
+class MlpCost:
+    """A ViT MLP with its residual: ``x + fc2(GELU(fc1(x)))`` on M tokens of width C with hidden width F.
+
+    FLOPs are the two GEMMs (``2·M·F·C`` each, backward twice that) plus about 8 FLOPs per hidden element for exact
+    GELU. Bytes: the sum of the two GEMMs' minimum traffic, the residual read once.
+    """
+
+    M: int
+    C: int
+    F: int
+    elem: int = 2
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode``."""
+        fc1 = LinearCost(self.M, self.F, self.C, self.elem)
+        fc2 = LinearCost(self.M, self.C, self.F, self.elem, epilogue_reads=1)
+        gelu = 8 * self.M * self.F
+        return fc1.flops(mode) + fc2.flops(mode) + by_mode(mode, gelu, 2 * gelu)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        fc1 = LinearCost(self.M, self.F, self.C, self.elem)
+        fc2 = LinearCost(self.M, self.C, self.F, self.elem, epilogue_reads=1)
+        return fc1.bytes(mode) + fc2.bytes(mode)
+
+
+_ARGS = (Arg("x", "tensor", "(..., K)"), Arg("weight", "tensor", "(M, K)"), Arg("bias", "tensor?", "(M,)"))
+DECLARATIONS = (
+    declare(
+        OpDeclaration(
+            name="linear_gelu",
+            family="linear",
+            args=_ARGS + (Arg("approximate", "str", keyword_only=True),),
+            call_fields=("in_features", "out_features"),
+            prepare=_prepare_linear_gelu,
+            function=linear_gelu,
+            reference=reference.linear_gelu,
+            selftest=(
+                SelftestShape("B3 N1 K32 M72", _linear_gelu_shape(1, 32, 72, "none")),
+                SelftestShape("B3 N61 K72 M80 tanh", _linear_gelu_shape(61, 72, 80, "tanh")),
+                SelftestShape("B3 N61 K80 M72", _linear_gelu_shape(61, 80, 72, "none"), quick=True),
+                SelftestShape("B3 N197 K80 M32", _linear_gelu_shape(197, 80, 32, "none")),
+            ),
+            tiny_calls=_linear_gelu_tiny,
+            costs={"linear": LinearCost, "mlp": MlpCost},
+        )
+    ),
+    declare(
+        OpDeclaration(
+            name="linear_residual",
+            family="linear",
+            args=_ARGS + (Arg("residual", "tensor", "(..., M)"), Arg("gamma", "tensor?", "(M,)", keyword_only=True)),
+            call_fields=("in_features", "out_features"),
+            prepare=_prepare_linear_residual,
+            function=linear_residual,
+            reference=reference.linear_residual,
+            selftest=(
+                SelftestShape("B3 N1 K32 M72 +gamma", _linear_residual_shape(1, 32, 72, True, True)),
+                SelftestShape("B3 N61 K72 M80 +gamma", _linear_residual_shape(61, 72, 80, True, True), quick=True),
+                SelftestShape("B3 N197 K80 M32 no bias", _linear_residual_shape(197, 80, 32, False, False)),
+            ),
+            tiny_calls=_linear_residual_tiny,
+        )
+    ),
+)
+OPS = tuple(d.name for d in DECLARATIONS)
 
 _k = triton_rt.kernel_module("linear")
 

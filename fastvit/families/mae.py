@@ -23,19 +23,327 @@ patches, He et al., 2022, sec. 3), on every backend.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fastvit import reference
-from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, autocast_cast, op
+from fastvit.backends import Capabilities, _select, register_kernel
+from fastvit.declare import Arg, OpDeclaration, SelftestShape, TinyCall, call_builder, declare
+from fastvit.families._checks import amp_dtype, check_index, check_index_rows, check_like, check_tensor, vouch, vouched
+from fastvit.families._common import SELFTEST_BATCH, attach, autocast_cast, by_mode, op, permutations
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
-OPS = declare_ops("mae", ("mae_unshuffle", "mae_loss"))
+# ============================================================================================ the ops
+_describe_unshuffle = call_builder()
+_describe_loss = call_builder("patch_row")
+
+
+def random_masking(
+    batch_size: int,
+    seq_len: int,
+    mask_ratio: float,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-sample random masking (He et al., 2022, sec. 3; ``models_mae.random_masking``).
+
+    Keeps ``int(seq_len * (1 - mask_ratio))`` patches per sample: the ones with the smallest ``noise``.
+
+    Args:
+        batch_size: B >= 1.
+        seq_len: number of patches N >= 1 (no cls token).
+        mask_ratio: fraction to drop, in [0, 1).
+        noise: (B, N) float, or ``None`` to draw uniform noise (with ``generator`` on ``device``).
+
+    Returns:
+        ``ids_keep`` (B, N_keep) int64, ``ids_restore`` (B, N) int64 (argsort of the shuffle), and ``mask``
+        (B, N) float32 with 0 = kept, 1 = removed, in the original patch order. Given to :func:`patch_embed` /
+        :func:`mae_unshuffle` unchanged, ``ids_keep`` / ``ids_restore`` skip those ops' value checks (they are
+        valid by construction); indices from anywhere else, or written to in place since, are checked (one sort
+        and one host sync).
+
+    Raises:
+        ValueError: ``mask_ratio`` outside [0, 1), non-positive sizes, ``noise`` of the wrong shape.
+        TypeError: ``noise`` not a float tensor.
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    if noise is not None:
+        check_tensor("noise", noise, 2)
+        if tuple(noise.shape) != (batch_size, seq_len):
+            raise ValueError(f"noise must have shape ({batch_size}, {seq_len}), got {tuple(noise.shape)}")
+    ids_keep, ids_restore, mask = reference.random_masking(
+        batch_size, seq_len, mask_ratio, noise=noise, generator=generator, device=device
+    )
+    if not torch.compiler.is_compiling():
+        vouch(ids_keep, seq_len)
+        vouch(ids_restore, seq_len)
+    return ids_keep, ids_restore, mask
+
+
+def _prepare_mae_unshuffle(
+    x: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    *,
+    pos_embed: torch.Tensor | None = None,
+) -> tuple:
+    check_tensor("x", x, 3)
+    if amp_dtype(x) is not None:
+        x, mask_token, pos_embed = autocast_unshuffle_rule(x, mask_token, pos_embed)
+    B, T, C = x.shape
+    check_like("mask_token", mask_token, "x", x, (1, 1, C))
+    check_index("ids_restore", ids_restore, 2, "x", x)
+    N = ids_restore.shape[1]
+    if ids_restore.shape[0] != B:
+        raise ValueError(f"ids_restore must have shape ({B}, N), got {tuple(ids_restore.shape)}")
+    if not 1 <= T <= N + 1:
+        raise ValueError(f"x must hold 1 + N_keep tokens with N_keep <= N = {N}, got {T} tokens")
+    if not vouched(ids_restore, N):
+        check_index_rows("ids_restore", ids_restore, N, "each row is a permutation of 0..N-1")
+    check_like("pos_embed", pos_embed, "x", x, (1, N + 1, C))
+    return (
+        _describe_unshuffle(x.device, x.dtype),
+        x,
+        mask_token,
+        ids_restore.long(),
+        pos_embed,
+    )
+
+
+def mae_unshuffle(
+    x: torch.Tensor,
+    mask_token: torch.Tensor,
+    ids_restore: torch.Tensor,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE decoder input: fill the removed positions with ``mask_token``, undo the shuffle, add position.
+
+    Args:
+        x: (B, 1 + N_keep, C) decoder-embedded encoder output, cls token first.
+        mask_token: (1, 1, C).
+        ids_restore: (B, N) int64 from :func:`random_masking`: each row a permutation of 0..N-1.
+        pos_embed: (1, 1 + N, C) decoder position embedding, or ``None``.
+        backend: force a backend.
+
+    Returns:
+        (B, 1 + N, C) in ``x``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes, dtypes or devices, N_keep > N, ``ids_restore`` not a permutation.
+
+    Equivalent PyTorch code (models_mae.forward_decoder)::
+
+        x_ = torch.cat([x[:, 1:], mask_token.repeat(B, N + 1 - x.shape[1], 1)], 1)
+        x_ = torch.gather(x_, 1, ids_restore[..., None].repeat(1, 1, C))
+        out = torch.cat([x[:, :1], x_], 1) + pos_embed
+    """
+    call, x, mask_token, ids_restore, pos_embed = _prepare_mae_unshuffle(
+        x, mask_token, ids_restore, pos_embed=pos_embed
+    )
+    return _select("mae_unshuffle", call, backend)[1](x, mask_token, ids_restore, pos_embed=pos_embed)
+
+
+def _prepare_mae_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix_loss: bool = False,
+) -> tuple:
+    check_tensor("pred", pred, 3)
+    check_tensor("images", images, 4)
+    if amp_dtype(pred) is not None:
+        pred, images = autocast_loss_rule(pred, images)
+    check_tensor("mask", mask, 2)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    B, C, Hi, Wi = images.shape
+    if Hi % patch_size or Wi % patch_size:
+        raise ValueError(f"images spatial size {Hi}x{Wi} is not divisible by patch_size {patch_size}")
+    N = (Hi // patch_size) * (Wi // patch_size)
+    expected = (B, N, patch_size * patch_size * C)
+    if tuple(pred.shape) != expected:
+        raise ValueError(f"pred must have shape {expected} for images {tuple(images.shape)}, got {tuple(pred.shape)}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"mask must have shape {(B, N)}, got {tuple(mask.shape)}")
+    for name, t in (("images", images), ("mask", mask)):
+        if t.device != pred.device:
+            raise ValueError(f"{name} is on {t.device} but pred is on {pred.device}; expected the same device")
+    call = _describe_loss(pred.device, pred.dtype, patch_row=pred.shape[-1])
+    return call, pred, images
+
+
+def mae_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    *,
+    norm_pix_loss: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE's reconstruction loss: mean squared error on the removed patches only (He et al., 2022, sec. 3).
+
+    Args:
+        pred: (B, N, P·P·C) decoder output, MAE's (p, q, c) order within a patch.
+        images: (B, C, Hi, Wi), Hi and Wi divisible by P; same device as ``pred``.
+        mask: (B, N), 1 for removed patches, 0 for kept ones.
+        patch_size: P.
+        norm_pix_loss: normalise each target patch by its mean and unbiased std (+1e-6 on the variance).
+        backend: force a backend.
+
+    Returns:
+        0-D tensor in ``pred``'s dtype.
+
+    Raises:
+        TypeError / ValueError: mismatched shapes or devices, image size not divisible by ``patch_size``.
+
+    Equivalent PyTorch code: ``((pred - patchify(images)) ** 2).mean(-1).mul(mask).sum() / mask.sum()``.
+    """
+    call, pred, images = _prepare_mae_loss(pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+    return _select("mae_loss", call, backend)[1](pred, images, mask, patch_size, norm_pix_loss=norm_pix_loss)
+
+
+def _unshuffle_shape(N: int, n_keep: int, C: int, pos: bool):
+    def make(g):
+        B = SELFTEST_BATCH
+        return {
+            "x": (B, 1 + n_keep, C),
+            "mask_token": (1, 1, C),
+            "ids_restore": torch.argsort(permutations(B, N, g), 1),
+            "pos_embed": (1, N + 1, C) if pos else None,
+        }
+
+    return make
+
+
+def _loss_shape(grid: tuple[int, int], P: int, C: int, norm_pix: bool):
+    def make(g):
+        B, (gh, gw) = SELFTEST_BATCH, grid
+        N = gh * gw
+        mask = (torch.rand(B, N, generator=g) < 0.75).float()
+        mask[0, 0] = 1.0  # at least one removed patch
+        return {
+            "pred": (B, N, P * P * C),
+            "images": (B, C, gh * P, gw * P),
+            "mask": mask,
+            "patch_size": P,
+            "norm_pix_loss": norm_pix,
+        }
+
+    return make
+
+
+def _unshuffle_tiny(t, ids_restore) -> list[TinyCall]:
+    # ids_restore as an MAE step makes them (vouched for: no value check), and as a user might (value-checked)
+    given = torch.stack([torch.randperm(ids_restore.shape[1]) for _ in range(ids_restore.shape[0])])
+    given = given.to(ids_restore.device)
+    N = ids_restore.shape[1]
+    return [
+        TinyCall((t(2, 3, 8), t(1, 1, 8), ids_restore), {"pos_embed": t(1, 1 + N, 8)}),
+        TinyCall((t(2, 3, 8), t(1, 1, 8), given), {"pos_embed": t(1, 1 + N, 8)}, "+given_ids", targeted=False),
+    ]
+
+
+def _loss_tiny(t, ids_restore) -> list[TinyCall]:
+    mask = (t(2, 4) > 0).to(t(1).dtype)
+    return [TinyCall((t(2, 4, 48), t(2, 3, 8, 8), mask, 4))]
+
+
+@dataclass(frozen=True)
+class MaeUnshuffleCost:
+    """MAE decoder input: (B, 1 + Nk, C) kept tokens -> (B, 1 + N, C) with mask tokens, un-shuffled, + pos-embed.
+
+    FLOPs: one add per output element. Bytes: read the kept tokens, the (1 + N, C) position table, the mask token
+    and the int64 ``ids_restore`` (B, N); write (B, 1 + N, C). Backward: read the output gradient, write the input
+    gradient (and dpos, dmask_token).
+    """
+
+    B: int
+    N: int
+    Nk: int
+    C: int
+    elem: int = 2
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode``."""
+        fwd = self.B * (1 + self.N) * self.C
+        return by_mode(mode, fwd, fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        e = self.elem
+        kept = self.B * (1 + self.Nk) * self.C * e
+        full = self.B * (1 + self.N) * self.C * e
+        pos = (1 + self.N) * self.C * e
+        ids = self.B * self.N * 8
+        return by_mode(mode, kept + full + pos + ids + self.C * e, full + kept + pos + ids + self.C * e)
+
+
+# N = 1, 61, 197 tokens, C (or the patch row P·P·C) = 32, 72, 80 (see fastvit.selftest)
+DECLARATIONS = (
+    declare(
+        OpDeclaration(
+            name="mae_unshuffle",
+            family="mae",
+            args=(
+                Arg("x", "tensor", "(B, 1 + N_keep, C)"),
+                Arg("mask_token", "tensor", "(1, 1, C)"),
+                Arg("ids_restore", "index", "(B, N), each row a permutation"),
+                Arg("pos_embed", "tensor?", "(1, 1 + N, C)", keyword_only=True),
+            ),
+            call_fields=(),
+            prepare=_prepare_mae_unshuffle,
+            function=mae_unshuffle,
+            reference=reference.mae_unshuffle,
+            selftest=(
+                SelftestShape("B3 N2 C32 (1 patch, none kept)", _unshuffle_shape(1, 0, 32, True)),
+                SelftestShape("B3 N61 C72 (15 of 60 kept)", _unshuffle_shape(60, 15, 72, True), quick=True),
+                SelftestShape("B3 N197 C80 (49 of 196 kept, no pos)", _unshuffle_shape(196, 49, 80, False)),
+            ),
+            tiny_calls=_unshuffle_tiny,
+            costs={"mae_unshuffle": MaeUnshuffleCost},
+        )
+    ),
+    declare(
+        OpDeclaration(
+            name="mae_loss",
+            family="mae",
+            args=(
+                Arg("pred", "tensor", "(B, N, P·P·C)"),
+                Arg("images", "tensor", "(B, C, Hi, Wi)"),
+                Arg("mask", "tensor", "(B, N)"),
+                Arg("patch_size", "int"),
+                Arg("norm_pix_loss", "bool", keyword_only=True),
+            ),
+            call_fields=("patch_row",),
+            prepare=_prepare_mae_loss,
+            function=mae_loss,
+            reference=reference.mae_loss,
+            selftest=(
+                SelftestShape("B3 N1 P4 C2 (row 32)", _loss_shape((1, 1), 4, 2, False)),
+                SelftestShape("B3 N61 P2 C18 (row 72) norm_pix", _loss_shape((1, 61), 2, 18, True), quick=True),
+                SelftestShape("B3 N196 P4 C5 (row 80) norm_pix", _loss_shape((14, 14), 4, 5, True)),
+            ),
+            tiny_calls=_loss_tiny,
+        )
+    ),
+)
+OPS = tuple(d.name for d in DECLARATIONS)
 
 _k = triton_rt.kernel_module("mae")
 

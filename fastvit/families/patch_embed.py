@@ -19,19 +19,244 @@ embedding + cls / register tokens, optionally embedding only the ``ids_keep`` pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvit.backends import Capabilities, declare_ops, register_kernel
-from fastvit.families._common import attach, autocast_cast, op
+from fastvit import reference
+from fastvit.backends import Capabilities, _select, register_kernel
+from fastvit.declare import Arg, OpDeclaration, SelftestShape, TinyCall, call_builder, declare
+from fastvit.families._checks import (
+    amp_dtype,
+    check_index,
+    check_index_rows,
+    check_like,
+    check_tensor,
+    mixed_dtypes,
+    vouched,
+)
+from fastvit.families._common import SELFTEST_BATCH, attach, autocast_cast, by_mode, op, permutations
 from fastvit.runtime import cuda as cuda_rt
 from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
-OPS = declare_ops("patch_embed", ("patch_embed",))
+# ============================================================================================ the op
+_describe = call_builder("embed_dim")
+
+
+# ----------------------------------------------------------------------------------------------- ops
+def _prepare_patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+) -> tuple:
+    check_tensor("images", images, 4)
+    amp = amp_dtype(images)
+    if amp is not None:
+        images, weight, bias = autocast_rule(amp, images, weight, bias)
+    check_tensor("weight", weight, 4)
+    check_like("weight", weight, "images", images)
+    B, C, Hi, Wi = images.shape
+    E, Cw, Ph, Pw = weight.shape
+    if Cw != C:
+        raise ValueError(f"images has {C} channels but weight expects {Cw} (weight shape {tuple(weight.shape)})")
+    if Hi % Ph or Wi % Pw:
+        raise ValueError(
+            f"images spatial size {Hi}x{Wi} is not divisible by the patch size {Ph}x{Pw} (weight shape "
+            f"{tuple(weight.shape)})"
+        )
+    check_like("bias", bias, "images", images, (E,))
+    mixed_ok = amp is not None  # under autocast the epilogue operands keep their dtype
+    check_like("cls_token", cls_token, "images", images, (1, 1, E), any_float=mixed_ok)
+    if reg_tokens is not None:
+        check_like("reg_tokens", reg_tokens, "images", images, any_float=mixed_ok)
+        if reg_tokens.dim() != 3 or reg_tokens.shape[0] != 1 or reg_tokens.shape[2] != E:
+            raise ValueError(f"reg_tokens must have shape (1, R, {E}), got {tuple(reg_tokens.shape)}")
+    num_patches = (Hi // Ph) * (Wi // Pw)
+    num_prefix = (cls_token is not None) + (reg_tokens.shape[1] if reg_tokens is not None else 0)
+    if pos_embed is not None:
+        check_like("pos_embed", pos_embed, "images", images, any_float=mixed_ok)
+        allowed = {num_patches, num_patches + num_prefix}
+        if (
+            pos_embed.dim() != 3
+            or pos_embed.shape[0] != 1
+            or pos_embed.shape[2] != E
+            or pos_embed.shape[1] not in allowed
+        ):
+            raise ValueError(
+                f"pos_embed must have shape (1, L, {E}) with L in {sorted(allowed)} ({num_patches} patches for "
+                f"{Hi}x{Wi} images, {num_prefix} prefix tokens), got {tuple(pos_embed.shape)}"
+            )
+    if ids_keep is not None:
+        check_index("ids_keep", ids_keep, 2, "images", images)
+        if ids_keep.shape[0] != B or ids_keep.shape[1] > num_patches:
+            raise ValueError(f"ids_keep must have shape ({B}, N_keep <= {num_patches}), got {tuple(ids_keep.shape)}")
+        if not vouched(ids_keep, num_patches):
+            check_index_rows("ids_keep", ids_keep, num_patches, "each kept patch appears once")
+        ids_keep = ids_keep.long()
+    mixed = mixed_ok and mixed_dtypes(images, pos_embed, cls_token, reg_tokens)
+    return (
+        _describe(images.device, images.dtype, embed_dim=E, mixed_dtypes=mixed),
+        images,
+        weight,
+        bias,
+        pos_embed,
+        cls_token,
+        reg_tokens,
+        ids_keep,
+    )
+
+
+def patch_embed(
+    images: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+    reg_tokens: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Patch embedding + position embedding + prefix tokens, optionally keeping only some patches (MAE).
+
+    Equal to timm's ``PatchEmbed`` (a stride-P convolution, flattened) followed by ``VisionTransformer._pos_embed``,
+    and to MAE's encoder embedding (``patch_embed``, ``+ pos_embed[:, 1:]``, masking, ``cls_token + pos_embed[:, :1]``
+    prepended).
+
+    Args:
+        images: (B, C, Hi, Wi) float; Hi and Wi divisible by the patch size.
+        weight: (E, C, Ph, Pw) projection, same dtype and device as ``images``.
+        bias: (E,) or ``None``.
+        pos_embed: (1, L, E) or ``None``. With L = Np + R (Np = (Hi/Ph)·(Wi/Pw) patches, R prefix tokens) the
+            prefix tokens get ``pos_embed[:, :R]`` (timm's default, MAE); with L = Np only the patches get a position
+            (timm's ``no_embed_class=True``).
+        cls_token: (1, 1, E) or ``None``.
+        reg_tokens: (1, R_reg, E) register tokens (Darcet et al., 2024) or ``None``; placed after the cls token.
+        ids_keep: (B, N_keep) int64 patch indices to keep (after the position add), no repeats within a row, or
+            ``None`` for all.
+        backend: force a backend (see :mod:`fastvit.backends`).
+
+    Returns:
+        (B, R + N_keep, E) tokens in ``images``' dtype (N_keep = Np without ``ids_keep``).
+
+    Raises:
+        TypeError: a non-tensor, non-float or dtype-mismatched argument.
+        ValueError: wrong ranks or shapes, image size not divisible by the patch size, channel mismatch,
+            ``ids_keep`` out of range or repeating an index, tensors on different devices.
+
+    Equivalent PyTorch code::
+
+        x = F.conv2d(images, weight, bias, stride=(Ph, Pw)).flatten(2).transpose(1, 2)
+        x = torch.cat([cls_token, reg_tokens, x], 1) + pos_embed          # L = Np + R
+        # MAE: x = x[:, R:].gather(1, ids_keep[..., None].expand(-1, -1, E)), then prefix again
+    """
+    call, images, weight, bias, pos_embed, cls_token, reg_tokens, ids_keep = _prepare_patch_embed(
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+    )
+    return _select("patch_embed", call, backend)[1](
+        images, weight, bias, pos_embed=pos_embed, cls_token=cls_token, reg_tokens=reg_tokens, ids_keep=ids_keep
+    )
+
+
+def _selftest_shape(grid: tuple[int, int], P: int, C: int, E: int, cls: bool, n_keep: int | None):
+    def make(g):
+        B, (gh, gw) = SELFTEST_BATCH, grid
+        Np, R = gh * gw, int(cls)
+        return {
+            "images": (B, C, gh * P, gw * P),
+            "weight": ((E, C, P, P), (C * P * P) ** -0.5),
+            "bias": (E,),
+            "pos_embed": (1, Np + R, E),
+            "cls_token": (1, 1, E) if cls else None,
+            "ids_keep": permutations(B, Np, g)[:, :n_keep] if n_keep is not None else None,
+        }
+
+    return make
+
+
+def _tiny_calls(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 3, 8, 8), t(8, 3, 4, 4), t(8)), {"pos_embed": t(1, 5, 8), "cls_token": t(1, 1, 8)})]
+
+
+@dataclass(frozen=True)
+class PatchEmbedCost:
+    """Patch embedding of (B, Cin, S, S) images with P×P patches into E channels, keeping ``Nk`` of the
+    ``(S/P)²`` patches (all by default) and prepending ``prefix`` tokens.
+
+    FLOPs: the GEMM ``2·B·Nk·E·Cin·P²`` plus one add per output element for the position embedding. Bytes: read the
+    images (only the kept patches when masking), the weight, bias and position table; write (B, prefix + Nk, E);
+    read the int64 ``ids_keep`` when masking. Backward: dW, db, dpos (no image gradient).
+    """
+
+    B: int
+    Cin: int
+    S: int
+    P: int
+    E: int
+    prefix: int = 1
+    Nk: int | None = None
+    elem: int = 2
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode``."""
+        nk = self._nk()
+        fwd = 2 * self.B * nk * self.E * self.Cin * self.P * self.P + self.B * (nk + self.prefix) * self.E
+        return by_mode(mode, fwd, fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        nk, np_ = self._nk(), (self.S // self.P) ** 2
+        e = self.elem
+        w = self.E * self.Cin * self.P * self.P * e + self.E * e + (np_ + self.prefix) * self.E * e
+        img = self.B * nk * self.Cin * self.P * self.P * e
+        out = self.B * (nk + self.prefix) * self.E * e
+        ids = self.B * nk * 8 if self.Nk is not None else 0
+        return by_mode(mode, img + w + out + ids, out + img + w + ids)
+
+    def _nk(self) -> int:
+        return self.Nk if self.Nk is not None else (self.S // self.P) ** 2
+
+
+DECLARATION = declare(
+    OpDeclaration(
+        name="patch_embed",
+        family="patch_embed",
+        args=(
+            Arg("images", "tensor", "(B, C, Hi, Wi)"),
+            Arg("weight", "tensor", "(E, C, Ph, Pw)"),
+            Arg("bias", "tensor?", "(E,)"),
+            Arg("pos_embed", "tensor?", "(1, L, E), L = Np or Np + R", keyword_only=True),
+            Arg("cls_token", "tensor?", "(1, 1, E)", keyword_only=True),
+            Arg("reg_tokens", "tensor?", "(1, R_reg, E)", keyword_only=True),
+            Arg("ids_keep", "index", "(B, N_keep) in [0, Np)", keyword_only=True),
+        ),
+        call_fields=("embed_dim",),
+        prepare=_prepare_patch_embed,
+        function=patch_embed,
+        reference=reference.patch_embed,
+        # N = 1, 61, 197 tokens, E = 32, 72, 80, and MAE's kept patches (see fastvit.selftest)
+        selftest=(
+            SelftestShape("B3 N1 E32 (1 patch, no cls)", _selftest_shape((1, 1), 2, 3, 32, False, None)),
+            SelftestShape("B3 N61 E72 (6x10 patches + cls)", _selftest_shape((6, 10), 2, 3, 72, True, None), True),
+            SelftestShape("B3 N197 E80 (14x14 patches + cls)", _selftest_shape((14, 14), 2, 3, 80, True, None)),
+            SelftestShape(
+                "B3 N50 E32 (MAE: 49 of 196 patches + cls)", _selftest_shape((14, 14), 2, 3, 32, True, 49), True
+            ),
+        ),
+        tiny_calls=_tiny_calls,
+        costs={"patch_embed": PatchEmbedCost},
+    )
+)
+OPS = (DECLARATION.name,)
 
 _k = triton_rt.kernel_module("patch_embed")
 

@@ -56,13 +56,13 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from fastvit import backends, ops, reference, testing
+from fastvit import backends, ops, testing
 from fastvit.backends import OPS, PRIORITY, get_backend
-from fastvit.nn.packed import cu_seqlens_from_lengths
+from fastvit.declare import DECLARATIONS, differentiable
 from fastvit.runtime import cache_root
 
 __all__ = [
@@ -173,14 +173,14 @@ def _isolated(device: torch.device) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ cases
 @dataclass(frozen=True)
 class Case:
-    """One self-test case: ``op`` at one shape and dtype. ``make(generator)`` returns ``(specs, grad_names)`` where
-    ``specs`` maps argument names to shapes (random inputs in ``dtype``), ``(shape, scale)``, tensors (index tensors
+    """One self-test case: ``op`` at one shape and dtype. ``make(generator)`` returns ``specs``, which
+    maps argument names to shapes (random inputs in ``dtype``), ``(shape, scale)``, tensors (index tensors
     kept as they are, floating ones cast) or plain values."""
 
     op: str
     label: str
     dtype: torch.dtype
-    make: Callable[[torch.Generator], tuple[dict[str, Any], list[str]]] = field(compare=False, repr=False)
+    make: Callable[[torch.Generator], dict[str, Any]] = field(compare=False, repr=False)
     #: Whether the case is in the short list run under Triton's interpreter.
     quick: bool = False
 
@@ -189,200 +189,12 @@ class Case:
         return f"{self.label} {str(self.dtype).removeprefix('torch.')}"
 
 
-def _perm(B: int, N: int, g: torch.Generator) -> torch.Tensor:
-    return torch.argsort(torch.rand(B, N, generator=g), dim=1)
-
-
-def _grads(specs: dict[str, Any], exclude: Iterable[str] = ()) -> list[str]:
-    """Every floating input except ``exclude`` (index tensors and plain values have no gradient)."""
-    skip = set(exclude)
-    return [
-        n
-        for n, s in specs.items()
-        if n not in skip
-        and s is not None
-        and not (isinstance(s, torch.Tensor) and not s.is_floating_point())
-        and (isinstance(s, (tuple, list, torch.Tensor)))
-    ]
-
-
-B = 3  # batch of every case
-
-
-def _attention(N: int, H: int, D: int):
-    def make(g):
-        specs = {"qkv": (B, N, 3 * H * D), "num_heads": H}
-        return specs, ["qkv"]
-
-    return make
-
-
-def _attention_packed(lengths: tuple[int, ...], H: int, D: int):
-    def make(g):
-        specs = {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": cu_seqlens_from_lengths(lengths)}
-        return specs, ["qkv"]
-
-    return make
-
-
-def _sdpa_packed(lengths: tuple[int, ...], H: int, D: int):
-    def make(g):
-        T = sum(lengths)
-        specs = {"q": (T, H, D), "k": (T, H, D), "v": (T, H, D), "cu_seqlens": cu_seqlens_from_lengths(lengths)}
-        return specs, ["q", "k", "v"]
-
-    return make
-
-
-def _sdpa(Nq: int, Nk: int, H: int, D: int):
-    def make(g):
-        specs = {"q": (B, H, Nq, D), "k": (B, H, Nk, D), "v": (B, H, Nk, D)}
-        return specs, ["q", "k", "v"]
-
-    return make
-
-
-def _layer_norm(N: int, C: int, residual: bool):
-    def make(g):
-        specs = {
-            "x": (B, N, C),
-            "weight": ((C,), 1.0),
-            "bias": (C,),
-            "eps": 1e-6,
-            "residual": (B, N, C) if residual else None,
-        }
-        return specs, _grads(specs)
-
-    return make
-
-
-def _linear_gelu(N: int, K: int, M: int, approximate: str):
-    def make(g):
-        specs = {"x": (B, N, K), "weight": ((M, K), K**-0.5), "bias": (M,), "approximate": approximate}
-        return specs, _grads(specs)
-
-    return make
-
-
-def _linear_residual(N: int, K: int, M: int, bias: bool, gamma: bool):
-    def make(g):
-        specs = {
-            "x": (B, N, K),
-            "weight": ((M, K), K**-0.5),
-            "bias": (M,) if bias else None,
-            "residual": (B, N, M),
-            "gamma": (M,) if gamma else None,
-        }
-        return specs, _grads(specs)
-
-    return make
-
-
-def _patch_embed(grid: tuple[int, int], P: int, C: int, E: int, cls: bool, n_keep: int | None):
-    def make(g):
-        gh, gw = grid
-        Np, R = gh * gw, int(cls)
-        specs = {
-            "images": (B, C, gh * P, gw * P),
-            "weight": ((E, C, P, P), (C * P * P) ** -0.5),
-            "bias": (E,),
-            "pos_embed": (1, Np + R, E),
-            "cls_token": (1, 1, E) if cls else None,
-            "ids_keep": _perm(B, Np, g)[:, :n_keep] if n_keep is not None else None,
-        }
-        return specs, _grads(specs)
-
-    return make
-
-
-def _mae_unshuffle(N: int, n_keep: int, C: int, pos: bool):
-    def make(g):
-        specs = {
-            "x": (B, 1 + n_keep, C),
-            "mask_token": (1, 1, C),
-            "ids_restore": torch.argsort(_perm(B, N, g), 1),
-            "pos_embed": (1, N + 1, C) if pos else None,
-        }
-        return specs, _grads(specs)
-
-    return make
-
-
-def _mae_loss(grid: tuple[int, int], P: int, C: int, norm_pix: bool):
-    def make(g):
-        gh, gw = grid
-        N = gh * gw
-        mask = (torch.rand(B, N, generator=g) < 0.75).float()
-        mask[0, 0] = 1.0  # at least one removed patch
-        specs = {
-            "pred": (B, N, P * P * C),
-            "images": (B, C, gh * P, gw * P),
-            "mask": mask,
-            "patch_size": P,
-            "norm_pix_loss": norm_pix,
-        }
-        return specs, ["pred", "images", "mask"]
-
-    return make
-
-
-#: op -> [(label, make, quick)]: N = 1, 61, 197 tokens and D (or the op's width) = 32, 72, 80, batch 3. The first
-#: shape is the smallest; ``quick`` marks the mid-size one(s) with tails in every block dimension (see :func:`cases`).
-_SHAPES: dict[str, list[tuple[str, Callable, bool]]] = {
-    "patch_embed": [
-        ("B3 N1 E32 (1 patch, no cls)", _patch_embed((1, 1), 2, 3, 32, False, None), False),
-        ("B3 N61 E72 (6x10 patches + cls)", _patch_embed((6, 10), 2, 3, 72, True, None), True),
-        ("B3 N197 E80 (14x14 patches + cls)", _patch_embed((14, 14), 2, 3, 80, True, None), False),
-        ("B3 N50 E32 (MAE: 49 of 196 patches + cls)", _patch_embed((14, 14), 2, 3, 32, True, 49), True),
-    ],
-    "attention": [
-        ("B3 N1 H2 D32", _attention(1, 2, 32), False),
-        ("B3 N61 H2 D72", _attention(61, 2, 72), True),
-        ("B3 N197 H1 D80", _attention(197, 1, 80), False),
-        ("packed S4 (61, 0, 1, 17) H2 D72", _attention_packed((61, 0, 1, 17), 2, 72), False),
-        ("packed S2 (197, 50) H1 D80", _attention_packed((197, 50), 1, 80), False),
-    ],
-    "scaled_dot_product_attention": [
-        ("B3 H2 Nq1 Nk61 D32", _sdpa(1, 61, 2, 32), False),
-        ("B3 H1 Nq61 Nk197 D80", _sdpa(61, 197, 1, 80), False),
-        ("B3 H2 Nq61 Nk61 D72", _sdpa(61, 61, 2, 72), True),
-        ("packed S3 (5, 33, 17) H2 D64", _sdpa_packed((5, 33, 17), 2, 64), False),
-    ],
-    "layer_norm": [
-        ("B3 N1 C32 +residual", _layer_norm(1, 32, True), False),
-        ("B3 N61 C72 +residual", _layer_norm(61, 72, True), True),
-        ("B3 N197 C80", _layer_norm(197, 80, False), False),
-    ],
-    "linear_gelu": [
-        ("B3 N1 K32 M72", _linear_gelu(1, 32, 72, "none"), False),
-        ("B3 N61 K72 M80 tanh", _linear_gelu(61, 72, 80, "tanh"), False),
-        ("B3 N61 K80 M72", _linear_gelu(61, 80, 72, "none"), True),
-        ("B3 N197 K80 M32", _linear_gelu(197, 80, 32, "none"), False),
-    ],
-    "linear_residual": [
-        ("B3 N1 K32 M72 +gamma", _linear_residual(1, 32, 72, True, True), False),
-        ("B3 N61 K72 M80 +gamma", _linear_residual(61, 72, 80, True, True), True),
-        ("B3 N197 K80 M32 no bias", _linear_residual(197, 80, 32, False, False), False),
-    ],
-    "mae_unshuffle": [
-        ("B3 N2 C32 (1 patch, none kept)", _mae_unshuffle(1, 0, 32, True), False),
-        ("B3 N61 C72 (15 of 60 kept)", _mae_unshuffle(60, 15, 72, True), True),
-        ("B3 N197 C80 (49 of 196 kept, no pos)", _mae_unshuffle(196, 49, 80, False), False),
-    ],
-    "mae_loss": [
-        ("B3 N1 P4 C2 (row 32)", _mae_loss((1, 1), 4, 2, False), False),
-        ("B3 N61 P2 C18 (row 72) norm_pix", _mae_loss((1, 61), 2, 18, True), True),
-        ("B3 N196 P4 C5 (row 80) norm_pix", _mae_loss((14, 14), 4, 5, True), False),
-    ],
-}
-
-
 def _interpreted(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cases(op: str, backend: str, device: torch.device | str | None = None, *, quick: bool | None = None) -> list[Case]:
-    """The cases of ``op`` for ``backend``: every shape of :data:`_SHAPES` in every dtype the backend's kernel
+    """The cases of ``op`` for ``backend``: every shape its declaration lists (:attr:`fastvit.declare.OpDeclaration.selftest`) in every dtype the backend's kernel
     declares (``Capabilities.dtypes``; float64 excluded: no kernel backend computes in it).
 
     ``quick`` (default: whether ``device`` is the CPU under ``TRITON_INTERPRET=1``) runs the shape(s) marked quick
@@ -398,34 +210,12 @@ def cases(op: str, backend: str, device: torch.device | str | None = None, *, qu
     declared = kernel.capabilities.dtypes if kernel is not None else frozenset({torch.float32})
     order = (torch.float32, torch.bfloat16, torch.float16)
     dtypes = [d for d in order if d in declared] or [torch.float32]
-    shapes = _SHAPES[op]
+    shapes = DECLARATIONS[op].selftest
     if not quick:
-        return [Case(op, label, dtype, make, q) for label, make, q in shapes for dtype in dtypes]
+        return [Case(op, s.label, dtype, s.make, s.quick) for s in shapes for dtype in dtypes]
     first, rest = dtypes[0], dtypes[1:]
-    picked = [Case(op, label, first, make, True) for label, make, q in shapes if q]
-    label, make, _ = shapes[0]
-    return picked + [Case(op, label, dtype, make, True) for dtype in rest]
-
-
-def _naive_sdpa(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
-    if cu_seqlens is not None:
-        return reference.per_sequence_sdpa(lambda q, k, v: _naive_sdpa(q, k, v, scale=scale), q, k, v, cu_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
-
-
-def _naive_attention(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
-    if cu_seqlens is not None:
-        return reference.per_sequence(
-            lambda part: _naive_attention(part[None], num_heads, scale=scale)[0], cu_seqlens, qkv
-        )
-    Bq, N, C3 = qkv.shape
-    q, k, v = reference.split_qkv(qkv, num_heads)
-    return _naive_sdpa(q, k, v, scale=scale).transpose(1, 2).reshape(Bq, N, C3 // 3)
-
-
-#: The ``pt`` of the oracle where it is not the eager backend (see the module docstring).
-_PT: dict[str, Callable[..., Any]] = {"attention": _naive_attention, "scaled_dot_product_attention": _naive_sdpa}
+    picked = [Case(op, s.label, first, s.make, True) for s in shapes if s.quick]
+    return picked + [Case(op, shapes[0].label, dtype, shapes[0].make, True) for dtype in rest]
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -515,7 +305,8 @@ def _cpu_inputs(case: Case) -> tuple[dict[str, Any], list[str], torch.Generator]
     """The case's inputs drawn on the CPU in float32 (same numbers on every device), its gradient names, and the
     generator (seeded from the case's name) that then draws the upstream gradients."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{case.op}/{case.label}/{case.dtype}".encode()))
-    specs, grad_names = case.make(g)
+    specs = case.make(g)
+    grad_names = differentiable(DECLARATIONS[case.op], specs)
     inputs: dict[str, Any] = {}
     for name, spec in specs.items():
         if isinstance(spec, torch.Tensor):
@@ -547,9 +338,9 @@ def check_case(backend: str, case: Case, device: torch.device | str | None = Non
         if reasons:
             result.passed, result.skipped, result.detail = True, True, "not supported: " + "; ".join(reasons)
             return result
-        public = getattr(ops, case.op)
-        naive = getattr(reference, case.op)
-        pt_fn = _PT.get(case.op) or (lambda **kw: public(**kw, backend="eager"))
+        decl = DECLARATIONS[case.op]
+        public, naive = decl.function, decl.reference
+        pt_fn = decl.pt or (lambda **kw: public(**kw, backend="eager"))
         with backends.verifying(), _isolated(device):
             ref_out, _ = _run(naive, inputs, (), None, torch.float64)
             grad_outputs = [torch.randn(o.shape, generator=g).to(case.dtype).to(torch.float64) for o in ref_out]
