@@ -24,7 +24,7 @@
 // row statistics (lse, delta) live at (H, T): index h·T + token. Blocks past the end of their sequence exit at once.
 // The offsets are trusted (fastvit.ops checks them); the kernels only clamp them into [0, T] so that malformed
 // offsets can never address memory outside the tensors.
-// Head dims that are not a bucket size (72, 88, 104, 16, 24) run in the next bucket {32, 64, 80, 96, 128}; the
+// Head dims that are not a bucket size (72, 88, 104, 16, 24) run in the next bucket (kAttentionHeadDimBuckets); the
 // extra columns are zero-filled on every load and skipped on every store (memory is never padded, so the
 // neighbouring heads of a packed qkv are neither read into the dot products nor overwritten).
 //
@@ -53,15 +53,22 @@ namespace fastvit {
 constexpr int kAttentionAlignment = 8;
 // Head dims are multiples of this (one 16-byte chunk of 16-bit elements), from 8 to kAttentionMaxHeadDim.
 constexpr int kAttentionHeadDimMultiple = 8;
-// Largest head dim any bucket serves.
-constexpr int kAttentionMaxHeadDim = 128;
 // The head-dim buckets, ascending: a head dim runs in the first bucket >= it (attention_head_dim_bucket). Each
-// bucket has its own kernel instantiations (attention_{fwd,bwd}_hdim<bucket>_<dtype>.cu); which of them a build
-// compiled is FASTVIT_BUILD_ATTENTION_HEADDIMS (common/common.h).
-constexpr int kAttentionHeadDimBuckets[] = {32, 64, 80, 96, 128};
+// bucket has its own kernel instantiations (attention_{fwd,bwd}[_varlen]_hdim<bucket>_<dtype>.cu); the list and
+// which of them a build compiled (FASTVIT_BUILD_ATTENTION_HEADDIMS) come from the kernel table
+// (fastvit/runtime/kernel_table.py, generated into common/kernel_table.h).
+constexpr int kAttentionHeadDimBuckets[] = {FASTVIT_ATTENTION_HEAD_DIM_BUCKETS};
 constexpr int kAttentionNumHeadDimBuckets = sizeof(kAttentionHeadDimBuckets) / sizeof(kAttentionHeadDimBuckets[0]);
-static_assert(kAttentionHeadDimBuckets[kAttentionNumHeadDimBuckets - 1] == kAttentionMaxHeadDim,
-              "the last bucket serves the largest head dim");
+// Largest head dim any bucket serves: the last bucket.
+constexpr int kAttentionMaxHeadDim = kAttentionHeadDimBuckets[kAttentionNumHeadDimBuckets - 1];
+constexpr bool attention_head_dim_buckets_valid() {
+  for (int i = 0; i < kAttentionNumHeadDimBuckets; ++i)
+    if (kAttentionHeadDimBuckets[i] % kAttentionHeadDimMultiple != 0 ||
+        (i > 0 && kAttentionHeadDimBuckets[i] <= kAttentionHeadDimBuckets[i - 1]))
+      return false;
+  return true;
+}
+static_assert(attention_head_dim_buckets_valid(), "the buckets ascend and are multiples of kAttentionHeadDimMultiple");
 
 struct AttentionFwdParams {
   // Inputs, element type `dtype` (fp16 or bf16), logical shapes (batch, heads, seqlen, head_dim), head dim
@@ -144,7 +151,7 @@ struct AttentionBwdParams {
 // to 256 bytes; 0 for an empty problem).
 size_t attention_bwd_workspace_bytes(const AttentionBwdParams& params);
 
-// Head-dim bucket {32, 64, 80, 96, 128} a head dim runs in, or 0 when unsupported.
+// Head-dim bucket (one of kAttentionHeadDimBuckets) a head dim runs in, or 0 when unsupported.
 int attention_head_dim_bucket(int head_dim);
 
 // Dynamic shared memory per block, in bytes, of the largest backward kernel (dK/dV or dQ) of head-dim bucket

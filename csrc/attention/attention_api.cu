@@ -1,53 +1,31 @@
 // fastvit attention: run-time dispatch from AttentionFwdParams / AttentionBwdParams to the compiled
 // (dtype, head-dim bucket) launchers. No kernel code here: the launchers are explicitly instantiated in
-// attention_{fwd,bwd}_hdim<D>_{fp16,bf16}.cu (attention_launch.cuh declares them).
+// attention_{fwd,bwd}[_varlen]_hdim<D>_{fp16,bf16}.cu, generated from the kernel table
+// (fastvit/runtime/kernel_table.py; attention_launch.cuh declares them).
 #include <cstdint>
+#include <initializer_list>
 
 #include "attention/attention.h"
 #include "attention/attention_launch.cuh"
 #include "common/dispatch.cuh"
 
-// FASTVIT_ATTN_HEADDIM_SWITCH(head_dim, kHeadDim, ...): kHeadDim = the bucket (smallest of 32, 64, 80, 96, 128
-// that is >= head_dim); head dims whose bucket this build did not compile return cudaErrorNotSupported from the
-// enclosing function. A minimal build (FASTVIT_MINIMAL_BUILD) compiles bucket 64 only (head dims 40..64), so
-// it references no other instantiation and links with the minimal set of files.
-#ifdef FASTVIT_MINIMAL_BUILD
-#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)  \
-  [&]() -> cudaError_t {                                       \
-    if (::fastvit::attention_head_dim_bucket(HEADDIM) == 64) { \
-      constexpr int CONST_NAME = 64;                           \
-      return __VA_ARGS__();                                    \
-    }                                                          \
-    return cudaErrorNotSupported;                              \
+// FASTVIT_ATTN_HEADDIM_SWITCH(head_dim, kHeadDim, ...): kHeadDim = the bucket (the smallest of
+// kAttentionHeadDimBuckets that is >= head_dim), one case per bucket this build compiled
+// (FASTVIT_BUILD_ATTENTION_HEAD_DIMS, common/kernel_table.h); head dims whose bucket this build did not compile
+// return cudaErrorNotSupported from the enclosing function. A minimal build (FASTVIT_MINIMAL_BUILD) compiles bucket 64
+// only (head dims 40..64), so it references no other instantiation and links with the minimal set of files.
+#define FASTVIT_ATTN_HEADDIM_CASE(BUCKET, CONST_NAME, ...) \
+  case BUCKET: {                                           \
+    constexpr int CONST_NAME = BUCKET;                     \
+    return __VA_ARGS__();                                  \
+  }
+#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...)                               \
+  [&]() -> cudaError_t {                                                                    \
+    switch (::fastvit::attention_head_dim_bucket(HEADDIM)) {                                \
+      FASTVIT_BUILD_ATTENTION_HEAD_DIMS(FASTVIT_ATTN_HEADDIM_CASE, CONST_NAME, __VA_ARGS__) \
+      default: return cudaErrorNotSupported;                                                \
+    }                                                                                       \
   }()
-#else
-#define FASTVIT_ATTN_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...) \
-  [&]() -> cudaError_t {                                      \
-    switch (::fastvit::attention_head_dim_bucket(HEADDIM)) {  \
-      case 32: {                                              \
-        constexpr int CONST_NAME = 32;                        \
-        return __VA_ARGS__();                                 \
-      }                                                       \
-      case 64: {                                              \
-        constexpr int CONST_NAME = 64;                        \
-        return __VA_ARGS__();                                 \
-      }                                                       \
-      case 80: {                                              \
-        constexpr int CONST_NAME = 80;                        \
-        return __VA_ARGS__();                                 \
-      }                                                       \
-      case 96: {                                              \
-        constexpr int CONST_NAME = 96;                        \
-        return __VA_ARGS__();                                 \
-      }                                                       \
-      case 128: {                                             \
-        constexpr int CONST_NAME = 128;                       \
-        return __VA_ARGS__();                                 \
-      }                                                       \
-      default: return cudaErrorNotSupported;                  \
-    }                                                         \
-  }()
-#endif
 
 namespace fastvit {
 
@@ -62,19 +40,17 @@ int attention_head_dim_bucket(int head_dim) {
 
 bool attention_head_dim_supported(int head_dim) {
   const int bucket = attention_head_dim_bucket(head_dim);
-#ifdef FASTVIT_MINIMAL_BUILD
-  return bucket == 64;
-#else
-  return bucket != 0;
-#endif
+  for (int compiled : {FASTVIT_BUILD_ATTENTION_HEADDIMS})
+    if (bucket == compiled) return true;
+  return false;
 }
 
 bool attention_dtype_supported(DType dtype) {
-#ifdef FASTVIT_MINIMAL_BUILD
-  return dtype == DType::kBFloat16;
-#else
-  return dtype == DType::kFloat16 || dtype == DType::kBFloat16;
-#endif
+#define FASTVIT_ATTN_DTYPE_COMPILED(KIND, TYPE, DTYPE) \
+  if ((DTYPE) == DType::KIND) return true;
+  FASTVIT_BUILD_HALF_TYPES(FASTVIT_ATTN_DTYPE_COMPILED, dtype)
+#undef FASTVIT_ATTN_DTYPE_COMPILED
+  return false;
 }
 
 namespace {

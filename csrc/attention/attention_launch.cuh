@@ -1,7 +1,8 @@
 // Declarations of the per-(dtype, head-dim bucket) attention launchers. Their definitions live in
 // attention_fwd.cuh / attention_bwd.cuh and are explicitly instantiated once each in
-// attention_{fwd,bwd}_hdim<D>_{fp16,bf16}.cu (dense) and attention_{fwd,bwd}_varlen_hdim<D>_{fp16,bf16}.cu (packed); attention_api.cu sees only these declarations, so every
-// instantiation is compiled exactly once (in its own translation unit, in parallel).
+// attention_{fwd,bwd}_hdim<D>_{fp16,bf16}.cu (dense) and attention_{fwd,bwd}_varlen_hdim<D>_{fp16,bf16}.cu (packed),
+// files generated from the kernel table (fastvit/runtime/kernel_table.py); attention_api.cu sees only these
+// declarations, so every instantiation is compiled exactly once (in its own translation unit, in parallel).
 #pragma once
 
 #include <cutlass/numeric_types.h>
@@ -10,7 +11,7 @@
 
 namespace fastvit {
 
-// Element = cutlass::half_t | cutlass::bfloat16_t; kHeadDim = bucket (32, 64, 80, 96, 128) >= params.head_dim;
+// Element = cutlass::half_t | cutlass::bfloat16_t; kHeadDim = bucket (kAttentionHeadDimBuckets) >= params.head_dim;
 // kVarlen = params.cu_seqlens != nullptr (packed variable-length sequences: the *_varlen_hdim<D>_<dtype>.cu files).
 template <typename Element, int kHeadDim, bool kVarlen>
 cudaError_t run_attention_fwd_bucket(const AttentionFwdParams& params, cudaStream_t stream);

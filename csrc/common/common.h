@@ -27,17 +27,13 @@ inline const char* dtype_name(DType t) {
 
 }  // namespace fastvit
 
-// What this build instantiates. A full build (the default) compiles every (dtype, head-dim bucket);
-// FASTVIT_MINIMAL_BUILD (CI, which has no GPU) compiles one instantiation of each kernel template so
-// that the whole extension builds and imports in minutes: bf16, head-dim bucket 64. The binding reports
-// these lists in build_info() and refuses anything else with a clear error.
-#ifdef FASTVIT_MINIMAL_BUILD
-#define FASTVIT_BUILD_HALF_DTYPES "bfloat16"
-#define FASTVIT_BUILD_ATTENTION_HEADDIMS 64
-#else
-#define FASTVIT_BUILD_HALF_DTYPES "float16,bfloat16"
-#define FASTVIT_BUILD_ATTENTION_HEADDIMS 32, 64, 80, 96, 128
-#endif
+// What this build instantiates: csrc/common/kernel_table.h, generated from the kernel table
+// (fastvit/runtime/kernel_table.py). A full build (the default) compiles every (dtype, head-dim bucket);
+// FASTVIT_MINIMAL_BUILD (CI, which has no GPU) compiles one instantiation of each kernel template so that the whole
+// extension builds and imports in minutes: bf16, head-dim bucket 64. It defines FASTVIT_BUILD_HALF_DTYPES and
+// FASTVIT_BUILD_ATTENTION_HEADDIMS (the lists build_info() reports) and the X-macros FASTVIT_BUILD_HALF_TYPES /
+// FASTVIT_BUILD_ATTENTION_HEAD_DIMS the switches expand; the binding refuses anything else with a clear error.
+#include "common/kernel_table.h"
 
 // Return the CUDA error of the last launch (if any) from a launcher.
 #define FASTVIT_RETURN_LAUNCH_ERROR()                     \

@@ -14,14 +14,10 @@
     return __VA_ARGS__();                             \
   }
 
-// The fp16 / bf16 cases; in a minimal build only bf16 is compiled.
-#ifdef FASTVIT_MINIMAL_BUILD
-#define FASTVIT_HALF_CASES(DTYPE, T, ...) FASTVIT_DTYPE_CASE(DTYPE, kBFloat16, cutlass::bfloat16_t, T, __VA_ARGS__)
-#else
-#define FASTVIT_HALF_CASES(DTYPE, T, ...)                              \
-  FASTVIT_DTYPE_CASE(DTYPE, kFloat16, cutlass::half_t, T, __VA_ARGS__) \
-  FASTVIT_DTYPE_CASE(DTYPE, kBFloat16, cutlass::bfloat16_t, T, __VA_ARGS__)
-#endif
+// The fp16 / bf16 cases this build compiles (FASTVIT_BUILD_HALF_TYPES, common/kernel_table.h: bf16 only in a
+// minimal build).
+#define FASTVIT_HALF_CASE_X(KIND, TYPE, DTYPE, T, ...) FASTVIT_DTYPE_CASE(DTYPE, KIND, TYPE, T, __VA_ARGS__)
+#define FASTVIT_HALF_CASES(DTYPE, T, ...) FASTVIT_BUILD_HALF_TYPES(FASTVIT_HALF_CASE_X, DTYPE, T, __VA_ARGS__)
 
 // FASTVIT_HALF_SWITCH(dtype, T, ...): T = cutlass::half_t | cutlass::bfloat16_t; other dtypes
 // return cudaErrorNotSupported from the enclosing launcher. In a minimal build only bf16 is compiled.

@@ -8,9 +8,20 @@ compile check ``python -m fastvit.cuda_check``.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
-import re
 import shutil
+import sys
+
+if __package__:
+    from fastvit.runtime import kernel_table
+else:  # loaded by path (setup.py, before fastvit is importable): load the table next to this file the same way
+    _spec = importlib.util.spec_from_file_location(
+        "_fastvit_kernel_table", os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_table.py")
+    )
+    kernel_table = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = kernel_table  # dataclasses look their module up while the file executes
+    _spec.loader.exec_module(kernel_table)
 
 #: csrc/ of a source checkout (the JIT path and the compile check need the sources, a wheel does not).
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
@@ -36,10 +47,6 @@ CXX_FLAGS = ["-O3"]
 # after) and nvcc refuses two -std flags. The kernel files are C++17; the compile check builds them as such.
 CHECK_STD = "-std=c++17"
 
-# Instantiation files carry their dtype / head-dim bucket in the name (attention_fwd_hdim80_bf16.cu,
-# linear_fwd_fp16.cu). A minimal build keeps bf16 and head-dim bucket 64 only (see csrc/common/common.h).
-_NOT_MINIMAL = re.compile(r"_fp16\b|_fp16_|_hdim(?!64(?:_|\b))\d+")
-
 
 def gencode_flags(archs: str | None = None) -> list[str]:
     """``-gencode`` flags for ``archs`` (';'-separated compute capabilities such as ``"8.0;9.0a"``)."""
@@ -60,14 +67,16 @@ def is_minimal() -> bool:
 
 def sources(root: str = CSRC, *, minimal: bool | None = None, kernels_only: bool = False) -> list[str]:
     """The ``.cu`` (and, unless ``kernels_only``, ``.cpp``) files of ``root``, sorted; minimal builds skip the
-    fp16 and non-64 head-dim instantiation files."""
+    instantiation files the kernel table (:mod:`fastvit.runtime.kernel_table`) leaves out of them (fp16, head-dim
+    buckets other than 64)."""
     minimal = is_minimal() if minimal is None else minimal
+    skip = kernel_table.not_minimal_files() if minimal else frozenset()
     out = []
     for dirpath, _, files in os.walk(root):
         for name in files:
             if not (name.endswith(".cu") or (name.endswith(".cpp") and not kernels_only)):
                 continue
-            if minimal and _NOT_MINIMAL.search(name[: name.rindex(".")]):
+            if os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/") in skip:
                 continue
             out.append(os.path.join(dirpath, name))
     return sorted(out)
