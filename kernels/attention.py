@@ -46,6 +46,23 @@ over the chunks, O, dK, dV and dQ are held as one accumulator per chunk -- so th
 instead of 128. Token tails (N = 197) are masked in the peeled tail block: out-of-range keys get P = 0,
 out-of-range queries are never stored.
 
+Rotary position embeddings (``ROPE``; timm's EVA-02 / DINOv3 / Perception Encoder / ``vit_*_rope_*`` attention, timm's
+``apply_rot_embed_cat`` on q and k): with ``ROPE`` the kernels rotate q and k as they load them -- the forward its q
+block once and each key block of k as it streams in, dK/dV its k block once and each query block of q, dQ its q block
+once and each key block of k -- so no rotated copy of q or k is ever written. ``SIN`` / ``COS`` are fp32 tables of
+shape (N_rot, D) shared by the heads (``stride_rope_h`` = 0) or per head (H, N_rot, D), row stride
+``stride_rope_n``, unit column stride, in timm's column layouts: ``ROPE_HALF`` (timm's ``rotate_half`` /
+``half=True``: column j pairs with j + D/2, ``[f0, f1, .., f0, f1, ..]``) or interleaved pairs (2i, 2i + 1,
+``[f0, f0, f1, f1, ..]``). Position convention: a token at position ``p`` within its sequence (its batch row, or
+its packed sequence from ``cu_seqlens[s]``) reads table row ``p - num_prefix``; tokens with ``p < num_prefix``
+(cls, registers) are not rotated. The kernels read one cos / sin per rotation pair (the pair's first column) --
+a rotation by angle θ per pair, which timm's tables are (both columns of a pair hold the same value). Inside the
+kernels a rotated chunk holds its columns in pair order (x[a], x[a'], x[b], x[b'], ...): the scores sum over the
+columns in any order, and dQ / dK come out in the same order, so only the loads and the dQ / dK stores know the
+layout. The backward computes dQ and dK with respect to the rotated q and k and rotates them back (by -θ, the
+transpose) before storing; dV is unchanged. Without ``ROPE`` (the default) every rotary branch is folded away at
+compile time and the tables are unused (``None``).
+
 fp32 inputs: ``tl.dot`` uses ``INPUT_PRECISION`` ("tf32" or "ieee"), chosen by the caller from
 ``torch.backends.cuda.matmul.allow_tf32`` / ``torch.get_float32_matmul_precision()``.
 """
@@ -211,7 +228,8 @@ def prune_dq(configs, nargs, **kwargs):
 #: config tuned for one precision would be reused for the other (spilling FMA tiles, or slow tiny TF32 tiles).
 #: VARLEN is in it too: packed batches of many short sequences (N_Q = max_seqlen) are another workload than a dense
 #: batch of the same N.
-KEY = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "VARLEN"]
+#: ROPE too (when a launcher passes it): the rotary loads change the loops' register and memory pressure.
+KEY = ["N_Q", "N_KV", "HEAD_DIM", "INPUT_PRECISION", "VARLEN", "ROPE"]
 
 
 def _autotune(configs, prune):
@@ -340,25 +358,149 @@ def _store_chunk(rows, row_mask, val, C0: tl.constexpr, W: tl.constexpr, HEAD_DI
     tl.store(rows + cols[None, :], val.to(rows.dtype.element_ty), mask=mask)
 
 
+# ------------------------------------------------------------------------------------------------ rotary embeddings
+@triton.jit
+def _rope_cos_sin(
+    COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, MASK_ROWS: tl.constexpr,
+):  # fmt: skip
+    """cos and sin (R, W/2) fp32 of the W/2 rotation pairs of the head-dim chunk ``C0 : C0 + W`` at the token positions
+    ``pos`` (R,): table row ``pos - num_prefix``, one value per pair (its first column: pair index ``C0/2 + t`` with
+    ``HALF``, column ``C0 + 2t`` interleaved). Prefix tokens (``pos < num_prefix``), rows outside ``row_ok`` (with
+    ``MASK_ROWS``) and columns past the head get (1, 0): no rotation."""
+    R: tl.constexpr = pos.shape[0]
+    ok = pos >= num_prefix
+    if MASK_ROWS:
+        ok = ok & row_ok
+    rows = (pos - num_prefix)[:, None] * stride_rope_n
+    if HALF:
+        cols = C0 // 2 + tl.arange(0, W // 2)
+        if C0 + W > HEAD_DIM:
+            mask = ok[:, None] & (cols < HEAD_DIM // 2)[None, :]
+        else:
+            mask = ok[:, None]
+        c = tl.load(COS_H + rows + cols[None, :], mask=mask, other=1.0)
+        s = tl.load(SIN_H + rows + cols[None, :], mask=mask, other=0.0)
+    else:  # the whole chunk, contiguous (vector loads), then the first column of each pair
+        cols = C0 + tl.arange(0, W)
+        if C0 + W > HEAD_DIM:
+            mask = ok[:, None] & (cols < HEAD_DIM)[None, :]
+        else:
+            mask = ok[:, None]
+        c, _ = tl.split(tl.reshape(tl.load(COS_H + rows + cols[None, :], mask=mask, other=1.0), (R, W // 2, 2)))
+        s, _ = tl.split(tl.reshape(tl.load(SIN_H + rows + cols[None, :], mask=mask, other=0.0), (R, W // 2, 2)))
+    return c, s
+
+
+@triton.jit
+def _rope_load(rows, row_ok, c, s, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+               MASK_ROWS: tl.constexpr):  # fmt: skip
+    """The head-dim chunk ``C0 : C0 + W`` of the rows ``rows`` (R, 1), rotated by (c, s) from :func:`_rope_cos_sin`:
+    a (R, W) tile in the input dtype, its columns in pair order (first, second member of pair 0, of pair 1, ...).
+    With ``HALF`` the chunk is the pairs ``C0/2 + t``, columns ``C0/2 + t`` and ``D/2 + C0/2 + t`` (two contiguous
+    loads); interleaved it is columns ``C0 : C0 + W``, already in pair order. The rotation is timm's
+    ``x * cos + rotate(x) * sin`` in fp32, rounded once to the input dtype."""
+    R: tl.constexpr = c.shape[0]
+    if HALF:
+        p1 = _chunk_ptrs(rows, C0 // 2, W // 2)
+        x1 = _load_at(p1, row_ok, C0 // 2, W // 2, HEAD_DIM // 2, MASK_ROWS)
+        x2 = _load_at(p1 + HEAD_DIM // 2, row_ok, C0 // 2, W // 2, HEAD_DIM // 2, MASK_ROWS)
+    else:
+        x = _load_at(_chunk_ptrs(rows, C0, W), row_ok, C0, W, HEAD_DIM, MASK_ROWS)
+        x1, x2 = tl.split(tl.reshape(x, (R, W // 2, 2)))
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    return tl.reshape(tl.join(a * c - b * s, b * c + a * s), (R, W)).to(x1.dtype)
+
+
+@triton.jit
+def _rope_store(rows, row_ok, g, c, s, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr):
+    """Store the gradient with respect to the unrotated chunk ``C0 : C0 + W`` of the rows ``rows`` given ``g`` (R, W)
+    fp32, the gradient with respect to the rotated chunk in pair order (:func:`_rope_load`): the transpose rotation,
+    by -θ -- (g1·c + g2·s, g2·c - g1·s) per pair."""
+    R: tl.constexpr = c.shape[0]
+    g1, g2 = tl.split(tl.reshape(g, (R, W // 2, 2)))
+    d1 = g1 * c + g2 * s
+    d2 = g2 * c - g1 * s
+    if HALF:
+        _store_chunk(rows, row_ok, d1, C0 // 2, W // 2, HEAD_DIM // 2)
+        _store_chunk(rows + HEAD_DIM // 2, row_ok, d2, C0 // 2, W // 2, HEAD_DIM // 2)
+    else:
+        _store_chunk(rows, row_ok, tl.reshape(tl.join(d1, d2), (R, W)), C0, W, HEAD_DIM)
+
+
+@triton.jit
+def _rope_chunks(
+    rows, row_ok, pos, COS_H, SIN_H, stride_rope_n, num_prefix, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, MASK_ROWS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_load_chunks` with the rotation: the rows ``rows`` (R, 1) at token positions ``pos`` (R,), rotated, in
+    the head's power-of-two chunks ``D0 + D1 + D2`` (pair order within each chunk); an absent chunk repeats the
+    first."""
+    c, s = _rope_cos_sin(COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, 0, D0, HEAD_DIM, HALF, MASK_ROWS)
+    x0 = _rope_load(rows, row_ok, c, s, 0, D0, HEAD_DIM, HALF, MASK_ROWS)
+    x1 = x0
+    x2 = x0
+    if D1 > 0:
+        c, s = _rope_cos_sin(COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, D0, D1, HEAD_DIM, HALF, MASK_ROWS)
+        x1 = _rope_load(rows, row_ok, c, s, D0, D1, HEAD_DIM, HALF, MASK_ROWS)
+    if D2 > 0:
+        c, s = _rope_cos_sin(
+            COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, D0 + D1, D2, HEAD_DIM, HALF, MASK_ROWS
+        )
+        x2 = _rope_load(rows, row_ok, c, s, D0 + D1, D2, HEAD_DIM, HALF, MASK_ROWS)
+    return x0, x1, x2
+
+
+@triton.jit
+def _rope_store_chunks(
+    rows, row_ok, pos, g0, g1, g2, COS_H, SIN_H, stride_rope_n, num_prefix, D0: tl.constexpr, D1: tl.constexpr,
+    D2: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    """Store dQ or dK, accumulated per chunk with respect to the rotated operand (``g0``, ``g1``, ``g2``), rotated back
+    (:func:`_rope_store`); the tables are read again here rather than kept live through the main loop."""
+    c, s = _rope_cos_sin(COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, 0, D0, HEAD_DIM, HALF, True)
+    _rope_store(rows, row_ok, g0, c, s, 0, D0, HEAD_DIM, HALF)
+    if D1 > 0:
+        c, s = _rope_cos_sin(COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, D0, D1, HEAD_DIM, HALF, True)
+        _rope_store(rows, row_ok, g1, c, s, D0, D1, HEAD_DIM, HALF)
+    if D2 > 0:
+        c, s = _rope_cos_sin(COS_H, SIN_H, pos, row_ok, stride_rope_n, num_prefix, D0 + D1, D2, HEAD_DIM, HALF, True)
+        _rope_store(rows, row_ok, g2, c, s, D0 + D1, D2, HEAD_DIM, HALF)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_step(
     acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, cols, n_kv, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr, NEG_SCALE: tl.constexpr,
+    k_base, stride_kn, COS_H, SIN_H, stride_rope_n, num_prefix, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax, ``m`` in scaled log2 units: the row max of s·c is max(s)·c, or min(s)·c
     with ``NEG_SCALE`` (c < 0). With ``MASK_N`` the keys at ``cols >= n_kv`` are masked (the tail block); without it
-    no token mask is computed at all. Head-dim chunks: s = Σ q_c k_cᵀ (one dot per chunk), O_c += P V_c."""
+    no token mask is computed at all. Head-dim chunks: s = Σ q_c k_cᵀ (one dot per chunk), O_c += P V_c. With
+    ``ROPE`` the key block is loaded rotated (rows ``k_base + cols·stride_kn``; the pointer tiles are unused)."""
     n_mask = cols < n_kv
-    k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
-    s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
-    if D1 > 0:
-        k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
-        s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
-    if D2 > 0:
-        k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
-        s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
+    if ROPE:
+        k0, k1, k2 = _rope_chunks(
+            k_base + cols[:, None] * stride_kn, n_mask, cols, COS_H, SIN_H, stride_rope_n, num_prefix, D0, D1, D2,
+            HEAD_DIM, ROPE_HALF, MASK_N,
+        )  # fmt: skip
+        s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+        if D1 > 0:
+            s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+        if D2 > 0:
+            s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
+    else:
+        k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+        s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+        if D1 > 0:
+            k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+            s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+        if D2 > 0:
+            k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+            s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
     if NEG_SCALE:
         if MASK_N:
             m_new = tl.maximum(m_i, tl.min(tl.where(n_mask[None, :], s, float("inf")), axis=1) * qk_scale)
@@ -392,6 +534,7 @@ def _fwd_rows(
     q0, q1, q2, k_base, v_base, o_rows, lse_ptr, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, NEG_SCALE: tl.constexpr,
+    COS_H, SIN_H, stride_rope_n, num_prefix, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
 ):  # fmt: skip
     """All key blocks -- the full ones in a loop with no token mask, then the partial one (if any), peeled off --
     and the stores of O and the log-sum-exp."""
@@ -406,14 +549,18 @@ def _fwd_rows(
     for start_n in range(0, n_full, BLOCK_N):
         acc0, acc1, acc2, l_i, m_i = _fwd_step(
             acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, start_n + offs_n, n_kv, qk_scale,
-            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False, NEG_SCALE=NEG_SCALE,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False, NEG_SCALE=NEG_SCALE, k_base=k_base,
+            stride_kn=stride_kn, COS_H=COS_H, SIN_H=SIN_H, stride_rope_n=stride_rope_n, num_prefix=num_prefix,
+            ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
         kp0, kp1, kp2 = _advance(kp0, kp1, kp2, BLOCK_N * stride_kn, D1, D2)
         vp0, vp1, vp2 = _advance(vp0, vp1, vp2, BLOCK_N * stride_vn, D1, D2)
     if n_full < n_kv:
         acc0, acc1, acc2, l_i, m_i = _fwd_step(
             acc0, acc1, acc2, l_i, m_i, q0, q1, q2, kp0, kp1, kp2, vp0, vp1, vp2, n_full + offs_n, n_kv, qk_scale,
-            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True, NEG_SCALE=NEG_SCALE,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True, NEG_SCALE=NEG_SCALE, k_base=k_base,
+            stride_kn=stride_kn, COS_H=COS_H, SIN_H=SIN_H, stride_rope_n=stride_rope_n, num_prefix=num_prefix,
+            ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
     _store_chunk(o_rows, m_mask, acc0 / l_i[:, None], 0, D0, HEAD_DIM)
     if D1 > 0:
@@ -454,6 +601,13 @@ def _attn_fwd_body(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
+    SIN=None,
+    COS=None,
+    stride_rope_h=0,
+    stride_rope_n=0,
+    num_prefix=0,
+    ROPE: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = True,
 ):
     # the head dim in power-of-two chunks of at least 16 (see head_dim_chunks; BLOCK_D is not used)
     PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16
@@ -479,7 +633,16 @@ def _attn_fwd_body(
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
-    q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
+    if ROPE:  # the (H, N_rot, D) tables' head row; stride_rope_h = 0 for tables shared by the heads
+        cos_h = COS + off_h * stride_rope_h
+        sin_h = SIN + off_h * stride_rope_h
+        q0, q1, q2 = _rope_chunks(
+            q_rows, m_mask, offs_m, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
+        )
+    else:
+        cos_h = COS  # unused
+        sin_h = SIN
+        q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
     o_rows = o_base + offs_m[:, None] * stride_on
     # m is kept in scaled log2 units and the scores are reduced raw -- max(s)·c == max(s·c) for c >= 0, exactly (fp
     # rounding is monotone) -- so each probability is exp2(s·c - m): one FFMA and one MUFU.EX2 per score. A negative
@@ -488,12 +651,14 @@ def _attn_fwd_body(
     if qk_scale < 0:
         _fwd_rows(
             q0, q1, q2, k_base, v_base, o_rows, LSE + lse_row, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask,
-            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=True,
+            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=True, COS_H=cos_h,
+            SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
     else:
         _fwd_rows(
             q0, q1, q2, k_base, v_base, o_rows, LSE + lse_row, stride_kn, stride_vn, n_kv, offs_m, offs_n, m_mask,
-            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=False,
+            qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_M, BLOCK_N, INPUT_PRECISION, NEG_SCALE=False, COS_H=cos_h,
+            SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
 
 
@@ -546,23 +711,39 @@ def _dkdv_step(
     dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2, lse_ptrs, delta_ptrs, rows,
     offs_m, n_q, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MASK_M: tl.constexpr,
+    q_base, stride_qn, COS_H, SIN_H, stride_rope_n, num_prefix, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
 ):  # fmt: skip
     """One query block of dK / dV (transposed scores, keys x queries). With ``MASK_M`` (the tail block) queries at
     ``rows >= n_q`` load a log-sum-exp of +inf, so their P is exp2(-inf) = 0 and they add nothing -- no select on the
     scores; without it nothing is masked at all. Head-dim chunks: Sᵀ = Σ K_c Q_cᵀ, dPᵀ = Σ V_c dO_cᵀ (one dot per
-    chunk), dV_c += Pᵀ dO_c, dK_c += dSᵀ Q_c."""
+    chunk), dV_c += Pᵀ dO_c, dK_c += dSᵀ Q_c. With ``ROPE`` the query block is loaded rotated (rows
+    ``q_base + rows·stride_qn``; the q pointer tiles are unused) and dK is with respect to the rotated keys."""
     m_mask = rows < n_q
-    q0 = _load_at(qp0, m_mask, 0, D0, HEAD_DIM, MASK_M)
-    do0 = _load_at(dop0, m_mask, 0, D0, HEAD_DIM, MASK_M)
-    s_t = _dot(k0, tl.trans(q0), INPUT_PRECISION)
-    if D1 > 0:
-        q1 = _load_at(qp1, m_mask, D0, D1, HEAD_DIM, MASK_M)
-        do1 = _load_at(dop1, m_mask, D0, D1, HEAD_DIM, MASK_M)
-        s_t = _dot_acc(k1, tl.trans(q1), s_t, INPUT_PRECISION)
-    if D2 > 0:
-        q2 = _load_at(qp2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
-        do2 = _load_at(dop2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
-        s_t = _dot_acc(k2, tl.trans(q2), s_t, INPUT_PRECISION)
+    if ROPE:
+        q0, q1, q2 = _rope_chunks(
+            q_base + rows[:, None] * stride_qn, m_mask, rows, COS_H, SIN_H, stride_rope_n, num_prefix, D0, D1, D2,
+            HEAD_DIM, ROPE_HALF, MASK_M,
+        )  # fmt: skip
+        do0 = _load_at(dop0, m_mask, 0, D0, HEAD_DIM, MASK_M)
+        s_t = _dot(k0, tl.trans(q0), INPUT_PRECISION)
+        if D1 > 0:
+            do1 = _load_at(dop1, m_mask, D0, D1, HEAD_DIM, MASK_M)
+            s_t = _dot_acc(k1, tl.trans(q1), s_t, INPUT_PRECISION)
+        if D2 > 0:
+            do2 = _load_at(dop2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
+            s_t = _dot_acc(k2, tl.trans(q2), s_t, INPUT_PRECISION)
+    else:
+        q0 = _load_at(qp0, m_mask, 0, D0, HEAD_DIM, MASK_M)
+        do0 = _load_at(dop0, m_mask, 0, D0, HEAD_DIM, MASK_M)
+        s_t = _dot(k0, tl.trans(q0), INPUT_PRECISION)
+        if D1 > 0:
+            q1 = _load_at(qp1, m_mask, D0, D1, HEAD_DIM, MASK_M)
+            do1 = _load_at(dop1, m_mask, D0, D1, HEAD_DIM, MASK_M)
+            s_t = _dot_acc(k1, tl.trans(q1), s_t, INPUT_PRECISION)
+        if D2 > 0:
+            q2 = _load_at(qp2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
+            do2 = _load_at(dop2, m_mask, D0 + D1, D2, HEAD_DIM, MASK_M)
+            s_t = _dot_acc(k2, tl.trans(q2), s_t, INPUT_PRECISION)
     if MASK_M:
         lse = tl.load(lse_ptrs + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(delta_ptrs + offs_m, mask=m_mask, other=0.0)
@@ -593,21 +774,37 @@ def _dq_step(
     dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, cols, n_kv, qk_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+    k_base, stride_kn, COS_H, SIN_H, stride_rope_n, num_prefix, ROPE: tl.constexpr, ROPE_HALF: tl.constexpr,
 ):  # fmt: skip
     """One key block of dQ; with ``MASK_N`` (the tail block) keys at ``cols >= n_kv`` get P = 0. Head-dim chunks:
-    S = Σ Q_c K_cᵀ, dP = Σ dO_c V_cᵀ, dQ_c += dS K_c."""
+    S = Σ Q_c K_cᵀ, dP = Σ dO_c V_cᵀ, dQ_c += dS K_c. With ``ROPE`` the key block is loaded rotated (rows
+    ``k_base + cols·stride_kn``; the k pointer tiles are unused) and dQ is with respect to the rotated queries."""
     n_mask = cols < n_kv
-    k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
-    v0 = _load_at(vp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
-    s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
-    if D1 > 0:
-        k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
-        v1 = _load_at(vp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
-        s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
-    if D2 > 0:
-        k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
-        v2 = _load_at(vp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
-        s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
+    if ROPE:
+        k0, k1, k2 = _rope_chunks(
+            k_base + cols[:, None] * stride_kn, n_mask, cols, COS_H, SIN_H, stride_rope_n, num_prefix, D0, D1, D2,
+            HEAD_DIM, ROPE_HALF, MASK_N,
+        )  # fmt: skip
+        v0 = _load_at(vp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+        s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+        if D1 > 0:
+            v1 = _load_at(vp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+            s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+        if D2 > 0:
+            v2 = _load_at(vp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+            s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
+    else:
+        k0 = _load_at(kp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+        v0 = _load_at(vp0, n_mask, 0, D0, HEAD_DIM, MASK_N)
+        s = _dot(q0, tl.trans(k0), INPUT_PRECISION)
+        if D1 > 0:
+            k1 = _load_at(kp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+            v1 = _load_at(vp1, n_mask, D0, D1, HEAD_DIM, MASK_N)
+            s = _dot_acc(q1, tl.trans(k1), s, INPUT_PRECISION)
+        if D2 > 0:
+            k2 = _load_at(kp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+            v2 = _load_at(vp2, n_mask, D0 + D1, D2, HEAD_DIM, MASK_N)
+            s = _dot_acc(q2, tl.trans(k2), s, INPUT_PRECISION)
     p = tl.exp2(s * qk_scale - lse2[:, None])
     if MASK_N:
         p = tl.where(n_mask[None, :], p, 0.0)
@@ -664,6 +861,13 @@ def _attn_bwd_dkdv_body(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
+    SIN=None,
+    COS=None,
+    stride_rope_h=0,
+    stride_rope_n=0,
+    num_prefix=0,
+    ROPE: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = True,
 ):
     PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16  # head-dim chunks as in the forward
     D0: tl.constexpr = 128 if PAD_D >= 128 else (64 if PAD_D >= 64 else (32 if PAD_D >= 32 else 16))
@@ -692,7 +896,16 @@ def _attn_bwd_dkdv_body(
     n_mask = offs_n < n_kv
     k_rows = k_base + offs_n[:, None] * stride_kn
     v_rows = v_base + offs_n[:, None] * stride_vn
-    k0, k1, k2 = _load_chunks(k_rows, n_mask, D0, D1, D2, HEAD_DIM)
+    if ROPE:  # the tables' head row (stride_rope_h = 0: shared by the heads)
+        cos_h = COS + off_h * stride_rope_h
+        sin_h = SIN + off_h * stride_rope_h
+        k0, k1, k2 = _rope_chunks(
+            k_rows, n_mask, offs_n, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
+        )
+    else:
+        cos_h = COS  # unused
+        sin_h = SIN
+        k0, k1, k2 = _load_chunks(k_rows, n_mask, D0, D1, D2, HEAD_DIM)
     v0, v1, v2 = _load_chunks(v_rows, n_mask, D0, D1, D2, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], dtype=tl.float32)
@@ -708,7 +921,8 @@ def _attn_bwd_dkdv_body(
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(
             dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2,
             LSE + row_base + start_m, Delta + row_base + start_m, start_m + offs_m, offs_m, n_q, qk_scale,
-            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=False,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=False, q_base=q_base, stride_qn=stride_qn, COS_H=cos_h,
+            SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
         qp0, qp1, qp2 = _advance(qp0, qp1, qp2, BLOCK_M * stride_qn, D1, D2)
         dop0, dop1, dop2 = _advance(dop0, dop1, dop2, BLOCK_M * stride_don, D1, D2)
@@ -716,19 +930,31 @@ def _attn_bwd_dkdv_body(
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(
             dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, qp0, qp1, qp2, dop0, dop1, dop2,
             LSE + row_base + m_full, Delta + row_base + m_full, m_full + offs_m, offs_m, n_q, qk_scale,
-            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=True,
+            HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_M=True, q_base=q_base, stride_qn=stride_qn, COS_H=cos_h,
+            SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE, ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
 
     dk_rows = dk_base + offs_n[:, None] * stride_dkn
     dv_rows = dv_base + offs_n[:, None] * stride_dvn
-    _store_chunk(dk_rows, n_mask, dk0 * sm_scale, 0, D0, HEAD_DIM)
-    _store_chunk(dv_rows, n_mask, dv0, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        _store_chunk(dk_rows, n_mask, dk1 * sm_scale, D0, D1, HEAD_DIM)
-        _store_chunk(dv_rows, n_mask, dv1, D0, D1, HEAD_DIM)
-    if D2 > 0:
-        _store_chunk(dk_rows, n_mask, dk2 * sm_scale, D0 + D1, D2, HEAD_DIM)
-        _store_chunk(dv_rows, n_mask, dv2, D0 + D1, D2, HEAD_DIM)
+    if ROPE:  # dK with respect to the rotated keys, rotated back (by -θ) as it is stored
+        _store_chunk(dv_rows, n_mask, dv0, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            _store_chunk(dv_rows, n_mask, dv1, D0, D1, HEAD_DIM)
+        if D2 > 0:
+            _store_chunk(dv_rows, n_mask, dv2, D0 + D1, D2, HEAD_DIM)
+        _rope_store_chunks(
+            dk_rows, n_mask, offs_n, dk0 * sm_scale, dk1 * sm_scale, dk2 * sm_scale, cos_h, sin_h, stride_rope_n,
+            num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF,
+        )  # fmt: skip
+    else:
+        _store_chunk(dk_rows, n_mask, dk0 * sm_scale, 0, D0, HEAD_DIM)
+        _store_chunk(dv_rows, n_mask, dv0, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            _store_chunk(dk_rows, n_mask, dk1 * sm_scale, D0, D1, HEAD_DIM)
+            _store_chunk(dv_rows, n_mask, dv1, D0, D1, HEAD_DIM)
+        if D2 > 0:
+            _store_chunk(dk_rows, n_mask, dk2 * sm_scale, D0 + D1, D2, HEAD_DIM)
+            _store_chunk(dv_rows, n_mask, dv2, D0 + D1, D2, HEAD_DIM)
 
 
 attn_bwd_dkdv_kernel = _attn_bwd_dkdv_body
@@ -770,6 +996,13 @@ def _attn_bwd_dq_body(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr,
+    SIN=None,
+    COS=None,
+    stride_rope_h=0,
+    stride_rope_n=0,
+    num_prefix=0,
+    ROPE: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = True,
 ):
     PAD_D: tl.constexpr = (HEAD_DIM + 15) // 16 * 16  # head-dim chunks as in the forward
     D0: tl.constexpr = 128 if PAD_D >= 128 else (64 if PAD_D >= 64 else (32 if PAD_D >= 32 else 16))
@@ -797,7 +1030,16 @@ def _attn_bwd_dq_body(
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
     do_rows = do_base + offs_m[:, None] * stride_don
-    q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
+    if ROPE:  # the tables' head row (stride_rope_h = 0: shared by the heads)
+        cos_h = COS + off_h * stride_rope_h
+        sin_h = SIN + off_h * stride_rope_h
+        q0, q1, q2 = _rope_chunks(
+            q_rows, m_mask, offs_m, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
+        )
+    else:
+        cos_h = COS  # unused
+        sin_h = SIN
+        q0, q1, q2 = _load_chunks(q_rows, m_mask, D0, D1, D2, HEAD_DIM)
     do0, do1, do2 = _load_chunks(do_rows, m_mask, D0, D1, D2, HEAD_DIM)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + row_base + offs_m, mask=m_mask, other=0.0)
@@ -811,22 +1053,32 @@ def _attn_bwd_dq_body(
     for start_n in range(0, n_full, BLOCK_N):
         dq0, dq1, dq2 = _dq_step(
             dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, start_n + offs_n,
-            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False,
+            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=False, k_base=k_base, stride_kn=stride_kn,
+            COS_H=cos_h, SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE,
+            ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
         kp0, kp1, kp2 = _advance(kp0, kp1, kp2, BLOCK_N * stride_kn, D1, D2)
         vp0, vp1, vp2 = _advance(vp0, vp1, vp2, BLOCK_N * stride_vn, D1, D2)
     if n_full < n_kv:
         dq0, dq1, dq2 = _dq_step(
             dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse2, delta, kp0, kp1, kp2, vp0, vp1, vp2, n_full + offs_n,
-            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True,
+            n_kv, qk_scale, HEAD_DIM, D0, D1, D2, INPUT_PRECISION, MASK_N=True, k_base=k_base, stride_kn=stride_kn,
+            COS_H=cos_h, SIN_H=sin_h, stride_rope_n=stride_rope_n, num_prefix=num_prefix, ROPE=ROPE,
+            ROPE_HALF=ROPE_HALF,
         )  # fmt: skip
 
     dq_rows = dq_base + offs_m[:, None] * stride_dqn
-    _store_chunk(dq_rows, m_mask, dq0 * sm_scale, 0, D0, HEAD_DIM)
-    if D1 > 0:
-        _store_chunk(dq_rows, m_mask, dq1 * sm_scale, D0, D1, HEAD_DIM)
-    if D2 > 0:
-        _store_chunk(dq_rows, m_mask, dq2 * sm_scale, D0 + D1, D2, HEAD_DIM)
+    if ROPE:  # dQ with respect to the rotated queries, rotated back (by -θ) as it is stored
+        _rope_store_chunks(
+            dq_rows, m_mask, offs_m, dq0 * sm_scale, dq1 * sm_scale, dq2 * sm_scale, cos_h, sin_h, stride_rope_n,
+            num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF,
+        )  # fmt: skip
+    else:
+        _store_chunk(dq_rows, m_mask, dq0 * sm_scale, 0, D0, HEAD_DIM)
+        if D1 > 0:
+            _store_chunk(dq_rows, m_mask, dq1 * sm_scale, D0, D1, HEAD_DIM)
+        if D2 > 0:
+            _store_chunk(dq_rows, m_mask, dq2 * sm_scale, D0 + D1, D2, HEAD_DIM)
 
 
 attn_bwd_dq_kernel = _attn_bwd_dq_body
