@@ -1,9 +1,9 @@
 // fastvit._C, the Python module: build_info() and nothing else. The ops are not here: importing the module runs the
-// static registrations of csrc/fastvit_schema.cpp (schemas) and csrc/<family>/<family>_binding.cpp (CUDA kernels),
-// after which they are torch.ops.fastvit.*_cuda.
+// static registrations of each csrc/<family>/<family>_binding.cpp (its schemas, a TORCH_LIBRARY_FRAGMENT(fastvit),
+// and its CUDA kernels), after which they are torch.ops.fastvit.*_cuda.
 //
 // Its own file because it is the only translation unit that needs pybind11 (torch/extension.h, the heaviest of the
-// torch headers): the schema and binding files include only torch/library.h and ATen.
+// torch headers): the binding files include only torch/library.h and ATen.
 #include <torch/extension.h>
 
 #include <string>

@@ -33,9 +33,10 @@ import tempfile
 import time
 
 from fastvit.runtime import cuda_build as build
+from fastvit.runtime import kernel_table
 
-#: Families whose kernels must not spill (path components under csrc/).
-NO_SPILL_FAMILIES = ("attention", "layer_norm")
+#: Families whose kernels must not spill (path components under csrc/): the kernel table's ``no_spill`` families.
+NO_SPILL_FAMILIES = kernel_table.no_spill_families()
 
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
 _PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")

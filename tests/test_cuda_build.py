@@ -15,16 +15,19 @@ import torch
 from fastvit import cuda_check
 from fastvit.runtime import cuda as _cuda
 from fastvit.runtime import cuda_build as build
+from fastvit.runtime import kernel_table
 
 NVCC = build.find_nvcc()
 needs_toolchain = pytest.mark.skipif(
     NVCC is None or build.cutlass_include() is None or not os.path.isdir(build.CSRC),
     reason="needs nvcc, the nvidia-cutlass headers and a source checkout (csrc/)",
 )
-FAMILIES = ("attention", "layer_norm", "linear", "patch_embed", "mae")
-#: The torch side of csrc/: one schema file, the Python module, one binding file per family (next to its kernels) and
-#: the binding helpers they share. Everything else under csrc/ is a kernel file and must stay torch-free.
-BINDING_SOURCES = ("fastvit_schema.cpp", "fastvit_module.cpp", *(f"{family}_binding.cpp" for family in FAMILIES))
+#: The op families: the kernel table's, which tests/test_kernel_table.py checks against the folders of csrc/.
+FAMILIES = tuple(f.name for f in kernel_table.FAMILIES)
+#: The torch side of csrc/: the Python module, one binding file per family (next to its kernels: its schemas and its
+#: CUDA kernels) and the binding helpers they share. Everything else under csrc/ is a kernel file and must stay
+#: torch-free.
+BINDING_SOURCES = ("fastvit_module.cpp", *(f"{family}_binding.cpp" for family in FAMILIES))
 BINDING_HEADERS = (os.path.join("common", "binding.h"),)
 
 
@@ -56,35 +59,35 @@ def test_kernel_files_are_torch_free():
     assert offenders == []
 
 
-def test_one_schema_file_and_one_binding_file_per_family():
-    """Every .cpp under csrc/ is a binding file: the schema file and the module at the top, each family's binding next
-    to its kernels; the schemas (TORCH_LIBRARY) are declared in the schema file only, the Python module once."""
+def test_one_binding_file_per_family_declares_and_implements_its_ops():
+    """Every .cpp under csrc/ is a binding file: the module at the top, each family's binding next to its kernels.
+    A family's binding declares the schemas of its ops (one TORCH_LIBRARY_FRAGMENT(fastvit)) and implements exactly
+    those (one TORCH_LIBRARY_IMPL(fastvit, CUDA)); no op is declared twice, nothing claims the whole namespace
+    (TORCH_LIBRARY), and the Python module is defined once."""
     cpp = sorted(os.path.relpath(p, build.CSRC) for p in build.sources(minimal=False) if p.endswith(".cpp"))
     assert cpp == sorted(
-        [
-            "fastvit_schema.cpp",
-            "fastvit_module.cpp",
-            *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES),
-        ]
+        ["fastvit_module.cpp", *(os.path.join(family, f"{family}_binding.cpp") for family in FAMILIES)]
     )
 
     def read(rel):
         with open(os.path.join(build.CSRC, rel)) as f:
             return f.read()
 
-    library = re.compile(r"^TORCH_LIBRARY\(fastvit,", re.M)
+    library = re.compile(r"^TORCH_LIBRARY\(", re.M)
+    fragment = re.compile(r"^TORCH_LIBRARY_FRAGMENT\(fastvit, m\) \{$", re.M)
     impl = re.compile(r"^TORCH_LIBRARY_IMPL\(fastvit, CUDA,", re.M)
-    assert [rel for rel in cpp if library.search(read(rel))] == ["fastvit_schema.cpp"]
+    assert [rel for rel in cpp if library.search(read(rel))] == []
     assert [rel for rel in cpp if "PYBIND11_MODULE(" in read(rel)] == ["fastvit_module.cpp"]
-    defined = re.findall(r'm\.def\("(\w+)\(', read("fastvit_schema.cpp"))
-    implemented = []
+    assert not fragment.search(read("fastvit_module.cpp")) and not impl.search(read("fastvit_module.cpp"))
+    defined = []
     for family in FAMILIES:
         text = read(os.path.join(family, f"{family}_binding.cpp"))
-        assert len(impl.findall(text)) == 1, family
-        ops = re.findall(r'm\.impl\("(\w+)"', text)
-        assert ops, family
-        implemented += ops
-    assert len(defined) == len(set(defined)) and sorted(defined) == sorted(implemented)
+        assert len(fragment.findall(text)) == 1 and len(impl.findall(text)) == 1, family
+        ops = re.findall(r'm\.def\("(\w+)\(', text)
+        assert ops and all(op.endswith("_cuda") for op in ops), family
+        assert sorted(ops) == sorted(re.findall(r'm\.impl\("(\w+)"', text)), family
+        defined += ops
+    assert len(defined) == len(set(defined)) == 20
 
 
 def test_gencode_flags():

@@ -4,10 +4,11 @@
 // cu_seqlens[s] : cu_seqlens[s + 1] (FlashAttention's flash_attn_varlen_func convention, one cu_seqlens for queries
 // and keys), LSE (H, T) fp32.
 //
-// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
-// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
-// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
-// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+// This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
+// ops of fastvit/families/attention.py, whose fakes and autograd register against them) and its
+// TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
+// expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
+// CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -424,6 +425,25 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const 
 }
 
 }  // namespace
+
+// Schemas of this family's ops, declared once (here); the kernels below implement them.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
+  m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("sdpa_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Packed variable-length sequences (cu_seqlens int32 (S + 1,), FlashAttention's flash_attn_varlen_func layout):
+  // qkv (T, 3C) -> o (T, C), lse (H, T) fp32; q, k, v (T, H, D) -> o (T, H, D), lse (H, T) fp32.
+  m.def("attention_varlen_fwd_cuda(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd_cuda(Tensor do, Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor o, Tensor lse, "
+        "int num_heads, float scale) -> Tensor");
+  m.def("sdpa_varlen_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("sdpa_varlen_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor o, "
+        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("attention_fwd_cuda", &attention_fwd);

@@ -1,9 +1,10 @@
 // fastvit._C binding of the LayerNorm with an optional residual add: layer_norm_{fwd,bwd}_cuda.
 //
-// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
-// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
-// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
-// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+// This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
+// ops of fastvit/families/layer_norm.py, whose fakes and autograd register against them) and its
+// TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
+// expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
+// CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -126,6 +127,14 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const OptTen
 }
 
 }  // namespace
+
+// Schemas of this family's ops, declared once (here); the kernels below implement them.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("layer_norm_fwd_cuda(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd_cuda(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
+        "bool has_bias) -> (Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("layer_norm_fwd_cuda", &layer_norm_fwd);

@@ -1,10 +1,11 @@
 // fastvit._C binding of the GEMMs with fused epilogues: linear_gelu_{fwd,bwd}_cuda (bias + GELU) and
 // linear_residual_{fwd,bwd}_cuda (bias + LayerScale + residual).
 //
-// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
-// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
-// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
-// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+// This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
+// ops of fastvit/families/linear.py, whose fakes and autograd register against them) and its
+// TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
+// expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
+// CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -231,6 +232,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_residual_bwd(const Tensor& dy,
 }
 
 }  // namespace
+
+// Schemas of this family's ops, declared once (here); the kernels below implement them.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("linear_gelu_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, str approximate, bool save_h) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_gelu_bwd_cuda(Tensor dy, Tensor x, Tensor weight, Tensor h, str approximate, bool has_bias) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_residual_fwd_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor residual, Tensor? gamma, "
+        "bool save_z) -> (Tensor, Tensor)");
+  m.def("linear_residual_bwd_cuda(Tensor dy, Tensor x, Tensor weight, Tensor? gamma, Tensor? z, bool has_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("linear_gelu_fwd_cuda", &linear_gelu_fwd);

@@ -1,9 +1,10 @@
 // fastvit._C binding of the MAE masked-token ops: mae_unshuffle_{fwd,bwd}_cuda and mae_loss_{fwd,bwd}_cuda.
 //
-// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
-// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
-// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
-// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+// This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
+// ops of fastvit/families/mae.py, whose fakes and autograd register against them) and its
+// TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
+// expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
+// CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -201,6 +202,16 @@ std::tuple<Tensor, Tensor> mae_loss_bwd(const Tensor& drow_in, const Tensor& pre
 }
 
 }  // namespace
+
+// Schemas of this family's ops, declared once (here); the kernels below implement them.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("mae_unshuffle_fwd_cuda(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor");
+  m.def("mae_unshuffle_bwd_cuda(Tensor dout, Tensor ids_restore, int n_keep, bool has_pos) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mae_loss_fwd_cuda(Tensor pred, Tensor images, int patch_size, bool norm_pix) -> Tensor");
+  m.def("mae_loss_bwd_cuda(Tensor drow, Tensor pred, Tensor images, int patch_size, bool norm_pix, "
+        "bool compute_dimages) -> (Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("mae_unshuffle_fwd_cuda", &mae_unshuffle_fwd);

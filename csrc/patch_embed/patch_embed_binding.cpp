@@ -1,10 +1,11 @@
 // fastvit._C binding of the patch embedding: patch_embed_{fwd,bwd}_cuda (im2col + GEMM + bias + pos-embed +
 // cls / register tokens, optional MAE ids_keep).
 //
-// This family's TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and
-// what was expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current
-// stream and its CUDA error mapped to a Python exception. The schemas are declared once, in
-// csrc/fastvit_schema.cpp; the helpers shared by the families are in csrc/common/binding.h.
+// This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
+// ops of fastvit/families/patch_embed.py, whose fakes and autograd register against them) and its
+// TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
+// expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
+// CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
 #include <torch/library.h>
 
 #include <cstdint>
@@ -195,6 +196,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> patch_embed_bwd(const
 }
 
 }  // namespace
+
+// Schemas of this family's ops, declared once (here); the kernels below implement them.
+TORCH_LIBRARY_FRAGMENT(fastvit, m) {
+  m.def("patch_embed_fwd_cuda(Tensor images, Tensor weight, Tensor? bias, Tensor? pos_embed, Tensor? cls_token, "
+        "Tensor? reg_tokens, Tensor? ids_keep) -> Tensor");
+  m.def("patch_embed_bwd_cuda(Tensor dout, Tensor images, Tensor weight, Tensor? ids_keep, int pos_len, int n_cls, "
+        "int n_reg, bool compute_dimages) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("patch_embed_fwd_cuda", &patch_embed_fwd);
