@@ -11,10 +11,16 @@ half-layout tables stack ``RotaryEmbeddingCat`` tables of different temperatures
 Packed sequences (``cu_seqlens``): every sequence is its own EvaAttention call -- its token at position p (counted from
 the sequence's first row) reads table row p - num_prefix_tokens.
 
-Runs in the Triton interpreter on the CPU (tiny B, H, N: the whole file takes about a minute on two cores) or on CUDA.
+Runs in the Triton interpreter on the CPU (tiny B, H, N: the whole file takes about a minute and a half on two cores)
+or on CUDA; one compile-only test builds the rotary kernels for sm_90 (no GPU needed) and reads their main loops.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -286,3 +292,57 @@ def test_rope_launcher_rejects_bad_tables(device):
     with pytest.raises(ValueError, match="even head dim"):
         odd = torch.randn(1, 9, 3 * H * 33, device=device)
         rope_attention_fwd(odd, H, torch.zeros(9, 33), torch.zeros(9, 33), 0, 0.125)
+
+
+# ------------------------------------------------------------------------------------------------ sm_90 compile
+#: Main-loop SASS instructions of the rotary kernels (sm_90, bf16, D = 64, N = 197, the first config each pruner keeps;
+#: ``python -m fastvit.kernels.check --loops`` counts, Triton 3.8), by layout (rotate_half, interleaved). ROPE off:
+#: 289 / 217 / 162 (check.LOOP_BOUNDS). The rotation is 4 FMUL/FFMA per pair and the bf16 <-> fp32 conversions around
+#: it, on every streamed block (k in the forward and dQ, q in dK/dV).
+ROPE_LOOP_BOUNDS = {
+    "attn_fwd": (388, 426),
+    "attn_bwd_dkdv": (262, 267),
+    "attn_bwd_dq": (221, 229),
+}
+
+_COMPILE = """
+import json, multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor
+from fastvit.kernels import check as C
+C._FP32_POINTERS = C._FP32_POINTERS | {"SIN", "COS"}  # the rotary tables are fp32
+work = []
+for v in C.loop_variants(dims=(64,), seq_lens=(197,), kernels=list(sys.argv[2:])):
+    for half in (True, False):
+        cx = dict(v["constexprs"], ROPE=True, ROPE_HALF=half)
+        work.append((dict(v, constexprs=cx, config=v["config"] + ("/half" if half else "/interleaved")), 90))
+with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+    rows = list(pool.map(C._compile_one, work))
+json.dump(rows, open(sys.argv[1], "w"))
+"""
+
+
+def test_rope_kernels_compile_for_sm90(tmp_path):
+    """Compile-only: the ROPE=True forward, dK/dV and dQ kernels build for sm_90 at D = 64 in both layouts (the
+    interpreter does not lower the reshape / split / join of the rotation to GPU layouts), with no register spills,
+    an MMA main loop, and that loop within its recorded bound (:data:`ROPE_LOOP_BOUNDS`; +10 % on another Triton)."""
+    import triton
+
+    from fastvit.kernels.check import LOOP_BOUNDS_TRITON
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rope.json"
+    kernels = sorted(ROPE_LOOP_BOUNDS)
+    res = subprocess.run(
+        [sys.executable, "-c", _COMPILE, str(out), *kernels], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    exact = triton.__version__.startswith(LOOP_BOUNDS_TRITON + ".")
+    assert len(rows) == 2 * len(kernels)
+    for r in rows:
+        assert r["ok"], (r["kernel"], r["config"], r["error"])
+        assert r["spills"] == 0, (r["kernel"], r["config"], r["spills"])
+        loop = r["loop"]
+        assert loop["mma"] > 0 and loop["total"] > loop["mma"]
+        bound = ROPE_LOOP_BOUNDS[r["kernel"]][0 if r["config"].endswith("/half") else 1]
+        assert loop["total"] <= (bound if exact else int(bound * 1.1)), (r["kernel"], r["config"], loop, bound)
