@@ -8,9 +8,10 @@ reaches for ``at::Tensor`` fails here (docs/ARCHITECTURE.md, "Verifying GPU code
 Exit status 1 on a compile error, on a torch / ATen / c10 include in a kernel file, or on register spills in the
 attention and LayerNorm kernels (whose speed depends on staying in registers); spills elsewhere are reported only.
 
-By default one instantiation per kernel template is compiled (bf16, head-dim bucket 64: the minimal build, see
-``csrc/common/common.h``), which is what CI runs; ``--all`` compiles every instantiation. The attention kernels come
-in a dense and a packed variable-length (``*_varlen_*``) instantiation of the same template body; both are listed.
+By default one instantiation per kernel template is compiled (bf16, head-dim bucket 64: the minimal build of the
+kernel table, ``fastvit/runtime/kernel_table.py``), which is what CI runs; ``--all`` compiles every instantiation. The
+attention kernels come in a dense and a packed variable-length (``*_varlen_*``) instantiation of the same template
+body; both are listed.
 
 ``--baseline OLD.json`` (a ``--json`` file of an earlier run, e.g. before a change) compares every kernel compiled in
 both runs, by architecture and name: a kernel whose registers, spills, stack frame or static shared memory changed is
