@@ -1,6 +1,6 @@
 """What any Python entry would add per op: the floor under ``fastvit-bench overhead``'s per-op numbers.
 
-For each targeted tiny call of :func:`fastvit.bench.overhead.op_cases` this times four variants A/B interleaved
+For each tiny call (but the value-checked ones) of :func:`fastvit.bench.overhead.op_cases` this times four variants A/B interleaved
 (:func:`fastvit.bench.overhead.interleaved`, the thread clock on the CPU) and reports, per variant, the median of the
 per-round differences from ``direct``:
 
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=60, help="A/B rounds (default 60)")
     parser.add_argument("--number", type=int, default=200, help="calls per sample (default 200)")
-    parser.add_argument("--cases", default=None, help="comma-separated case names (default: all targeted ones)")
+    parser.add_argument(
+        "--cases", default=None, help="comma-separated case names (default: all but the value-checked ones)"
+    )
     parser.add_argument("--json", default=None, help="write {case: {variant: median added us}} to this file")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.number < 1:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastvit.declare import DECLARATIONS
 
     known = {c.case: c for c in op_cases()}
-    names = [c.case for c in known.values() if c.targeted] if args.cases is None else args.cases.split(",")
+    names = [c.case for c in known.values() if not c.value_check] if args.cases is None else args.cases.split(",")
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"--cases: unknown case(s) {unknown}; expected some of {sorted(known)}")

@@ -506,28 +506,21 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
         ValueError: ``backend`` (or ``FASTVIT_BACKEND``) names no backend.
         BackendNotSupportedError: the explicitly chosen backend cannot serve ``call``.
     """
-    return _select(op, call if type(call) is Call else as_call(call), backend)
+    return _select(op, as_call(call), backend)
 
 
-def _select(op: str, call: Call | tuple, backend: str | None) -> tuple[str, Callable[..., Any]]:
-    """:func:`select` for a :class:`Call` or, as :mod:`fastvit.ops` calls it on every op, for the plain tuple of its
-    fields that an op's fast path builds (see ``fastvit.ops._FAST_MISS``). A tuple equals the :class:`Call` of the
-    same fields and has its hash, so it finds the same cached decision without a :class:`Call` being built (only a
-    cache miss builds one); it also stands for "not traced by Dynamo" (the fast path runs only then), so it skips
-    that test."""
+def _select(op: str, call: Call, backend: str | None) -> tuple[str, Callable[..., Any]]:
+    """:func:`select` for a :class:`Call` (what every op's check step builds), without the conversion."""
     explicit = backend
     if explicit is None:  # current_backend(), inlined: this runs in every op call
         explicit = _forced.get()
         if explicit is _UNSET:
             explicit = None if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA else _env_backend()
-    if type(call) is not tuple and _is_compiling():  # traced (and constant-folded) by Dynamo: no cache, no wrapper
+    if _is_compiling():  # traced (and constant-folded) by Dynamo: no cache, no wrapper
         return _decide(op, call, explicit)
     key = (op, explicit, call)
     hit = _CACHE.get(key)
     if hit is None:
-        if type(call) is tuple:
-            call = tuple.__new__(Call, call)
-            key = (op, explicit, call)
         if getattr(_state, "verifying", False):  # the self-test's own calls: no warnings, nothing cached
             return _decide(op, call, explicit)
         name, fn = _decide(op, call, explicit)

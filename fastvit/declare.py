@@ -74,13 +74,13 @@ class SelftestShape:
 @dataclass(frozen=True)
 class TinyCall:
     """One call of an op on tiny tensors, timed by ``fastvit-bench overhead``: ``variant`` is appended to the op's
-    name in the report (``"+residual"``); ``targeted`` is False where the call adds checks by design (indices the
-    caller made are value-checked: a sort and a host read)."""
+    name in the report (``"+residual"``); ``value_check`` marks a call whose checks read values by design (indices
+    the caller made: a sort and a host read), so its added time is no dispatch cost."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     variant: str = ""
-    targeted: bool = True
+    value_check: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ session -- minutes on two cores, cached by torch across runs -- and then checked
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -172,14 +173,13 @@ def _record_backends(monkeypatch) -> list:
     original = backends.select
 
     def select(op, call, backend=None):
-        if type(call) is tuple:  # an op's fast path hands dispatch the plain tuple of the Call's fields
-            call = backends.Call(*call)
         name, fn = original(op, call, backend)
         chosen.append((op, name))
         return name, fn
 
     monkeypatch.setattr(backends, "select", select)
-    monkeypatch.setattr(fastvit.ops, "_select", select)  # what fastvit.ops dispatches through
+    for name in backends.OPS:  # what each op's public function (in its family module) dispatches through
+        monkeypatch.setattr(sys.modules[fastvit.ops.DECLARATIONS[name].function.__module__], "_select", select)
     return chosen
 
 

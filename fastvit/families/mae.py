@@ -255,7 +255,7 @@ def _unshuffle_tiny(t, ids_restore) -> list[TinyCall]:
     N = ids_restore.shape[1]
     return [
         TinyCall((t(2, 3, 8), t(1, 1, 8), ids_restore), {"pos_embed": t(1, 1 + N, 8)}),
-        TinyCall((t(2, 3, 8), t(1, 1, 8), given), {"pos_embed": t(1, 1 + N, 8)}, "+given_ids", targeted=False),
+        TinyCall((t(2, 3, 8), t(1, 1, 8), given), {"pos_embed": t(1, 1 + N, 8)}, "+given_ids", value_check=True),
     ]
 
 
