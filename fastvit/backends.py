@@ -63,6 +63,7 @@ __all__ = [
     "excluded",
     "get_backend",
     "register_backend",
+    "recording",
     "register_kernel",
     "select",
     "selftest_enabled",
@@ -509,8 +510,33 @@ def select(op: str, call: CallLike, backend: str | None = None) -> tuple[str, Ca
     return _select(op, as_call(call), backend)
 
 
+#: While :func:`recording` is active: the list every dispatched op appends ``(op, call)`` to.
+_RECORD: list[tuple[str, Call]] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, Call]]]:
+    """Record every op dispatched inside: yields a list that fills with ``(op, call)`` pairs in call order (the
+    benchmark reads which ops a model calls, and how, from one forward on the meta device). Not thread-safe: meant
+    for one thread at a time.
+
+    Raises:
+        RuntimeError: already recording.
+    """
+    global _RECORD
+    if _RECORD is not None:
+        raise RuntimeError("fastvit.backends.recording() is already active")
+    _RECORD = []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = None
+
+
 def _select(op: str, call: Call, backend: str | None) -> tuple[str, Callable[..., Any]]:
     """:func:`select` for a :class:`Call` (what every op's check step builds), without the conversion."""
+    if _RECORD is not None:
+        _RECORD.append((op, call))
     explicit = backend
     if explicit is None:  # current_backend(), inlined: this runs in every op call
         explicit = _forced.get()

@@ -435,3 +435,22 @@ def test_cpu_only_import_skips_the_triton_op_registration(tmp_path):
     assert out["registered"] is False
     assert out["inductor"] is out["base"]  # fastvit itself imported no inductor
     assert any("no CUDA device" in r or "not installed" in r for r in out["reasons"]), out["reasons"]
+
+
+def test_recording_lists_every_dispatched_call_in_order():
+    """fastvit.backends.recording() sees each op call as dispatch sees it (the benchmark reads a model's calls so):
+    the op's name and the Call its check step built, in call order; nothing is recorded outside the block."""
+    import fastvit
+    from fastvit import backends, ops
+
+    x, w = torch.randn(2, 5, 8), torch.randn(8)
+    with backends.recording() as calls:
+        ops.layer_norm(x, w, None)
+        ops.attention(torch.randn(2, 5, 24), 2)
+    ops.layer_norm(x, w, None)
+    assert [op for op, _ in calls] == ["layer_norm", "attention"]
+    assert calls[0][1] == fastvit.ops.describe_call("layer_norm", x, w, None)
+    assert calls[1][1].head_dim == 4 and calls[1][1].num_tokens == 5
+    with backends.recording(), pytest.raises(RuntimeError, match="already active"):
+        with backends.recording():
+            pass

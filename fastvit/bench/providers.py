@@ -784,78 +784,19 @@ def model_provider_names(spec: ModelSpec) -> list[str]:
     return names
 
 
-def _model_calls(cfg: dict[str, Any], spec: ModelSpec, img: int) -> list[tuple[str, Any]]:
-    """``(op, call)`` for every distinct way the model calls a fastvit op (encoder and, for MAE, decoder shapes), in
-    the run's dtype on the run's device, built by :func:`_call` from inputs of the model's shapes at batch
-    ``spec.batch`` (uninitialised; index inputs valid)."""
-    dev, dt, B = spec.device, spec.dtype, spec.batch
+def _model_calls(spec: ModelSpec, cfg: dict[str, Any], img: int) -> list[tuple[str, Any]]:
+    """``(op, call)`` for every distinct way the model calls a fastvit op, at batch ``spec.batch`` in the run's dtype
+    on the run's device: recorded (:func:`fastvit.backends.recording`) from one training-mode forward of the same
+    model built on the meta device (no memory, no compute), with the calls' device set to the run's."""
+    import fastvit
+    from fastvit import backends
 
-    def t(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, device=dev, dtype=dt)
-
-    C, P, cin = cfg["embed_dim"], cfg["patch_size"], cfg["in_chans"]
-    Np = (img // P) ** 2
-    pre = cfg["num_prefix_tokens"]
-    images = t(B, cin, img, img)
-    cls = t(1, 1, C) if pre else None
-    calls: list[tuple[str, Any]] = []
-
-    def blocks(n: int, c: int, heads: int, head_dim: int, hidden: int) -> None:
-        a = heads * head_dim
-        x = t(B, n, c)
-        calls.extend(
-            [
-                ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6)),
-                ("layer_norm", _call("layer_norm", x, t(c), t(c), 1e-6, residual=x)),
-                ("attention", _call("attention", t(B, n, 3 * a), heads)),
-                ("linear_residual", _call("linear_residual", t(B, n, a), t(c, a), t(c), x)),
-                ("linear_gelu", _call("linear_gelu", x, t(hidden, c), t(hidden))),
-                ("linear_residual", _call("linear_residual", t(B, n, hidden), t(c, hidden), t(c), x)),
-            ]
-        )
-
-    if not cfg.get("is_mae"):
-        calls.append(
-            (
-                "patch_embed",
-                _call("patch_embed", images, t(C, cin, P, P), t(C), pos_embed=t(1, Np + (pre > 0), C), cls_token=cls),
-            )
-        )
-        blocks(Np + pre, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
-        return calls
-    nk = max(1, int(Np * (1 - cfg["mask_ratio"])))
-    ids_keep = torch.arange(nk, device=dev).repeat(B, 1)
-    calls.append(
-        (
-            "patch_embed",
-            _call(
-                "patch_embed",
-                images,
-                t(C, cin, P, P),
-                t(C),
-                pos_embed=t(1, Np + 1, C),
-                cls_token=t(1, 1, C),
-                ids_keep=ids_keep,
-            ),
-        )
-    )
-    blocks(nk + 1, C, cfg["num_heads"], cfg["head_dim"], cfg["mlp_hidden"])
-    Cd, Hd = cfg["decoder_embed_dim"], cfg["decoder_num_heads"]
-    calls.append(
-        (
-            "mae_unshuffle",
-            _call(
-                "mae_unshuffle",
-                t(B, 1 + nk, Cd),
-                t(1, 1, Cd),
-                torch.arange(Np, device=dev).repeat(B, 1),
-                pos_embed=t(1, 1 + Np, Cd),
-            ),
-        )
-    )
-    blocks(Np + 1, Cd, Hd, Cd // Hd, cfg["decoder_mlp_hidden"])
-    calls.append(("mae_loss", _call("mae_loss", t(B, Np, P * P * cin), images, t(B, Np), P)))
-    return calls
+    with torch.device("meta"):
+        model = _fastvit_model(spec).to(spec.dtype)
+    images = torch.empty(spec.batch, cfg["in_chans"], img, img, device="meta", dtype=spec.dtype)
+    with fastvit.use_backend("eager"), backends.recording() as calls:
+        model.train()(images)
+    return list(dict.fromkeys((op, call._replace(device=spec.device)) for op, call in calls))
 
 
 def _backend_model_reasons(backend: str, calls: list[tuple[str, Any]]) -> list[str]:
@@ -950,7 +891,7 @@ def run_model(
         except Exception as exc:  # noqa: BLE001
             timm_reason = _first_line(exc)
 
-    calls = _model_calls(cfg, spec, img) if any(n.startswith("fastvit-") for n in wanted) else []
+    calls = _model_calls(spec, cfg, img) if any(n.startswith("fastvit-") for n in wanted) else []
     harness.free_memory(dev)
 
     def build(name: str) -> _Built:
