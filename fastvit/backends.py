@@ -1,14 +1,14 @@
 """Backend registry and dispatch for fastvit's ops (after xformers' fMHA dispatch).
 
 This module is the registry only: it imports no backend. Each backend registers itself
-(:func:`register_backend`, from :mod:`fastvit.runtime`), each op family declares its op names
-(:func:`declare_ops`, from :mod:`fastvit.families`) and registers one implementation per backend
-(:func:`register_kernel`).
+(:func:`register_backend`, from :mod:`fastvit.runtime`), each op family declares its ops
+(:func:`fastvit.declare.declare`, which names them here through :func:`declare_ops`) and registers one
+implementation per backend (:func:`register_kernel`).
 
 A kernel declares what it supports (:class:`Capabilities`: devices, dtypes, head dims, minimum compute
 capability, dropout, determinism, plus an optional ``extra_check``) and answers, through
 :meth:`Backend.not_supported_reasons`, for one typed call description (:class:`Call`, built by
-:mod:`fastvit.ops`). Selection walks :data:`PRIORITY` and takes the first backend with no reasons; ``eager`` is
+each op's check step). Selection walks :data:`PRIORITY` and takes the first backend with no reasons; ``eager`` is
 last and always works, on any device PyTorch runs on.
 
 An explicit choice -- the ``backend=`` argument of an op, the :func:`use_backend` context, or the
@@ -76,7 +76,7 @@ __all__ = [
 PRIORITY: tuple[str, ...] = ("cuda", "triton", "eager")
 
 #: The op names of :mod:`fastvit.ops` that go through dispatch, in declaration order. Derived from the op families'
-#: :func:`declare_ops` calls (the one place each name is written down).
+#: declarations (:mod:`fastvit.declare`, the one place each name is written down).
 OPS: tuple[str, ...] = ()
 
 #: op name -> the family (module of :mod:`fastvit.families`) that declared it.
@@ -93,7 +93,7 @@ class KernelLaunchError(RuntimeError):
 
 
 class Call(NamedTuple):
-    """The typed description of one op call that dispatch decides on (built by :mod:`fastvit.ops`, reused by the
+    """The typed description of one op call that dispatch decides on (built by each op's check step, reused by the
     benchmark through :func:`fastvit.ops.describe_call`). Fields an op does not have stay ``None``.
 
     Attributes:
