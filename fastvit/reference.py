@@ -110,6 +110,41 @@ def per_sequence_sdpa(fn, q, k, v, cu_seqlens):
     return per_sequence(one, cu_seqlens, q, k, v)
 
 
+def rotary(
+    x: torch.Tensor,
+    rope: torch.Tensor,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
+    *,
+    plain: bool = False,
+) -> torch.Tensor:
+    """Rotary position embeddings (RoFormer, Su et al., 2021, arXiv:2104.09864; 2D / axial as timm's EVA-02, DINOv3,
+    Perception Encoder and RoPE-ViT) on q or k ``x`` (B, H, N, D): timm's ``EvaAttention`` / ``AttentionRope`` step
+    ``cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=rotate_half)], 2)``.
+
+    ``rope`` is timm's ``cat([sin, cos], -1)`` table, (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per head;
+    the token at position p >= ``num_prefix_tokens`` is rotated by row ``p - num_prefix_tokens`` (N_rot may exceed
+    the N - npt rows used), the first ``num_prefix_tokens`` tokens (cls, registers) are not rotated. Layout:
+    ``rotate_half`` pairs column j with j + D/2 (``rope_rotate_half``), else columns 2i and 2i + 1 (``rot``).
+
+    The rotation runs in the promoted precision of ``x`` and the table (timm's: a bf16 ``x`` with an fp32 table in
+    fp32; ``plain=False`` also upcasts a half table), and the result is cast to ``x``'s dtype, as timm does."""
+    npt = num_prefix_tokens
+    n = max(x.shape[-2] - npt, 0)
+    table = rope[..., :n, :] if plain else _acc(rope[..., :n, :])
+    sin, cos = table.chunk(2, -1)
+    t = x[..., npt:, :]
+    if rotate_half:
+        t1, t2 = t.chunk(2, -1)
+        r = torch.cat([-t2, t1], -1)
+    else:
+        r = torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+    if not plain:
+        t, r = _acc(t), _acc(r)
+    out = (t * cos + r * sin).to(x.dtype)
+    return torch.cat([x[..., :npt, :], out], -2)
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,23 +154,32 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
     plain: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017); with
-    ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them.
+    ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them. With
+    ``rope``, q and k are rotated first (:func:`rotary`; self-attention, Nq = Nk).
 
     ``plain=True`` computes everything in the input precision, without any upcast: the test oracle's ``pt`` for
     attention (FlashAttention's rule: a fused kernel is judged against the plain math in the same precision, since
     PyTorch's own fused SDPA kernels are more accurate than that)."""
+    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
         return per_sequence_sdpa(
-            lambda q, k, v: scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain),
+            lambda q, k, v: scaled_dot_product_attention(
+                q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw
+            ),
             q,
             k,
             v,
             cu_seqlens,
         )
     dtype = q.dtype
+    if rope is not None:
+        q, k = (rotary(t, rope, num_prefix_tokens, rotate_half, plain=plain) for t in (q, k))
     acc = (lambda t: t) if plain else _acc
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (acc(q) @ acc(k).transpose(-2, -1)) * scale
@@ -160,20 +204,24 @@ def attention(
     dropout_p: float = 0.0,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
     plain: bool = False,
 ) -> torch.Tensor:
     """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C), or with ``cu_seqlens`` (T, 3·C) ->
-    (T, C) one sequence at a time; see :func:`fastvit.ops.attention` (``plain``: see
-    :func:`scaled_dot_product_attention`)."""
+    (T, C) one sequence at a time; see :func:`fastvit.ops.attention` (``rope``: :func:`rotary` on q and k first;
+    ``plain``: see :func:`scaled_dot_product_attention`)."""
+    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
         return per_sequence(
-            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p, plain=plain)[0],
+            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw)[0],
             cu_seqlens,
             qkv,
         )
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain)
+    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
@@ -197,6 +245,26 @@ def layer_norm(
         y = y * _acc(weight)
     if bias is not None:
         y = y + _acc(bias)
+    y = y.to(dtype)
+    return y if residual is None else (y, x)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim (Zhang & Sennrich, 2019): ``h * rsqrt(mean(h²) + eps) * weight``, fp32 statistics;
+    optional residual add (``h = x + residual``)."""
+    dtype = x.dtype
+    if residual is not None:
+        x = x + residual
+    h = _acc(x)
+    y = h * torch.rsqrt((h * h).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * _acc(weight)
     y = y.to(dtype)
     return y if residual is None else (y, x)
 

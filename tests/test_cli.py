@@ -356,14 +356,14 @@ def test_scaling_cli(scaling_run):
 
 def test_overhead_cli(overhead_run):
     """Structure and sanity of ``fastvit-bench overhead`` (not speed): both variants for every op of
-    fastvit.backends.OPS (layer_norm also with the residual) and both model modes, positive times."""
+    fastvit.backends.OPS (layer_norm and rms_norm also with the residual) and both model modes, positive times."""
     from fastvit.backends import OPS
 
     proc, _, doc = _report(overhead_run, "overhead.json")
     assert doc["command"] == "overhead"
     assert doc["clock"] == doc["model"]["clock"] == "thread"  # the CPU default: the host thread's CPU time
     rows = {r["case"]: r for r in doc["ops"]}
-    assert set(rows) == set(OPS) | {"layer_norm+residual", "mae_unshuffle+given_ids"}
+    assert set(rows) == set(OPS) | {"layer_norm+residual", "rms_norm+residual", "mae_unshuffle+given_ids"}
     assert rows["mae_unshuffle+given_ids"]["value_check"] is True  # its value check is no dispatch cost
     for case, r in rows.items():
         assert r["op"] == case.split("+")[0] and r["backend"] == "eager", r

@@ -1,18 +1,23 @@
-"""The LayerNorm family: ``fastvit.ops.layer_norm`` (Ba et al., 2016) with fp32 statistics, optionally fused with
-the residual add of a pre-norm block, on every backend.
+"""The LayerNorm family: ``fastvit.ops.layer_norm`` (Ba et al., 2016) and ``fastvit.ops.rms_norm`` (Zhang &
+Sennrich, 2019) with fp32 statistics, each optionally fused with the residual add of a pre-norm block, on every
+backend.
 
 * eager -- ``F.layer_norm`` (through fp32 on the CPU for half inputs, whose CPU backward would sum the weight
-  gradient in the input precision);
+  gradient in the input precision); ``F.rms_norm`` through fp32 for half inputs (timm's ``RmsNormFp32``);
 * autograd -- shared by the Triton and CUDA ops;
-* Triton -- ``kernels/layer_norm.py``:
+* Triton -- ``kernels/layer_norm.py`` (RMSNorm is the same kernels with ``RMS=True``):
 
   ==============================  =====================================================================
   ``fastvit::layer_norm_fwd``     (x, weight?, bias?, residual?, eps) -> (y, h, mean, rstd)
   ``fastvit::layer_norm_bwd``     (dy, dh?, h, weight?, mean, rstd, has_bias) -> (dx, dweight, dbias)
+  ``fastvit::rms_norm_fwd``       (x, weight?, residual?, eps) -> (y, h, rstd)
+  ``fastvit::rms_norm_bwd``       (dy, dh?, h, weight?, rstd) -> (dx, dweight)
   ==============================  =====================================================================
 
-  ``h = x + residual`` (empty without ``residual``); ``mean`` / ``rstd`` are (rows,) fp32.
-* CUDA -- fakes of the ``_cuda`` ops (``csrc/layer_norm/``) and their dispatch entries.
+  ``h = x + residual`` (empty without ``residual``); ``mean`` / ``rstd`` are (rows,) fp32; ``dweight`` is empty
+  without ``weight`` (``dbias`` without ``has_bias``).
+* CUDA -- fakes of the ``_cuda`` ops (``csrc/layer_norm/``) and their dispatch entries; ``layer_norm`` only for
+  now (``rms_norm`` has no CUDA op yet: dispatch says so and falls back to Triton / eager).
 """
 
 from __future__ import annotations
@@ -164,7 +169,147 @@ DECLARATION = declare(
         costs={"layer_norm": LayerNormCost},
     )
 )
-OPS = (DECLARATION.name,)
+
+
+def _prepare_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+) -> tuple:
+    check_tensor("x", x)
+    shape = x.shape
+    if not shape or shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
+    mixed_ok = amp_dtype(x) is not None
+    if mixed_ok:
+        x, weight, _, residual = autocast_rule(x.device.type, x, weight, None, residual)
+    C = shape[-1]
+    check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
+    check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    mixed = mixed_ok and mixed_dtypes(x, weight, residual)
+    call = _describe(x.device, x.dtype, features=C, mixed_dtypes=mixed)
+    return call, x, weight, residual
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    residual: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim (Zhang & Sennrich, 2019) with fp32 statistics, optionally fused with a residual add.
+
+    ``y = h * rsqrt(mean(h², -1) + eps) * weight`` with ``h = x`` (or ``x + residual``, rounded to ``x``'s dtype):
+    no mean is subtracted and there is no bias. The statistics and the scaling run in fp32 and ``y`` is rounded once,
+    as timm's ``RmsNormFp32``; timm's ``RmsNorm`` and ``F.rms_norm`` on half inputs round in between and agree
+    within the test oracle.
+
+    Args:
+        x: (..., C) float16, bfloat16, float32 or float64.
+        weight: (C,) or ``None`` (weight = 1); same dtype and device as ``x``.
+        eps: added to the mean square; timm's ``RmsNorm`` uses 1e-6 (``F.rms_norm``'s ``None``, the dtype's
+            machine epsilon, is not taken: pass the number).
+        residual: tensor of ``x``'s shape, dtype and device, or ``None``.
+        backend: force a backend.
+
+    Returns:
+        ``y`` (x's shape and dtype), or ``(y, h)`` with ``h = x + residual`` and ``y = RMSNorm(h)`` when
+        ``residual`` is given (the fused add of a pre-norm block).
+
+    Under ``torch.autocast`` on CUDA every operand runs in fp32 and ``y`` is fp32, as ``F.rms_norm`` does there;
+    elsewhere autocast leaves the operands alone (any float dtype for ``weight`` / ``residual``).
+
+    Raises:
+        TypeError: ``x``, ``weight`` or ``residual`` not a float tensor, or of another dtype than ``x``; ``eps`` not
+            a number.
+        ValueError: ``x`` with an empty last dim; ``weight`` not of shape (C,), ``residual`` not of ``x``'s shape,
+            either on another device; ``eps`` < 0.
+
+    Equivalent PyTorch code: ``h = x + residual; y = F.rms_norm(h.float(), (C,), weight.float(), eps).to(h.dtype)``.
+    """
+    call, x, weight, residual = _prepare_rms_norm(x, weight, eps, residual=residual)
+    return _select("rms_norm", call, backend)[1](x, weight, eps, residual=residual)
+
+
+def _rms_selftest_shape(N: int, C: int, residual: bool):
+    def make(g):
+        B = SELFTEST_BATCH
+        return {
+            "x": (B, N, C),
+            "weight": ((C,), 1.0),
+            "eps": 1e-6,
+            "residual": (B, N, C) if residual else None,
+        }
+
+    return make
+
+
+def _rms_tiny_calls(t, ids_restore) -> list[TinyCall]:
+    x = t(2, 5, 8)
+    return [TinyCall((x, t(8), 1e-6)), TinyCall((x, t(8), 1e-6), {"residual": t(2, 5, 8)}, "+residual")]
+
+
+@dataclass(frozen=True)
+class RmsNormCost:
+    """RMSNorm over C of M rows (optionally with a fused residual add that also writes the sum).
+
+    FLOPs: about ``4·M·C`` forward (square, sum, scale, weight; the add counts one more) and twice that backward.
+    Bytes: forward reads x (and the residual), writes y (and h = x + residual) plus the (C,) weight; backward reads
+    x, dy (and the gradient of h) and writes dx plus the weight and dweight.
+    """
+
+    M: int
+    C: int
+    elem: int = 2
+    residual: bool = False
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode`` (approximate: elementwise ops counted as one FLOP each)."""
+        fwd = (4 + int(self.residual)) * self.M * self.C
+        return by_mode(mode, fwd, 2 * fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        tok = self.M * self.C * self.elem
+        r = int(self.residual)
+        return by_mode(mode, (2 + 2 * r) * tok + self.C * self.elem, (3 + r) * tok + 2 * self.C * self.elem)
+
+
+RMS_DECLARATION = declare(
+    OpDeclaration(
+        name="rms_norm",
+        family="layer_norm",
+        args=(
+            Arg("x", "tensor", "(..., C)"),
+            Arg("weight", "tensor?", "(C,)"),
+            Arg("eps", "float"),
+            Arg("residual", "tensor?", "x's shape", keyword_only=True),
+        ),
+        call_fields=("features",),
+        prepare=_prepare_rms_norm,
+        function=rms_norm,
+        reference=reference.rms_norm,
+        # N = 1, 61, 197 tokens, C = 32, 72, 80 (see fastvit.selftest)
+        selftest=(
+            SelftestShape("B3 N1 C32 +residual", _rms_selftest_shape(1, 32, True)),
+            SelftestShape("B3 N61 C72 +residual", _rms_selftest_shape(61, 72, True), quick=True),
+            SelftestShape("B3 N197 C80", _rms_selftest_shape(197, 80, False)),
+        ),
+        tiny_calls=_rms_tiny_calls,
+        costs={"rms_norm": RmsNormCost},
+    )
+)
+#: This family's declarations, in declaration order.
+DECLARATIONS = (DECLARATION, RMS_DECLARATION)
+OPS = tuple(d.name for d in DECLARATIONS)
 
 _k = triton_rt.kernel_module("layer_norm")
 
@@ -186,16 +331,37 @@ def layer_norm_eager(x, weight, bias, eps=1e-6, *, residual=None):
 
 register_kernel("eager", "layer_norm", layer_norm_eager, eager_rt.ANY_DEVICE)
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def rms_norm_eager(x, weight, eps=1e-6, *, residual=None):
+    """Eager :func:`fastvit.ops.rms_norm`: ``F.rms_norm``, through fp32 (one rounding of ``y``) for half inputs or a
+    weight of another dtype (autocast's mixed operands), as timm's ``RmsNormFp32``."""
+    if residual is not None:
+        x = x + residual
+    if x.dtype in _HALF or (weight is not None and weight.dtype is not x.dtype):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        w = None if weight is None else weight.to(acc)
+        y = F.rms_norm(x.to(acc), x.shape[-1:], w, eps).to(x.dtype)
+    else:
+        y = F.rms_norm(x, x.shape[-1:], weight, eps)
+    return y if residual is None else (y, x)
+
+
+register_kernel("eager", "rms_norm", rms_norm_eager, eager_rt.ANY_DEVICE)
+
 
 # ============================================================================================ autocast
-#: Device types whose autocast runs ``layer_norm`` in fp32 (PyTorch's CUDA "autocast to float32" list). Elsewhere
-#: (CPU) autocast leaves ``F.layer_norm`` alone, which takes a half ``x`` with fp32 weights and returns ``x``'s dtype.
+#: Device types whose autocast runs ``layer_norm`` and ``rms_norm`` in fp32 (PyTorch's CUDA "autocast to float32"
+#: list has both). Elsewhere (CPU) autocast leaves ``F.layer_norm`` / ``F.rms_norm`` alone, which take a half ``x``
+#: with fp32 weights and return ``x``'s dtype.
 _FP32_LAYER_NORM_DEVICES = frozenset({"cuda"})
 
 
 def autocast_rule(device_type: str, x, weight, bias, residual):
-    """Under autocast, what ``F.layer_norm`` (after ``x + residual``) does there: on CUDA every operand in fp32 and an
-    fp32 output; on other devices the operands unchanged (statistics are fp32 on every backend regardless)."""
+    """Under autocast, what ``F.layer_norm`` / ``F.rms_norm`` (after ``x + residual``) does there: on CUDA every
+    operand in fp32 and an fp32 output; on other devices the operands unchanged (statistics are fp32 on every backend
+    regardless). ``rms_norm`` passes ``bias=None``."""
     if device_type in _FP32_LAYER_NORM_DEVICES:
         return autocast_cast(torch.float32, x, weight, bias, residual)
     return x, weight, bias, residual
@@ -228,21 +394,38 @@ def _layer_norm_autograd(bwd: str):
     return setup, backward
 
 
+def _rms_norm_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        x, weight, residual, eps = inputs
+        y, h, rstd = output
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+
+    def backward(ctx, dy, dh, drstd):
+        hx, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(hx)
+        if not ctx.has_residual:
+            dh = None
+        dx, dw = op(bwd)(dy, dh, hx, weight, rstd)
+        return dx, dw if weight is not None else None, dx if ctx.has_residual else None, None
+
+    return setup, backward
+
+
 # ============================================================================================ triton
 def _define_triton_ops() -> None:
     triton_op = torch.library.triton_op
     last_contiguous = triton_rt.last_contiguous
 
-    @triton_op("fastvit::layer_norm_fwd", mutates_args=())
-    def layer_norm_fwd(
-        x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(x, weight, bias, residual, eps, rms):
+        """Launch ``_ln_fwd_kernel``; returns ``(y, h, mean, rstd)`` (``mean`` is ``None`` for RMSNorm)."""
         C = x.shape[-1]
         x2 = last_contiguous(x.reshape(-1, C))
         M = x2.shape[0]
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         y2 = y.view(-1, C)
-        mean = torch.empty((M,), device=x.device, dtype=torch.float32)
+        mean = None if rms else torch.empty((M,), device=x.device, dtype=torch.float32)
         rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
         if residual is not None:
             r2 = last_contiguous(residual.reshape(-1, C))
@@ -259,7 +442,7 @@ def _define_triton_ops() -> None:
                 bias if bias is not None else x2,
                 y2,
                 h2,
-                mean,
+                mean if mean is not None else rstd,  # unused with RMS
                 rstd,
                 x2.stride(0),
                 r2.stride(0),
@@ -271,20 +454,13 @@ def _define_triton_ops() -> None:
                 HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None,
                 BLOCK_C=_k.block_c(C),
+                RMS=rms,
                 num_warps=_k.num_warps_for(C),
             )
         return y, h, mean, rstd
 
-    @triton_op("fastvit::layer_norm_bwd", mutates_args=())
-    def layer_norm_bwd(
-        dy: Tensor,
-        dh: Optional[Tensor],
-        h: Tensor,
-        weight: Optional[Tensor],
-        mean: Tensor,
-        rstd: Tensor,
-        has_bias: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(dy, dh, h, weight, mean, rstd, has_bias, rms):
+        """Launch ``_ln_bwd_kernel``; returns ``(dx, dweight, dbias)`` (empty when not computed)."""
         cdiv = triton_rt.triton.cdiv
         C = h.shape[-1]
         h2 = last_contiguous(h.reshape(-1, C))
@@ -302,13 +478,13 @@ def _define_triton_ops() -> None:
             triton_rt.wrap(_k._ln_bwd_kernel)[(programs,)](
                 h2,
                 weight if weight is not None else h2,
-                mean,
+                mean if mean is not None else rstd,  # unused with RMS
                 rstd,
                 dy2,
                 dh2,
                 dx2,
-                dwp if compute_dw else mean,
-                dbp if compute_db else mean,
+                dwp if compute_dw else rstd,
+                dbp if compute_db else rstd,
                 h2.stride(0),
                 dy2.stride(0),
                 dh2.stride(0),
@@ -321,13 +497,47 @@ def _define_triton_ops() -> None:
                 COMPUTE_DW=compute_dw,
                 COMPUTE_DB=compute_db,
                 BLOCK_C=_k.block_c(C),
+                RMS=rms,
                 num_warps=_k.num_warps_for(C),
             )
         dw = dwp.sum(0).to(h.dtype) if compute_dw else torch.empty((0,), device=h.device, dtype=h.dtype)
         db = dbp.sum(0).to(h.dtype) if compute_db else torch.empty((0,), device=h.device, dtype=h.dtype)
         return dx, dw, db
 
+    @triton_op("fastvit::layer_norm_fwd", mutates_args=())
+    def layer_norm_fwd(
+        x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return forward(x, weight, bias, residual, eps, False)
+
+    @triton_op("fastvit::layer_norm_bwd", mutates_args=())
+    def layer_norm_bwd(
+        dy: Tensor,
+        dh: Optional[Tensor],
+        h: Tensor,
+        weight: Optional[Tensor],
+        mean: Tensor,
+        rstd: Tensor,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return backward(dy, dh, h, weight, mean, rstd, has_bias, False)
+
+    @triton_op("fastvit::rms_norm_fwd", mutates_args=())
+    def rms_norm_fwd(
+        x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, h, _, rstd = forward(x, weight, None, residual, eps, True)
+        return y, h, rstd
+
+    @triton_op("fastvit::rms_norm_bwd", mutates_args=())
+    def rms_norm_bwd(
+        dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], rstd: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        dx, dw, _ = backward(dy, dh, h, weight, None, rstd, False, True)
+        return dx, dw
+
     attach("layer_norm", _layer_norm_autograd)
+    attach("rms_norm", _rms_norm_autograd)
 
 
 def layer_norm_triton(x, weight, bias, eps=1e-6, *, residual=None):
@@ -345,11 +555,26 @@ def layer_norm_triton(x, weight, bias, eps=1e-6, *, residual=None):
     return y if residual is None else (y, h)
 
 
+def rms_norm_triton(x, weight, eps=1e-6, *, residual=None):
+    """Triton backend of :func:`fastvit.ops.rms_norm` (the LayerNorm kernels with ``RMS=True``).
+
+    Raises:
+        ValueError: ``x.shape[-1]`` above :data:`fastvit.kernels.layer_norm.MAX_C` (one row must fit in registers).
+    """
+    C = x.shape[-1]
+    if C > _k.MAX_C:
+        raise ValueError(
+            f"the triton rms_norm kernel takes at most {_k.MAX_C} features, got x of shape {tuple(x.shape)}"
+        )
+    y, h, _ = torch.ops.fastvit.rms_norm_fwd(x, weight, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
 TRITON_REGISTERED = triton_rt.register_ops("layer_norm_fwd", _define_triton_ops)
 
 
 def triton_check(call) -> list[str]:
-    """Reasons beyond :class:`~fastvit.backends.Capabilities` the Triton LayerNorm cannot serve ``call``."""
+    """Reasons beyond :class:`~fastvit.backends.Capabilities` the Triton LayerNorm / RMSNorm cannot serve ``call``."""
     reasons = [] if TRITON_REGISTERED else [triton_rt.unregistered_reason()]
     c = call.get("features")
     if c is not None and c > _k.MAX_C:
@@ -358,14 +583,16 @@ def triton_check(call) -> list[str]:
 
 
 if _k is not None:
-    register_kernel(
-        "triton",
-        "layer_norm",
-        layer_norm_triton,
-        Capabilities(devices=triton_rt.DEVICES, dtypes=triton_rt.DTYPES),
-        triton_check,
-        check_depends_on_call_only=True,
-    )
+    for _name, _fn in (("layer_norm", layer_norm_triton), ("rms_norm", rms_norm_triton)):
+        register_kernel(
+            "triton",
+            _name,
+            _fn,
+            Capabilities(devices=triton_rt.DEVICES, dtypes=triton_rt.DTYPES),
+            triton_check,
+            check_depends_on_call_only=True,
+        )
+    del _name, _fn
 
 
 # ============================================================================================ cuda
