@@ -163,13 +163,15 @@ def _variants() -> list[dict]:
             )
         )
     ln_sizes = [("fp32", 192), ("fp32", 768), ("fp32", 1664), ("fp32", L.MAX_C), ("fp16", 768), ("bf16", 768)]
-    for kernel in ("ln_fwd", "ln_bwd"):
+    ln_flags = {
+        "ln_fwd": dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True),
+        "ln_bwd": dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True),
+        # RMSNorm: the same kernels with RMS=True (no bias, no dbias)
+        "rms_fwd": dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=False, RMS=True),
+        "rms_bwd": dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=False, RMS=True),
+    }
+    for kernel, flags in ln_flags.items():
         for dtype, C in ln_sizes:
-            flags = (
-                dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)
-                if kernel == "ln_fwd"
-                else dict(HAS_DH_IN=True, HAS_WEIGHT=True, COMPUTE_DW=True, COMPUTE_DB=True)
-            )
             out.append(
                 dict(
                     family="layer_norm",
@@ -336,6 +338,8 @@ def _kernel_fn(name: str):
         "flash2_reference": REF.flash2_fwd,
         "ln_fwd": L._ln_fwd_kernel,
         "ln_bwd": L._ln_bwd_kernel,
+        "rms_fwd": L._ln_fwd_kernel,
+        "rms_bwd": L._ln_bwd_kernel,
     }[name]
 
 
@@ -673,6 +677,8 @@ ALL_KERNELS = (
     "attn_bwd_dq_varlen",
     "ln_fwd",
     "ln_bwd",
+    "rms_fwd",
+    "rms_bwd",
     "linear_fwd",
     "linear_dgrad",
     "linear_wgrad",
