@@ -20,7 +20,7 @@ def _read(rel: str) -> str:
 
 def test_committed_files_are_what_the_table_generates():
     """Regenerating reproduces every generated file byte for byte, and no file with the generator's banner is left
-    over from an older table (run ``python -m fastvit.runtime.kernel_table`` after editing the table)."""
+    over from an older table (run ``python fastvit/runtime/kernel_table.py`` after editing the table)."""
     assert table.stale_files() == ([], [])
 
 
