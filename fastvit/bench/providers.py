@@ -1081,12 +1081,12 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         return torch.randn(*shape, generator=gen) * scale
 
     def one_op(
-        op: str,
+        fn: Callable[..., Any],
         args: Callable[[dict[str, torch.Tensor]], tuple[tuple[Any, ...], dict[str, Any]]],
         pick: Callable[[Any], torch.Tensor] = lambda o: o,
     ) -> dict[str, Any]:
-        """``run`` and ``args`` of a component that is a single call of ``fastvit.ops.<op>``."""
-        fn = getattr(ops, op)
+        """``op``, ``run`` and ``args`` of a component that is a single call of the public op ``fn``."""
+        op = fn.__name__
 
         def run(t: dict[str, torch.Tensor], be: str | None) -> torch.Tensor:
             a, kw = args(t)
@@ -1108,7 +1108,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
     comps = [
         Component(
             "patch_embed",
-            **one_op("patch_embed", patch_args),
+            **one_op(ops.patch_embed, patch_args),
             make=lambda B, S, g: {
                 "images": rnd(g, B, cin, S, S),
                 "weight": rnd(g, C, cin, P, P, scale=0.02),
@@ -1121,7 +1121,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         ),
         Component(
             "attention",
-            **one_op("attention", lambda t: ((t["qkv"], H), {})),
+            **one_op(ops.attention, lambda t: ((t["qkv"], H), {})),
             make=lambda B, S, g: {"qkv": rnd(g, B, n_(S), 3 * attn_dim)},
             cost=lambda B, S, e: harness.AttentionCost(B, n_(S), H, D, e),
             tokens=n_,
@@ -1129,7 +1129,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         Component(
             "layer_norm",
             **one_op(
-                "layer_norm",
+                ops.layer_norm,
                 lambda t: ((t["x"], t["weight"], t["bias"], 1e-6), {"residual": t["residual"]}),
                 pick=lambda o: o[0],
             ),
@@ -1144,7 +1144,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         ),
         Component(
             "mlp",
-            "linear_gelu",
+            ops.linear_gelu.__name__,
             run=mlp,
             args=lambda t: ((t["x"], t["w1"], t["b1"]), {}),
             make=lambda B, S, g: {
@@ -1173,7 +1173,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
         comps += [
             Component(
                 "mae_gather",
-                **one_op("patch_embed", patch_args),
+                **one_op(ops.patch_embed, patch_args),
                 make=lambda B, S, g: {
                     "images": rnd(g, B, cin, S, S),
                     "weight": rnd(g, C, cin, P, P, scale=0.02),
@@ -1188,7 +1188,7 @@ def scaling_components(cfg: dict[str, Any]) -> list[Component]:
             Component(
                 "mae_unshuffle",
                 **one_op(
-                    "mae_unshuffle",
+                    ops.mae_unshuffle,
                     lambda t: ((t["x"], t["mask_token"], t["ids_restore"]), {"pos_embed": t["pos_embed"]}),
                 ),
                 make=lambda B, S, g: {
