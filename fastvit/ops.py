@@ -21,7 +21,7 @@ from fastvit.backends import Call
 from fastvit.declare import DECLARATIONS
 from fastvit.families.attention import attention, scaled_dot_product_attention  # noqa: F401  (re-exported)
 from fastvit.families.layer_norm import layer_norm, rms_norm  # noqa: F401  (re-exported)
-from fastvit.families.linear import linear_gelu, linear_residual  # noqa: F401  (re-exported)
+from fastvit.families.linear import linear_gelu, linear_glu, linear_residual  # noqa: F401  (re-exported)
 from fastvit.families.mae import mae_loss, mae_unshuffle, random_masking  # noqa: F401  (re-exported)
 from fastvit.families.patch_embed import patch_embed  # noqa: F401  (re-exported)
 

@@ -303,6 +303,43 @@ def linear_residual(
     return (_acc(residual) + h).to(x.dtype)
 
 
+def linear_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_value: torch.Tensor | None = None,
+    bias_value: torch.Tensor | None = None,
+    *,
+    activation: str = "silu",
+    gate_last: bool = False,
+) -> torch.Tensor:
+    """act(x W_gᵀ + b_g) ⊙ (x W_xᵀ + b_x) with fp32 accumulation (Shazeer, 2020); the layouts of
+    :func:`fastvit.ops.linear_glu` (split gate / value weights, or packed (2·M, K) halves, gate first unless
+    ``gate_last``)."""
+    if weight_value is None:
+        M = weight.shape[0] // 2
+        halves = [
+            (weight[:M], bias[:M] if bias is not None else None),
+            (weight[M:], bias[M:] if bias is not None else None),
+        ]
+        (wg, bg), (wx, bx) = halves[::-1] if gate_last else halves
+    else:
+        wg, bg, wx, bx = weight, bias, weight_value, bias_value
+    hg = _acc(x) @ _acc(wg).t()
+    hx = _acc(x) @ _acc(wx).t()
+    if bg is not None:
+        hg = hg + _acc(bg)
+    if bx is not None:
+        hx = hx + _acc(bx)
+    if activation == "silu":
+        a = F.silu(hg)
+    elif activation == "sigmoid":
+        a = torch.sigmoid(hg)
+    else:
+        a = gelu(hg, "tanh" if activation == "gelu_tanh" else "none")
+    return (a * hx).to(x.dtype)
+
+
 def random_masking(
     batch_size: int,
     seq_len: int,

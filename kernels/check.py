@@ -327,6 +327,9 @@ def _kernel_fn(name: str):
         "linear_fwd": LIN.gemm_kernel,
         "linear_dgrad": LIN.gemm_kernel,
         "linear_wgrad": LIN.gemm_kernel,
+        "glu_fwd": LIN.glu_kernel,
+        "glu_dgrad": LIN.glu_kernel,
+        "glu_wgrad": LIN.glu_kernel,
         "attn_fwd": A.attn_fwd_kernel,
         "attn_bwd_dkdv": A.attn_bwd_dkdv_kernel,
         "attn_bwd_dq": A.attn_bwd_dq_kernel,
@@ -344,7 +347,21 @@ def _kernel_fn(name: str):
 
 
 #: Pointer arguments that are always fp32 (statistics, partial sums).
-_FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DWp", "DBp", "RowSum", "DMaskP", "Loss", "DRow", "Sum"}
+_FP32_POINTERS = {
+    "LSE",
+    "Delta",
+    "Mean",
+    "Rstd",
+    "DWp",
+    "DBp",
+    "RowSum",
+    "DMaskP",
+    "Loss",
+    "DRow",
+    "Sum",
+    "RowSum1",
+    "RowSum2",
+}
 _I64_POINTERS = {"Ids", "Inv"}
 _I32_POINTERS = {"CU_SEQLENS"}
 _FLOAT_SCALARS = {"qk_scale", "sm_scale", "eps"}
@@ -682,6 +699,9 @@ ALL_KERNELS = (
     "linear_fwd",
     "linear_dgrad",
     "linear_wgrad",
+    "glu_fwd",
+    "glu_dgrad",
+    "glu_wgrad",
     "mae_unshuffle_fwd",
     "mae_unshuffle_bwd",
     "mae_sum_over_batch",

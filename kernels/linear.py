@@ -17,6 +17,11 @@ launch              A (M×K) · B (K×N)                 fused
                      in)                              prologued dyᵀ = the bias gradient
 ==================  ================================  =====================================================
 
+A second body, :func:`_glu_body`, serves ``fastvit.ops.linear_glu`` (``act(x W_gᵀ + b_g) ⊙ (x W_xᵀ + b_x)``,
+Shazeer 2020) through its own three launches (:data:`glu_fwd`: two accumulators over the same x tiles and the
+gating epilogue; :data:`glu_dgrad` / :data:`glu_wgrad`: the gated backward prologue on dy and the saved h_g, h_x).
+It is a separate kernel so the bodies above compile exactly as before.
+
 The weight gradient reduces over all tokens inside one program per (out, in) tile: no split-K, no atomics, so
 every backward is bit-reproducible run to run. (A deterministic split-K -- partial tiles plus a second-stage sum,
 as the LayerNorm backward does for dγ -- is the obvious next step when out × in has too few tiles to fill the GPU.)
@@ -227,6 +232,192 @@ def _gemm_body(
     tl.store(Out + offs_m[:, None] * stride_om + offs_n[None, :], out.to(Out.dtype.element_ty), mask=c_mask)
 
 
+# ------------------------------------------------------------------------------------------------ gated (GLU) kernel
+# Activations of the gate (ACT constexpr of :func:`_glu_body`; ``fastvit.ops.linear_glu``'s ``activation``).
+ACT_SILU = 0  # h·σ(h): SwiGLU
+ACT_GELU_ERF = 1  # GeGLU
+ACT_GELU_TANH = 2
+ACT_SIGMOID = 3  # σ(h): the original GLU (Dauphin et al. 2017), timm's GluMlp default
+
+# Launch modes of the gated kernel.
+GLU_FWD = 0  # Out1 = act(A B1 + b1) ⊙ (A B2 + b2), Pre1 / Pre2 = the two pre-activations
+GLU_DGRAD = 1  # Out1 = dh_g B1 + dh_x B2 (the prologue makes dh_g, dh_x from A = dy and the saved h_g, h_x)
+GLU_WGRAD = 2  # Out1 = dh_gᵀ B1, Out2 = dh_xᵀ B1 (A = dyᵀ), RowSum1 / RowSum2 = the bias gradients
+
+
+@triton.jit
+def _sigmoid(h):
+    return 1.0 / (1.0 + tl.exp(-h))
+
+
+@triton.jit
+def _glu_act(h, ACT: tl.constexpr):
+    if ACT == 0:
+        out = h * _sigmoid(h)
+    elif ACT == 1:
+        out = _gelu(h, False)
+    elif ACT == 2:
+        out = _gelu(h, True)
+    else:
+        out = _sigmoid(h)
+    return out
+
+
+@triton.jit
+def _glu_act_grad(h, ACT: tl.constexpr):
+    if ACT == 0:
+        s = _sigmoid(h)
+        out = s * (1.0 + h * (1.0 - s))
+    elif ACT == 1:
+        out = _gelu_grad(h, False)
+    elif ACT == 2:
+        out = _gelu_grad(h, True)
+    else:
+        s = _sigmoid(h)
+        out = s * (1.0 - s)
+    return out
+
+
+@triton.jit
+def _glu_body(
+    A,
+    B1,
+    B2,
+    Hg,
+    Hx,
+    Bias1,
+    Bias2,
+    Out1,
+    Out2,
+    Pre1,
+    Pre2,
+    RowSum1,
+    RowSum2,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_b1k,
+    stride_b1n,
+    stride_b2k,
+    stride_b2n,
+    stride_hm,
+    stride_hk,
+    stride_om,
+    stride_prem,
+    MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS1: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    ROW_SUM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The gated linear unit's three GEMMs (see :data:`GLU_FWD`, :data:`GLU_DGRAD`, :data:`GLU_WGRAD`), fp32
+    accumulation; tile order, masking and operand precision as :func:`_gemm_body`.
+
+    * forward: A = x (tokens, in), B1 = W_gᵀ, B2 = W_xᵀ: two accumulators per tile over the same A tiles; epilogue
+      ``h_g = acc1 + b_g``, ``h_x = acc2 + b_x`` (stored to Pre1 / Pre2 when STORE_PRE), ``Out1 = act(h_g) ⊙ h_x``.
+    * input gradient: A = dy (tokens, hidden); prologue ``dh_g = dy ⊙ h_x ⊙ act'(h_g)``, ``dh_x = dy ⊙ act(h_g)``
+      from the saved Hg / Hx (addressed like A), each rounded to B's dtype; ``Out1 = dh_g W_g + dh_x W_x``.
+    * weight gradient: A = dyᵀ (hidden, tokens) with the same prologue on the transposed tiles, B1 = x;
+      ``Out1 = dh_gᵀ x``, ``Out2 = dh_xᵀ x``; ROW_SUM: fp32 sums of dh_gᵀ / dh_xᵀ over all tokens (the bias
+      gradients) to RowSum1 / RowSum2, written by the programs of tile column 0.
+
+    Out1, Out2, Pre1, Pre2 share ``stride_om`` / ``stride_prem`` and have unit column stride. Unused pointers may
+    alias any tensor; they are never dereferenced.
+    """
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    row0 = group * GROUP_M
+    rows_here = tl.minimum(tiles_m - row0, GROUP_M)
+    local = pid % per_group
+    pid_m = row0 + local % rows_here
+    pid_n = local // rows_here
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b1_ptrs = B1 + offs_k[:, None] * stride_b1k + offs_n[None, :] * stride_b1n
+    b2_ptrs = B2 + offs_k[:, None] * stride_b2k + offs_n[None, :] * stride_b2n
+    hg_ptrs = Hg + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk
+    hx_ptrs = Hx + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hk
+
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_sum1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_sum2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b1 = tl.load(b1_ptrs, mask=b_mask, other=0.0)
+        if MODE == 0:
+            b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
+            acc1 = _mma(a, b1, acc1, INPUT_PRECISION)
+            acc2 = _mma(a, b2, acc2, INPUT_PRECISION)
+        else:
+            dy = a.to(tl.float32)
+            hg = tl.load(hg_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            hx = tl.load(hx_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+            dhg = dy * hx * _glu_act_grad(hg, ACT)
+            dhx = dy * _glu_act(hg, ACT)
+            if ROW_SUM:
+                row_sum1 += tl.sum(dhg, axis=1)
+                row_sum2 += tl.sum(dhx, axis=1)
+            a1 = dhg.to(B1.dtype.element_ty)
+            a2 = dhx.to(B1.dtype.element_ty)
+            if MODE == 1:
+                b2 = tl.load(b2_ptrs, mask=b_mask, other=0.0)
+                acc1 = _mma(a1, b1, acc1, INPUT_PRECISION)
+                acc1 = _mma(a2, b2, acc1, INPUT_PRECISION)
+            else:
+                acc1 = _mma(a1, b1, acc1, INPUT_PRECISION)
+                acc2 = _mma(a2, b1, acc2, INPUT_PRECISION)
+            hg_ptrs += BLOCK_K * stride_hk
+            hx_ptrs += BLOCK_K * stride_hk
+        a_ptrs += BLOCK_K * stride_ak
+        b1_ptrs += BLOCK_K * stride_b1k
+        b2_ptrs += BLOCK_K * stride_b2k
+
+    if ROW_SUM:
+        if pid_n == 0:  # one writer per row: the programs of tile column 0
+            tl.store(RowSum1 + offs_m, row_sum1, mask=m_mask)
+            tl.store(RowSum2 + offs_m, row_sum2, mask=m_mask)
+
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    if MODE == 0:
+        if HAS_BIAS1:
+            acc1 += tl.load(Bias1 + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS2:
+            acc2 += tl.load(Bias2 + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            pre_offs = offs_m[:, None] * stride_prem + offs_n[None, :]
+            tl.store(Pre1 + pre_offs, acc1.to(Pre1.dtype.element_ty), mask=c_mask)
+            tl.store(Pre2 + pre_offs, acc2.to(Pre2.dtype.element_ty), mask=c_mask)
+        out = _glu_act(acc1, ACT) * acc2
+        tl.store(Out1 + out_offs, out.to(Out1.dtype.element_ty), mask=c_mask)
+    elif MODE == 1:
+        tl.store(Out1 + out_offs, acc1.to(Out1.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(Out1 + out_offs, acc1.to(Out1.dtype.element_ty), mask=c_mask)
+        tl.store(Out2 + out_offs, acc2.to(Out2.dtype.element_ty), mask=c_mask)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group: int = 8) -> triton.Config:
     return triton.Config(
@@ -330,6 +521,83 @@ linear_dgrad = _autotune()(_gemm_body)
 linear_wgrad = _autotune()(_gemm_body)
 
 
+def glu_smem_estimate(bm: int, bn: int, bk: int, stages: int, esize: int, sm90: bool, mode: int) -> int:
+    """:func:`smem_estimate` for the gated kernel: the forward pipelines one A and two B tiles, the input gradient
+    three A-like tiles (dy, h_g, h_x) and two B tiles, the weight gradient three A-like tiles and one B tile."""
+    a_tiles = 1 if mode == GLU_FWD else 3
+    b_tiles = 1 if mode == GLU_WGRAD else 2
+    bufs = stages if sm90 else max(stages - 1, 1)
+    pipeline = bufs * (bm * a_tiles + bn * b_tiles) * bk * esize
+    return pipeline if sm90 else max(pipeline, bm * bn * 4)
+
+
+def glu_words_per_thread(bm: int, bn: int, bk: int, esize: int, warps: int, mode: int) -> float:
+    """:func:`words_per_thread` for the gated kernel: two fp32 accumulators (forward, weight gradient) or one, the
+    loaded tiles, and in the backward the fp32 dy, h_g, h_x tiles and the two products the prologue makes."""
+    accs = 1 if mode == GLU_DGRAD else 2
+    a_tiles = 1 if mode == GLU_FWD else 3
+    b_tiles = 1 if mode == GLU_WGRAD else 2
+    words = accs * bm * bn + (bm * a_tiles + bn * b_tiles) * bk * esize / 4 + (0 if mode == GLU_FWD else 5 * bm * bk)
+    return words / (32 * warps)
+
+
+#: The gated launches' autotune space: :data:`CONFIGS` plus narrow tiles for fp32, whose two accumulators (forward,
+#: weight gradient) or five fp32 prologue tiles (backward) spill from 32 x 64 up (``python -m fastvit.kernels.check``).
+GLU_CONFIGS = CONFIGS + [_cfg(32, 32, 32, 4, 2), _cfg(16, 32, 32, 4, 2)]
+#: Registers per thread a gated config's tiles may take (:func:`glu_words_per_thread`; lower than
+#: :data:`WORDS_PER_THREAD`: the gate's activation and its derivative keep more fp32 temporaries alive).
+GLU_WORDS_PER_THREAD = 100
+
+
+def prune_glu(configs, nargs, **kwargs):
+    """Autotune pruner of the gated launches: :func:`prune`'s rules with the gated kernel's shared-memory and
+    register estimates (:func:`glu_smem_estimate`, :func:`glu_words_per_thread` against
+    :data:`GLU_WORDS_PER_THREAD`), BLOCK_K = 32 for the backward launches (prologue tiles, as for the other
+    prologues), and tiles of at most 32 x 32 for fp32 (TF32 or IEEE; 16 x 32 for the weight gradient, whose two
+    accumulators and five prologue tiles spilled at 32 x 32)."""
+    M, N, K = nargs["M"], nargs["N"], nargs["K"]
+    esize = _esize(nargs)
+    mode = kwargs.get("MODE", GLU_FWD)
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
+    kept = []
+    for c in configs:
+        bm, bn, bk, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages
+        if bm > max(16, triton.next_power_of_2(M)) or bn > max(16, triton.next_power_of_2(N)):
+            continue
+        if bk > max(16, triton.next_power_of_2(K)):
+            continue
+        if esize == 4 and (bm * bn > (16 if mode == GLU_WGRAD else 32) * 32 or bk > 32):
+            continue
+        if mode != GLU_FWD and bk > 32:
+            continue
+        if glu_smem_estimate(bm, bn, bk, st, esize, False, mode) > SMEM_BUDGET_SM80:
+            continue
+        if glu_smem_estimate(bm, bn, bk, st, esize, True, mode) > SMEM_BUDGET_SM90:
+            continue
+        if glu_words_per_thread(bm, bn, bk, esize, c.num_warps, mode) > GLU_WORDS_PER_THREAD:
+            continue
+        kept.append(c)
+    return kept or [smallest]
+
+
+#: Autotune key of the gated launches.
+GLU_KEY = ["M", "N", "K", "MODE", "ACT", "INPUT_PRECISION"]
+
+
+def _autotune_glu():
+    if _INTERPRET:
+        return triton.autotune(configs=[INTERPRET_CONFIG], key=GLU_KEY)
+    return triton.autotune(configs=GLU_CONFIGS, key=GLU_KEY, prune_configs_by={"early_config_prune": prune_glu})
+
+
+#: The plain @triton.jit body of the gated launches (what ``python -m fastvit.kernels.check`` compiles).
+glu_kernel = _glu_body
+#: Gated forward, input-gradient and weight-gradient launches (``fastvit.ops.linear_glu``).
+glu_fwd = _autotune_glu()(_glu_body)
+glu_dgrad = _autotune_glu()(_glu_body)
+glu_wgrad = _autotune_glu()(_glu_body)
+
+
 # ------------------------------------------------------------------------------------------------ compile check
 class _FakeOperand:
     """What :func:`prune` looks at: ``element_size()`` of B."""
@@ -406,4 +674,52 @@ def check_variants() -> list[dict]:
         cfg = kept(M, N, K, 2, "ieee", PRO_GELU_ERF)[0]
         for prologue in (PRO_SCALE, PRO_GELU_TANH):
             add(kernel, cfg, "bf16", "ieee", dict(_MODES[kernel], PROLOGUE=prologue), C)
+    out.extend(_glu_check_variants())
+    return out
+
+
+#: Constexprs of each gated launch as the backend uses it (SiLU; biases, stored pre-activations, row sums on).
+_GLU_MODES = {
+    "glu_fwd": dict(MODE=GLU_FWD, ACT=ACT_SILU, HAS_BIAS1=True, HAS_BIAS2=True, STORE_PRE=True, ROW_SUM=False),
+    "glu_dgrad": dict(MODE=GLU_DGRAD, ACT=ACT_SILU, HAS_BIAS1=False, HAS_BIAS2=False, STORE_PRE=False, ROW_SUM=False),
+    "glu_wgrad": dict(MODE=GLU_WGRAD, ACT=ACT_SILU, HAS_BIAS1=False, HAS_BIAS2=False, STORE_PRE=False, ROW_SUM=True),
+}
+
+
+def _glu_check_variants() -> list[dict]:
+    """The gated launches' compiles, as :func:`check_variants` does for the others: every config each launch's
+    pruner keeps on a 4096³ problem (fp32 / TF32 if kept, else fp16) with SiLU, fp32 IEEE on the config it keeps,
+    and the other activations (erf GELU, tanh GELU, sigmoid; bf16) on the first config kept for a ViT-B SwiGLU
+    fc1 (T = 197·64, C = 768 -> 2 x 2048)."""
+    out: list[dict] = []
+
+    def add(kernel, cfg, dtype, prec, modes, dim):
+        out.append(
+            dict(
+                family="linear",
+                kernel=kernel,
+                config=_label(cfg),
+                dtype=dtype,
+                dim=dim,
+                constexprs=dict(modes, INPUT_PRECISION=prec, **cfg.kwargs),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
+
+    def kept(M, N, K, esize, prec, mode):
+        return prune_glu(GLU_CONFIGS, dict(B=_FakeOperand(esize), M=M, N=N, K=K), INPUT_PRECISION=prec, MODE=mode)
+
+    for kernel, modes in _GLU_MODES.items():
+        for cfg in GLU_CONFIGS:
+            for dtype, esize, prec in (("fp32", 4, "tf32"), ("fp16", 2, "ieee")):
+                if any(c is cfg for c in kept(4096, 4096, 4096, esize, prec, modes["MODE"])):
+                    add(kernel, cfg, dtype, prec, modes, 4096)
+                    break
+        add(kernel, kept(4096, 4096, 4096, 4, "ieee", modes["MODE"])[0], "fp32", "ieee", modes, 4096)
+    T, C, H = 197 * 64, 768, 2048
+    for kernel, (M, N, K) in (("glu_fwd", (T, H, C)), ("glu_dgrad", (T, C, H)), ("glu_wgrad", (H, C, T))):
+        cfg = kept(M, N, K, 2, "ieee", _GLU_MODES[kernel]["MODE"])[0]
+        for act in (ACT_GELU_ERF, ACT_GELU_TANH, ACT_SIGMOID):
+            add(kernel, cfg, "bf16", "ieee", dict(_GLU_MODES[kernel], ACT=act), C)
     return out

@@ -1,5 +1,7 @@
-"""The linear family: ``fastvit.ops.linear_gelu`` (an MLP's fc1 with its GELU) and ``fastvit.ops.linear_residual``
-(``proj`` / ``fc2`` with bias, LayerScale and the residual add as the GEMM's epilogue), on every backend: the eager
+"""The linear family: ``fastvit.ops.linear_gelu`` (an MLP's fc1 with its GELU), ``fastvit.ops.linear_residual``
+(``proj`` / ``fc2`` with bias, LayerScale and the residual add as the GEMM's epilogue) and ``fastvit.ops.linear_glu``
+(a gated MLP's fc1 with its gating: SwiGLU / GeGLU / GLU; Triton and eager only, no CUDA kernel yet), on every
+backend: the eager
 implementations (``F.linear`` + ``F.gelu``, as timm), the autograd shared by both kernel backends, the Triton ops
 around ``kernels/linear.py``, and the fakes, dispatch entries and checks of the CUDA ops (``csrc/linear/``).
 
@@ -10,6 +12,10 @@ Triton ops (``x`` is (..., K) viewed as (T, K) with T tokens; ``weight`` (N, K) 
 ``fastvit::linear_gelu_bwd``           (dy, x, weight, h, approximate, has_bias) -> (dx, dweight, dbias or (0,))
 ``fastvit::linear_residual_fwd``       (x, weight, bias?, residual, gamma?, save_z) -> (y, z (..., N) or (0,))
 ``fastvit::linear_residual_bwd``       (dy, x, weight, gamma?, z?, has_bias) -> (dx, dweight, dbias, dgamma)
+``fastvit::linear_glu_fwd``            (x, weight_gate, bias_gate?, weight_value, bias_value?, activation, save_h)
+                                       -> (y (..., M), h = [h_g | h_x] (..., 2·M) or (0,))
+``fastvit::linear_glu_bwd``            (dy, x, weight_gate, weight_value, h, activation, has_bias)
+                                       -> (dx, dweight_gate, dweight_value, dbias_gate, dbias_value)
 =====================================  =================================================================================
 
 All outputs have ``x``'s dtype. ``h`` (the GELU input ``x Wᵀ + b``) and ``z`` (``x Wᵀ + b`` before LayerScale) are
@@ -25,6 +31,13 @@ Backward (one registered op each, launched from ``register_autograd``):
 * ``linear_gelu``: g = dy ⊙ GELU'(h) is never materialised: ``dx = g @ W`` (GELU' fused into the load of dy),
   ``dW = gᵀ x`` (the same prologue on dyᵀ, reduction over tokens inside each program: deterministic) and
   ``db = Σ_tokens g`` (fp32 row sums fused into the weight-gradient kernel).
+* ``linear_glu`` (y = act(h_g) ⊙ h_x): the two pre-activations h_g, h_x are stored in the forward (input dtype, one
+  (..., 2·M) tensor; not recomputed: recomputing would repeat both forward GEMMs). The prologue
+  ``dh_g = dy ⊙ h_x ⊙ act'(h_g)``, ``dh_x = dy ⊙ act(h_g)`` (fp32, rounded to the input dtype for the MMA) is fused
+  into the loads of the input-gradient launch (``dx = dh_g W_g + dh_x W_x``, one accumulator) and of the
+  weight-gradient launch (``dW_g = dh_gᵀ x``, ``dW_x = dh_xᵀ x``, two accumulators sharing x's tiles, with the fp32
+  row sums ``db_g``, ``db_x``); neither dh is materialised. A packed (2·M, K) weight reaches the op as two row
+  views, so its gradient is assembled from the two halves by autograd (one weight-sized copy each).
 * ``linear_residual``: ``dx = (dy ⊙ γ) @ W``, ``dW = (dy ⊙ γ)ᵀ x``, ``db = Σ dy ⊙ γ`` (same kernels, γ as the
   prologue), ``dγ = Σ_tokens dy ⊙ z`` (one fp32 ``torch.sum``), ``dresidual = dy``.
 
@@ -34,6 +47,7 @@ GEMM alignment (``build_info()["gemm_alignment"]``, 128-bit accesses).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -166,6 +180,118 @@ def linear_residual(
     return _select("linear_residual", call, backend)[1](x, weight, bias, residual, gamma=gamma)
 
 
+#: ``linear_glu``'s gate activations (timm's activation names) -> the Triton kernels' ACT code.
+GLU_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "sigmoid")
+
+
+def _prepare_linear_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_value: torch.Tensor | None = None,
+    bias_value: torch.Tensor | None = None,
+    *,
+    activation: str = "silu",
+    gate_last: bool = False,
+) -> tuple:
+    check_tensor("x", x)
+    amp = amp_dtype(x)
+    if amp is not None:
+        x, weight, bias, weight_value, bias_value = autocast_cast(amp, x, weight, bias, weight_value, bias_value)
+    check_tensor("weight", weight, 2)
+    check_like("weight", weight, "x", x)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x's last dim ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features "
+            f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
+        )
+    check_like("bias", bias, "x", x, (weight.shape[0],))
+    if activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(GLU_ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(gate_last, bool):
+        raise TypeError(f"gate_last must be a bool, got {type(gate_last).__name__}")
+    if weight_value is None:
+        if bias_value is not None:
+            raise ValueError(
+                "bias_value was given without weight_value; with a packed weight (2·M, K) pass the packed (2·M,) "
+                "bias as bias"
+            )
+        if weight.shape[0] % 2:
+            raise ValueError(
+                f"weight must be the packed (2·M, K) gate and value weights (timm's GluMlp fc1) when weight_value "
+                f"is None, so its first dim must be even; got shape {tuple(weight.shape)}"
+            )
+        M = weight.shape[0] // 2
+    else:
+        if gate_last:
+            raise ValueError(
+                "gate_last applies to a packed weight only; with weight_value given, weight is the gate's "
+                "(timm's SwiGLU fc1_g) and weight_value the value's (fc1_x)"
+            )
+        check_tensor("weight_value", weight_value, 2)
+        check_like("weight_value", weight_value, "weight", weight, tuple(weight.shape))
+        check_like("bias_value", bias_value, "x", x, (weight.shape[0],))
+        M = weight.shape[0]
+    call = _describe(x.device, x.dtype, in_features=weight.shape[1], out_features=M)
+    return call, x, weight, bias, weight_value, bias_value
+
+
+def linear_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_value: torch.Tensor | None = None,
+    bias_value: torch.Tensor | None = None,
+    *,
+    activation: str = "silu",
+    gate_last: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """act(x W_gᵀ + b_g) ⊙ (x W_xᵀ + b_x): a gated MLP's first layer with its gating (Shazeer, 2020, "GLU Variants
+    Improve Transformer"; SwiGLU with ``"silu"``, GeGLU with ``"gelu"``, the GLU of Dauphin et al. 2017 with
+    ``"sigmoid"``).
+
+    The gate and value weights come in either of timm's layouts, passed as the modules store them (no copy):
+
+    * **split** (timm's ``SwiGLU``): ``weight`` = ``fc1_g.weight`` (M, K) is the gate's, ``weight_value`` =
+      ``fc1_x.weight`` (M, K) the value's; ``bias`` / ``bias_value`` (M,) or ``None`` each.
+    * **packed** (timm's ``GluMlp`` / ``SwiGLUPacked``; ``weight_value=None``): ``weight`` = ``fc1.weight``
+      (2·M, K), ``bias`` (2·M,) or ``None``, split in two halves as ``chunk(2, dim=-1)`` splits fc1's output: the
+      gate is the first half, or the second with ``gate_last=True`` (timm's ``GluMlp(gate_last=True)``, its
+      default, and ``F.glu``'s order).
+
+    Args:
+        x: (..., K) float16 / bfloat16 / float32 (float64 on the eager backend).
+        weight: (M, K) gate weight, or (2·M, K) packed gate and value weights; ``x``'s dtype and device.
+        bias: (M,) / (2·M,) as ``weight``, or ``None``.
+        weight_value: (M, K) value weight (split layout), or ``None`` (packed layout).
+        bias_value: (M,) value bias (split layout only), or ``None``.
+        activation: the gate's activation: ``"silu"`` (SwiGLU, default), ``"gelu"`` (exact erf), ``"gelu_tanh"``,
+            ``"sigmoid"``.
+        gate_last: packed layout only: the gate is the second half of ``weight``'s rows.
+        backend: force a backend (no CUDA kernel yet: ``"triton"`` or ``"eager"``).
+
+    Returns:
+        (..., M) in ``x``'s dtype (under autocast: the autocast dtype, as ``F.linear``).
+
+    Raises:
+        TypeError: a non-tensor, non-float or mismatched dtype (naming the argument), ``gate_last`` not a bool.
+        ValueError: mismatched shapes or devices; an odd packed width; ``bias_value`` without ``weight_value``;
+            ``gate_last=True`` with ``weight_value``; an unknown ``activation``.
+
+    Equivalent PyTorch code (timm's forwards): split ``act(F.linear(x, weight, bias)) * F.linear(x, weight_value,
+    bias_value)``; packed ``a, b = F.linear(x, weight, bias).chunk(2, dim=-1)`` then ``act(a) * b``, or
+    ``a * act(b)`` with ``gate_last``. The fused kernels compute both products per tile in one pass (fp32
+    accumulation) and apply the gate in the epilogue; the backward stores the two pre-activations (input dtype).
+    """
+    call, x, weight, bias, weight_value, bias_value = _prepare_linear_glu(
+        x, weight, bias, weight_value, bias_value, activation=activation, gate_last=gate_last
+    )
+    return _select("linear_glu", call, backend)[1](
+        x, weight, bias, weight_value, bias_value, activation=activation, gate_last=gate_last
+    )
+
+
 def _linear_gelu_shape(N: int, K: int, M: int, approximate: str):
     def make(g):
         return {"x": (SELFTEST_BATCH, N, K), "weight": ((M, K), K**-0.5), "bias": (M,), "approximate": approximate}
@@ -193,6 +319,33 @@ def _linear_gelu_tiny(t, ids_restore) -> list[TinyCall]:
 
 def _linear_residual_tiny(t, ids_restore) -> list[TinyCall]:
     return [TinyCall((t(2, 5, 16), t(8, 16), t(8), t(2, 5, 8)))]
+
+
+def _linear_glu_shape(N: int, K: int, M: int, activation: str, packed: bool, gate_last: bool = False):
+    def make(g):
+        w = ((M, K), K**-0.5)
+        if packed:
+            return {
+                "x": (SELFTEST_BATCH, N, K),
+                "weight": ((2 * M, K), K**-0.5),
+                "bias": (2 * M,),
+                "activation": activation,
+                "gate_last": gate_last,
+            }
+        return {
+            "x": (SELFTEST_BATCH, N, K),
+            "weight": w,
+            "bias": (M,),
+            "weight_value": w,
+            "bias_value": (M,),
+            "activation": activation,
+        }
+
+    return make
+
+
+def _linear_glu_tiny(t, ids_restore) -> list[TinyCall]:
+    return [TinyCall((t(2, 5, 8), t(16, 8), t(16), t(16, 8), t(16)))]
 
 
 @dataclass(frozen=True)
@@ -249,6 +402,34 @@ class MlpCost:
         return fc1.bytes(mode) + fc2.bytes(mode)
 
 
+@dataclass(frozen=True)
+class GluCost:
+    """``act(x W_gᵀ + b_g) ⊙ (x W_xᵀ + b_x)`` with x (M, K), W_g and W_x (N, K): two GEMMs, forward ``4·M·N·K``
+    FLOPs, backward twice that (dX and both dW).
+
+    Bytes: forward reads x, both weights and biases and writes y and the two saved pre-activations (M, N) each;
+    backward reads dY, x, both weights and the pre-activations (twice: the input- and weight-gradient launches)
+    and writes dX, both dW and db.
+    """
+
+    M: int
+    N: int
+    K: int
+    elem: int = 2
+
+    def flops(self, mode: str = "fwd") -> int:
+        """FLOPs of ``mode``."""
+        fwd = 4 * self.M * self.N * self.K
+        return by_mode(mode, fwd, 2 * fwd)
+
+    def bytes(self, mode: str = "fwd") -> int:
+        """Minimum bytes moved by ``mode``."""
+        M, N, K, e = self.M, self.N, self.K, self.elem
+        fwd = (M * K + 2 * N * K + 2 * N + 3 * M * N) * e
+        bwd = (2 * (M * N + 2 * M * N) + M * K + 2 * N * K + M * K + 2 * N * K + 2 * N) * e
+        return by_mode(mode, fwd, bwd)
+
+
 _ARGS = (Arg("x", "tensor", "(..., K)"), Arg("weight", "tensor", "(M, K)"), Arg("bias", "tensor?", "(M,)"))
 DECLARATIONS = (
     declare(
@@ -287,6 +468,35 @@ DECLARATIONS = (
             tiny_calls=_linear_residual_tiny,
         )
     ),
+    declare(
+        OpDeclaration(
+            name="linear_glu",
+            family="linear",
+            args=(
+                Arg("x", "tensor", "(..., K)"),
+                Arg("weight", "tensor", "(M, K) gate, or (2·M, K) packed"),
+                Arg("bias", "tensor?", "(M,), or (2·M,) packed"),
+                Arg("weight_value", "tensor?", "(M, K)"),
+                Arg("bias_value", "tensor?", "(M,)"),
+                Arg("activation", "str", keyword_only=True),
+                Arg("gate_last", "bool", keyword_only=True),
+            ),
+            call_fields=("in_features", "out_features"),
+            prepare=_prepare_linear_glu,
+            function=linear_glu,
+            reference=reference.linear_glu,
+            selftest=(
+                SelftestShape("B3 N1 K32 M72 gelu packed", _linear_glu_shape(1, 32, 72, "gelu", True)),
+                SelftestShape("B3 N61 K72 M80 silu", _linear_glu_shape(61, 72, 80, "silu", False), quick=True),
+                SelftestShape(
+                    "B3 N61 K80 M72 sigmoid packed gate_last", _linear_glu_shape(61, 80, 72, "sigmoid", True, True)
+                ),
+                SelftestShape("B3 N197 K80 M32 gelu_tanh", _linear_glu_shape(197, 80, 32, "gelu_tanh", False)),
+            ),
+            tiny_calls=_linear_glu_tiny,
+            costs={"glu": GluCost},
+        )
+    ),
 )
 OPS = tuple(d.name for d in DECLARATIONS)
 
@@ -305,7 +515,39 @@ def linear_residual_eager(x, weight, bias, residual, *, gamma=None):
     return residual + (h * gamma if gamma is not None else h)
 
 
+def _glu_activation(activation: str):
+    """The PyTorch function of ``linear_glu``'s ``activation`` (what timm's act_layer modules call)."""
+    if activation == "silu":
+        return F.silu
+    if activation == "sigmoid":
+        return torch.sigmoid
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return lambda h: F.gelu(h, approximate=approximate)
+
+
+def linear_glu_eager(x, weight, bias, weight_value=None, bias_value=None, *, activation="silu", gate_last=False):
+    """Eager :func:`fastvit.ops.linear_glu`, timm's forwards: packed ``F.linear`` then ``chunk(2, dim=-1)``
+    (``GluMlp``), or two ``F.linear`` (``SwiGLU``)."""
+    act = _glu_activation(activation)
+    if weight_value is None:
+        a, b = F.linear(x, weight, bias).chunk(2, dim=-1)
+        return a * act(b) if gate_last else act(a) * b
+    return act(F.linear(x, weight, bias)) * F.linear(x, weight_value, bias_value)
+
+
+def glu_halves(weight, bias, weight_value=None, bias_value=None, gate_last=False):
+    """``(weight_gate, bias_gate, weight_value, bias_value)`` of either ``linear_glu`` layout: the split layout as
+    given, the packed (2·M, K) weight / (2·M,) bias as row views of its halves (no copy)."""
+    if weight_value is not None:
+        return weight, bias, weight_value, bias_value
+    M = weight.shape[0] // 2
+    w1, w2 = weight[:M], weight[M:]
+    b1, b2 = (bias[:M], bias[M:]) if bias is not None else (None, None)
+    return (w2, b2, w1, b1) if gate_last else (w1, b1, w2, b2)
+
+
 register_kernel("eager", "linear_gelu", linear_gelu_eager, eager_rt.ANY_DEVICE)
+register_kernel("eager", "linear_glu", linear_glu_eager, eager_rt.ANY_DEVICE)
 register_kernel("eager", "linear_residual", linear_residual_eager, eager_rt.ANY_DEVICE)
 
 
@@ -361,6 +603,31 @@ def _linear_residual_autograd(bwd: str):
             )
         dx, dw, db, dgamma = op(bwd)(dy, x, weight, gamma, z if ctx.save_z else None, ctx.has_bias)
         return (dx, dw, db if ctx.has_bias else None, dy, dgamma if (ctx.has_gamma and ctx.save_z) else None, None)
+
+    return setup, backward
+
+
+def _linear_glu_autograd(bwd: str):
+    def setup(ctx, inputs, output):
+        x, weight_gate, bias_gate, weight_value, bias_value, activation, save_h = inputs
+        y, h = output
+        ctx.mark_non_differentiable(h)
+        ctx.activation, ctx.save_h = activation, save_h
+        ctx.has_bias = (bias_gate is not None, bias_value is not None)
+        ctx.save_for_backward(x, weight_gate, weight_value, h)
+
+    def backward(ctx, dy, dh):
+        x, weight_gate, weight_value, h = ctx.saved_tensors
+        if not ctx.save_h:
+            raise RuntimeError(
+                f"fastvit::{bwd.replace('_bwd', '_fwd')} was called with save_h=False, so its "
+                "pre-activations were not stored and it cannot be differentiated; call it with save_h=True"
+            )
+        if dy is None:
+            dy = torch.zeros((*x.shape[:-1], weight_gate.shape[0]), device=x.device, dtype=x.dtype)
+        has_bg, has_bx = ctx.has_bias
+        dx, dwg, dwx, dbg, dbx = op(bwd)(dy, x, weight_gate, weight_value, h, ctx.activation, has_bg or has_bx)
+        return dx, dwg, (dbg if has_bg else None), dwx, (dbx if has_bx else None), None, None
 
     return setup, backward
 
@@ -585,7 +852,238 @@ def linear_residual_triton(x, weight, bias, residual, *, gamma=None):
     return y
 
 
+def _glu_launch(
+    kernel,
+    mode,
+    act,
+    M,
+    N,
+    K,
+    a,
+    a_strides,
+    b1,
+    b1_strides,
+    out1,
+    *,
+    b2=None,
+    b2_strides=(0, 0),
+    out2=None,
+    hg=None,
+    hx=None,
+    h_strides=(0, 0),
+    bias1=None,
+    bias2=None,
+    pre1=None,
+    pre2=None,
+    row_sums=None,
+):
+    """Launch one of the gated :mod:`fastvit.kernels.linear` launches (``glu_fwd`` / ``glu_dgrad`` /
+    ``glu_wgrad``) for Out1 (and Out2) (M, N); unused operands alias ``out1`` (never dereferenced)."""
+
+    def _or(t):
+        return out1 if t is None else t
+
+    rs1, rs2 = row_sums if row_sums is not None else (None, None)
+    triton_rt.wrap(kernel)[
+        lambda meta: (triton_rt.triton.cdiv(M, meta["BLOCK_M"]) * triton_rt.triton.cdiv(N, meta["BLOCK_N"]),)
+    ](
+        a,
+        b1,
+        _or(b2),
+        _or(hg),
+        _or(hx),
+        _or(bias1),
+        _or(bias2),
+        out1,
+        _or(out2),
+        _or(pre1),
+        _or(pre2),
+        _or(rs1),
+        _or(rs2),
+        M,
+        N,
+        K,
+        a_strides[0],
+        a_strides[1],
+        b1_strides[0],
+        b1_strides[1],
+        b2_strides[0],
+        b2_strides[1],
+        h_strides[0],
+        h_strides[1],
+        out1.stride(0),
+        pre1.stride(0) if pre1 is not None else 0,
+        MODE=mode,
+        ACT=act,
+        HAS_BIAS1=bias1 is not None,
+        HAS_BIAS2=bias2 is not None,
+        STORE_PRE=pre1 is not None,
+        ROW_SUM=row_sums is not None,
+        INPUT_PRECISION=triton_rt.input_precision(a.dtype),
+    )
+
+
+def _token_rows(t: Tensor, T: int) -> Tensor:
+    """(..., F) -> a (T, F) view, T the number of tokens given (so F = 0 reshapes too; see :func:`_rows`)."""
+    return triton_rt.last_contiguous(t.reshape(T, t.shape[-1]))
+
+
+def _glu_act_code(activation: str) -> int:
+    return {
+        "silu": _k.ACT_SILU,
+        "gelu": _k.ACT_GELU_ERF,
+        "gelu_tanh": _k.ACT_GELU_TANH,
+        "sigmoid": _k.ACT_SIGMOID,
+    }[activation]
+
+
+def _glu_grads_eager(dy2, h2, activation):
+    """fp32 (dh_g, dh_x) from dy (T, M) and the saved [h_g | h_x] (T, 2·M), in plain torch (the kernels' prologue):
+    the K = 0 path of the bias gradients. Written out, not through autograd, which is off inside the op."""
+    M = dy2.shape[1]
+    hg, hx, dy = h2[:, :M].float(), h2[:, M:].float(), dy2.float()
+    if activation in ("silu", "sigmoid"):
+        s = torch.sigmoid(hg)
+        a, da = (hg * s, s * (1 + hg * (1 - s))) if activation == "silu" else (s, s * (1 - s))
+    elif activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(hg * 0.7071067811865476))
+        a, da = hg * cdf, cdf + hg * torch.exp(-0.5 * hg * hg) * 0.3989422804014327
+    else:
+        t = torch.tanh(0.7978845608028654 * (hg + 0.044715 * hg**3))
+        a = 0.5 * hg * (1 + t)
+        da = 0.5 * (1 + t) + 0.5 * hg * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * hg * hg)
+    return dy * hx * da, dy * a
+
+
+def _define_glu_triton_ops() -> None:
+    triton_op = torch.library.triton_op
+
+    @triton_op("fastvit::linear_glu_fwd", mutates_args=())
+    def linear_glu_fwd(
+        x: Tensor,
+        weight_gate: Tensor,
+        bias_gate: Optional[Tensor],
+        weight_value: Tensor,
+        bias_value: Optional[Tensor],
+        activation: str,
+        save_h: bool,
+    ) -> tuple[Tensor, Tensor]:
+        K = x.shape[-1]
+        M = weight_gate.shape[0]
+        x2 = _token_rows(x, math.prod(x.shape[:-1]))
+        wg = triton_rt.last_contiguous(weight_gate)
+        wx = triton_rt.last_contiguous(weight_value)
+        T = x2.shape[0]
+        y = torch.empty((*x.shape[:-1], M), device=x.device, dtype=x.dtype)
+        h = torch.empty((*x.shape[:-1], 2 * M) if save_h else (0,), device=x.device, dtype=x.dtype)
+        if T and M:
+            h2 = h.view(T, 2 * M) if save_h else None
+            _glu_launch(
+                _k.glu_fwd,
+                _k.GLU_FWD,
+                _glu_act_code(activation),
+                T,
+                M,
+                K,
+                x2,
+                (x2.stride(0), 1),
+                wg,
+                (1, wg.stride(0)),
+                y.view(T, M),
+                b2=wx,
+                b2_strides=(1, wx.stride(0)),
+                bias1=bias_gate,
+                bias2=bias_value,
+                pre1=h2[:, :M] if save_h else None,
+                pre2=h2[:, M:] if save_h else None,
+            )
+        return y, h
+
+    @triton_op("fastvit::linear_glu_bwd", mutates_args=())
+    def linear_glu_bwd(
+        dy: Tensor,
+        x: Tensor,
+        weight_gate: Tensor,
+        weight_value: Tensor,
+        h: Tensor,
+        activation: str,
+        has_bias: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        T = math.prod(x.shape[:-1])
+        x2, dy2, h2 = _token_rows(x, T), _token_rows(dy, T), _token_rows(h, T)
+        wg = triton_rt.last_contiguous(weight_gate)
+        wx = triton_rt.last_contiguous(weight_value)
+        K = x2.shape[1]
+        M = wg.shape[0]
+        act = _glu_act_code(activation)
+        hg, hx = h2[:, :M], h2[:, M:]
+        dx = torch.empty((T, K), device=x.device, dtype=x.dtype)
+        dwg = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        dwx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        nb = M if has_bias else 0
+        dbg = torch.empty((nb,), device=x.device, dtype=torch.float32)
+        dbx = torch.empty((nb,), device=x.device, dtype=torch.float32)
+        if T and K:
+            _glu_launch(
+                _k.glu_dgrad,
+                _k.GLU_DGRAD,
+                act,
+                T,
+                K,
+                M,
+                dy2,
+                (dy2.stride(0), 1),
+                wg,
+                (wg.stride(0), 1),
+                dx,
+                b2=wx,
+                b2_strides=(wx.stride(0), 1),
+                hg=hg,
+                hx=hx,
+                h_strides=(h2.stride(0), 1),
+            )
+        if M and K:
+            _glu_launch(
+                _k.glu_wgrad,
+                _k.GLU_WGRAD,
+                act,
+                M,
+                K,
+                T,
+                dy2,
+                (1, dy2.stride(0)),
+                x2,
+                (x2.stride(0), 1),
+                dwg,
+                out2=dwx,
+                hg=hg,
+                hx=hx,
+                h_strides=(1, h2.stride(0)),
+                row_sums=(dbg, dbx) if has_bias else None,
+            )
+        elif has_bias and M:  # K == 0: no weight-gradient tile carries the row sums
+            dhg, dhx = _glu_grads_eager(dy2, h2, activation)
+            dbg, dbx = dhg.sum(0), dhx.sum(0)
+        return dx.view(x.shape), dwg, dwx, dbg.to(x.dtype), dbx.to(x.dtype)
+
+    attach("linear_glu", _linear_glu_autograd)
+
+
+def linear_glu_triton(x, weight, bias, weight_value=None, bias_value=None, *, activation="silu", gate_last=False):
+    """Triton backend of :func:`fastvit.ops.linear_glu`: ``act(x W_gᵀ + b_g) ⊙ (x W_xᵀ + b_x)``.
+
+    Args: as :func:`fastvit.ops.linear_glu` (packed weights are split into row views, no copy).
+    Returns: (..., M) in x's dtype. The two pre-activations [h_g | h_x] (..., 2·M) are stored (input dtype) only
+    when autograd needs them.
+    """
+    wg, bg, wx, bx = glu_halves(weight, bias, weight_value, bias_value, gate_last)
+    save_h = needs_grad(x, weight, bias, weight_value, bias_value)
+    y, _ = torch.ops.fastvit.linear_glu_fwd(x, wg, bg, wx, bx, activation, save_h)
+    return y
+
+
 TRITON_REGISTERED = triton_rt.register_ops("linear_gelu_fwd", _define_triton_ops)
+TRITON_GLU_REGISTERED = triton_rt.register_ops("linear_glu_fwd", _define_glu_triton_ops)
 
 
 def triton_check(call) -> list[str]:
@@ -600,6 +1098,9 @@ if _k is not None:
     )
     register_kernel(
         "triton", "linear_residual", linear_residual_triton, _triton_caps, triton_check, check_depends_on_call_only=True
+    )
+    register_kernel(
+        "triton", "linear_glu", linear_glu_triton, _triton_caps, triton_check, check_depends_on_call_only=True
     )
 
 
