@@ -237,3 +237,29 @@ def test_linear_opcheck(generator, device):
     g = randn((N,), generator=generator, device=device).requires_grad_()
     torch.library.opcheck(torch.ops.fastvit.linear_gelu_fwd, (x, w, b, "none", True), test_utils=OPCHECK_UTILS)
     torch.library.opcheck(torch.ops.fastvit.linear_residual_fwd, (x, w, b, r, g, True), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_zero_in_features(approximate, device):
+    """K = 0 (an empty contraction) is valid: the output is the epilogue applied to the bias alone, and the bias
+    gradient comes without a weight-gradient tile (the Triton path reshapes with the explicit token count and writes
+    GELU's derivative out, as a custom op's backend runs below autograd)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 0, generator=g), torch.randn(5, 0, generator=g)
+    b, r = torch.randn(5, generator=g), torch.randn(2, 3, 5, generator=g)
+    for fn, ref, args, kw in (
+        (fastvit.ops.linear_gelu, reference.linear_gelu, (x, w, b), {"approximate": approximate}),
+        (fastvit.ops.linear_residual, reference.linear_residual, (x, w, b, r), {}),
+    ):
+        leaves = [a.to(device).requires_grad_() for a in args]
+        out = fn(*leaves, **kw, backend="triton")
+        out.backward(torch.ones_like(out))
+        ref_leaves = [a.double().requires_grad_() for a in args]
+        expect = ref(*ref_leaves, **kw)
+        expect.backward(torch.ones_like(expect))
+        torch.testing.assert_close(out.cpu().double(), expect, atol=1e-6, rtol=1e-6)
+        for got, want in zip(leaves, ref_leaves):
+            if want.numel() == 0:  # x and weight hold no elements: no gradient or an empty one
+                assert got.grad is None or got.grad.shape == want.shape
+                continue
+            torch.testing.assert_close(got.grad.cpu().double(), want.grad, atol=1e-6, rtol=1e-6)

@@ -635,7 +635,7 @@ def _linear_glu_autograd(bwd: str):
 # ============================================================================================ triton
 def _rows(t: Tensor) -> Tensor:
     """(..., F) -> a (T, F) view (copy only if the last dim is strided or the leading dims do not flatten)."""
-    return triton_rt.last_contiguous(t.reshape(-1, t.shape[-1]))
+    return triton_rt.last_contiguous(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))  # -1 is ambiguous at F = 0
 
 
 def _gemm(
@@ -773,10 +773,15 @@ def _backward_gemms(dy2, x2, w, prologue, p, p_dx_strides, p_dw_strides, need_db
 
 
 def _gelu_grad_eager(dy2, h2, prologue):
-    h = h2.float().requires_grad_()
-    with torch.enable_grad():
-        y = torch.nn.functional.gelu(h, approximate="tanh" if prologue == _k.PRO_GELU_TANH else "none")
-        return torch.autograd.grad(y, h, dy2.float())[0]
+    """dy · GELU'(h) in fp32, written out (a custom op's backend runs below autograd, which would record nothing)."""
+    h = h2.float()
+    if prologue == _k.PRO_GELU_TANH:
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (h + 0.044715 * h**3))
+        d = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+    else:
+        d = 0.5 * (1.0 + torch.erf(h * math.sqrt(0.5))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2.0 * math.pi)
+    return dy2.float() * d
 
 
 def _define_triton_ops() -> None:
