@@ -251,7 +251,7 @@ def test_zero_in_features(approximate, device):
         (fastvit.ops.linear_gelu, reference.linear_gelu, (x, w, b), {"approximate": approximate}),
         (fastvit.ops.linear_residual, reference.linear_residual, (x, w, b, r), {}),
     ):
-        leaves = [a.to(device).requires_grad_() for a in args]
+        leaves = [a.detach().clone().to(device).requires_grad_() for a in args]
         out = fn(*leaves, **kw, backend="triton")
         out.backward(torch.ones_like(out))
         ref_leaves = [a.double().requires_grad_() for a in args]
