@@ -113,6 +113,8 @@ class Call(NamedTuple):
             dtype).
         varlen: attention on packed variable-length sequences (``cu_seqlens`` given): ``batch`` is then the number
             of sequences S and ``num_tokens`` / ``num_kv_tokens`` the longest one's length (``max_seqlen``).
+        rope: attention with rotary position embeddings applied to q and k (``rope=`` given; timm's EVA-02 /
+            DINOv3 / Perception Encoder / ``vit_*_rope_*`` attention).
     """
 
     device: torch.device | None = None
@@ -129,6 +131,7 @@ class Call(NamedTuple):
     patch_row: int | None = None
     mixed_dtypes: bool = False
     varlen: bool = False
+    rope: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access (``call.get("head_dim")``): the field's value, or ``default`` when it is ``None`` or no
@@ -173,6 +176,8 @@ class Capabilities:
         mixed_dtypes: whether the kernel takes operands of different dtypes (:attr:`Call.mixed_dtypes`).
         varlen: whether the kernel takes packed variable-length sequences (:attr:`Call.varlen`; it is then called
             with ``cu_seqlens=`` and ``max_seqlen=`` keyword arguments as well).
+        rope: whether the kernel applies rotary position embeddings to q and k (:attr:`Call.rope`; it is then
+            called with ``rope=``, ``num_prefix_tokens=`` and ``rotate_half=`` keyword arguments as well).
     """
 
     devices: frozenset[str] | None = frozenset({"cpu", "cuda"})
@@ -183,6 +188,7 @@ class Capabilities:
     deterministic: bool = True
     mixed_dtypes: bool = False
     varlen: bool = False
+    rope: bool = False
 
     def reasons(self, call: CallLike) -> list[str]:
         """Reasons (empty when supported) these capabilities cannot serve ``call`` (a :class:`Call` or a mapping
@@ -210,6 +216,8 @@ class Capabilities:
             )
         if call.varlen and not self.varlen:
             out.append("packed variable-length sequences (cu_seqlens) are not supported")
+        if call.rope and not self.rope:
+            out.append("rotary position embeddings (rope=) are not supported")
         return out
 
 

@@ -2,8 +2,10 @@
 packed ``qkv`` with timm's 2D RoPE applied to q and k inside the kernels (EVA-02, DINOv3, Perception Encoder,
 ``vit_*_rope_*``).
 
-A thin, test-facing layer -- to be wired into the ``fastvit::`` ops later -- over the same forward, preprocess, dK/dV
-and dQ kernels the ops launch::
+A thin, test-facing layer over the same forward, preprocess, dK/dV and dQ kernels the ops launch (the public path is
+``fastvit.ops.attention(qkv, num_heads, rope=cat([sin, cos], -1), num_prefix_tokens=..., rotate_half=...)``, whose
+Triton backend passes the same rotary arguments through the ``fastvit::attention_fwd`` / ``_bwd`` ops and their
+varlen and SDPA siblings, with the table's gradient; see :mod:`fastvit.families.attention`)::
 
     out, lse = rope_attention_fwd(qkv, num_heads, sin, cos, num_prefix_tokens, scale)
     dqkv = rope_attention_bwd(do, qkv, out, lse, num_heads, sin, cos, num_prefix_tokens, scale)
@@ -26,8 +28,7 @@ from the sequence's first row ``cu_seqlens[s]``) is rotated by table row ``p - n
 ``N - num_prefix_tokens`` (``max_seqlen - num_prefix_tokens`` packed) -- exactly timm's ``EvaAttention`` on each
 sequence.
 
-Gradients: ``dqkv`` only (no gradient for the tables: timm's learnable ``RotaryEmbeddingMixed`` frequencies are not
-trained through these kernels yet). Keyword ``rope=False`` runs the same kernels with the rotary path compiled out
+Gradients: ``dqkv`` only here (the public op adds the table's gradient in PyTorch from dq / dk). Keyword ``rope=False`` runs the same kernels with the rotary path compiled out
 (the tables are ignored): plain attention, as the ``fastvit::attention_fwd`` op computes it.
 """
 

@@ -41,8 +41,10 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,59 @@ from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
 # ============================================================================================ the ops
-_describe = call_builder("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens")
+_describe = call_builder("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope")
+
+
+def _check_rope(
+    rope, num_prefix_tokens, rotate_half, ref: torch.Tensor, ref_name: str, num_heads: int, head_dim: int, n: int
+) -> torch.Tensor | None:
+    """The checked rotary table, as the kernels take it: (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per
+    head (leading singleton dims of timm's (1, H, N_rot, 2·D) / (1, N_rot, 2·D) forms dropped); ``n``: the
+    tokens of the longest sequence. ``None`` without ``rope``."""
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if not isinstance(rotate_half, bool):
+        raise TypeError(f"rotate_half must be a bool, got {type(rotate_half).__name__}")
+    if rope is None:
+        if num_prefix_tokens:
+            raise ValueError(
+                f"num_prefix_tokens={num_prefix_tokens} is only meaningful with rope (the tokens left unrotated); "
+                "got rope=None"
+            )
+        return None
+    check_tensor("rope", rope)
+    if rope.device != ref.device:
+        raise ValueError(f"rope is on {rope.device} but {ref_name} is on {ref.device}; expected the same device")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    shape = tuple(rope.shape)
+    if rope.dim() == 4:
+        if rope.shape[0] != 1:
+            raise ValueError(
+                f"rope must be (N_rot, 2·D), (H, N_rot, 2·D) or (1, H, N_rot, 2·D); got {shape}: a table per sample "
+                "(batch dim > 1, as timm's patch dropout makes) is not supported"
+            )
+        rope = rope[0]
+    if rope.dim() == 3 and rope.shape[0] == 1:
+        rope = rope[0]
+    if rope.dim() not in (2, 3):
+        raise ValueError(f"rope must be (N_rot, 2·D) or (H, N_rot, 2·D) (timm's cat([sin, cos], -1)), got {shape}")
+    if rope.dim() == 3 and rope.shape[0] != num_heads:
+        raise ValueError(f"rope has {rope.shape[0]} heads (shape {shape}), expected 1 or num_heads = {num_heads}")
+    if head_dim % 2:
+        raise ValueError(f"rope needs an even head dim (rotation pairs), got D = {head_dim}")
+    if rope.shape[-1] != 2 * head_dim:
+        raise ValueError(
+            f"rope's last dim must be 2·D = {2 * head_dim} (timm's cat([sin, cos], -1) for head dim {head_dim}), "
+            f"got {shape}"
+        )
+    need = n - num_prefix_tokens
+    if rope.shape[-2] < need:
+        raise ValueError(
+            f"rope has {rope.shape[-2]} rows (shape {shape}) but the {need} tokens after the "
+            f"num_prefix_tokens={num_prefix_tokens} prefix tokens need {need}"
+        )
+    return rope
 
 
 def _prepare_attention(
@@ -76,6 +130,9 @@ def _prepare_attention(
     max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
 ) -> tuple:
     packed = cu_seqlens is not None
     if packed:
@@ -97,6 +154,7 @@ def _prepare_attention(
     head_dim = qkv.shape[-1] // (3 * num_heads)
     if packed:
         S, n = check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], "qkv", qkv)
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, n)
         call = _describe(
             qkv.device,
             qkv.dtype,
@@ -105,16 +163,25 @@ def _prepare_attention(
             batch=S,
             num_tokens=n,
             num_kv_tokens=n,
+            rope=rope is not None,
             varlen=True,
         )
-        return call, qkv
+        return call, qkv, rope
     if max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     B, N, _ = qkv.shape
+    rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, N)
     call = _describe(
-        qkv.device, qkv.dtype, head_dim=head_dim, dropout_p=dropout_p, batch=B, num_tokens=N, num_kv_tokens=N
+        qkv.device,
+        qkv.dtype,
+        head_dim=head_dim,
+        dropout_p=dropout_p,
+        batch=B,
+        num_tokens=N,
+        num_kv_tokens=N,
+        rope=rope is not None,
     )
-    return call, qkv
+    return call, qkv, rope
 
 
 def attention(
@@ -125,6 +192,9 @@ def attention(
     max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Multi-head self-attention read straight from the packed output of a ``qkv`` Linear.
@@ -137,6 +207,18 @@ def attention(
     (NaViT, Dehghani et al., 2023; the ``cu_seqlens`` convention of FlashAttention's ``flash_attn_varlen_*``):
     sequence ``s`` is rows ``cu_seqlens[s] : cu_seqlens[s + 1]`` and attends only to itself.
 
+    With ``rope``, q and k are rotated first, exactly as timm's ``EvaAttention`` / ``AttentionRope`` do with the
+    ``rope`` their ``forward(x, rope=...)`` receives (rotary position embeddings, RoFormer, Su et al., 2021,
+    arXiv:2104.09864; 2D as in EVA-02, DINOv3, Perception Encoder, RoPE-ViT): the first ``num_prefix_tokens`` tokens
+    of each sequence (cls, registers) are left as they are, and the token at position p >= ``num_prefix_tokens``
+    (counted from its sequence's first row) becomes ``x·cos + rot(x)·sin`` with row ``p - num_prefix_tokens`` of
+    the table (timm's ``apply_rot_embed_cat``, in fp32 for an fp32 table, rounded to ``qkv``'s dtype). The kernels
+    rotate q and k as they load them (no rotated copy is written) and read one angle per rotation pair, so each pair
+    of columns must hold one angle (``sin[..., j] == sin[..., j']`` for paired j, j', likewise ``cos``) with
+    sin² + cos² = 1 -- as every timm rotary module's table does (``RotaryEmbeddingCat``, ``RotaryEmbeddingMixed``,
+    ``RotaryEmbeddingDinoV3``). A table that requires grad (timm's learnable ``RotaryEmbeddingMixed`` frequencies)
+    gets its gradient.
+
     Args:
         qkv: (B, N, 3·C) float, C = num_heads · D; with ``cu_seqlens``: (T, 3·C) for T packed tokens.
         num_heads: H >= 1.
@@ -146,6 +228,16 @@ def attention(
             sync, which the value checks of ``cu_seqlens`` make anyway).
         scale: softmax scale; default D ** -0.5.
         dropout_p: attention-probability dropout (timm's ``attn_drop``), applied only when > 0.
+        rope: timm's rotary table ``cat([sin, cos], -1)``, any float dtype (kept as given under autocast), on
+            ``qkv``'s device: (N_rot, 2·D) shared by the heads (``RotaryEmbeddingCat`` / ``RotaryEmbeddingDinoV3``),
+            or (H, N_rot, 2·D) per head (one block's ``RotaryEmbeddingMixed`` table), also as (1, H, N_rot, 2·D)
+            / (1, N_rot, 2·D); N_rot >= N - num_prefix_tokens (``max_seqlen - num_prefix_tokens`` packed), the
+            first rows used. ``None``: no rotation.
+        num_prefix_tokens: tokens at the start of each sequence that are not rotated (timm's ``num_prefix_tokens``:
+            cls and register tokens); only with ``rope``.
+        rotate_half: the table's column layout (timm's ``rotate_half`` / ``half``): True pairs column j with
+            j + D/2 (GPT-NeoX style, FlashAttention's ``interleaved=False``), False (timm's default) pairs columns
+            2i and 2i + 1 (FlashAttention's ``interleaved=True``).
         backend: force a backend.
 
     Returns:
@@ -156,21 +248,36 @@ def attention(
         ValueError: ``qkv`` not 3-D (2-D with ``cu_seqlens``), its last dim not divisible by 3·num_heads,
             ``num_heads`` < 1, ``dropout_p`` outside [0, 1); ``cu_seqlens`` not 1-D with >= 2 entries, on another
             device, not starting at 0, decreasing, or not ending at T; ``max_seqlen`` below the longest sequence or
-            given without ``cu_seqlens``.
+            given without ``cu_seqlens``; ``rope`` not a float tensor on ``qkv``'s device, of another rank, with a
+            head count other than 1 or H, a per-sample batch dim, a last dim other than 2·D, an odd D, or fewer
+            rows than the tokens after the prefix; ``num_prefix_tokens`` negative, not an int, or given without
+            ``rope``; ``rotate_half`` not a bool.
 
     Equivalent PyTorch code::
 
         q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        if rope is not None:  # timm's EvaAttention
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=rotate_half)], 2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=rotate_half)], 2).type_as(v)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
         # with cu_seqlens: the same on each qkv[cu_seqlens[s]:cu_seqlens[s + 1]][None], concatenated
     """
-    call, qkv = _prepare_attention(
-        qkv, num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    call, qkv, rope = _prepare_attention(
+        qkv,
+        num_heads,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        scale=scale,
+        dropout_p=dropout_p,
+        rope=rope,
+        num_prefix_tokens=num_prefix_tokens,
+        rotate_half=rotate_half,
     )
     fn = _select("attention", call, backend)[1]
+    kw = {} if rope is None else dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is None:
-        return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
-    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
+        return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, **kw)
+    return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens, **kw)
 
 
 def _prepare_scaled_dot_product_attention(
@@ -182,6 +289,9 @@ def _prepare_scaled_dot_product_attention(
     max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
 ) -> tuple:
     packed = cu_seqlens is not None
     ndim = 3 if packed else 4
@@ -215,15 +325,38 @@ def _prepare_scaled_dot_product_attention(
         check_dropout(dropout_p)
     if packed:
         S, n = check_cu_seqlens(cu_seqlens, max_seqlen, T, "q", q)
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n)
         call = _describe(
-            q.device, q.dtype, head_dim=D, dropout_p=dropout_p, batch=S, num_tokens=n, num_kv_tokens=n, varlen=True
+            q.device,
+            q.dtype,
+            head_dim=D,
+            dropout_p=dropout_p,
+            batch=S,
+            num_tokens=n,
+            num_kv_tokens=n,
+            rope=rope is not None,
+            varlen=True,
         )
-        return call, q, k, v
+        return call, q, k, v, rope
     if max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     n_q, n_kv = q.shape[2], k.shape[2]
-    call = _describe(q.device, q.dtype, head_dim=D, dropout_p=dropout_p, batch=B, num_tokens=n_q, num_kv_tokens=n_kv)
-    return call, q, k, v
+    if rope is not None and n_q != n_kv:
+        raise ValueError(
+            f"rope needs self-attention (one position per token for q and k): q has {n_q} tokens and k {n_kv}"
+        )
+    rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n_q)
+    call = _describe(
+        q.device,
+        q.dtype,
+        head_dim=D,
+        dropout_p=dropout_p,
+        batch=B,
+        num_tokens=n_q,
+        num_kv_tokens=n_kv,
+        rope=rope is not None,
+    )
+    return call, q, k, v, rope
 
 
 def scaled_dot_product_attention(
@@ -235,6 +368,9 @@ def scaled_dot_product_attention(
     max_seqlen: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    rope: torch.Tensor | None = None,
+    num_prefix_tokens: int = 0,
+    rotate_half: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for per-head tensors with any strides whose last dimension is contiguous.
@@ -251,6 +387,8 @@ def scaled_dot_product_attention(
         max_seqlen: the longest sequence or a larger bound; ``None`` computes it.
         scale: default D ** -0.5.
         dropout_p: attention-probability dropout, in [0, 1).
+        rope, num_prefix_tokens, rotate_half: rotary position embeddings on q and k, as :func:`attention` (self-
+            attention only: Nq = Nk; q and k are taken after any qk-norm, as timm applies rope after it).
         backend: force a backend.
 
     Returns:
@@ -258,18 +396,30 @@ def scaled_dot_product_attention(
 
     Raises:
         TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1;
-            malformed ``cu_seqlens`` / ``max_seqlen`` (as :func:`attention`).
+            malformed ``cu_seqlens`` / ``max_seqlen``, ``rope``, ``num_prefix_tokens`` or ``rotate_half`` (as
+            :func:`attention`); ``rope`` with Nq != Nk.
 
     Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)`` (with
-    ``cu_seqlens``: on each sequence's ``(1, H, n, D)`` transpose, concatenated).
+    ``cu_seqlens``: on each sequence's ``(1, H, n, D)`` transpose, concatenated; with ``rope``: q and k rotated
+    first, as in :func:`attention`).
     """
-    call, q, k, v = _prepare_scaled_dot_product_attention(
-        q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p
+    call, q, k, v, rope = _prepare_scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+        scale=scale,
+        dropout_p=dropout_p,
+        rope=rope,
+        num_prefix_tokens=num_prefix_tokens,
+        rotate_half=rotate_half,
     )
     fn = _select("scaled_dot_product_attention", call, backend)[1]
+    kw = {} if rope is None else dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is None:
-        return fn(q, k, v, scale=scale, dropout_p=dropout_p)
-    return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens)
+        return fn(q, k, v, scale=scale, dropout_p=dropout_p, **kw)
+    return fn(q, k, v, scale=scale, dropout_p=dropout_p, cu_seqlens=cu_seqlens, max_seqlen=call.num_tokens, **kw)
 
 
 def _cu_seqlens(lengths: tuple[int, ...]) -> Tensor:
@@ -284,6 +434,34 @@ def _attention_shape(N: int, H: int, D: int):
 
 def _attention_packed_shape(lengths: tuple[int, ...], H: int, D: int):
     return lambda g: {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": _cu_seqlens(lengths)}
+
+
+def rope_table(n_rot: int, head_dim: int, heads: int | None, rotate_half: bool, g: torch.Generator) -> Tensor:
+    """A random rotary table in timm's form ``cat([sin, cos], -1)``: (n_rot, 2·D), or (heads, n_rot, 2·D) per head,
+    one random angle per rotation pair (in both columns of the pair, ``rotate_half`` or interleaved), as timm's
+    tables hold them; for the self-test and the tests."""
+    lead = (n_rot,) if heads is None else (heads, n_rot)
+    theta = torch.rand(*lead, head_dim // 2, generator=g, dtype=torch.float64) * 2 * torch.pi
+    theta = torch.cat([theta, theta], -1) if rotate_half else theta.repeat_interleave(2, -1)
+    return torch.cat([theta.sin(), theta.cos()], -1).float()
+
+
+def _attention_rope_shape(N: int, H: int, D: int, npt: int, per_head: bool, rotate_half: bool):
+    def make(g):
+        rope = rope_table(N - npt, D, H if per_head else None, rotate_half, g)
+        out = {"qkv": (SELFTEST_BATCH, N, 3 * H * D), "num_heads": H, "rope": rope}
+        return out | {"num_prefix_tokens": npt, "rotate_half": rotate_half}
+
+    return make
+
+
+def _attention_rope_packed_shape(lengths: tuple[int, ...], H: int, D: int, npt: int, per_head: bool, half: bool):
+    def make(g):
+        rope = rope_table(max(lengths) - npt, D, H if per_head else None, half, g)
+        out = {"qkv": (sum(lengths), 3 * H * D), "num_heads": H, "cu_seqlens": _cu_seqlens(lengths), "rope": rope}
+        return out | {"num_prefix_tokens": npt, "rotate_half": half}
+
+    return make
 
 
 def _sdpa_shape(Nq: int, Nk: int, H: int, D: int):
@@ -336,8 +514,11 @@ _PACKED_ARGS = (
     Arg("max_seqlen", "int?", keyword_only=True),
     Arg("scale", "float?", keyword_only=True),
     Arg("dropout_p", "float", keyword_only=True),
+    Arg("rope", "tensor?", "(N_rot, 2·D) or (H, N_rot, 2·D), N_rot >= N - num_prefix_tokens", keyword_only=True),
+    Arg("num_prefix_tokens", "int", keyword_only=True),
+    Arg("rotate_half", "bool", keyword_only=True),
 )
-_CALL_FIELDS = ("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens")
+_CALL_FIELDS = ("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope")
 # N = 1, 61, 197 tokens, D = 32, 72, 80; packed: empty and one-token sequences among them (see fastvit.selftest)
 DECLARATIONS = (
     declare(
@@ -356,6 +537,11 @@ DECLARATIONS = (
                 SelftestShape("B3 N197 H1 D80", _attention_shape(197, 1, 80)),
                 SelftestShape("packed S4 (61, 0, 1, 17) H2 D72", _attention_packed_shape((61, 0, 1, 17), 2, 72)),
                 SelftestShape("packed S2 (197, 50) H1 D80", _attention_packed_shape((197, 50), 1, 80)),
+                SelftestShape("rope B3 N50 H2 D64 cls interleaved", _attention_rope_shape(50, 2, 64, 1, False, False)),
+                SelftestShape(
+                    "rope packed S3 (21, 1, 37) H2 D80 prefix 5 per-head half",
+                    _attention_rope_packed_shape((21, 1, 37), 2, 80, 5, True, True),
+                ),
             ),
             tiny_calls=_attention_tiny,
             costs={"attention": AttentionCost},
@@ -417,35 +603,73 @@ def _scale(head_dim: int, scale: float | None) -> float:
 per_sequence = reference.per_sequence
 
 
-def attention_eager(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
-    """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv``, heads concatenated; packed
-    sequences (``cu_seqlens``) one at a time."""
+def _rotated(q, k, rope, num_prefix_tokens, rotate_half):
+    """q and k (B, H, N, D) after timm's rotation (``apply_rot_embed_cat`` past the prefix tokens, in the promoted
+    precision of q and the table, rounded to q's dtype); unchanged without ``rope``."""
+    if rope is None:
+        return q, k
+    rot = functools.partial(reference.rotary, rope=rope, num_prefix_tokens=num_prefix_tokens, plain=True)
+    return rot(q, rotate_half=rotate_half), rot(k, rotate_half=rotate_half)
+
+
+def attention_eager(
+    qkv,
+    num_heads,
+    *,
+    scale=None,
+    dropout_p=0.0,
+    cu_seqlens=None,
+    max_seqlen=None,
+    rope=None,
+    num_prefix_tokens=0,
+    rotate_half=False,
+):
+    """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv`` (q and k rotated first with
+    ``rope``, as timm's ``EvaAttention``), heads concatenated; packed sequences (``cu_seqlens``) one at a time."""
+    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
         return per_sequence(
-            lambda part: attention_eager(part[None], num_heads, scale=scale, dropout_p=dropout_p)[0], cu_seqlens, qkv
+            lambda part: attention_eager(part[None], num_heads, scale=scale, dropout_p=dropout_p, **rope_kw)[0],
+            cu_seqlens,
+            qkv,
         )
     B, N, C3 = qkv.shape
     q, k, v = reference.split_qkv(qkv, num_heads)
+    q, k = _rotated(q, k, **rope_kw)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
-def sdpa_eager(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
-    """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention``; packed sequences
-    (``cu_seqlens``, (T, H, D) operands) one at a time."""
+def sdpa_eager(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    dropout_p=0.0,
+    cu_seqlens=None,
+    max_seqlen=None,
+    rope=None,
+    num_prefix_tokens=0,
+    rotate_half=False,
+):
+    """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention`` (q and k rotated
+    first with ``rope``); packed sequences (``cu_seqlens``, (T, H, D) operands) one at a time."""
+    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+
+    def one(q, k, v):
+        q, k = _rotated(q, k, **rope_kw)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
     if cu_seqlens is not None:
-        return reference.per_sequence_sdpa(
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale),
-            q,
-            k,
-            v,
-            cu_seqlens,
-        )
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return reference.per_sequence_sdpa(one, q, k, v, cu_seqlens)
+    return one(q, k, v)
 
 
-register_kernel("eager", "attention", attention_eager, eager_rt.ANY_DEVICE)
-register_kernel("eager", "scaled_dot_product_attention", sdpa_eager, eager_rt.ANY_DEVICE)
+#: The eager kernels serve every call, rotary ones included.
+_EAGER_CAPS = dataclasses.replace(eager_rt.ANY_DEVICE, rope=True)
+register_kernel("eager", "attention", attention_eager, _EAGER_CAPS)
+register_kernel("eager", "scaled_dot_product_attention", sdpa_eager, _EAGER_CAPS)
 
 
 # ============================================================================================ autocast
@@ -455,12 +679,16 @@ def autocast_rule(amp: torch.dtype, *tensors):
 
 
 # ============================================================================================ autograd
-def _flash_autograd(bwd: str, n_diff: int, n_lead: int = 0):
+def _flash_autograd(bwd: str, n_diff: int, n_lead: int = 0, rope_at: int | None = None):
     """``(setup_context, backward)`` of a FlashAttention-style op pair: the forward takes ``n_diff`` differentiable
     tensors then any further arguments ``*args`` (tensors such as ``cu_seqlens`` or plain values) and returns
     ``(o, lse)``; the backward op is ``bwd(do, *inputs, *args[:n_lead], o, lse, *args[n_lead:]) -> gradients of the
     inputs`` (the packed ops lead with ``cu_seqlens, max_seqlen``, as the forward does). Tensors among ``args`` are
-    saved with ``save_for_backward``, plain values on ``ctx``."""
+    saved with ``save_for_backward``, plain values on ``ctx``.
+
+    ``rope_at``: where the Triton ops' rotary arguments ``rope, num_prefix_tokens, rotate_half`` start in ``args``
+    (the last three); a ``rope`` table that requires grad gets it from :func:`_rope_table_grad` (the kernels give
+    dq / dk only). The CUDA ops, which have no rotary arguments, pass fewer ``args``."""
 
     def setup(ctx, inputs, output):
         args = inputs[n_diff:]
@@ -476,31 +704,106 @@ def _flash_autograd(bwd: str, n_diff: int, n_lead: int = 0):
         if do is None:
             do = torch.zeros_like(o)
         grads = op(bwd)(do, *inputs, *args[:n_lead], o, lse, *args[n_lead:])
-        return (*(grads if n_diff > 1 else (grads,)), *(None for _ in args))
+        grads = grads if n_diff > 1 else (grads,)
+        rest = [None] * len(args)
+        if rope_at is not None and len(args) == rope_at + 3 and args[rope_at] is not None:
+            if ctx.needs_input_grad[n_diff + rope_at]:
+                rest[rope_at] = _rope_table_grad(inputs, grads, args, n_lead, rope_at)
+        return (*grads, *rest)
 
     return setup, backward
 
 
+def _rot(x: Tensor, rotate_half: bool) -> Tensor:
+    """timm's ``rope_rotate_half`` (``rotate_half``) or ``rot`` (interleaved pairs) on the last dim."""
+    if rotate_half:
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat([-x2, x1], -1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+def _token_rows(inputs, n_lead: int, args) -> tuple[list[Tensor], Tensor]:
+    """The q and k operands of a forward's ``inputs`` as (M, H, D) token-major views with each token's position in
+    its sequence (M,): packed qkv (T, 3C) / q, k (T, H, D) with ``cu_seqlens`` (``args[0]``), dense qkv (B, N, 3C) /
+    q, k (B, H, N, D)."""
+    if len(inputs) == 1:  # packed qkv, heads from num_heads (the arg after the packed ones)
+        qkv, H = inputs[0], args[n_lead]
+        C = qkv.shape[-1] // 3
+        qk = [qkv[..., :C], qkv[..., C : 2 * C]]
+        qk = [t.reshape(-1, H, C // H) for t in qk]
+        n = qkv.shape[1] if n_lead == 0 else None
+    else:
+        q, k = inputs[0], inputs[1]
+        if n_lead == 0:  # (B, H, N, D)
+            n = q.shape[2]
+            qk = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (q, k)]
+        else:
+            n, qk = None, [q, k]
+    M = qk[0].shape[0]
+    tok = torch.arange(M, device=qk[0].device)
+    if n is not None:
+        return qk, tok % n
+    cu = args[0].long()
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    return qk, tok - cu[seq]
+
+
+def _rope_table_grad(inputs, grads, args, n_lead: int, rope_at: int) -> Tensor:
+    """The gradient of the rotary table ``args[rope_at]`` (N_rot, 2·D) or (H, N_rot, 2·D) from the forward's inputs and
+    the kernels' gradients, in PyTorch (one pass over q, k, dq, dk, fp32 sums).
+
+    With y = x·cos + rot(x)·sin the rotated q (or k), timm's autograd gives d cos = Σ dy·x and d sin = Σ dy·rot(x)
+    over the tokens at each table row (and the heads and batch, for a shared table). The kernels return
+    dx = Mᵀ dy with M the rotation by each pair's angle, so dy = M dx = dx·cos + rot(dx)·sin (M Mᵀ = 1 for a table of
+    sines and cosines of one angle per pair, which the kernels require)."""
+    rope, npt, half = args[rope_at : rope_at + 3]
+    table = rope.detach().float()
+    (x_q, x_k), pos = _token_rows(inputs, n_lead, args)
+    (d_q, d_k), _ = _token_rows(grads, n_lead, args)
+    n_rot, D2 = table.shape[-2], table.shape[-1]
+    pos = pos - npt
+    keep = (pos >= 0)[:, None, None]
+    idx = pos.clamp(0, max(n_rot - 1, 0))
+    grad = table.new_zeros((n_rot,) + ((table.shape[0],) if table.dim() == 3 else (1,)) + (D2,))
+    if n_rot and idx.numel():
+        rows = table[..., idx, :]
+        rows = rows.transpose(0, 1) if table.dim() == 3 else rows[:, None]  # (M, H or 1, 2D)
+        sin, cos = rows.chunk(2, -1)
+        g = 0
+        for x, dx in ((x_q, d_q), (x_k, d_k)):
+            x, dx = x.float(), dx.float()
+            dy = torch.where(keep, dx * cos + _rot(dx, half) * sin, 0.0)
+            g = g + torch.cat([dy * _rot(x, half), dy * x], -1)
+        if table.dim() == 2:
+            g = g.sum(1, keepdim=True)
+        grad.index_add_(0, idx, g)
+    grad = grad.transpose(0, 1) if table.dim() == 3 else grad[:, 0]
+    return grad.to(rope.dtype)
+
+
 def _attention_autograd(bwd: str):
-    """Autograd of ``attention_fwd(qkv, num_heads, scale)``: ``bwd(do, qkv, o, lse, num_heads, scale) -> dqkv``."""
-    return _flash_autograd(bwd, 1)
+    """Autograd of ``attention_fwd(qkv, num_heads, scale[, rope, num_prefix_tokens, rotate_half])``:
+    ``bwd(do, qkv, o, lse, num_heads, scale[, rope, ...]) -> dqkv`` (the rotary arguments: Triton's ops only)."""
+    return _flash_autograd(bwd, 1, rope_at=2)
 
 
 def _sdpa_autograd(bwd: str):
-    """Autograd of ``sdpa_fwd(q, k, v, scale)``: ``bwd(do, q, k, v, o, lse, scale) -> (dq, dk, dv)``."""
-    return _flash_autograd(bwd, 3)
+    """Autograd of ``sdpa_fwd(q, k, v, scale[, rope, num_prefix_tokens, rotate_half])``:
+    ``bwd(do, q, k, v, o, lse, scale[, rope, ...]) -> (dq, dk, dv)``."""
+    return _flash_autograd(bwd, 3, rope_at=1)
 
 
 def _attention_varlen_autograd(bwd: str):
-    """Autograd of ``attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)``:
-    ``bwd(do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale) -> dqkv`` (Triton's and the CUDA op's)."""
-    return _flash_autograd(bwd, 1, 2)
+    """Autograd of ``attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale[, rope, ...])``:
+    ``bwd(do, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale[, rope, ...]) -> dqkv`` (Triton's and the CUDA
+    op's)."""
+    return _flash_autograd(bwd, 1, 2, rope_at=4)
 
 
 def _sdpa_varlen_autograd(bwd: str):
-    """Autograd of ``sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)``:
-    ``bwd(do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)``."""
-    return _flash_autograd(bwd, 3, 2)
+    """Autograd of ``sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale[, rope, ...])``:
+    ``bwd(do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale[, rope, ...]) -> (dq, dk, dv)``."""
+    return _flash_autograd(bwd, 3, 2, rope_at=3)
 
 
 # ============================================================================================ triton
@@ -546,9 +849,29 @@ def _thd_operand(t: Tensor, max_seqlen: int) -> Tensor:
     return t
 
 
-def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
+def _rope_args(rope: Tensor | None, num_prefix_tokens: int, rotate_half: bool, head_dim: int) -> dict:
+    """The kernels' rotary arguments for a checked ``rope`` table (N_rot, 2·D) or (H, N_rot, 2·D): fp32 ``SIN`` /
+    ``COS`` views of its two halves (one copy only for another dtype or a strided last dim), their head and row
+    strides, ``num_prefix``, ``ROPE`` and ``ROPE_HALF``; none without ``rope`` (``ROPE`` off: the kernels' defaults)."""
+    if rope is None:
+        return {}
+    table = rope if rope.dtype == torch.float32 else rope.float()
+    if table.stride(-1) != 1:
+        table = table.contiguous()
+    return dict(
+        SIN=table[..., :head_dim],
+        COS=table[..., head_dim:],
+        stride_rope_h=table.stride(0) if table.dim() == 3 else 0,
+        stride_rope_n=table.stride(-2),
+        num_prefix=num_prefix_tokens,
+        ROPE=True,
+        ROPE_HALF=rotate_half,
+    )
+
+
+def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, cu_seqlens=None, rope=None):
     """The forward kernel on (B, ...) operands, or with ``cu_seqlens`` on packed ones (B = S sequences, n_q = n_kv =
-    max_seqlen, ``lse`` (H, T))."""
+    max_seqlen, ``lse`` (H, T)); ``rope``: :func:`_rope_args`."""
     varlen = cu_seqlens is not None
     strides = _thd if varlen else _bhn
     triton_rt.wrap(_k.attn_fwd)[lambda meta: (triton_rt.triton.cdiv(n_q, meta["BLOCK_M"]), H, B)](
@@ -570,11 +893,13 @@ def _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=triton_rt.input_precision(q.dtype),
         VARLEN=varlen,
+        **(rope or {}),
     )
 
 
-def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_seqlens=None):
-    """Preprocess, dK/dV and dQ kernels; with ``cu_seqlens`` on packed operands (see :func:`_launch_fwd`)."""
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_seqlens=None, rope=None):
+    """Preprocess, dK/dV and dQ kernels; with ``cu_seqlens`` on packed operands (see :func:`_launch_fwd`); ``rope``
+    (:func:`_rope_args`): dq and dk come back with respect to the unrotated q and k."""
     cdiv = triton_rt.triton.cdiv
     varlen = cu_seqlens is not None
     strides = _thd if varlen else _bhn
@@ -620,6 +945,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_s
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
         VARLEN=varlen,
+        **(rope or {}),
     )
     triton_rt.wrap(_k.attn_bwd_dq)[lambda meta: (cdiv(n_q, meta["BLOCK_M"]), H, B)](
         q,
@@ -643,6 +969,7 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, cu_s
         BLOCK_D=_k.block_d(D),
         INPUT_PRECISION=prec,
         VARLEN=varlen,
+        **(rope or {}),
     )
 
 
@@ -650,7 +977,14 @@ def _define_triton_ops() -> None:
     triton_op = torch.library.triton_op
 
     @triton_op("fastvit::attention_fwd", mutates_args=())
-    def attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    def attention_fwd(
+        qkv: Tensor,
+        num_heads: int,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
+    ) -> tuple[Tensor, Tensor]:
         qkv = triton_rt.last_contiguous(qkv)
         B, N, C3 = qkv.shape
         C = C3 // 3
@@ -658,11 +992,23 @@ def _define_triton_ops() -> None:
         o = torch.empty((B, N, C), device=qkv.device, dtype=qkv.dtype)
         lse = torch.empty((B, num_heads, N), device=qkv.device, dtype=torch.float32)
         if o.numel():
-            _launch_fwd(qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :], o, lse, B, num_heads, N, N, D, scale)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+            _launch_fwd(q, k, v, o, lse, B, num_heads, N, N, D, scale, rope=r)
         return o, lse
 
     @triton_op("fastvit::attention_bwd", mutates_args=())
-    def attention_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int, scale: float) -> Tensor:
+    def attention_bwd(
+        do: Tensor,
+        qkv: Tensor,
+        o: Tensor,
+        lse: Tensor,
+        num_heads: int,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
+    ) -> Tensor:
         qkv = triton_rt.last_contiguous(qkv)
         do = triton_rt.last_contiguous(do)
         B, N, C3 = qkv.shape
@@ -670,20 +1016,30 @@ def _define_triton_ops() -> None:
         D = C // num_heads
         dqkv = torch.empty((B, N, C3), device=qkv.device, dtype=qkv.dtype)
         if dqkv.numel():
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
             q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
             dq, dk, dv = dqkv[..., :C], dqkv[..., C : 2 * C], dqkv[..., 2 * C :]
-            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, num_heads, N, N, D, scale)
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, num_heads, N, N, D, scale, rope=r)
         return dqkv
 
     @triton_op("fastvit::sdpa_fwd", mutates_args=())
-    def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    def sdpa_fwd(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
+    ) -> tuple[Tensor, Tensor]:
         q, k, v = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v)
         B, H, n_q, D = q.shape
         n_kv = k.shape[2]
         o = torch.empty((B, H, n_q, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
         if o.numel() and n_kv:
-            _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_fwd(q, k, v, o, lse, B, H, n_q, n_kv, D, scale, rope=r)
         elif o.numel():  # softmax over no keys: eager attention gives zeros; the log-sum-exp of nothing is -inf
             o.zero_()
             lse.fill_(float("-inf"))
@@ -691,7 +1047,16 @@ def _define_triton_ops() -> None:
 
     @triton_op("fastvit::sdpa_bwd", mutates_args=())
     def sdpa_bwd(
-        do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float
+        do: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        o: Tensor,
+        lse: Tensor,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, do = _bhnd_operand(q), _bhnd_operand(k), _bhnd_operand(v), _bhnd_operand(do)
         B, H, n_q, D = q.shape
@@ -700,7 +1065,8 @@ def _define_triton_ops() -> None:
         dk = torch.empty((B, H, n_kv, D), device=q.device, dtype=q.dtype)
         dv = torch.empty((B, H, n_kv, D), device=q.device, dtype=q.dtype)
         if dq.numel() and n_kv:
-            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, B, H, n_q, n_kv, D, scale, rope=r)
         else:  # no queries or no keys: every gradient is zero
             dq.zero_()
             dk.zero_()
@@ -709,7 +1075,14 @@ def _define_triton_ops() -> None:
 
     @triton_op("fastvit::attention_varlen_fwd", mutates_args=())
     def attention_varlen_fwd(
-        qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, num_heads: int, scale: float
+        qkv: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        num_heads: int,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
     ) -> tuple[Tensor, Tensor]:
         qkv = triton_rt.last_contiguous(qkv)
         T, C3 = qkv.shape
@@ -720,7 +1093,8 @@ def _define_triton_ops() -> None:
         lse = torch.empty((num_heads, T), device=qkv.device, dtype=torch.float32)
         if o.numel() and max_seqlen > 0:
             q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
-            _launch_fwd(q, k, v, o, lse, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_fwd(q, k, v, o, lse, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens, r)
         return o, lse
 
     @triton_op("fastvit::attention_varlen_bwd", mutates_args=())
@@ -733,6 +1107,9 @@ def _define_triton_ops() -> None:
         lse: Tensor,
         num_heads: int,
         scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
     ) -> Tensor:
         qkv = triton_rt.last_contiguous(qkv)
         do = triton_rt.last_contiguous(do)
@@ -744,12 +1121,21 @@ def _define_triton_ops() -> None:
         if dqkv.numel() and max_seqlen > 0:
             q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
             dq, dk, dv = dqkv[:, :C], dqkv[:, C : 2 * C], dqkv[:, 2 * C :]
-            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, num_heads, max_seqlen, max_seqlen, D, scale, cu_seqlens, r)
         return dqkv
 
     @triton_op("fastvit::sdpa_varlen_fwd", mutates_args=())
     def sdpa_varlen_fwd(
-        q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
     ) -> tuple[Tensor, Tensor]:
         q, k, v = (_thd_operand(t, max_seqlen) for t in (q, k, v))
         T, H, D = q.shape
@@ -757,7 +1143,8 @@ def _define_triton_ops() -> None:
         o = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
         lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
         if o.numel() and max_seqlen > 0:
-            _launch_fwd(q, k, v, o, lse, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_fwd(q, k, v, o, lse, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens, r)
         return o, lse
 
     @triton_op("fastvit::sdpa_varlen_bwd", mutates_args=())
@@ -771,6 +1158,9 @@ def _define_triton_ops() -> None:
         o: Tensor,
         lse: Tensor,
         scale: float,
+        rope: Optional[Tensor] = None,
+        num_prefix_tokens: int = 0,
+        rotate_half: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v, do = (_thd_operand(t, max_seqlen) for t in (q, k, v, do))
         T, H, D = q.shape
@@ -779,7 +1169,8 @@ def _define_triton_ops() -> None:
         dk = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
         dv = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
         if dq.numel() and max_seqlen > 0:
-            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens)
+            r = _rope_args(rope, num_prefix_tokens, rotate_half, D)
+            _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, S, H, max_seqlen, max_seqlen, D, scale, cu_seqlens, r)
         return dq, dk, dv
 
     attach("attention", _attention_autograd)
@@ -792,31 +1183,47 @@ def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
     return int(cu_seqlens.diff().max()) if max_seqlen is None else max_seqlen
 
 
-def attention_triton(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+def attention_triton(
+    qkv,
+    num_heads,
+    *,
+    scale=None,
+    dropout_p=0.0,
+    cu_seqlens=None,
+    max_seqlen=None,
+    rope=None,
+    num_prefix_tokens=0,
+    rotate_half=False,
+):
     """Triton backend of :func:`fastvit.ops.attention` (no dropout): FlashAttention-2 (Dao 2023) on the packed
     ``qkv`` (B, N, 3·C) -> (B, N, C); with ``cu_seqlens`` (int32 (S + 1,)) on packed variable-length sequences,
     (T, 3·C) -> (T, C), as ``flash_attn_varlen_qkvpacked_func`` (``max_seqlen`` ``None``: read from ``cu_seqlens``,
-    one host sync). Checked arguments are :func:`fastvit.ops.attention`'s job; raises ``ValueError`` for
-    ``dropout_p > 0``."""
+    one host sync); with ``rope`` (checked (N_rot, 2·D) or (H, N_rot, 2·D)) q and k rotated as the kernels load them.
+    Checked arguments are :func:`fastvit.ops.attention`'s job; raises ``ValueError`` for ``dropout_p > 0``."""
     _no_dropout("triton", dropout_p)
     scale = _scale(qkv.shape[-1] // (3 * num_heads), scale)
+    r = () if rope is None else (rope, num_prefix_tokens, rotate_half)
     if cu_seqlens is not None:
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
-        return torch.ops.fastvit.attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
-    return torch.ops.fastvit.attention_fwd(qkv, num_heads, scale)[0]
+        return torch.ops.fastvit.attention_varlen_fwd(qkv, cu_seqlens, max_seqlen, num_heads, scale, *r)[0]
+    return torch.ops.fastvit.attention_fwd(qkv, num_heads, scale, *r)[0]
 
 
-def sdpa_triton(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+def sdpa_triton(
+    q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None, rope=None, num_prefix_tokens=0,
+    rotate_half=False,
+):  # fmt: skip
     """Triton backend of :func:`fastvit.ops.scaled_dot_product_attention` (no dropout): q, k, v (B, H, N*, D) ->
     (B, H, Nq, D); with ``cu_seqlens`` (int32 (S + 1,)) packed (T, H, D) -> (T, H, D) with any token / head strides
     (last dim contiguous), as ``flash_attn_varlen_func`` with one ``cu_seqlens`` for q and k (Dao 2023,
-    FlashAttention-2). Raises ``ValueError`` for ``dropout_p > 0``."""
+    FlashAttention-2); ``rope`` as :func:`attention_triton`. Raises ``ValueError`` for ``dropout_p > 0``."""
     _no_dropout("triton", dropout_p)
     scale = _scale(q.shape[-1], scale)
+    r = () if rope is None else (rope, num_prefix_tokens, rotate_half)
     if cu_seqlens is not None:
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
-        return torch.ops.fastvit.sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-    return torch.ops.fastvit.sdpa_fwd(q, k, v, scale)[0]
+        return torch.ops.fastvit.sdpa_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, *r)[0]
+    return torch.ops.fastvit.sdpa_fwd(q, k, v, scale, *r)[0]
 
 
 TRITON_REGISTERED = triton_rt.register_ops("attention_fwd", _define_triton_ops)
@@ -846,6 +1253,7 @@ if _k is not None:
         head_dims=frozenset(range(_k.MIN_HEAD_DIM, _k.MAX_HEAD_DIM + 1)),
         dropout=False,
         varlen=True,
+        rope=True,
     )
     register_kernel(
         "triton", "attention", attention_triton, _triton_caps, triton_check, check_depends_on_call_only=True
