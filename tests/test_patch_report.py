@@ -53,8 +53,9 @@ def test_plain_vit_everything_patched(capsys, seed):
 
 
 def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
-    """A rope ViT (timm's Eva class): EvaAttention / EvaBlock / the rotary module stay on timm's forward with the
-    reason; its PatchEmbed, Mlp and LayerNorms are patched -- and the op counts say the same."""
+    """A rope ViT (timm's Eva class): its EvaAttention modules are patched (the rotation runs inside
+    fastvit.ops.attention), EvaBlock and the rotary module stay on timm's code with the reason; PatchEmbed, Mlp and
+    LayerNorms are patched -- and the op counts say the same."""
     torch.manual_seed(seed)
     m = timm.create_model(
         "vit_medium_patch16_rope_reg1_gap_256",
@@ -71,22 +72,22 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
     printed = capsys.readouterr().out
     rows = _rows(patch_report(m))
     for name in ("blocks.0.attn", "blocks.1.attn"):
-        assert rows[name].class_name == "EvaAttention" and rows[name].status == "not covered"
-        assert "rotary embeddings not covered" in rows[name].reason
-        assert name in printed and "rotary embeddings not covered" in printed
+        assert rows[name].class_name == "EvaAttention" and rows[name].status == "patched", rows[name]
     assert rows["blocks.0"].class_name == "EvaBlock" and rows["blocks.0"].status == "not covered"
+    assert "EvaBlock runs timm's own forward" in rows["blocks.0"].reason
     assert rows["rope"].status == "not covered" and "rotary" in rows["rope"].reason
+    assert "rope" in printed and "rotary" in printed
     for name in ("patch_embed", "blocks.0.mlp", "blocks.0.norm1", "blocks.1.norm2", "fc_norm"):
         assert rows[name].status == "patched", rows[name]
     assert (
-        printed.strip().splitlines()[-1] == "8 patched, 5 not covered"
-    )  # PatchEmbed, 2 x (norm1, norm2, Mlp), fc_norm
+        printed.strip().splitlines()[-1] == "10 patched, 3 not covered"
+    )  # PatchEmbed, 2 x (norm1, attn, norm2, Mlp), fc_norm; 2 EvaBlocks and the rotary module
 
     calls = spy_ops(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=0)
-    assert "attention" not in calls and "scaled_dot_product_attention" not in calls  # attention really on timm
+    assert calls["attention"] == 2 and "scaled_dot_product_attention" not in calls  # rope attention on fastvit
     assert calls["patch_embed"] == 1 and calls["linear_gelu"] == 2 and calls["layer_norm"] == 5
 
 

@@ -23,6 +23,7 @@ from fastvit.nn.layers import (
     _act_mode,
     _skippable,
     _wrapper_param,
+    apply_norm,
     attention_core,
     block_forward,
     block_forward_fused,
@@ -210,8 +211,8 @@ _PATCHED: Dict[type, type] = {}
 # What each patched forward needs, as reasons it cannot serve a module. The same functions decide at forward time
 # (a patched module whose list is non-empty runs timm's own forward) and fill patch_report().
 _COVERED = (
-    "patch_timm_ covers timm's PatchEmbed, Attention, Mlp, vision_transformer.Block, LayerNorm and NaFlexVit's "
-    "packed forward_features"
+    "patch_timm_ covers timm's PatchEmbed, Attention, EvaAttention, AttentionRope, Mlp, vision_transformer.Block, "
+    "LayerNorm and NaFlexVit's packed forward_features"
 )
 
 
@@ -354,6 +355,89 @@ def _attention_forward(
     return self.proj_drop(self.proj(attention_core(self, x)))
 
 
+def _rope_attn_reasons(m: nn.Module) -> List[str]:
+    """Why an ``EvaAttention`` / ``AttentionRope`` runs timm's forward (empty: the patched one runs)."""
+    out = []
+    if not getattr(m, "fused_attn", True):
+        out.append(
+            "fused_attn=False: timm computes the attention matrix explicitly (set_fused_attn(False), exportable "
+            "config; e.g. for timm.utils.AttentionExtract), so its own forward runs"
+        )
+    return out
+
+
+def _rope_call_reason(m: nn.Module, x, rope, attn_mask, is_causal) -> Optional[str]:
+    """Why this call of a patched rotary attention runs timm's forward (None: the patched one runs)."""
+    if attn_mask is not None or is_causal:
+        return "attn_mask / is_causal given"
+    if isinstance(x, torch.fx.Proxy) or isinstance(rope, torch.fx.Proxy):
+        return "torch.fx symbolic trace (the rope table's shape is not known)"
+    if rope is not None and rope.dim() == 4 and rope.shape[0] != 1:
+        return "a rope table per sample (timm's patch dropout keeps different tokens per image)"
+    return None
+
+
+def _eva_qkv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """EvaAttention's / AttentionRope's fused qkv projection exactly as timm computes it: ``qkv`` called as a module,
+    or, for EvaAttention's q / v biases (k's is a zero buffer), ``F.linear`` on ``qkv.weight`` with the concatenated
+    bias (``qkv_bias_separate``: the module's output plus the bias)."""
+    q_bias = getattr(m, "q_bias", None)
+    if q_bias is None:
+        return m.qkv(x)
+    bias = torch.cat((q_bias, m.k_bias, m.v_bias))
+    if m.qkv_bias_separate:
+        return m.qkv(x) + bias
+    return torch.nn.functional.linear(x, weight=m.qkv.weight, bias=bias)
+
+
+def _rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
+    """timm's EvaAttention / AttentionRope up to (not including) the gate and ``proj``, on :mod:`fastvit.ops`:
+    (B, N, C) -> (B, N, H·D). A fused ``qkv`` without qk-norm: :func:`fastvit.ops.attention` on the projection with
+    the rope table; qk-norm (any norm: LayerNorm through :func:`fastvit.ops.layer_norm`, others called as modules)
+    or separate q / k / v projections (called as modules; grouped-query k / v heads repeated after the rotation, as
+    timm does): :func:`fastvit.ops.scaled_dot_product_attention` with the rope table. The scale norm
+    (``scale_norm``) is applied as timm applies it."""
+    B, N, _ = x.shape
+    H = m.num_heads
+    p = m.attn_drop.p if m.training else 0.0
+    kw = {}
+    if rope is not None:
+        kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
+    if m.qkv is not None:
+        qkv = _eva_qkv(m, x)
+        if _skippable(m.q_norm) and _skippable(m.k_norm):
+            out = ops.attention(qkv, H, dropout_p=p, **kw)
+            return apply_norm(m.norm, out)
+        q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        kv_heads = getattr(m, "num_kv_heads", H)
+        q = m.q_proj(x).reshape(B, N, H, -1).transpose(1, 2)
+        k = m.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+        v = m.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
+    q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
+    if k.shape[1] != H:  # grouped-query attention: each k / v head serves H / kv_heads query heads (timm's order)
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw)
+    return apply_norm(m.norm, out.transpose(1, 2).reshape(B, N, -1))
+
+
+def _rope_attention_forward(
+    self,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+):
+    if _rope_attn_reasons(self) or _rope_call_reason(self, x, rope, attn_mask, is_causal):
+        return self._fastvit_orig_cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    out = _rope_attention_core(self, x, rope)
+    if gate is not None:
+        out = out * gate
+    return self.proj_drop(self.proj(out))
+
+
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not _mlp_supported(self):
         return self._fastvit_orig_cls.forward(self, x)
@@ -455,6 +539,7 @@ def _naflex_forward_features(
 _REASONS = {
     _patch_embed_forward: _patch_embed_reasons,
     _attention_forward: _attn_reasons,
+    _rope_attention_forward: _rope_attn_reasons,
     _mlp_forward: _mlp_reasons,
     _block_forward: _block_reasons,
     _layer_norm_forward: _layer_norm_reasons,
@@ -524,6 +609,18 @@ def _patch_table() -> Dict[type, object]:
         TBlock: _block_forward,
     }
     try:
+        from timm.layers import AttentionRope
+    except ImportError:  # timm before AttentionRope
+        pass
+    else:
+        table[AttentionRope] = _rope_attention_forward
+    try:
+        from timm.models.eva import EvaAttention
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        table[EvaAttention] = _rope_attention_forward
+    try:
         from timm.models.naflexvit import NaFlexVit
     except ImportError:  # timm before NaFlexVit (1.0.16)
         return table
@@ -549,17 +646,30 @@ def _patchable_forward(m: nn.Module):
 
 
 def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Run a timm model's ``PatchEmbed``, ``Attention``, ``Mlp``, ViT ``Block`` and ``LayerNorm`` modules on
-    :mod:`fastvit.ops`, in place.
+    """Run a timm model's ``PatchEmbed``, ``Attention``, rotary attentions (``EvaAttention``, ``AttentionRope``),
+    ``Mlp``, ViT ``Block`` and ``LayerNorm`` modules on :mod:`fastvit.ops`, in place.
 
     Each matching module's class is swapped for a subclass that overrides only ``forward`` (e.g. ``Attention`` ->
     ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors and ``isinstance`` checks are
-    untouched. Matching is by exact class, so timm variants (``AttentionRope``, ``EvaAttention``, ``SwiGLU``,
-    ``RmsNorm``, ``ResPostBlock``...) are left on timm's forward; a patched module falls back to timm's own forward
-    for configurations fastvit does not cover (gated attention, RMSNorm qk-norm, conv MLPs, other activations,
-    patch-embed norms or padding, ``fused_attn=False``) and for calls with ``attn_mask`` / ``is_causal``. Patching
-    twice is a no-op. Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float
-    reassociation).
+    untouched. Matching is by exact class, so timm variants (``SwiGLU``, ``RmsNorm``, ``EvaBlock``, ``ResPostBlock``...)
+    are left on timm's forward; a patched module falls back to timm's own forward for configurations fastvit does not
+    cover (gated attention and RMSNorm qk-norm in timm's ``Attention``, conv MLPs, other activations, patch-embed
+    norms or padding, ``fused_attn=False``) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a
+    no-op. Outputs and gradients equal the unpatched model's (fp32 eager: bit for bit up to float reassociation).
+
+    **Rotary attention** (EVA-02, DINOv3, Perception Encoder, ``vit_*_rope_*`` and ``*_rope_mixed_*``: timm's
+    ``EvaAttention`` and ``AttentionRope``, whose ``forward(x, rope=...)`` takes the table their ``EvaBlock``
+    passes): the rotation and the attention run in one :func:`fastvit.ops.attention` call on the fused ``qkv``
+    projection (``rope=``, ``num_prefix_tokens=``, ``rotate_half=`` from the module), or, with qk-norm or separate
+    q / k / v projections, in :func:`fastvit.ops.scaled_dot_product_attention` after the norms (LayerNorm through
+    :func:`fastvit.ops.layer_norm`, other norms called as modules) and the projections (called as modules);
+    grouped-query k / v heads (``num_kv_heads``) are repeated as timm repeats them. EvaAttention's q / v biases
+    are applied exactly as timm applies them (``F.linear`` on ``qkv.weight``, or after the ``qkv`` call with
+    ``qkv_bias_separate``); the scale norm, the sigmoid gate, ``proj`` and ``proj_drop`` as timm's forward does,
+    submodules called as modules. A learnable rope table (``RotaryEmbeddingMixed``) gets its gradient. Calls with
+    ``attn_mask`` / ``is_causal``, a per-sample rope table (timm's patch dropout in training) or under a ``torch.fx``
+    trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules and ``EvaBlock``
+    itself run timm's code (the block's attention, MLP and norms are patched on their own).
 
     **The module tree stays meaningful.** A fused forward reads its submodules' parameters only while nothing is
     attached to them; a forward or backward hook (module-local or global), a PEFT / LoRA adapter or another wrapper
@@ -698,10 +808,10 @@ class PatchRecord(NamedTuple):
 
 # Classes patch_timm_ leaves alone that users ask about, by name (timm is not imported for this).
 _KNOWN_UNCOVERED = (
-    (("EvaAttention", "AttentionRope"), "rotary embeddings not covered ({cls} applies rope to q and k in its forward)"),
     (
         ("EvaBlock",),
-        "rotary embeddings not covered ({cls} passes rope to its attention); its submodules are listed separately",
+        "{cls} runs timm's own forward (it passes the rope table to its attention); its attention, MLP and norms are "
+        "listed separately",
     ),
     (("SwiGLU", "SwiGLUPacked", "GluMlp"), "gated MLP ({cls}) not covered"),
     (("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"), "RMSNorm ({cls}) not covered (LayerNorm only)"),
@@ -726,7 +836,7 @@ _REPORTED_NAMES = re.compile(r"Attention|Attn|Mlp|GLU|Norm|Block|Embed|Rope|Rota
 def _uncovered_reason(m: nn.Module) -> Optional[str]:
     cls = type(m).__name__
     if "Rope" in cls or "Rotary" in cls:
-        return f"rotary embeddings not covered ({cls})"
+        return f"rotary table module ({cls}) runs timm's own code; the patched attention modules apply its table"
     for names, text in _KNOWN_UNCOVERED:
         if cls in names:
             return text.format(cls=cls)
@@ -743,7 +853,7 @@ def patch_report(model: nn.Module) -> List[PatchRecord]:
 
     Listed, in ``model.named_modules()`` order: every module of a class ``patch_timm_`` covers (status
     ``'patched'``, ``'modular'``, ``'fallback'`` or ``'unpatched'``) and every other attention / MLP / norm / block /
-    embedding / pooling module (``'not covered'``, e.g. ``EvaAttention``: "rotary embeddings not covered"). Plain layers
+    embedding / pooling module (``'not covered'``, e.g. ``SwiGLU``: "gated MLP (SwiGLU) not covered"). Plain layers
     (``Linear``, ``Conv2d``, dropout, activations, LayerScale, containers) and ``model`` itself are not listed:
     they run PyTorch's / timm's own code either way, and inside a patched module their work is fused.
 
