@@ -346,7 +346,7 @@ def _kernel_fn(name: str):
     }[name]
 
 
-#: Pointer arguments that are always fp32 (statistics, partial sums).
+#: Pointer arguments that are always fp32 (statistics, partial sums, the attention kernels' rotary tables).
 _FP32_POINTERS = {
     "LSE",
     "Delta",
@@ -361,6 +361,8 @@ _FP32_POINTERS = {
     "Sum",
     "RowSum1",
     "RowSum2",
+    "SIN",
+    "COS",
 }
 _I64_POINTERS = {"Ids", "Inv"}
 _I32_POINTERS = {"CU_SEQLENS"}

@@ -309,7 +309,7 @@ _COMPILE = """
 import json, multiprocessing, sys
 from concurrent.futures import ProcessPoolExecutor
 from fastvit.kernels import check as C
-C._FP32_POINTERS = C._FP32_POINTERS | {"SIN", "COS"}  # the rotary tables are fp32
+assert {"SIN", "COS"} <= C._FP32_POINTERS  # the rotary tables are fp32
 work = []
 for v in C.loop_variants(dims=(64,), seq_lens=(197,), kernels=list(sys.argv[2:])):
     for half in (True, False):
