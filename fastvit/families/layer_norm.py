@@ -16,8 +16,8 @@ backend.
 
   ``h = x + residual`` (empty without ``residual``); ``mean`` / ``rstd`` are (rows,) fp32; ``dweight`` is empty
   without ``weight`` (``dbias`` without ``has_bias``).
-* CUDA -- fakes of the ``_cuda`` ops (``csrc/layer_norm/``) and their dispatch entries; ``layer_norm`` only for
-  now (``rms_norm`` has no CUDA op yet: dispatch says so and falls back to Triton / eager).
+* CUDA -- fakes of the ``_cuda`` ops (``csrc/layer_norm/``: ``fastvit::layer_norm_{fwd,bwd}_cuda`` and
+  ``fastvit::rms_norm_{fwd,bwd}_cuda``, the Triton ops' schemas) and their dispatch entries.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def _prepare_layer_norm(
     *,
     residual: torch.Tensor | None = None,
 ) -> tuple:
+    """The check step of both norms (``rms_norm`` passes ``bias=None``): x with a non-empty last dim C, the affine
+    operands (C,) and the residual x's shape, like x (any float dtype under autocast), eps a number >= 0."""
     check_tensor("x", x)
     shape = x.shape
     if not shape or shape[-1] == 0:
@@ -61,6 +63,8 @@ def _prepare_layer_norm(
     check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
     check_like("bias", bias, "x", x, (C,), any_float=mixed_ok)
     check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     mixed = mixed_ok and mixed_dtypes(x, weight, bias, residual)
@@ -178,22 +182,7 @@ def _prepare_rms_norm(
     *,
     residual: torch.Tensor | None = None,
 ) -> tuple:
-    check_tensor("x", x)
-    shape = x.shape
-    if not shape or shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(shape)}")
-    mixed_ok = amp_dtype(x) is not None
-    if mixed_ok:
-        x, weight, _, residual = autocast_rule(x.device.type, x, weight, None, residual)
-    C = shape[-1]
-    check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
-    check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    mixed = mixed_ok and mixed_dtypes(x, weight, residual)
-    call = _describe(x.device, x.dtype, features=C, mixed_dtypes=mixed)
+    call, x, weight, _, residual = _prepare_layer_norm(x, weight, None, eps, residual=residual)
     return call, x, weight, residual
 
 
@@ -613,6 +602,16 @@ def _register_cuda_fakes() -> None:
             h.new_empty((C,) if has_bias else (0,)),
         )
 
+    @torch.library.register_fake("fastvit::rms_norm_fwd_cuda")
+    def _(x, weight, residual, eps):
+        rows = x.numel() // x.shape[-1]
+        h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+        return x.new_empty(x.shape), h, x.new_empty((rows,), dtype=torch.float32)
+
+    @torch.library.register_fake("fastvit::rms_norm_bwd_cuda")
+    def _(dy, dh, h, weight, rstd):
+        return h.new_empty(h.shape), h.new_empty((h.shape[-1],) if weight is not None else (0,))
+
 
 def layer_norm_cuda(x, weight, bias, eps=1e-6, *, residual=None):
     """CUDA backend of :func:`fastvit.ops.layer_norm` (fp16 / bf16 / fp32, any feature count)."""
@@ -620,15 +619,23 @@ def layer_norm_cuda(x, weight, bias, eps=1e-6, *, residual=None):
     return y if residual is None else (y, h)
 
 
+def rms_norm_cuda(x, weight, eps=1e-6, *, residual=None):
+    """CUDA backend of :func:`fastvit.ops.rms_norm` (fp16 / bf16 / fp32, any feature count)."""
+    y, h, _ = torch.ops.fastvit.rms_norm_fwd_cuda(x, weight, residual, float(eps))
+    return y if residual is None else (y, h)
+
+
 def _register_cuda(info: dict) -> None:
     _register_cuda_fakes()
     attach("layer_norm", _layer_norm_autograd, "_cuda")
+    attach("rms_norm", _rms_norm_autograd, "_cuda")
     caps = Capabilities(
         devices=cuda_rt.DEVICES,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
     )
     register_kernel("cuda", "layer_norm", layer_norm_cuda, caps)
+    register_kernel("cuda", "rms_norm", rms_norm_cuda, caps)
 
 
 cuda_rt.on_load(_register_cuda)
