@@ -18,15 +18,24 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from fastvit import ops
+from fastvit.integrations._timm_glu import (
+    glu_mlp_forward,
+    glu_mlp_hidden,
+    glu_mlp_reasons,
+    swiglu_forward,
+    swiglu_hidden,
+    swiglu_reasons,
+)
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.layers import (
     _act_mode,
+    _branch,
     _skippable,
     _wrapper_param,
     apply_norm,
     attention_core,
-    block_forward,
     block_forward_fused,
+    block_forward_modular,
     block_fusable,
     block_fusion_reasons,
     fsdp_sharded_params,
@@ -211,8 +220,8 @@ _PATCHED: Dict[type, type] = {}
 # What each patched forward needs, as reasons it cannot serve a module. The same functions decide at forward time
 # (a patched module whose list is non-empty runs timm's own forward) and fill patch_report().
 _COVERED = (
-    "patch_timm_ covers timm's PatchEmbed, Attention, EvaAttention, AttentionRope, Mlp, vision_transformer.Block, "
-    "LayerNorm and NaFlexVit's packed forward_features"
+    "patch_timm_ covers timm's PatchEmbed, Attention, EvaAttention, AttentionRope, Mlp, SwiGLU, GluMlp, "
+    "vision_transformer.Block, LayerNorm, RmsNorm, RmsNormFp32 and NaFlexVit's packed forward_features"
 )
 
 
@@ -276,16 +285,43 @@ def _mlp_supported(m: nn.Module) -> bool:
     return not _mlp_reasons(m)
 
 
+def _rms_norm_classes() -> tuple:
+    from timm.layers import RmsNorm, RmsNormFp32
+
+    return (RmsNorm, RmsNormFp32)
+
+
+def _block_norm_reason(m: nn.Module, what: str) -> Optional[str]:
+    # timm's RmsNorm / RmsNormFp32 in a Block: the fused path calls them as modules (apply_norm), so their own
+    # (patched) forward runs -- never a LayerNorm
+    if not _is_identity(m) and _orig_type(m) in _rms_norm_classes():
+        return None
+    return _norm_reason(m, what)
+
+
+def _glu_hidden_table() -> Dict[type, tuple]:
+    """timm's gated MLP classes -> (their hidden function before fc2, their reasons)."""
+    from timm.layers import GluMlp, SwiGLU
+
+    return {SwiGLU: (swiglu_hidden, swiglu_reasons), GluMlp: (glu_mlp_hidden, glu_mlp_reasons)}
+
+
 def _block_reasons(m: nn.Module) -> List[str]:
     from timm.layers import Attention as TAttention
     from timm.layers import Mlp as TMlp
 
-    out = [r for r in (_norm_reason(m.norm1, "norm1"), _norm_reason(m.norm2, "norm2")) if r]
-    for what, sub, cls, reasons in (("attn", m.attn, TAttention, _attn_reasons), ("mlp", m.mlp, TMlp, _mlp_reasons)):
-        if _orig_type(sub) is not cls:
-            out.append(f"{what} is {_orig_type(sub).__name__}, not timm's {cls.__name__}")
-        else:
-            out += [f"{what}: {r}" for r in reasons(sub)]
+    out = [r for r in (_block_norm_reason(m.norm1, "norm1"), _block_norm_reason(m.norm2, "norm2")) if r]
+    if _orig_type(m.attn) is not TAttention:
+        out.append(f"attn is {_orig_type(m.attn).__name__}, not timm's Attention")
+    else:
+        out += [f"attn: {r}" for r in _attn_reasons(m.attn)]
+    mlp_cls, glu = _orig_type(m.mlp), _glu_hidden_table()
+    if mlp_cls is TMlp:
+        out += [f"mlp: {r}" for r in _mlp_reasons(m.mlp)]
+    elif mlp_cls in glu:
+        out += [f"mlp: {r}" for r in glu[mlp_cls][1](m.mlp)]
+    else:
+        out.append(f"mlp is {mlp_cls.__name__}, not timm's Mlp, SwiGLU or GluMlp")
     for name in ("ls1", "ls2"):
         ls = getattr(m, name)
         if not (_is_identity(ls) or isinstance(ls._parameters.get("gamma"), torch.Tensor)):  # fx reads params as Proxy
@@ -300,6 +336,12 @@ def _block_supported(m: nn.Module) -> bool:
 def _layer_norm_reasons(m: nn.Module) -> List[str]:
     r = _norm_reason(m, "LayerNorm")
     return [r] if r else []
+
+
+def _rms_norm_reasons(m: nn.Module) -> List[str]:
+    if len(m.normalized_shape) != 1:
+        return [f"{_orig_type(m).__name__} normalizes over {len(m.normalized_shape)} dims, not covered (last dim only)"]
+    return []
 
 
 def _patch_embed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -455,17 +497,52 @@ def _block_forward(
 ):
     if cu_seqlens is not None:
         _packed_unsupported(type(self).__name__, _block_reasons(self), attn_mask, is_causal)
-        return block_forward(self, x, cu_seqlens, max_seqlen)
+        if not block_fusable(self):
+            return block_forward_modular(self, x, cu_seqlens, max_seqlen)
+        return _block_fused(self, x, cu_seqlens, max_seqlen)
     if attn_mask is not None or is_causal or not _block_supported(self) or not block_fusable(self):
         # timm's own forward calls the submodules as modules; the patched ones among them still run on fastvit
         return self._fastvit_orig_cls.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    return block_forward_fused(self, x)
+    return _block_fused(self, x)
+
+
+def _block_fused(
+    m: nn.Module, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None
+) -> torch.Tensor:
+    """The fused path of a timm ``Block`` whose reasons are empty: :func:`block_forward_fused` for timm's ``Mlp``;
+    for a gated MLP (``SwiGLU`` / ``GluMlp``) the same with fc1 + gating through :func:`fastvit.ops.linear_glu`.
+    Norms go through :func:`apply_norm` (an RmsNorm is called as a module: its patched forward runs)."""
+    glu = _glu_hidden_table().get(_orig_type(m.mlp))
+    if glu is None:
+        return block_forward_fused(m, x, cu_seqlens, max_seqlen)
+    h = attention_core(m.attn, apply_norm(m.norm1, x), cu_seqlens, max_seqlen)
+    x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1, cu_seqlens)
+    h = glu[0](m.mlp, apply_norm(m.norm2, x))
+    return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2, cu_seqlens)
 
 
 def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if len(self.normalized_shape) != 1 or _wrapper_param(self):  # DTensor weight (tensor / sequence parallelism)
         return self._fastvit_orig_cls.forward(self, x)
     return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``RmsNorm`` / ``RmsNormFp32`` on :func:`fastvit.ops.rms_norm` (fp32 statistics, one rounding: exactly
+    ``RmsNormFp32``; ``RmsNorm``, which timm computes with ``torch.rms_norm`` in the input dtype, within rounding).
+    Output dtypes are timm's: the input's (a weight of another dtype outside autocast: computed in the promoted
+    dtype, rounded to the input's); under CUDA autocast ``RmsNorm`` gives fp32, as ``torch.rms_norm`` does there."""
+    if len(self.normalized_shape) != 1 or _wrapper_param(self) or isinstance(x, torch.fx.Proxy):
+        return self._fastvit_orig_cls.forward(self, x)
+    w, dtype = self.weight, x.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if w is not None and w.dtype != x.dtype and not autocast:
+        acc = torch.promote_types(x.dtype, w.dtype)
+        x, w = x.to(acc), w.to(acc)
+    y = ops.rms_norm(x, w, float(self.eps))
+    if autocast and self._fastvit_orig_cls.__name__ != "RmsNormFp32":
+        return y
+    return y.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- NaFlexVit
@@ -543,11 +620,22 @@ _REASONS = {
     _mlp_forward: _mlp_reasons,
     _block_forward: _block_reasons,
     _layer_norm_forward: _layer_norm_reasons,
+    _rms_norm_forward: _rms_norm_reasons,
+    swiglu_forward: swiglu_reasons,
+    glu_mlp_forward: glu_mlp_reasons,
     _naflex_forward_features: _naflex_reasons,
 }
 
 
 def _mlp_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
+    return fusion_reasons(m, ["fc1", "act"], ignore)
+
+
+def _swiglu_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
+    return fusion_reasons(m, ["fc1_g", "fc1_x", "act"], ignore)
+
+
+def _glu_mlp_modular_reasons(m: nn.Module, ignore: frozenset) -> List[str]:
     return fusion_reasons(m, ["fc1", "act"], ignore)
 
 
@@ -568,6 +656,9 @@ _ATTACHED = {
     _mlp_forward: (_mlp_modular_reasons, "modular"),
     _block_forward: (block_fusion_reasons, "modular"),
     _layer_norm_forward: (_layer_norm_modular_reasons, "fallback"),
+    _rms_norm_forward: (_layer_norm_modular_reasons, "fallback"),
+    swiglu_forward: (_swiglu_modular_reasons, "modular"),
+    glu_mlp_forward: (_glu_mlp_modular_reasons, "modular"),
 }
 # The method a patched class overrides, where it is not ``forward``.
 _METHOD = {_naflex_forward_features: "forward_features"}
@@ -591,12 +682,15 @@ def _register_timm_fusable() -> None:
 
     register_fusable(tl.LayerNorm, kind="layer_norm")
     register_fusable(tl.DropPath, kind="dropout")
-    register_fusable(tl.Attention, tl.Mlp, tl.LayerScale)
+    register_fusable(tl.Attention, tl.Mlp, tl.LayerScale, tl.SwiGLU, tl.GluMlp)
+    # RMSNorms: no 'layer_norm' kind (they are not F.layer_norm); fused paths call them as modules (apply_norm)
+    register_fusable(tl.RmsNorm, tl.RmsNormFp32)
     register_fusable(*(getattr(tl, n) for n in ("GELU", "GELUTanh", "QuickGELU") if hasattr(tl, n)))
 
 
 def _patch_table() -> Dict[type, object]:
     from timm.layers import Attention as TAttention
+    from timm.layers import GluMlp, RmsNorm, RmsNormFp32, SwiGLU
     from timm.layers import Mlp as TMlp
     from timm.layers import PatchEmbed as TPatchEmbed
     from timm.models.vision_transformer import Block as TBlock
@@ -606,6 +700,10 @@ def _patch_table() -> Dict[type, object]:
         TPatchEmbed: _patch_embed_forward,
         TAttention: _attention_forward,
         TMlp: _mlp_forward,
+        SwiGLU: swiglu_forward,
+        GluMlp: glu_mlp_forward,  # SwiGLUPacked is GluMlp(act_layer=nn.SiLU, gate_last=False), not a class
+        RmsNorm: _rms_norm_forward,
+        RmsNormFp32: _rms_norm_forward,
         TBlock: _block_forward,
     }
     try:
@@ -813,10 +911,13 @@ _KNOWN_UNCOVERED = (
         "{cls} runs timm's own forward (it passes the rope table to its attention); its attention, MLP and norms are "
         "listed separately",
     ),
-    (("SwiGLU", "SwiGLUPacked", "GluMlp"), "gated MLP ({cls}) not covered"),
-    (("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"), "RMSNorm ({cls}) not covered (LayerNorm only)"),
     (
-        ("LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "GroupNorm", "GroupNorm1", "BatchNorm2d"),
+        ("SimpleNorm", "SimpleNormFp32"),
+        "{cls} not covered (LayerNorm, RmsNorm and RmsNormFp32 over the last dim only)",
+    ),
+    (("GatedMlp", "ConvMlp", "GlobalResponseNormMlp"), "{cls} not covered (Mlp, SwiGLU and GluMlp only)"),
+    (
+        ("LayerNorm2d", "LayerNorm2dFp32", "RmsNorm2d", "RmsNorm2dFp32", "GroupNorm", "GroupNorm1", "BatchNorm2d"),
         "channels-first norm ({cls}) not covered",
     ),
     (
