@@ -20,8 +20,9 @@ Configurations not covered (the ``*_reasons`` functions say why; the patched for
 ``gate_last`` is covered both ways (``GluMlp``'s default ``True``: the gate is the second half of fc1's output,
 ``F.glu``'s order; ``False``: the first, ``SwiGLUPacked``).
 
-These functions are not hooked into :func:`fastvit.integrations.timm.patch_timm_` here; they take the module as
-their first argument, so they can serve as patched ``forward`` methods as they are.
+:func:`fastvit.integrations.timm.patch_timm_` installs :func:`swiglu_forward` / :func:`glu_mlp_forward` as the
+patched ``forward`` of ``SwiGLU`` / ``GluMlp`` (they take the module as their first argument), and its fused ViT
+``Block`` path calls :func:`swiglu_hidden` / :func:`glu_mlp_hidden` before its fused fc2 + residual.
 """
 
 from __future__ import annotations
