@@ -745,11 +745,12 @@ def _patchable_forward(m: nn.Module):
 
 def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Run a timm model's ``PatchEmbed``, ``Attention``, rotary attentions (``EvaAttention``, ``AttentionRope``),
-    ``Mlp``, ViT ``Block`` and ``LayerNorm`` modules on :mod:`fastvit.ops`, in place.
+    ``Mlp``, gated MLPs (``SwiGLU``, ``GluMlp``), ViT ``Block``, ``LayerNorm`` and RMSNorm (``RmsNorm``,
+    ``RmsNormFp32``) modules on :mod:`fastvit.ops`, in place.
 
     Each matching module's class is swapped for a subclass that overrides only ``forward`` (e.g. ``Attention`` ->
     ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors and ``isinstance`` checks are
-    untouched. Matching is by exact class, so timm variants (``SwiGLU``, ``RmsNorm``, ``EvaBlock``, ``ResPostBlock``...)
+    untouched. Matching is by exact class, so other timm variants (``EvaBlock``, ``ResPostBlock``, ``SimpleNorm``...)
     are left on timm's forward; a patched module falls back to timm's own forward for configurations fastvit does not
     cover (gated attention and RMSNorm qk-norm in timm's ``Attention``, conv MLPs, other activations, patch-embed
     norms or padding, ``fused_attn=False``) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a
