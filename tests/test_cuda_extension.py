@@ -40,6 +40,7 @@ FWD_OPS = (
     "attention",
     "sdpa",
     "layer_norm",
+    "rms_norm",
     "linear_gelu",
     "linear_residual",
     "patch_embed",
@@ -138,6 +139,23 @@ def test_fake_layer_norm_and_linear_backward(ext):
             fc2.shape,
             gamma.shape,
         )
+
+
+def test_fake_rms_norm_backward(ext):
+    x = torch.empty(2, 50, 96, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.empty(2, 50, 96, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(96, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y, h, rstd = torch.ops.fastvit.rms_norm_fwd_cuda(x, w, r, 1e-6)
+    assert y.shape == h.shape == x.shape and y.dtype == h.dtype == torch.bfloat16
+    assert rstd.shape == (100,) and rstd.dtype == torch.float32
+    (y.sum() + h.sum()).backward()
+    assert x.grad.shape == r.grad.shape == x.shape and w.grad.shape == (96,)
+
+    x = torch.empty(7, 80, device="meta", dtype=torch.float32, requires_grad=True)
+    y, h, rstd = torch.ops.fastvit.rms_norm_fwd_cuda(x, None, None, 1e-6)
+    assert y.shape == x.shape and h.shape == (0,) and rstd.shape == (7,)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def test_fake_patch_embed_and_mae_backward(ext):
@@ -240,7 +258,7 @@ def test_unbuilt_head_dim_is_refused_with_reasons(ext, as_h100):
         fastvit.ops.attention(x, 1, backend="cuda")
 
 
-@pytest.mark.parametrize("case", ["attention", "layer_norm", "linear_residual", "mae_unshuffle"])
+@pytest.mark.parametrize("case", ["attention", "layer_norm", "rms_norm", "linear_residual", "mae_unshuffle"])
 def test_opcheck_on_meta_tensors(ext, case):
     meta = {"device": "meta"}
     if case == "attention":
@@ -252,6 +270,16 @@ def test_opcheck_on_meta_tensors(ext, case):
         op, args = (
             torch.ops.fastvit.layer_norm_fwd_cuda.default,
             (torch.randn(4, 96, **meta).requires_grad_(), torch.randn(96, **meta).requires_grad_(), None, None, 1e-6),
+        )
+    elif case == "rms_norm":
+        op, args = (
+            torch.ops.fastvit.rms_norm_fwd_cuda.default,
+            (
+                torch.randn(4, 96, **meta).requires_grad_(),
+                torch.randn(96, **meta).requires_grad_(),
+                torch.randn(4, 96, **meta).requires_grad_(),
+                1e-6,
+            ),
         )
     elif case == "linear_residual":
         op, args = (

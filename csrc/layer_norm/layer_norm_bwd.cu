@@ -48,7 +48,7 @@ int64_t max_partial_rows(int64_t M) {
   return M < cap ? M : cap;
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool RMS>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const ln::Plan& pl, int64_t grid, float* dw_part, float* db_part,
                        cudaStream_t stream) {
   auto launch = [&](auto g_c, auto nv_c) -> cudaError_t {
@@ -56,7 +56,7 @@ cudaError_t launch_bwd(const LayerNormBwdParams& p, const ln::Plan& pl, int64_t 
     constexpr int NV = decltype(nv_c)::value;
     using Shape = ln::GroupShape<G>;
     const int64_t row_blocks = (p.M + Shape::kRows - 1) / Shape::kRows;
-    ln::ln_bwd_kernel<T, VEC, G, NV>
+    ln::ln_bwd_kernel<T, VEC, G, NV, RMS>
         <<<static_cast<unsigned>(grid), Shape::kThreads, 0, stream>>>(p, dw_part, db_part, row_blocks, ln::inv_c(p.C));
     FASTVIT_RETURN_LAUNCH_ERROR();
     return cudaSuccess;
@@ -73,6 +73,59 @@ cudaError_t launch_colsum(const LayerNormBwdParams& p, const float* dw_part, con
   return err;
 }
 
+// Everything after the argument checks, for one dtype and one normalisation (RMS: RMSNorm).
+template <typename T, bool RMS>
+cudaError_t run_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
+  int sms = 0;
+  cudaError_t err = ln::num_sms(&sms);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vec = bwd_vectorizable(p, kVec);
+  const ln::Plan pl = ln::make_plan(p.C, vec ? kVec : 1, ln::kBwdMaxElems, ln::kBwdMaxGroup);
+  int64_t grid = bwd_grid(pl, p.M, sms);
+  const int64_t pmax = max_partial_rows(p.M);  // what layer_norm_bwd_workspace_bytes sized the buffer for
+  if (grid > pmax) grid = pmax;
+  if (grid < 1 || grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+
+  float* dw_part = static_cast<float*>(p.workspace);
+  float* db_part = dw_part + (p.compute_dw ? grid * p.C : 0);
+  if (!p.compute_dw) dw_part = nullptr;
+  if (!p.compute_db) db_part = nullptr;
+
+  if (pl.fallback) {
+    ln::ln_bwd_fallback_kernel<T, RMS>
+        <<<static_cast<unsigned>(grid), ln::kFallbackThreads, 0, stream>>>(p, dw_part, db_part, ln::inv_c(p.C));
+    FASTVIT_RETURN_LAUNCH_ERROR();
+  } else if (vec) {
+    err = launch_bwd<T, kVec, RMS>(p, pl, grid, dw_part, db_part, stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    err = launch_bwd<T, 1, RMS>(p, pl, grid, dw_part, db_part, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_colsum<T>(p, dw_part, db_part, grid, stream);
+}
+
+// The checks and the dtype switch of both launchers (RMS: RMSNorm, which reads no mean and has no dbias).
+template <bool RMS>
+cudaError_t run_norm_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
+  if (p.M < 0 || p.C < 0) return cudaErrorInvalidValue;
+  if (p.C == 0) return cudaSuccess;
+  if ((p.compute_dw && p.dweight == nullptr) || (p.compute_db && p.dbias == nullptr)) return cudaErrorInvalidValue;
+  if (RMS && p.compute_db) return cudaErrorInvalidValue;
+  return FASTVIT_FLOAT_SWITCH(p.dtype, T, [&]() -> cudaError_t {
+    if (p.M == 0) return launch_colsum<T>(p, nullptr, nullptr, 0, stream);  // sums over no rows: zeros
+    if (p.dy == nullptr || p.h == nullptr || p.dx == nullptr || (!RMS && p.mean == nullptr) || p.rstd == nullptr ||
+        (p.has_weight && p.weight == nullptr)) {
+      return cudaErrorInvalidValue;
+    }
+    const bool partials = p.compute_dw || p.compute_db;
+    if (partials && p.workspace == nullptr) return cudaErrorInvalidValue;
+    return run_bwd<T, RMS>(p, stream);
+  });
+}
+
 }  // namespace
 
 size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p) {
@@ -83,47 +136,9 @@ size_t layer_norm_bwd_workspace_bytes(const LayerNormBwdParams& p) {
 }
 
 cudaError_t run_layer_norm_bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
-  if (p.M < 0 || p.C < 0) return cudaErrorInvalidValue;
-  if (p.C == 0) return cudaSuccess;
-  if ((p.compute_dw && p.dweight == nullptr) || (p.compute_db && p.dbias == nullptr)) return cudaErrorInvalidValue;
-  return FASTVIT_FLOAT_SWITCH(p.dtype, T, [&]() -> cudaError_t {
-    if (p.M == 0) return launch_colsum<T>(p, nullptr, nullptr, 0, stream);  // sums over no rows: zeros
-    if (p.dy == nullptr || p.h == nullptr || p.dx == nullptr || p.mean == nullptr || p.rstd == nullptr ||
-        (p.has_weight && p.weight == nullptr)) {
-      return cudaErrorInvalidValue;
-    }
-    const bool partials = p.compute_dw || p.compute_db;
-    if (partials && p.workspace == nullptr) return cudaErrorInvalidValue;
-    int sms = 0;
-    cudaError_t err = ln::num_sms(&sms);
-    if (err != cudaSuccess) return err;
-
-    constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-    const bool vec = bwd_vectorizable(p, kVec);
-    const ln::Plan pl = ln::make_plan(p.C, vec ? kVec : 1, ln::kBwdMaxElems, ln::kBwdMaxGroup);
-    int64_t grid = bwd_grid(pl, p.M, sms);
-    const int64_t pmax = max_partial_rows(p.M);  // what layer_norm_bwd_workspace_bytes sized the buffer for
-    if (grid > pmax) grid = pmax;
-    if (grid < 1 || grid > 0x7fffffffLL) return cudaErrorInvalidValue;
-
-    float* dw_part = static_cast<float*>(p.workspace);
-    float* db_part = dw_part + (p.compute_dw ? grid * p.C : 0);
-    if (!p.compute_dw) dw_part = nullptr;
-    if (!p.compute_db) db_part = nullptr;
-
-    if (pl.fallback) {
-      ln::ln_bwd_fallback_kernel<T>
-          <<<static_cast<unsigned>(grid), ln::kFallbackThreads, 0, stream>>>(p, dw_part, db_part, ln::inv_c(p.C));
-      FASTVIT_RETURN_LAUNCH_ERROR();
-    } else if (vec) {
-      err = launch_bwd<T, kVec>(p, pl, grid, dw_part, db_part, stream);
-      if (err != cudaSuccess) return err;
-    } else {
-      err = launch_bwd<T, 1>(p, pl, grid, dw_part, db_part, stream);
-      if (err != cudaSuccess) return err;
-    }
-    return launch_colsum<T>(p, dw_part, db_part, grid, stream);
-  });
+  return run_norm_bwd<false>(p, stream);
 }
+
+cudaError_t run_rms_norm_bwd(const LayerNormBwdParams& p, cudaStream_t stream) { return run_norm_bwd<true>(p, stream); }
 
 }  // namespace fastvit

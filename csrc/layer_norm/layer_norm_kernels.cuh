@@ -20,6 +20,10 @@
 //
 // Above kMaxRegisterC the "fallback" kernels take one CTA of 256 threads per row and loop over the row in
 // global memory (re-reading it from L2), so any C works.
+//
+// Every kernel takes a template flag RMS (RMSNorm, see layer_norm.h): the mean is the constant 0 (no reduction,
+// not read or written), so var is the mean square, and the backward drops the mean_c(g) term and dbias. With
+// RMS = false the code is the LayerNorm's.
 #pragma once
 
 #include <cstdint>
@@ -105,7 +109,7 @@ __device__ __forceinline__ V group_sum(V v, V* slot) {
 }
 
 // ------------------------------------------------------------------------------------------ forward
-template <typename T, int VEC, int G, int NV>
+template <typename T, int VEC, int G, int NV, bool RMS>
 __global__ void __launch_bounds__(GroupShape<G>::kThreads) ln_fwd_kernel(const LayerNormFwdParams p, float inv_c) {
   using Shape = GroupShape<G>;
   __shared__ float red[2][Shape::kWarps];
@@ -147,7 +151,8 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads) ln_fwd_kernel(const L
 #pragma unroll
     for (int j = 0; j < VEC; ++j) sum += h[i][j];
   }
-  const float mean = group_sum<G>(sum, red[0]) * inv_c;
+  float mean = 0.f;  // RMS: no centring
+  if constexpr (!RMS) mean = group_sum<G>(sum, red[0]) * inv_c;
 
   // ---- second pass from registers: biased variance of the centred values (only in-row elements count)
   float ssq = 0.f;
@@ -190,7 +195,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads) ln_fwd_kernel(const L
       }
     }
     if (lane == 0) {
-      p.mean[row] = mean;
+      if constexpr (!RMS) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
   }
@@ -199,7 +204,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads) ln_fwd_kernel(const L
 // Any C: one CTA of kFallbackThreads threads per row (blockIdx.x = row), three passes over the row in global
 // memory. Thread t owns columns c = t + k * kFallbackThreads; with a residual it re-reads its own stores of h
 // (coherent loads: same thread, program order), otherwise it re-reads x.
-template <typename T>
+template <typename T, bool RMS>
 __global__ void __launch_bounds__(kFallbackThreads) ln_fwd_fallback_kernel(const LayerNormFwdParams p, float inv_c) {
   __shared__ float red[2][kFallbackThreads / 32];
   const int64_t row = blockIdx.x;
@@ -222,7 +227,8 @@ __global__ void __launch_bounds__(kFallbackThreads) ln_fwd_fallback_kernel(const
     }
     sum += v;
   }
-  const float mean = group_sum<kFallbackThreads>(sum, red[0]) * inv_c;
+  float mean = 0.f;  // RMS: no centring
+  if constexpr (!RMS) mean = group_sum<kFallbackThreads>(sum, red[0]) * inv_c;
   float ssq = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += kFallbackThreads) {
     const float d = static_cast<float>(hsrc[c]) - mean;
@@ -237,7 +243,7 @@ __global__ void __launch_bounds__(kFallbackThreads) ln_fwd_fallback_kernel(const
     y[c] = static_cast<T>(v);
   }
   if (threadIdx.x == 0) {
-    p.mean[row] = mean;
+    if constexpr (!RMS) p.mean[row] = mean;
     p.rstd[row] = rstd;
   }
 }
@@ -247,16 +253,27 @@ __global__ void __launch_bounds__(kFallbackThreads) ln_fwd_fallback_kernel(const
 // thread of the CTA runs the same number of iterations (barriers inside group_sum). Per row:
 //   xhat = (h - mean) * rstd,  g = dy * w,  c1 = sum(g * xhat) / C,  c2 = sum(g) / C
 //   dx   = (g - xhat * c1 - c2) * rstd (+ dh)
+// (RMS: mean = 0 and c2 = 0, and no db partials)
 // and the thread's columns accumulate dw += dy * xhat, db += dy in registers. At the end the CTA writes its
 // partial sums to dw_part / db_part row blockIdx.x ((gridDim.x, C) fp32, row-major), summing its kRows groups
 // in fixed order through shared memory when kRows > 1.
-template <typename T, int VEC, int G, int NV>
-__global__ void __launch_bounds__(GroupShape<G>::kThreads)
+//
+// The RMS kernels tell ptxas that one resident CTA per SM is enough (minBlocksPerMultiprocessor = kBwdMinCtas):
+// with no hint its occupancy heuristic squeezes the 512-thread RMS kernel (fp32, scalar path) into 64 registers
+// (two CTAs per SM) and spills one accumulator; with the hint it takes the registers the launch bound allows
+// (up to 128 at 512 threads), as the LayerNorm kernels already do without one. 0 = no hint: the LayerNorm
+// kernels compile as before (no .minnctapersm in their PTX).
+template <bool RMS>
+constexpr int kBwdMinCtas = RMS ? 1 : 0;
+
+template <typename T, int VEC, int G, int NV, bool RMS>
+__global__ void __launch_bounds__(GroupShape<G>::kThreads, kBwdMinCtas<RMS>)
     ln_bwd_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
                   int64_t num_row_blocks, float inv_c) {
   using Shape = GroupShape<G>;
   constexpr int kPerGroup = G * NV * VEC;  // columns covered by one group (>= C)
   __shared__ float2 red[2][Shape::kWarps];
+  __shared__ float red_rms[RMS ? 2 : 1][RMS ? Shape::kWarps : 1];  // RMS reduces sum(g * xhat) only
   __shared__ float acc_smem[Shape::kRows > 1 ? Shape::kRows * kPerGroup : 1];
 
   const int group = threadIdx.x / G;
@@ -277,7 +294,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads)
     const int64_t row = rb * Shape::kRows + group;
     const bool row_ok = row < p.M;
     const int64_t r = row_ok ? row : 0;
-    const float mean = row_ok ? p.mean[r] : 0.f;
+    const float mean = (RMS || !row_ok) ? 0.f : p.mean[r];
     const float rstd = row_ok ? p.rstd[r] : 0.f;
     const T* hrow = static_cast<const T*>(p.h) + r * p.h_row_stride;
     const T* dyrow = static_cast<const T*>(p.dy) + r * p.dy_row_stride;
@@ -301,17 +318,22 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads)
           xh[i][j] = (xh[i][j] - mean) * rstd;
           const float g = dyv[i][j] * wv[j];
           s.x += g * xh[i][j];
-          s.y += g;
+          if constexpr (!RMS) s.y += g;
         }
       } else {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) xh[i][j] = dyv[i][j] = 0.f;
       }
     }
-    s = group_sum<G>(s, red[parity]);
+    float c1 = 0.f, c2 = 0.f;
+    if constexpr (RMS) {
+      c1 = group_sum<G>(s.x, red_rms[parity]) * inv_c;  // one float: there is no sum(g)
+    } else {
+      s = group_sum<G>(s, red[parity]);
+      c1 = s.x * inv_c;
+      c2 = s.y * inv_c;
+    }
     parity ^= 1;
-    const float c1 = s.x * inv_c;
-    const float c2 = s.y * inv_c;
 
     if (row_ok) {
       T* dxrow = static_cast<T*>(p.dx) + r * p.dx_row_stride;
@@ -340,7 +362,7 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             dwa[i][j] += dyv[i][j] * xh[i][j];
-            dba[i][j] += dyv[i][j];
+            if constexpr (!RMS) dba[i][j] += dyv[i][j];
           }
         }
       }
@@ -376,28 +398,31 @@ __global__ void __launch_bounds__(GroupShape<G>::kThreads)
     }
   };
   if (p.compute_dw) write_partial(dwa, dw_part);
-  if (p.compute_db) write_partial(dba, db_part);
+  if constexpr (!RMS) {
+    if (p.compute_db) write_partial(dba, db_part);
+  }
 }
 
 // Any C: one CTA of kFallbackThreads threads per row, CTAs loop over rows rb = blockIdx.x + k * gridDim.x.
 // Thread t owns columns c = t + k * kFallbackThreads of every row and accumulates its dw / db partials directly
 // in its own entries of the partial rows (read-modify-write by a single thread: no race, fixed order).
-template <typename T>
+template <typename T, bool RMS>
 __global__ void __launch_bounds__(kFallbackThreads)
     ln_bwd_fallback_kernel(const LayerNormBwdParams p, float* __restrict__ dw_part, float* __restrict__ db_part,
                            float inv_c) {
   __shared__ float2 red[2][kFallbackThreads / 32];
+  __shared__ float red_rms[RMS ? 2 : 1][RMS ? kFallbackThreads / 32 : 1];  // RMS reduces sum(g * xhat) only
   const int64_t C = p.C;
   const T* w = p.has_weight ? static_cast<const T*>(p.weight) : nullptr;
   float* dwp = p.compute_dw ? dw_part + static_cast<int64_t>(blockIdx.x) * C : nullptr;
-  float* dbp = p.compute_db ? db_part + static_cast<int64_t>(blockIdx.x) * C : nullptr;
+  float* dbp = (!RMS && p.compute_db) ? db_part + static_cast<int64_t>(blockIdx.x) * C : nullptr;
   for (int64_t c = threadIdx.x; c < C; c += kFallbackThreads) {
     if (dwp) dwp[c] = 0.f;
     if (dbp) dbp[c] = 0.f;
   }
   int parity = 0;
   for (int64_t row = blockIdx.x; row < p.M; row += gridDim.x) {  // uniform per CTA: barriers are safe
-    const float mean = p.mean[row];
+    const float mean = RMS ? 0.f : p.mean[row];
     const float rstd = p.rstd[row];
     const T* hrow = static_cast<const T*>(p.h) + row * p.h_row_stride;
     const T* dyrow = static_cast<const T*>(p.dy) + row * p.dy_row_stride;
@@ -406,11 +431,17 @@ __global__ void __launch_bounds__(kFallbackThreads)
       const float xhat = (static_cast<float>(hrow[c]) - mean) * rstd;
       const float g = static_cast<float>(dyrow[c]) * (w ? static_cast<float>(w[c]) : 1.f);
       s.x += g * xhat;
-      s.y += g;
+      if constexpr (!RMS) s.y += g;
     }
-    s = group_sum<kFallbackThreads>(s, red[parity]);
+    float c1 = 0.f, c2 = 0.f;
+    if constexpr (RMS) {
+      c1 = group_sum<kFallbackThreads>(s.x, red_rms[parity]) * inv_c;  // one float: there is no sum(g)
+    } else {
+      s = group_sum<kFallbackThreads>(s, red[parity]);
+      c1 = s.x * inv_c;
+      c2 = s.y * inv_c;
+    }
     parity ^= 1;
-    const float c1 = s.x * inv_c, c2 = s.y * inv_c;
     T* dxrow = static_cast<T*>(p.dx) + row * p.dx_row_stride;
     const T* dhrow = p.dh ? static_cast<const T*>(p.dh) + row * p.dh_row_stride : nullptr;
     for (int64_t c = threadIdx.x; c < C; c += kFallbackThreads) {
