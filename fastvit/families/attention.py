@@ -76,6 +76,8 @@ def _check_rope(
     """The checked rotary table, as the kernels take it: (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per
     head (leading singleton dims of timm's (1, H, N_rot, 2·D) / (1, N_rot, 2·D) forms dropped); ``n``: the
     tokens of the longest sequence. ``None`` without ``rope``."""
+    if rope is None and num_prefix_tokens == 0 and rotate_half.__class__ is bool:  # no rotation (every plain call)
+        return None
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
         raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
     if not isinstance(rotate_half, bool):
@@ -626,8 +628,8 @@ def attention_eager(
 ):
     """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv`` (q and k rotated first with
     ``rope``, as timm's ``EvaAttention``), heads concatenated; packed sequences (``cu_seqlens``) one at a time."""
-    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
+        rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
         return per_sequence(
             lambda part: attention_eager(part[None], num_heads, scale=scale, dropout_p=dropout_p, **rope_kw)[0],
             cu_seqlens,
@@ -635,7 +637,8 @@ def attention_eager(
         )
     B, N, C3 = qkv.shape
     q, k, v = reference.split_qkv(qkv, num_heads)
-    q, k = _rotated(q, k, **rope_kw)
+    if rope is not None:
+        q, k = _rotated(q, k, rope, num_prefix_tokens, rotate_half)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
@@ -655,10 +658,10 @@ def sdpa_eager(
 ):
     """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention`` (q and k rotated
     first with ``rope``); packed sequences (``cu_seqlens``, (T, H, D) operands) one at a time."""
-    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
 
     def one(q, k, v):
-        q, k = _rotated(q, k, **rope_kw)
+        if rope is not None:
+            q, k = _rotated(q, k, rope, num_prefix_tokens, rotate_half)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
     if cu_seqlens is not None:
