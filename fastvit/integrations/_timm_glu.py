@@ -52,15 +52,21 @@ _TIMM_ACTS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "Sigmoid
 register_fusable(nn.SiLU, nn.Sigmoid, nn.GELU)
 
 
+_TIMM_ACTS_REGISTERED = False
+
+
 def _register_timm_acts() -> None:
+    """Register timm's activation classes for the fusion guard, once -- when timm is in use (a timm activation
+    module is seen, or ``patch_timm_`` runs), never at import: importing timm costs seconds."""
+    global _TIMM_ACTS_REGISTERED
+    if _TIMM_ACTS_REGISTERED:
+        return
+    _TIMM_ACTS_REGISTERED = True
     try:
         import timm.layers.activations as ta
     except ImportError:  # timm not installed: only torch's classes are known
         return
     register_fusable(*(getattr(ta, n) for n in _TIMM_ACTS if hasattr(ta, n)))
-
-
-_register_timm_acts()
 
 
 def glu_activation(act: nn.Module) -> Optional[str]:
@@ -75,6 +81,7 @@ def glu_activation(act: nn.Module) -> Optional[str]:
     if t is nn.GELU:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     if t.__module__.startswith("timm.") and t.__name__ in _TIMM_ACTS:
+        _register_timm_acts()
         return _TIMM_ACTS[t.__name__]
     return None
 

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 
 from fastvit import ops
 from fastvit.integrations._timm_glu import (
+    _register_timm_acts,
     glu_mlp_forward,
     glu_mlp_hidden,
     glu_mlp_reasons,
@@ -686,6 +687,7 @@ def _register_timm_fusable() -> None:
     # RMSNorms: no 'layer_norm' kind (they are not F.layer_norm); fused paths call them as modules (apply_norm)
     register_fusable(tl.RmsNorm, tl.RmsNormFp32)
     register_fusable(*(getattr(tl, n) for n in ("GELU", "GELUTanh", "QuickGELU") if hasattr(tl, n)))
+    _register_timm_acts()  # the gated MLPs' activations (Swish, Sigmoid, ...)
 
 
 def _patch_table() -> Dict[type, object]:
