@@ -147,15 +147,16 @@ def _prepare_attention(
         raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
-        raise ValueError(
-            f"qkv's last dim ({qkv.shape[-1]}) must be a positive multiple of 3 * num_heads = {3 * num_heads}"
-        )
+    shape = qkv.shape
+    C3 = shape[-1]
+    if C3 % (3 * num_heads) or C3 == 0:
+        raise ValueError(f"qkv's last dim ({C3}) must be a positive multiple of 3 * num_heads = {3 * num_heads}")
     if dropout_p != 0.0:
         check_dropout(dropout_p)
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    head_dim = C3 // (3 * num_heads)
+    plain = rope is None and num_prefix_tokens == 0 and rotate_half is False  # no rotary arguments to check
     if packed:
-        S, n = check_cu_seqlens(cu_seqlens, max_seqlen, qkv.shape[0], "qkv", qkv)
+        S, n = check_cu_seqlens(cu_seqlens, max_seqlen, shape[0], "qkv", qkv)
         rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, n)
         call = _describe(
             qkv.device,
@@ -171,8 +172,9 @@ def _prepare_attention(
         return call, qkv, rope
     if max_seqlen is not None:
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
-    B, N, _ = qkv.shape
-    rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, N)
+    B, N, _ = shape
+    if not plain:
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, N)
     call = _describe(
         qkv.device,
         qkv.dtype,
@@ -276,6 +278,8 @@ def attention(
         rotate_half=rotate_half,
     )
     fn = _select("attention", call, backend)[1]
+    if rope is None and cu_seqlens is None:
+        return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p)
     kw = {} if rope is None else dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is None:
         return fn(qkv, num_heads, scale=scale, dropout_p=dropout_p, **kw)

@@ -59,17 +59,29 @@ def _prepare_layer_norm(
     mixed_ok = amp_dtype(x) is not None
     if mixed_ok:
         x, weight, bias, residual = autocast_rule(x.device.type, x, weight, bias, residual)
-    C = shape[-1]
-    check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
-    check_like("bias", bias, "x", x, (C,), any_float=mixed_ok)
-    check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    C, dtype, device = shape[-1], x.dtype, x.device
+    # Each operand compared with x inline, handed to check_like (which names it, or accepts autocast's mixed dtypes)
+    # only when that fails: the acceptance of calling check_like every time, with x's attributes read once.
+    try:
+        same = (
+            (weight is None or (weight.dtype is dtype and weight.device == device and weight.shape == (C,)))
+            and (bias is None or (bias.dtype is dtype and bias.device == device and bias.shape == (C,)))
+            and (
+                residual is None or (residual.dtype is dtype and residual.device == device and residual.shape == shape)
+            )
+        )
+    except AttributeError:  # a non-tensor operand: check_like names it
+        same = False
+    if not same:
+        check_like("weight", weight, "x", x, (C,), any_float=mixed_ok)
+        check_like("bias", bias, "x", x, (C,), any_float=mixed_ok)
+        check_like("residual", residual, "x", x, shape, any_float=mixed_ok)
+    if eps.__class__ is not float and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     mixed = mixed_ok and mixed_dtypes(x, weight, bias, residual)
-    call = _describe(x.device, x.dtype, features=C, mixed_dtypes=mixed)
-    return call, x, weight, bias, residual
+    return _describe(device, dtype, features=C, mixed_dtypes=mixed), x, weight, bias, residual
 
 
 def layer_norm(

@@ -68,22 +68,34 @@ from fastvit.runtime import triton as triton_rt
 _describe = call_builder("in_features", "out_features")
 
 
-def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """Check a linear op's GEMM operands (after applying the autocast rule when autocast is on); returns
-    ``(x, weight, bias, autocast_on)``."""
+    ``(x, weight, bias, autocast_on, dtype, device, shape, M, K)`` -- x's dtype, device and shape and the weight's
+    (out_features, in_features), read once for the caller's further checks.
+
+    Each operand is compared with x inline and handed to :func:`check_like` (which raises naming it, or accepts what
+    autocast leaves mixed) only when that comparison fails: the same acceptance as calling it every time, read once."""
     check_tensor("x", x)
     amp = amp_dtype(x)
     if amp is not None:
         x, weight, bias = autocast_rule(amp, x, weight, bias)
+    dtype, device, shape = x.dtype, x.device, x.shape
     check_tensor("weight", weight, 2)
-    check_like("weight", weight, "x", x)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+    if weight.dtype is not dtype or weight.device != device:
+        check_like("weight", weight, "x", x)
+    M, K = weight.shape
+    if not shape or shape[-1] != K:
         raise ValueError(
-            f"x's last dim ({x.shape[-1] if x.dim() else 'scalar'}) must equal weight's in_features "
+            f"x's last dim ({shape[-1] if shape else 'scalar'}) must equal weight's in_features "
             f"(weight shape {tuple(weight.shape)} is (out_features, in_features))"
         )
-    check_like("bias", bias, "x", x, (weight.shape[0],))
-    return x, weight, bias, amp is not None
+    try:
+        same = bias is None or (bias.dtype is dtype and bias.device == device and bias.shape == (M,))
+    except AttributeError:  # not a tensor: check_like names it
+        same = False
+    if not same:
+        check_like("bias", bias, "x", x, (M,))
+    return x, weight, bias, amp is not None, dtype, device, shape, M, K
 
 
 def _prepare_linear_gelu(
@@ -93,16 +105,10 @@ def _prepare_linear_gelu(
     *,
     approximate: str = "none",
 ) -> tuple:
-    x, weight, bias, _ = _check_linear(x, weight, bias)
-    if approximate not in ("none", "tanh"):
+    x, weight, bias, _, dtype, device, _, M, K = _check_linear(x, weight, bias)
+    if approximate != "none" and approximate != "tanh":
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    M, K = weight.shape
-    return (
-        _describe(x.device, x.dtype, in_features=K, out_features=M),
-        x,
-        weight,
-        bias,
-    )
+    return _describe(device, dtype, in_features=K, out_features=M), x, weight, bias
 
 
 def linear_gelu(
@@ -141,13 +147,23 @@ def _prepare_linear_residual(
     *,
     gamma: torch.Tensor | None = None,
 ) -> tuple:
-    x, weight, bias, mixed_ok = _check_linear(x, weight, bias)
-    M, K = weight.shape
-    check_like("residual", residual, "x", x, (*x.shape[:-1], M), any_float=mixed_ok)
-    check_like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
+    x, weight, bias, mixed_ok, dtype, device, shape, M, K = _check_linear(x, weight, bias)
+    try:  # residual: x's leading dims and M; gamma: (M,) (compared inline; check_like below names what differs)
+        rs = residual.shape
+        same = (
+            residual.dtype is dtype
+            and residual.device == device
+            and rs[-1] == M
+            and rs[:-1] == shape[:-1]
+            and (gamma is None or (gamma.dtype is dtype and gamma.device == device and gamma.shape == (M,)))
+        )
+    except (AttributeError, IndexError):  # a non-tensor, or a 0-D residual
+        same = False
+    if not same:
+        check_like("residual", residual, "x", x, (*shape[:-1], M), any_float=mixed_ok)
+        check_like("gamma", gamma, "x", x, (M,), any_float=mixed_ok)
     mixed = mixed_ok and mixed_dtypes(x, residual, gamma)
-    call = _describe(x.device, x.dtype, in_features=K, out_features=M, mixed_dtypes=mixed)
-    return call, x, weight, bias, residual, gamma
+    return _describe(device, dtype, in_features=K, out_features=M, mixed_dtypes=mixed), x, weight, bias, residual, gamma
 
 
 def linear_residual(
