@@ -349,7 +349,10 @@ def test_build_reports_varlen_and_has_the_schemas(ext):
             for kind in ("fwd", "bwd"):
                 triton = getattr(torch.ops.fastvit, f"{stem}_{kind}").default._schema
                 cuda = getattr(torch.ops.fastvit, f"{stem}_{kind}_cuda").default._schema
-                assert [str(a.type) for a in triton.arguments] == [str(a.type) for a in cuda.arguments]
+                # but for the Triton ops' trailing rotary arguments (rope, num_prefix_tokens, rotate_half): the CUDA
+                # backend declines rope calls, so its ops never take them
+                assert [a.name for a in triton.arguments[-3:]] == ["rope", "num_prefix_tokens", "rotate_half"]
+                assert [str(a.type) for a in triton.arguments[:-3]] == [str(a.type) for a in cuda.arguments]
 
 
 @needs_toolchain

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from fastvit import ops
+from fastvit.families._checks import amp_dtype
 from fastvit.integrations._timm_glu import (
     _register_timm_acts,
     glu_mlp_forward,
@@ -536,7 +537,7 @@ def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if len(self.normalized_shape) != 1 or _wrapper_param(self) or isinstance(x, torch.fx.Proxy):
         return self._fastvit_orig_cls.forward(self, x)
     w, dtype = self.weight, x.dtype
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = amp_dtype(x) is not None  # False on the meta device, which autocast does not know
     if w is not None and w.dtype != x.dtype and not autocast:
         acc = torch.promote_types(x.dtype, w.dtype)
         x, w = x.to(acc), w.to(acc)
