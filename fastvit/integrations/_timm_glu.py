@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fastvit import ops
-from fastvit.nn.layers import _skippable, apply_norm, needs_module_calls, register_fusable
+from fastvit.nn.layers import _skippable, _weight_bias, apply_norm, needs_module_calls, register_fusable
 
 __all__ = [
     "glu_activation",
@@ -107,9 +107,10 @@ def glu_mlp_reasons(m: nn.Module) -> List[str]:
 
 def _rest(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``drop1``, ``norm`` after the gating, as timm's forwards do (inactive dropout skipped unseen)."""
-    if not _skippable(m.drop1):
-        h = m.drop1(h)
-    return apply_norm(m.norm, h)
+    mods = m._modules  # submodules read from the dict (nn.Module.__getattr__ is slow on the host)
+    if not _skippable(mods["drop1"]):
+        h = mods["drop1"](h)
+    return apply_norm(mods["norm"], h)
 
 
 def swiglu_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,14 +122,16 @@ def swiglu_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: the activation is not covered (see :func:`swiglu_reasons`).
     """
-    fc1_g, fc1_x, act = m.fc1_g, m.fc1_x, m.act
+    mods = m._modules
+    fc1_g, fc1_x, act = mods["fc1_g"], mods["fc1_x"], mods["act"]
     name = glu_activation(act)
     if name is None:
         raise ValueError(_act_reason(act)[0])
     if needs_module_calls(fc1_g, fc1_x, act):
         h = act(fc1_g(x)) * fc1_x(x)  # module calls: hooks / adapters on fc1_g, fc1_x or act see them
     else:
-        h = ops.linear_glu(x, fc1_g.weight, fc1_g.bias, fc1_x.weight, fc1_x.bias, activation=name)
+        (weight, bias), (weight_value, bias_value) = _weight_bias(fc1_g), _weight_bias(fc1_x)
+        h = ops.linear_glu(x, weight, bias, weight_value, bias_value, activation=name)
     return _rest(m, h)
 
 
@@ -144,12 +147,14 @@ def glu_mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     reasons = glu_mlp_reasons(m)
     if reasons:
         raise ValueError("; ".join(reasons))
-    fc1, act = m.fc1, m.act
+    mods = m._modules
+    fc1, act = mods["fc1"], mods["act"]
     if needs_module_calls(fc1, act):
         x1, x2 = fc1(x).chunk(2, dim=-1)
         h = x1 * act(x2) if m.gate_last else act(x1) * x2
     else:
-        h = ops.linear_glu(x, fc1.weight, fc1.bias, activation=glu_activation(act), gate_last=bool(m.gate_last))
+        weight, bias = _weight_bias(fc1)
+        h = ops.linear_glu(x, weight, bias, activation=glu_activation(act), gate_last=bool(m.gate_last))
     return _rest(m, h)
 
 

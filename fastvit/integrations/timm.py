@@ -33,6 +33,7 @@ from fastvit.nn.layers import (
     _act_mode,
     _branch,
     _skippable,
+    _weight_bias,
     _wrapper_param,
     apply_norm,
     attention_core,
@@ -443,15 +444,16 @@ def _rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Ten
     (``scale_norm``) is applied as timm applies it."""
     B, N, _ = x.shape
     H = m.num_heads
-    p = m.attn_drop.p if m.training else 0.0
+    mods = m._modules  # submodules read from the dict (nn.Module.__getattr__ is slow on the host)
+    p = mods["attn_drop"].p if m.training else 0.0
     kw = {}
     if rope is not None:
         kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
-    if m.qkv is not None:
+    if mods.get("qkv") is not None:
         qkv = _eva_qkv(m, x)
-        if _skippable(m.q_norm) and _skippable(m.k_norm):
+        if _skippable(mods["q_norm"]) and _skippable(mods["k_norm"]):
             out = ops.attention(qkv, H, dropout_p=p, **kw)
-            return apply_norm(m.norm, out)
+            return apply_norm(mods["norm"], out)
         q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         kv_heads = getattr(m, "num_kv_heads", H)
@@ -514,19 +516,23 @@ def _block_fused(
     """The fused path of a timm ``Block`` whose reasons are empty: :func:`block_forward_fused` for timm's ``Mlp``;
     for a gated MLP (``SwiGLU`` / ``GluMlp``) the same with fc1 + gating through :func:`fastvit.ops.linear_glu`.
     Norms go through :func:`apply_norm` (an RmsNorm is called as a module: its patched forward runs)."""
-    glu = _glu_hidden_table().get(_orig_type(m.mlp))
+    mods = m._modules  # submodules read from the dict, as block_forward_fused does
+    attn, mlp = mods["attn"], mods["mlp"]
+    glu = _glu_hidden_table().get(_orig_type(mlp))
     if glu is None:
         return block_forward_fused(m, x, cu_seqlens, max_seqlen)
-    h = attention_core(m.attn, apply_norm(m.norm1, x), cu_seqlens, max_seqlen)
-    x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1, cu_seqlens)
-    h = glu[0](m.mlp, apply_norm(m.norm2, x))
-    return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2, cu_seqlens)
+    am, mm = attn._modules, mlp._modules
+    h = attention_core(attn, apply_norm(mods["norm1"], x), cu_seqlens, max_seqlen)
+    x = _branch(x, h, am["proj"], am["proj_drop"], mods["ls1"], mods["drop_path1"], cu_seqlens)
+    h = glu[0](mlp, apply_norm(mods["norm2"], x))
+    return _branch(x, h, mm["fc2"], mm["drop2"], mods["ls2"], mods["drop_path2"], cu_seqlens)
 
 
 def _layer_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if len(self.normalized_shape) != 1 or _wrapper_param(self):  # DTensor weight (tensor / sequence parallelism)
         return self._fastvit_orig_cls.forward(self, x)
-    return ops.layer_norm(x, self.weight, self.bias, self.eps)
+    weight, bias = _weight_bias(self)  # a parametrized weight / bias: read through its property
+    return ops.layer_norm(x, weight, bias, self.eps)
 
 
 def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -263,10 +263,23 @@ def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if type(norm) in _LAYER_NORM_CLASSES and len(norm.normalized_shape) == 1:
         if not (_attached(norm) or _global_hooks()):
-            return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
+            weight, bias = _weight_bias(norm)
+            return ops.layer_norm(x, weight, bias, norm.eps)
     elif _skippable(norm):
         return x
     return norm(x)
+
+
+def _weight_bias(m: nn.Module) -> tuple:
+    """``(m.weight, m.bias)`` of a fusable ``nn.Linear`` / LayerNorm, read from ``m._parameters``: a dict lookup,
+    where each ``nn.Module.__getattr__`` costs about 0.7 µs on the host -- the fused forwards read attributes this
+    way (and submodules from ``_modules``) because a ViT step reads hundreds of them. The result is the same: a
+    parameter lives in ``_parameters`` (FSDP2 swaps its unsharded tensors in there too); a class that keeps them
+    elsewhere is read by attribute."""
+    p = m._parameters
+    if "weight" in p and "bias" in p:
+        return p["weight"], p["bias"]
+    return m.weight, m.bias
 
 
 def _dropout_active(m: nn.Module) -> bool:
@@ -542,9 +555,10 @@ def attention_core(
     Raises:
         ValueError: malformed ``cu_seqlens`` / ``max_seqlen`` or ``x`` of the wrong rank (from :mod:`fastvit.ops`).
     """
-    qkv = m.qkv(x)  # always a module call: adapters (LoRA) and hooks on qkv see it
-    p = m.attn_drop.p if m.training else 0.0
-    q_norm, k_norm = m.q_norm, m.k_norm
+    mods = m._modules  # submodules read from the dict: see _weight_bias
+    qkv = mods["qkv"](x)  # always a module call: adapters (LoRA) and hooks on qkv see it
+    p = mods["attn_drop"].p if m.training else 0.0
+    q_norm, k_norm = mods["q_norm"], mods["k_norm"]
     if _skippable(q_norm) and _skippable(k_norm):
         out = ops.attention(qkv, m.num_heads, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=p)
     elif cu_seqlens is not None:
@@ -558,7 +572,7 @@ def attention_core(
         q, k, v = qkv.reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
         out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, -1)
-    norm = getattr(m, "norm", None)  # timm's scale_norm; absent on older timm
+    norm = mods.get("norm")  # timm's scale_norm; absent on older timm
     return out if norm is None else apply_norm(norm, out)
 
 
@@ -654,16 +668,18 @@ def mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Shapes: (..., C_in) -> (..., hidden).
     """
-    fc1, act = m.fc1, m.act
+    mods = m._modules  # see _weight_bias
+    fc1, act = mods["fc1"], mods["act"]
     mode = _act_mode(act)
     if mode == "quick_gelu" or needs_module_calls(fc1, act):
         h = act(fc1(x))  # module calls: an adapter / hook / DTensor on fc1 or act sees them
     else:
-        h = ops.linear_gelu(x, fc1.weight, fc1.bias, approximate="tanh" if mode == "gelu_tanh" else "none")
-    drop1 = m.drop1
+        weight, bias = _weight_bias(fc1)
+        h = ops.linear_gelu(x, weight, bias, approximate="tanh" if mode == "gelu_tanh" else "none")
+    drop1 = mods["drop1"]
     if not _skippable(drop1):  # skip the module call when it would return h unseen (eval mode, p = 0, no hooks)
         h = drop1(h)
-    return apply_norm(m.norm, h)
+    return apply_norm(mods["norm"], h)
 
 
 class Mlp(nn.Module):
@@ -747,8 +763,9 @@ def _branch(
     (the caller has checked that nothing is attached to these modules); with ``cu_seqlens`` (packed tokens)
     drop-path draws per sequence, not per row."""
     if not _dropout_active(drop) and not _dropout_active(dp):
-        gamma = ls.gamma if not isinstance(ls, nn.Identity) else None
-        return ops.linear_residual(h, linear.weight, linear.bias, x, gamma=gamma)
+        gamma = None if type(ls) is nn.Identity else ls._parameters["gamma"]  # see _weight_bias
+        weight, bias = _weight_bias(linear)
+        return ops.linear_residual(h, weight, bias, x, gamma=gamma)
     return _residual(x, ls(drop(linear(h))), dp, cu_seqlens)
 
 
@@ -828,10 +845,13 @@ def block_forward_fused(
     """:func:`block_forward`'s fused path, for a caller that has checked :func:`block_fusable`: the projections,
     LayerScale and residual adds as :func:`fastvit.ops.linear_residual`, fc1 + GELU as
     :func:`fastvit.ops.linear_gelu` (see :func:`mlp_hidden`), attention through :func:`attention_core`."""
-    h = attention_core(m.attn, apply_norm(m.norm1, x), cu_seqlens, max_seqlen)
-    x = _branch(x, h, m.attn.proj, m.attn.proj_drop, m.ls1, m.drop_path1, cu_seqlens)
-    h = mlp_hidden(m.mlp, apply_norm(m.norm2, x))
-    return _branch(x, h, m.mlp.fc2, m.mlp.drop2, m.ls2, m.drop_path2, cu_seqlens)
+    mods = m._modules  # see _weight_bias
+    attn, mlp = mods["attn"], mods["mlp"]
+    am, mm = attn._modules, mlp._modules
+    h = attention_core(attn, apply_norm(mods["norm1"], x), cu_seqlens, max_seqlen)
+    x = _branch(x, h, am["proj"], am["proj_drop"], mods["ls1"], mods["drop_path1"], cu_seqlens)
+    h = mlp_hidden(mlp, apply_norm(mods["norm2"], x))
+    return _branch(x, h, mm["fc2"], mm["drop2"], mods["ls2"], mods["drop_path2"], cu_seqlens)
 
 
 def block_forward_modular(
