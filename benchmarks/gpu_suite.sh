@@ -435,6 +435,10 @@ stage_headline() {
         bench_step "attention_$mode" 120 attention --dtype bf16 --mode "$mode" --heads 12 --batch auto \
             --seq-lens 197 577 1025 --head-dims 64 80
     done
+    # Rotary attention (EVA-02 / DINOv3 style, cls left unrotated): fastvit rotates q and k inside the kernel, the
+    # SDPA providers run timm's unfused rotation first.
+    bench_step attention_rope_fwd_bwd 90 attention --dtype bf16 --mode fwd_bwd --heads 12 --batch auto \
+        --seq-lens 197 577 1025 --head-dims 64 --rope
     # Train step (fwd + bwd + AdamW, bf16 autocast) and inference; --compile adds timm-compile (and fastvit-compile,
     # left to the sweeps stage: one torch.compile of a ViT-B less here).
     bench_step model_vit_base_patch16_224 180 model vit_base_patch16_224 --batch 128 --dtype bf16 --compile \

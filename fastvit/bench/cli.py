@@ -56,6 +56,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _batch(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -156,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"B·N target for --batch auto (default GPU {_ATTN_TOKENS[0]}, CPU {_ATTN_TOKENS[1]})",
     )
     a.add_argument("--mode", choices=[*_MODES, "all"], default="fwd", help="fwd, bwd, fwd_bwd or all (default fwd)")
+    a.add_argument(
+        "--rope",
+        action="store_true",
+        help="rotary position embeddings on q and k (timm's EvaAttention: fastvit rotates inside the kernel, the "
+        "SDPA providers rotate with separate ops first)",
+    )
+    a.add_argument(
+        "--num-prefix-tokens",
+        type=_non_negative_int,
+        default=1,
+        help="with --rope: leading tokens left unrotated, e.g. cls + registers (default 1)",
+    )
 
     m = sub.add_parser(
         "model",
@@ -484,17 +506,21 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
     providers = [p for p in providers if p.name in keep]
 
     cases = [(n, d, mode) for mode in modes for d in head_dims for n in seq_lens]
+    rope_note = f", rope after {args.num_prefix_tokens} prefix tokens" if args.rope else ""
     rows: list[dict[str, Any]] = []
     for n, d, mode in _progress(cases, len(cases), "attention", args.no_progress):
         B = args.batch if args.batch != "auto" else max(1, round(tokens / n))
-        spec = AttentionSpec(B, n, heads, d, run.dtype, run.device)
+        spec = AttentionSpec(
+            B, n, heads, d, run.dtype, run.device, rope=args.rope, num_prefix_tokens=args.num_prefix_tokens * args.rope
+        )
         for rec in run_attention_case(spec, mode, providers, run.roofline, bench=run.bench):
             rows.append(rec.as_dict())
 
     run.report(
         "attention",
         argv,
-        f"attention ({run.device.type}, {str(run.dtype)[6:]}, H={heads}) -- ms is the median; mem = MiB the call adds",
+        f"attention ({run.device.type}, {str(run.dtype)[6:]}, H={heads}{rope_note}) -- ms is the median; "
+        "mem = MiB the call adds",
         [
             ("mode", "mode", "text"),
             ("provider", "provider", "text"),
@@ -512,6 +538,7 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
         rows,
         heads=heads,
         tokens_target=tokens,
+        rope=args.rope,
     )
     if args.plot:
         _plot_sweep(
@@ -520,7 +547,7 @@ def _cmd_attention(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
             x_key="N",
             series_key="provider",
             panel_keys=("mode", "D"),
-            title=f"attention, H={heads}, {str(run.dtype)[6:]}, {run.device.type}",
+            title=f"attention, H={heads}, {str(run.dtype)[6:]}, {run.device.type}{rope_note}",
         )
     return _exit_status(rows)
 

@@ -196,7 +196,9 @@ def _timing_metrics(
 # =============================================================================================== attention
 @dataclass(frozen=True)
 class AttentionSpec:
-    """One attention configuration: B batch, N tokens, H heads, D head dim, dtype, device."""
+    """One attention configuration: B batch, N tokens, H heads, D head dim, dtype, device; with ``rope``, rotary
+    position embeddings on q and k (timm's ``cat([sin, cos], -1)`` table, see :meth:`rope_table`) after
+    ``num_prefix_tokens`` unrotated tokens (cls, registers), as timm's ``EvaAttention`` computes them."""
 
     B: int
     N: int
@@ -204,6 +206,26 @@ class AttentionSpec:
     D: int
     dtype: torch.dtype
     device: torch.device
+    rope: bool = False
+    num_prefix_tokens: int = 0
+
+    def rope_table(self) -> torch.Tensor | None:
+        """The rotary table of a ``rope`` spec: fp32 (N - num_prefix_tokens, 2·D) ``cat([sin, cos], -1)`` on the
+        spec's device, the 1D RoPE of RoFormer (Su et al., 2021: angle ``p · 10000^(-2i/D)`` for token p and pair
+        i) in timm's interleaved layout (each angle repeated for the two columns of its pair). Time and memory do
+        not depend on the angles, so a 1D table stands for timm's 2D ones. ``None`` without ``rope``."""
+        if not self.rope:
+            return None
+        n = max(self.N - self.num_prefix_tokens, 0)
+        inv_freq = 10000.0 ** (-torch.arange(0, self.D, 2, dtype=torch.float64) / self.D)
+        angles = (torch.arange(n, dtype=torch.float64)[:, None] * inv_freq[None, :]).repeat_interleave(2, dim=1)
+        return torch.cat([angles.sin(), angles.cos()], -1).to(device=self.device, dtype=torch.float32)
+
+    def rope_kwargs(self) -> dict[str, Any]:
+        """The rotary keyword arguments of :func:`fastvit.ops.attention` for this spec (empty without ``rope``)."""
+        if not self.rope:
+            return {}
+        return {"rope": self.rope_table(), "num_prefix_tokens": self.num_prefix_tokens}
 
     @property
     def C(self) -> int:
@@ -211,8 +233,8 @@ class AttentionSpec:
         return self.H * self.D
 
     def config(self) -> dict[str, Any]:
-        """JSON-friendly description (B, N, H, D, C, dtype)."""
-        return {
+        """JSON-friendly description (B, N, H, D, C, dtype; ``rope`` and ``num_prefix_tokens`` with rope)."""
+        out = {
             "B": self.B,
             "N": self.N,
             "H": self.H,
@@ -220,6 +242,9 @@ class AttentionSpec:
             "C": self.C,
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+        if self.rope:
+            out.update(rope=True, num_prefix_tokens=self.num_prefix_tokens)
+        return out
 
 
 class AttentionProvider:
@@ -256,13 +281,13 @@ class FastvitAttention(AttentionProvider):
 
     def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
         qkv = torch.empty(spec.B, spec.N, 3 * spec.C, device=spec.device, dtype=spec.dtype)  # what the call sees
-        return _fastvit_reasons(self.backend, "attention", _call("attention", qkv, spec.H))
+        return _fastvit_reasons(self.backend, "attention", _call("attention", qkv, spec.H, **spec.rope_kwargs()))
 
     def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         from fastvit import ops
 
-        H, backend = spec.H, self.backend
-        return lambda qkv: ops.attention(qkv, H, backend=backend)
+        H, backend, kw = spec.H, self.backend, spec.rope_kwargs()  # with rope: q and k rotated inside the kernel
+        return lambda qkv: ops.attention(qkv, H, backend=backend, **kw)
 
 
 _SDPA_NAMES = {
@@ -275,7 +300,9 @@ _SDPA_NAMES = {
 
 class SdpaAttention(AttentionProvider):
     """timm's attention path: reshape/permute packed qkv, ``F.scaled_dot_product_attention`` restricted to one
-    SDPA backend with ``torch.nn.attention.sdpa_kernel``, transpose + reshape the output (the copies timm pays)."""
+    SDPA backend with ``torch.nn.attention.sdpa_kernel``, transpose + reshape the output (the copies timm pays).
+    With rope, q and k are rotated first by separate ops, as timm's ``EvaAttention`` does (prefix tokens split off,
+    the rotation computed in fp32 against the fp32 table, concatenated back and cast to v's dtype)."""
 
     def __init__(self, short: str) -> None:
         self.short = short
@@ -305,10 +332,14 @@ class SdpaAttention(AttentionProvider):
 
     def build(self, spec: AttentionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
         H, D, C = spec.H, spec.D, spec.C
+        table, npt = spec.rope_table(), spec.num_prefix_tokens
 
         def fn(qkv: torch.Tensor) -> torch.Tensor:
             B, N, _ = qkv.shape
             q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            if table is not None:  # timm's unfused rotation: separate ops, rotated copies of q and k
+                q = reference.rotary(q, table, npt, plain=True)  # in q's dtype, as timm's .type_as(v)
+                k = reference.rotary(k, table, npt, plain=True)
             o = F.scaled_dot_product_attention(q, k, v)
             return o.transpose(1, 2).reshape(B, N, C)
 
@@ -322,6 +353,8 @@ class FlashAttnProvider(AttentionProvider):
     description = "flash_attn.flash_attn_qkvpacked_func"
 
     def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        if spec.rope:
+            return ["rope: timm's cat([sin, cos]) tables are not benchmarked through flash_attn's rotary layout"]
         try:
             import flash_attn  # noqa: F401
         except Exception as exc:  # ImportError, or a broken build raising at import
@@ -354,6 +387,8 @@ class XformersProvider(AttentionProvider):
     description = "xformers.ops.memory_efficient_attention"
 
     def reasons(self, spec: AttentionSpec, mode: str) -> list[str]:
+        if spec.rope:
+            return ["rope: xformers has no rotary attention"]
         try:
             import xformers.ops  # noqa: F401
         except Exception as exc:
@@ -384,12 +419,15 @@ def attention_providers() -> list[AttentionProvider]:
     )
 
 
-def _attention_reference(qkv: torch.Tensor, dout: torch.Tensor | None, H: int) -> dict[str, torch.Tensor]:
-    """Reference output (and dqkv) in high precision, plus the same math in the input precision."""
+def _attention_reference(
+    qkv: torch.Tensor, dout: torch.Tensor | None, H: int, rope_kwargs: dict[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Reference output (and dqkv) in high precision, plus the same math in the input precision (with
+    ``rope_kwargs``: the rotary arguments of :meth:`AttentionSpec.rope_kwargs`)."""
     out: dict[str, torch.Tensor] = {}
     for key, dt in (("ref", ref_dtype_for(qkv.dtype)), ("pt", qkv.dtype)):
         x = qkv.detach().to(dt).requires_grad_(dout is not None)
-        o = reference.attention(x, H, plain=True)  # the oracle's pt: no upcast
+        o = reference.attention(x, H, plain=True, **(rope_kwargs or {}))  # the oracle's pt: no upcast
         out[key] = o.detach()
         if dout is not None:
             (g,) = torch.autograd.grad(o, x, dout.to(dt))
@@ -459,7 +497,7 @@ def run_attention_case(
     qkv_c = randn(bc, spec.N, 3 * spec.C)
     dout_c = randn(bc, spec.N, spec.C) if need_grad else None
     try:
-        ref = _attention_reference(qkv_c, dout_c, spec.H)
+        ref = _attention_reference(qkv_c, dout_c, spec.H, spec.rope_kwargs())
     except Exception as exc:  # noqa: BLE001 -- report, do not abort the sweep
         status = "oom" if _is_oom(exc) else "error"
         for p in runnable:
