@@ -1,5 +1,7 @@
-"""Drop-in ViT modules on :mod:`fastvit.ops`, with timm's parameter names (see :mod:`fastvit.nn.layers`)."""
+"""Drop-in ViT modules on :mod:`fastvit.ops`, with timm's parameter names (see :mod:`fastvit.nn.layers`; timm's Eva
+family in :mod:`fastvit.nn.eva`)."""
 
+from fastvit.nn.eva import Eva, EvaBlock
 from fastvit.nn.factory import create_model, list_models
 from fastvit.nn.layers import Attention, Block, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
 from fastvit.nn.mae import MaskedAutoencoderViT
@@ -11,6 +13,8 @@ __all__ = [
     "Attention",
     "Block",
     "DropPath",
+    "Eva",
+    "EvaBlock",
     "LayerScale",
     "MaskedAutoencoderViT",
     "Mlp",
