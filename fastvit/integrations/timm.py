@@ -100,6 +100,10 @@ def from_timm(model: nn.Module) -> VisionTransformer:
             dynamic padding, differing LayerNorm eps, QK/scale norms other than LayerNorm). The message names it.
     """
     _timm()
+    from fastvit.integrations._timm_eva import eva_from_timm, is_timm_eva
+
+    if is_timm_eva(model):  # timm's Eva family (EVA-02, DINOv3, PE, RoPE ViTs) -> fastvit.nn.eva.Eva
+        return eva_from_timm(model)
     from timm.layers import Attention as TAttention
     from timm.layers import LayerScale as TLayerScale
     from timm.layers import Mlp as TMlp
