@@ -1,0 +1,226 @@
+"""fastvit's own Eva family (fastvit.nn.eva: EVA-02, DINOv3, Perception Encoder, RoPE ViTs) against timm's.
+
+* Whole models with timm's weights (tiny depth / width, small images): output and every parameter gradient under the
+  oracle of tests/oracle.py (fp32 and CPU bf16 autocast), against timm's own model -- DINOv3 (EvaAttention without
+  bias, 4 registers, rotate-half rope, LayerScale, dynamic size), EVA-02 Ti (q / v-biased fused qkv, packed SwiGLU),
+  EVA-02 B (separate q / k / v, SwiGLU with its LayerNorm, fp32 only), PE core (AttentionRope, pre-norm, attention
+  pooling), RoPE-Mixed (learnable per-head tables);
+* strict state_dict round trips, ``from_timm`` configurations, ``create_model`` names against timm's configs (meta);
+* bad arguments; hooks on block submodules; ``import fastvit`` without timm.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from oracle import ModelOracle
+
+import fastvit
+import fastvit.backends
+from fastvit.nn.eva import AttentionRope, Eva, EvaAttention, GluMlp, eva_block_fusion_reasons
+from fastvit.nn.factory import _EVA_CONFIGS
+
+timm = pytest.importorskip("timm")
+
+from fastvit.integrations import from_timm  # noqa: E402
+
+#: name -> (tiny overrides, families' ops that must run)
+TINY = {
+    "vit_small_patch16_dinov3": dict(depth=2, embed_dim=64, num_heads=2, img_size=32),
+    "eva02_tiny_patch14_224": dict(depth=2, embed_dim=64, num_heads=2, img_size=28),
+    "eva02_base_patch14_224": dict(depth=2, embed_dim=64, num_heads=2, img_size=28),
+    "vit_pe_core_tiny_patch16_384": dict(depth=2, embed_dim=64, num_heads=2, img_size=32),
+    "vit_base_patch16_rope_mixed_224": dict(depth=2, embed_dim=64, num_heads=2, img_size=32),
+}
+OPS = {
+    "vit_small_patch16_dinov3": {"patch_embed", "attention", "layer_norm", "linear_gelu", "linear_residual"},
+    "eva02_tiny_patch14_224": {"attention", "linear_glu", "linear_residual"},
+    "eva02_base_patch14_224": {"scaled_dot_product_attention", "linear_glu", "linear_residual"},
+    "vit_pe_core_tiny_patch16_384": {"attention", "scaled_dot_product_attention", "linear_gelu"},
+    "vit_base_patch16_rope_mixed_224": {"attention", "linear_gelu", "linear_residual"},
+}
+
+
+def _timm_model(name: str, seed: int, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, num_classes=5, **{**TINY[name], **kw})
+    with torch.no_grad():  # timm zero-inits biases / ones-inits norms: random values exercise every path
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    for mod in m.modules():  # dropout-free training mode: deterministic, gradients everywhere
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    return m.train()
+
+
+def _ours(name: str, timm_model: nn.Module, **kw) -> Eva:
+    m = fastvit.create_model(name, num_classes=5, **{**TINY[name], **kw})
+    m.load_state_dict(timm_model.state_dict(), strict=True)
+    return m.train(timm_model.training)
+
+
+CASES = [(n, amp, None) for n in TINY for amp in (False, True) if not (amp and n == "eva02_base_patch14_224")]
+CASES += [(n, False, "triton") for n in ("vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_224")]
+
+
+@pytest.mark.parametrize(
+    "name,amp,backend", CASES, ids=[f"{n}-{'bf16' if a else 'fp32'}{'-' + b if b else ''}" for n, a, b in CASES]
+)
+def test_eva_matches_timm(name, amp, backend, seed):
+    """create_model(name) with timm's weights: output and every parameter gradient (the mixed rope's learnable
+    frequencies included) under the oracle against timm's own model; the fused ops run. Automatic dispatch, and the
+    Triton kernels (interpreted on the CPU) for a shared rotate-half table and for per-head tables."""
+    t = _timm_model(name, seed)
+    size = TINY[name]["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    oracle = ModelOracle(
+        t,
+        [x],
+        lambda out: out,
+        ref_dtype=torch.float32 if amp else torch.float64,
+        loss_fn=lambda out: (out.float() ** 2).sum(),
+        dtype=torch.bfloat16 if amp else None,
+        context=(lambda: torch.autocast("cpu", torch.bfloat16)) if amp else None,
+    )
+    ours = _ours(name, t)
+    with fastvit.backends.recording() as calls:
+        results = oracle.judge(ours, backend=backend)
+    ran = {op for op, _ in calls}
+    assert OPS[name] <= ran, ran
+    assert all(c.rope for op, c in calls if op in ("attention",)), "attention ran without its rotary table"
+    for r in results:
+        assert r.ok, r.message
+
+
+def test_dynamic_size_intermediates_and_checkpointing(seed):
+    """DINOv3 at another image size (rope table for the new grid), forward_intermediates and grad checkpointing give
+    timm's values."""
+    name = "vit_small_patch16_dinov3"
+    t = _timm_model(name, seed).eval()
+    ours = _ours(name, t)
+    x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), t(x), atol=1e-5, rtol=1e-5)
+        a, ia = ours.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True, norm=True)
+        b, ib = t.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True, norm=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for (sa, pa), (sb, pb) in zip(ia, ib):
+        assert sa.shape == sb.shape == (2, 64, 3, 2) and pa.shape == pb.shape == (2, 5, 64)
+        torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    ours.train().set_grad_checkpointing()
+    ours(x).sum().backward()
+    g = ours.blocks[0].attn.qkv.weight.grad.clone()
+    ours.zero_grad()
+    ours.set_grad_checkpointing(False)
+    ours(x).sum().backward()
+    torch.testing.assert_close(ours.blocks[0].attn.qkv.weight.grad, g)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_state_dict_round_trip_and_from_timm(name, seed):
+    """Our state_dict loads strictly into timm's model and back (same keys, same order); from_timm builds the model
+    create_model builds (same modules and settings) with timm's values."""
+    t = _timm_model(name, seed).eval()
+    ours = _ours(name, t)
+    sd = ours.state_dict()
+    assert list(sd) == list(t.state_dict())
+    t2 = timm.create_model(name, pretrained=False, num_classes=5, **TINY[name])
+    t2.load_state_dict(sd, strict=True)
+    conv = from_timm(t)
+    assert isinstance(conv, Eva) and repr(conv) == repr(ours) and not conv.training
+    assert all(p.device.type == "cpu" for p in conv.state_dict().values())
+    assert all(b.device.type == "cpu" for b in conv.buffers())
+    size = TINY[name]["img_size"]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(_EVA_CONFIGS))
+def test_create_model_matches_timm_config(name):
+    """Every create_model entry: the name is timm's, and (on the meta device) every state_dict entry has timm's
+    shape, num_classes and input size are timm's defaults, and from_timm reads back the same configuration."""
+    assert name in timm.list_models()
+    with torch.device("meta"):
+        ours = fastvit.create_model(name)
+        ref = timm.create_model(name, pretrained=False)
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in ref.state_dict().items()
+    ]
+    assert ours.num_classes == ref.num_classes and ours.patch_embed.img_size == tuple(ref.patch_embed.img_size)
+    assert ours.pretrained_cfg.get("architecture") == name
+    assert repr(from_timm(ref)) == repr(ours)
+    assert name in fastvit.list_models()
+
+
+def test_bad_arguments():
+    kw = dict(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
+    for bad, match in [
+        (dict(use_post_norm=True), "use_post_norm"),
+        (dict(rope_type="mrope"), "rope_type"),
+        (dict(global_pool="gem"), "global_pool"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(patch_drop_rate=0.5), "patch_drop_rate"),
+        (dict(dynamic_img_pad=True), "dynamic_img_pad"),
+        (dict(attn_type="linear"), "attn_type"),
+        (dict(norm_layer=nn.BatchNorm1d), "norm_layer"),
+        (dict(class_token=False, global_pool="token"), "class_token"),
+        (dict(num_reg_tokens=-1), "num_reg_tokens"),
+        (dict(rope_type="mixed", rope_rotate_half=True), "rope_rotate_half"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Eva(**{**kw, **bad})
+    with pytest.raises(ValueError, match="act_layer"):
+        GluMlp(8, 16, act_layer=nn.ReLU)
+    with pytest.raises(ValueError, match="norm_layer"):
+        EvaAttention(64, num_heads=2, qk_norm=True)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        AttentionRope(64, num_heads=4, num_kv_heads=2)
+    m = Eva(**kw, num_classes=3)
+    with pytest.raises(ValueError, match="attn_mask"):
+        m(torch.randn(1, 3, 32, 32), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="image size"):
+        m(torch.randn(1, 3, 48, 32))
+    with pytest.raises(ValueError, match="EvaBlockPostNorm"):
+        from_timm(
+            timm.models.eva.Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_post_norm=True)
+        )
+    with pytest.raises(ValueError, match="patch dropout"):
+        from_timm(timm.models.eva.Eva(**kw, patch_drop_rate=0.5))
+
+
+def test_hooks_on_block_submodules_fire(seed):
+    """A hook on a block's fc2 (read by the fused path) makes that block call its attention and MLP as modules -- as
+    reported by
+    eva_block_fusion_reasons --, one on the attention's qkv (with EVA-02's q / v biases) sees the projection; both
+    fire once per forward and the outputs stay timm's."""
+    name = "eva02_tiny_patch14_224"
+    t = _timm_model(name, seed).eval()
+    ours = _ours(name, t)
+    seen = []
+    ours.blocks[0].mlp.fc2.register_forward_hook(lambda mod, i, o: seen.append("fc2"))
+    ours.blocks[1].attn.qkv.register_forward_hook(lambda mod, i, o: seen.append("qkv"))
+    assert any("mlp.fc2 has a forward hook" in r for r in eva_block_fusion_reasons(ours.blocks[0]))
+    assert eva_block_fusion_reasons(ours.blocks[1]) == []
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad(), fastvit.backends.recording() as calls:
+        out = ours(x)
+    assert seen == ["fc2", "qkv"]
+    assert sum(op == "linear_residual" for op, _ in calls) == 2  # block 0 calls its attention and MLP as modules
+    with torch.no_grad():
+        torch.testing.assert_close(out, t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_import_without_timm(monkeypatch):
+    """``import fastvit`` does not import timm; a rotary Eva without timm names what needs it, one without rope builds."""
+    code = "import sys, fastvit, fastvit.nn.eva; assert 'timm' not in sys.modules, 'timm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    monkeypatch.setitem(sys.modules, "timm.layers", None)
+    with pytest.raises(ImportError, match="use_rot_pos_emb.*pip install timm"):
+        Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
+    Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
