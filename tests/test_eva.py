@@ -224,3 +224,20 @@ def test_import_without_timm(monkeypatch):
     with pytest.raises(ImportError, match="use_rot_pos_emb.*pip install timm"):
         Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_rot_pos_emb=True)
     Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "name,hidden,gated", [("eva02_tiny_patch14_224", 512, True), ("eva02_base_patch14_224", 2048, True)]
+)
+def test_bench_model_config(name, hidden, gated):
+    """fastvit-bench reads an Eva's shapes: separate q / k / v (EVA-02 B), the gated MLP's width, and counts fc1's
+    two halves in the FLOPs."""
+    from fastvit.bench.providers import model_config, vit_flops
+
+    with torch.device("meta"):
+        cfg = model_config(fastvit.create_model(name))
+    assert (cfg["mlp_hidden"], cfg["mlp_gated"], cfg["is_eva"]) == (hidden, gated, True)
+    assert cfg["head_dim"] * cfg["num_heads"] == cfg["embed_dim"]
+    plain = vit_flops({**cfg, "mlp_gated": False}, 224, 1)
+    N = (224 // 14) ** 2 + 1
+    assert vit_flops(cfg, 224, 1) - plain == cfg["depth"] * 2 * N * cfg["embed_dim"] * hidden

@@ -596,8 +596,10 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
     """Shapes of a timm-style ViT or MAE model (fastvit's and timm's modules share these attribute names).
 
     Returns:
-        ``embed_dim`` (C), ``depth``, ``num_heads`` (H), ``head_dim`` (D), ``mlp_hidden`` (F), ``patch_size`` (P),
-        ``in_chans``, ``img_size``, ``num_prefix_tokens``, ``num_classes``, ``is_mae``, and for MAE models
+        ``embed_dim`` (C), ``depth``, ``num_heads`` (H), ``head_dim`` (D), ``mlp_hidden`` (F: the gated width for
+        a gated MLP), ``mlp_gated`` (fc1 computes gate and value, 2·F wide), ``patch_size`` (P), ``in_chans``,
+        ``img_size``, ``num_prefix_tokens``, ``num_classes``, ``is_mae``, ``is_eva`` (timm's / fastvit's ``Eva``),
+        and for MAE models
         ``decoder_embed_dim``, ``decoder_depth``, ``decoder_num_heads``, ``decoder_mlp_hidden``, ``mask_ratio``,
         ``norm_pix_loss``.
 
@@ -611,8 +613,16 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
     b0 = blocks[0]
     H = int(_get(b0, "attn.num_heads"))
     qkv = _get(b0, "attn.qkv")
-    C = int(_get(model, "embed_dim", default=qkv.in_features))
-    attn_dim = qkv.out_features // 3
+    if qkv is not None:
+        C = int(_get(model, "embed_dim", default=qkv.in_features))
+        attn_dim = qkv.out_features // 3
+    else:  # separate q / k / v projections (timm's Eva with qkv_fused=False, e.g. EVA-02 B)
+        C = int(_get(model, "embed_dim", default=b0.attn.q_proj.in_features))
+        attn_dim = b0.attn.q_proj.out_features
+    # gated MLPs (Eva's GluMlp / SwiGLU): F is the gated width, and fc1 computes two F-wide halves
+    gated = _get(b0, "mlp.fc1_g") is not None or hasattr(_get(b0, "mlp"), "gate_last")
+    F_ = _get(b0, "mlp.fc1_g.out_features", "mlp.fc1.out_features", default=4 * C)
+    F_ = int(F_) // 2 if gated and _get(b0, "mlp.fc1_g") is None else int(F_)
     proj = _get(pe, "proj")
     P = _pair_first(_get(pe, "patch_size", default=proj.kernel_size if proj is not None else 16))
     cfg: dict[str, Any] = {
@@ -620,7 +630,8 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
         "depth": len(blocks),
         "num_heads": H,
         "head_dim": attn_dim // H,
-        "mlp_hidden": int(_get(b0, "mlp.fc1.out_features", default=4 * C)),
+        "mlp_hidden": F_,
+        "mlp_gated": bool(gated),
         "patch_size": P,
         "in_chans": int(
             proj.in_channels if proj is not None and hasattr(proj, "in_channels") else _get(pe, "in_chans", default=3)
@@ -631,6 +642,8 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
         ),
         "num_classes": int(_get(model, "num_classes", default=0) or 0),
         "is_mae": _get(model, "decoder_blocks") is not None,
+        # timm's Eva family (rotary attention, gated MLPs, registers): transformers' ViT is another architecture
+        "is_eva": type(model).__name__ == "Eva",
     }
     if cfg["is_mae"]:
         dblocks = _get(model, "decoder_blocks")
@@ -660,8 +673,9 @@ def vit_flops(cfg: dict[str, Any], img_size: int, batch: int, mode: str = "fwd")
     Np = (img_size // P) ** 2
     pre = cfg["num_prefix_tokens"]
 
-    def blocks(n: int, c: int, f: int, d: int, attn_dim: int) -> int:
-        per = 2 * n * c * 3 * attn_dim + 4 * n * n * attn_dim + 2 * n * attn_dim * c + 2 * 2 * n * c * f
+    def blocks(n: int, c: int, f: int, d: int, attn_dim: int, gated: bool = False) -> int:
+        mlp = (3 if gated else 2) * 2 * n * c * f  # fc1 (gate and value halves when gated) and fc2
+        per = 2 * n * c * 3 * attn_dim + 4 * n * n * attn_dim + 2 * n * attn_dim * c + mlp
         return d * per
 
     attn_dim = cfg["num_heads"] * cfg["head_dim"]
@@ -673,7 +687,8 @@ def vit_flops(cfg: dict[str, Any], img_size: int, batch: int, mode: str = "fwd")
         fl += blocks(Np + pre, Cd, cfg["decoder_mlp_hidden"], cfg["decoder_depth"], Cd)
         fl += 2 * (Np + pre) * Cd * cin * P * P
     else:
-        fl = 2 * Np * C * cin * P * P + blocks(Np + pre, C, F_, depth, attn_dim) + 2 * C * cfg["num_classes"]
+        fl = 2 * Np * C * cin * P * P + blocks(Np + pre, C, F_, depth, attn_dim, cfg.get("mlp_gated", False))
+        fl += 2 * C * cfg["num_classes"]
     fl *= batch
     return {"fwd": fl, "fwd_bwd": 3 * fl}[mode]
 
@@ -965,6 +980,8 @@ def run_model(
                 compare=weights_shared,
             )
         if name == "hf-eager":
+            if cfg.get("is_eva"):
+                raise Skip("no transformers counterpart for timm's Eva family here (an HF ViT is another architecture)")
             try:
                 m, what = _hf_model(cfg, img)
             except Exception as exc:  # noqa: BLE001
