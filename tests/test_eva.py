@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -241,3 +242,43 @@ def test_bench_model_config(name, hidden, gated):
     plain = vit_flops({**cfg, "mlp_gated": False}, 224, 1)
     N = (224 // 14) ** 2 + 1
     assert vit_flops(cfg, 224, 1) - plain == cfg["depth"] * 2 * N * cfg["embed_dim"] * hidden
+
+
+def test_rms_norm_qk_norm_scale_norm_from_timm(seed):
+    """An Eva with timm's RmsNorm everywhere, qk-norm (attention through ops.scaled_dot_product_attention with the
+    rotary table), the attention's scale norm and SwiGLU with its norm: from_timm of timm's model -- patched by
+    patch_timm_ or not -- gives its output and every parameter gradient under the oracle (fp32)."""
+    from fastvit.integrations import patch_timm_
+    from fastvit.nn.eva import RmsNorm
+
+    torch.manual_seed(seed)
+    t = timm.models.eva.Eva(
+        img_size=32,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        norm_layer=timm.layers.RmsNorm,
+        qk_norm=True,
+        scale_attn_inner=True,
+        swiglu_mlp=True,
+        scale_mlp=True,
+        use_rot_pos_emb=True,
+        num_reg_tokens=2,
+        init_values=0.1,
+    )
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    t.train()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    oracle = ModelOracle(t, [x], lambda out: out, ref_dtype=torch.float64, loss_fn=lambda out: (out.float() ** 2).sum())
+    for src in (t, patch_timm_(copy.deepcopy(t))):
+        ours = from_timm(src)
+        assert isinstance(ours.blocks[0].attn.q_norm, RmsNorm) and isinstance(ours.norm, nn.Identity)
+        with fastvit.backends.recording() as calls:
+            results = oracle.judge(ours, backend=None)
+        assert {"rms_norm", "scaled_dot_product_attention", "linear_glu"} <= {op for op, _ in calls}
+        for r in results:
+            assert r.ok, r.message
