@@ -115,6 +115,9 @@ class Call(NamedTuple):
             of sequences S and ``num_tokens`` / ``num_kv_tokens`` the longest one's length (``max_seqlen``).
         rope: attention with rotary position embeddings applied to q and k (``rope=`` given; timm's EVA-02 /
             DINOv3 / Perception Encoder / ``vit_*_rope_*`` attention).
+        rope_per_sample: the rotary table has one table per sample (dense) or per packed sequence (``cu_seqlens``):
+            ``rope`` of shape (B or S, 1 or H, N_rot, 2·D) with a leading dim > 1 (timm's NaFlexVit and patch
+            dropout); False for a table shared by the batch, and without ``rope``.
     """
 
     device: torch.device | None = None
@@ -132,6 +135,7 @@ class Call(NamedTuple):
     mixed_dtypes: bool = False
     varlen: bool = False
     rope: bool = False
+    rope_per_sample: bool = False
 
     def get(self, key: str, default: Any = None) -> Any:
         """Dict-style access (``call.get("head_dim")``): the field's value, or ``default`` when it is ``None`` or no
@@ -178,6 +182,8 @@ class Capabilities:
             with ``cu_seqlens=`` and ``max_seqlen=`` keyword arguments as well).
         rope: whether the kernel applies rotary position embeddings to q and k (:attr:`Call.rope`; it is then
             called with ``rope=``, ``num_prefix_tokens=`` and ``rotate_half=`` keyword arguments as well).
+        rope_per_sample: whether it also takes a rotary table per sample or packed sequence
+            (:attr:`Call.rope_per_sample`: a 4-D ``rope`` (B or S, 1 or H, N_rot, 2·D) with a leading dim > 1).
     """
 
     devices: frozenset[str] | None = frozenset({"cpu", "cuda"})
@@ -189,6 +195,7 @@ class Capabilities:
     mixed_dtypes: bool = False
     varlen: bool = False
     rope: bool = False
+    rope_per_sample: bool = False
 
     def reasons(self, call: CallLike) -> list[str]:
         """Reasons (empty when supported) these capabilities cannot serve ``call`` (a :class:`Call` or a mapping
@@ -218,6 +225,11 @@ class Capabilities:
             out.append("packed variable-length sequences (cu_seqlens) are not supported")
         if call.rope and not self.rope:
             out.append("rotary position embeddings (rope=) are not supported")
+        elif call.rope_per_sample and not self.rope_per_sample:
+            out.append(
+                "a rotary table per sample / packed sequence (rope of shape (B or S, 1 or H, N_rot, 2·D)) is not "
+                "supported; a table shared by the batch is"
+            )
         return out
 
 

@@ -11,6 +11,7 @@ Sources: ViT (Dosovitskiy et al., 2021, arXiv:2010.11929) and timm's ``VisionTra
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -101,6 +102,17 @@ def per_sequence(fn, cu_seqlens: torch.Tensor, *packed: torch.Tensor) -> torch.T
     return torch.cat([fn(*(t[a:b] for t in packed)) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
+def sequence_tables(rope: torch.Tensor | None):
+    """The rotary table of each packed sequence in turn, for :func:`per_sequence` loops: table ``s`` of a table per
+    sequence -- 4-D (S, 1 or H, N_rot, 2·D) with S > 1 -- for sequence ``s``, else ``rope`` itself (shared by every
+    sequence: (N_rot, 2·D), (H, N_rot, 2·D), a leading-1 form of these, or ``None``) for each sequence.
+
+    Returns an iterator; each sequence's function takes the next table (``next(tables)``), in sequence order."""
+    if rope is not None and rope.dim() == 4 and rope.shape[0] != 1:
+        return iter(rope.unbind(0))
+    return itertools.repeat(rope)
+
+
 def per_sequence_sdpa(fn, q, k, v, cu_seqlens):
     """``fn`` (a (B, H, N, D) attention) on each sequence of packed (T, H, D) ``q``, ``k``, ``v``."""
 
@@ -122,7 +134,9 @@ def rotary(
     Perception Encoder and RoPE-ViT) on q or k ``x`` (B, H, N, D): timm's ``EvaAttention`` / ``AttentionRope`` step
     ``cat([x[:, :, :npt], apply_rot_embed_cat(x[:, :, npt:], rope, half=rotate_half)], 2)``.
 
-    ``rope`` is timm's ``cat([sin, cos], -1)`` table, (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per head;
+    ``rope`` is timm's ``cat([sin, cos], -1)`` table, (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per head,
+    or one table per sample (B, 1 or H, N_rot, 2·D) (timm's NaFlexVit and patch dropout; a leading 1 is shared by the
+    batch), broadcast against ``x`` as timm's ``apply_rot_embed_cat`` does;
     the token at position p >= ``num_prefix_tokens`` is rotated by row ``p - num_prefix_tokens`` (N_rot may exceed
     the N - npt rows used), the first ``num_prefix_tokens`` tokens (cls, registers) are not rotated. Layout:
     ``rotate_half`` pairs column j with j + D/2 (``rope_rotate_half``), else columns 2i and 2i + 1 (``rot``).
@@ -161,16 +175,18 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale) v for (B, H, N, D) inputs, fp32 softmax for half inputs (Vaswani et al., 2017); with
     ``cu_seqlens``, (T, H, D) inputs packed as :func:`fastvit.ops.scaled_dot_product_attention` takes them. With
-    ``rope``, q and k are rotated first (:func:`rotary`; self-attention, Nq = Nk).
+    ``rope``, q and k are rotated first (:func:`rotary`; self-attention, Nq = Nk); a table per packed sequence
+    (S, 1 or H, N_rot, 2·D) rotates sequence ``s`` with table ``s`` (:func:`sequence_tables`).
 
     ``plain=True`` computes everything in the input precision, without any upcast: the test oracle's ``pt`` for
     attention (FlashAttention's rule: a fused kernel is judged against the plain math in the same precision, since
     PyTorch's own fused SDPA kernels are more accurate than that)."""
-    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+    rope_kw = dict(num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
+        tables = sequence_tables(rope)  # sequence s: table s of a table per sequence
         return per_sequence_sdpa(
             lambda q, k, v: scaled_dot_product_attention(
-                q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw
+                q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, rope=next(tables), **rope_kw
             ),
             q,
             k,
@@ -210,18 +226,21 @@ def attention(
     plain: bool = False,
 ) -> torch.Tensor:
     """Multi-head self-attention on packed ``qkv`` (B, N, 3·C) -> (B, N, C), or with ``cu_seqlens`` (T, 3·C) ->
-    (T, C) one sequence at a time; see :func:`fastvit.ops.attention` (``rope``: :func:`rotary` on q and k first;
-    ``plain``: see :func:`scaled_dot_product_attention`)."""
-    rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+    (T, C) one sequence at a time; see :func:`fastvit.ops.attention` (``rope``: :func:`rotary` on q and k first, a
+    table per packed sequence picked by :func:`sequence_tables`; ``plain``: see :func:`scaled_dot_product_attention`)."""
+    rope_kw = dict(num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
     if cu_seqlens is not None:
+        tables = sequence_tables(rope)  # sequence s: table s of a table per sequence
         return per_sequence(
-            lambda part: attention(part[None], num_heads, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw)[0],
+            lambda part: attention(
+                part[None], num_heads, scale=scale, dropout_p=dropout_p, plain=plain, rope=next(tables), **rope_kw
+            )[0],
             cu_seqlens,
             qkv,
         )
     B, N, C3 = qkv.shape
     q, k, v = split_qkv(qkv, num_heads)
-    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, **rope_kw)
+    o = scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=dropout_p, plain=plain, rope=rope, **rope_kw)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 

@@ -50,11 +50,13 @@ Rotary position embeddings (``ROPE``; timm's EVA-02 / DINOv3 / Perception Encode
 ``apply_rot_embed_cat`` on q and k): with ``ROPE`` the kernels rotate q and k as they load them -- the forward its q
 block once and each key block of k as it streams in, dK/dV its k block once and each query block of q, dQ its q block
 once and each key block of k -- so no rotated copy of q or k is ever written. ``SIN`` / ``COS`` are fp32 tables of
-shape (N_rot, D) shared by the heads (``stride_rope_h`` = 0) or per head (H, N_rot, D), row stride
-``stride_rope_n``, unit column stride, in timm's column layouts: ``ROPE_HALF`` (timm's ``rotate_half`` /
-``half=True``: column j pairs with j + D/2, ``[f0, f1, .., f0, f1, ..]``) or interleaved pairs (2i, 2i + 1,
-``[f0, f0, f1, f1, ..]``). Position convention: a token at position ``p`` within its sequence (its batch row, or
-its packed sequence from ``cu_seqlens[s]``) reads table row ``p - num_prefix``; tokens with ``p < num_prefix``
+shape (N_rot, D) shared by the heads (``stride_rope_h`` = 0) or per head (H, N_rot, D), shared by the batch
+(``stride_rope_b`` = 0) or one per sample -- per packed sequence with ``VARLEN`` -- (B or S, 1 or H, N_rot, D; timm's
+NaFlexVit and patch dropout; a run-time stride, no new constexpr), row stride ``stride_rope_n``, unit column stride,
+in timm's column layouts: ``ROPE_HALF`` (timm's ``rotate_half`` / ``half=True``: column j pairs with j + D/2,
+``[f0, f1, .., f0, f1, ..]``) or interleaved pairs (2i, 2i + 1, ``[f0, f0, f1, f1, ..]``). Position convention: a
+token at position ``p`` within its sequence (its batch row, or its packed sequence from ``cu_seqlens[s]``) reads
+table row ``p - num_prefix`` of its sample's (sequence's) table; tokens with ``p < num_prefix``
 (cls, registers) are not rotated. The kernels read one cos / sin per rotation pair (the pair's first column) --
 a rotation by angle θ per pair, which timm's tables are (both columns of a pair hold the same value). Inside the
 kernels a rotated chunk holds its columns in pair order (x[a], x[a'], x[b], x[b'], ...): the scores sum over the
@@ -603,6 +605,7 @@ def _attn_fwd_body(
     VARLEN: tl.constexpr,
     SIN=None,
     COS=None,
+    stride_rope_b=0,
     stride_rope_h=0,
     stride_rope_n=0,
     num_prefix=0,
@@ -633,9 +636,9 @@ def _attn_fwd_body(
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
-    if ROPE:  # the (H, N_rot, D) tables' head row; stride_rope_h = 0 for tables shared by the heads
-        cos_h = COS + off_h * stride_rope_h
-        sin_h = SIN + off_h * stride_rope_h
+    if ROPE:  # this sample's (sequence's) and head's table; stride_rope_b / _h = 0 for tables the batch / heads share
+        cos_h = COS + off_b * stride_rope_b + off_h * stride_rope_h
+        sin_h = SIN + off_b * stride_rope_b + off_h * stride_rope_h
         q0, q1, q2 = _rope_chunks(
             q_rows, m_mask, offs_m, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
         )
@@ -863,6 +866,7 @@ def _attn_bwd_dkdv_body(
     VARLEN: tl.constexpr,
     SIN=None,
     COS=None,
+    stride_rope_b=0,
     stride_rope_h=0,
     stride_rope_n=0,
     num_prefix=0,
@@ -896,9 +900,9 @@ def _attn_bwd_dkdv_body(
     n_mask = offs_n < n_kv
     k_rows = k_base + offs_n[:, None] * stride_kn
     v_rows = v_base + offs_n[:, None] * stride_vn
-    if ROPE:  # the tables' head row (stride_rope_h = 0: shared by the heads)
-        cos_h = COS + off_h * stride_rope_h
-        sin_h = SIN + off_h * stride_rope_h
+    if ROPE:  # the sample's and head's table (stride_rope_b / _h = 0: shared by the batch / heads)
+        cos_h = COS + off_b * stride_rope_b + off_h * stride_rope_h
+        sin_h = SIN + off_b * stride_rope_b + off_h * stride_rope_h
         k0, k1, k2 = _rope_chunks(
             k_rows, n_mask, offs_n, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
         )
@@ -998,6 +1002,7 @@ def _attn_bwd_dq_body(
     VARLEN: tl.constexpr,
     SIN=None,
     COS=None,
+    stride_rope_b=0,
     stride_rope_h=0,
     stride_rope_n=0,
     num_prefix=0,
@@ -1030,9 +1035,9 @@ def _attn_bwd_dq_body(
     m_mask = offs_m < n_q
     q_rows = q_base + offs_m[:, None] * stride_qn
     do_rows = do_base + offs_m[:, None] * stride_don
-    if ROPE:  # the tables' head row (stride_rope_h = 0: shared by the heads)
-        cos_h = COS + off_h * stride_rope_h
-        sin_h = SIN + off_h * stride_rope_h
+    if ROPE:  # the sample's and head's table (stride_rope_b / _h = 0: shared by the batch / heads)
+        cos_h = COS + off_b * stride_rope_b + off_h * stride_rope_h
+        sin_h = SIN + off_b * stride_rope_b + off_h * stride_rope_h
         q0, q1, q2 = _rope_chunks(
             q_rows, m_mask, offs_m, cos_h, sin_h, stride_rope_n, num_prefix, D0, D1, D2, HEAD_DIM, ROPE_HALF, True
         )

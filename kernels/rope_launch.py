@@ -17,8 +17,9 @@ batch of S sequences (FlashAttention's varlen layout). Outputs: ``out`` (B, N, C
 (B, H, N) or (H, T) fp32 -- the natural-log log-sum-exp of the scaled scores.
 
 Tables: ``sin`` and ``cos`` of shape (N_rot, D) shared by the heads, or (H, N_rot, D) per head (timm's
-``RotaryEmbeddingMixed``), i.e. ``emb.chunk(2, -1)`` of timm's ``cat([sin, cos], -1)`` rope tensor; cast to fp32
-when they are not. Column layout: ``rotate_half=True`` pairs column j with j + D/2 (timm's ``half=True``), False pairs
+``RotaryEmbeddingMixed``), i.e. ``emb.chunk(2, -1)`` of timm's ``cat([sin, cos], -1)`` rope tensor, shared by the
+batch; or one table per sample, (B, 1, N_rot, D) or (B, H, N_rot, D) (timm's NaFlexVit and patch dropout) --
+packed, one per sequence, (S, 1 or H, N_rot, D), sequence s rotated with table s; cast to fp32 when they are not. Column layout: ``rotate_half=True`` pairs column j with j + D/2 (timm's ``half=True``), False pairs
 columns 2i and 2i + 1. Each pair must hold one angle (both of its columns equal in each table), as every timm table
 does; the kernels read the pair's first column.
 
@@ -48,21 +49,29 @@ def _heads_strides(t: torch.Tensor, head_dim: int, packed: bool) -> tuple[int, i
     return t.stride(0), head_dim * t.stride(2), t.stride(1)
 
 
-def _tables(sin, cos, num_heads: int, head_dim: int, rows_needed: int):
-    """``(sin, cos, stride_h, stride_n)`` of validated fp32 tables with one set of strides and unit column stride."""
+def _tables(sin, cos, num_heads: int, head_dim: int, rows_needed: int, batch: int):
+    """``(sin, cos, stride_b, stride_h, stride_n)`` of validated fp32 tables with one set of strides and unit column
+    stride; ``batch``: B, or S packed sequences (the leading dim of a table per sample / sequence)."""
     if sin.shape != cos.shape:
         raise ValueError(f"sin {tuple(sin.shape)} and cos {tuple(cos.shape)} differ in shape")
-    if sin.dim() not in (2, 3) or sin.shape[-1] != head_dim:
-        raise ValueError(f"rope tables must be (N_rot, {head_dim}) or (H, N_rot, {head_dim}), got {tuple(sin.shape)}")
-    if sin.dim() == 3 and sin.shape[0] != num_heads:
-        raise ValueError(f"per-head rope tables have {sin.shape[0]} heads, expected {num_heads}")
+    if sin.dim() not in (2, 3, 4) or sin.shape[-1] != head_dim:
+        raise ValueError(
+            f"rope tables must be (N_rot, {head_dim}), (H, N_rot, {head_dim}) or per sample (B, 1 or H, N_rot, "
+            f"{head_dim}), got {tuple(sin.shape)}"
+        )
+    if sin.dim() == 4 and sin.shape[0] != batch:
+        raise ValueError(f"per-sample rope tables have {sin.shape[0]} tables, expected one per sample ({batch})")
+    heads = sin.shape[-3] if sin.dim() >= 3 else 1
+    if heads != num_heads and (sin.dim() == 3 or heads != 1):
+        raise ValueError(f"per-head rope tables have {heads} heads, expected {num_heads}")
     if sin.shape[-2] < rows_needed:
         raise ValueError(f"rope tables have {sin.shape[-2]} rows, the tokens past the prefix need {rows_needed}")
     sin, cos = sin.float(), cos.float()
     if sin.stride(-1) != 1 or sin.stride() != cos.stride():
         sin, cos = sin.contiguous(), cos.contiguous()
-    stride_h = sin.stride(0) if sin.dim() == 3 else 0
-    return sin, cos, stride_h, sin.stride(-2)
+    stride_b = sin.stride(0) if sin.dim() == 4 else 0
+    stride_h = sin.stride(-3) if sin.dim() >= 3 and heads > 1 else 0
+    return sin, cos, stride_b, stride_h, sin.stride(-2)
 
 
 def _setup(qkv, num_heads, sin, cos, num_prefix_tokens, cu_seqlens, max_seqlen, rope):
@@ -85,13 +94,16 @@ def _setup(qkv, num_heads, sin, cos, num_prefix_tokens, cu_seqlens, max_seqlen, 
     if rope:
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head dim, got {head_dim}")
-        sin, cos, stride_h, stride_n = _tables(sin, cos, num_heads, head_dim, max(n - num_prefix_tokens, 0))
+        sin, cos, stride_b, stride_h, stride_n = _tables(
+            sin, cos, num_heads, head_dim, max(n - num_prefix_tokens, 0), batch
+        )
     else:
         sin = cos = None
-        stride_h = stride_n = 0
+        stride_b = stride_h = stride_n = 0
     rope_args = dict(
         SIN=sin,
         COS=cos,
+        stride_rope_b=stride_b,
         stride_rope_h=stride_h,
         stride_rope_n=stride_n,
         num_prefix=int(num_prefix_tokens),
