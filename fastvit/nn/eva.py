@@ -111,6 +111,7 @@ class RmsNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C) through :func:`fastvit.ops.rms_norm` (dtype: see the class docstring)."""
         w, dtype = self._parameters["weight"], x.dtype
         autocast = amp_dtype(x) is not None
         if w is not None and w.dtype != x.dtype and not autocast:
@@ -274,6 +275,7 @@ class GluMlp(nn.Module):
         return glu_mlp_hidden(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C_in) -> (..., out_features): :meth:`forward_hidden`, then ``drop2(fc2(.))``."""
         return self.drop2(self.fc2(glu_mlp_hidden(self, x)))
 
 
@@ -328,6 +330,7 @@ class SwiGLU(nn.Module):
         return glu_mlp_hidden(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C_in) -> (..., out_features): :meth:`forward_hidden`, then ``drop2(fc2(.))``."""
         return self.drop2(self.fc2(glu_mlp_hidden(self, x)))
 
 
@@ -1389,6 +1392,12 @@ class Eva(nn.Module):
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
     ) -> torch.Tensor:
+        """(B, in_chans, Hi, Wi) -> (B, num_classes) logits (``num_classes=0``: (B, C) pooled features), as timm's
+        ``Eva.forward``: :meth:`forward_features` then :meth:`forward_head`.
+
+        Raises:
+            ValueError: ``attn_mask`` / ``is_causal`` given, or a bad image.
+        """
         return self.forward_head(self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal))
 
 
