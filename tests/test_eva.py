@@ -98,6 +98,20 @@ def test_eva_matches_timm(name, amp, backend, seed):
         assert r.ok, r.message
 
 
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_pe_core_tiny_patch16_384"])
+def test_set_input_size(name, seed):
+    """set_input_size resamples pos_embed and moves the rope grid as timm's does: same outputs at the new size."""
+    t = _timm_model(name, seed).eval()
+    ours = _ours(name, t)
+    size = 2 * TINY[name]["img_size"]
+    t.set_input_size(img_size=(size, size))
+    ours.set_input_size((size, size))
+    torch.testing.assert_close(ours.pos_embed, t.pos_embed)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), t(x), atol=1e-5, rtol=1e-5)
+
+
 def test_dynamic_size_intermediates_and_checkpointing(seed):
     """DINOv3 at another image size (rope table for the new grid), forward_intermediates and grad checkpointing give
     timm's values."""

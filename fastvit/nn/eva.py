@@ -1242,6 +1242,27 @@ class Eva(nn.Module):
         )
         self.head.train(self.training)
 
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        """Change the model's fixed input size as timm's ``Eva.set_input_size``: ``pos_embed`` resampled (bicubic,
+        antialias) to the new token grid, the rotary module's grid updated (``update_feat_shape``).
+
+        Raises:
+            ValueError: ``img_size`` not divisible by the patch size.
+        """
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size)
+        grid = self.patch_embed.grid_size
+        if self.pos_embed is not None and grid != old_grid:
+            new = resample_abs_pos_embed(
+                self.pos_embed.detach(),
+                grid,
+                old_size=old_grid,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            )
+            self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)
+        if self.rope is not None and hasattr(self.rope, "update_feat_shape"):
+            self.rope.update_feat_shape(grid)
+
     # ------------------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images (B, in_chans, Hi, Wi) -> tokens (B, R + Np, C) and the rotary table for their grid."""
