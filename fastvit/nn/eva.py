@@ -347,7 +347,7 @@ def _fused_qkv(m: nn.Module, qkv: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if m.qkv_bias_separate or needs_module_calls(qkv):
         out = qkv(x)
         return out + bias.to(out.dtype)
-    return F.linear(x, qkv._parameters["weight"], bias)
+    return F.linear(x, _weight_bias(qkv)[0], bias)
 
 
 def rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
