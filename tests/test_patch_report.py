@@ -53,9 +53,9 @@ def test_plain_vit_everything_patched(capsys, seed):
 
 
 def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
-    """A rope ViT (timm's Eva class): its EvaAttention modules are patched (the rotation runs inside
-    fastvit.ops.attention), EvaBlock and the rotary module stay on timm's code with the reason; PatchEmbed, Mlp and
-    LayerNorms are patched -- and the op counts say the same."""
+    """A rope ViT (timm's Eva class): its EvaBlocks and EvaAttention modules are patched (the rotation runs inside
+    fastvit.ops.attention, proj / fc2 + residual as linear_residual), the rotary module stays on timm's code with
+    the reason; PatchEmbed, Mlp and LayerNorms are patched -- and the op counts say the same."""
     torch.manual_seed(seed)
     m = timm.create_model(
         "vit_medium_patch16_rope_reg1_gap_256",
@@ -73,15 +73,15 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
     rows = _rows(patch_report(m))
     for name in ("blocks.0.attn", "blocks.1.attn"):
         assert rows[name].class_name == "EvaAttention" and rows[name].status == "patched", rows[name]
-    assert rows["blocks.0"].class_name == "EvaBlock" and rows["blocks.0"].status == "not covered"
-    assert "EvaBlock runs timm's own forward" in rows["blocks.0"].reason
+    for name in ("blocks.0", "blocks.1"):
+        assert rows[name].class_name == "EvaBlock" and rows[name].status == "patched", rows[name]
     assert rows["rope"].status == "not covered" and "rotary" in rows["rope"].reason
     assert "rope" in printed and "rotary" in printed
     for name in ("patch_embed", "blocks.0.mlp", "blocks.0.norm1", "blocks.1.norm2", "fc_norm"):
         assert rows[name].status == "patched", rows[name]
     assert (
-        printed.strip().splitlines()[-1] == "10 patched, 3 not covered"
-    )  # PatchEmbed, 2 x (norm1, attn, norm2, Mlp), fc_norm; 2 EvaBlocks and the rotary module
+        printed.strip().splitlines()[-1] == "12 patched, 1 not covered"
+    )  # PatchEmbed, 2 x (EvaBlock, norm1, attn, norm2, Mlp), fc_norm; the rotary module
 
     calls = spy_ops(monkeypatch)
     x = torch.randn(2, 3, 32, 32)
@@ -89,6 +89,7 @@ def test_rope_model_reports_what_is_left_on_timm(capsys, monkeypatch, seed):
         torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=0)
     assert calls["attention"] == 2 and "scaled_dot_product_attention" not in calls  # rope attention on fastvit
     assert calls["patch_embed"] == 1 and calls["linear_gelu"] == 2 and calls["layer_norm"] == 5
+    assert calls["linear_residual"] == 4  # proj and fc2 of each EvaBlock, with the residual add
 
 
 @pytest.mark.parametrize("variant", ["rms_qk_norm", "gated"])

@@ -6,7 +6,8 @@ by ``patch_timm_``.
   tests/oracle.py, on the eager and the Triton backend (interpreted on the CPU): fp32 / bf16 inputs with timm's fp32
   tables, shared (N_rot, 2·D) and per-head (H, N_rot, 2·D) tables, 0 / 1 / 5 prefix tokens, both column layouts,
   dense and packed; the output and every gradient -- qkv's (or q's, k's, v's) and the table's.
-* The call description and the CUDA backend's reason (it has no rotary kernels), bad arguments.
+* The call description and the CUDA backend's capability (rope calls only with a build that reports
+  ``attention_rope``), bad arguments.
 * Whole timm rope models with random weights (``vit_*_rope_*``, ``*_rope_mixed_*``, EVA-02, DINOv3, Perception
   Encoder): patched against unpatched, output and every parameter gradient under the oracle, fp32 and bf16 autocast.
 """
@@ -172,8 +173,9 @@ def test_timm_table_forms_give_timm_eva_attention(generator):
 
 # ------------------------------------------------------------------------------------------------ dispatch
 def test_rope_call_description_and_cuda_reason():
-    """``rope=`` sets ``Call.rope``; a backend without rotary kernels (the CUDA backend's capabilities, and the
-    default :class:`Capabilities`) declines it with a reason naming the feature; Triton and eager serve it."""
+    """``rope=`` sets ``Call.rope``; a backend without rotary kernels (the default :class:`Capabilities`, a CUDA build
+    from before its rotary kernels) declines it with a reason naming the feature; Triton, eager and a CUDA build that
+    reports ``attention_rope`` serve it."""
     from fastvit.families import attention as fam
 
     qkv = torch.randn(2, 9, 3 * H * 64)
@@ -195,15 +197,19 @@ def test_rope_call_description_and_cuda_reason():
         "gemm_alignment": 8,
         "attention_varlen": 1,
     }
-    cuda_caps = fam.cuda_caps_for(facts)
     half_call = call._replace(dtype=torch.bfloat16, device=torch.device("meta"))
-    assert cuda_caps.reasons(half_call) == [want]
-    assert cuda_caps.reasons(half_call._replace(rope=False)) == []
+    old_build = fam.cuda_caps_for(facts)  # no attention_rope key: its schemas lack the rotary arguments
+    assert old_build.reasons(half_call) == [want]
+    assert old_build.reasons(half_call._replace(rope=False)) == []
+    assert fam.cuda_caps_for({**facts, "attention_rope": 1}).reasons(half_call) == []
     for name in ("triton", "eager"):
         assert fastvit.backends.get_backend(name).not_supported_reasons("attention", call) == []
     cuda = fastvit.backends._BACKENDS.get("cuda")
     if cuda is not None and "attention" in cuda.kernels and not cuda.unavailable_reasons():
-        assert want in cuda.not_supported_reasons("attention", call._replace(device=torch.device("cuda")))
+        from fastvit.runtime import cuda as cuda_rt
+
+        reasons = cuda.not_supported_reasons("attention", call._replace(device=torch.device("cuda")))
+        assert (want in reasons) != fam.cuda_has_rope(cuda_rt.build_info())
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -218,7 +224,7 @@ def _bad_calls():
         (dict(rope=ok, num_prefix_tokens=0), ValueError, "rope has 8 rows .* need 9"),
         (dict(rope=torch.rand(8, 64), num_prefix_tokens=1), ValueError, "rope's last dim must be 2·D = 128"),
         (dict(rope=torch.rand(3, 8, 128), num_prefix_tokens=1), ValueError, "rope has 3 heads"),
-        (dict(rope=torch.rand(2, 1, 8, 128), num_prefix_tokens=1), ValueError, "table per sample"),
+        (dict(rope=torch.rand(3, 1, 8, 128), num_prefix_tokens=1), ValueError, "table per sample"),
         (dict(rope=torch.rand(128), num_prefix_tokens=1), ValueError, r"rope must be \(N_rot, 2·D\)"),
         (dict(rope=ok, num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be >= 0"),
         (dict(rope=ok, num_prefix_tokens=1.0), TypeError, "num_prefix_tokens must be an int"),
@@ -305,8 +311,30 @@ def test_patched_rope_model_matches_timm(name, amp, seed, monkeypatch):
         results = oracle.judge(patched, backend=None if amp else "triton")
     attention_calls = [c for op, c in calls if op in ("attention", "scaled_dot_product_attention")]
     assert len(attention_calls) == 2 and all(c.rope for c in attention_calls)
+    blocks = [r for r in rows.values() if r.class_name == "EvaBlock"]
+    assert len(blocks) == 2 and all(r.status == "patched" for r in blocks), blocks
+    # each EvaBlock's proj and fc2 (+ LayerScale + residual) as one linear_residual, in every forward judged
+    assert sum(op == "linear_residual" for op, _ in calls) % 4 == 0 and any(op == "linear_residual" for op, _ in calls)
     for r in results:
         assert r.ok, r.message
+
+
+def test_patched_eva_block_with_a_hook_calls_its_modules(seed):
+    """A hook on an EvaBlock's ``mlp.fc2``: the block runs modular (attention and MLP called as modules), the hook
+    fires with timm's tensors, the output is timm's, and patch_report names the cause."""
+    m = _model("eva02_tiny_patch14_224", seed).eval()
+    ref = copy.deepcopy(m)
+    patched = patch_timm_(copy.deepcopy(m))
+    seen = []
+    patched.blocks[0].mlp.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    ref.blocks[0].mlp.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), ref(x), atol=2e-5, rtol=0)
+    assert len(seen) == 2 and seen[0] == seen[1]
+    row = {r.name: r for r in patch_report(patched)}["blocks.0"]
+    assert row.status == "modular" and "mlp.fc2" in row.reason and "forward hook" in row.reason
+    assert {r.name: r for r in patch_report(patched)}["blocks.1"].status == "patched"
 
 
 def test_patched_rope_attention_falls_back_with_reasons(seed, monkeypatch):

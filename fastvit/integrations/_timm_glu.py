@@ -27,13 +27,13 @@ patched ``forward`` of ``SwiGLU`` / ``GluMlp`` (they take the module as their fi
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import nn
 
-from fastvit import ops
-from fastvit.nn.layers import _skippable, _weight_bias, apply_norm, needs_module_calls, register_fusable
+from fastvit.nn.eva import glu_activation
+from fastvit.nn.eva import glu_mlp_hidden as _glu_hidden
 
 __all__ = [
     "glu_activation",
@@ -44,46 +44,6 @@ __all__ = [
     "swiglu_hidden",
     "swiglu_reasons",
 ]
-
-# timm's activation classes (timm.layers.activations) by name -> linear_glu's activation.
-_TIMM_ACTS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "Sigmoid": "sigmoid"}
-
-# The activation modules whose function these forwards compute without calling them (fusion guard).
-register_fusable(nn.SiLU, nn.Sigmoid, nn.GELU)
-
-
-_TIMM_ACTS_REGISTERED = False
-
-
-def _register_timm_acts() -> None:
-    """Register timm's activation classes for the fusion guard, once -- when timm is in use (a timm activation
-    module is seen, or ``patch_timm_`` runs), never at import: importing timm costs seconds."""
-    global _TIMM_ACTS_REGISTERED
-    if _TIMM_ACTS_REGISTERED:
-        return
-    _TIMM_ACTS_REGISTERED = True
-    try:
-        import timm.layers.activations as ta
-    except ImportError:  # timm not installed: only torch's classes are known
-        return
-    register_fusable(*(getattr(ta, n) for n in _TIMM_ACTS if hasattr(ta, n)))
-
-
-def glu_activation(act: nn.Module) -> Optional[str]:
-    """``linear_glu``'s ``activation`` name for the activation module ``act`` (``nn.SiLU``, ``nn.Sigmoid``,
-    ``nn.GELU`` exact or tanh, timm's ``Swish`` / ``Sigmoid`` / ``GELU`` / ``GELUTanh``), or ``None`` when it is
-    none of those (exact classes: a subclass may compute something else)."""
-    t = type(act)
-    if t is nn.SiLU:
-        return "silu"
-    if t is nn.Sigmoid:
-        return "sigmoid"
-    if t is nn.GELU:
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if t.__module__.startswith("timm.") and t.__name__ in _TIMM_ACTS:
-        _register_timm_acts()
-        return _TIMM_ACTS[t.__name__]
-    return None
 
 
 def _act_reason(act: nn.Module) -> List[str]:
@@ -105,39 +65,26 @@ def glu_mlp_reasons(m: nn.Module) -> List[str]:
     return out + _act_reason(m.act)
 
 
-def _rest(m: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``drop1``, ``norm`` after the gating, as timm's forwards do (inactive dropout skipped unseen)."""
-    mods = m._modules  # submodules read from the dict (nn.Module.__getattr__ is slow on the host)
-    if not _skippable(mods["drop1"]):
-        h = mods["drop1"](h)
-    return apply_norm(mods["norm"], h)
-
-
 def swiglu_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(drop1(act(fc1_g(x)) * fc1_x(x)))`` for a timm ``SwiGLU`` (everything before ``fc2``), fc1 + gate
-    through :func:`fastvit.ops.linear_glu` with the two weights as stored (split layout).
+    """``norm(drop1(act(fc1_g(x)) * fc1_x(x)))`` for a timm ``SwiGLU`` (everything before ``fc2``): fc1 + gate
+    through :func:`fastvit.ops.linear_glu` with the two weights as stored (split layout); see
+    :func:`fastvit.nn.eva.glu_mlp_hidden`, which fastvit's own ``SwiGLU`` runs too.
 
     Shapes: (..., in_features) -> (..., hidden_features).
 
     Raises:
         ValueError: the activation is not covered (see :func:`swiglu_reasons`).
     """
-    mods = m._modules
-    fc1_g, fc1_x, act = mods["fc1_g"], mods["fc1_x"], mods["act"]
-    name = glu_activation(act)
-    if name is None:
-        raise ValueError(_act_reason(act)[0])
-    if needs_module_calls(fc1_g, fc1_x, act):
-        h = act(fc1_g(x)) * fc1_x(x)  # module calls: hooks / adapters on fc1_g, fc1_x or act see them
-    else:
-        (weight, bias), (weight_value, bias_value) = _weight_bias(fc1_g), _weight_bias(fc1_x)
-        h = ops.linear_glu(x, weight, bias, weight_value, bias_value, activation=name)
-    return _rest(m, h)
+    reasons = swiglu_reasons(m)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return _glu_hidden(m, x)
 
 
 def glu_mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(drop1(gate(fc1(x))))`` for a timm ``GluMlp`` (everything before ``fc2``): ``fc1``'s packed
-    (2·hidden, in) weight passed as is, the gate half picked by ``m.gate_last``.
+    (2·hidden, in) weight passed as is, the gate half picked by ``m.gate_last``; see
+    :func:`fastvit.nn.eva.glu_mlp_hidden`, which fastvit's own ``GluMlp`` runs too.
 
     Shapes: (..., in_features) -> (..., hidden_features // 2).
 
@@ -147,15 +94,7 @@ def glu_mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     reasons = glu_mlp_reasons(m)
     if reasons:
         raise ValueError("; ".join(reasons))
-    mods = m._modules
-    fc1, act = mods["fc1"], mods["act"]
-    if needs_module_calls(fc1, act):
-        x1, x2 = fc1(x).chunk(2, dim=-1)
-        h = x1 * act(x2) if m.gate_last else act(x1) * x2
-    else:
-        weight, bias = _weight_bias(fc1)
-        h = ops.linear_glu(x, weight, bias, activation=glu_activation(act), gate_last=bool(m.gate_last))
-    return _rest(m, h)
+    return _glu_hidden(m, x)
 
 
 def swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch.utils.checkpoint
 from fastvit import ops
 from fastvit.families._checks import amp_dtype
 from fastvit.integrations._timm_glu import (
-    _register_timm_acts,
     glu_mlp_forward,
     glu_mlp_hidden,
     glu_mlp_reasons,
@@ -28,6 +27,7 @@ from fastvit.integrations._timm_glu import (
     swiglu_hidden,
     swiglu_reasons,
 )
+from fastvit.nn.eva import _register_timm_acts, eva_block_forward, eva_block_fusion_reasons, rope_attention_core
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.layers import (
     _act_mode,
@@ -426,52 +426,6 @@ def _rope_call_reason(m: nn.Module, x, rope, attn_mask, is_causal) -> Optional[s
     return None
 
 
-def _eva_qkv(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """EvaAttention's / AttentionRope's fused qkv projection exactly as timm computes it: ``qkv`` called as a module,
-    or, for EvaAttention's q / v biases (k's is a zero buffer), ``F.linear`` on ``qkv.weight`` with the concatenated
-    bias (``qkv_bias_separate``: the module's output plus the bias)."""
-    q_bias = getattr(m, "q_bias", None)
-    if q_bias is None:
-        return m.qkv(x)
-    bias = torch.cat((q_bias, m.k_bias, m.v_bias))
-    if m.qkv_bias_separate:
-        return m.qkv(x) + bias
-    return torch.nn.functional.linear(x, weight=m.qkv.weight, bias=bias)
-
-
-def _rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor]) -> torch.Tensor:
-    """timm's EvaAttention / AttentionRope up to (not including) the gate and ``proj``, on :mod:`fastvit.ops`:
-    (B, N, C) -> (B, N, H·D). A fused ``qkv`` without qk-norm: :func:`fastvit.ops.attention` on the projection with
-    the rope table; qk-norm (any norm: LayerNorm through :func:`fastvit.ops.layer_norm`, others called as modules)
-    or separate q / k / v projections (called as modules; grouped-query k / v heads repeated after the rotation, as
-    timm does): :func:`fastvit.ops.scaled_dot_product_attention` with the rope table. The scale norm
-    (``scale_norm``) is applied as timm applies it."""
-    B, N, _ = x.shape
-    H = m.num_heads
-    mods = m._modules  # submodules read from the dict (nn.Module.__getattr__ is slow on the host)
-    p = mods["attn_drop"].p if m.training else 0.0
-    kw = {}
-    if rope is not None:
-        kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
-    if mods.get("qkv") is not None:
-        qkv = _eva_qkv(m, x)
-        if _skippable(mods["q_norm"]) and _skippable(mods["k_norm"]):
-            out = ops.attention(qkv, H, dropout_p=p, **kw)
-            return apply_norm(mods["norm"], out)
-        q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        kv_heads = getattr(m, "num_kv_heads", H)
-        q = m.q_proj(x).reshape(B, N, H, -1).transpose(1, 2)
-        k = m.k_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
-        v = m.v_proj(x).reshape(B, N, kv_heads, -1).transpose(1, 2)
-    q, k = apply_norm(m.q_norm, q), apply_norm(m.k_norm, k)
-    if k.shape[1] != H:  # grouped-query attention: each k / v head serves H / kv_heads query heads (timm's order)
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw)
-    return apply_norm(m.norm, out.transpose(1, 2).reshape(B, N, -1))
-
-
 def _rope_attention_forward(
     self,
     x: torch.Tensor,
@@ -481,11 +435,45 @@ def _rope_attention_forward(
 ):
     if _rope_attn_reasons(self) or _rope_call_reason(self, x, rope, attn_mask, is_causal):
         return self._fastvit_orig_cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-    gate = self.gate(x).sigmoid() if self.gate is not None else None
-    out = _rope_attention_core(self, x, rope)
-    if gate is not None:
-        out = out * gate
-    return self.proj_drop(self.proj(out))
+    mods = self._modules
+    return mods["proj_drop"](mods["proj"](rope_attention_core(self, x, rope)))  # the gate applied inside, as timm
+
+
+def _eva_block_reasons(m: nn.Module) -> List[str]:
+    """Why a patched timm ``EvaBlock`` runs timm's forward (empty: :func:`fastvit.nn.eva.eva_block_forward`)."""
+    from timm.layers import AttentionRope, GluMlp, SwiGLU
+    from timm.layers import Mlp as TMlp
+    from timm.models.eva import EvaAttention
+
+    out = [r for r in (_block_norm_reason(m.norm1, "norm1"), _block_norm_reason(m.norm2, "norm2")) if r]
+    attn_cls = _orig_type(m.attn)
+    if attn_cls not in (EvaAttention, AttentionRope):
+        out.append(f"attn is {attn_cls.__name__}, not timm's EvaAttention or AttentionRope")
+    else:
+        out += [f"attn: {r}" for r in _rope_attn_reasons(m.attn)]
+    mlp_cls = _orig_type(m.mlp)
+    if mlp_cls is TMlp:
+        out += [f"mlp: {r}" for r in _mlp_reasons(m.mlp)]
+    elif mlp_cls in (SwiGLU, GluMlp):
+        out += [f"mlp: {r}" for r in (swiglu_reasons if mlp_cls is SwiGLU else glu_mlp_reasons)(m.mlp)]
+    else:
+        out.append(f"mlp is {mlp_cls.__name__}, not timm's Mlp, SwiGLU or GluMlp")
+    return out
+
+
+def _eva_block_forward(
+    self,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    attn = self._modules["attn"]
+    if _eva_block_reasons(self) or _rope_call_reason(attn, x, rope, attn_mask, is_causal):
+        # timm's own forward calls the submodules as modules; the patched ones among them still run on fastvit
+        return self._fastvit_orig_cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+    glu = _glu_hidden_table().get(_orig_type(self._modules["mlp"]))
+    return eva_block_forward(self, x, rope, mlp_hidden=glu[0] if glu is not None else mlp_hidden)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -629,6 +617,7 @@ _REASONS = {
     _patch_embed_forward: _patch_embed_reasons,
     _attention_forward: _attn_reasons,
     _rope_attention_forward: _rope_attn_reasons,
+    _eva_block_forward: _eva_block_reasons,
     _mlp_forward: _mlp_reasons,
     _block_forward: _block_reasons,
     _layer_norm_forward: _layer_norm_reasons,
@@ -667,6 +656,7 @@ _ATTACHED = {
     _patch_embed_forward: (_patch_embed_modular_reasons, "fallback"),
     _mlp_forward: (_mlp_modular_reasons, "modular"),
     _block_forward: (block_fusion_reasons, "modular"),
+    _eva_block_forward: (eva_block_fusion_reasons, "modular"),
     _layer_norm_forward: (_layer_norm_modular_reasons, "fallback"),
     _rms_norm_forward: (_layer_norm_modular_reasons, "fallback"),
     swiglu_forward: (_swiglu_modular_reasons, "modular"),
@@ -726,11 +716,12 @@ def _patch_table() -> Dict[type, object]:
     else:
         table[AttentionRope] = _rope_attention_forward
     try:
-        from timm.models.eva import EvaAttention
+        from timm.models.eva import EvaAttention, EvaBlock
     except ImportError:  # pragma: no cover
         pass
     else:
         table[EvaAttention] = _rope_attention_forward
+        table[EvaBlock] = _eva_block_forward
     try:
         from timm.models.naflexvit import NaFlexVit
     except ImportError:  # timm before NaFlexVit (1.0.16)
@@ -758,12 +749,12 @@ def _patchable_forward(m: nn.Module):
 
 def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Run a timm model's ``PatchEmbed``, ``Attention``, rotary attentions (``EvaAttention``, ``AttentionRope``),
-    ``Mlp``, gated MLPs (``SwiGLU``, ``GluMlp``), ViT ``Block``, ``LayerNorm`` and RMSNorm (``RmsNorm``,
-    ``RmsNormFp32``) modules on :mod:`fastvit.ops`, in place.
+    ``Mlp``, gated MLPs (``SwiGLU``, ``GluMlp``), ViT ``Block``, ``EvaBlock``, ``LayerNorm`` and RMSNorm
+    (``RmsNorm``, ``RmsNormFp32``) modules on :mod:`fastvit.ops`, in place.
 
     Each matching module's class is swapped for a subclass that overrides only ``forward`` (e.g. ``Attention`` ->
     ``FastvitAttention``); parameters, buffers, ``state_dict`` keys and tensors and ``isinstance`` checks are
-    untouched. Matching is by exact class, so other timm variants (``EvaBlock``, ``ResPostBlock``, ``SimpleNorm``...)
+    untouched. Matching is by exact class, so other timm variants (``EvaBlockPostNorm``, ``ResPostBlock``, ``SimpleNorm``...)
     are left on timm's forward; a patched module falls back to timm's own forward for configurations fastvit does not
     cover (gated attention and RMSNorm qk-norm in timm's ``Attention``, conv MLPs, other activations, patch-embed
     norms or padding, ``fused_attn=False``) and for calls with ``attn_mask`` / ``is_causal``. Patching twice is a
@@ -780,8 +771,11 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     ``qkv_bias_separate``); the scale norm, the sigmoid gate, ``proj`` and ``proj_drop`` as timm's forward does,
     submodules called as modules. A learnable rope table (``RotaryEmbeddingMixed``) gets its gradient. Calls with
     ``attn_mask`` / ``is_causal``, a per-sample rope table (timm's patch dropout in training) or under a ``torch.fx``
-    trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules and ``EvaBlock``
-    itself run timm's code (the block's attention, MLP and norms are patched on their own).
+    trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules run timm's code.
+    ``EvaBlock`` runs :func:`fastvit.nn.eva.eva_block_forward`, the forward of fastvit's own ``EvaBlock``: the
+    attention up to ``proj``, the MLP up to ``fc2``, then ``proj`` / ``fc2`` + ``gamma_1`` / ``gamma_2`` + residual as
+    one :func:`fastvit.ops.linear_residual` each (timm's forward for the configurations its attention or MLP patch
+    does not cover).
 
     **The module tree stays meaningful.** A fused forward reads its submodules' parameters only while nothing is
     attached to them; a forward or backward hook (module-local or global), a PEFT / LoRA adapter or another wrapper
@@ -921,9 +915,8 @@ class PatchRecord(NamedTuple):
 # Classes patch_timm_ leaves alone that users ask about, by name (timm is not imported for this).
 _KNOWN_UNCOVERED = (
     (
-        ("EvaBlock",),
-        "{cls} runs timm's own forward (it passes the rope table to its attention); its attention, MLP and norms are "
-        "listed separately",
+        ("EvaBlockPostNorm",),
+        "{cls} not covered (only the pre-norm EvaBlock); its attention, MLP and norms are listed separately",
     ),
     (
         ("SimpleNorm", "SimpleNormFp32"),

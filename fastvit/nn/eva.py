@@ -70,6 +70,8 @@ __all__ = [
     "SwiGLU",
     "eva_block_forward",
     "eva_block_fusion_reasons",
+    "glu_activation",
+    "glu_mlp_hidden",
     "rope_attention_core",
 ]
 
@@ -141,8 +143,31 @@ def _make_norm(norm_layer: Optional[Callable], dim: int, dd: dict) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- gated MLPs
-def _glu_act(act: nn.Module) -> Optional[str]:
-    """:func:`fastvit.ops.linear_glu`'s ``activation`` for ``act`` (exact classes), or ``None``."""
+# timm's activation classes (timm.layers.activations) by name -> linear_glu's activation.
+_TIMM_ACTS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "Sigmoid": "sigmoid"}
+# The activation modules whose function the gated forwards compute without calling them (fusion guard).
+register_fusable(nn.SiLU, nn.Sigmoid, nn.GELU)
+_TIMM_ACTS_REGISTERED = False
+
+
+def _register_timm_acts() -> None:
+    """Register timm's activation classes for the fusion guard, once -- when timm is in use (a timm activation
+    module is seen, or ``patch_timm_`` runs), never at import: importing timm costs seconds."""
+    global _TIMM_ACTS_REGISTERED
+    if _TIMM_ACTS_REGISTERED:
+        return
+    _TIMM_ACTS_REGISTERED = True
+    try:
+        import timm.layers.activations as ta
+    except ImportError:  # timm not installed: only torch's classes are known
+        return
+    register_fusable(*(getattr(ta, n) for n in _TIMM_ACTS if hasattr(ta, n)))
+
+
+def glu_activation(act: nn.Module) -> Optional[str]:
+    """:func:`fastvit.ops.linear_glu`'s ``activation`` name for the activation module ``act`` (``nn.SiLU``,
+    ``nn.Sigmoid``, ``nn.GELU`` exact or tanh, timm's ``Swish`` / ``Sigmoid`` / ``GELU`` / ``GELUTanh``), or ``None``
+    when it is none of those (exact classes: a subclass may compute something else)."""
     t = type(act)
     if t is nn.SiLU:
         return "silu"
@@ -150,6 +175,9 @@ def _glu_act(act: nn.Module) -> Optional[str]:
         return "sigmoid"
     if t is nn.GELU:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if t.__module__.startswith("timm.") and t.__name__ in _TIMM_ACTS:
+        _register_timm_acts()
+        return _TIMM_ACTS[t.__name__]
     return None
 
 
@@ -174,7 +202,7 @@ def _make_glu_act(act_layer: Any) -> nn.Module:
             raise ValueError(f"act_layer must be one of {sorted(_GLU_ACT_NAMES)}, got {act_layer!r}")
         return _GLU_ACT_NAMES[act_layer.lower()]()
     act = act_layer if isinstance(act_layer, nn.Module) else act_layer() if callable(act_layer) else None
-    if act is None or _glu_act(act) is None:
+    if act is None or glu_activation(act) is None:
         raise ValueError(
             f"act_layer of a gated MLP must be nn.SiLU, nn.Sigmoid or nn.GELU (exact or tanh), got {act_layer!r}"
         )
@@ -184,8 +212,10 @@ def _make_glu_act(act_layer: Any) -> nn.Module:
 def glu_mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Everything of a gated MLP before ``fc2``: ``norm(drop1(gate(fc1(x))))`` for :class:`GluMlp` (one packed
     ``fc1``, gate half picked by ``gate_last``) or ``norm(drop1(act(fc1_g(x)) * fc1_x(x)))`` for :class:`SwiGLU`
-    (split ``fc1_g`` / ``fc1_x``), fc1 + gating as one :func:`fastvit.ops.linear_glu` reading the weights as stored;
-    while something is attached to the fc1 layers or the activation they are called as modules.
+    (split ``fc1_g`` / ``fc1_x``) -- fastvit's or timm's, whose attribute names these are -- fc1 + gating as one
+    :func:`fastvit.ops.linear_glu` reading the weights as stored (the packed weight's halves are row views, no
+    copy); while something is attached to the fc1 layers or the activation, or the activation is none
+    :func:`glu_activation` knows, they are called as modules (timm's arithmetic).
 
     Shapes: (..., in_features) -> (..., hidden), in the computation dtype.
     """
@@ -194,14 +224,14 @@ def glu_mlp_hidden(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fc1 = mods.get("fc1")
     if fc1 is None:  # SwiGLU: split gate / value projections
         fc1_g, fc1_x = mods["fc1_g"], mods["fc1_x"]
-        name = _glu_act(act)
+        name = glu_activation(act)
         if name is None or needs_module_calls(fc1_g, fc1_x, act):
             h = act(fc1_g(x)) * fc1_x(x)
         else:
             (w, b), (wv, bv) = _weight_bias(fc1_g), _weight_bias(fc1_x)
             h = ops.linear_glu(x, w, b, wv, bv, activation=name)
     else:
-        name = _glu_act(act)
+        name = glu_activation(act)
         if name is None or needs_module_calls(fc1, act):
             x1, x2 = fc1(x).chunk(2, dim=-1)
             h = x1 * act(x2) if m.gate_last else act(x1) * x2
@@ -377,7 +407,7 @@ def rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tens
     p = mods["attn_drop"].p if m.training else 0.0
     kw = {}
     if rope is not None:
-        kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(m.rotate_half))
+        kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
     q_norm, k_norm = mods["q_norm"], mods["k_norm"]
     qkv_mod = mods.get("qkv")
     if qkv_mod is not None:
@@ -629,19 +659,28 @@ def _eva_branch(
     return x + dp(y if gamma is None else gamma * y)
 
 
-def eva_block_forward(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+def eva_block_forward(
+    m: nn.Module,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor] = None,
+    mlp_hidden: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     """Pre-norm Eva block ``x + dp1(gamma_1 · attn(norm1(x), rope))``, ``x + dp2(gamma_2 · mlp(norm2(x)))`` (timm's
-    ``EvaBlock.forward``) for a module with its attribute names.
+    ``EvaBlock.forward``) for a module with its attribute names: fastvit's :class:`EvaBlock` or timm's (patched by
+    :func:`fastvit.integrations.patch_timm_`).
 
-    Fused: the attention's :meth:`forward_core` and the MLP's ``forward_hidden`` (or :func:`glu_mlp_hidden` /
-    fastvit's ``mlp_hidden``), then ``proj`` / ``fc2`` + LayerScale + residual as :func:`fastvit.ops.linear_residual`;
-    norms through :func:`fastvit.nn.layers.apply_norm`. While something is attached to the attention, the MLP, their
-    output projections or the drop paths, those are called as modules (timm's forward).
+    Fused: the attention up to ``proj`` (its class's ``forward_core``, else :func:`rope_attention_core`) and the MLP
+    up to ``fc2`` (``mlp_hidden``, else its class's ``forward_hidden``), then ``proj`` / ``fc2`` + LayerScale +
+    residual as :func:`fastvit.ops.linear_residual`; norms through :func:`fastvit.nn.layers.apply_norm`. While
+    something is attached to the attention, the MLP, their output projections, the drop paths or the gammas, the
+    attention and MLP are called as modules (timm's forward).
 
     Args:
-        m: an :class:`EvaBlock`.
+        m: an :class:`EvaBlock` (or timm's).
         x: (B, N, C) float.
         rope: timm's rotary table for this block (see :func:`rope_attention_core`) or ``None``.
+        mlp_hidden: ``fn(mlp, x)`` computing the MLP before ``fc2``, for an MLP class without ``forward_hidden``
+            (timm's: :func:`glu_mlp_hidden` or :func:`fastvit.nn.layers.mlp_hidden`).
 
     Returns:
         (B, N, C) in the computation dtype.
@@ -656,9 +695,12 @@ def eva_block_forward(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor
         y = mlp(apply_norm(mods["norm2"], x))
         return x + mods["drop_path2"](y if g2 is None else g2 * y)
     am, mm = attn._modules, mlp._modules
-    h = attn.forward_core(apply_norm(mods["norm1"], x), rope)
+    core = getattr(type(attn), "forward_core", None)  # a class attribute: no nn.Module.__getattr__
+    a = apply_norm(mods["norm1"], x)
+    h = core(attn, a, rope) if core is not None else rope_attention_core(attn, a, rope)
     x = _eva_branch(x, h, am["proj"], am["proj_drop"], g1, mods["drop_path1"])
-    h = mlp.forward_hidden(apply_norm(mods["norm2"], x))
+    hidden = mlp_hidden or type(mlp).forward_hidden
+    h = hidden(mlp, apply_norm(mods["norm2"], x))
     return _eva_branch(x, h, mm["fc2"], mm["drop2"], g2, mods["drop_path2"])
 
 
