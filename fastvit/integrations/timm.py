@@ -228,7 +228,7 @@ _PATCHED: Dict[type, type] = {}
 # (a patched module whose list is non-empty runs timm's own forward) and fill patch_report().
 _COVERED = (
     "patch_timm_ covers timm's PatchEmbed, Attention, EvaAttention, AttentionRope, Mlp, SwiGLU, GluMlp, "
-    "vision_transformer.Block, LayerNorm, RmsNorm, RmsNormFp32 and NaFlexVit's packed forward_features"
+    "vision_transformer.Block, EvaBlock, LayerNorm, RmsNorm, RmsNormFp32 and NaFlexVit's packed forward_features"
 )
 
 
