@@ -184,6 +184,33 @@ def test_attention_layout_algebra_on_the_host(tmp_path):
 
 
 @needs_toolchain
+def test_attention_rope_helpers_on_the_host(tmp_path):
+    """tests/cuda/attention_rope.cu runs the rotary helpers of the attention kernels (q / k rotated in shared memory,
+    dq / dk rotated back as they are stored) thread by thread on the CPU against the rotation written out directly:
+    both column layouts, head dims short of their bucket (72, 104), prefix tokens, tails, untouched padding."""
+    import subprocess
+
+    src = os.path.join(os.path.dirname(__file__), "cuda", "attention_rope.cu")
+    exe = str(tmp_path / "attention_rope")
+    cmd = [
+        NVCC,
+        build.CHECK_STD,
+        "-O1",
+        "--expt-relaxed-constexpr",
+        "-x",
+        "cu",
+        *[f"-I{d}" for d in build.include_dirs()],
+        src,
+        "-o",
+        exe,
+    ]
+    compiled = subprocess.run(cmd, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr[-4000:]
+    run = subprocess.run([exe], capture_output=True, text=True)
+    assert run.returncode == 0 and "ALL OK" in run.stdout and "FAIL" not in run.stdout, run.stdout
+
+
+@needs_toolchain
 @pytest.mark.parametrize("minimal", [False, True], ids=["full", "minimal"])
 def test_build_info_reports_the_kernel_facts_on_the_host(tmp_path, minimal):
     """build_info()'s kernel facts (what Python reads instead of copying them), from the torch-free sources alone:

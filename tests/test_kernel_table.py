@@ -58,14 +58,15 @@ def test_every_generated_file_says_so_and_every_instantiation_file_is_generated(
 
 
 def test_instantiation_counts():
-    """4 attention kinds (fwd / bwd, dense / varlen) x 5 buckets x 2 dtypes, 3 linear and 2 patch_embed kinds x 2
-    dtypes; a minimal build keeps bf16 and bucket 64: one instantiation of each template."""
+    """8 attention kinds (fwd / bwd, dense / varlen, without / with rope) x 5 buckets x 2 dtypes, 3 linear and 2
+    patch_embed kinds x 2 dtypes; a minimal build keeps bf16 and bucket 64: one instantiation of each template."""
     assert table.ATTENTION_HEAD_DIMS == (32, 64, 80, 96, 128)
-    assert len(table.instances()) == 4 * 5 * 2 + 3 * 2 + 2 * 2
+    assert len(table.instances()) == 8 * 5 * 2 + 3 * 2 + 2 * 2
     minimal = table.instances(minimal=True)
     assert len(minimal) == len(table.KINDS)
     assert all(i.dtype.suffix == "bf16" and i.head_dim in (None, 64) for i in minimal)
     assert "attention/attention_bwd_varlen_hdim64_bf16.cu" in {i.path for i in minimal}
+    assert "attention/attention_fwd_varlen_rope_hdim64_bf16.cu" in {i.path for i in minimal}
 
 
 def test_header_lists_follow_the_table():

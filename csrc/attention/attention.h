@@ -36,9 +36,10 @@
 // or seqlen_k == 0; backward: batch, heads or both seqlens == 0 -- with only seqlen_k == 0 the backward writes
 // dq = 0, with only seqlen_q == 0 it writes dk = dv = 0, as the Triton kernels do; packed: also total_tokens == 0),
 // cudaErrorNotSupported for a dtype / head dim this build did not compile, cudaErrorMisalignedAddress when a
-// pointer or stride breaks kAttentionAlignment, cudaErrorInvalidValue for a missing lse / workspace, a seqlen or
-// total_tokens >= 2^31 - 256, or packed sequences with seqlen_q != seqlen_k, cudaErrorInvalidConfiguration when
-// B·H > 65535², and otherwise the first CUDA error of their launches.
+// pointer or stride breaks kAttentionAlignment (or the rotary table its 16-byte float4 alignment),
+// cudaErrorInvalidValue for a missing lse / workspace, a seqlen or total_tokens >= 2^31 - 256, packed sequences with
+// seqlen_q != seqlen_k, or negative rotary rows / prefix, cudaErrorInvalidConfiguration when B·H > 65535², and
+// otherwise the first CUDA error of their launches.
 #pragma once
 
 #include <cstddef>
@@ -69,6 +70,29 @@ constexpr bool attention_head_dim_buckets_valid() {
   return true;
 }
 static_assert(attention_head_dim_buckets_valid(), "the buckets ascend and are multiples of kAttentionHeadDimMultiple");
+
+// Rotary position embeddings (RoFormer, Su et al. 2021; 2D as in EVA-02 / DINOv3: timm's apply_rot_embed_cat) applied
+// to q and k as the kernels load them: nothing rotated is ever written to global memory. The table is timm's
+// cat([sin, cos], -1) in fp32: row r of head h starts at table + h·head_stride + r·row_stride and holds sin in columns
+// [0, head_dim) and cos in [head_dim, 2·head_dim). The token at position p of its sequence (its row; packed: counted
+// from cu_seqlens[s]) is rotated by row p - num_prefix when num_prefix <= p < num_prefix + rows, and left as it is
+// otherwise (the prefix tokens: cls, registers). Column pairs (a, b): rotate_half pairs column j < head_dim/2 with
+// j + head_dim/2 (timm's half layout), otherwise 2i with 2i + 1 (interleaved); with s_c, c_c the table's values at
+// column c,
+//   rotated:    y_a = x_a·c_a − x_b·s_a,     y_b = x_b·c_b + x_a·s_b          (timm's x·cos + rot(x)·sin)
+//   backward:   dx_a = dy_a·c_a + dy_b·s_b,  dx_b = dy_b·c_b − dy_a·s_a       (the transpose)
+// in fp32; the rotated q and k are rounded once to the element type (they are MMA operands), the gradients once as
+// they are stored. The forward computes with the rotated q, k; the backward returns dq, dk with respect to the
+// unrotated q, k (dv is unchanged). Requirements (the launchers check them): table 16-byte aligned, head_stride and
+// row_stride multiples of 4 (float4 loads), rows >= 0, num_prefix >= 0, head_dim even (it is: a multiple of 8).
+struct AttentionRopeParams {
+  const float* table = nullptr;  // nullptr: no rotation (the kernels then skip every rotary step)
+  int64_t head_stride = 0;       // 0 for a table shared by the heads ((N_rot, 2·D)); else (H, N_rot, 2·D)
+  int64_t row_stride = 0;
+  int rows = 0;                  // N_rot: table rows; tokens past num_prefix + rows stay unrotated (never read)
+  int num_prefix = 0;            // unrotated tokens at the start of every sequence
+  bool rotate_half = false;      // pairs (j, j + D/2) (timm's half layout) instead of (2i, 2i + 1)
+};
 
 struct AttentionFwdParams {
   // Inputs, element type `dtype` (fp16 or bf16), logical shapes (batch, heads, seqlen, head_dim), head dim
@@ -102,6 +126,9 @@ struct AttentionFwdParams {
   // length <= seqlen_q. With them, lse is (H, total_tokens) fp32 and the batch strides are ignored.
   const int* cu_seqlens = nullptr;
   int64_t total_tokens = 0;  // T: rows of q, k, v, o with cu_seqlens (unused without)
+
+  // Rotary position embeddings of q and k (table == nullptr: none); see AttentionRopeParams.
+  AttentionRopeParams rope;
 };
 
 struct AttentionBwdParams {
@@ -145,6 +172,10 @@ struct AttentionBwdParams {
   // (H, total_tokens) fp32, and dq / dk / dv have total_tokens rows.
   const int* cu_seqlens = nullptr;
   int64_t total_tokens = 0;
+
+  // The forward's rotary position embeddings (AttentionRopeParams): q and k are rotated as they are loaded, and dq,
+  // dk rotated back (the transpose) before they are stored.
+  AttentionRopeParams rope;
 };
 
 // Bytes of workspace run_attention_bwd needs (B·H·seqlen_q fp32 for delta -- packed: H·total_tokens --, rounded up

@@ -1,6 +1,6 @@
 // fastvit attention: run-time dispatch from AttentionFwdParams / AttentionBwdParams to the compiled
 // (dtype, head-dim bucket) launchers. No kernel code here: the launchers are explicitly instantiated in
-// attention_{fwd,bwd}[_varlen]_hdim<D>_{fp16,bf16}.cu, generated from the kernel table
+// attention_{fwd,bwd}[_varlen][_rope]_hdim<D>_{fp16,bf16}.cu, generated from the kernel table
 // (fastvit/runtime/kernel_table.py; attention_launch.cuh declares them).
 #include <cstdint>
 #include <initializer_list>
@@ -93,6 +93,16 @@ bool valid_sizes(const Params& p) {
   return p.cu_seqlens == nullptr || (p.seqlen_q == p.seqlen_k && p.total_tokens >= 0 && p.total_tokens <= kMaxSeqlen);
 }
 
+// The rotary table (AttentionRopeParams): absent, or 16-byte aligned with float4-aligned strides (its rows and prefix
+// are checked by valid_rope).
+bool aligned_rope(const AttentionRopeParams& rope) {
+  return rope.table == nullptr ||
+         (reinterpret_cast<uintptr_t>(rope.table) % 16 == 0 && rope.head_stride % 4 == 0 && rope.row_stride % 4 == 0);
+}
+bool valid_rope(const AttentionRopeParams& rope) {
+  return rope.table == nullptr || (rope.rows >= 0 && rope.num_prefix >= 0);
+}
+
 // No row to compute: no batch (sequence) or head, or -- packed -- no token.
 template <class Params>
 bool empty_batch(const Params& p) {
@@ -114,12 +124,16 @@ cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t str
   if (empty_batch(params) || params.seqlen_q <= 0 || params.seqlen_k <= 0) return cudaSuccess;
   if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
     return cudaErrorNotSupported;
-  if (!valid_sizes(params)) return cudaErrorInvalidValue;
-  if (params.lse == nullptr || !aligned_qkvo(params)) return cudaErrorMisalignedAddress;
+  if (!valid_sizes(params) || !valid_rope(params.rope)) return cudaErrorInvalidValue;
+  if (params.lse == nullptr || !aligned_qkvo(params) || !aligned_rope(params.rope)) return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
-      return params.cu_seqlens != nullptr ? run_attention_fwd_bucket<Element, kHeadDim, true>(params, stream)
-                                          : run_attention_fwd_bucket<Element, kHeadDim, false>(params, stream);
+      const bool varlen = params.cu_seqlens != nullptr, rope = params.rope.table != nullptr;
+      if (rope)
+        return varlen ? run_attention_fwd_bucket<Element, kHeadDim, true, true>(params, stream)
+                      : run_attention_fwd_bucket<Element, kHeadDim, false, true>(params, stream);
+      return varlen ? run_attention_fwd_bucket<Element, kHeadDim, true, false>(params, stream)
+                    : run_attention_fwd_bucket<Element, kHeadDim, false, false>(params, stream);
     });
   });
 }
@@ -128,10 +142,10 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
   if (empty_batch(params) || (params.seqlen_q <= 0 && params.seqlen_k <= 0)) return cudaSuccess;
   if (!attention_dtype_supported(params.dtype) || !attention_head_dim_supported(params.head_dim))
     return cudaErrorNotSupported;
-  if (!valid_sizes(params)) return cudaErrorInvalidValue;
+  if (!valid_sizes(params) || !valid_rope(params.rope)) return cudaErrorInvalidValue;
   if (params.seqlen_q > 0 && (params.workspace == nullptr || params.lse == nullptr)) return cudaErrorInvalidValue;
-  if (!aligned_qkvo(params) || !aligned_ptr(params.dout) || !aligned_ptr(params.dq) || !aligned_ptr(params.dk) ||
-      !aligned_ptr(params.dv) || !aligned_ptr(params.workspace) ||
+  if (!aligned_qkvo(params) || !aligned_rope(params.rope) || !aligned_ptr(params.dout) || !aligned_ptr(params.dq) ||
+      !aligned_ptr(params.dk) || !aligned_ptr(params.dv) || !aligned_ptr(params.workspace) ||
       !aligned_strides(params, params.do_batch_stride, params.do_head_stride, params.do_row_stride, params.seqlen_q) ||
       !aligned_strides(params, params.dq_batch_stride, params.dq_head_stride, params.dq_row_stride, params.seqlen_q) ||
       !aligned_strides(params, params.dk_batch_stride, params.dk_head_stride, params.dk_row_stride, params.seqlen_k) ||
@@ -139,8 +153,12 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t str
     return cudaErrorMisalignedAddress;
   return FASTVIT_HALF_SWITCH(params.dtype, Element, [&] {
     return FASTVIT_ATTN_HEADDIM_SWITCH(params.head_dim, kHeadDim, [&] {
-      return params.cu_seqlens != nullptr ? run_attention_bwd_bucket<Element, kHeadDim, true>(params, stream)
-                                          : run_attention_bwd_bucket<Element, kHeadDim, false>(params, stream);
+      const bool varlen = params.cu_seqlens != nullptr, rope = params.rope.table != nullptr;
+      if (rope)
+        return varlen ? run_attention_bwd_bucket<Element, kHeadDim, true, true>(params, stream)
+                      : run_attention_bwd_bucket<Element, kHeadDim, false, true>(params, stream);
+      return varlen ? run_attention_bwd_bucket<Element, kHeadDim, true, false>(params, stream)
+                    : run_attention_bwd_bucket<Element, kHeadDim, false, false>(params, stream);
     });
   });
 }

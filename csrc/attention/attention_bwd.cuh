@@ -20,6 +20,13 @@
 // like the Triton implementation (kernels/attention.py), whose arithmetic this matches: P in fp32, P and dS
 // rounded to the input dtype only as MMA operands, dS computed from the fp32 P.
 //
+// Rotary position embeddings (kRope: params.rope.table != nullptr; attention.h), a template flag as in the forward
+// (the kernels without it are unchanged; attention_bwd[_varlen]_rope_hdim<D>_<dtype>.cu instantiate the rotary ones):
+// each kernel rotates its resident tile (dK/dV: K; dQ: Q) in the prologue and every streamed Q or K block in shared
+// memory after it lands (one extra barrier per block), so both GEMMs of each use see the rotated operand; the fp32 dK
+// and dQ accumulators are then gradients with respect to the rotated k and q, and the epilogues stage them in fp32
+// shared memory and rotate them back (the transpose) as they store them, rounding once. dV and delta are unchanged.
+//
 // Both mainloops double-buffer their streamed tiles: block j+1 is fetched by cp.async into the other stage
 // while block j is computed.
 //
@@ -111,7 +118,7 @@ struct BwdDkdvConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWar
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
 
-template <class Cfg, bool kVarlen>
+template <class Cfg, bool kVarlen, bool kRope>
 __device__ __forceinline__ void attention_bwd_dkdv_body(const AttentionBwdParams& p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -201,6 +208,14 @@ __device__ __forceinline__ void attention_bwd_dkdv_body(const AttentionBwdParams
   load_tile_async<kBlockN, kHeadDim, kNThreads>(sV, v_ptr, p.v_row_stride, n_valid, head_dim, tid);
   if (m_blocks > 0) load_q_block(0, 0);
   cp_async_fence();
+  if constexpr (kRope) {  // K is rotated once, here, while no accumulator is live (the loop's barriers publish it)
+    if (m_blocks > 0) {
+      cp_async_wait<0>();
+      __syncthreads();
+      rope_rotate_tile<kBlockN, kHeadDim, kNThreads>(sK, p.rope, p.rope.table + h * p.rope.head_stride,
+                                                     n_block * kBlockN, n_valid, head_dim, tid);
+    }
+  }
   clear(acc_dk);
   clear(acc_dv);
 
@@ -217,6 +232,11 @@ __device__ __forceinline__ void attention_bwd_dkdv_body(const AttentionBwdParams
     __syncthreads();
 
     Tensor sQ = make_tensor(make_smem_ptr(q_stage(stage)), LayoutQ{});
+    if constexpr (kRope) {  // query block mb landed (the barrier above): rotate it before the first ldmatrix
+      rope_rotate_tile<kBlockM, kHeadDim, kNThreads>(sQ, p.rope, p.rope.table + h * p.rope.head_stride, mb * kBlockM,
+                                                     seqlen_q - mb * kBlockM, head_dim, tid);
+      __syncthreads();
+    }
     Tensor sdO = make_tensor(make_smem_ptr(do_stage(stage)), LayoutQ{});
     Tensor sQt = make_tensor(make_smem_ptr(q_stage(stage)), transposed<kBlockM, kHeadDim>(LayoutQ{}));  // (D, kBlockM)
     Tensor sdOt =
@@ -275,30 +295,54 @@ __device__ __forceinline__ void attention_bwd_dkdv_body(const AttentionBwdParams
 
   // Epilogue: dK·scale and dV through shared memory (K and V tiles are dead) to 16-byte global stores.
   // (m_blocks == 0: no loop, so wait for the prologue's copies before overwriting sK / sV.)
+  // Rope: dK (with respect to the rotated keys) goes through an fp32 tile over sK and sV and is rotated back as it is
+  // stored, before dV takes sV.
   cp_async_wait<0>();
   __syncthreads();
   const int etid = opaque_thread_idx();
-  acc_to_smem<kBlockN, kHeadDim, Element>(acc_dk, p.scale, sK, tiled_mma, etid);
-  acc_to_smem<kBlockN, kHeadDim, Element>(acc_dv, 1.f, sV, tiled_mma, etid);
-  __syncthreads();
-  Element* dk_ptr = static_cast<Element*>(p.dk) + seq_offset<kVarlen>(b, p.dk_batch_stride, sc, p.dk_row_stride) +
-                    h * p.dk_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dk_row_stride;
-  Element* dv_ptr = static_cast<Element*>(p.dv) + seq_offset<kVarlen>(b, p.dv_batch_stride, sc, p.dv_row_stride) +
-                    h * p.dv_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dv_row_stride;
-  store_tile<kBlockN, kHeadDim, kNThreads>(sK, dk_ptr, p.dk_row_stride, n_valid, head_dim, etid);
-  store_tile<kBlockN, kHeadDim, kNThreads>(sV, dv_ptr, p.dv_row_stride, n_valid, head_dim, etid);
+  auto dk_base = [&] {
+    return static_cast<Element*>(p.dk) + seq_offset<kVarlen>(b, p.dk_batch_stride, sc, p.dk_row_stride) +
+           h * p.dk_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dk_row_stride;
+  };
+  auto dv_base = [&] {
+    return static_cast<Element*>(p.dv) + seq_offset<kVarlen>(b, p.dv_batch_stride, sc, p.dv_row_stride) +
+           h * p.dv_head_stride + static_cast<int64_t>(n_block) * kBlockN * p.dv_row_stride;
+  };
+  if constexpr (kRope) {
+    Tensor sdKf = make_tensor(make_smem_ptr(reinterpret_cast<float*>(smem)), LayoutKV{});
+    static_assert(2 * Cfg::kSmemElemsKV * sizeof(Element) >= cosize(LayoutKV{}) * sizeof(float) &&
+                      Cfg::kOffV == Cfg::kSmemElemsKV,
+                  "the fp32 dK tile fits in sK and sV");
+    acc_to_smem<kBlockN, kHeadDim, float>(acc_dk, p.scale, sdKf, tiled_mma, etid);
+    __syncthreads();
+    rope_store_tile_back<kBlockN, kHeadDim, kNThreads>(sdKf, dk_base(), p.dk_row_stride, p.rope,
+                                                       p.rope.table + h * p.rope.head_stride, n_block * kBlockN,
+                                                       n_valid, head_dim, etid);
+    __syncthreads();  // sV is free again
+    acc_to_smem<kBlockN, kHeadDim, Element>(acc_dv, 1.f, sV, tiled_mma, etid);
+    __syncthreads();
+    store_tile<kBlockN, kHeadDim, kNThreads>(sV, dv_base(), p.dv_row_stride, n_valid, head_dim, etid);
+  } else {
+    acc_to_smem<kBlockN, kHeadDim, Element>(acc_dk, p.scale, sK, tiled_mma, etid);
+    acc_to_smem<kBlockN, kHeadDim, Element>(acc_dv, 1.f, sV, tiled_mma, etid);
+    __syncthreads();
+    Element* dk_ptr = dk_base();
+    Element* dv_ptr = dv_base();
+    store_tile<kBlockN, kHeadDim, kNThreads>(sK, dk_ptr, p.dk_row_stride, n_valid, head_dim, etid);
+    store_tile<kBlockN, kHeadDim, kNThreads>(sV, dv_ptr, p.dv_row_stride, n_valid, head_dim, etid);
+  }
 }
 
-template <class Cfg>
+template <class Cfg, bool kRope>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_bwd_dkdv_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
-  attention_bwd_dkdv_body<Cfg, false>(p, delta);
+  attention_bwd_dkdv_body<Cfg, false, kRope>(p, delta);
 }
 
-template <class Cfg>
+template <class Cfg, bool kRope>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_bwd_dkdv_varlen_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
-  attention_bwd_dkdv_body<Cfg, true>(p, delta);
+  attention_bwd_dkdv_body<Cfg, true, kRope>(p, delta);
 }
 
 // ------------------------------------------------------------------------------------------------ dQ
@@ -316,7 +360,7 @@ struct BwdDqConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps
   static_assert(kSmemBytes <= 163 * 1024, "backward must fit sm_80's 163 KB");
 };
 
-template <class Cfg, bool kVarlen>
+template <class Cfg, bool kVarlen, bool kRope>
 __device__ __forceinline__ void attention_bwd_dq_body(const AttentionBwdParams& p, const float* __restrict__ delta) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -397,6 +441,14 @@ __device__ __forceinline__ void attention_bwd_dq_body(const AttentionBwdParams& 
   load_tile_async<kBlockM, kHeadDim, kNThreads>(sdO, do_ptr, p.do_row_stride, m_valid, head_dim, tid);
   if (n_blocks > 0) load_kv_block(0, 0);
   cp_async_fence();
+  if constexpr (kRope) {  // Q is rotated once, here, while no accumulator is live (the loop's barriers publish it)
+    if (n_blocks > 0) {
+      cp_async_wait<0>();
+      __syncthreads();
+      rope_rotate_tile<kBlockM, kHeadDim, kNThreads>(sQ, p.rope, p.rope.table + h * p.rope.head_stride,
+                                                     m_block * kBlockM, m_valid, head_dim, tid);
+    }
+  }
 
   // lse (log2 domain) and delta of this thread's query rows; rows past the end get 0 (never stored).
   float lse2[kRows], dlt[kRows];
@@ -421,6 +473,11 @@ __device__ __forceinline__ void attention_bwd_dq_body(const AttentionBwdParams& 
     __syncthreads();
 
     Tensor sK = make_tensor(make_smem_ptr(k_stage(stage)), LayoutKV{});
+    if constexpr (kRope) {  // key block nb landed (the barrier above): rotate it before the first ldmatrix
+      rope_rotate_tile<kBlockN, kHeadDim, kNThreads>(sK, p.rope, p.rope.table + h * p.rope.head_stride, nb * kBlockN,
+                                                     seqlen_k - nb * kBlockN, head_dim, tid);
+      __syncthreads();
+    }
     Tensor sV = make_tensor(make_smem_ptr(v_stage(stage)), LayoutKV{});
     Tensor sKt = make_tensor(make_smem_ptr(k_stage(stage)), transposed<kBlockN, kHeadDim>(LayoutKV{}));  // (D, kBlockN)
 
@@ -463,26 +520,42 @@ __device__ __forceinline__ void attention_bwd_dq_body(const AttentionBwdParams& 
   }
 
   // Epilogue: dQ·scale through shared memory (sQ is dead) to 16-byte global stores.
+  // Rope: dQ (with respect to the rotated queries) goes through an fp32 tile over sQ and sdO, rotated back as stored.
   cp_async_wait<0>();  // n_blocks == 0: the prologue's copies must land before sQ is overwritten
   __syncthreads();
   const int etid = opaque_thread_idx();
-  acc_to_smem<kBlockM, kHeadDim, Element>(acc_dq, p.scale, sQ, tiled_mma, etid);
-  __syncthreads();
-  Element* dq_ptr = static_cast<Element*>(p.dq) + seq_offset<kVarlen>(b, p.dq_batch_stride, sc, p.dq_row_stride) +
-                    h * p.dq_head_stride + static_cast<int64_t>(m_block) * kBlockM * p.dq_row_stride;
-  store_tile<kBlockM, kHeadDim, kNThreads>(sQ, dq_ptr, p.dq_row_stride, m_valid, head_dim, etid);
+  auto dq_base = [&] {
+    return static_cast<Element*>(p.dq) + seq_offset<kVarlen>(b, p.dq_batch_stride, sc, p.dq_row_stride) +
+           h * p.dq_head_stride + static_cast<int64_t>(m_block) * kBlockM * p.dq_row_stride;
+  };
+  if constexpr (kRope) {
+    Tensor sdQf = make_tensor(make_smem_ptr(reinterpret_cast<float*>(smem)), LayoutQ{});
+    static_assert(
+        2 * Cfg::kSmemElemsQ * sizeof(Element) >= cosize(LayoutQ{}) * sizeof(float) && Cfg::kOffdO == Cfg::kSmemElemsQ,
+        "the fp32 dQ tile fits in sQ and sdO");
+    acc_to_smem<kBlockM, kHeadDim, float>(acc_dq, p.scale, sdQf, tiled_mma, etid);
+    __syncthreads();
+    rope_store_tile_back<kBlockM, kHeadDim, kNThreads>(sdQf, dq_base(), p.dq_row_stride, p.rope,
+                                                       p.rope.table + h * p.rope.head_stride, m_block * kBlockM,
+                                                       m_valid, head_dim, etid);
+  } else {
+    acc_to_smem<kBlockM, kHeadDim, Element>(acc_dq, p.scale, sQ, tiled_mma, etid);
+    __syncthreads();
+    Element* dq_ptr = dq_base();
+    store_tile<kBlockM, kHeadDim, kNThreads>(sQ, dq_ptr, p.dq_row_stride, m_valid, head_dim, etid);
+  }
 }
 
-template <class Cfg>
+template <class Cfg, bool kRope>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_bwd_dq_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
-  attention_bwd_dq_body<Cfg, false>(p, delta);
+  attention_bwd_dq_body<Cfg, false, kRope>(p, delta);
 }
 
-template <class Cfg>
+template <class Cfg, bool kRope>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_bwd_dq_varlen_kernel(const AttentionBwdParams p, const float* __restrict__ delta) {
-  attention_bwd_dq_body<Cfg, true>(p, delta);
+  attention_bwd_dq_body<Cfg, true, kRope>(p, delta);
 }
 
 // ------------------------------------------------------------------------------------------------ launch
@@ -498,26 +571,27 @@ struct BwdTiles {
   using Dq = BwdDqConfig<Element, kHeadDim, /*kBlockM=*/64, /*kBlockN=*/(kHeadDim <= 96 ? 64 : 32), /*warps=*/4>;
 };
 
-// The three entry points of one problem kind (dense or packed); only those kernels are instantiated.
-template <typename Element, class Dkdv, class Dq, bool kVarlen>
+// The three entry points of one problem kind (dense or packed, with or without rope); only those kernels are
+// instantiated.
+template <typename Element, class Dkdv, class Dq, bool kVarlen, bool kRope>
 struct BwdKernels {
   static constexpr auto delta = &attention_bwd_delta_kernel<Element>;
-  static constexpr auto dkdv = &attention_bwd_dkdv_kernel<Dkdv>;
-  static constexpr auto dq = &attention_bwd_dq_kernel<Dq>;
+  static constexpr auto dkdv = &attention_bwd_dkdv_kernel<Dkdv, kRope>;
+  static constexpr auto dq = &attention_bwd_dq_kernel<Dq, kRope>;
 };
-template <typename Element, class Dkdv, class Dq>
-struct BwdKernels<Element, Dkdv, Dq, true> {
+template <typename Element, class Dkdv, class Dq, bool kRope>
+struct BwdKernels<Element, Dkdv, Dq, true, kRope> {
   static constexpr auto delta = &attention_bwd_delta_varlen_kernel<Element>;
-  static constexpr auto dkdv = &attention_bwd_dkdv_varlen_kernel<Dkdv>;
-  static constexpr auto dq = &attention_bwd_dq_varlen_kernel<Dq>;
+  static constexpr auto dkdv = &attention_bwd_dkdv_varlen_kernel<Dkdv, kRope>;
+  static constexpr auto dq = &attention_bwd_dq_varlen_kernel<Dq, kRope>;
 };
 
 // Grids: (row blocks of the longest sequence, B·H); packed, the blocks past a shorter sequence's end exit at once.
-template <typename Element, int kHeadDim, bool kVarlen>
+template <typename Element, int kHeadDim, bool kVarlen, bool kRope>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   using Dkdv = typename BwdTiles<Element, kHeadDim>::Dkdv;
   using Dq = typename BwdTiles<Element, kHeadDim>::Dq;
-  using Kernels = BwdKernels<Element, Dkdv, Dq, kVarlen>;
+  using Kernels = BwdKernels<Element, Dkdv, Dq, kVarlen, kRope>;
   const int64_t bh = p.batch * p.heads;
   float* delta = static_cast<float*>(p.workspace);
   cudaError_t err;
@@ -555,9 +629,9 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
 
 }  // namespace attn
 
-template <typename Element, int kHeadDim, bool kVarlen>
+template <typename Element, int kHeadDim, bool kVarlen, bool kRope>
 cudaError_t run_attention_bwd_bucket(const AttentionBwdParams& params, cudaStream_t stream) {
-  return attn::launch_attention_bwd<Element, kHeadDim, kVarlen>(params, stream);
+  return attn::launch_attention_bwd<Element, kHeadDim, kVarlen, kRope>(params, stream);
 }
 
 }  // namespace fastvit

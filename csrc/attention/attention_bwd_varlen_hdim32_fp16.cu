@@ -3,5 +3,6 @@
 #include "attention/attention_bwd.cuh"
 
 namespace fastvit {
-template cudaError_t run_attention_bwd_bucket<cutlass::half_t, 32, true>(const AttentionBwdParams&, cudaStream_t);
+template cudaError_t run_attention_bwd_bucket<cutlass::half_t, 32, true, false>(const AttentionBwdParams&,
+                                                                                cudaStream_t);
 }  // namespace fastvit

@@ -9,6 +9,13 @@
 // and finally O = acc / l, LSE = (m + log2(l)) · ln(2) (natural log of the scaled scores). This is exactly the
 // Triton kernel's arithmetic (kernels/attention.py, _attn_fwd_body), including the order "scale, then mask".
 //
+// Rotary position embeddings (kRope: params.rope.table != nullptr; attention.h): Q (in the prologue) and each K
+// block (in the mainloop) are rotated in shared memory after they land, by the whole CTA, before any ldmatrix reads
+// them -- one extra barrier per key block, and nothing rotated is written to global memory. A template flag, not a
+// run-time branch: as a uniform branch inside the mainloop the rotary code raised the plain kernels' registers
+// (dense sm_80 235 -> 243; packed sm_90a 225 -> 255 with 52 B of spills), so the kernels without it stay exactly as
+// they were and the rotary ones are their own instantiations (attention_fwd[_varlen]_rope_hdim<D>_<dtype>.cu).
+//
 // Pipeline (single-buffered K and V, as in FlashAttention-2): the copy of V[j] overlaps Q·K[j]ᵀ, and the copy
 // of the next K overlaps the softmax and P·V[j]. Key blocks are visited from the last to the first so that the
 // only partial block (the sequence tail) is handled first; every key block holds at least one valid key, so
@@ -17,8 +24,8 @@
 // Packed variable-length sequences (attention.h; FlashAttention's flash_attn_varlen_func) run the same body with
 // kVarlen = true: the CTA's batch coordinate is the sequence, its rows start at token cu_seqlens[s], its length
 // replaces seqlen_q / seqlen_k (the tail tile is masked exactly like the dense N = 197 tail), query blocks past
-// the sequence's end exit at once, and LSE goes to (H, T). One kernel template, attention_fwd_kernel<Cfg, kVarlen>;
-// with kVarlen = false every varlen branch is compiled out. (Not a __device__ body behind two thin __global__
+// the sequence's end exit at once, and LSE goes to (H, T). One kernel template,
+// attention_fwd_kernel<Cfg, kVarlen, kRope>; with kVarlen = false every varlen branch is compiled out. (Not a __device__ body behind two thin __global__
 // entry points, as the backward's kernels are: for the forward that shape made NVVM re-associate the key-mask
 // index arithmetic and cost the dense sm_80 kernel 2 registers, 235 -> 237; as one template it stays at 235.)
 #pragma once
@@ -39,7 +46,7 @@ struct FwdConfig : TileConfig<Element_, kHeadDim_, kBlockM_, kBlockN_, kNWarps_>
   static_assert(kSmemBytes <= 99 * 1024, "forward must fit two CTAs per SM on sm_80");
 };
 
-template <class Cfg, bool kVarlen>
+template <class Cfg, bool kVarlen, bool kRope>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const AttentionFwdParams p) {
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM;
@@ -62,7 +69,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   }
   const int head_dim = p.head_dim;
   const int m_valid = min(kBlockM, seqlen_q - m_block * kBlockM);  // >= 1 by the grid size (packed: the exit above)
-  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;            // >= 1 (seqlen_k >= 1; packed: = seqlen_q)
+  const int n_blocks = (seqlen_k + kBlockN - 1) / kBlockN;  // >= 1 (seqlen_k >= 1; packed: = seqlen_q)
   const float scale_log2 = p.scale * kLog2e;
 
   // Global tile bases: row 0 of this query block for Q (O: in the epilogue), row 0 of the sequence for K, V.
@@ -76,10 +83,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
-  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Cfg::SmemLayoutQ{});                      // (M, D)
+  Tensor sQ = make_tensor(make_smem_ptr(smem), typename Cfg::SmemLayoutQ{});  // (M, D)
   Tensor sK = make_tensor(make_smem_ptr(smem + Cfg::kSmemElemsQ), typename Cfg::SmemLayoutKV{});  // (N, D)
   Element* sV_ptr = smem + Cfg::kSmemElemsQ + Cfg::kSmemElemsKV;
-  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), typename Cfg::SmemLayoutKV{});                   // (N, D)
+  Tensor sV = make_tensor(make_smem_ptr(sV_ptr), typename Cfg::SmemLayoutKV{});  // (N, D)
   // Vᵀ as the B operand of P·V: (D, N), element (d, n) = V(n, d).
   Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), transposed<kBlockN, kHeadDim>(typename Cfg::SmemLayoutKV{}));
   // A plain (D, N) layout: only used to size the register fragment of Vᵀ.
@@ -87,8 +94,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
 
   typename Cfg::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);          // (MMA, MMA_M, MMA_K over D)
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);          // (MMA, MMA_N over kBlockN, MMA_K over D)
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_K over D)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);  // (MMA, MMA_N over kBlockN, MMA_K over D)
   Tensor tOrVt = thr_mma.partition_fragment_B(sVt_shape);  // (MMA, MMA_N over D, MMA_K over kBlockN)
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
 
@@ -110,6 +117,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
   load_tile_async<kBlockN, kHeadDim, kNThreads>(sK, k_ptr + static_cast<int64_t>(n_block) * kBlockN * p.k_row_stride,
                                                 p.k_row_stride, seqlen_k - n_block * kBlockN, head_dim, tid);
   cp_async_fence();
+  if constexpr (kRope) {  // Q is rotated once, here, while no accumulator is live
+    cp_async_wait<0>();
+    __syncthreads();
+    rope_rotate_tile<kBlockM, kHeadDim, kNThreads>(sQ, p.rope, p.rope.table + h * p.rope.head_stride, m_block * kBlockM,
+                                                   m_valid, head_dim, tid);
+  }
 
   float row_max[kRows];  // running max of the log2-domain scores
   float row_sum[kRows];  // this thread's partial running sum of 2^(s - row_max) (quad-reduced at the end)
@@ -129,6 +142,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
     load_tile_async<kBlockN, kHeadDim, kNThreads>(sV, v_ptr + static_cast<int64_t>(n_block) * kBlockN * p.v_row_stride,
                                                   p.v_row_stride, seqlen_k - n_block * kBlockN, head_dim, tid);
     cp_async_fence();
+    if constexpr (kRope) {  // K[n_block] landed (the barrier above): rotate it before the first ldmatrix
+      rope_rotate_tile<kBlockN, kHeadDim, kNThreads>(sK, p.rope, p.rope.table + h * p.rope.head_stride,
+                                                     n_block * kBlockN, seqlen_k - n_block * kBlockN, head_dim, tid);
+      __syncthreads();
+    }
 
     gemm_ss(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, cp.a, cp.b, cp.thr_a, cp.thr_b);
 
@@ -161,8 +179,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
       float mx = row_max[mi];
 #pragma unroll
       for (int ni = 0; ni < size<1>(s_rc); ++ni) mx = fmaxf(mx, s_rc(mi, ni));
-      mx = quad_max(mx);                             // finite: each block has a valid key
-      const float alpha = fast_exp2(row_max[mi] - mx);   // 0 on the first block (row_max = -inf)
+      mx = quad_max(mx);  // finite: each block has a valid key
+      const float alpha = fast_exp2(row_max[mi] - mx);  // 0 on the first block (row_max = -inf)
       row_max[mi] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -209,12 +227,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1) attention_fwd_kernel(const 
 }
 
 // Grid: (query blocks of the longest sequence, B·H); packed, the blocks past a shorter sequence's end exit at once.
-template <class Cfg, bool kVarlen>
+template <class Cfg, bool kVarlen, bool kRope>
 cudaError_t launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   dim3 grid;
   if (!make_attention_grid(m_blocks, p.batch * p.heads, grid)) return cudaErrorInvalidConfiguration;
-  auto kernel = attention_fwd_kernel<Cfg, kVarlen>;
+  auto kernel = attention_fwd_kernel<Cfg, kVarlen, kRope>;
   cudaError_t err = set_smem_limit(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, Cfg::kNThreads, Cfg::kSmemBytes, stream>>>(p);
@@ -240,9 +258,9 @@ struct FwdTiles {
 
 }  // namespace attn
 
-template <typename Element, int kHeadDim, bool kVarlen>
+template <typename Element, int kHeadDim, bool kVarlen, bool kRope>
 cudaError_t run_attention_fwd_bucket(const AttentionFwdParams& params, cudaStream_t stream) {
-  return attn::launch_attention_fwd<typename attn::FwdTiles<Element, kHeadDim>::Cfg, kVarlen>(params, stream);
+  return attn::launch_attention_fwd<typename attn::FwdTiles<Element, kHeadDim>::Cfg, kVarlen, kRope>(params, stream);
 }
 
 }  // namespace fastvit

@@ -3,5 +3,6 @@
 #include "attention/attention_fwd.cuh"
 
 namespace fastvit {
-template cudaError_t run_attention_fwd_bucket<cutlass::half_t, 64, false>(const AttentionFwdParams&, cudaStream_t);
+template cudaError_t run_attention_fwd_bucket<cutlass::half_t, 64, false, false>(const AttentionFwdParams&,
+                                                                                 cudaStream_t);
 }  // namespace fastvit

@@ -283,6 +283,159 @@ __device__ __forceinline__ void acc_to_smem(Acc const& acc, float mul, SmemTenso
   }
 }
 
+// ------------------------------------------------------------------------------------------------ rotary
+// Rotary position embeddings (AttentionRopeParams, attention.h) on shared tiles. The work unit is a "group" of 4
+// rotation pairs whose 8 columns form two 4-column segments: rotate_half, columns [4g, 4g + 4) and the same shifted by
+// head_dim/2 (pair i = segment 0's column i with segment 1's column i); interleaved, the 8 consecutive columns
+// [8g, 8g + 8) (pair i = columns 8g + 2i, 8g + 2i + 1, i.e. segment s's columns 2i', 2i' + 1). Either way a row has
+// head_dim/8 groups, every segment starts at a multiple of 4 columns (8-byte element vectors, 16-byte float4 table
+// reads) and the table is read at the same columns as the data. Host-callable, so that tests/cuda/attention_rope.cu
+// can run them thread by thread on the CPU.
+
+// The table row of the token at position `pos` of its sequence, or nullptr when the token is not rotated (a prefix
+// token, or past the table's rows).
+CUTE_HOST_DEVICE const float* rope_row(const AttentionRopeParams& rope, const float* table_h, int pos) {
+  const int t = pos - rope.num_prefix;
+  return t >= 0 && t < rope.rows ? table_h + static_cast<int64_t>(t) * rope.row_stride : nullptr;
+}
+
+// First columns of the two segments of group g.
+CUTE_HOST_DEVICE int2 rope_segments(const AttentionRopeParams& rope, int g, int head_dim) {
+  return rope.rotate_half ? make_int2(4 * g, 4 * g + head_dim / 2) : make_int2(8 * g, 8 * g + 4);
+}
+
+// A 16-byte table read through the read-only cache (a plain load when the helpers run on the host: tests/cuda).
+CUTE_HOST_DEVICE float4 rope_ldg(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const float4*>(p));
+#else
+  return *reinterpret_cast<const float4*>(p);
+#endif
+}
+
+// sin (sn) and cos (cs) of the 8 columns of a group, segment 0 in [0, 4), segment 1 in [4, 8).
+CUTE_HOST_DEVICE void rope_load_sincos(const float* row, int2 seg, int head_dim, float (&sn)[8], float (&cs)[8]) {
+  const float4 s0 = rope_ldg(row + seg.x);
+  const float4 s1 = rope_ldg(row + seg.y);
+  const float4 c0 = rope_ldg(row + head_dim + seg.x);
+  const float4 c1 = rope_ldg(row + head_dim + seg.y);
+  sn[0] = s0.x, sn[1] = s0.y, sn[2] = s0.z, sn[3] = s0.w, sn[4] = s1.x, sn[5] = s1.y, sn[6] = s1.z, sn[7] = s1.w;
+  cs[0] = c0.x, cs[1] = c0.y, cs[2] = c0.z, cs[3] = c0.w, cs[4] = c1.x, cs[5] = c1.y, cs[6] = c1.z, cs[7] = c1.w;
+}
+
+// One pair (a, b): timm's x·cos + rot(x)·sin (kInverse = false) or its transpose (the backward of the gradient).
+template <bool kInverse>
+CUTE_HOST_DEVICE void rope_pair(float (&x)[8], const float (&sn)[8], const float (&cs)[8], int a, int b) {
+  const float xa = x[a], xb = x[b];
+  if constexpr (kInverse) {
+    x[a] = xa * cs[a] + xb * sn[b];
+    x[b] = xb * cs[b] - xa * sn[a];
+  } else {
+    x[a] = xa * cs[a] - xb * sn[a];
+    x[b] = xb * cs[b] + xa * sn[b];
+  }
+}
+
+// The 4 pairs of a group, in place (the pairing of each layout, with compile-time indices: x stays in registers).
+template <bool kInverse>
+CUTE_HOST_DEVICE void rope_group(float (&x)[8], const float (&sn)[8], const float (&cs)[8], bool rotate_half) {
+  if (rotate_half) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) rope_pair<kInverse>(x, sn, cs, i, 4 + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) rope_pair<kInverse>(x, sn, cs, 2 * i, 2 * i + 1);
+  }
+}
+
+template <typename T>
+CUTE_HOST_DEVICE void load4_as_float(const T* p, float* x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = static_cast<float>(e[i]);
+  }
+}
+
+template <typename Element>
+CUTE_HOST_DEVICE void store4_from_float(Element* p, const float* y) {
+  uint2 v;
+  Element* e = reinterpret_cast<Element*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) e[i] = static_cast<Element>(y[i]);
+  *reinterpret_cast<uint2*>(p) = v;
+}
+
+// Rotate, in place, the rows [0, rows_valid) x columns [0, head_dim) of a (kRows x kCols) shared tile of q or k in the
+// element type: row r is the token at position pos0 + r of its sequence; table_h is the table of this head
+// (rope.table + h·head_stride). Rows that are not rotated (prefix, past the table) are left untouched. Run between
+// the cp.async wait + __syncthreads() that lands the tile and a __syncthreads() before any thread reads it. Work
+// split: group v = r·(kCols/8) + g to thread v % kNThreads (each group is read and written by one thread).
+template <int kRows, int kCols, int kNThreads, typename SmemTensor>
+CUTE_HOST_DEVICE void rope_rotate_tile(SmemTensor&& s, const AttentionRopeParams& rope, const float* table_h, int pos0,
+                                       int rows_valid, int head_dim, int tid) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(s(0, 0))>>;
+  constexpr int kGroupsPerRow = kCols / 8;
+  constexpr int kGroups = kRows * kGroupsPerRow;
+  constexpr int kIters = (kGroups + kNThreads - 1) / kNThreads;
+#pragma unroll 1  // one group's 24 values live at a time: unrolled, ptxas hoists every group's loads (registers)
+  for (int i = 0; i < kIters; ++i) {
+    const int v = tid + i * kNThreads;
+    const int r = v / kGroupsPerRow;
+    const int g = v % kGroupsPerRow;
+    if ((kGroups % kNThreads != 0 && v >= kGroups) || r >= rows_valid || 8 * g >= head_dim) continue;
+    const float* row = rope_row(rope, table_h, pos0 + r);
+    if (row == nullptr) continue;
+    const int2 seg = rope_segments(rope, g, head_dim);
+    float sn[8], cs[8], x[8];
+    rope_load_sincos(row, seg, head_dim, sn, cs);
+    Element* p0 = &s(r, seg.x);
+    Element* p1 = &s(r, seg.y);
+    load4_as_float(p0, x);
+    load4_as_float(p1, x + 4);
+    rope_group<false>(x, sn, cs, rope.rotate_half);
+    store4_from_float(p0, x);
+    store4_from_float(p1, x + 4);
+  }
+}
+
+// Store rows [0, rows_valid) x columns [0, head_dim) of an fp32 (kRows x kCols) shared tile `s` -- dq or dk with
+// respect to the ROTATED q or k, already scaled -- to global memory in the element type, rotated back (the
+// transpose rotation; rows that were not rotated are stored as they are). g: element (0, 0) of the tile in global
+// memory; row r is the token at position pos0 + r. 8-byte stores of each 4-column segment.
+template <int kRows, int kCols, int kNThreads, typename Element, typename SmemTensor>
+CUTE_HOST_DEVICE void rope_store_tile_back(SmemTensor&& s, Element* __restrict__ g, int64_t row_stride,
+                                           const AttentionRopeParams& rope, const float* table_h, int pos0,
+                                           int rows_valid, int head_dim, int tid) {
+  constexpr int kGroupsPerRow = kCols / 8;
+  constexpr int kGroups = kRows * kGroupsPerRow;
+  constexpr int kIters = (kGroups + kNThreads - 1) / kNThreads;
+#pragma unroll 1
+  for (int i = 0; i < kIters; ++i) {
+    const int v = tid + i * kNThreads;
+    const int r = v / kGroupsPerRow;
+    const int grp = v % kGroupsPerRow;
+    if ((kGroups % kNThreads != 0 && v >= kGroups) || r >= rows_valid || 8 * grp >= head_dim) continue;
+    const int2 seg = rope_segments(rope, grp, head_dim);
+    float x[8];
+    load4_as_float(&s(r, seg.x), x);
+    load4_as_float(&s(r, seg.y), x + 4);
+    const float* row = rope_row(rope, table_h, pos0 + r);
+    if (row != nullptr) {
+      float sn[8], cs[8];
+      rope_load_sincos(row, seg, head_dim, sn, cs);
+      rope_group<true>(x, sn, cs, rope.rotate_half);
+    }
+    Element* out = g + static_cast<int64_t>(r) * row_stride;
+    store4_from_float(out + seg.x, x);
+    store4_from_float(out + seg.y, x + 4);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ layouts
 // The m16n8k16 accumulator fragment of one thread has layout ((2, 2), MMA_M, MMA_N):
 //   mode 0,0 : the two adjacent columns (2t, 2t+1) of an 8-column atom  (t = lane % 4)

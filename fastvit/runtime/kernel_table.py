@@ -66,18 +66,20 @@ class Kind:
     head_dims: bool = False
 
 
-def _attention(direction: str, varlen: bool) -> Kind:
+def _attention(direction: str, varlen: bool, rope: bool = False) -> Kind:
     params = "AttentionFwdParams" if direction == "fwd" else "AttentionBwdParams"
-    flag = "true" if varlen else "false"
+    flags = f"{'true' if varlen else 'false'}, {'true' if rope else 'false'}"
     layout = "packed variable-length sequences (cu_seqlens)" if varlen else "dense (B, H, N, D) tensors"
+    if rope:
+        layout += " with rope"
     return Kind(
         family="attention",
-        stem=f"attention_{direction}" + ("_varlen" if varlen else ""),
+        stem=f"attention_{direction}" + ("_varlen" if varlen else "") + ("_rope" if rope else ""),
         include=f"attention/attention_{direction}.cuh",
         what=f"attention {direction} launcher, {layout}",
         body=(
             "namespace fastvit {{\n"
-            f"template cudaError_t run_attention_{direction}_bucket<{{element}}, {{head_dim}}, {flag}>(const {params}&,"
+            f"template cudaError_t run_attention_{direction}_bucket<{{element}}, {{head_dim}}, {flags}>(const {params}&,"
             " cudaStream_t);\n"
             "}}  // namespace fastvit\n"
         ),
@@ -89,13 +91,18 @@ def _macro(family: str, stem: str, impl: str, macro: str, what: str) -> Kind:
     return Kind(family, stem, f"{family}/{impl}", what, f"{macro}({{element}})\n")
 
 
-#: Every generated instantiation kind. Attention: fwd / bwd, dense / packed (varlen), per bucket and dtype; linear and
-#: patch_embed: per dtype, through the FASTVIT_INSTANTIATE_* macro of their *_impl.cuh.
+#: Every generated instantiation kind. Attention: fwd / bwd, dense / packed (varlen), without / with rotary embeddings
+#: (rope: q and k rotated as they are loaded, a template flag so that the kernels without it stay as they were), per
+#: bucket and dtype; linear and patch_embed: per dtype, through the FASTVIT_INSTANTIATE_* macro of their *_impl.cuh.
 KINDS = (
     _attention("fwd", False),
     _attention("bwd", False),
     _attention("fwd", True),
     _attention("bwd", True),
+    _attention("fwd", False, rope=True),
+    _attention("bwd", False, rope=True),
+    _attention("fwd", True, rope=True),
+    _attention("bwd", True, rope=True),
     _macro(
         "linear",
         "linear_gelu_fwd",
@@ -185,8 +192,29 @@ class Instance:
             _banner()
             + f"// {self.kind.what};{bucket} {self.dtype.name}.\n"
             + f'#include "{self.kind.include}"\n\n'
-            + self.kind.body.format(element=self.dtype.element, head_dim=self.head_dim)
+            + "".join(
+                _fit(line)
+                for line in self.kind.body.format(element=self.dtype.element, head_dim=self.head_dim).splitlines(True)
+            )
         )
+
+
+#: .clang-format's ColumnLimit: generated files pass ``clang-format --dry-run --Werror`` as the hand-written ones do.
+COLUMN_LIMIT = 120
+
+
+def _fit(line: str) -> str:
+    """A generated declaration line as clang-format lays it out: unchanged within :data:`COLUMN_LIMIT`, otherwise
+    broken after the comma that ends its parameter list's first argument, the rest aligned under that argument (the
+    attention launchers' explicit instantiations, whose four template arguments make most of them too long)."""
+    body = line.rstrip("\n")
+    if len(body) <= COLUMN_LIMIT or "(" not in body:
+        return line
+    open_paren = body.rindex("(")
+    comma = body.find(", ", open_paren)
+    if comma < 0:
+        return line
+    return body[: comma + 1] + "\n" + " " * (open_paren + 1) + body[comma + 2 :] + line[len(body) :]
 
 
 def instances(minimal: bool = False) -> list[Instance]:
