@@ -28,6 +28,7 @@ pybind11::dict build_info() {
   d["attention_max_head_dim"] = info.attention_max_head_dim;
   d["attention_bwd_smem_bytes"] = std::string(info.attention_bwd_smem_bytes);
   d["attention_varlen"] = info.attention_varlen;
+  d["attention_rope"] = info.attention_rope;
   d["gemm_alignment"] = info.gemm_alignment;
   return d;
 }
@@ -40,5 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "What this build compiled: archs (nvcc's __CUDA_ARCH_LIST__), cuda_runtime_version, cutlass_version, "
         "minimal, half_dtypes, attention_head_dim_buckets; and the kernel facts dispatch needs: "
         "attention_head_dim_bucket_bounds, attention_head_dim_multiple, attention_max_head_dim, "
-        "attention_bwd_smem_bytes, attention_varlen (packed cu_seqlens attention), gemm_alignment");
+        "attention_bwd_smem_bytes, attention_varlen (packed cu_seqlens attention), attention_rope (rotary "
+        "embeddings in the attention kernels), gemm_alignment");
 }

@@ -245,6 +245,7 @@ def test_build_info_reports_the_kernel_facts_on_the_host(tmp_path, minimal):
     assert (info["attention_head_dim_multiple"], info["attention_max_head_dim"]) == ("8", "128")
     assert info["gemm_alignment"] == "8"
     assert info["attention_varlen"] == "1"  # packed (cu_seqlens) attention ops are compiled
+    assert info["attention_rope"] == "1"  # the attention kernels apply rotary embeddings
     compiled_buckets = [int(b) for b in info["attention_head_dim_buckets"].split(",")]
     assert compiled_buckets == ([64] if minimal else [32, 64, 80, 96, 128])
     smem = {int(b): int(n) for b, n in (pair.split(":") for pair in info["attention_bwd_smem_bytes"].split(","))}

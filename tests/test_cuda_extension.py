@@ -4,8 +4,8 @@ A minimal build (one instantiation per kernel template, bf16, head-dim bucket 64
 session -- minutes on two cores, cached by torch across runs -- and then checked for what needs no GPU:
 
 * ``build_info()`` reports what was compiled;
-* every ``fastvit::*_cuda`` schema equals the Triton op's (same arguments, same returns), so one autograd glue
-  (:mod:`fastvit.families`) serves both backends;
+* every ``fastvit::*_cuda`` schema equals the Triton op's (same arguments, same returns -- the attention ops' trailing
+  rotary arguments included), so one autograd glue (:mod:`fastvit.families`) serves both backends;
 * the fake (meta) implementations give the real ops' output shapes and dtypes, on a fake CUDA device under
   ``FakeTensorMode`` and on the meta device, forward and backward through the registered autograd (the autograd
   engine wants a CUDA context for fake CUDA tensors, so backward runs on meta tensors);
@@ -84,22 +84,25 @@ def _signature(schema) -> tuple:
     )
 
 
-#: The Triton attention ops' trailing rotary arguments, which the CUDA kernels do not take: the CUDA backend declines
-#: rope calls (Capabilities.rope is False there), so its ops never see them; the shared autograd passes them only to
-#: the Triton ops.
-_ROTARY_ARGS = (("rope", "Optional[Tensor]"), ("num_prefix_tokens", "int"), ("rotate_half", "bool"))
-
-
 @pytest.mark.parametrize("family", FWD_OPS)
 def test_cuda_schemas_equal_the_triton_schemas(ext, family):
+    """The attention ops included: both backends take the trailing rotary arguments (rope, num_prefix_tokens,
+    rotate_half), so one autograd glue serves both."""
     pytest.importorskip("triton")
     for kind in ("fwd", "bwd"):
         cuda = _signature(getattr(torch.ops.fastvit, f"{family}_{kind}_cuda").default._schema)
         triton = _signature(getattr(torch.ops.fastvit, f"{family}_{kind}").default._schema)
-        if family in ("attention", "sdpa"):
-            assert triton[0][-3:] == _ROTARY_ARGS, (family, kind)
-            triton = (triton[0][:-3], triton[1])
         assert cuda == triton, (family, kind)
+
+
+def test_attention_schemas_end_with_the_rotary_arguments(ext):
+    rotary = (("rope", "Optional[Tensor]"), ("num_prefix_tokens", "int"), ("rotate_half", "bool"))
+    for stem in ("attention", "sdpa", "attention_varlen", "sdpa_varlen"):
+        for kind in ("fwd", "bwd"):
+            schema = getattr(torch.ops.fastvit, f"{stem}_{kind}_cuda").default._schema
+            assert _signature(schema)[0][-3:] == rotary, (stem, kind)
+            assert [str(a.default_value) for a in schema.arguments[-3:]] == ["None", "0", "False"], (stem, kind)
+    assert _cuda.build_info()["attention_rope"] == 1
 
 
 def test_fake_attention_on_a_fake_cuda_device(ext):
@@ -119,6 +122,59 @@ def test_fake_attention_forward_and_backward(ext):
     assert lse.shape == (3, 2, 197) and lse.dtype == torch.float32
     o.sum().backward()
     assert qkv.grad.shape == qkv.shape and qkv.grad.dtype == torch.bfloat16
+
+
+def _rope_inputs(B, N, H, D, npt, per_head, *, packed=False):
+    """Meta qkv (B, N, 3C) -- packed: (B·N, 3C) with B sequences of N tokens -- and an fp32 table (timm keeps it fp32
+    under autocast), both requiring grad."""
+    shape = (B * N, 3 * H * D) if packed else (B, N, 3 * H * D)
+    qkv = torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    rope = torch.empty(((H,) if per_head else ()) + (N - npt, 2 * D), device="meta", requires_grad=True)
+    return qkv, rope
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_fake_attention_with_rope_forward_and_backward(ext, per_head):
+    """The rotary arguments through the CUDA ops' fakes and their autograd: dqkv from the backward op, the table's
+    gradient (fp32, its shape) from the shared autograd glue."""
+    qkv, rope = _rope_inputs(3, 197, 2, 64, 1, per_head)
+    o, lse = torch.ops.fastvit.attention_fwd_cuda(qkv, 2, 0.125, rope, 1, True)
+    assert o.shape == (3, 197, 128) and lse.shape == (3, 2, 197)
+    o.sum().backward()
+    assert qkv.grad.shape == qkv.shape and qkv.grad.dtype == torch.bfloat16
+    assert rope.grad.shape == rope.shape and rope.grad.dtype == torch.float32
+
+    q = torch.empty(2, 2, 50, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    table = torch.empty(49, 128, device="meta", requires_grad=True)
+    o, lse = torch.ops.fastvit.sdpa_fwd_cuda(q, q, q, 0.125, table, 1, False)
+    assert o.shape == q.shape and lse.shape == (2, 2, 50)
+    o.sum().backward()
+    assert q.grad.shape == q.shape and table.grad.shape == table.shape
+
+    qkv, rope = _rope_inputs(3, 20, 2, 64, 0, per_head, packed=True)
+    cu = torch.empty(4, dtype=torch.int32, device="meta")
+    o, lse = torch.ops.fastvit.attention_varlen_fwd_cuda(qkv, cu, 20, 2, 0.125, rope, 0, True)
+    assert o.shape == (60, 128) and lse.shape == (2, 60)
+
+
+def test_rope_calls_dispatch_to_the_cuda_backend(ext, as_h100, monkeypatch):
+    """A rope call (shared or per-head table, dense or packed, attention or sdpa) selects the cuda backend where a
+    plain call would -- automatically, not only when asked for -- and differentiates through it."""
+    chosen = _record_backends(monkeypatch)
+    for per_head in (False, True):
+        qkv, rope = _rope_inputs(2, 50, 2, 64, 1, per_head)
+        out = fastvit.ops.attention(qkv, 2, rope=rope, num_prefix_tokens=1, rotate_half=per_head)
+        assert out.shape == (2, 50, 128)
+        out.sum().backward()
+        assert qkv.grad.shape == qkv.shape and rope.grad.shape == rope.shape
+        qkv, rope = _rope_inputs(3, 17, 2, 64, 0, per_head, packed=True)
+        cu = torch.tensor([0, 17, 34, 51], dtype=torch.int32).to("meta")
+        out = fastvit.ops.attention(qkv, 2, cu_seqlens=cu, max_seqlen=17, rope=rope)
+        assert out.shape == (51, 128)
+    q = torch.empty(2, 2, 50, 64, device="meta", dtype=torch.bfloat16)
+    table = torch.empty(49, 128, device="meta")
+    assert fastvit.ops.scaled_dot_product_attention(q, q, q, rope=table, num_prefix_tokens=1).shape == q.shape
+    assert chosen and {name for _, name in chosen} == {"cuda"}, chosen
 
 
 def test_fake_layer_norm_and_linear_backward(ext):
@@ -267,13 +323,27 @@ def test_unbuilt_head_dim_is_refused_with_reasons(ext, as_h100):
         fastvit.ops.attention(x, 1, backend="cuda")
 
 
-@pytest.mark.parametrize("case", ["attention", "layer_norm", "rms_norm", "linear_residual", "mae_unshuffle"])
+@pytest.mark.parametrize(
+    "case", ["attention", "attention_rope", "layer_norm", "rms_norm", "linear_residual", "mae_unshuffle"]
+)
 def test_opcheck_on_meta_tensors(ext, case):
     meta = {"device": "meta"}
     if case == "attention":
         op, args = (
             torch.ops.fastvit.attention_fwd_cuda.default,
             (torch.randn(2, 9, 3 * 64, dtype=torch.bfloat16, **meta).requires_grad_(), 1, 0.125),
+        )
+    elif case == "attention_rope":
+        op, args = (
+            torch.ops.fastvit.attention_fwd_cuda.default,
+            (
+                torch.randn(2, 9, 3 * 64, dtype=torch.bfloat16, **meta).requires_grad_(),
+                1,
+                0.125,
+                torch.randn(8, 128, **meta).requires_grad_(),
+                1,
+                True,
+            ),
         )
     elif case == "layer_norm":
         op, args = (

@@ -10,7 +10,15 @@ from functools import partial
 
 import pytest
 import torch
-from oracle import FixedMaskMAE, check_op, compare_model_with_eager, make_inputs
+from oracle import (
+    FixedMaskMAE,
+    check_op,
+    compare_model_with_eager,
+    make_inputs,
+    oracle_compare,
+    randn,
+    run_forward_backward,
+)
 
 import fastvit
 import fastvit.ops
@@ -98,6 +106,98 @@ def test_attention_backward_is_deterministic(generator):
         fastvit.ops.attention(qkv, 4, backend="cuda").backward(dout)
         grads.append(qkv.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------------------------------ rotary embeddings
+def _check_rope_op(impl, naive, inputs, grad_names, *, dtype, generator, name):
+    """The oracle's ``check_op`` for one implementation, except that the fp32 table's gradient stays fp32 for half
+    inputs (timm keeps its tables fp32 under autocast, and so is their gradient): judged with ``dtype``'s tolerance in
+    its own dtype."""
+    ref_fwd = run_forward_backward(naive, inputs, (), dtype=torch.float64)
+    grad_outputs = [randn(o.shape, dtype=dtype, generator=generator).to(torch.float64) for o in ref_fwd.outputs]
+    ref = run_forward_backward(naive, inputs, grad_names, grad_outputs, dtype=torch.float64)
+    pt = run_forward_backward(naive, inputs, grad_names, grad_outputs)
+    run = run_forward_backward(impl, inputs, grad_names, grad_outputs)
+    pairs = [("out", run.outputs[0], ref.outputs[0], pt.outputs[0])]
+    pairs += [(f"grad {g}", run.grads[g], ref.grads[g], pt.grads[g]) for g in grad_names]
+    for label, o, r, p in pairs:
+        own = label == "grad rope"
+        assert o.dtype == (inputs["rope"].dtype if own else dtype), (label, o.dtype)
+        result = oracle_compare(o, r, p, dtype, f"{name} {label}", check_dtype=not own)
+        assert result.ok, result.message
+
+
+# (dtype, D, rotate_half, prefix tokens, per-head table, N or packed lengths): every head-dim bucket, masked head dims
+# whose half-layout pairs (j, j + D/2) start mid-chunk (72, 104: D/2 = 36, 52), tails, 0 / 1 / 5 prefix tokens.
+ROPE_ATTN = [
+    (torch.bfloat16, 64, True, 1, False, 197),
+    (torch.float16, 72, True, 0, True, 61),
+    (torch.bfloat16, 80, False, 5, False, 50),
+    (torch.float16, 96, True, 1, False, 130),
+    (torch.bfloat16, 128, False, 1, True, 129),
+    (torch.float16, 32, False, 0, False, 1),
+    (torch.bfloat16, 32, True, 1, False, (21, 1, 37)),
+    (torch.float16, 104, True, 5, True, (9, 70, 33)),
+    (torch.bfloat16, 64, False, 1, True, (197, 50, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype,D,half,npt,per_head,n", ROPE_ATTN, ids=str)
+def test_attention_with_rope(dtype, D, half, npt, per_head, n, generator):
+    """``attention(qkv, H, rope=...)`` on the cuda backend against the eager reference (q and k rotated by timm's
+    ``apply_rot_embed_cat``, then softmax attention), the output and the gradients of qkv and of the fp32 table."""
+    from fastvit.families.attention import rope_table
+
+    H = 2
+    packed = isinstance(n, tuple)
+    longest = max(n) if packed else n
+    if packed:
+        cu = torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+        inputs = make_inputs({"qkv": (sum(n), 3 * H * D)}, dtype=dtype, device=DEV, generator=generator)
+        inputs.update(cu_seqlens=cu, max_seqlen=longest)
+    else:
+        inputs = make_inputs({"qkv": (3, n, 3 * H * D)}, dtype=dtype, device=DEV, generator=generator)
+    rope = rope_table(max(longest - npt, 1), D, H if per_head else None, half, generator).to(DEV)
+    inputs.update(num_heads=H, rope=rope, num_prefix_tokens=npt, rotate_half=half)
+    _check_rope_op(
+        partial(fastvit.ops.attention, backend="cuda"),
+        partial(reference.attention, plain=True),
+        inputs,
+        ["qkv", "rope"],
+        dtype=dtype,
+        generator=generator,
+        name=f"cuda attention rope D={D} half={half} prefix={npt} per_head={per_head} n={n}",
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_sdpa_with_rope(dtype, packed, generator):
+    """``scaled_dot_product_attention(q, k, v, rope=...)`` on strided (B, H, N, D) views of one projection (timm's
+    qk-norm attentions) and packed (T, H, D) operands."""
+    from fastvit.families.attention import rope_table
+
+    H, D, npt = 2, 80, 1
+    if packed:
+        cu = torch.tensor([0, 13, 19, 80], dtype=torch.int32, device=DEV)
+        inputs = make_inputs({x: (80, H, D) for x in "qkv"}, dtype=dtype, device=DEV, generator=generator)
+        inputs.update(cu_seqlens=cu, max_seqlen=61)
+        longest = 61
+    else:
+        x = randn((2, 61, 3, H, D), dtype=dtype, device=DEV, generator=generator).permute(2, 0, 3, 1, 4)
+        inputs = dict(zip("qkv", x.unbind(0)))
+        longest = 61
+    rope = rope_table(longest - npt, D, H, True, generator).to(DEV)
+    inputs.update(rope=rope, num_prefix_tokens=npt, rotate_half=True)
+    _check_rope_op(
+        partial(fastvit.ops.scaled_dot_product_attention, backend="cuda"),
+        partial(reference.scaled_dot_product_attention, plain=True),
+        inputs,
+        ["q", "k", "v", "rope"],
+        dtype=dtype,
+        generator=generator,
+        name=f"cuda sdpa rope packed={packed}",
+    )
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)

@@ -9,8 +9,14 @@
 // TORCH_LIBRARY_IMPL(fastvit, CUDA) fragment: for every op, input checks that name the argument and what was
 // expected, the fill of the kernel's plain params struct (set_params_*), the launch on torch's current stream and its
 // CUDA error mapped to a Python exception. The helpers shared by the families are in csrc/common/binding.h.
+//
+// Every op takes the Triton ops' trailing rotary arguments (rope Tensor?, num_prefix_tokens, rotate_half): timm's
+// cat([sin, cos], -1) table, (N_rot, 2D) or (1 or H, N_rot, 2D), any float dtype (read as fp32), applied to q and k
+// as the kernels load them (attention.h, AttentionRopeParams); without a table the other two are ignored, as the
+// Triton ops do.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -129,12 +135,51 @@ void set_params_attention_bwd(fastvit::AttentionBwdParams& p, const fastvit::Att
   p.dtype = f.dtype;
   p.cu_seqlens = f.cu_seqlens;
   p.total_tokens = f.total_tokens;
+  p.rope = f.rope;
 }
 
 void run_attention_bwd_with_workspace(fastvit::AttentionBwdParams& p, const Tensor& like, const Launch& launch,
                                       const char* op) {
   Tensor workspace = alloc_workspace(fastvit::attention_bwd_workspace_bytes(p), like.options(), &p.workspace);
   check_launch(fastvit::run_attention_bwd(p, launch.stream), op);
+}
+
+// The rotary table of a call, checked and in the kernels' form (fp32, contiguous, 16-byte aligned); `table` keeps
+// the (possibly converted) tensor alive until the launch returns.
+struct RopeTable {
+  Tensor table;
+  fastvit::AttentionRopeParams params;
+};
+
+// rope: (N_rot, 2D) or (1 or H, N_rot, 2D) on ref's device, floating; n: tokens of the longest sequence, of which the
+// last n - num_prefix_tokens need a table row each.
+RopeTable rope_table(const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half, const Tensor& ref,
+                     const char* ref_name, int64_t H, int64_t D, int64_t n, const char* op) {
+  RopeTable out;
+  if (!rope.has_value()) return out;
+  const Tensor& r = *rope;
+  TORCH_CHECK_VALUE(r.device() == ref.device(), op, ": rope is on ", r.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; expected the same device");
+  TORCH_CHECK_TYPE(at::isFloatingType(r.scalar_type()), op, ": rope must be a floating-point tensor, got ",
+                   r.scalar_type());
+  TORCH_CHECK_VALUE((r.dim() == 2 || (r.dim() == 3 && (r.size(0) == 1 || r.size(0) == H))) && r.size(-1) == 2 * D, op,
+                    ": rope must have shape (N_rot, ", 2 * D, ") or (", H, ", N_rot, ", 2 * D,
+                    ") (timm's cat([sin, cos], -1) for head dim ", D, "), got ", r.sizes());
+  TORCH_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < kMaxSeqlen, op,
+                    ": num_prefix_tokens must lie in [0, ", kMaxSeqlen, "), got ", num_prefix_tokens);
+  const int64_t rows = r.size(-2);
+  TORCH_CHECK_VALUE(rows >= n - num_prefix_tokens, op, ": rope has ", rows, " rows but the ", n - num_prefix_tokens,
+                    " tokens after the num_prefix_tokens=", num_prefix_tokens, " prefix tokens need as many");
+  out.table = r.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(out.table.data_ptr()) % 16 != 0) out.table = out.table.clone();  // float4 reads
+  auto& p = out.params;
+  p.table = out.table.data_ptr<float>();
+  p.head_stride = out.table.dim() == 3 && out.table.size(0) > 1 ? out.table.stride(0) : 0;
+  p.row_stride = out.table.stride(-2);
+  p.rows = static_cast<int>(std::min<int64_t>(rows, kMaxSeqlen));
+  p.num_prefix = static_cast<int>(num_prefix_tokens);
+  p.rotate_half = rotate_half;
+  return out;
 }
 
 std::tuple<int64_t, int64_t, int64_t> packed_geometry(const Tensor& qkv, int64_t num_heads, const char* op) {
@@ -148,10 +193,12 @@ std::tuple<int64_t, int64_t, int64_t> packed_geometry(const Tensor& qkv, int64_t
   return {C, C / num_heads, qkv.size(1)};
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv_in, int64_t num_heads, double scale) {
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv_in, int64_t num_heads, double scale, const OptTensor& rope,
+                                         int64_t num_prefix_tokens, bool rotate_half) {
   auto [C, D, N] = packed_geometry(qkv_in, num_heads, kAttnFwd);
   const auto dtype = attention_dtype(qkv_in, kAttnFwd, "qkv", D);
   const int64_t B = qkv_in.size(0);
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, qkv_in, "qkv", num_heads, D, N, kAttnFwd);
   Launch launch(qkv_in);
   Tensor qkv = vector_aligned(qkv_in);
   Tensor o = at::empty({B, N, C}, qkv.options());
@@ -163,12 +210,14 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& qkv_in, int64_t num_heads
   set_params_attention_fwd(p, base, packed_strides(qkv, D), base + C * esize, packed_strides(qkv, D),
                            base + 2 * C * esize, packed_strides(qkv, D), o.data_ptr(), packed_strides(o, D),
                            lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
+  p.rope = rt.params;
   check_launch(fastvit::run_attention_fwd(p, launch.stream), kAttnFwd);
   return {o, lse};
 }
 
 Tensor attention_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& o_in, const Tensor& lse_in,
-                     int64_t num_heads, double scale) {
+                     int64_t num_heads, double scale, const OptTensor& rope, int64_t num_prefix_tokens,
+                     bool rotate_half) {
   auto [C, D, N] = packed_geometry(qkv_in, num_heads, kAttnBwd);
   const auto dtype = attention_dtype(qkv_in, kAttnBwd, "qkv", D);
   const int64_t B = qkv_in.size(0);
@@ -178,6 +227,7 @@ Tensor attention_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& 
   check_shape(o_in, {B, N, C}, kAttnBwd, "o");
   check_shape(lse_in, {B, num_heads, N}, kAttnBwd, "lse");
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kAttnBwd, ": lse must be float32, got ", lse_in.scalar_type());
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, qkv_in, "qkv", num_heads, D, N, kAttnBwd);
   Launch launch(qkv_in);
   Tensor qkv = vector_aligned(qkv_in), dout = vector_aligned(dout_in), o = vector_aligned(o_in);
   Tensor lse = lse_in.contiguous();
@@ -190,6 +240,7 @@ Tensor attention_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& 
   fastvit::AttentionFwdParams f;
   set_params_attention_fwd(f, base, s, base + C * esize, s, base + 2 * C * esize, s, o.data_ptr(), packed_strides(o, D),
                            lse.data_ptr<float>(), B, num_heads, N, N, D, scale, dtype);
+  f.rope = rt.params;
   fastvit::AttentionBwdParams p;
   set_params_attention_bwd(p, f, dout.data_ptr(), packed_strides(dout, D), dbase, ds, dbase + C * esize, ds,
                            dbase + 2 * C * esize, ds);
@@ -208,10 +259,20 @@ void check_bhnd(const Tensor& q, const Tensor& k, const Tensor& v, const char* o
                     " tokens, got q of shape ", q.sizes(), " and k of shape ", k.sizes());
 }
 
-std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale) {
+// Rotary embeddings need one position per token of q and k: self-attention.
+void check_rope_self_attention(const OptTensor& rope, int64_t n_q, int64_t n_kv, const char* op) {
+  TORCH_CHECK_VALUE(!rope.has_value() || n_q == n_kv, op,
+                    ": rope needs self-attention (one position per token for q and k): q has ", n_q, " tokens and k ",
+                    n_kv);
+}
+
+std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, double scale,
+                                    const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half) {
   check_bhnd(q_in, k_in, v_in, kSdpaFwd);
   const int64_t B = q_in.size(0), H = q_in.size(1), n_q = q_in.size(2), n_kv = k_in.size(2), D = q_in.size(3);
   const auto dtype = attention_dtype(q_in, kSdpaFwd, "q", D);
+  check_rope_self_attention(rope, n_q, n_kv, kSdpaFwd);
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, q_in, "q", H, D, n_q, kSdpaFwd);
   Launch launch(q_in);
   Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   Tensor o = at::empty({B, H, n_q, D}, q.options());
@@ -226,13 +287,14 @@ std::tuple<Tensor, Tensor> sdpa_fwd(const Tensor& q_in, const Tensor& k_in, cons
   set_params_attention_fwd(p, q.data_ptr(), bhnd_strides(q), k.data_ptr(), bhnd_strides(k), v.data_ptr(),
                            bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
                            scale, dtype);
+  p.rope = rt.params;
   check_launch(fastvit::run_attention_fwd(p, launch.stream), kSdpaFwd);
   return {o, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
-                                            const Tensor& v_in, const Tensor& o_in, const Tensor& lse_in,
-                                            double scale) {
+                                            const Tensor& v_in, const Tensor& o_in, const Tensor& lse_in, double scale,
+                                            const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half) {
   check_bhnd(q_in, k_in, v_in, kSdpaBwd);
   const int64_t B = q_in.size(0), H = q_in.size(1), n_q = q_in.size(2), n_kv = k_in.size(2), D = q_in.size(3);
   const auto dtype = attention_dtype(q_in, kSdpaBwd, "q", D);
@@ -242,6 +304,8 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor&
   check_shape(o_in, q_in.sizes(), kSdpaBwd, "o");
   check_shape(lse_in, {B, H, n_q}, kSdpaBwd, "lse");
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kSdpaBwd, ": lse must be float32, got ", lse_in.scalar_type());
+  check_rope_self_attention(rope, n_q, n_kv, kSdpaBwd);
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, q_in, "q", H, D, n_q, kSdpaBwd);
   Launch launch(q_in);
   Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   Tensor o = vector_aligned(o_in), dout = vector_aligned(dout_in), lse = lse_in.contiguous();
@@ -257,6 +321,7 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_bwd(const Tensor& dout_in, const Tensor&
   set_params_attention_fwd(f, q.data_ptr(), bhnd_strides(q), k.data_ptr(), bhnd_strides(k), v.data_ptr(),
                            bhnd_strides(v), o.data_ptr(), bhnd_strides(o), lse.data_ptr<float>(), B, H, n_q, n_kv, D,
                            scale, dtype);
+  f.rope = rt.params;
   fastvit::AttentionBwdParams p;
   set_params_attention_bwd(p, f, dout.data_ptr(), bhnd_strides(dout), dq.data_ptr(), bhnd_strides(dq), dk.data_ptr(),
                            bhnd_strides(dk), dv.data_ptr(), bhnd_strides(dv));
@@ -308,10 +373,13 @@ std::tuple<int64_t, int64_t, int64_t> packed_varlen_geometry(const Tensor& qkv, 
 }
 
 std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& qkv_in, const Tensor& cu_seqlens, int64_t max_seqlen,
-                                                int64_t num_heads, double scale) {
+                                                int64_t num_heads, double scale, const OptTensor& rope,
+                                                int64_t num_prefix_tokens, bool rotate_half) {
   auto [C, D, T] = packed_varlen_geometry(qkv_in, num_heads, kAttnVarlenFwd);
   const auto dtype = attention_dtype(qkv_in, kAttnVarlenFwd, "qkv", D);
   const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, qkv_in, "qkv", T, kAttnVarlenFwd);
+  const RopeTable rt =
+      rope_table(rope, num_prefix_tokens, rotate_half, qkv_in, "qkv", num_heads, D, max_seqlen, kAttnVarlenFwd);
   Launch launch(qkv_in);
   Tensor qkv = vector_aligned(qkv_in);
   Tensor o = at::empty({T, C}, qkv.options());
@@ -325,12 +393,14 @@ std::tuple<Tensor, Tensor> attention_varlen_fwd(const Tensor& qkv_in, const Tens
                            varlen_packed_strides(o, D), lse.data_ptr<float>(), S, num_heads, max_seqlen, max_seqlen, D,
                            scale, dtype);
   set_params_varlen(p, cu_seqlens, T);
+  p.rope = rt.params;
   check_launch(fastvit::run_attention_fwd(p, launch.stream), kAttnVarlenFwd);
   return {o, lse};
 }
 
 Tensor attention_varlen_bwd(const Tensor& dout_in, const Tensor& qkv_in, const Tensor& cu_seqlens, int64_t max_seqlen,
-                            const Tensor& o_in, const Tensor& lse_in, int64_t num_heads, double scale) {
+                            const Tensor& o_in, const Tensor& lse_in, int64_t num_heads, double scale,
+                            const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half) {
   auto [C, D, T] = packed_varlen_geometry(qkv_in, num_heads, kAttnVarlenBwd);
   const auto dtype = attention_dtype(qkv_in, kAttnVarlenBwd, "qkv", D);
   const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, qkv_in, "qkv", T, kAttnVarlenBwd);
@@ -341,6 +411,8 @@ Tensor attention_varlen_bwd(const Tensor& dout_in, const Tensor& qkv_in, const T
   check_shape(lse_in, {num_heads, T}, kAttnVarlenBwd, "lse");
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kAttnVarlenBwd, ": lse must be float32, got ",
                    lse_in.scalar_type());
+  const RopeTable rt =
+      rope_table(rope, num_prefix_tokens, rotate_half, qkv_in, "qkv", num_heads, D, max_seqlen, kAttnVarlenBwd);
   Launch launch(qkv_in);
   Tensor qkv = vector_aligned(qkv_in), dout = vector_aligned(dout_in), o = vector_aligned(o_in);
   Tensor lse = lse_in.contiguous();
@@ -355,6 +427,7 @@ Tensor attention_varlen_bwd(const Tensor& dout_in, const Tensor& qkv_in, const T
                            varlen_packed_strides(o, D), lse.data_ptr<float>(), S, num_heads, max_seqlen, max_seqlen, D,
                            scale, dtype);
   set_params_varlen(f, cu_seqlens, T);
+  f.rope = rt.params;
   fastvit::AttentionBwdParams p;
   set_params_attention_bwd(p, f, dout.data_ptr(), varlen_packed_strides(dout, D), dbase, ds, dbase + C * esize, ds,
                            dbase + 2 * C * esize, ds);
@@ -372,11 +445,13 @@ void check_thd(const Tensor& q, const Tensor& k, const Tensor& v, const char* op
 }
 
 std::tuple<Tensor, Tensor> sdpa_varlen_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                           const Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+                                           const Tensor& cu_seqlens, int64_t max_seqlen, double scale,
+                                           const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half) {
   check_thd(q_in, k_in, v_in, kSdpaVarlenFwd);
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
   const auto dtype = attention_dtype(q_in, kSdpaVarlenFwd, "q", D);
   const int64_t S = check_cu_seqlens(cu_seqlens, max_seqlen, q_in, "q", T, kSdpaVarlenFwd);
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, q_in, "q", H, D, max_seqlen, kSdpaVarlenFwd);
   Launch launch(q_in);
   Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   Tensor o = at::empty({T, H, D}, q.options());
@@ -387,13 +462,15 @@ std::tuple<Tensor, Tensor> sdpa_varlen_fwd(const Tensor& q_in, const Tensor& k_i
                            varlen_thd_strides(v), o.data_ptr(), varlen_thd_strides(o), lse.data_ptr<float>(), S, H,
                            max_seqlen, max_seqlen, D, scale, dtype);
   set_params_varlen(p, cu_seqlens, T);
+  p.rope = rt.params;
   check_launch(fastvit::run_attention_fwd(p, launch.stream), kSdpaVarlenFwd);
   return {o, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
                                                    const Tensor& v_in, const Tensor& cu_seqlens, int64_t max_seqlen,
-                                                   const Tensor& o_in, const Tensor& lse_in, double scale) {
+                                                   const Tensor& o_in, const Tensor& lse_in, double scale,
+                                                   const OptTensor& rope, int64_t num_prefix_tokens, bool rotate_half) {
   check_thd(q_in, k_in, v_in, kSdpaVarlenBwd);
   const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
   const auto dtype = attention_dtype(q_in, kSdpaVarlenBwd, "q", D);
@@ -405,6 +482,7 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const 
   check_shape(lse_in, {H, T}, kSdpaVarlenBwd, "lse");
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, kSdpaVarlenBwd, ": lse must be float32, got ",
                    lse_in.scalar_type());
+  const RopeTable rt = rope_table(rope, num_prefix_tokens, rotate_half, q_in, "q", H, D, max_seqlen, kSdpaVarlenBwd);
   Launch launch(q_in);
   Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
   Tensor o = vector_aligned(o_in), dout = vector_aligned(dout_in), lse = lse_in.contiguous();
@@ -417,6 +495,7 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const 
                            varlen_thd_strides(v), o.data_ptr(), varlen_thd_strides(o), lse.data_ptr<float>(), S, H,
                            max_seqlen, max_seqlen, D, scale, dtype);
   set_params_varlen(f, cu_seqlens, T);
+  f.rope = rt.params;
   fastvit::AttentionBwdParams p;
   set_params_attention_bwd(p, f, dout.data_ptr(), varlen_thd_strides(dout), dq.data_ptr(), varlen_thd_strides(dq),
                            dk.data_ptr(), varlen_thd_strides(dk), dv.data_ptr(), varlen_thd_strides(dv));
@@ -428,21 +507,25 @@ std::tuple<Tensor, Tensor, Tensor> sdpa_varlen_bwd(const Tensor& dout_in, const 
 
 // Schemas of this family's ops, declared once (here); the kernels below implement them.
 TORCH_LIBRARY_FRAGMENT(fastvit, m) {
-  m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale) -> (Tensor, Tensor)");
-  m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale) -> Tensor");
-  m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
-  m.def("sdpa_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale) "
-        "-> (Tensor, Tensor, Tensor)");
+  // Every op ends with the Triton ops' rotary arguments (see the top of this file).
+#define FASTVIT_ROPE_ARGS "Tensor? rope=None, int num_prefix_tokens=0, bool rotate_half=False"
+  m.def("attention_fwd_cuda(Tensor qkv, int num_heads, float scale, " FASTVIT_ROPE_ARGS ") -> (Tensor, Tensor)");
+  m.def("attention_bwd_cuda(Tensor do, Tensor qkv, Tensor o, Tensor lse, int num_heads, float scale, " FASTVIT_ROPE_ARGS
+        ") -> Tensor");
+  m.def("sdpa_fwd_cuda(Tensor q, Tensor k, Tensor v, float scale, " FASTVIT_ROPE_ARGS ") -> (Tensor, Tensor)");
+  m.def("sdpa_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, float scale, " FASTVIT_ROPE_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
   // Packed variable-length sequences (cu_seqlens int32 (S + 1,), FlashAttention's flash_attn_varlen_func layout):
   // qkv (T, 3C) -> o (T, C), lse (H, T) fp32; q, k, v (T, H, D) -> o (T, H, D), lse (H, T) fp32.
-  m.def("attention_varlen_fwd_cuda(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float scale) "
-        "-> (Tensor, Tensor)");
+  m.def("attention_varlen_fwd_cuda(Tensor qkv, Tensor cu_seqlens, int max_seqlen, int num_heads, float "
+        "scale, " FASTVIT_ROPE_ARGS ") -> (Tensor, Tensor)");
   m.def("attention_varlen_bwd_cuda(Tensor do, Tensor qkv, Tensor cu_seqlens, int max_seqlen, Tensor o, Tensor lse, "
-        "int num_heads, float scale) -> Tensor");
-  m.def("sdpa_varlen_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) "
-        "-> (Tensor, Tensor)");
+        "int num_heads, float scale, " FASTVIT_ROPE_ARGS ") -> Tensor");
+  m.def("sdpa_varlen_fwd_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float "
+        "scale, " FASTVIT_ROPE_ARGS ") -> (Tensor, Tensor)");
   m.def("sdpa_varlen_bwd_cuda(Tensor do, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor o, "
-        "Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor lse, float scale, " FASTVIT_ROPE_ARGS ") -> (Tensor, Tensor, Tensor)");
+#undef FASTVIT_ROPE_ARGS
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {

@@ -62,6 +62,7 @@ BuildInfo build_info() {
   info.attention_max_head_dim = kAttentionMaxHeadDim;
   info.attention_bwd_smem_bytes = bwd_smem.c_str();
   info.attention_varlen = 1;
+  info.attention_rope = 1;
   info.gemm_alignment = kLinearAlignment;
   return info;
 }

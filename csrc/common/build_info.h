@@ -23,6 +23,9 @@ struct BuildInfo {
   // 1: the attention kernels take packed variable-length sequences (cu_seqlens; the attention_varlen_* and
   // sdpa_varlen_* ops exist). Builds from before that have no such key; Python enables varlen only when it is 1.
   int attention_varlen;
+  // 1: the attention ops take the rotary arguments (rope, num_prefix_tokens, rotate_half) and the kernels apply them
+  // (AttentionRopeParams). Builds from before that have no such key; Python enables rope calls only when it is 1.
+  int attention_rope;
   // Elements: GEMM (linear) in / out features and the patch embedding's embed dim must be multiples of this (the
   // kernels' 128-bit accesses of 16-bit elements).
   int gemm_alignment;

@@ -37,6 +37,10 @@ themselves (``kernels/attention.py``, ``csrc/attention/``):
   ``sdpa_varlen_fwd_cuda``              (q, k, v (T,H,D), cu_seqlens, max_seqlen, scale) -> (o (T,H,D), lse (H,T))
   ``sdpa_varlen_bwd_cuda``              (do, q, k, v, cu_seqlens, max_seqlen, o, lse, scale) -> (dq, dk, dv)
   ====================================  ===============================================================================
+
+  Every CUDA op, as every Triton op, ends with the rotary arguments ``rope=None, num_prefix_tokens=0,
+  rotate_half=False`` (q and k rotated as the kernels load them, dq and dk rotated back); the CUDA backend serves
+  ``rope=`` calls only for a build that reports ``attention_rope``.
 """
 
 from __future__ import annotations
@@ -694,8 +698,9 @@ def _flash_autograd(bwd: str, n_diff: int, n_lead: int = 0, rope_at: int | None 
     saved with ``save_for_backward``, plain values on ``ctx``.
 
     ``rope_at``: where the Triton ops' rotary arguments ``rope, num_prefix_tokens, rotate_half`` start in ``args``
-    (the last three); a ``rope`` table that requires grad gets it from :func:`_rope_table_grad` (the kernels give
-    dq / dk only). The CUDA ops, which have no rotary arguments, pass fewer ``args``."""
+    (the last three, in the Triton and the CUDA ops alike); a ``rope`` table that requires grad gets it from
+    :func:`_rope_table_grad` (the kernels give dq / dk only). A CUDA build from before the rotary arguments passes
+    fewer ``args`` (and never a table)."""
 
     def setup(ctx, inputs, output):
         args = inputs[n_diff:]
@@ -790,7 +795,7 @@ def _rope_table_grad(inputs, grads, args, n_lead: int, rope_at: int) -> Tensor:
 
 def _attention_autograd(bwd: str):
     """Autograd of ``attention_fwd(qkv, num_heads, scale[, rope, num_prefix_tokens, rotate_half])``:
-    ``bwd(do, qkv, o, lse, num_heads, scale[, rope, ...]) -> dqkv`` (the rotary arguments: Triton's ops only)."""
+    ``bwd(do, qkv, o, lse, num_heads, scale[, rope, ...]) -> dqkv`` (Triton's and the CUDA op's)."""
     return _flash_autograd(bwd, 1, rope_at=2)
 
 
@@ -1282,24 +1287,35 @@ def cuda_has_varlen(info: dict) -> bool:
     return bool(int(info.get("attention_varlen", 0) or 0))
 
 
-def attention_varlen_fwd_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale):
+def cuda_has_rope(info: dict) -> bool:
+    """Whether the loaded build's attention ops take the rotary arguments ``rope, num_prefix_tokens, rotate_half``
+    (``build_info()['attention_rope']``; a build from before them has no such key, and its schemas lack them)."""
+    return bool(int(info.get("attention_rope", 0) or 0))
+
+
+# The CUDA fakes take the schemas' trailing rotary arguments (rope, num_prefix_tokens, rotate_half) with their
+# defaults, so they serve builds from before them too; the shapes do not depend on them.
+def attention_varlen_fwd_fake(qkv, cu_seqlens, max_seqlen, num_heads, scale, rope=None, num_prefix_tokens=0,
+                              rotate_half=False):  # fmt: skip
     """Fake of ``attention_varlen_fwd_cuda``: qkv (T, 3C) -> (o (T, C) in qkv's dtype, lse (H, T) fp32)."""
     T, C3 = qkv.shape
     return qkv.new_empty((T, C3 // 3)), qkv.new_empty((num_heads, T), dtype=torch.float32)
 
 
-def attention_varlen_bwd_fake(dout, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale):
+def attention_varlen_bwd_fake(dout, qkv, cu_seqlens, max_seqlen, o, lse, num_heads, scale, rope=None,
+                              num_prefix_tokens=0, rotate_half=False):  # fmt: skip
     """Fake of ``attention_varlen_bwd_cuda``: dqkv like qkv (T, 3C)."""
     return qkv.new_empty(qkv.shape)
 
 
-def sdpa_varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale):
+def sdpa_varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, rope=None, num_prefix_tokens=0, rotate_half=False):
     """Fake of ``sdpa_varlen_fwd_cuda``: q (T, H, D) -> (o (T, H, D), lse (H, T) fp32)."""
     T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
 
 
-def sdpa_varlen_bwd_fake(dout, q, k, v, cu_seqlens, max_seqlen, o, lse, scale):
+def sdpa_varlen_bwd_fake(dout, q, k, v, cu_seqlens, max_seqlen, o, lse, scale, rope=None, num_prefix_tokens=0,
+                         rotate_half=False):  # fmt: skip
     """Fake of ``sdpa_varlen_bwd_cuda``: (dq, dk, dv) like q, k, v (T, H, D)."""
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
@@ -1316,20 +1332,20 @@ def _register_cuda_fakes() -> None:
     fake = torch.library.register_fake
 
     @fake("fastvit::attention_fwd_cuda")
-    def _(qkv, num_heads, scale):
+    def _(qkv, num_heads, scale, rope=None, num_prefix_tokens=0, rotate_half=False):
         B, N, C3 = qkv.shape
         return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
     @fake("fastvit::attention_bwd_cuda")
-    def _(dout, qkv, o, lse, num_heads, scale):
+    def _(dout, qkv, o, lse, num_heads, scale, rope=None, num_prefix_tokens=0, rotate_half=False):
         return qkv.new_empty(qkv.shape)
 
     @fake("fastvit::sdpa_fwd_cuda")
-    def _(q, k, v, scale):
+    def _(q, k, v, scale, rope=None, num_prefix_tokens=0, rotate_half=False):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @fake("fastvit::sdpa_bwd_cuda")
-    def _(dout, q, k, v, o, lse, scale):
+    def _(dout, q, k, v, o, lse, scale, rope=None, num_prefix_tokens=0, rotate_half=False):
         return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(k.shape)
 
 
@@ -1338,26 +1354,45 @@ def _max_seqlen(cu_seqlens: Tensor, max_seqlen: int | None) -> int:
     return int(cu_seqlens.diff().max()) if max_seqlen is None else max_seqlen
 
 
-def attention_cuda(qkv, num_heads, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+def attention_cuda(
+    qkv,
+    num_heads,
+    *,
+    scale=None,
+    dropout_p=0.0,
+    cu_seqlens=None,
+    max_seqlen=None,
+    rope=None,
+    num_prefix_tokens=0,
+    rotate_half=False,
+):
     """CUDA backend of :func:`fastvit.ops.attention` (FlashAttention-2 on packed qkv, fp16 / bf16, no dropout); with
-    ``cu_seqlens``, qkv (T, 3C) holds packed sequences (Dao 2023, as ``flash_attn_varlen_qkvpacked_func``)."""
+    ``cu_seqlens``, qkv (T, 3C) holds packed sequences (Dao 2023, as ``flash_attn_varlen_qkvpacked_func``); with
+    ``rope`` (checked (N_rot, 2·D) or (H, N_rot, 2·D), any float dtype, read as fp32) q and k are rotated as the
+    kernels load them (timm's ``apply_rot_embed_cat`` past ``num_prefix_tokens``; ``rotate_half`` the layout)."""
     _no_dropout("cuda", dropout_p)
     scale = _scale(qkv.shape[-1] // (3 * num_heads), scale)
+    r = () if rope is None else (rope, num_prefix_tokens, rotate_half)
     if cu_seqlens is not None:
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
-        return torch.ops.fastvit.attention_varlen_fwd_cuda(qkv, cu_seqlens, max_seqlen, num_heads, scale)[0]
-    return torch.ops.fastvit.attention_fwd_cuda(qkv, num_heads, scale)[0]
+        return torch.ops.fastvit.attention_varlen_fwd_cuda(qkv, cu_seqlens, max_seqlen, num_heads, scale, *r)[0]
+    return torch.ops.fastvit.attention_fwd_cuda(qkv, num_heads, scale, *r)[0]
 
 
-def sdpa_cuda(q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None):
+def sdpa_cuda(
+    q, k, v, *, scale=None, dropout_p=0.0, cu_seqlens=None, max_seqlen=None, rope=None, num_prefix_tokens=0,
+    rotate_half=False,
+):  # fmt: skip
     """CUDA backend of :func:`fastvit.ops.scaled_dot_product_attention` (fp16 / bf16, no dropout); with
-    ``cu_seqlens``, q, k, v (T, H, D) hold packed sequences (as ``flash_attn_varlen_func``)."""
+    ``cu_seqlens``, q, k, v (T, H, D) hold packed sequences (as ``flash_attn_varlen_func``); ``rope`` as
+    :func:`attention_cuda` (self-attention: Nq = Nk)."""
     _no_dropout("cuda", dropout_p)
     scale = _scale(q.shape[-1], scale)
+    r = () if rope is None else (rope, num_prefix_tokens, rotate_half)
     if cu_seqlens is not None:
         max_seqlen = _max_seqlen(cu_seqlens, max_seqlen)
-        return torch.ops.fastvit.sdpa_varlen_fwd_cuda(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-    return torch.ops.fastvit.sdpa_fwd_cuda(q, k, v, scale)[0]
+        return torch.ops.fastvit.sdpa_varlen_fwd_cuda(q, k, v, cu_seqlens, max_seqlen, scale, *r)[0]
+    return torch.ops.fastvit.sdpa_fwd_cuda(q, k, v, scale, *r)[0]
 
 
 def cuda_check_for(info: dict):
@@ -1385,8 +1420,9 @@ def cuda_check_for(info: dict):
 
 def cuda_caps_for(info: dict) -> Capabilities:
     """The cuda backend's :class:`~fastvit.backends.Capabilities` for a build: its dtypes and compiled head-dim
-    buckets, and ``varlen`` (packed ``cu_seqlens`` calls) only when the build has the varlen ops
-    (:func:`cuda_has_varlen`)."""
+    buckets, ``varlen`` (packed ``cu_seqlens`` calls) only when the build has the varlen ops
+    (:func:`cuda_has_varlen`), and ``rope`` (a rotary table shared by the batch) only when its ops take the rotary
+    arguments (:func:`cuda_has_rope`)."""
     compiled = set(cuda_rt.compiled_head_dim_buckets(info))
     step = int(info["attention_head_dim_multiple"])
     head_dims = frozenset(
@@ -1401,6 +1437,7 @@ def cuda_caps_for(info: dict) -> Capabilities:
         min_compute_capability=cuda_rt.MIN_COMPUTE_CAPABILITY,
         dropout=False,
         varlen=cuda_has_varlen(info),
+        rope=cuda_has_rope(info),
     )
 
 

@@ -13,6 +13,7 @@ int main() {
   std::printf("attention_max_head_dim=%d\n", info.attention_max_head_dim);
   std::printf("attention_bwd_smem_bytes=%s\n", info.attention_bwd_smem_bytes);
   std::printf("attention_varlen=%d\n", info.attention_varlen);
+  std::printf("attention_rope=%d\n", info.attention_rope);
   std::printf("gemm_alignment=%d\n", info.gemm_alignment);
   return 0;
 }
