@@ -6,7 +6,8 @@ kernel. No GPU and no torch headers are involved: the include path is ``csrc/`` 
 reaches for ``at::Tensor`` fails here (docs/ARCHITECTURE.md, "Verifying GPU code without a GPU").
 
 Exit status 1 on a compile error, on a torch / ATen / c10 include in a kernel file, or on register spills in the
-attention and LayerNorm kernels (whose speed depends on staying in registers); spills elsewhere are reported only.
+attention and LayerNorm kernels and linear_glu's dual GEMM (whose speed depends on staying in registers: the kernel
+table's ``no_spill`` families and kinds); spills elsewhere are reported only.
 
 By default one instantiation per kernel template is compiled (bf16, head-dim bucket 64: the minimal build of the
 kernel table, ``fastvit/runtime/kernel_table.py``), which is what CI runs; ``--all`` compiles every instantiation. The
@@ -38,6 +39,9 @@ from fastvit.runtime import kernel_table
 
 #: Families whose kernels must not spill (path components under csrc/): the kernel table's ``no_spill`` families.
 NO_SPILL_FAMILIES = kernel_table.no_spill_families()
+#: Further files whose kernels must not spill (relative to csrc/): those of the kernel table's ``no_spill`` kinds
+#: (linear_glu's hand-written dual GEMM).
+NO_SPILL_FILES = kernel_table.no_spill_files()
 
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
 _PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
@@ -151,7 +155,7 @@ def compile_file(path: str, archs: str, minimal: bool, nvcc: str) -> FileResult:
 
 def _must_not_spill(k: KernelInfo) -> bool:
     parts = k.file.replace(os.sep, "/").split("/")
-    return any(f in parts for f in NO_SPILL_FAMILIES)
+    return any(f in parts for f in NO_SPILL_FAMILIES) or "/".join(parts[-2:]) in NO_SPILL_FILES
 
 
 def run(
@@ -182,7 +186,7 @@ def run(
             if k.spills and _must_not_spill(k):
                 failures.append(
                     f"{r.file} [{k.arch}] {_short(k.kernel)}: spills {k.spill_stores} B stores / "
-                    f"{k.spill_loads} B loads (attention and LayerNorm kernels must not spill)"
+                    f"{k.spill_loads} B loads (attention, LayerNorm and linear_glu forward kernels must not spill)"
                 )
     return results, failures
 

@@ -124,6 +124,10 @@ def test_spills_fail_only_in_attention_and_layer_norm():
     assert cuda_check._must_not_spill(spilled)
     assert cuda_check._must_not_spill(cuda_check.KernelInfo("csrc/layer_norm/y.cu", "sm_80", "k"))
     assert not cuda_check._must_not_spill(cuda_check.KernelInfo("csrc/linear/z.cu", "sm_80", "k"))
+    # and linear_glu's hand-written dual GEMM (a no_spill kind of the kernel table), not the rest of its family
+    for name in ("linear_glu_fwd_bf16.cu", "linear_glu_fwd_fp16.cu"):
+        assert cuda_check._must_not_spill(cuda_check.KernelInfo(f"csrc/linear/{name}", "sm_90a", "k"))
+    assert not cuda_check._must_not_spill(cuda_check.KernelInfo("csrc/linear/linear_bwd_bf16.cu", "sm_80", "k"))
 
 
 @needs_toolchain
@@ -145,6 +149,9 @@ def test_every_kernel_file_compiles_for_sm80_and_sm90a_without_attention_or_laye
         kernels = [k for r in results for k in r.kernels if f"/{family}/" in "/" + r.file.replace(os.sep, "/")]
         assert {k.arch for k in kernels} == {"sm_80", "sm_90a"}, family
         assert all(0 < k.registers <= 255 for k in kernels), family
+    # linear_glu: the dual-GEMM forward and the gated backward prologue (one per activation), spill-free everywhere
+    glu = [k for r in results for k in r.kernels if "glu_fwd_kernel" in k.kernel or "glu_bwd_prologue" in k.kernel]
+    assert len(glu) == 2 * (1 + 4) and all(k.spills == 0 and k.stack == 0 for k in glu), glu
 
 
 # ------------------------------------------------------------------------------------------- CuTe layouts

@@ -43,6 +43,7 @@ FWD_OPS = (
     "rms_norm",
     "linear_gelu",
     "linear_residual",
+    "linear_glu",
     "patch_embed",
     "mae_unshuffle",
     "mae_loss",
@@ -206,6 +207,48 @@ def test_fake_layer_norm_and_linear_backward(ext):
         )
 
 
+def test_fake_linear_glu_forward_and_backward(ext):
+    """Both weight layouts through the CUDA op's fake and its registered autograd (meta tensors): the split weights
+    and biases, and a packed (2·M, K) weight with its (2·M,) bias, gate last, get gradients of their own shapes."""
+    meta = {"device": "meta", "dtype": torch.bfloat16, "requires_grad": True}
+    x = torch.empty(2, 50, 64, **meta)
+    wg, wx = torch.empty(96, 64, **meta), torch.empty(96, 64, **meta)
+    bg = torch.empty(96, **meta)
+    y, h = torch.ops.fastvit.linear_glu_fwd_cuda(x, wg, bg, wx, None, "silu", True)
+    assert y.shape == (2, 50, 96) and h.shape == (2, 50, 192) and y.dtype == h.dtype == torch.bfloat16
+    y.sum().backward()
+    assert (x.grad.shape, wg.grad.shape, bg.grad.shape, wx.grad.shape) == (x.shape, wg.shape, bg.shape, wx.shape)
+    y, h = torch.ops.fastvit.linear_glu_fwd_cuda(x, wg, None, wx, None, "gelu", False)
+    assert y.shape == (2, 50, 96) and h.shape == (0,)
+    dx, dwg, dwx, dbg, dbx = torch.ops.fastvit.linear_glu_bwd_cuda(y, x, wg, wx, h.new_empty(2, 50, 192), "gelu", True)
+    assert dx.shape == x.shape and dwg.shape == dwx.shape == wg.shape and dbg.shape == dbx.shape == (96,)
+
+    from fastvit.families import linear
+
+    w, b = torch.empty(192, 64, **meta), torch.empty(192, **meta)
+    y = linear.linear_glu_cuda(x, w, b, activation="sigmoid", gate_last=True)
+    assert y.shape == (2, 50, 96)
+    y.sum().backward()
+    assert w.grad.shape == w.shape and b.grad.shape == b.shape
+
+
+def test_linear_glu_dispatches_to_cuda_when_the_features_are_aligned(ext, as_h100, monkeypatch):
+    """With the extension loaded the cuda backend serves linear_glu (either layout) on a GPU; a gated width or
+    in_features that is not a multiple of 8 is refused with the reason (automatic dispatch then falls back)."""
+    monkeypatch.setattr(backends.get_backend("cuda"), "availability", lambda: [])
+    chosen = _record_backends(monkeypatch)
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    x, w, b = torch.empty(3, 61, 72, **meta), torch.empty(160, 72, **meta), torch.empty(160, **meta)
+    assert fastvit.ops.linear_glu(x, w, b, activation="gelu", gate_last=True).shape == (3, 61, 80)
+    assert fastvit.ops.linear_glu(x, w[:80], b[:80], w[80:], b[80:], activation="silu").shape == (3, 61, 80)
+    assert chosen == [("linear_glu", "cuda")] * 2
+    with pytest.raises(backends.BackendNotSupportedError, match="out_features = 20 is not a multiple of 8"):
+        fastvit.ops.linear_glu(x, w[:40], None, backend="cuda")
+    x16 = torch.empty(3, 61, 72, device="meta", dtype=torch.float16)  # the minimal build compiles bf16 only
+    with pytest.raises(backends.BackendNotSupportedError, match="float16"):
+        fastvit.ops.linear_glu(x16, w.half(), None, backend="cuda")
+
+
 def test_fake_rms_norm_backward(ext):
     x = torch.empty(2, 50, 96, device="meta", dtype=torch.bfloat16, requires_grad=True)
     r = torch.empty(2, 50, 96, device="meta", dtype=torch.bfloat16, requires_grad=True)
@@ -324,7 +367,7 @@ def test_unbuilt_head_dim_is_refused_with_reasons(ext, as_h100):
 
 
 @pytest.mark.parametrize(
-    "case", ["attention", "attention_rope", "layer_norm", "rms_norm", "linear_residual", "mae_unshuffle"]
+    "case", ["attention", "attention_rope", "layer_norm", "rms_norm", "linear_residual", "linear_glu", "mae_unshuffle"]
 )
 def test_opcheck_on_meta_tensors(ext, case):
     meta = {"device": "meta"}
@@ -370,6 +413,19 @@ def test_opcheck_on_meta_tensors(ext, case):
                 torch.randn(5, 32, dtype=torch.bfloat16, **meta),
                 None,
                 False,
+            ),
+        )
+    elif case == "linear_glu":
+        op, args = (
+            torch.ops.fastvit.linear_glu_fwd_cuda.default,
+            (
+                torch.randn(5, 64, dtype=torch.bfloat16, **meta).requires_grad_(),
+                torch.randn(32, 64, dtype=torch.bfloat16, **meta).requires_grad_(),
+                torch.randn(32, dtype=torch.bfloat16, **meta).requires_grad_(),
+                torch.randn(32, 64, dtype=torch.bfloat16, **meta).requires_grad_(),
+                None,
+                "gelu_tanh",
+                True,
             ),
         )
     else:

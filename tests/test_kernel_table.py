@@ -58,10 +58,10 @@ def test_every_generated_file_says_so_and_every_instantiation_file_is_generated(
 
 
 def test_instantiation_counts():
-    """8 attention kinds (fwd / bwd, dense / varlen, without / with rope) x 5 buckets x 2 dtypes, 3 linear and 2
+    """8 attention kinds (fwd / bwd, dense / varlen, without / with rope) x 5 buckets x 2 dtypes, 4 linear and 2
     patch_embed kinds x 2 dtypes; a minimal build keeps bf16 and bucket 64: one instantiation of each template."""
     assert table.ATTENTION_HEAD_DIMS == (32, 64, 80, 96, 128)
-    assert len(table.instances()) == 8 * 5 * 2 + 3 * 2 + 2 * 2
+    assert len(table.instances()) == 8 * 5 * 2 + 4 * 2 + 2 * 2
     minimal = table.instances(minimal=True)
     assert len(minimal) == len(table.KINDS)
     assert all(i.dtype.suffix == "bf16" and i.head_dim in (None, 64) for i in minimal)
@@ -95,4 +95,6 @@ def test_families_are_the_folders_of_csrc():
     folders = {d for d in os.listdir(build.CSRC) if os.path.isdir(os.path.join(build.CSRC, d))}
     assert folders - {"common"} == {f.name for f in table.FAMILIES}
     assert table.no_spill_families() == ("attention", "layer_norm")
+    # beyond the families' rule: linear_glu's hand-written dual GEMM, in every dtype
+    assert table.no_spill_files() == {"linear/linear_glu_fwd_bf16.cu", "linear/linear_glu_fwd_fp16.cu"}
     assert {k.family for k in table.KINDS} <= {f.name for f in table.FAMILIES}

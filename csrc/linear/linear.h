@@ -1,8 +1,9 @@
 // fastvit CUDA C++: the fused Linear GEMMs of the ViT MLP / attention projection (fc1 + GELU, fc2 / proj +
-// LayerScale + residual), forward and backward, on CUTLASS 2.x SM80 tensor-op GEMMs (they also run on sm_90a).
+// LayerScale + residual, and a gated MLP's fc1 + gating), forward and backward, on CUTLASS 2.x SM80 tensor-op GEMMs
+// and one CuTe dual GEMM (linear_glu's forward); all SM80 code, which also runs on sm_90a.
 //
 // This header is the only interface the binding sees: plain params structs, launchers, workspace sizes.
-// No CUTLASS, no torch. Semantics: fastvit/_triton_linear.py and kernels/linear.py (the Triton backend).
+// No CUTLASS, no torch. Semantics: fastvit/families/linear.py and kernels/linear.py (the Triton backend).
 //
 // Conventions (all ops):
 //   * dtype is kFloat16 or kBFloat16 (anything else: cudaErrorNotSupported); every tensor has that dtype;
@@ -110,5 +111,50 @@ struct LinearResidualBwdParams : LinearBwdParamsBase {
 };
 size_t linear_residual_bwd_workspace_bytes(const LinearResidualBwdParams& params);
 cudaError_t run_linear_residual_bwd(const LinearResidualBwdParams& params, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------ linear_glu
+// The gate's activation (the codes of kernels/linear.py's ACT constexpr), fp32 math with the accurate expf / erff /
+// tanhf: silu h·σ(h) (SwiGLU), exact-erf GELU (GeGLU), tanh GELU, sigmoid σ(h) (Dauphin et al.'s GLU).
+enum class GluActivation : int { kSilu = 0, kGeluErf = 1, kGeluTanh = 2, kSigmoid = 3 };
+
+// Forward (Shazeer 2020, "GLU Variants Improve Transformer"): h_g = x · weightᵀ + bias (the gate), h_x = x ·
+// weight_valueᵀ + bias_value (the value), y = act(h_g) ⊙ h_x, all (M, N) with N the gated width; both products are
+// accumulated in fp32 by one kernel over the same x tiles, and the gate is applied to the fp32 h_g, h_x. A packed
+// (2·N, K) weight (timm's GluMlp) reaches it as two row views (weight / weight_value pointing into it).
+struct LinearGluFwdParams : LinearFwdParamsBase {  // weight, ldw, bias: the gate's
+  const void* weight_value = nullptr;  // (N, K), leading dim ldwv
+  int64_t ldwv = 0;
+  const void* bias_value = nullptr;    // (N,) or nullptr (= 0)
+  void* y = nullptr;                   // (M, N) out, leading dim ldy
+  int64_t ldy = 0;
+  void* h = nullptr;                   // (M, 2·N) out, [h_g | h_x] per row (h_x from column N), leading dim ldh; or
+  int64_t ldh = 0;                     // nullptr (not stored)
+  GluActivation activation = GluActivation::kSilu;
+};
+cudaError_t run_linear_glu_fwd(const LinearGluFwdParams& params, cudaStream_t stream);
+
+// Backward: the prologue dh_g = dy ⊙ h_x ⊙ act'(h_g), dh_x = dy ⊙ act(h_g) (fp32 from the saved h, rounded to the
+// input dtype: the operand of the GEMMs, as the Triton prologue rounds it); dx = dh_g · weight + dh_x · weight_value
+// (one GEMM over the 2·N reduction, fp32 accumulation); dweight = dh_gᵀ · x, dweight_value = dh_xᵀ · x (one GEMM
+// over the 2·N rows, rounded once); dbias / dbias_value = Σ_rows dh_g / dh_x of the unrounded fp32 values.
+struct LinearGluBwdParams : LinearBwdParamsBase {  // weight, ldw: the gate's
+  const void* weight_value = nullptr;  // (N, K), leading dim ldwv
+  int64_t ldwv = 0;
+  const void* h = nullptr;             // (M, 2·N) saved [h_g | h_x], leading dim ldh
+  int64_t ldh = 0;
+  GluActivation activation = GluActivation::kSilu;
+  bool has_bias = false;               // dbias and dbias_value are written iff has_bias
+  void* dx = nullptr;                  // (M, K) out, leading dim lddx
+  int64_t lddx = 0;
+  void* dweight = nullptr;             // (N, K) out, leading dim lddw
+  int64_t lddw = 0;
+  void* dweight_value = nullptr;       // (N, K) out, leading dim lddwv
+  int64_t lddwv = 0;
+  void* dbias = nullptr;               // (N,) out when has_bias
+  void* dbias_value = nullptr;         // (N,) out when has_bias
+  void* workspace = nullptr;           // linear_glu_bwd_workspace_bytes(params) bytes, 256-byte aligned
+};
+size_t linear_glu_bwd_workspace_bytes(const LinearGluBwdParams& params);
+cudaError_t run_linear_glu_bwd(const LinearGluBwdParams& params, cudaStream_t stream);
 
 }  // namespace fastvit

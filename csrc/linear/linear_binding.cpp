@@ -1,5 +1,6 @@
-// fastvit._C binding of the GEMMs with fused epilogues: linear_gelu_{fwd,bwd}_cuda (bias + GELU) and
-// linear_residual_{fwd,bwd}_cuda (bias + LayerScale + residual).
+// fastvit._C binding of the GEMMs with fused epilogues: linear_gelu_{fwd,bwd}_cuda (bias + GELU),
+// linear_residual_{fwd,bwd}_cuda (bias + LayerScale + residual) and linear_glu_{fwd,bwd}_cuda (a gated MLP's fc1:
+// gate and value GEMMs with the gating epilogue).
 //
 // This family's schemas (a TORCH_LIBRARY_FRAGMENT(fastvit): namespace fastvit, suffix _cuda, identical to the Triton
 // ops of fastvit/families/linear.py, whose fakes and autograd register against them) and its
@@ -24,6 +25,8 @@ constexpr const char* kGeluFwd = "fastvit::linear_gelu_fwd_cuda";
 constexpr const char* kGeluBwd = "fastvit::linear_gelu_bwd_cuda";
 constexpr const char* kResFwd = "fastvit::linear_residual_fwd_cuda";
 constexpr const char* kResBwd = "fastvit::linear_residual_bwd_cuda";
+constexpr const char* kGluFwd = "fastvit::linear_glu_fwd_cuda";
+constexpr const char* kGluBwd = "fastvit::linear_glu_bwd_cuda";
 
 // A row-major (M, C) GEMM operand from `t` (..., C): leading dimension >= C (an expanded, stride-0 gradient is
 // materialised: CUTLASS wants a real matrix), unit column stride, 16-byte aligned.
@@ -231,6 +234,113 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_residual_bwd(const Tensor& dy,
   return {dx, dw, db, dgamma};
 }
 
+fastvit::GluActivation glu_activation(const std::string& activation, const char* op) {
+  if (activation == "silu") return fastvit::GluActivation::kSilu;
+  if (activation == "gelu") return fastvit::GluActivation::kGeluErf;
+  if (activation == "gelu_tanh") return fastvit::GluActivation::kGeluTanh;
+  TORCH_CHECK_VALUE(activation == "sigmoid", op, ": activation must be 'silu', 'gelu', 'gelu_tanh' or 'sigmoid', got '",
+                    activation, "'");
+  return fastvit::GluActivation::kSigmoid;
+}
+
+// linear_glu's weights: weight_gate (N, K) as check_linear checks it, weight_value the same shape and dtype.
+fastvit::DType check_glu(const Tensor& x, const Tensor& weight_gate, const Tensor& weight_value, const char* op) {
+  const auto dtype = check_linear(x, weight_gate, op);
+  check_same(weight_value, weight_gate, op, "weight_value", "weight_gate");
+  check_shape(weight_value, weight_gate.sizes(), op, "weight_value");
+  TORCH_CHECK_VALUE(2 * weight_gate.size(0) <= INT32_MAX, op, ": the gated width (", weight_gate.size(0),
+                    ") must be at most 2^30 - 1 for the CUTLASS GEMMs of the backward");
+  return dtype;
+}
+
+std::tuple<Tensor, Tensor> linear_glu_fwd(const Tensor& x, const Tensor& weight_gate, const OptTensor& bias_gate,
+                                          const Tensor& weight_value, const OptTensor& bias_value,
+                                          const std::string& activation, bool save_h) {
+  const auto dtype = check_glu(x, weight_gate, weight_value, kGluFwd);
+  const auto act = glu_activation(activation, kGluFwd);
+  const int64_t N = weight_gate.size(0), K = weight_gate.size(1);
+  check_vector(bias_gate, x, N, kGluFwd, "bias_gate", "x");
+  check_vector(bias_value, x, N, kGluFwd, "bias_value", "x");
+  Launch launch(x);
+  Tensor x2 = gemm_rows(x, K), wg = gemm_rows(weight_gate, K), wx = gemm_rows(weight_value, K);
+  OptTensor bg = bias_gate.has_value() ? OptTensor(vector_aligned(bias_gate->contiguous())) : std::nullopt;
+  OptTensor bx = bias_value.has_value() ? OptTensor(vector_aligned(bias_value->contiguous())) : std::nullopt;
+  const int64_t M = x2.size(0);
+  Tensor y = at::empty(out_shape(x, N), x.options());
+  Tensor h = save_h ? at::empty(out_shape(x, 2 * N), x.options()) : empty0(x);
+  if (y.numel() == 0) return {y, h};
+  fastvit::LinearGluFwdParams p;
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = wg.data_ptr();
+  p.ldw = wg.stride(0);
+  p.bias = opt_ptr(bg);
+  p.weight_value = wx.data_ptr();
+  p.ldwv = wx.stride(0);
+  p.bias_value = opt_ptr(bx);
+  p.y = y.data_ptr();
+  p.ldy = N;
+  p.h = save_h ? h.data_ptr() : nullptr;
+  p.ldh = 2 * N;
+  p.activation = act;
+  check_launch(fastvit::run_linear_glu_fwd(p, launch.stream), kGluFwd);
+  return {y, h};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_glu_bwd(const Tensor& dy, const Tensor& x,
+                                                                  const Tensor& weight_gate, const Tensor& weight_value,
+                                                                  const Tensor& h, const std::string& activation,
+                                                                  bool has_bias) {
+  const auto dtype = check_glu(x, weight_gate, weight_value, kGluBwd);
+  const auto act = glu_activation(activation, kGluBwd);
+  const int64_t N = weight_gate.size(0), K = weight_gate.size(1);
+  check_same(dy, x, kGluBwd, "dy", "x");
+  check_shape(dy, out_shape(x, N), kGluBwd, "dy");
+  check_same(h, x, kGluBwd, "h", "x");
+  check_shape(h, out_shape(x, 2 * N), kGluBwd, "h");
+  Launch launch(x);
+  Tensor x2 = gemm_rows(x, K), wg = gemm_rows(weight_gate, K), wx = gemm_rows(weight_value, K);
+  Tensor dy2 = gemm_rows(dy, N), h2 = gemm_rows(h, 2 * N);
+  const int64_t M = x2.size(0);
+  Tensor dx = at::empty(x.sizes(), x.options());
+  Tensor dwg = at::empty({N, K}, x.options());
+  Tensor dwx = at::empty({N, K}, x.options());
+  Tensor dbg = has_bias ? at::empty({N}, x.options()) : empty0(x);
+  Tensor dbx = has_bias ? at::empty({N}, x.options()) : empty0(x);
+  fastvit::LinearGluBwdParams p;
+  p.dtype = dtype;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.dy = dy2.data_ptr();
+  p.lddy = dy2.stride(0);
+  p.x = x2.data_ptr();
+  p.ldx = x2.stride(0);
+  p.weight = wg.data_ptr();
+  p.ldw = wg.stride(0);
+  p.weight_value = wx.data_ptr();
+  p.ldwv = wx.stride(0);
+  p.h = h2.data_ptr();
+  p.ldh = h2.stride(0);
+  p.activation = act;
+  p.has_bias = has_bias;
+  p.dx = dx.data_ptr();
+  p.lddx = K;
+  p.dweight = dwg.data_ptr();
+  p.lddw = K;
+  p.dweight_value = dwx.data_ptr();
+  p.lddwv = K;
+  p.dbias = has_bias ? dbg.data_ptr() : nullptr;
+  p.dbias_value = has_bias ? dbx.data_ptr() : nullptr;
+  Tensor workspace = alloc_workspace(fastvit::linear_glu_bwd_workspace_bytes(p), x.options(), &p.workspace);
+  check_launch(fastvit::run_linear_glu_bwd(p, launch.stream), kGluBwd);
+  return {dx, dwg, dwx, dbg, dbx};
+}
+
 }  // namespace
 
 // Schemas of this family's ops, declared once (here); the kernels below implement them.
@@ -243,6 +353,10 @@ TORCH_LIBRARY_FRAGMENT(fastvit, m) {
         "bool save_z) -> (Tensor, Tensor)");
   m.def("linear_residual_bwd_cuda(Tensor dy, Tensor x, Tensor weight, Tensor? gamma, Tensor? z, bool has_bias) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_glu_fwd_cuda(Tensor x, Tensor weight_gate, Tensor? bias_gate, Tensor weight_value, "
+        "Tensor? bias_value, str activation, bool save_h) -> (Tensor, Tensor)");
+  m.def("linear_glu_bwd_cuda(Tensor dy, Tensor x, Tensor weight_gate, Tensor weight_value, Tensor h, "
+        "str activation, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
@@ -250,4 +364,6 @@ TORCH_LIBRARY_IMPL(fastvit, CUDA, m) {
   m.impl("linear_gelu_bwd_cuda", &linear_gelu_bwd);
   m.impl("linear_residual_fwd_cuda", &linear_residual_fwd);
   m.impl("linear_residual_bwd_cuda", &linear_residual_bwd);
+  m.impl("linear_glu_fwd_cuda", &linear_glu_fwd);
+  m.impl("linear_glu_bwd_cuda", &linear_glu_bwd);
 }

@@ -8,6 +8,9 @@
 //   3. dgrad GEMM (NN):  dx (M×K) = g (M×N, ld ldg) · W (N×K, ld ldw);
 //   4. wgrad GEMM (TN):  dw32 (N×K fp32) = gᵀ · x, serial split-K over the M tokens;
 //   5. convert_f32_kernel: dweight = T(dw32) (one rounding).
+// linear_glu's backward (linear_glu_bwd below) is the same pipeline on the stacked weights Wcat (2·N, K) with the
+// gated prologue (glu_bwd_prologue_kernel): g = [dh_g | dh_x] (M×2N), dx = g · Wcat (one GEMM, reduction 2·N),
+// dw32 (2N×K) = gᵀ · x (one GEMM), then each half of dw32 rounded into its own gradient.
 #pragma once
 
 #include "linear/linear_gemm_impl.cuh"
@@ -132,6 +135,119 @@ cudaError_t linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream_t s
                                           p.workspace, stream);
 }
 
+template <typename T, GluActivation kAct>
+cudaError_t launch_glu_bwd_prologue(const LinearGluBwdParams& p, T* dh, float* part_dbg, float* part_dbx,
+                                    const GluStack& s, cudaStream_t stream) {
+  const dim3 grid(unsigned((p.N + kProCols - 1) / kProCols), unsigned(bwd_row_blocks(p.M)));
+  glu_bwd_prologue_kernel<T, kAct><<<grid, dim3(kProThreadsX, kProThreadsY), 0, stream>>>(
+      p.M, p.N, static_cast<const T*>(p.dy), p.lddy, static_cast<const T*>(p.h), p.ldh, dh, 2 * p.N, s.off_g, s.off_x,
+      part_dbg, part_dbx, bwd_rows_per_block(p.M));
+  FASTVIT_RETURN_LAUNCH_ERROR();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t linear_glu_bwd(const LinearGluBwdParams& p, cudaStream_t stream) {
+  using namespace gemm_detail;
+  const GluBwdLayout L = glu_bwd_layout(p);
+  const GluStack s = glu_stack(p);
+  char* ws = static_cast<char*>(p.workspace);
+  if ((L.total > 0 && ws == nullptr) || (ws != nullptr && (reinterpret_cast<uintptr_t>(ws) & 255u) != 0))
+    return cudaErrorInvalidValue;
+  if (p.has_bias && (p.dbias == nullptr || p.dbias_value == nullptr)) return cudaErrorInvalidValue;
+  const int64_t M = p.M, N = p.N, K = p.K;
+  T* dwg = static_cast<T*>(p.dweight);
+  T* dwx = static_cast<T*>(p.dweight_value);
+  T* dbg = p.has_bias ? static_cast<T*>(p.dbias) : nullptr;
+  T* dbx = p.has_bias ? static_cast<T*>(p.dbias_value) : nullptr;
+  cudaError_t err;
+
+  if (M == 0) {  // no tokens: every gradient is zero (dx is empty)
+    if ((err = launch_convert_f32<T>(nullptr, 0, dwg, p.lddw, N, K, stream)) != cudaSuccess) return err;
+    if ((err = launch_convert_f32<T>(nullptr, 0, dwx, p.lddwv, N, K, stream)) != cudaSuccess) return err;
+    if (dbg != nullptr && (err = launch_convert_f32<T>(nullptr, 0, dbg, N, 1, N, stream)) != cudaSuccess) return err;
+    if (dbx != nullptr && (err = launch_convert_f32<T>(nullptr, 0, dbx, N, 1, N, stream)) != cudaSuccess) return err;
+    return cudaSuccess;
+  }
+  if (N == 0) return launch_convert_f32<T>(nullptr, 0, static_cast<T*>(p.dx), p.lddx, M, K, stream);
+
+  // 1. prologue: dh = [dh_g | dh_x] in Wcat's row order (+ partial column sums)
+  T* dh = reinterpret_cast<T*>(ws + L.dh);
+  float* part_dbg = L.has_db ? reinterpret_cast<float*>(ws + L.part_dbg) : nullptr;
+  float* part_dbx = L.has_db ? reinterpret_cast<float*>(ws + L.part_dbx) : nullptr;
+  switch (p.activation) {
+    case GluActivation::kSilu:
+      err = launch_glu_bwd_prologue<T, GluActivation::kSilu>(p, dh, part_dbg, part_dbx, s, stream);
+      break;
+    case GluActivation::kGeluErf:
+      err = launch_glu_bwd_prologue<T, GluActivation::kGeluErf>(p, dh, part_dbg, part_dbx, s, stream);
+      break;
+    case GluActivation::kGeluTanh:
+      err = launch_glu_bwd_prologue<T, GluActivation::kGeluTanh>(p, dh, part_dbg, part_dbx, s, stream);
+      break;
+    case GluActivation::kSigmoid:
+      err = launch_glu_bwd_prologue<T, GluActivation::kSigmoid>(p, dh, part_dbg, part_dbx, s, stream);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess) return err;
+  // 2. dbias, dbias_value
+  const int64_t rb = bwd_row_blocks(M);
+  if (L.has_db) {
+    if ((err = launch_column_sum<T>(part_dbg, rb, N, dbg, stream)) != cudaSuccess) return err;
+    if ((err = launch_column_sum<T>(part_dbx, rb, N, dbx, stream)) != cudaSuccess) return err;
+  }
+  if (K == 0) return cudaSuccess;  // dx, dweights empty
+
+  // Wcat: the weights' own memory, or a gate-first copy in the workspace.
+  const T* wcat = static_cast<const T*>(s.wcat);
+  if (L.has_wcat) {
+    T* copy = reinterpret_cast<T*>(ws + L.wcat);
+    const size_t row = size_t(K) * sizeof(T);
+    if ((err = cudaMemcpy2DAsync(copy, row, p.weight, size_t(p.ldw) * sizeof(T), row, size_t(N),
+                                 cudaMemcpyDeviceToDevice, stream)) != cudaSuccess)
+      return err;
+    if ((err = cudaMemcpy2DAsync(copy + N * K, row, p.weight_value, size_t(p.ldwv) * sizeof(T), row, size_t(N),
+                                 cudaMemcpyDeviceToDevice, stream)) != cudaSuccess)
+      return err;
+    wcat = copy;
+  }
+
+  // 3. dx (M×K) = dh (M×2N) · Wcat (2N×K): GEMM (m, n, k) = (M, K, 2N).
+  NNGemmArgs dg;
+  dg.M = int(M);
+  dg.N = int(K);
+  dg.K = int(2 * N);
+  dg.batch = 1;
+  dg.A = dh;
+  dg.lda = 2 * N;
+  dg.B = wcat;
+  dg.ldb = s.ldcat;
+  dg.D = p.dx;
+  dg.ldd = p.lddx;
+  if ((err = gemm_nn<T>(dg, stream)) != cudaSuccess) return err;
+
+  // 4. dW_cat (2N×K) = dhᵀ (2N×M) · x (M×K): GEMM (m, n, k) = (2N, K, M), fp32, serial split-K over the tokens.
+  float* dw32 = reinterpret_cast<float*>(ws + L.dw32);
+  TNGemmArgs wg;
+  wg.M = int(2 * N);
+  wg.N = int(K);
+  wg.K = int(M);
+  wg.G = dh;
+  wg.ldg = 2 * N;
+  wg.X = p.x;
+  wg.ldx = p.ldx;
+  wg.D = dw32;
+  wg.ldd = K;
+  wg.split_k = tn_gemm_split_k(2 * N, K, M);
+  wg.semaphores = ws + L.sem;
+  if ((err = gemm_tn_f32<T>(wg, stream)) != cudaSuccess) return err;
+
+  // 5. dweight, dweight_value = T(their halves of dw32)
+  if ((err = launch_convert_f32<T>(dw32 + s.off_g * K, K, dwg, p.lddw, N, K, stream)) != cudaSuccess) return err;
+  return launch_convert_f32<T>(dw32 + s.off_x * K, K, dwx, p.lddwv, N, K, stream);
+}
+
 }  // namespace linear_detail
 }  // namespace fastvit
 
@@ -145,5 +261,6 @@ cudaError_t linear_residual_bwd(const LinearResidualBwdParams& p, cudaStream_t s
   namespace linear_detail {                                                                  \
   template cudaError_t linear_gelu_bwd<T>(const LinearGeluBwdParams&, cudaStream_t);         \
   template cudaError_t linear_residual_bwd<T>(const LinearResidualBwdParams&, cudaStream_t); \
+  template cudaError_t linear_glu_bwd<T>(const LinearGluBwdParams&, cudaStream_t);           \
   }                                                                                          \
   }

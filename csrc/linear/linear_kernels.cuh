@@ -9,6 +9,7 @@
 
 #include "common/column_sum.cuh"
 #include "common/common.h"
+#include "linear/linear.h"
 
 namespace fastvit {
 namespace linear_detail {
@@ -118,6 +119,94 @@ __global__ void __launch_bounds__(kProThreadsX* kProThreadsY)
     }
     if (part_db != nullptr) part_db[int64_t(blockIdx.y) * N + c] = a;
     if (part_dg != nullptr) part_dg[int64_t(blockIdx.y) * N + c] = b;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ gated (GLU) math
+// σ(h) = 1 / (1 + e^-h) with the accurate expf (h < -88: e^-h = inf, σ = 0; no NaN for finite h).
+__device__ __forceinline__ float sigmoid_f32(float h) { return 1.0f / (1.0f + expf(-h)); }
+
+// act(h) of linear_glu's gate, fp32: the formulas of kernels/linear.py (_glu_act).
+__device__ __forceinline__ float glu_act(float h, GluActivation act) {
+  switch (act) {
+    case GluActivation::kSilu: return h * sigmoid_f32(h);
+    case GluActivation::kGeluErf: return 0.5f * h * (1.0f + erff(h * 0.7071067811865476f));
+    case GluActivation::kGeluTanh: return 0.5f * h * (1.0f + tanhf((h + h * h * h * 0.044715f) * 0.7978845608028654f));
+    default: return sigmoid_f32(h);
+  }
+}
+
+// act'(h), fp32 (kernels/linear.py's _glu_act_grad): silu σ·(1 + h·(1 − σ)); GELU as gelu_grad; sigmoid σ·(1 − σ).
+__device__ __forceinline__ float glu_act_grad(float h, GluActivation act) {
+  switch (act) {
+    case GluActivation::kSilu: {
+      const float s = sigmoid_f32(h);
+      return s * (1.0f + h * (1.0f - s));
+    }
+    case GluActivation::kGeluErf: return gelu_grad(h, false);
+    case GluActivation::kGeluTanh: return gelu_grad(h, true);
+    default: {
+      const float s = sigmoid_f32(h);
+      return s * (1.0f - s);
+    }
+  }
+}
+
+// linear_glu's backward prologue, one thread per 8 columns of the gated width N (the bwd_prologue_kernel grid: 32 × 8
+// threads, 256 columns per CTA, row block blockIdx.y): from dy (M, N) and the saved [h_g | h_x] (M, 2N, ld ldh),
+//   dh_g = dy ⊙ h_x ⊙ act'(h_g),  dh_x = dy ⊙ act(h_g)        (fp32)
+// rounded to T into dh (ld lddh) at columns off_g + c and off_x + c, and -- when part_dbg != nullptr -- the fp32
+// column sums of the unrounded dh_g / dh_x over the row block into part_dbg / part_dbx[blockIdx.y·N + c], in the
+// fixed order of bwd_prologue_kernel. kAct: the activation (a template argument: the per-element switch leaves the
+// loop). Requires N % 8 == 0 and 16-byte aligned rows.
+template <typename T, GluActivation kAct>
+__global__ void __launch_bounds__(kProThreadsX* kProThreadsY)
+    glu_bwd_prologue_kernel(int64_t M, int64_t N, const T* __restrict__ dy, int64_t lddy, const T* __restrict__ h,
+                            int64_t ldh, T* __restrict__ dh, int64_t lddh, int64_t off_g, int64_t off_x,
+                            float* __restrict__ part_dbg, float* __restrict__ part_dbx, int64_t rows_per_block) {
+  __shared__ float red[2][kProThreadsY][kProCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t(blockIdx.x) * kProThreadsX + tx) * 8;
+  const int64_t row_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t row_end = row_begin + rows_per_block < M ? row_begin + rows_per_block : M;
+  float sg[8], sx[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sg[i] = sx[i] = 0.0f;
+  if (col < N) {
+    for (int64_t r = row_begin + ty; r < row_end; r += kProThreadsY) {
+      float d[8], hg[8], hx[8], gg[8], gx[8];
+      load8(dy + r * lddy + col, d);
+      load8(h + r * ldh + col, hg);
+      load8(h + r * ldh + N + col, hx);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        gg[i] = d[i] * hx[i] * glu_act_grad(hg[i], kAct);
+        gx[i] = d[i] * glu_act(hg[i], kAct);
+        sg[i] += gg[i];
+        sx[i] += gx[i];
+      }
+      store8(dh + r * lddh + off_g + col, gg);
+      store8(dh + r * lddh + off_x + col, gx);
+    }
+  }
+  if (part_dbg == nullptr) return;  // uniform across the block
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    red[0][ty][tx * 8 + i] = sg[i];
+    red[1][ty][tx * 8 + i] = sx[i];
+  }
+  __syncthreads();
+  const int t = ty * kProThreadsX + tx;
+  const int64_t c = int64_t(blockIdx.x) * kProCols + t;
+  if (c < N) {
+    float a = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int y = 0; y < kProThreadsY; ++y) {
+      a += red[0][y][t];
+      b += red[1][y][t];
+    }
+    part_dbg[int64_t(blockIdx.y) * N + c] = a;
+    part_dbx[int64_t(blockIdx.y) * N + c] = b;
   }
 }
 

@@ -1,7 +1,6 @@
 """The linear family: ``fastvit.ops.linear_gelu`` (an MLP's fc1 with its GELU), ``fastvit.ops.linear_residual``
 (``proj`` / ``fc2`` with bias, LayerScale and the residual add as the GEMM's epilogue) and ``fastvit.ops.linear_glu``
-(a gated MLP's fc1 with its gating: SwiGLU / GeGLU / GLU; Triton and eager only, no CUDA kernel yet), on every
-backend: the eager
+(a gated MLP's fc1 with its gating: SwiGLU / GeGLU / GLU), on every backend: the eager
 implementations (``F.linear`` + ``F.gelu``, as timm), the autograd shared by both kernel backends, the Triton ops
 around ``kernels/linear.py``, and the fakes, dispatch entries and checks of the CUDA ops (``csrc/linear/``).
 
@@ -41,8 +40,24 @@ Backward (one registered op each, launched from ``register_autograd``):
 * ``linear_residual``: ``dx = (dy ⊙ γ) @ W``, ``dW = (dy ⊙ γ)ᵀ x``, ``db = Σ dy ⊙ γ`` (same kernels, γ as the
   prologue), ``dγ = Σ_tokens dy ⊙ z`` (one fp32 ``torch.sum``), ``dresidual = dy``.
 
-The CUDA ops (``*_cuda``) have the same schemas; their CUTLASS GEMMs need K and M to be multiples of the build's
-GEMM alignment (``build_info()["gemm_alignment"]``, 128-bit accesses).
+The CUDA ops (``*_cuda``, ``csrc/linear/``) have the same schemas and the same autograd; their GEMMs need K and M
+to be multiples of the build's GEMM alignment (``build_info()["gemm_alignment"]``, 128-bit accesses), fp16 / bf16.
+``linear_gelu`` / ``linear_residual`` run CUTLASS 2.x GEMMs with epilogue visitor trees (bias, GELU, LayerScale,
+residual); their backward materialises the prologue ``g`` (dy ⊙ GELU'(h), or γ ⊙ dy) once in a workspace, then runs
+an NN GEMM for dx and a TN GEMM (fp32, serial split-K: deterministic) for dW, with dbias from per-row-block fp32
+column sums. ``linear_glu``:
+
+* forward: one CuTe dual GEMM (``csrc/linear/linear_glu_fwd.cuh``): each 128-token × 64-column CTA tile keeps two
+  fp32 accumulators, ``x W_gᵀ`` and ``x W_xᵀ``, over the same x tiles in shared memory (as the Triton kernel), and its
+  epilogue adds the biases, stores h = [h_g | h_x] when autograd needs it and writes ``act(h_g) ⊙ h_x`` -- no
+  pre-activation crosses global memory otherwise. (A CUTLASS GEMM over either weight, or over the packed one, cannot
+  do this: no tile of one GEMM holds both the gate and the value column of an output.)
+* backward: a SIMT prologue recomputes act(h_g) and act'(h_g) from the saved h and writes
+  ``dh = [dh_g | dh_x]`` (fp32 math, rounded to the input dtype as the Triton prologue rounds it) with fp32 partial
+  column sums for both bias gradients; then ``dx = dh · [W_g; W_x]`` is one NN GEMM over the 2·M reduction (fp32
+  accumulation across both halves) and ``[dW_g; dW_x] = dhᵀ x`` one TN GEMM over the 2·M rows. A packed weight's two
+  row views already lie stacked in memory (either order) and are used in place; split weights are copied into the
+  workspace once per backward.
 """
 
 from __future__ import annotations
@@ -285,7 +300,7 @@ def linear_glu(
         activation: the gate's activation: ``"silu"`` (SwiGLU, default), ``"gelu"`` (exact erf), ``"gelu_tanh"``,
             ``"sigmoid"``.
         gate_last: packed layout only: the gate is the second half of ``weight``'s rows.
-        backend: force a backend (no CUDA kernel yet: ``"triton"`` or ``"eager"``).
+        backend: force a backend (``"cuda"``: fp16 / bf16, K and M multiples of 8).
 
     Returns:
         (..., M) in ``x``'s dtype (under autocast: the autocast dtype, as ``F.linear``).
@@ -1153,6 +1168,22 @@ def _register_cuda_fakes() -> None:
             x.new_empty((N,) if (gamma is not None and z is not None) else (0,)),
         )
 
+    @fake("fastvit::linear_glu_fwd_cuda")
+    def _(x, weight_gate, bias_gate, weight_value, bias_value, activation, save_h):
+        M = weight_gate.shape[0]
+        return x.new_empty((*x.shape[:-1], M)), x.new_empty((*x.shape[:-1], 2 * M) if save_h else (0,))
+
+    @fake("fastvit::linear_glu_bwd_cuda")
+    def _(dy, x, weight_gate, weight_value, h, activation, has_bias):
+        nb = (weight_gate.shape[0],) if has_bias else (0,)
+        return (
+            x.new_empty(x.shape),
+            x.new_empty(weight_gate.shape),
+            x.new_empty(weight_gate.shape),
+            x.new_empty(nb),
+            x.new_empty(nb),
+        )
+
 
 def linear_gelu_cuda(x, weight, bias, *, approximate="none"):
     """CUDA backend of :func:`fastvit.ops.linear_gelu` (CUTLASS GEMM, bias + GELU epilogue; fp16 / bf16)."""
@@ -1163,6 +1194,15 @@ def linear_residual_cuda(x, weight, bias, residual, *, gamma=None):
     """CUDA backend of :func:`fastvit.ops.linear_residual` (CUTLASS GEMM, bias + LayerScale + residual epilogue)."""
     save_z = gamma is not None and needs_grad(gamma)
     return torch.ops.fastvit.linear_residual_fwd_cuda(x, weight, bias, residual, gamma, save_z)[0]
+
+
+def linear_glu_cuda(x, weight, bias, weight_value=None, bias_value=None, *, activation="silu", gate_last=False):
+    """CUDA backend of :func:`fastvit.ops.linear_glu` (fp16 / bf16): one CuTe dual GEMM with the gating epilogue
+    (gate and value accumulated over the same x tiles, ``act(h_g) ⊙ h_x`` in registers); packed weights are split
+    into row views, no copy. The two pre-activations [h_g | h_x] are stored only when autograd needs them."""
+    wg, bg, wx, bx = glu_halves(weight, bias, weight_value, bias_value, gate_last)
+    save_h = needs_grad(x, weight, bias, weight_value, bias_value)
+    return torch.ops.fastvit.linear_glu_fwd_cuda(x, wg, bg, wx, bx, activation, save_h)[0]
 
 
 def cuda_check_for(info: dict):
@@ -1186,6 +1226,7 @@ def _register_cuda(info: dict) -> None:
     _register_cuda_fakes()
     attach("linear_gelu", _linear_gelu_autograd, "_cuda")
     attach("linear_residual", _linear_residual_autograd, "_cuda")
+    attach("linear_glu", _linear_glu_autograd, "_cuda")
     caps = Capabilities(
         devices=cuda_rt.DEVICES,
         dtypes=cuda_rt.half_dtypes(info),
@@ -1195,6 +1236,7 @@ def _register_cuda(info: dict) -> None:
     check = cuda_check_for(info)
     register_kernel("cuda", "linear_gelu", linear_gelu_cuda, caps, check, check_depends_on_call_only=True)
     register_kernel("cuda", "linear_residual", linear_residual_cuda, caps, check, check_depends_on_call_only=True)
+    register_kernel("cuda", "linear_glu", linear_glu_cuda, caps, check, check_depends_on_call_only=True)
 
 
 cuda_rt.on_load(_register_cuda)

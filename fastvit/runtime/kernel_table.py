@@ -64,6 +64,9 @@ class Kind:
     what: str  # first comment line of the file, after "<what>, "
     body: str  # the instantiation, with {element} (and {head_dim}) filled in
     head_dims: bool = False
+    #: ptxas must report no register spills in its files (python -m fastvit.cuda_check fails on one) although its
+    #: family has no such rule: a hand-written kernel whose speed depends on staying in registers.
+    no_spill: bool = False
 
 
 def _attention(direction: str, varlen: bool, rope: bool = False) -> Kind:
@@ -87,8 +90,8 @@ def _attention(direction: str, varlen: bool, rope: bool = False) -> Kind:
     )
 
 
-def _macro(family: str, stem: str, impl: str, macro: str, what: str) -> Kind:
-    return Kind(family, stem, f"{family}/{impl}", what, f"{macro}({{element}})\n")
+def _macro(family: str, stem: str, impl: str, macro: str, what: str, no_spill: bool = False) -> Kind:
+    return Kind(family, stem, f"{family}/{impl}", what, f"{macro}({{element}})\n", no_spill=no_spill)
 
 
 #: Every generated instantiation kind. Attention: fwd / bwd, dense / packed (varlen), without / with rotary embeddings
@@ -119,10 +122,18 @@ KINDS = (
     ),
     _macro(
         "linear",
+        "linear_glu_fwd",
+        "linear_glu_fwd.cuh",
+        "FASTVIT_INSTANTIATE_LINEAR_GLU_FWD",
+        "linear_glu forward: one CuTe dual GEMM (gate and value accumulators, gating epilogue)",
+        no_spill=True,
+    ),
+    _macro(
+        "linear",
         "linear_bwd",
         "linear_bwd_impl.cuh",
         "FASTVIT_INSTANTIATE_LINEAR_BWD",
-        "linear_gelu / linear_residual backward (also the NN / TN GEMMs patch_embed reuses)",
+        "linear_gelu / linear_residual / linear_glu backward (also the NN / TN GEMMs patch_embed reuses)",
     ),
     _macro(
         "patch_embed",
@@ -164,6 +175,12 @@ FAMILIES = (
 def no_spill_families() -> tuple[str, ...]:
     """The families whose kernels must not spill."""
     return tuple(f.name for f in FAMILIES if f.no_spill)
+
+
+def no_spill_files() -> frozenset[str]:
+    """Instantiation files (relative to csrc/, '/'-separated) whose kernels must not spill beyond their families'
+    rule: every file of a ``no_spill`` kind."""
+    return frozenset(i.path for i in instances() if i.kind.no_spill)
 
 
 # ------------------------------------------------------------------------------------------- instantiations
