@@ -36,6 +36,20 @@ CONFIGS = {
     "token_cls_qknorm": dict(global_pool="token", class_token=True, qk_norm=True),
     "max_factorized_keyonly": dict(global_pool="max", pos_embed="factorized", use_key_only_attn_mask=True),
     "avgmax_ar_preserving_prenorm": dict(global_pool="avgmax", pos_embed_ar_preserving=True, pre_norm=True),
+    # rotary position embeddings (EvaBlocks; timm builds a table per image, _generate_rope_naflex): axial with cls
+    # and a SwiGLU MLP, mixed (learnable per-head frequencies, one table per block) with a gated attention, DINOv3's
+    # (rotate_half, 4 registers) with qk-norm and the scale norm
+    "rope_axial_cls_swiglu": dict(global_pool="token", class_token=True, rope_type="axial", swiglu_mlp=True),
+    "rope_mixed_reg1_gated": dict(global_pool="avg", reg_tokens=1, rope_type="mixed", init_values=0.1, attn_gated=True),
+    "rope_dinov3_reg4_norms": dict(
+        global_pool="avg",
+        reg_tokens=4,
+        rope_type="dinov3",
+        rope_rotate_half=True,
+        fc_norm=True,
+        qk_norm=True,
+        scale_attn_inner_norm=True,
+    ),
 }
 
 SIZES3 = [(32, 48), (64, 64), (96, 32)]  # 6, 16 and 12 patches
@@ -188,13 +202,18 @@ def test_naflex_other_inputs_and_calls_keep_timm_semantics(monkeypatch, seed, ge
 @pytest.mark.parametrize(
     "cfg, why",
     [
-        (dict(global_pool="avg", rope_type="axial"), "rotary position embeddings"),
-        (dict(global_pool="avg", swiglu_mlp=True), "EvaBlock, not timm's vision_transformer.Block"),
+        (
+            dict(global_pool="avg", rope_type="mrope", rope_mrope_section=(2, 3, 3)),
+            "(RotaryEmbeddingMRope) not covered",
+        ),
+        (dict(global_pool="avg", rope_type="axial"), "blocks [1]: attn: fused_attn=False"),
     ],
 )
 def test_naflex_uncovered_options_fall_back_with_reason(cfg, why, seed, generator):
     timm_model = _naflex(cfg, seed)
     fast = patch_timm_(copy.deepcopy(timm_model))
+    if "fused_attn" in why:  # timm's explicit attention matrix in one block (set_fused_attn / AttentionExtract)
+        timm_model.blocks[1].attn.fused_attn = fast.blocks[1].attn.fused_attn = False
     root = [r for r in patch_report(fast) if r.name == ""]
     assert len(root) == 1 and root[0].class_name == "NaFlexVit" and root[0].status == "fallback"
     assert why in root[0].reason
@@ -243,3 +262,65 @@ def test_patched_timm_block_refuses_packed_tokens_it_cannot_run(seed):
     assert fast.blocks[0].attn(x, cu_seqlens=cu).shape == x.shape
     with pytest.raises(ValueError, match="cannot run packed tokens.*attn_mask"):
         fast.blocks[0](x, attn_mask=torch.zeros(1, 1, 10, 10), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("name", ["rope_axial_cls_swiglu", "rope_mixed_reg1_gated"])
+def test_naflex_rope_runs_packed_with_a_table_per_image(name, monkeypatch, seed, generator):
+    """Each image's rotary table reaches the packed attention as its sequence's table: one ops.attention per block
+    with cu_seqlens and a (S, 1 or H, L, 2·D) rope, no masked SDPA; each table's rows are that image's valid patches'
+    rows of timm's table, in token order."""
+    fast = patch_timm_(_naflex(CONFIGS[name], seed))
+    batch = _batch(SIZES3, generator)
+    seen = []
+    counted = fastvit.ops.attention
+
+    def record(qkv, num_heads, **kw):
+        seen.append(kw)
+        return counted(qkv, num_heads, **kw)
+
+    monkeypatch.setattr(fastvit.ops, "attention", record)
+    masked = []
+    orig_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda *a, **k: masked.append(k.get("attn_mask")) or orig_sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        fast(batch)
+        x, _ = fast.embeds(batch["patches"], patch_coord=batch["patch_coord"], patch_valid=batch["patch_valid"])
+        tables = fast._generate_rope_naflex(x, batch["patch_coord"])
+        tables = list(tables) if fast.rope_is_mixed else [tables] * TINY["depth"]
+    assert len(seen) == TINY["depth"] and all(m is None for m in masked)
+    heads = TINY["num_heads"] if fast.rope_is_mixed else 1
+    for kw, table in zip(seen, tables):
+        rope = kw["rope"]
+        assert kw["cu_seqlens"] is not None and rope.shape[:2] == (len(SIZES3), heads)
+        assert kw["num_prefix_tokens"] == fast.num_prefix_tokens
+        for b in range(len(SIZES3)):
+            n = int(batch["patch_valid"][b].sum())
+            torch.testing.assert_close(rope[b, :, :n], table[b, :, batch["patch_valid"][b]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rope_type", ["axial", "mixed"])
+def test_naflex_rope_with_patch_dropout_matches_timm(rope_type, seed, generator):
+    """Training with patch dropout: timm gathers the tables with the kept indices (axial once, mixed per block), so
+    valid patches are no longer first in each row -- the packed path must still give each token its own row."""
+    cfg = dict(global_pool="avg", reg_tokens=1, rope_type=rope_type, patch_drop_rate=0.5)
+    timm_model = _naflex(cfg, seed).train()
+    fast = patch_timm_(copy.deepcopy(timm_model))
+    batch = _batch(SIZES3, generator)
+    weight = torch.randn(3, NUM_CLASSES, generator=generator)
+    results = []
+    for m in (fast, timm_model):
+        torch.manual_seed(seed)  # the same patch-dropout draws for both
+        patches = batch["patches"].clone().requires_grad_()
+        logits = m({**batch, "patches": patches})
+        params = dict(m.named_parameters())
+        gs = torch.autograd.grad((logits * weight).sum(), list(params.values()) + [patches], allow_unused=True)
+        results.append((logits, dict(zip(list(params) + ["patches"], gs))))
+    (out, g_out), (pt, g_pt) = results
+    torch.testing.assert_close(out, pt, rtol=0, atol=1e-5)
+    for k, g in g_pt.items():
+        if g is None:
+            assert g_out[k] is None, k
+        else:
+            torch.testing.assert_close(g_out[k], g, rtol=0, atol=1e-5, msg=f"grad {k}")

@@ -421,8 +421,6 @@ def _rope_call_reason(m: nn.Module, x, rope, attn_mask, is_causal) -> Optional[s
         return "attn_mask / is_causal given"
     if isinstance(x, torch.fx.Proxy) or isinstance(rope, torch.fx.Proxy):
         return "torch.fx symbolic trace (the rope table's shape is not known)"
-    if rope is not None and rope.dim() == 4 and rope.shape[0] != 1:
-        return "a rope table per sample (timm's patch dropout keeps different tokens per image)"
     return None
 
 
@@ -432,10 +430,16 @@ def _rope_attention_forward(
     rope: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     is_causal: bool = False,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ):
+    mods = self._modules
+    if cu_seqlens is not None:  # packed tokens (NaFlexVit): timm's forward has no packed mode to fall back to
+        _packed_unsupported(type(self).__name__, _rope_attn_reasons(self), attn_mask, is_causal)
+        return mods["proj_drop"](mods["proj"](rope_attention_core(self, x, rope, cu_seqlens, max_seqlen)))
     if _rope_attn_reasons(self) or _rope_call_reason(self, x, rope, attn_mask, is_causal):
         return self._fastvit_orig_cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-    mods = self._modules
     return mods["proj_drop"](mods["proj"](rope_attention_core(self, x, rope)))  # the gate applied inside, as timm
 
 
@@ -467,13 +471,20 @@ def _eva_block_forward(
     rope: Optional[torch.Tensor] = None,
     attn_mask: Optional[torch.Tensor] = None,
     is_causal: bool = False,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
-    attn = self._modules["attn"]
-    if _eva_block_reasons(self) or _rope_call_reason(attn, x, rope, attn_mask, is_causal):
+    mods = self._modules
+    glu = _glu_hidden_table().get(_orig_type(mods["mlp"]))
+    hidden = glu[0] if glu is not None else mlp_hidden
+    if cu_seqlens is not None:  # packed tokens (NaFlexVit): timm's forward has no packed mode to fall back to
+        _packed_unsupported(type(self).__name__, _eva_block_reasons(self), attn_mask, is_causal)
+        return eva_block_forward(self, x, rope, mlp_hidden=hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if _eva_block_reasons(self) or _rope_call_reason(mods["attn"], x, rope, attn_mask, is_causal):
         # timm's own forward calls the submodules as modules; the patched ones among them still run on fastvit
         return self._fastvit_orig_cls.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-    glu = _glu_hidden_table().get(_orig_type(self._modules["mlp"]))
-    return eva_block_forward(self, x, rope, mlp_hidden=glu[0] if glu is not None else mlp_hidden)
+    return eva_block_forward(self, x, rope, mlp_hidden=hidden)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -546,29 +557,46 @@ def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- NaFlexVit
+#: timm's rotary table modules whose NaFlex tables (``_generate_rope_naflex``) the packed path takes.
+_NAFLEX_ROPES = ("RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3")
+
+
 def _naflex_reasons(m: nn.Module) -> List[str]:
     """Why a NaFlexVit's NaFlex batches cannot run their blocks packed (empty: they can)."""
+    from timm.models.eva import EvaBlock
     from timm.models.vision_transformer import Block as TBlock
 
     out = []
-    if getattr(m, "rope", None) is not None:
-        out.append(
-            f"rotary position embeddings ({_orig_type(m.rope).__name__}) not covered: NaFlexVit passes rope to its "
-            "blocks, so they run timm's masked attention"
-        )
+    rope = getattr(m, "rope", None)
+    if rope is not None:
+        name = _orig_type(rope).__name__
+        if name not in _NAFLEX_ROPES or not hasattr(m, "_generate_rope_naflex"):
+            out.append(
+                f"rotary position embeddings ({name}) not covered ({', '.join(_NAFLEX_ROPES)} only): NaFlexVit passes "
+                "rope to its blocks, so they run timm's masked attention"
+            )
     by_reason: Dict[str, List[int]] = {}
     for i, blk in enumerate(m.blocks):
-        if _orig_type(blk) is not TBlock:
-            r = f"{_orig_type(blk).__name__}, not timm's vision_transformer.Block (rope / SwiGLU / gated / GQA blocks)"
-        elif type(blk) is not _PATCHED.get(TBlock):
+        cls = _orig_type(blk)
+        if cls not in (TBlock, EvaBlock):
+            r = f"{cls.__name__}, not timm's vision_transformer.Block or EvaBlock (parallel / post-norm blocks)"
+        elif type(blk) is not _PATCHED.get(cls):
             r = "not patched by patch_timm_"
         else:
-            r = "; ".join(_block_reasons(blk))
+            r = "; ".join(_block_reasons(blk) if cls is TBlock else _eva_block_reasons(blk))
         if r:
             by_reason.setdefault(r, []).append(i)
     for r, idx in by_reason.items():
         out.append(f"blocks {idx}: {r}")
     return out
+
+
+def _front_valid(table: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """A NaFlex rotary table (B, 1 or H, L, 2·D), one row per padded patch slot, with each image's valid patches'
+    rows moved to the front in token order (``order``: (B, L), valid slots first): row i of image b is then the
+    table of its i-th valid patch, which is the i-th token after the prefix of packed sequence b."""
+    B, heads, L, W = table.shape
+    return table.gather(2, order[:, None, :, None].expand(B, heads, L, W))
 
 
 def _naflex_forward_features(
@@ -579,35 +607,51 @@ def _naflex_forward_features(
     attn_mask: Optional[torch.Tensor] = None,
 ):
     # NaFlex batch: unpad by patch_valid, the blocks on packed (T, C) tokens with cu_seqlens, repad with zeros
-    # before the final norm; timm's own code for everything else (see patch_timm_).
+    # before the final norm; timm's own code for everything else (see patch_timm_). With rope, timm's per-image
+    # tables (after patch dropout's keep indices, as timm applies them) are passed per packed sequence.
     if patch_coord is None or attn_mask is not None or _naflex_reasons(self):
         return self._fastvit_orig_cls.forward_features(
             self, patches, patch_coord=patch_coord, patch_valid=patch_valid, attn_mask=attn_mask
         )
     x, _ = self.embeds(patches, patch_coord=patch_coord, patch_valid=patch_valid)
+    ropes = None
+    if self.rope is not None:  # axial: (B, 1, L, 2·D); mixed: one (B, H, L, 2·D) per block
+        ropes = self._generate_rope_naflex(x, patch_coord)
+        ropes = list(ropes) if self.rope_is_mixed else [ropes] * len(self.blocks)
     if self.training and self.patch_drop is not None:
         x, keep_indices = self.patch_drop(x)
-        if patch_valid is not None and keep_indices is not None:
-            patch_valid = patch_valid.gather(1, keep_indices)
+        if keep_indices is not None:
+            if patch_valid is not None:
+                patch_valid = patch_valid.gather(1, keep_indices)
+            if ropes is not None:
+                from timm.layers import apply_keep_indices_nlc
+
+                ropes = [apply_keep_indices_nlc(x, r, keep_indices, pos_embed_has_batch=True) for r in ropes]
     x = self.norm_pre(x)
     checkpointed = self.grad_checkpointing and not torch.jit.is_scripting()
+    ropes = ropes if ropes is not None else [None] * len(self.blocks)
     if patch_valid is None:  # timm attends to every token then (no mask): the dense fastvit path
-        for blk in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if checkpointed else blk(x)
+        for blk, rope in zip(self.blocks, ropes):
+            kw = {} if rope is None else {"rope": rope}
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, **kw) if checkpointed else blk(x, **kw)
     else:
         B, L, _ = x.shape
         R = self.num_prefix_tokens
         valid = patch_valid.bool()
+        if ropes[0] is not None:  # each image's valid patches' table rows first, in token order
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+            ropes = [_front_valid(r, order) for r in ropes]
         if R:  # prefix tokens are always valid (timm's create_attention_mask)
             valid = torch.cat([valid.new_ones(B, R), valid], dim=1)
         tokens, indices, cu_seqlens, max_seqlen = unpad_input(x, valid)
-        for blk in self.blocks:
+        for blk, rope in zip(self.blocks, ropes):
+            kw = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+            if rope is not None:
+                kw["rope"] = rope
             if checkpointed:
-                tokens = torch.utils.checkpoint.checkpoint(
-                    blk, tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, use_reentrant=False
-                )
+                tokens = torch.utils.checkpoint.checkpoint(blk, tokens, use_reentrant=False, **kw)
             else:
-                tokens = blk(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                tokens = blk(tokens, **kw)
         x = pad_input(tokens, indices, B, L)
     x = self.norm(x)
     return {"patches": x, "patch_valid": patch_valid}

@@ -47,6 +47,7 @@ from fastvit.nn.layers import (
     _any_attached,
     _dropout_active,
     _global_hooks,
+    _residual,
     _skippable,
     _weight_bias,
     _wrapper_param,
@@ -380,9 +381,15 @@ def _fused_qkv(m: nn.Module, qkv: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, _weight_bias(qkv)[0], bias)
 
 
-def rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rope_attention_core(
+    m: nn.Module,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> torch.Tensor:
     """Rotary self-attention up to (not including) ``proj``, for a module with timm's ``EvaAttention`` /
-    ``AttentionRope`` attribute names: (B, N, C) -> (B, N, H·D).
+    ``AttentionRope`` attribute names: (B, N, C) -> (B, N, H·D), or packed (T, C) -> (T, H·D) with ``cu_seqlens``.
 
     A fused ``qkv`` without qk-norm runs as one :func:`fastvit.ops.attention` on the projection, which rotates q and
     k by ``rope`` as it loads them (the first ``num_prefix_tokens`` tokens unrotated; ``rotate_half`` picks timm's
@@ -392,42 +399,55 @@ def rope_attention_core(m: nn.Module, x: torch.Tensor, rope: Optional[torch.Tens
 
     Args:
         m: :class:`EvaAttention` / :class:`AttentionRope` (or timm's).
-        x: (B, N, C) float.
-        rope: timm's rotary table, fp32 (N - R, 2·D) shared or (H, N - R, 2·D) per head (RoPE-Mixed), or ``None``.
+        x: (B, N, C) float; with ``cu_seqlens``: (T, C), S sequences packed without padding (NaViT, Dehghani et al.,
+            2023), each attending only to itself.
+        rope: timm's rotary table, fp32 (N - R, 2·D) shared or (H, N - R, 2·D) per head (RoPE-Mixed), or one per
+            sample / packed sequence (B or S, 1 or H, N_rot, 2·D; timm's NaFlexVit), or ``None`` (see
+            :func:`fastvit.ops.attention`).
+        cu_seqlens: int32 (S + 1,) sequence offsets into ``x``'s rows, or ``None`` for a dense batch.
+        max_seqlen: the longest sequence (``None``: computed from ``cu_seqlens``).
 
     Returns:
-        (B, N, H·D) in the computation dtype.
+        (B, N, H·D) -- packed: (T, H·D) -- in the computation dtype.
 
     Raises:
-        ValueError: a ``rope`` of the wrong shape (from :mod:`fastvit.ops`).
+        ValueError: a ``rope`` of the wrong shape, malformed ``cu_seqlens`` (from :mod:`fastvit.ops`).
     """
-    B, N, _ = x.shape
+    lead = x.shape[:-1]  # (B, N), or (T,) packed
     H = m.num_heads
     mods = m._modules  # submodules read from the dict: see fastvit.nn.layers._weight_bias
     p = mods["attn_drop"].p if m.training else 0.0
-    kw = {}
+    kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
     if rope is not None:
-        kw = dict(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
+        kw.update(rope=rope, num_prefix_tokens=m.num_prefix_tokens, rotate_half=bool(getattr(m, "rotate_half", False)))
     q_norm, k_norm = mods["q_norm"], mods["k_norm"]
     qkv_mod = mods.get("qkv")
     if qkv_mod is not None:
         qkv = _fused_qkv(m, qkv_mod, x)
         if _skippable(q_norm) and _skippable(k_norm):
             out = ops.attention(qkv, H, dropout_p=p, **kw)
-        else:
-            q, k, v = qkv.reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
-            out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw).transpose(1, 2).reshape(B, N, -1)
+            return _scale_norm_and_gate(mods, x, out)
+        q, k, v = qkv.reshape(*lead, 3, H, -1).unbind(-3)  # each (..., H, D)
+        kv_heads = H
     else:
         kv_heads = getattr(m, "num_kv_heads", H)
-        q = mods["q_proj"](x).reshape(B, N, H, -1).transpose(1, 2)
-        k = mods["k_proj"](x).reshape(B, N, kv_heads, -1).transpose(1, 2)
-        v = mods["v_proj"](x).reshape(B, N, kv_heads, -1).transpose(1, 2)
-        q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
-        if kv_heads != H:  # each k / v head serves H / kv_heads query heads, timm's order
-            k = k.repeat_interleave(H // kv_heads, dim=1)
-            v = v.repeat_interleave(H // kv_heads, dim=1)
-        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw).transpose(1, 2).reshape(B, N, -1)
+        q = mods["q_proj"](x).reshape(*lead, H, -1)
+        k = mods["k_proj"](x).reshape(*lead, kv_heads, -1)
+        v = mods["v_proj"](x).reshape(*lead, kv_heads, -1)
+    q, k = apply_norm(q_norm, q), apply_norm(k_norm, k)
+    if kv_heads != H:  # each k / v head serves H / kv_heads query heads, timm's order
+        k = k.repeat_interleave(H // kv_heads, dim=-2)
+        v = v.repeat_interleave(H // kv_heads, dim=-2)
+    if cu_seqlens is None:  # (B, N, H, D) -> SDPA's (B, H, N, D); packed ops take (T, H, D) as they are
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw).transpose(1, 2)
+    else:
+        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=p, **kw)
+    return _scale_norm_and_gate(mods, x, out.reshape(*lead, -1))
+
+
+def _scale_norm_and_gate(mods: dict, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """timm's scale norm on the attention output, then its sigmoid gate (computed from the block input ``x``)."""
     out = apply_norm(mods["norm"], out)
     gate = mods.get("gate")
     return out if gate is None else out * gate(x).sigmoid()
@@ -444,9 +464,16 @@ def _check_heads(dim: int, num_heads: int, attn_head_dim: Optional[int]) -> int:
 
 
 class _RopeAttentionBase(nn.Module):
-    def forward_core(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, N, C) -> (B, N, H·D): everything before ``proj`` (see :func:`rope_attention_core`)."""
-        return rope_attention_core(self, x, rope)
+    def forward_core(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        """(B, N, C) -> (B, N, H·D), or packed (T, C) -> (T, H·D) with ``cu_seqlens``: everything before ``proj``
+        (see :func:`rope_attention_core`)."""
+        return rope_attention_core(self, x, rope, cu_seqlens, max_seqlen)
 
     def forward(
         self,
@@ -454,15 +481,19 @@ class _RopeAttentionBase(nn.Module):
         rope: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
+        *,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
-        """(B, N, C) -> (B, N, dim_out) with timm's rotary table ``rope`` (see :func:`rope_attention_core`).
+        """(B, N, C) -> (B, N, dim_out) with timm's rotary table ``rope``; packed (T, C) -> (T, dim_out) with
+        ``cu_seqlens`` (int32 (S + 1,) sequence offsets; see :func:`rope_attention_core`).
 
         Raises:
             ValueError: ``attn_mask`` or ``is_causal`` given (fastvit's attention has no masks).
         """
         if attn_mask is not None or is_causal:
             raise ValueError(f"{type(self).__name__}: attn_mask / is_causal are not supported by fastvit")
-        return self.proj_drop(self.proj(rope_attention_core(self, x, rope)))
+        return self.proj_drop(self.proj(rope_attention_core(self, x, rope, cu_seqlens, max_seqlen)))
 
 
 class EvaAttention(_RopeAttentionBase):
@@ -649,14 +680,21 @@ def eva_block_fusion_reasons(m: nn.Module, ignore_params: frozenset = frozenset(
 
 
 def _eva_branch(
-    x: torch.Tensor, h: torch.Tensor, linear: nn.Module, drop: nn.Module, gamma, dp: nn.Module
+    x: torch.Tensor,
+    h: torch.Tensor,
+    linear: nn.Module,
+    drop: nn.Module,
+    gamma,
+    dp: nn.Module,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``x + dp(gamma · drop(linear(h)))``: one :func:`fastvit.ops.linear_residual` while the dropouts do nothing."""
+    """``x + dp(gamma · drop(linear(h)))``: one :func:`fastvit.ops.linear_residual` while the dropouts do nothing;
+    on packed tokens (``cu_seqlens``) an active drop path draws once per sequence."""
     if not _dropout_active(drop) and not _dropout_active(dp):
         weight, bias = _weight_bias(linear)
         return ops.linear_residual(h, weight, bias, x, gamma=gamma)
     y = drop(linear(h))
-    return x + dp(y if gamma is None else gamma * y)
+    return _residual(x, y if gamma is None else gamma * y, dp, cu_seqlens)
 
 
 def eva_block_forward(
@@ -664,6 +702,8 @@ def eva_block_forward(
     x: torch.Tensor,
     rope: Optional[torch.Tensor] = None,
     mlp_hidden: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> torch.Tensor:
     """Pre-norm Eva block ``x + dp1(gamma_1 · attn(norm1(x), rope))``, ``x + dp2(gamma_2 · mlp(norm2(x)))`` (timm's
     ``EvaBlock.forward``) for a module with its attribute names: fastvit's :class:`EvaBlock` or timm's (patched by
@@ -681,6 +721,9 @@ def eva_block_forward(
         rope: timm's rotary table for this block (see :func:`rope_attention_core`) or ``None``.
         mlp_hidden: ``fn(mlp, x)`` computing the MLP before ``fc2``, for an MLP class without ``forward_hidden``
             (timm's: :func:`glu_mlp_hidden` or :func:`fastvit.nn.layers.mlp_hidden`).
+        cu_seqlens: int32 (S + 1,) offsets of S sequences packed along dim 0 of a (T, C) ``x`` (NaViT); only the
+            attention (each sequence attends to itself) and an active drop path (one draw per sequence) read it.
+        max_seqlen: the longest sequence (``None``: computed from ``cu_seqlens``).
 
     Returns:
         (B, N, C) in the computation dtype.
@@ -690,18 +733,21 @@ def eva_block_forward(
     g1, g2 = params.get("gamma_1"), params.get("gamma_2")
     attn, mlp = mods["attn"], mods["mlp"]
     if not _eva_block_fusable(m):
-        y = attn(apply_norm(mods["norm1"], x), rope=rope)
-        x = x + mods["drop_path1"](y if g1 is None else g1 * y)
+        kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+        y = attn(apply_norm(mods["norm1"], x), rope=rope, **kw)
+        x = _residual(x, y if g1 is None else g1 * y, mods["drop_path1"], cu_seqlens)
         y = mlp(apply_norm(mods["norm2"], x))
-        return x + mods["drop_path2"](y if g2 is None else g2 * y)
+        return _residual(x, y if g2 is None else g2 * y, mods["drop_path2"], cu_seqlens)
     am, mm = attn._modules, mlp._modules
     core = getattr(type(attn), "forward_core", None)  # a class attribute: no nn.Module.__getattr__
     a = apply_norm(mods["norm1"], x)
-    h = core(attn, a, rope) if core is not None else rope_attention_core(attn, a, rope)
-    x = _eva_branch(x, h, am["proj"], am["proj_drop"], g1, mods["drop_path1"])
+    if core is None:
+        core = rope_attention_core
+    h = core(attn, a, rope) if cu_seqlens is None else core(attn, a, rope, cu_seqlens, max_seqlen)
+    x = _eva_branch(x, h, am["proj"], am["proj_drop"], g1, mods["drop_path1"], cu_seqlens)
     hidden = mlp_hidden or type(mlp).forward_hidden
     h = hidden(mlp, apply_norm(mods["norm2"], x))
-    return _eva_branch(x, h, mm["fc2"], mm["drop2"], g2, mods["drop_path2"])
+    return _eva_branch(x, h, mm["fc2"], mm["drop2"], g2, mods["drop_path2"], cu_seqlens)
 
 
 class EvaBlock(nn.Module):
@@ -823,15 +869,19 @@ class EvaBlock(nn.Module):
         rope: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
+        *,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C) (see :func:`eva_block_forward`).
+        """(B, N, C) -> (B, N, C); packed (T, C) -> (T, C) with ``cu_seqlens`` / ``max_seqlen`` (see
+        :func:`eva_block_forward`).
 
         Raises:
             ValueError: ``attn_mask`` or ``is_causal`` given (fastvit's attention has no masks).
         """
         if attn_mask is not None or is_causal:
             raise ValueError("EvaBlock: attn_mask / is_causal are not supported by fastvit")
-        return eva_block_forward(self, x, rope)
+        return eva_block_forward(self, x, rope, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 # ----------------------------------------------------------------------------------------------- attention pool
