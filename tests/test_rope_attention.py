@@ -338,8 +338,9 @@ def test_patched_eva_block_with_a_hook_calls_its_modules(seed):
 
 
 def test_patched_rope_attention_falls_back_with_reasons(seed, monkeypatch):
-    """Configurations and calls fastvit leaves on timm's forward: fused_attn=False (reported), attn_mask, a per-sample
-    rope table (patch dropout); separate q / k / v projections with grouped-query heads and qk-norm run on fastvit."""
+    """Configurations and calls fastvit leaves on timm's forward: fused_attn=False (reported), attn_mask; separate
+    q / k / v projections with grouped-query heads and qk-norm run on fastvit, with a shared or a per-sample rope
+    table (patch dropout)."""
     from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention
 

@@ -813,9 +813,9 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     grouped-query k / v heads (``num_kv_heads``) are repeated as timm repeats them. EvaAttention's q / v biases
     are applied exactly as timm applies them (``F.linear`` on ``qkv.weight``, or after the ``qkv`` call with
     ``qkv_bias_separate``); the scale norm, the sigmoid gate, ``proj`` and ``proj_drop`` as timm's forward does,
-    submodules called as modules. A learnable rope table (``RotaryEmbeddingMixed``) gets its gradient. Calls with
-    ``attn_mask`` / ``is_causal``, a per-sample rope table (timm's patch dropout in training) or under a ``torch.fx``
-    trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules run timm's code.
+    submodules called as modules. A learnable rope table (``RotaryEmbeddingMixed``) gets its gradient; a table per
+    sample (timm's patch dropout, NaFlexVit) rotates each sample with its own. Calls with ``attn_mask`` /
+    ``is_causal`` or under a ``torch.fx`` trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules run timm's code.
     ``EvaBlock`` runs :func:`fastvit.nn.eva.eva_block_forward`, the forward of fastvit's own ``EvaBlock``: the
     attention up to ``proj``, the MLP up to ``fc2``, then ``proj`` / ``fc2`` + ``gamma_1`` / ``gamma_2`` + residual as
     one :func:`fastvit.ops.linear_residual` each (timm's forward for the configurations its attention or MLP patch
@@ -849,12 +849,16 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     of timm's values there (which no pooling reads). Forward hooks on the blocks see the packed (T, C) tokens. It
     costs one host sync per batch (the longest sequence), so ``torch.compile`` graph-breaks there.
 
+    With rotary embeddings (``rope_type`` ``'axial'``, ``'mixed'`` or ``'dinov3'``: ``EvaBlock`` blocks), timm's
+    per-image tables (``_generate_rope_naflex``, gathered by patch dropout's keep indices as timm gathers them;
+    mixed: one per block) reach the packed attention as one table per sequence, each image's valid-patch rows first
+    in token order, so every token is rotated by its own row.
+
     What stays on timm's path (the NaFlexVit row of :func:`patch_report` says which and why):
 
-    * rotary embeddings (``rope_type`` set: the blocks take ``rope``) and any block that is not timm's
-      ``vision_transformer.Block`` or that that Block's patch does not cover (``EvaBlock`` for SwiGLU, gated
-      attention, ``num_kv_heads``, ``attn_only_layer_scale``; ``ParallelScalingBlock``; RMSNorm; scale norms) --
-      the whole ``forward_features`` then runs timm's masked attention;
+    * MRoPE (``rope_type='mrope'``) and any block that is not timm's ``vision_transformer.Block`` / ``EvaBlock`` or
+      that its patch does not cover (``ParallelScalingBlock``, ``fused_attn=False``, activations other than the
+      covered ones) -- the whole ``forward_features`` then runs timm's masked attention;
     * calls with an explicit ``attn_mask``, ``forward_intermediates`` (timm's, masked; the blocks fall back), and
       plain (B, C, H, W) images (no padding: the blocks run fastvit's dense path);
     * ``NaFlexEmbeds`` (patch projection and per-image position-embedding resampling) and attention pooling
