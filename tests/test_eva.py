@@ -181,7 +181,6 @@ def test_bad_arguments():
         (dict(rope_type="mrope"), "rope_type"),
         (dict(global_pool="gem"), "global_pool"),
         (dict(num_heads=3), "num_heads"),
-        (dict(patch_drop_rate=0.5), "patch_drop_rate"),
         (dict(dynamic_img_pad=True), "dynamic_img_pad"),
         (dict(attn_type="linear"), "attn_type"),
         (dict(norm_layer=nn.BatchNorm1d), "norm_layer"),
@@ -206,8 +205,6 @@ def test_bad_arguments():
         from_timm(
             timm.models.eva.Eva(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, use_post_norm=True)
         )
-    with pytest.raises(ValueError, match="patch dropout"):
-        from_timm(timm.models.eva.Eva(**kw, patch_drop_rate=0.5))
 
 
 def test_hooks_on_block_submodules_fire(seed):
@@ -310,3 +307,32 @@ def test_compile_fullgraph(seed):
     out.sum().backward()
     torch.testing.assert_close(out, ours(x), atol=1e-6, rtol=1e-6)
     assert ours.rope.freqs.grad is not None
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_224"])
+def test_patch_dropout_with_rope_matches_timm(name, seed):
+    """Training with patch dropout: each sample keeps other patches, so its rotary rows are gathered by its kept
+    indices (a table per sample; mixed: per block and head) -- outputs and every gradient equal timm's with the same
+    draws; from_timm converts such a model."""
+    t = _timm_model(name, seed, patch_drop_rate=0.5)
+    ours = _ours(name, t, patch_drop_rate=0.5)
+    size = TINY[name]["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    results = []
+    with fastvit.backends.recording() as calls:
+        for m in (ours, t):
+            torch.manual_seed(seed)  # the same patch-dropout draws for both
+            out = m(x)
+            params = dict(m.named_parameters())
+            grads = torch.autograd.grad((out**2).sum(), list(params.values()), allow_unused=True)
+            results.append((out, dict(zip(params, grads))))
+    per_sample = [c for op, c in calls if op == "attention" and c.rope_per_sample]
+    assert len(per_sample) == TINY[name]["depth"]
+    (out, g_out), (ref, g_ref) = results
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    for k, g in g_ref.items():
+        if g is None:
+            assert g_out[k] is None, k
+        else:
+            torch.testing.assert_close(g_out[k], g, rtol=0, atol=2e-5, msg=f"grad {k}")
+    assert from_timm(t).patch_drop.prob == 0.5

@@ -222,8 +222,6 @@ def eva_from_timm(model: nn.Module) -> Eva:
         raise ValueError("from_timm: patch_embed.img_size=None is not supported")
     if len(model.blocks) == 0:
         raise ValueError("from_timm: an Eva with depth 0 is not supported")
-    if model.patch_drop is not None and model.rope is not None:
-        raise ValueError("from_timm: patch dropout with rotary embeddings (a rotary table per sample) is not supported")
     embed_dim = model.embed_dim
 
     blocks = [_block_cfg(i, b, embed_dim) for i, b in enumerate(model.blocks)]

@@ -1026,7 +1026,7 @@ class Eva(nn.Module):
         embed_dim (C), depth, num_heads, num_kv_heads (grouped-query, ``attn_type='rope'`` with unfused qkv),
         qkv_bias, qkv_fused, qk_norm, mlp_ratio, swiglu_mlp, swiglu_align_to, scale_mlp, scale_attn_inner,
         attn_type (``'eva'``: :class:`EvaAttention`, ``'rope'``: :class:`AttentionRope`).
-        drop_rate (head), pos_drop_rate, patch_drop_rate (only without rotary embeddings), proj_drop_rate,
+        drop_rate (head), pos_drop_rate, patch_drop_rate (with rope: a table per sample), proj_drop_rate,
         attn_drop_rate, drop_path_rate (linear over depth).
         norm_layer: builds every norm (default ``nn.LayerNorm(eps=1e-6)``; :class:`RmsNorm` is accepted).
         init_values (LayerScale), attn_only_layer_scale, class_token, num_reg_tokens, no_embed_class,
@@ -1118,10 +1118,6 @@ class Eva(nn.Module):
             raise ValueError(f"rope_type must be one of {_ROPE_TYPES} (MRoPE is not supported), got {rope_type!r}")
         if rope_mrope_section is not None:
             raise ValueError("rope_mrope_section (MRoPE) is not supported by fastvit")
-        if use_rot_pos_emb and patch_drop_rate > 0:
-            raise ValueError(
-                "patch_drop_rate > 0 with use_rot_pos_emb=True is not supported by fastvit (a rotary table per sample)"
-            )
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or embed_dim % num_heads:
@@ -1165,8 +1161,10 @@ class Eva(nn.Module):
         num_pos = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.empty(1, num_pos, embed_dim, **dd)) if use_abs_pos_emb else None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
-        self.patch_drop = (
-            PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens) if patch_drop_rate > 0 else None
+        self.patch_drop = (  # with rope, the kept indices pick each sample's rotary rows (a table per sample)
+            PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens, return_indices=use_rot_pos_emb)
+            if patch_drop_rate > 0
+            else None
         )
 
         self.rope_mixed = False
@@ -1373,8 +1371,20 @@ class Eva(nn.Module):
         if not _skippable(self.pos_drop):
             x = self.pos_drop(x)
         if self.patch_drop is not None:
-            x = self.patch_drop(x)
+            if not self.patch_drop.return_indices:
+                x = self.patch_drop(x)
+            else:
+                x, keep = self.patch_drop(x)
+                if keep is not None and rope is not None:
+                    rope = self._kept_rope(rope, keep)
         return x, rope
+
+    def _kept_rope(self, rope: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The rotary rows of the patches patch dropout kept, one table per sample (timm's ``apply_keep_indices_nlc``):
+        (Np, 2·D) -> (B, 1, N_keep, 2·D); mixed (depth, H, Np, 2·D) -> (depth, B, H, N_keep, 2·D)."""
+        if self.rope_mixed:
+            return rope[:, :, keep].transpose(1, 2)  # (depth, H, B, N_keep, 2·D) -> (depth, B, H, ...)
+        return rope[keep].unsqueeze(1)
 
     def _static_rope(self, grid: Tuple[int, int]) -> torch.Tensor:
         if getattr(self.rope, "feat_shape", None) is not None:

@@ -362,6 +362,8 @@ class PatchDropout(nn.Module):
         prob: fraction of patch tokens to drop, in [0, 1).
         num_prefix_tokens: leading tokens (cls / registers) that are never dropped.
         ordered: keep the surviving patches in their original order.
+        return_indices: also return the kept patches' indices, int64 (B, N_keep) into the Np patches (``None`` when
+            nothing is dropped), as timm's ``PatchDropoutWithIndices`` -- for a rotary table that must follow them.
 
     Shapes: (B, R + Np, C) -> (B, R + N_keep, C); the identity in eval mode or with ``prob == 0``.
 
@@ -369,17 +371,21 @@ class PatchDropout(nn.Module):
         ValueError: ``prob`` outside [0, 1).
     """
 
-    def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1, ordered: bool = False) -> None:
+    def __init__(
+        self, prob: float = 0.5, num_prefix_tokens: int = 1, ordered: bool = False, return_indices: bool = False
+    ) -> None:
         super().__init__()
         if not 0.0 <= float(prob) < 1.0:
             raise ValueError(f"prob must lie in [0, 1), got {prob}")
         self.prob = float(prob)
         self.num_prefix_tokens = num_prefix_tokens
         self.ordered = ordered
+        self.return_indices = return_indices
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """(B, R + Np, C) -> (B, R + N_keep, C), and with ``return_indices`` the kept indices (or ``None``)."""
         if not self.training or self.prob == 0.0:
-            return x
+            return (x, None) if self.return_indices else x
         R = self.num_prefix_tokens
         prefix, patches = x[:, :R], x[:, R:]
         B, L = patches.shape[:2]
@@ -388,7 +394,8 @@ class PatchDropout(nn.Module):
         if self.ordered:
             keep = keep.sort(dim=-1).values
         patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return torch.cat([prefix, patches], dim=1) if R else patches
+        out = torch.cat([prefix, patches], dim=1) if R else patches
+        return (out, keep) if self.return_indices else out
 
 
 class PatchEmbed(nn.Module):
