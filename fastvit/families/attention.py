@@ -71,15 +71,25 @@ from fastvit.runtime import eager as eager_rt
 from fastvit.runtime import triton as triton_rt
 
 # ============================================================================================ the ops
-_describe = call_builder("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope")
+_describe = call_builder("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope", "rope_per_sample")
 
 
 def _check_rope(
-    rope, num_prefix_tokens, rotate_half, ref: torch.Tensor, ref_name: str, num_heads: int, head_dim: int, n: int
+    rope,
+    num_prefix_tokens,
+    rotate_half,
+    ref: torch.Tensor,
+    ref_name: str,
+    num_heads: int,
+    head_dim: int,
+    n: int,
+    batch: int,
+    packed: bool,
 ) -> torch.Tensor | None:
     """The checked rotary table, as the kernels take it: (N_rot, 2·D) shared by the heads or (H, N_rot, 2·D) per
-    head (leading singleton dims of timm's (1, H, N_rot, 2·D) / (1, N_rot, 2·D) forms dropped); ``n``: the
-    tokens of the longest sequence. ``None`` without ``rope``."""
+    head, both shared by the batch (leading singleton dims of timm's (1, H, N_rot, 2·D) / (1, N_rot, 2·D) forms
+    dropped), or 4-D (``batch``, 1 or H, N_rot, 2·D): a table per sample, or per packed sequence (``packed``, then
+    ``batch`` is S), with a leading dim > 1. ``n``: the tokens of the longest sequence. ``None`` without ``rope``."""
     if rope is None and num_prefix_tokens == 0 and rotate_half.__class__ is bool:  # no rotation (every plain call)
         return None
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int):
@@ -100,18 +110,33 @@ def _check_rope(
         raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
     shape = tuple(rope.shape)
     if rope.dim() == 4:
-        if rope.shape[0] != 1:
+        lead = rope.shape[0]
+        if lead == 1:  # timm's (1, H, N_rot, 2·D) / (1, 1, N_rot, 2·D): shared by the batch
+            rope = rope[0]
+        elif lead != batch:
+            one = "sequence" if packed else "sample"
+            many = f"the number of packed sequences S = {batch}" if packed else f"the batch B = {batch}"
             raise ValueError(
-                f"rope must be (N_rot, 2·D), (H, N_rot, 2·D) or (1, H, N_rot, 2·D); got {shape}: a table per sample "
-                "(batch dim > 1, as timm's patch dropout makes) is not supported"
+                f"rope's leading dim is {lead} (shape {shape}): a 4-D rope is (1, 1 or H, N_rot, 2·D), shared by the "
+                f"batch, or a table per {one} (B or S, 1 or H, N_rot, 2·D) whose leading dim is {many}"
             )
-        rope = rope[0]
+        elif rope.shape[1] not in (1, num_heads):
+            raise ValueError(
+                f"rope has {rope.shape[1]} heads (shape {shape}: a table per sample), expected 1 or num_heads = "
+                f"{num_heads}"
+            )
     if rope.dim() == 3 and rope.shape[0] == 1:
         rope = rope[0]
-    if rope.dim() not in (2, 3):
-        raise ValueError(f"rope must be (N_rot, 2·D) or (H, N_rot, 2·D) (timm's cat([sin, cos], -1)), got {shape}")
+    if rope.dim() not in (2, 3, 4):
+        raise ValueError(
+            f"rope must be (N_rot, 2·D), (H, N_rot, 2·D) or, a table per sample, (B, 1 or H, N_rot, 2·D) (timm's "
+            f"cat([sin, cos], -1)), got {shape}"
+        )
     if rope.dim() == 3 and rope.shape[0] != num_heads:
-        raise ValueError(f"rope has {rope.shape[0]} heads (shape {shape}), expected 1 or num_heads = {num_heads}")
+        raise ValueError(
+            f"rope has {rope.shape[0]} heads (shape {shape}), expected 1 or num_heads = {num_heads} (a 3-D rope is a "
+            "table per head; a table per sample is (B, 1 or H, N_rot, 2·D))"
+        )
     if head_dim % 2:
         raise ValueError(f"rope needs an even head dim (rotation pairs), got D = {head_dim}")
     if rope.shape[-1] != 2 * head_dim:
@@ -161,7 +186,7 @@ def _prepare_attention(
     plain = rope is None and num_prefix_tokens == 0 and rotate_half is False  # no rotary arguments to check
     if packed:
         S, n = check_cu_seqlens(cu_seqlens, max_seqlen, shape[0], "qkv", qkv)
-        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, n)
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, n, S, True)
         call = _describe(
             qkv.device,
             qkv.dtype,
@@ -171,6 +196,7 @@ def _prepare_attention(
             num_tokens=n,
             num_kv_tokens=n,
             rope=rope is not None,
+            rope_per_sample=rope is not None and rope.dim() == 4,
             varlen=True,
         )
         return call, qkv, rope
@@ -178,7 +204,7 @@ def _prepare_attention(
         raise ValueError("max_seqlen is only meaningful with cu_seqlens (packed sequences); got cu_seqlens=None")
     B, N, _ = shape
     if not plain:
-        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, N)
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, qkv, "qkv", num_heads, head_dim, N, B, False)
     call = _describe(
         qkv.device,
         qkv.dtype,
@@ -188,6 +214,7 @@ def _prepare_attention(
         num_tokens=N,
         num_kv_tokens=N,
         rope=rope is not None,
+        rope_per_sample=rope is not None and rope.dim() == 4,
     )
     return call, qkv, rope
 
@@ -239,8 +266,12 @@ def attention(
         rope: timm's rotary table ``cat([sin, cos], -1)``, any float dtype (kept as given under autocast), on
             ``qkv``'s device: (N_rot, 2·D) shared by the heads (``RotaryEmbeddingCat`` / ``RotaryEmbeddingDinoV3``),
             or (H, N_rot, 2·D) per head (one block's ``RotaryEmbeddingMixed`` table), also as (1, H, N_rot, 2·D)
-            / (1, N_rot, 2·D); N_rot >= N - num_prefix_tokens (``max_seqlen - num_prefix_tokens`` packed), the
-            first rows used. ``None``: no rotation.
+            / (1, N_rot, 2·D); or a table per sample, (B, 1, N_rot, 2·D) shared by the heads or (B, H, N_rot, 2·D)
+            per head (timm's NaFlexVit, ``_generate_rope_naflex``, and Eva's patch dropout after the keep indices):
+            sample b is rotated with table b; with ``cu_seqlens`` the leading dim is S and sequence s is rotated
+            with table s (row ``p - num_prefix_tokens`` for its token at position p). A 3-D table is always per head.
+            N_rot >= N - num_prefix_tokens (``max_seqlen - num_prefix_tokens`` packed), the first rows used.
+            ``None``: no rotation.
         num_prefix_tokens: tokens at the start of each sequence that are not rotated (timm's ``num_prefix_tokens``:
             cls and register tokens); only with ``rope``.
         rotate_half: the table's column layout (timm's ``rotate_half`` / ``half``): True pairs column j with
@@ -257,8 +288,8 @@ def attention(
             ``num_heads`` < 1, ``dropout_p`` outside [0, 1); ``cu_seqlens`` not 1-D with >= 2 entries, on another
             device, not starting at 0, decreasing, or not ending at T; ``max_seqlen`` below the longest sequence or
             given without ``cu_seqlens``; ``rope`` not a float tensor on ``qkv``'s device, of another rank, with a
-            head count other than 1 or H, a per-sample batch dim, a last dim other than 2·D, an odd D, or fewer
-            rows than the tokens after the prefix; ``num_prefix_tokens`` negative, not an int, or given without
+            head count other than 1 or H, a 4-D leading dim other than 1 or B (S packed), a last dim other than
+            2·D, an odd D, or fewer rows than the tokens after the prefix; ``num_prefix_tokens`` negative, not an int, or given without
             ``rope``; ``rotate_half`` not a bool.
 
     Equivalent PyTorch code::
@@ -268,7 +299,8 @@ def attention(
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=rotate_half)], 2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=rotate_half)], 2).type_as(v)
         out = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
-        # with cu_seqlens: the same on each qkv[cu_seqlens[s]:cu_seqlens[s + 1]][None], concatenated
+        # with cu_seqlens: the same on each qkv[cu_seqlens[s]:cu_seqlens[s + 1]][None], concatenated (with rope[s]
+        # for a table per sequence)
     """
     call, qkv, rope = _prepare_attention(
         qkv,
@@ -335,7 +367,7 @@ def _prepare_scaled_dot_product_attention(
         check_dropout(dropout_p)
     if packed:
         S, n = check_cu_seqlens(cu_seqlens, max_seqlen, T, "q", q)
-        rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n)
+        rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n, S, True)
         call = _describe(
             q.device,
             q.dtype,
@@ -345,6 +377,7 @@ def _prepare_scaled_dot_product_attention(
             num_tokens=n,
             num_kv_tokens=n,
             rope=rope is not None,
+            rope_per_sample=rope is not None and rope.dim() == 4,
             varlen=True,
         )
         return call, q, k, v, rope
@@ -355,7 +388,7 @@ def _prepare_scaled_dot_product_attention(
         raise ValueError(
             f"rope needs self-attention (one position per token for q and k): q has {n_q} tokens and k {n_kv}"
         )
-    rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n_q)
+    rope = _check_rope(rope, num_prefix_tokens, rotate_half, q, "q", H, D, n_q, B, False)
     call = _describe(
         q.device,
         q.dtype,
@@ -365,6 +398,7 @@ def _prepare_scaled_dot_product_attention(
         num_tokens=n_q,
         num_kv_tokens=n_kv,
         rope=rope is not None,
+        rope_per_sample=rope is not None and rope.dim() == 4,
     )
     return call, q, k, v, rope
 
@@ -406,8 +440,8 @@ def scaled_dot_product_attention(
 
     Raises:
         TypeError / ValueError: non-float or mismatched dtypes, devices or shapes; a last dim with stride != 1;
-            malformed ``cu_seqlens`` / ``max_seqlen``, ``rope``, ``num_prefix_tokens`` or ``rotate_half`` (as
-            :func:`attention`); ``rope`` with Nq != Nk.
+            malformed ``cu_seqlens`` / ``max_seqlen``, ``rope`` (a table per sample: leading dim B, or S packed),
+            ``num_prefix_tokens`` or ``rotate_half`` (as :func:`attention`); ``rope`` with Nq != Nk.
 
     Equivalent PyTorch code: ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)`` (with
     ``cu_seqlens``: on each sequence's ``(1, H, n, D)`` transpose, concatenated; with ``rope``: q and k rotated
@@ -474,6 +508,26 @@ def _attention_rope_packed_shape(lengths: tuple[int, ...], H: int, D: int, npt: 
     return make
 
 
+def _attention_rope_per_sample_shape(
+    lengths: tuple[int, ...] | int, H: int, D: int, npt: int, per_head: bool, half: bool
+):
+    """A self-test call with a table per sample: ``lengths`` an int N (dense, SELFTEST_BATCH samples) or the packed
+    sequences' lengths (one table per sequence); every table drawn separately, so each sample's differs."""
+
+    def make(g):
+        packed = not isinstance(lengths, int)
+        n, count = (max(lengths), len(lengths)) if packed else (lengths, SELFTEST_BATCH)
+        tables = torch.stack([rope_table(n - npt, D, H if per_head else None, half, g) for _ in range(count)])
+        out = {"num_heads": H, "rope": tables if per_head else tables[:, None]}
+        if packed:
+            out |= {"qkv": (sum(lengths), 3 * H * D), "cu_seqlens": _cu_seqlens(lengths)}
+        else:
+            out |= {"qkv": (SELFTEST_BATCH, n, 3 * H * D)}
+        return out | {"num_prefix_tokens": npt, "rotate_half": half}
+
+    return make
+
+
 def _sdpa_shape(Nq: int, Nk: int, H: int, D: int):
     B = SELFTEST_BATCH
     return lambda g: {"q": (B, H, Nq, D), "k": (B, H, Nk, D), "v": (B, H, Nk, D)}
@@ -524,11 +578,16 @@ _PACKED_ARGS = (
     Arg("max_seqlen", "int?", keyword_only=True),
     Arg("scale", "float?", keyword_only=True),
     Arg("dropout_p", "float", keyword_only=True),
-    Arg("rope", "tensor?", "(N_rot, 2·D) or (H, N_rot, 2·D), N_rot >= N - num_prefix_tokens", keyword_only=True),
+    Arg(
+        "rope",
+        "tensor?",
+        "(N_rot, 2·D), (H, N_rot, 2·D) or per sample (B or S, 1 or H, N_rot, 2·D), N_rot >= N - num_prefix_tokens",
+        keyword_only=True,
+    ),
     Arg("num_prefix_tokens", "int", keyword_only=True),
     Arg("rotate_half", "bool", keyword_only=True),
 )
-_CALL_FIELDS = ("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope")
+_CALL_FIELDS = ("head_dim", "dropout_p", "batch", "num_tokens", "num_kv_tokens", "rope", "rope_per_sample")
 # N = 1, 61, 197 tokens, D = 32, 72, 80; packed: empty and one-token sequences among them (see fastvit.selftest)
 DECLARATIONS = (
     declare(
@@ -551,6 +610,14 @@ DECLARATIONS = (
                 SelftestShape(
                     "rope packed S3 (21, 1, 37) H2 D80 prefix 5 per-head half",
                     _attention_rope_packed_shape((21, 1, 37), 2, 80, 5, True, True),
+                ),
+                SelftestShape(
+                    "rope per-sample B3 N61 H2 D64 cls per-head half",
+                    _attention_rope_per_sample_shape(61, 2, 64, 1, True, True),
+                ),
+                SelftestShape(
+                    "rope per-sequence packed S3 (9, 1, 30) H2 D72 prefix 1 heads-shared interleaved",
+                    _attention_rope_per_sample_shape((9, 1, 30), 2, 72, 1, False, False),
                 ),
             ),
             tiny_calls=_attention_tiny,
@@ -635,13 +702,13 @@ def attention_eager(
     rotate_half=False,
 ):
     """Eager :func:`fastvit.ops.attention`: SDPA on (B, H, N, D) views of ``qkv`` (q and k rotated first with
-    ``rope``, as timm's ``EvaAttention``), heads concatenated; packed sequences (``cu_seqlens``) one at a time."""
+    ``rope``, as timm's ``EvaAttention``; a 4-D table per sample broadcasts over the batch), heads concatenated;
+    packed sequences (``cu_seqlens``) one at a time, sequence s with table s of a table per sequence."""
     if cu_seqlens is not None:
-        rope_kw = dict(rope=rope, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+        kw = dict(scale=scale, dropout_p=dropout_p, num_prefix_tokens=num_prefix_tokens, rotate_half=rotate_half)
+        tables = reference.sequence_tables(rope)  # sequence s: table s of a table per sequence
         return per_sequence(
-            lambda part: attention_eager(part[None], num_heads, scale=scale, dropout_p=dropout_p, **rope_kw)[0],
-            cu_seqlens,
-            qkv,
+            lambda part: attention_eager(part[None], num_heads, rope=next(tables), **kw)[0], cu_seqlens, qkv
         )
     B, N, C3 = qkv.shape
     q, k, v = reference.split_qkv(qkv, num_heads)
@@ -665,20 +732,22 @@ def sdpa_eager(
     rotate_half=False,
 ):
     """Eager :func:`fastvit.ops.scaled_dot_product_attention`: ``F.scaled_dot_product_attention`` (q and k rotated
-    first with ``rope``); packed sequences (``cu_seqlens``, (T, H, D) operands) one at a time."""
+    first with ``rope``); packed sequences (``cu_seqlens``, (T, H, D) operands) one at a time, sequence s with table
+    s of a table per sequence."""
 
-    def one(q, k, v):
-        if rope is not None:
-            q, k = _rotated(q, k, rope, num_prefix_tokens, rotate_half)
+    def one(q, k, v, table=rope):
+        if table is not None:
+            q, k = _rotated(q, k, table, num_prefix_tokens, rotate_half)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
     if cu_seqlens is not None:
-        return reference.per_sequence_sdpa(one, q, k, v, cu_seqlens)
+        tables = reference.sequence_tables(rope)
+        return reference.per_sequence_sdpa(lambda q, k, v: one(q, k, v, next(tables)), q, k, v, cu_seqlens)
     return one(q, k, v)
 
 
-#: The eager kernels serve every call, rotary ones included.
-_EAGER_CAPS = dataclasses.replace(eager_rt.ANY_DEVICE, rope=True)
+#: The eager kernels serve every call, rotary ones included (tables per sample too).
+_EAGER_CAPS = dataclasses.replace(eager_rt.ANY_DEVICE, rope=True, rope_per_sample=True)
 register_kernel("eager", "attention", attention_eager, _EAGER_CAPS)
 register_kernel("eager", "scaled_dot_product_attention", sdpa_eager, _EAGER_CAPS)
 
@@ -734,10 +803,10 @@ def _rot(x: Tensor, rotate_half: bool) -> Tensor:
     return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
 
 
-def _token_rows(inputs, n_lead: int, args) -> tuple[list[Tensor], Tensor]:
+def _token_rows(inputs, n_lead: int, args) -> tuple[list[Tensor], Tensor, Tensor]:
     """The q and k operands of a forward's ``inputs`` as (M, H, D) token-major views with each token's position in
-    its sequence (M,): packed qkv (T, 3C) / q, k (T, H, D) with ``cu_seqlens`` (``args[0]``), dense qkv (B, N, 3C) /
-    q, k (B, H, N, D)."""
+    its sequence (M,) and its sample -- batch row, or packed sequence -- (M,): packed qkv (T, 3C) / q, k (T, H, D)
+    with ``cu_seqlens`` (``args[0]``), dense qkv (B, N, 3C) / q, k (B, H, N, D)."""
     if len(inputs) == 1:  # packed qkv, heads from num_heads (the arg after the packed ones)
         qkv, H = inputs[0], args[n_lead]
         C = qkv.shape[-1] // 3
@@ -754,42 +823,49 @@ def _token_rows(inputs, n_lead: int, args) -> tuple[list[Tensor], Tensor]:
     M = qk[0].shape[0]
     tok = torch.arange(M, device=qk[0].device)
     if n is not None:
-        return qk, tok % n
+        n = max(n, 1)  # no tokens at all when n = 0
+        return qk, tok % n, tok // n
     cu = args[0].long()
     seq = torch.searchsorted(cu[1:], tok, right=True)
-    return qk, tok - cu[seq]
+    return qk, tok - cu[seq], seq
 
 
 def _rope_table_grad(inputs, grads, args, n_lead: int, rope_at: int) -> Tensor:
-    """The gradient of the rotary table ``args[rope_at]`` (N_rot, 2·D) or (H, N_rot, 2·D) from the forward's inputs and
-    the kernels' gradients, in PyTorch (one pass over q, k, dq, dk, fp32 sums).
+    """The gradient of the rotary table ``args[rope_at]`` -- (N_rot, 2·D), (H, N_rot, 2·D), or a table per sample /
+    packed sequence (B or S, 1 or H, N_rot, 2·D) -- from the forward's inputs and the kernels' gradients, in PyTorch
+    (one pass over q, k, dq, dk, fp32 sums); same shape and dtype as the table.
 
     With y = x·cos + rot(x)·sin the rotated q (or k), timm's autograd gives d cos = Σ dy·x and d sin = Σ dy·rot(x)
-    over the tokens at each table row (and the heads and batch, for a shared table). The kernels return
-    dx = Mᵀ dy with M the rotation by each pair's angle, so dy = M dx = dx·cos + rot(dx)·sin (M Mᵀ = 1 for a table of
-    sines and cosines of one angle per pair, which the kernels require)."""
+    over the tokens at each table row (and the heads and batch, for a shared table; a table per sample sums its own
+    sample's tokens only). The kernels return dx = Mᵀ dy with M the rotation by each pair's angle, so
+    dy = M dx = dx·cos + rot(dx)·sin (M Mᵀ = 1 for a table of sines and cosines of one angle per pair, which the
+    kernels require)."""
     rope, npt, half = args[rope_at : rope_at + 3]
     table = rope.detach().float()
-    (x_q, x_k), pos = _token_rows(inputs, n_lead, args)
-    (d_q, d_k), _ = _token_rows(grads, n_lead, args)
-    n_rot, D2 = table.shape[-2], table.shape[-1]
+    (x_q, x_k), pos, sample = _token_rows(inputs, n_lead, args)
+    (d_q, d_k), _, _ = _token_rows(grads, n_lead, args)
+    # the table as (samples, heads, N_rot, 2D): 1 sample for a table shared by the batch, 1 head for one shared by
+    # the heads; its rows flattened sample-major, (samples · N_rot, heads, 2D)
+    t4 = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape))
+    n_tab, n_head, n_rot, D2 = t4.shape
     pos = pos - npt
     keep = (pos >= 0)[:, None, None]
     idx = pos.clamp(0, max(n_rot - 1, 0))
-    grad = table.new_zeros((n_rot,) + ((table.shape[0],) if table.dim() == 3 else (1,)) + (D2,))
+    if n_tab > 1:
+        idx = sample * n_rot + idx
+    grad = table.new_zeros((n_tab * n_rot, n_head, D2))
     if n_rot and idx.numel():
-        rows = table[..., idx, :]
-        rows = rows.transpose(0, 1) if table.dim() == 3 else rows[:, None]  # (M, H or 1, 2D)
+        rows = t4.transpose(1, 2).reshape(n_tab * n_rot, n_head, D2)[idx]  # (M, heads, 2D)
         sin, cos = rows.chunk(2, -1)
         g = 0
         for x, dx in ((x_q, d_q), (x_k, d_k)):
             x, dx = x.float(), dx.float()
             dy = torch.where(keep, dx * cos + _rot(dx, half) * sin, 0.0)
             g = g + torch.cat([dy * _rot(x, half), dy * x], -1)
-        if table.dim() == 2:
+        if n_head == 1:
             g = g.sum(1, keepdim=True)
         grad.index_add_(0, idx, g)
-    grad = grad.transpose(0, 1) if table.dim() == 3 else grad[:, 0]
+    grad = grad.reshape(n_tab, n_rot, n_head, D2).transpose(1, 2).reshape(table.shape)
     return grad.to(rope.dtype)
 
 
@@ -862,18 +938,21 @@ def _thd_operand(t: Tensor, max_seqlen: int) -> Tensor:
 
 
 def _rope_args(rope: Tensor | None, num_prefix_tokens: int, rotate_half: bool, head_dim: int) -> dict:
-    """The kernels' rotary arguments for a checked ``rope`` table (N_rot, 2·D) or (H, N_rot, 2·D): fp32 ``SIN`` /
-    ``COS`` views of its two halves (one copy only for another dtype or a strided last dim), their head and row
-    strides, ``num_prefix``, ``ROPE`` and ``ROPE_HALF``; none without ``rope`` (``ROPE`` off: the kernels' defaults)."""
+    """The kernels' rotary arguments for a checked ``rope`` table (N_rot, 2·D), (H, N_rot, 2·D) or per sample /
+    packed sequence (B or S, 1 or H, N_rot, 2·D): fp32 ``SIN`` / ``COS`` views of its two halves (one copy only for
+    another dtype or a strided last dim), their sample, head and row strides (0 for a dim the table shares),
+    ``num_prefix``, ``ROPE`` and ``ROPE_HALF``; none without ``rope`` (``ROPE`` off: the kernels' defaults)."""
     if rope is None:
         return {}
     table = rope if rope.dtype == torch.float32 else rope.float()
     if table.stride(-1) != 1:
         table = table.contiguous()
+    t4 = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape)) if table.dim() < 4 else table  # a view
     return dict(
         SIN=table[..., :head_dim],
         COS=table[..., head_dim:],
-        stride_rope_h=table.stride(0) if table.dim() == 3 else 0,
+        stride_rope_b=t4.stride(0) if t4.shape[0] > 1 else 0,
+        stride_rope_h=t4.stride(1) if t4.shape[1] > 1 else 0,
         stride_rope_n=table.stride(-2),
         num_prefix=num_prefix_tokens,
         ROPE=True,
@@ -1210,7 +1289,8 @@ def attention_triton(
     """Triton backend of :func:`fastvit.ops.attention` (no dropout): FlashAttention-2 (Dao 2023) on the packed
     ``qkv`` (B, N, 3·C) -> (B, N, C); with ``cu_seqlens`` (int32 (S + 1,)) on packed variable-length sequences,
     (T, 3·C) -> (T, C), as ``flash_attn_varlen_qkvpacked_func`` (``max_seqlen`` ``None``: read from ``cu_seqlens``,
-    one host sync); with ``rope`` (checked (N_rot, 2·D) or (H, N_rot, 2·D)) q and k rotated as the kernels load them.
+    one host sync); with ``rope`` (checked (N_rot, 2·D), (H, N_rot, 2·D) or per sample / sequence (B or S, 1 or H,
+    N_rot, 2·D)) q and k rotated as the kernels load them.
     Checked arguments are :func:`fastvit.ops.attention`'s job; raises ``ValueError`` for ``dropout_p > 0``."""
     _no_dropout("triton", dropout_p)
     scale = _scale(qkv.shape[-1] // (3 * num_heads), scale)
@@ -1266,6 +1346,7 @@ if _k is not None:
         dropout=False,
         varlen=True,
         rope=True,
+        rope_per_sample=True,
     )
     register_kernel(
         "triton", "attention", attention_triton, _triton_caps, triton_check, check_depends_on_call_only=True
