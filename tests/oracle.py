@@ -12,6 +12,8 @@ API (import with ``from oracle import ...``; ``tests/`` is on ``sys.path`` under
     OpRun, run_forward_backward(...), check_op(impls, naive, inputs, grad_names, dtype=..., generator=...)
     ModelOracle(...), compare_model_with_eager(model, args, loss_fn, first, backend=..., ref_dtype=...)
     FixedMaskMAE(mae, mask_ratio)               test-only: MAE with the masking noise as an input
+    seeded_step(model, seed, forward, loss_fn), assert_same_step(got, want, atol)
+                                                test-only: same random draws, same output and gradients
 """
 
 from __future__ import annotations
@@ -69,3 +71,31 @@ def spy_ops(monkeypatch) -> dict:
 
         monkeypatch.setattr(fastvit.ops, name, spy)
     return calls
+
+
+def seeded_step(model: torch.nn.Module, seed: int, forward, loss_fn, inputs: dict | None = None) -> tuple:
+    """Test-only: one forward + backward of ``model`` right after ``torch.manual_seed(seed)``, so that its random
+    layers (patch dropout, drop path) draw what another model's step with the same seed draws. ``forward(model,
+    inputs)`` gives the output, ``loss_fn(output)`` the scalar to differentiate; ``inputs`` maps names to tensors
+    (copied as leaves requiring grad). Returns ``(output, {name: grad})`` over the parameters and the inputs (a
+    parameter the loss does not reach has ``None``)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in (inputs or {}).items()}
+    torch.manual_seed(seed)
+    out = forward(model, leaves)
+    params = dict(model.named_parameters())
+    wrt = {**params, **leaves}
+    grads = torch.autograd.grad(loss_fn(out), list(wrt.values()), allow_unused=True)
+    return out.detach(), dict(zip(wrt, grads))
+
+
+def assert_same_step(got: tuple, want: tuple, atol: float) -> None:
+    """Test-only: two :func:`seeded_step` results agree -- output and every gradient within ``atol`` (``None``
+    gradients on the same parameters)."""
+    (out, g_out), (ref, g_ref) = got, want
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
+    assert set(g_out) == set(g_ref)
+    for k, g in g_ref.items():
+        if g is None:
+            assert g_out[k] is None, k
+        else:
+            torch.testing.assert_close(g_out[k], g, rtol=0, atol=atol, msg=f"grad {k}")

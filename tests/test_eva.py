@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from oracle import ModelOracle
+from oracle import ModelOracle, assert_same_step, seeded_step
 
 import fastvit
 import fastvit.backends
@@ -318,21 +318,9 @@ def test_patch_dropout_with_rope_matches_timm(name, seed):
     ours = _ours(name, t, patch_drop_rate=0.5)
     size = TINY[name]["img_size"]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    results = []
     with fastvit.backends.recording() as calls:
-        for m in (ours, t):
-            torch.manual_seed(seed)  # the same patch-dropout draws for both
-            out = m(x)
-            params = dict(m.named_parameters())
-            grads = torch.autograd.grad((out**2).sum(), list(params.values()), allow_unused=True)
-            results.append((out, dict(zip(params, grads))))
+        steps = [seeded_step(m, seed, lambda m, _: m(x), lambda out: (out**2).sum()) for m in (ours, t)]
     per_sample = [c for op, c in calls if op == "attention" and c.rope_per_sample]
     assert len(per_sample) == TINY[name]["depth"]
-    (out, g_out), (ref, g_ref) = results
-    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
-    for k, g in g_ref.items():
-        if g is None:
-            assert g_out[k] is None, k
-        else:
-            torch.testing.assert_close(g_out[k], g, rtol=0, atol=2e-5, msg=f"grad {k}")
+    assert_same_step(*steps, atol=2e-5)
     assert from_timm(t).patch_drop.prob == 0.5

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 naflexvit = pytest.importorskip("timm.models.naflexvit")
-from oracle import assert_close_oracle, spy_ops  # noqa: E402
+from oracle import assert_close_oracle, assert_same_step, seeded_step, spy_ops  # noqa: E402
 from timm.data.naflex_dataset import NaFlexCollator  # noqa: E402
 from timm.data.naflex_transforms import Patchify  # noqa: E402
 from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg  # noqa: E402
@@ -160,23 +160,23 @@ def test_naflex_train_patch_dropout_drop_path_and_grad_checkpointing_match_timm(
     fast = patch_timm_(copy.deepcopy(timm_model))
     for m in (timm_model, fast):
         m.set_grad_checkpointing(True)
+    _assert_same_train_step(fast, timm_model, seed, generator)
+
+
+def _assert_same_train_step(fast, timm_model, seed, generator):
+    """One training step of each on the same NaFlex batch with the same random draws: logits and the gradients of
+    every parameter and of the patches equal."""
     batch = _batch(SIZES3, generator)
     weight = torch.randn(3, NUM_CLASSES, generator=generator)
-    results = []
-    for m in (fast, timm_model):
-        torch.manual_seed(seed)  # the same patch-dropout draws for both
-        patches = batch["patches"].clone().requires_grad_()
-        logits = m({**batch, "patches": patches})
-        params = dict(m.named_parameters())
-        gs = torch.autograd.grad((logits * weight).sum(), list(params.values()) + [patches], allow_unused=True)
-        results.append((logits, dict(zip(list(params) + ["patches"], gs))))
-    (out, g_out), (pt, g_pt) = results
-    torch.testing.assert_close(out, pt, rtol=0, atol=1e-5)
-    for k, g in g_pt.items():
-        if g is None:
-            assert g_out[k] is None, k
-        else:
-            torch.testing.assert_close(g_out[k], g, rtol=0, atol=1e-5, msg=f"grad {k}")
+
+    def forward(m, leaves):
+        return m({**batch, **leaves})
+
+    steps = [
+        seeded_step(m, seed, forward, lambda out: (out * weight).sum(), {"patches": batch["patches"]})
+        for m in (fast, timm_model)
+    ]
+    assert_same_step(*steps, atol=1e-5)
 
 
 def test_naflex_other_inputs_and_calls_keep_timm_semantics(monkeypatch, seed, generator):
@@ -307,20 +307,4 @@ def test_naflex_rope_with_patch_dropout_matches_timm(rope_type, seed, generator)
     cfg = dict(global_pool="avg", reg_tokens=1, rope_type=rope_type, patch_drop_rate=0.5)
     timm_model = _naflex(cfg, seed).train()
     fast = patch_timm_(copy.deepcopy(timm_model))
-    batch = _batch(SIZES3, generator)
-    weight = torch.randn(3, NUM_CLASSES, generator=generator)
-    results = []
-    for m in (fast, timm_model):
-        torch.manual_seed(seed)  # the same patch-dropout draws for both
-        patches = batch["patches"].clone().requires_grad_()
-        logits = m({**batch, "patches": patches})
-        params = dict(m.named_parameters())
-        gs = torch.autograd.grad((logits * weight).sum(), list(params.values()) + [patches], allow_unused=True)
-        results.append((logits, dict(zip(list(params) + ["patches"], gs))))
-    (out, g_out), (pt, g_pt) = results
-    torch.testing.assert_close(out, pt, rtol=0, atol=1e-5)
-    for k, g in g_pt.items():
-        if g is None:
-            assert g_out[k] is None, k
-        else:
-            torch.testing.assert_close(g_out[k], g, rtol=0, atol=1e-5, msg=f"grad {k}")
+    _assert_same_train_step(fast, timm_model, seed, generator)
