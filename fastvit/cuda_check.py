@@ -12,7 +12,8 @@ table's ``no_spill`` families and kinds); spills elsewhere are reported only.
 By default one instantiation per kernel template is compiled (bf16, head-dim bucket 64: the minimal build of the
 kernel table, ``fastvit/runtime/kernel_table.py``), which is what CI runs; ``--all`` compiles every instantiation. The
 attention kernels come in a dense and a packed variable-length (``*_varlen_*``) instantiation of the same template
-body; both are listed.
+body, each without and with rotary embeddings of q and k (``*_rope_*``: a template flag, so ``--baseline`` shows the
+kernels without it unchanged and the rotary ones as new); all are listed.
 
 ``--baseline OLD.json`` (a ``--json`` file of an earlier run, e.g. before a change) compares every kernel compiled in
 both runs, by architecture and name: a kernel whose registers, spills, stack frame or static shared memory changed is
