@@ -308,7 +308,7 @@ def test_linear_glu_backward_is_deterministic_and_layouts_agree(generator):
     """Two backward passes give bit-identical gradients, and the packed and split layouts of the same weights give
     the same output and input gradient."""
     inputs, names = _linear_glu_inputs(197, 192, 256, torch.bfloat16, generator, packed=True)
-    dy = torch.randn(197, 256, device=DEV, dtype=torch.bfloat16, generator=generator)
+    dy = randn((197, 256), dtype=torch.bfloat16, device=DEV, generator=generator)
     runs = []
     for _ in range(2):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}

@@ -6,7 +6,9 @@
   1 and 61 tokens;
 * timm's ``SwiGLU``, ``GluMlp`` (sigmoid, GELU, gate_last both ways) and ``SwiGLUPacked`` through the forwards of
   ``fastvit.integrations._timm_glu`` against timm's own forward, outputs and gradients;
-* errors naming the argument, the CUDA backend's reason, the registered ops' fakes and schema, the self-test.
+* errors naming the argument, the CUDA backend's reasons (its kernel: tests/test_cuda_extension.py for the schemas,
+  fakes and dispatch without a GPU, tests/test_cuda_ops.py for the numerics on one), the registered ops' fakes and
+  schema, the self-test.
 
 Outputs the kernels allocate are poisoned with NaN (see tests/conftest.py), so an unwritten element fails.
 """

@@ -110,14 +110,16 @@ __device__ __forceinline__ void store_tile(SmemTensor const& s, T* __restrict__ 
   }
 }
 
-// One CTA: output tile (blockIdx.x: 128 tokens, blockIdx.y: 64 gated columns). See the file comment.
+// One CTA per output tile of 128 tokens × 64 gated columns, numbered with the columns fastest (see the launcher).
+// See the file comment.
 template <class Cfg, typename T>
-__global__ void __launch_bounds__(Cfg::kThreads, 2) glu_fwd_kernel(const LinearGluFwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 2) glu_fwd_kernel(const LinearGluFwdParams p, int tiles_n) {
   constexpr int kBM = Cfg::kBlockM, kBN = Cfg::kBlockN, kBK = Cfg::kBlockK, kStages = Cfg::kStages;
   constexpr int kThreads = Cfg::kThreads;
   const int tid = threadIdx.x;
-  const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  const int64_t n0 = int64_t(blockIdx.y) * kBN;
+  const int tile_m = int(blockIdx.x) / tiles_n;
+  const int64_t m0 = int64_t(tile_m) * kBM;
+  const int64_t n0 = int64_t(int(blockIdx.x) - tile_m * tiles_n) * kBN;
   const int rows_valid = int(p.M - m0 < kBM ? p.M - m0 : kBM);  // >= 1 by the grid
   const int cols_valid = int(p.N - n0 < kBN ? p.N - n0 : kBN);  // >= 8 (N % 8 == 0)
   const int K = int(p.K);
@@ -230,21 +232,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) glu_fwd_kernel(const LinearG
 
 }  // namespace glu
 
-// Grid: (token tiles, gated-column tiles); the launcher has checked shapes, alignment and pointers
-// (run_linear_glu_fwd in linear_api.cu).
+// A 1-D grid of tiles_m · tiles_n CTAs, the gated-column tiles of one token tile consecutive: the CTAs resident at
+// once cover a few token tiles × every column tile, so each x tile is read from DRAM about once and shared through
+// L2 by the CTAs of its row, while the weights (2·N·K elements, a few MB for ViT widths) stay in L2. The caller
+// (run_linear_glu_fwd in linear_api.cu) has checked shapes, alignment and pointers.
 template <typename T>
 cudaError_t linear_glu_fwd(const LinearGluFwdParams& p, cudaStream_t stream) {
   using Cfg = glu::FwdConfig<T>;
   const int64_t tiles_m = (p.M + Cfg::kBlockM - 1) / Cfg::kBlockM;
   const int64_t tiles_n = (p.N + Cfg::kBlockN - 1) / Cfg::kBlockN;
   if (tiles_m <= 0 || tiles_n <= 0) return cudaSuccess;
-  if (tiles_m > 0x7fffffffLL || tiles_n > 65535) return cudaErrorInvalidConfiguration;
+  if (tiles_m * tiles_n > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   auto kernel = glu::glu_fwd_kernel<Cfg, T>;
   if (Cfg::kSmemBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<dim3(unsigned(tiles_m), unsigned(tiles_n)), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  kernel<<<unsigned(tiles_m * tiles_n), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, int(tiles_n));
   FASTVIT_RETURN_LAUNCH_ERROR();
   return cudaSuccess;
 }
