@@ -1,7 +1,7 @@
 """fastvit's own Eva family (fastvit.nn.eva: EVA-02, DINOv3, Perception Encoder, RoPE ViTs) against timm's.
 
 * Whole models with timm's weights (tiny depth / width, small images): output and every parameter gradient under the
-  oracle of tests/oracle.py (fp32 and CPU bf16 autocast), against timm's own model -- DINOv3 (EvaAttention without
+  oracle of tests/oracle.py (fp32, CPU bf16 and fp16 autocast), against timm's own model -- DINOv3 (EvaAttention without
   bias, 4 registers, rotate-half rope, LayerScale, dynamic size), EVA-02 Ti (q / v-biased fused qkv, packed SwiGLU),
   EVA-02 B (separate q / k / v, SwiGLU with its LayerNorm, fp32 only), PE core (AttentionRope, pre-norm, attention
   pooling), RoPE-Mixed (learnable per-head tables);
@@ -64,12 +64,14 @@ def _ours(name: str, timm_model: nn.Module, **kw) -> Eva:
     return m.train(timm_model.training)
 
 
-CASES = [(n, amp, None) for n in TINY for amp in (False, True) if not (amp and n == "eva02_base_patch14_224")]
-CASES += [(n, False, "triton") for n in ("vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_224")]
+CASES = [(n, amp, None) for n in TINY for amp in (None, "bf16") if not (amp and n == "eva02_base_patch14_224")]
+CASES += [(n, "fp16", None) for n in ("vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_224")]
+CASES += [(n, None, "triton") for n in ("vit_small_patch16_dinov3", "vit_base_patch16_rope_mixed_224")]
+_AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.mark.parametrize(
-    "name,amp,backend", CASES, ids=[f"{n}-{'bf16' if a else 'fp32'}{'-' + b if b else ''}" for n, a, b in CASES]
+    "name,amp,backend", CASES, ids=[f"{n}-{a or 'fp32'}{'-' + b if b else ''}" for n, a, b in CASES]
 )
 def test_eva_matches_timm(name, amp, backend, seed):
     """create_model(name) with timm's weights: output and every parameter gradient (the mixed rope's learnable
@@ -85,8 +87,8 @@ def test_eva_matches_timm(name, amp, backend, seed):
         lambda out: out,
         ref_dtype=torch.float32 if amp else torch.float64,
         loss_fn=lambda out: (out.float() ** 2).sum(),
-        dtype=torch.bfloat16 if amp else None,
-        context=(lambda: torch.autocast("cpu", torch.bfloat16)) if amp else None,
+        dtype=_AMP[amp],
+        context=(lambda: torch.autocast("cpu", _AMP[amp])) if amp else None,
     )
     ours = _ours(name, t, **kw)
     with fastvit.backends.recording() as calls:
