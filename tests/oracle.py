@@ -77,12 +77,12 @@ def seeded_step(model: torch.nn.Module, seed: int, forward, loss_fn, inputs: dic
     """Test-only: one forward + backward of ``model`` right after ``torch.manual_seed(seed)``, so that its random
     layers (patch dropout, drop path) draw what another model's step with the same seed draws. ``forward(model,
     inputs)`` gives the output, ``loss_fn(output)`` the scalar to differentiate; ``inputs`` maps names to tensors
-    (copied as leaves requiring grad). Returns ``(output, {name: grad})`` over the parameters and the inputs (a
-    parameter the loss does not reach has ``None``)."""
+    (copied as leaves requiring grad). Returns ``(output, {name: grad})`` over the parameters that require grad and
+    the inputs (a parameter the loss does not reach has ``None``)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in (inputs or {}).items()}
     torch.manual_seed(seed)
     out = forward(model, leaves)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     wrt = {**params, **leaves}
     grads = torch.autograd.grad(loss_fn(out), list(wrt.values()), allow_unused=True)
     return out.detach(), dict(zip(wrt, grads))

@@ -326,3 +326,42 @@ def test_patch_dropout_with_rope_matches_timm(name, seed):
     assert len(per_sample) == TINY[name]["depth"]
     assert_same_step(*steps, atol=2e-5)
     assert from_timm(t).patch_drop.prob == 0.5
+
+
+@pytest.mark.parametrize("kind", ["fastvit", "patch_timm_"])
+def test_lora_on_eva_matches_lora_on_timm(kind, seed):
+    """PEFT LoRA on proj, fc1 and fc2 of EVA-02 (packed GluMlp): the same output and adapter gradients as LoRA on
+    timm's model (the fused block calls the wrapped layers as modules); every adapter gets a gradient. LoRA on qkv
+    too: timm's EvaAttention with q / v biases reads ``qkv.weight`` (``F.linear``) and so skips the adapter, while
+    fastvit calls the wrapped layer -- its output equals timm's with the adapters merged into the weights."""
+    peft = pytest.importorskip("peft")
+    from fastvit.integrations import patch_timm_
+
+    name = "eva02_tiny_patch14_224"
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+    def pair(targets):
+        ref_base = _timm_model(name, seed)
+        cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        base = _ours(name, ref_base) if kind == "fastvit" else patch_timm_(copy.deepcopy(ref_base))
+        ours = peft.get_peft_model(base, peft.LoraConfig(**cfg))
+        ref = peft.get_peft_model(ref_base, peft.LoraConfig(**cfg))
+        ours.load_state_dict(ref.state_dict())  # the same random A and B in both
+        return ours, ref
+
+    ours, ref = pair(["proj", "fc1", "fc2"])
+    steps = [seeded_step(m, seed, lambda m, _: m(x), lambda out: (out**2).sum()) for m in (ours, ref)]
+    assert_same_step(*steps, atol=2e-5)
+    adapters = [n for n in steps[1][1] if "lora_" in n]
+    assert any("mlp.fc1" in n for n in adapters) and any("attn.proj" in n for n in adapters)
+    for n in adapters:
+        assert steps[0][1][n].abs().max() > 0, f"adapter {n} got no gradient"
+
+    ours, ref = pair(["qkv"])
+    out, grads = seeded_step(ours, seed, lambda m, _: m(x), lambda out: (out**2).sum())
+    with torch.no_grad():
+        unmerged = ref(x)
+        merged = ref.merge_and_unload()(x)  # (merges in place)
+        assert (merged - unmerged).abs().max() > 1e-3  # the adapter matters, and timm's unmerged forward skips it
+    torch.testing.assert_close(out, merged, rtol=0, atol=2e-5)
+    assert all(g.abs().max() > 0 for n, g in grads.items() if "lora_" in n)

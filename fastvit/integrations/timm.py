@@ -811,8 +811,10 @@ def patch_timm_(model: nn.Module, verbose: bool = False) -> nn.Module:
     q / k / v projections, in :func:`fastvit.ops.scaled_dot_product_attention` after the norms (LayerNorm through
     :func:`fastvit.ops.layer_norm`, other norms called as modules) and the projections (called as modules);
     grouped-query k / v heads (``num_kv_heads``) are repeated as timm repeats them. EvaAttention's q / v biases
-    are applied exactly as timm applies them (``F.linear`` on ``qkv.weight``, or after the ``qkv`` call with
-    ``qkv_bias_separate``); the scale norm, the sigmoid gate, ``proj`` and ``proj_drop`` as timm's forward does,
+    are applied as timm applies them (``F.linear`` on ``qkv.weight``, or after the ``qkv`` call with
+    ``qkv_bias_separate``) -- except that while something is attached to ``qkv`` (a LoRA adapter, a hook) it is
+    called as a module and the biases added after, so the adapter applies (timm's own forward reads ``qkv.weight``
+    and skips it); the scale norm, the sigmoid gate, ``proj`` and ``proj_drop`` as timm's forward does,
     submodules called as modules. A learnable rope table (``RotaryEmbeddingMixed``) gets its gradient; a table per
     sample (timm's patch dropout, NaFlexVit) rotates each sample with its own. Calls with ``attn_mask`` /
     ``is_causal`` or under a ``torch.fx`` trace, and modules with ``fused_attn=False``, run timm's forward. The rotary table modules run timm's code.
