@@ -52,6 +52,12 @@ MODELS = (
     "beit_base_patch16_224",
     "vit_relpos_base_patch16_224",
     "samvit_base_patch16",
+    # the vision towers timm packages (2D RoPE in EvaBlocks; Gemma 4's own attention)
+    "qwen3_vit_88m",
+    "deepseek_vit_412m",
+    "vit_base_patch16_sapiens2",
+    "vit_small_patch16_lingbot",
+    "gemma4_vit_167m",
 )
 
 _ON_FASTVIT = ("patched", "modular")
