@@ -21,8 +21,9 @@ Configurations not covered (the ``*_reasons`` functions say why; the patched for
 ``F.glu``'s order; ``False``: the first, ``SwiGLUPacked``).
 
 :func:`fastvit.integrations.timm.patch_timm_` installs :func:`swiglu_forward` / :func:`glu_mlp_forward` as the
-patched ``forward`` of ``SwiGLU`` / ``GluMlp`` (they take the module as their first argument), and its fused ViT
-``Block`` path calls :func:`swiglu_hidden` / :func:`glu_mlp_hidden` before its fused fc2 + residual.
+patched ``forward`` of ``SwiGLU`` / ``GluMlp`` (they take the module as their first argument). Its fused ``Block``
+and ``EvaBlock`` paths check the ``*_reasons`` themselves, then call :func:`fastvit.nn.eva.glu_mlp_hidden` before
+their fused fc2 + residual; :func:`swiglu_hidden` / :func:`glu_mlp_hidden` are that function with the check.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ Source of the semantics: timm ``models/vision_transformer.py``, ``models/naflexv
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import warnings
 from typing import Dict, List, NamedTuple, Optional
@@ -21,13 +22,17 @@ from fastvit import ops
 from fastvit.families._checks import amp_dtype
 from fastvit.integrations._timm_glu import (
     glu_mlp_forward,
-    glu_mlp_hidden,
     glu_mlp_reasons,
     swiglu_forward,
-    swiglu_hidden,
     swiglu_reasons,
 )
-from fastvit.nn.eva import _register_timm_acts, eva_block_forward, eva_block_fusion_reasons, rope_attention_core
+from fastvit.nn.eva import (
+    _register_timm_acts,
+    eva_block_forward,
+    eva_block_fusion_reasons,
+    glu_mlp_hidden,
+    rope_attention_core,
+)
 from fastvit.nn.factory import timm_pretrained_cfg  # noqa: F401  (public here too)
 from fastvit.nn.layers import (
     _act_mode,
@@ -306,29 +311,38 @@ def _block_norm_reason(m: nn.Module, what: str) -> Optional[str]:
     return _norm_reason(m, what)
 
 
+@functools.lru_cache(maxsize=None)
 def _glu_hidden_table() -> Dict[type, tuple]:
-    """timm's gated MLP classes -> (their hidden function before fc2, their reasons)."""
+    """timm's gated MLP classes -> (their hidden function before fc2, their reasons). The fused blocks check the
+    reasons first (``_block_mlp_reasons``), so the hidden function is the unchecked shared one. Built once."""
     from timm.layers import GluMlp, SwiGLU
 
-    return {SwiGLU: (swiglu_hidden, swiglu_reasons), GluMlp: (glu_mlp_hidden, glu_mlp_reasons)}
+    return {SwiGLU: (glu_mlp_hidden, swiglu_reasons), GluMlp: (glu_mlp_hidden, glu_mlp_reasons)}
+
+
+def _block_mlp_reasons(mlp: nn.Module) -> List[str]:
+    """Why a fused block (timm's ``Block`` or ``EvaBlock``) cannot run its ``mlp`` (timm's ``Mlp``, ``SwiGLU`` or
+    ``GluMlp``) on fastvit (empty: it can)."""
+    from timm.layers import Mlp as TMlp
+
+    cls = _orig_type(mlp)
+    if cls is TMlp:
+        return [f"mlp: {r}" for r in _mlp_reasons(mlp)]
+    glu = _glu_hidden_table().get(cls)
+    if glu is not None:
+        return [f"mlp: {r}" for r in glu[1](mlp)]
+    return [f"mlp is {cls.__name__}, not timm's Mlp, SwiGLU or GluMlp"]
 
 
 def _block_reasons(m: nn.Module) -> List[str]:
     from timm.layers import Attention as TAttention
-    from timm.layers import Mlp as TMlp
 
     out = [r for r in (_block_norm_reason(m.norm1, "norm1"), _block_norm_reason(m.norm2, "norm2")) if r]
     if _orig_type(m.attn) is not TAttention:
         out.append(f"attn is {_orig_type(m.attn).__name__}, not timm's Attention")
     else:
         out += [f"attn: {r}" for r in _attn_reasons(m.attn)]
-    mlp_cls, glu = _orig_type(m.mlp), _glu_hidden_table()
-    if mlp_cls is TMlp:
-        out += [f"mlp: {r}" for r in _mlp_reasons(m.mlp)]
-    elif mlp_cls in glu:
-        out += [f"mlp: {r}" for r in glu[mlp_cls][1](m.mlp)]
-    else:
-        out.append(f"mlp is {mlp_cls.__name__}, not timm's Mlp, SwiGLU or GluMlp")
+    out += _block_mlp_reasons(m.mlp)
     for name in ("ls1", "ls2"):
         ls = getattr(m, name)
         if not (_is_identity(ls) or isinstance(ls._parameters.get("gamma"), torch.Tensor)):  # fx reads params as Proxy
@@ -445,8 +459,7 @@ def _rope_attention_forward(
 
 def _eva_block_reasons(m: nn.Module) -> List[str]:
     """Why a patched timm ``EvaBlock`` runs timm's forward (empty: :func:`fastvit.nn.eva.eva_block_forward`)."""
-    from timm.layers import AttentionRope, GluMlp, SwiGLU
-    from timm.layers import Mlp as TMlp
+    from timm.layers import AttentionRope
     from timm.models.eva import EvaAttention
 
     out = [r for r in (_block_norm_reason(m.norm1, "norm1"), _block_norm_reason(m.norm2, "norm2")) if r]
@@ -455,13 +468,7 @@ def _eva_block_reasons(m: nn.Module) -> List[str]:
         out.append(f"attn is {attn_cls.__name__}, not timm's EvaAttention or AttentionRope")
     else:
         out += [f"attn: {r}" for r in _rope_attn_reasons(m.attn)]
-    mlp_cls = _orig_type(m.mlp)
-    if mlp_cls is TMlp:
-        out += [f"mlp: {r}" for r in _mlp_reasons(m.mlp)]
-    elif mlp_cls in (SwiGLU, GluMlp):
-        out += [f"mlp: {r}" for r in (swiglu_reasons if mlp_cls is SwiGLU else glu_mlp_reasons)(m.mlp)]
-    else:
-        out.append(f"mlp is {mlp_cls.__name__}, not timm's Mlp, SwiGLU or GluMlp")
+    out += _block_mlp_reasons(m.mlp)
     return out
 
 
